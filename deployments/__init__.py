@@ -1,0 +1,1 @@
+"""Deployment targets: the BentoML service and the Prefect deployments with cron schedules."""

@@ -1,0 +1,199 @@
+"""The one typed run configuration: embedded defaults, a YAML preset, then CLI flags on top."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from maas.errors import MaasInputError
+
+BUILTIN_DATASETS = ("breast_cancer", "digits", "wine")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Which table to learn from and how to split it."""
+
+    dataset: str = Field("breast_cancer", description="built-in name or a CSV/Parquet path")
+    target: str | None = Field(None, description="target column (built-ins: 'target')")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    min_rows_per_class: int = Field(10, ge=3)
+    max_category_levels: int = Field(50, ge=2, description="more levels: dropped as ID-like")
+    max_unparsable_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="stray strings a numeric column may hold (coerced to NaN)"
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must be below 0.8")
+        return self
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.dataset in BUILTIN_DATASETS
+
+    @property
+    def short_name(self) -> str:
+        """A name for experiments and registered models: the built-in name or the file's stem."""
+        return self.dataset if self.is_builtin else Path(self.dataset).stem
+
+
+class ModelConfig(Section):
+    """Network family and its shape hyperparameters (see models/)."""
+
+    family: Literal["auto", "mlp", "cnn"] = Field(
+        "auto", description="auto: cnn for image-like data (digits), else mlp"
+    )
+    hidden_sizes: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    cnn_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1, max_length=3)
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> ModelConfig:
+        for name in ("hidden_sizes", "cnn_channels"):
+            if any(width < 1 for width in getattr(self, name)):
+                raise ValueError(f"{name} entries must be positive integers")
+        return self
+
+
+class TrainConfig(Section):
+    """Optimisation of one network: AdamW, mini-batches, early stopping on validation loss."""
+
+    max_epochs: int = Field(150, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(15, ge=1, description="epochs without val-loss improvement before stop")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RegistryConfig(Section):
+    """Where the trained model is registered."""
+
+    model_name: str | None = Field(None, description="default: maas-<dataset>")
+    alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+    @model_validator(mode="after")
+    def _alias_not_reserved(self) -> RegistryConfig:
+        # MLflow reserves 'latest' and version-like aliases ('v3').
+        if self.alias.lower() == "latest" or (self.alias[:1] in "vV" and self.alias[1:].isdigit()):
+            raise ValueError(f"alias '{self.alias}' is reserved by MLflow")
+        return self
+
+
+class TrackingConfig(Section):
+    """MLflow experiment naming."""
+
+    experiment: str | None = Field(None, description="default: maas-<dataset>")
+
+
+class RunConfig(Section):
+    """Everything one training run needs; each stage reads only its own section."""
+
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"maas-{self.data.short_name}"
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or f"maas-{self.data.short_name}"
+
+
+def _describe_validation_error(error: ValidationError, source: str) -> str:
+    """One line naming the first bad field, what was given and what is allowed."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(root)"
+    if first["type"] == "extra_forbidden":
+        parent = _section_for(first["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "?"
+        return f"{source}: unknown field '{field}'; allowed here: {allowed}"
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{source}: {field}: {message}{shown}"
+
+
+def _section_for(location: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the fields at a location, for listing allowed keys."""
+    model: type[BaseModel] = RunConfig
+    for part in location:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """'train.lr=0.01' -> (['train', 'lr'], 0.01); the value is read as YAML (numbers, lists)."""
+    key, sep, raw_value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise MaasInputError(f"--set: expected key=value, got '{assignment}'")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        raise MaasInputError(f"--set: cannot read the value of '{key}': '{raw_value}'") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value: Any, assignment: str) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        section = _section_for(tuple(path[: depth + 1]))
+        if section is None:
+            prefix = ".".join(path[: depth + 1])
+            raise MaasInputError(f"--set {assignment}: '{prefix}' is not a config section")
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def load_config(
+    config_path: str | Path | None = None,
+    dataset: str | None = None,
+    target: str | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Build the run config: defaults < YAML file < --dataset/--target < --set key=value."""
+    tree: dict[str, Any] = {}
+    source = "config"
+    if config_path is not None:
+        path = Path(config_path)
+        source = str(path)
+        if not path.is_file():
+            raise MaasInputError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MaasInputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise MaasInputError(f"{path}: expected a mapping of config sections at the top")
+        tree = loaded
+    if dataset is not None:
+        tree.setdefault("data", {})["dataset"] = dataset
+    if target is not None:
+        tree.setdefault("data", {})["target"] = target
+    for assignment in overrides or []:
+        path_parts, value = parse_override(assignment)
+        _apply_override(tree, path_parts, value, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise MaasInputError(_describe_validation_error(exc, source)) from None

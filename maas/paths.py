@@ -1,0 +1,30 @@
+"""Where maas keeps its state: everything under MAAS_HOME unless a team setting says otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_HOME = ".maas"
+
+
+def maas_home() -> Path:
+    """The state folder (MAAS_HOME, default ./.maas), created on first use, never at import."""
+    home = Path(os.environ.get("MAAS_HOME", DEFAULT_HOME)).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def tracking_uri() -> str:
+    """MLflow tracking store: MLFLOW_TRACKING_URI for a team server, else SQLite in MAAS_HOME."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{maas_home() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Folder for the artifacts of experiments created on the embedded store."""
+    return maas_home() / "mlartifacts"
+
+
+def project_root() -> Path:
+    """The source checkout (holds the lock file and the git history used by the manifest)."""
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,383 @@
+"""Data prep: load a table, validate it, split it, fit preprocessing on the training rows only."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from sklearn.model_selection import train_test_split
+
+from maas.config import BUILTIN_DATASETS, DataConfig
+from maas.errors import MaasInputError
+from maas.orchestration import retry_unless_input_error, timed
+
+BUILTIN_TARGET = "target"
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
+
+
+@dataclass
+class RawTable:
+    """A loaded table before validation, with what is known about where it came from."""
+
+    frame: pd.DataFrame
+    target: str
+    source: str
+    image_shape: tuple[int, int] | None = None
+
+
+@dataclass
+class DataSplits:
+    """Raw feature rows per split (preprocessing applies later) and integer-coded labels."""
+
+    x_train: pd.DataFrame
+    y_train: np.ndarray
+    x_val: pd.DataFrame
+    y_val: np.ndarray
+    x_test: pd.DataFrame
+    y_test: np.ndarray
+
+
+@dataclass
+class PreparedData:
+    """Everything later stages need from the data, and what the model bundle carries."""
+
+    splits: DataSplits
+    labels: list[str]
+    target: str
+    source: str
+    preprocessing: dict[str, Any]
+    input_schema: list[dict[str, str]]
+    dropped_columns: dict[str, str]
+    fingerprint: str
+    image_shape: tuple[int, int] | None
+    n_rows: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary_params(self) -> dict[str, Any]:
+        """Flat facts about the data, for MLflow params."""
+        return {
+            "data.source": self.source,
+            "data.target": self.target,
+            "data.fingerprint": self.fingerprint,
+            "data.n_rows": self.n_rows,
+            "data.n_features_in": len(self.input_schema),
+            "data.n_classes": len(self.labels),
+            "data.n_train": len(self.splits.x_train),
+            "data.n_val": len(self.splits.x_val),
+            "data.n_test": len(self.splits.x_test),
+            "data.dropped_columns": ",".join(self.dropped_columns) or "-",
+        }
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_builtin(name: str) -> RawTable:
+    """A scikit-learn dataset as a DataFrame whose target holds the class names."""
+    from sklearn import datasets
+
+    loaders = {
+        "breast_cancer": datasets.load_breast_cancer,
+        "digits": datasets.load_digits,
+        "wine": datasets.load_wine,
+    }
+    if name not in loaders:
+        raise MaasInputError(f"unknown dataset '{name}'; built-ins: {', '.join(BUILTIN_DATASETS)}")
+    bunch = loaders[name](as_frame=True)
+    frame = bunch.frame.copy()
+    names = np.asarray([str(label) for label in bunch.target_names], dtype=object)
+    frame[BUILTIN_TARGET] = names[frame[BUILTIN_TARGET].to_numpy()]
+    image_shape = tuple(bunch.images.shape[1:]) if name == "digits" else None
+    return RawTable(frame, BUILTIN_TARGET, name, image_shape)
+
+
+def _check_csv_rectangular(path: Path, delimiter: str) -> None:
+    """Fail on ragged rows, which pandas would silently pad with NaN when a row is short."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            header = next(reader, None)
+            if not header or not any(cell.strip() for cell in header):
+                raise MaasInputError(f"{path}: the file is empty")
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise MaasInputError(
+                        f"{path}: ragged rows: line {reader.line_num} has {len(row)} fields, "
+                        f"the header has {len(header)}"
+                    )
+    except (UnicodeDecodeError, csv.Error):
+        raise MaasInputError(f"{path}: not a text table (cannot read it as UTF-8 CSV)") from None
+
+
+def read_table_file(path: Path) -> pd.DataFrame:
+    """A CSV/TSV or Parquet file as a DataFrame, with one-line errors for every way it can fail."""
+    if not path.exists():
+        raise MaasInputError(f"data file not found: {path}")
+    if not path.is_file():
+        raise MaasInputError(f"{path}: is not a file")
+    suffix = path.suffix.lower()
+    if suffix not in CSV_SUFFIXES and suffix not in PARQUET_SUFFIXES:
+        raise MaasInputError(f"{path}: unsupported file type '{suffix}'; use .csv, .tsv or .parquet")
+    if path.stat().st_size == 0:
+        raise MaasInputError(f"{path}: the file is empty")
+    if suffix in PARQUET_SUFFIXES:
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises many types for a damaged file
+            raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
+    else:
+        delimiter = CSV_SUFFIXES[suffix]
+        _check_csv_rectangular(path, delimiter)
+        try:
+            frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise MaasInputError(f"{path}: not a readable CSV table ({first_line})") from None
+    if frame.shape[1] == 0:
+        raise MaasInputError(f"{path}: the file has no columns")
+    if frame.shape[0] == 0:
+        raise MaasInputError(f"{path}: the file has a header but no data rows")
+    return frame
+
+
+def load_table(data: DataConfig) -> RawTable:
+    """The configured dataset: a built-in by name, else a file path with a --target column."""
+    if data.is_builtin:
+        table = load_builtin(data.dataset)
+        if data.target not in (None, BUILTIN_TARGET):
+            raise MaasInputError(
+                f"dataset '{data.dataset}' is built in; its target column is '{BUILTIN_TARGET}', "
+                f"not '{data.target}'"
+            )
+        return table
+    path = Path(data.dataset).expanduser()
+    if path.suffix == "" and not path.exists():
+        raise MaasInputError(
+            f"unknown dataset '{data.dataset}': not a built-in ({', '.join(BUILTIN_DATASETS)}) "
+            "and no such file"
+        )
+    frame = read_table_file(path)
+    if data.target is None:
+        raise MaasInputError(f"{path}: name the target column with --target (columns: {_listing(frame.columns)})")
+    return RawTable(frame, data.target, str(path))
+
+
+# --- validation and cleaning -------------------------------------------------------------------
+
+
+def _listing(names, limit: int = 12) -> str:
+    names = [str(name) for name in names]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:
+    """A text column that is numbers but for a few stray strings -> (floats, how many coerced)."""
+    present = column.dropna()
+    present = present[present.astype(str).str.strip() != ""]
+    if present.empty:
+        return None
+    parsed = pd.to_numeric(present, errors="coerce")
+    n_bad = int(parsed.isna().sum())
+    if n_bad == len(present) or n_bad > max_bad_fraction * len(present):
+        return None
+    return pd.to_numeric(column, errors="coerce").astype(np.float64), n_bad
+
+
+def clean_features(
+    features: pd.DataFrame, data: DataConfig, notes: list[str], keep_all: bool = False
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Coerce near-numeric text, cast numerics to float, drop unusable columns (with reasons).
+
+    keep_all: keep even constant columns (an image's blank border pixels keep its grid whole).
+    """
+    kept: dict[str, pd.Series] = {}
+    dropped: dict[str, str] = {}
+    n_rows = len(features)
+    for name in features.columns:
+        column = features[name]
+        if column.isna().all():
+            dropped[name] = "all values empty"
+            continue
+        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            coerced = None if pd.api.types.is_bool_dtype(column) else _coerce_mostly_numeric(
+                column, data.max_unparsable_fraction
+            )
+            if coerced is not None:
+                column, n_bad = coerced
+                notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
+        n_unique = column.nunique(dropna=True)
+        is_numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        if keep_all and is_numeric:
+            kept[name] = column.astype(np.float64)
+        elif n_unique <= 1:
+            dropped[name] = "constant"
+        elif (
+            n_unique == n_rows
+            and n_rows >= MIN_ROWS_FOR_ID_CHECK
+            and not pd.api.types.is_float_dtype(column)
+        ):
+            dropped[name] = "unique per row (ID-like)"
+        elif not is_numeric and n_unique > data.max_category_levels:
+            dropped[name] = f"{n_unique} categories (> data.max_category_levels={data.max_category_levels})"
+        else:
+            kept[name] = column.astype(np.float64) if is_numeric else column.astype(object)
+    for name, reason in dropped.items():
+        notes.append(f"column '{name}' dropped: {reason}")
+    if not kept:
+        raise MaasInputError("no usable feature columns left after dropping: " + _listing(dropped))
+    return pd.DataFrame(kept, index=features.index), dropped
+
+
+def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.ndarray, list[str]]:
+    """Class labels as strings (numeric classes in numeric order) and integer codes."""
+    if pd.api.types.is_numeric_dtype(target):
+        values = target.to_numpy()
+        if pd.api.types.is_float_dtype(target) and np.all(np.mod(values, 1) == 0):
+            values = values.astype(np.int64)
+        classes = np.unique(values)
+        labels = [str(value) for value in classes]
+        codes = np.searchsorted(classes, values)
+    else:
+        as_text = target.astype(str).to_numpy()
+        labels = sorted(set(as_text))
+        codes = np.searchsorted(np.asarray(labels, dtype=object), as_text)
+    if len(labels) < 2:
+        raise MaasInputError(
+            f"target '{name}' has a single class ('{labels[0]}'); at least two are needed"
+        )
+    counts = np.bincount(codes, minlength=len(labels))
+    if counts.min() < data.min_rows_per_class:
+        smallest = int(counts.argmin())
+        raise MaasInputError(
+            f"target '{name}': class '{labels[smallest]}' has {counts[smallest]} rows; each class "
+            f"needs at least {data.min_rows_per_class} (data.min_rows_per_class)"
+        )
+    return codes.astype(np.int64), labels
+
+
+def fingerprint_table(frame: pd.DataFrame) -> str:
+    """Content hash of the table as loaded (values, column names and dtypes), order-sensitive."""
+    digest = hashlib.sha256()
+    digest.update("|".join(f"{name}:{dtype}" for name, dtype in frame.dtypes.items()).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- split and preprocessing ---------------------------------------------------------------------
+
+
+def split_rows(
+    features: pd.DataFrame, codes: np.ndarray, data: DataConfig, seed: int
+) -> DataSplits:
+    """Stratified train / validation / test split, reproducible for a seed."""
+    index = np.arange(len(features))
+    rest, test = train_test_split(
+        index, test_size=data.test_fraction, stratify=codes, random_state=seed
+    )
+    train, val = train_test_split(
+        rest,
+        test_size=data.val_fraction / (1 - data.test_fraction),
+        stratify=codes[rest],
+        random_state=seed,
+    )
+    rows = features.reset_index(drop=True)
+    return DataSplits(
+        rows.iloc[train].reset_index(drop=True), codes[train],
+        rows.iloc[val].reset_index(drop=True), codes[val],
+        rows.iloc[test].reset_index(drop=True), codes[test],
+    )
+
+
+def fit_preprocessing(x_train: pd.DataFrame) -> dict[str, Any]:
+    """Imputation and scaling for numerics, categories for one-hot: from training rows only."""
+    numeric, categorical = [], []
+    for name in x_train.columns:
+        column = x_train[name]
+        if pd.api.types.is_numeric_dtype(column):
+            median = float(column.median()) if column.notna().any() else 0.0
+            filled = column.fillna(median)
+            std = float(filled.std(ddof=0))
+            numeric.append(
+                {"name": name, "fill": median, "mean": float(filled.mean()), "scale": std if std > 1e-12 else 1.0}
+            )
+        else:
+            present = column.dropna().astype(str)
+            fill = str(present.mode().iloc[0]) if not present.empty else ""
+            categories = sorted(set(present) | {fill})
+            categorical.append({"name": name, "fill": fill, "categories": categories})
+    return {"numeric": numeric, "categorical": categorical}
+
+
+def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
+    """Raw input columns the model expects and their kind, for serving and MLflow."""
+    return [{"name": c["name"], "type": "number"} for c in preprocessing["numeric"]] + [
+        {"name": c["name"], "type": "string"} for c in preprocessing["categorical"]
+    ]
+
+
+def prepare_data(data: DataConfig, seed: int) -> PreparedData:
+    """The whole data stage: load, validate, clean, split, fit preprocessing."""
+    table = load_table(data)
+    frame = table.frame
+    if table.target not in frame.columns:
+        raise MaasInputError(
+            f"{table.source}: target column '{table.target}' not found; columns: {_listing(frame.columns)}"
+        )
+    notes: list[str] = []
+    fingerprint = fingerprint_table(frame)
+    target = frame[table.target]
+    missing_target = target.isna().to_numpy()
+    if missing_target.all():
+        raise MaasInputError(f"{table.source}: target column '{table.target}' is empty")
+    if missing_target.any():
+        notes.append(f"{int(missing_target.sum())} row(s) without a target value dropped")
+        frame = frame.loc[~missing_target]
+        target = target.loc[~missing_target]
+    codes, labels = encode_target(target, table.target, data)
+    features, dropped = clean_features(
+        frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None
+    )
+    image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
+    splits = split_rows(features, codes, data, seed)
+    preprocessing = fit_preprocessing(splits.x_train)
+    return PreparedData(
+        splits=splits,
+        labels=labels,
+        target=table.target,
+        source=table.source,
+        preprocessing=preprocessing,
+        input_schema=input_schema(preprocessing),
+        dropped_columns=dropped,
+        fingerprint=fingerprint,
+        image_shape=image_shape,
+        n_rows=len(features),
+        notes=notes,
+    )
+
+
+# --- Prefect wrapper -------------------------------------------------------------------------------
+
+
+@task(name="prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_input_error,
+      timeout_seconds=600, cache_policy=NO_CACHE)
+def prepare_data_task(data: DataConfig, seed: int) -> tuple[PreparedData, float]:
+    prepared, seconds = timed(prepare_data, data, seed)
+    logger = get_run_logger()
+    for note in prepared.notes:
+        logger.warning(note)
+    logger.info(
+        "%s: %d rows, %d input columns, %d classes -> train %d / val %d / test %d",
+        prepared.source, prepared.n_rows, len(prepared.input_schema), len(prepared.labels),
+        len(prepared.splits.x_train), len(prepared.splits.x_val), len(prepared.splits.x_test),
+    )
+    return prepared, seconds

@@ -1,0 +1,191 @@
+"""Training: AdamW on mini-batches, early stopping on validation loss, seeded, CPU or CUDA."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from maas.bundle import feature_count, transform
+from maas.config import ModelConfig, TrainConfig
+from maas.errors import MaasInputError
+from maas.tracking import MetricBuffer, mlflow_client
+from models import NetworkSpec, build_network
+from tasks.data import PreparedData
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+
+
+@dataclass
+class TrainResult:
+    """The best network seen (on CPU, eval mode) and how training went."""
+
+    network: nn.Module
+    spec: NetworkSpec
+    best_epoch: int
+    epochs_run: int
+    device: str
+    seconds: float
+    history: list[EpochRecord] = field(default_factory=list)
+
+    @property
+    def best(self) -> EpochRecord:
+        return self.history[self.best_epoch - 1]
+
+
+def resolve_device(choice: str) -> torch.device:
+    """'auto' takes CUDA when present; asking for CUDA without one is an error, not a fallback."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def network_spec_for(
+    model: ModelConfig, n_features: int, n_classes: int, image_shape: tuple[int, int] | None
+) -> NetworkSpec:
+    """Resolve family 'auto' (cnn for image-like data) and turn the model config into a spec."""
+    family = model.family
+    if family == "auto":
+        family = "cnn" if image_shape is not None else "mlp"
+    if family == "cnn" and (image_shape is None or image_shape[0] * image_shape[1] != n_features):
+        raise MaasInputError("model.family=cnn needs image-like data (the digits built-in); use mlp or auto")
+    return NetworkSpec(
+        family=family,
+        n_features=n_features,
+        n_classes=n_classes,
+        hidden_sizes=tuple(model.hidden_sizes),
+        dropout=model.dropout,
+        cnn_channels=tuple(model.cnn_channels),
+        image_shape=image_shape if family == "cnn" else None,
+    )
+
+
+def _evaluate_loss(network: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    network.eval()
+    with torch.no_grad():
+        logits = network(features)
+        loss = nn.functional.cross_entropy(logits, labels).item()
+        accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+def train_network(
+    spec: NetworkSpec,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    train: TrainConfig,
+    seed: int,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Train from scratch; keep the weights of the epoch with the lowest validation loss."""
+    started = time.perf_counter()
+    device = resolve_device(train.device)
+    seed_everything(seed)
+    network = build_network(spec).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    features_train = torch.as_tensor(x_train, dtype=torch.float32, device=device)
+    labels_train = torch.as_tensor(y_train, dtype=torch.long, device=device)
+    features_val = torch.as_tensor(x_val, dtype=torch.float32, device=device)
+    labels_val = torch.as_tensor(y_val, dtype=torch.long, device=device)
+    shuffler = torch.Generator().manual_seed(seed)
+
+    history: list[EpochRecord] = []
+    best_loss, best_epoch, best_state = float("inf"), 0, None
+    for epoch in range(1, train.max_epochs + 1):
+        network.train()
+        order = torch.randperm(len(features_train), generator=shuffler).to(device)
+        total_loss = 0.0
+        for start in range(0, len(order), train.batch_size):
+            batch = order[start : start + train.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(network(features_train[batch]), labels_train[batch])
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(batch)
+        train_loss = total_loss / len(order)
+        if not np.isfinite(train_loss):
+            raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; lower train.lr")
+        val_loss, val_accuracy = _evaluate_loss(network, features_val, labels_val)
+        record = EpochRecord(epoch, train_loss, val_loss, val_accuracy)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if val_loss < best_loss:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(network.state_dict())
+        elif epoch - best_epoch >= train.patience:
+            break
+
+    network.load_state_dict(best_state)
+    return TrainResult(
+        network=network.cpu().eval(),
+        spec=spec,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        device=device.type,
+        seconds=time.perf_counter() - started,
+        history=history,
+    )
+
+
+# --- Prefect wrapper -------------------------------------------------------------------------------
+
+PROGRESS_EVERY = 10  # epochs between progress lines
+
+
+@task(name="train", retries=0, timeout_seconds=3 * 3600, cache_policy=NO_CACHE)
+def train_task(
+    prepared: PreparedData, model: ModelConfig, train: TrainConfig, seed: int, run_id: str
+) -> tuple[TrainResult, float]:
+    """No retries: training is seeded, so a rerun would fail the same way."""
+    spec = network_spec_for(model, feature_count(prepared.preprocessing), len(prepared.labels), prepared.image_shape)
+    splits = prepared.splits
+    x_train = transform(splits.x_train, prepared.preprocessing)
+    x_val = transform(splits.x_val, prepared.preprocessing)
+    logger = get_run_logger()
+    metrics = MetricBuffer(mlflow_client(), run_id)
+
+    def report(record: EpochRecord) -> None:
+        metrics.add(
+            {"train/loss": record.train_loss, "val/loss": record.val_loss, "val/accuracy": record.val_accuracy},
+            step=record.epoch,
+        )
+        if record.epoch == 1 or record.epoch % PROGRESS_EVERY == 0:
+            logger.info(
+                "epoch %d/%d  train loss %.4f  val loss %.4f  val accuracy %.4f",
+                record.epoch, train.max_epochs, record.train_loss, record.val_loss, record.val_accuracy,
+            )
+
+    try:
+        result = train_network(spec, x_train, splits.y_train, x_val, splits.y_val, train, seed, on_epoch=report)
+    finally:
+        metrics.flush()
+    logger.info(
+        "%s trained on %s: best epoch %d of %d, val loss %.4f, %.1fs",
+        spec.family, result.device, result.best_epoch, result.epochs_run, result.best.val_loss, result.seconds,
+    )
+    return result, result.seconds
