@@ -15,9 +15,16 @@ def maas_home() -> Path:
     return home
 
 
+def is_embedded_store() -> bool:
+    """True unless the user pointed MLflow at a tracking server (team mode)."""
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri() -> str:
     """MLflow tracking store: MLFLOW_TRACKING_URI for a team server, else SQLite in MAAS_HOME."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{maas_home() / 'mlflow.db'}"
+    if is_embedded_store():
+        return f"sqlite:///{maas_home() / 'mlflow.db'}"
+    return os.environ["MLFLOW_TRACKING_URI"]
 
 
 def artifact_root() -> Path:

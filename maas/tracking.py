@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from maas.paths import artifact_root, tracking_uri
+from maas.paths import artifact_root, is_embedded_store, tracking_uri
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 MLFLOW_PARAM_MAX = 6000  # MLflow rejects longer param values
@@ -26,8 +26,16 @@ def mlflow_client():
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     uri = tracking_uri()
+    # set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; put the user's values back,
+    # or every later call would take the embedded store for a team server (see is_embedded_store).
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
@@ -36,9 +44,7 @@ def ensure_experiment(client, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (artifact_root() / name).as_uri()
+    location = (artifact_root() / name).as_uri() if is_embedded_store() else None
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -1,0 +1,79 @@
+"""The exported bundle serves exactly what was trained: same preprocessing, same network."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from maas.bundle import InputSchemaError, ModelBundle, transform
+from maas.config import DataConfig, ModelConfig, TrainConfig
+from tasks.data import prepare_data
+from tasks.export import update_metadata, write_bundle
+from tasks.train import network_spec_for, train_network
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    prepared = prepare_data(DataConfig(dataset="wine"), seed=0)
+    pre = prepared.preprocessing
+    spec = network_spec_for(ModelConfig(hidden_sizes=[16]), 13, 3, None)
+    result = train_network(
+        spec, transform(prepared.splits.x_train, pre), prepared.splits.y_train,
+        transform(prepared.splits.x_val, pre), prepared.splits.y_val, TrainConfig(max_epochs=10), 0,
+    )
+    folder = write_bundle(tmp_path_factory.mktemp("bundle"), result.network, spec, pre,
+                          prepared.labels, prepared.target, prepared.input_schema)
+    return prepared, result.network, folder
+
+
+def test_bundle_on_raw_rows_equals_network_on_training_preprocessing(exported):
+    prepared, network, folder = exported
+    raw = prepared.splits.x_test
+    with torch.no_grad():
+        expected = torch.softmax(network(torch.from_numpy(transform(raw, prepared.preprocessing))), 1).numpy()
+    served = ModelBundle.load(folder).predict_proba(raw)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_predict_returns_labels_and_probabilities(exported):
+    prepared, _, folder = exported
+    bundle = ModelBundle.load(folder)
+    result = bundle.predict(prepared.splits.x_test.head(4))
+    assert list(result.columns) == ["label", "proba_class_0", "proba_class_1", "proba_class_2"]
+    assert set(result["label"]) <= set(prepared.labels)
+    np.testing.assert_allclose(result.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_bundle_is_plain_files_without_pickle(exported):
+    _, _, folder = exported
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.onnx", "preprocessing.json"]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["labels"] == ["class_0", "class_1", "class_2"]
+
+
+def test_missing_input_column_is_named(exported):
+    prepared, _, folder = exported
+    rows = prepared.splits.x_test.drop(columns=["alcohol", "hue"])
+    with pytest.raises(InputSchemaError, match="missing input column.*alcohol, hue"):
+        ModelBundle.load(folder).predict(rows)
+
+
+def test_empty_input_gives_empty_output(exported):
+    prepared, _, folder = exported
+    assert len(ModelBundle.load(folder).predict(prepared.splits.x_test.head(0))) == 0
+
+
+def test_metadata_update_keeps_existing_fields(exported, tmp_path):
+    _, _, folder = exported
+    updated = update_metadata(folder, metrics={"f1_macro": 0.5})
+    assert updated["metrics"] == {"f1_macro": 0.5} and updated["labels"]
+
+
+def test_text_numbers_at_serving_time_are_read_as_numbers(exported):
+    prepared, _, folder = exported
+    rows = prepared.splits.x_test.head(3)
+    as_text = rows.astype(str)
+    bundle = ModelBundle.load(folder)
+    np.testing.assert_allclose(bundle.predict_proba(as_text), bundle.predict_proba(rows), atol=1e-6)

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maas.config import RunConfig, load_config, parse_override
+from maas.errors import MaasInputError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_builds(preset):
+    assert isinstance(load_config(preset), RunConfig)
+
+
+def test_default_yaml_matches_embedded_defaults():
+    assert load_config(CONFIG_DIR / "default.yaml") == RunConfig()
+
+
+def test_flags_override_file_and_set_overrides_flags(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"data": {"dataset": "wine"}, "train": {"lr": 0.1}}))
+    config = load_config(preset, dataset="digits", overrides=["train.lr=0.01", "model.hidden_sizes=[8, 4]"])
+    assert config.data.dataset == "digits"
+    assert config.train.lr == 0.01
+    assert config.model.hidden_sizes == [8, 4]
+
+
+def test_names_default_to_dataset():
+    config = load_config(dataset="/data/churn.csv", target="y")
+    assert config.experiment_name == "maas-churn"
+    assert config.model_name == "maas-churn"
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("train.max_epochs=5") == (["train", "max_epochs"], 5)
+    assert parse_override("registry.model_name=abc") == (["registry", "model_name"], "abc")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.lr=-1"], "train.lr"),
+        (["train.lrr=1"], "unknown field 'train.lrr'"),
+        (["nope=1"], "unknown field 'nope'"),
+        (["nope.x=1"], "'nope' is not a config section"),
+        (["model.family=rnn"], "model.family"),
+        (["train.max_epochs=abc"], "train.max_epochs"),
+        (["registry.alias=latest"], "reserved"),
+        (["data.test_fraction=0.45", "data.val_fraction=0.45"], "below 0.8"),
+        (["novalue"], "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_field_in_one_line(overrides, expected):
+    with pytest.raises(MaasInputError) as error:
+        load_config(overrides=overrides)
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_field_lists_allowed_fields():
+    with pytest.raises(MaasInputError, match="allowed here: max_epochs, batch_size, lr"):
+        load_config(overrides=["train.epochs=3"])
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(MaasInputError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed")
+    with pytest.raises(MaasInputError, match="not valid YAML"):
+        load_config(broken)

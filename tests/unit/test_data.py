@@ -1,0 +1,165 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from maas.bundle import transform
+from maas.config import DataConfig
+from maas.errors import MaasInputError
+from tasks.data import fit_preprocessing, prepare_data
+
+
+def write_csv(path, rows: list[str]):
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def table(n: int = 120, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({
+        "id": np.arange(n),
+        "x": rng.normal(size=n),
+        "colour": rng.choice(["red", "green", "blue"], size=n),
+        "flat": 7,
+        "label": rng.choice(["yes", "no"], size=n),
+    })
+
+
+@pytest.mark.parametrize("name, n_classes", [("breast_cancer", 2), ("digits", 10), ("wine", 3)])
+def test_builtins_split_stratified_and_disjoint(name, n_classes):
+    prepared = prepare_data(DataConfig(dataset=name), seed=1)
+    splits = prepared.splits
+    assert len(prepared.labels) == n_classes
+    assert len(splits.x_train) + len(splits.x_val) + len(splits.x_test) == prepared.n_rows
+    for codes in (splits.y_train, splits.y_val, splits.y_test):
+        assert set(codes) == set(range(n_classes))  # stratified: every class in every split
+    assert abs(len(splits.x_test) / prepared.n_rows - 0.2) < 0.01
+
+
+def test_split_is_reproducible_for_a_seed_and_differs_across_seeds():
+    first = prepare_data(DataConfig(dataset="wine"), seed=3).splits
+    again = prepare_data(DataConfig(dataset="wine"), seed=3).splits
+    other = prepare_data(DataConfig(dataset="wine"), seed=4).splits
+    pd.testing.assert_frame_equal(first.x_test, again.x_test)
+    assert not first.x_test.equals(other.x_test)
+
+
+def test_digits_keep_their_8x8_grid():
+    prepared = prepare_data(DataConfig(dataset="digits"), seed=0)
+    assert prepared.image_shape == (8, 8)
+    assert len(prepared.input_schema) == 64
+
+
+def test_preprocessing_is_fitted_on_train_rows_only():
+    prepared = prepare_data(DataConfig(dataset="breast_cancer"), seed=0)
+    first = prepared.preprocessing["numeric"][0]
+    train_column = prepared.splits.x_train[first["name"]]
+    assert first["mean"] == pytest.approx(train_column.mean())
+    all_rows_mean = pd.concat([prepared.splits.x_train, prepared.splits.x_test])[first["name"]].mean()
+    assert first["mean"] != pytest.approx(all_rows_mean)
+    features = transform(prepared.splits.x_train, prepared.preprocessing)
+    assert np.allclose(features.mean(0), 0, atol=1e-5)
+
+
+def test_file_dataset_drops_unusable_columns_and_encodes_string_target(tmp_path):
+    path = tmp_path / "t.csv"
+    frame = table()
+    frame["empty"] = np.nan
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert prepared.labels == ["no", "yes"]
+    assert set(prepared.dropped_columns) == {"id", "flat", "empty"}
+    assert [c["name"] for c in prepared.input_schema] == ["x", "colour"]
+    assert any("'id' dropped" in note for note in prepared.notes)
+
+
+def test_parquet_dataset(tmp_path):
+    path = tmp_path / "t.parquet"
+    table().to_parquet(path)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert prepared.n_rows == 120
+
+
+def test_numeric_column_with_stray_strings_is_coerced_with_a_note(tmp_path):
+    frame = table()
+    frame["x"] = frame["x"].astype(object)
+    frame.loc[[3, 9, 40], "x"] = "n/a?"
+    path = tmp_path / "stray.csv"
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert "column 'x': 3 non-numeric value(s) coerced to missing" in prepared.notes
+    assert any(c["name"] == "x" for c in prepared.preprocessing["numeric"])
+
+
+def test_numeric_target_labels_sort_numerically(tmp_path):
+    frame = table()
+    frame["label"] = np.where(np.arange(120) % 3 == 0, 10, 2)
+    path = tmp_path / "n.csv"
+    frame.to_csv(path, index=False)
+    assert prepare_data(DataConfig(dataset=str(path), target="label"), seed=0).labels == ["2", "10"]
+
+
+def test_unknown_category_and_missing_values_at_serving_time_do_not_crash():
+    train = pd.DataFrame({"x": [1.0, 2.0, 3.0, np.nan], "c": ["a", "b", "a", None]})
+    preprocessing = fit_preprocessing(train)
+    served = pd.DataFrame({"x": [np.nan, np.inf, 2.0], "c": ["never-seen", None, "b"]})
+    features = transform(served, preprocessing)
+    assert features.shape == (3, 1 + 2)
+    assert np.isfinite(features).all()
+    assert features[0, 1:].tolist() == [0.0, 0.0]  # unknown category: all-zero one-hot
+    assert features[1, 1:].tolist() == [1.0, 0.0]  # missing: the training mode 'a'
+
+
+@pytest.mark.parametrize(
+    "name, rows, target, expected",
+    [
+        ("empty.csv", None, "y", "the file is empty"),
+        ("header.csv", ["a,b,y"], "y", "header but no data rows"),
+        ("short.csv", ["a,b,y", "1,2,p", "1,2"], "y", "ragged rows: line 3 has 2 fields, the header has 3"),
+        ("long.csv", ["a,b,y", "1,2,p", "1,2,p,4"], "y", "ragged rows: line 3 has 4 fields"),
+        ("target.csv", ["a,b,y"] + ["1,2,p"] * 30, "z", "target column 'z' not found; columns: a, b, y"),
+        ("one.csv", ["a,b,y"] + [f"{i},2,p" for i in range(30)], "y", "single class ('p')"),
+        ("few.csv", ["a,b,y"] + [f"{i},2,p" for i in range(30)] + ["1,1,q"] * 2, "y", "class 'q' has 2 rows"),
+        ("nofeat.csv", ["a,y"] + [f"1,{'pq'[i % 2]}" for i in range(30)], "y", "no usable feature columns"),
+        ("notarget.csv", ["a,b,y"] + [f"{i},2," for i in range(30)], "y", "target column 'y' is empty"),
+        ("sheet.xlsx", ["whatever"], "y", "unsupported file type '.xlsx'"),
+    ],
+)
+def test_bad_files_fail_with_one_line_naming_the_problem(tmp_path, name, rows, target, expected):
+    path = tmp_path / name
+    if rows is None:
+        path.write_text("")
+    else:
+        write_csv(path, rows)
+    with pytest.raises(MaasInputError) as error:
+        prepare_data(DataConfig(dataset=str(path), target=target), seed=0)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_binary_file_is_not_a_table(tmp_path):
+    path = tmp_path / "image.csv"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(MaasInputError, match="not a text table"):
+        prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+
+
+def test_damaged_parquet(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_text("this is not parquet")
+    with pytest.raises(MaasInputError, match="not a readable Parquet file"):
+        prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+
+
+def test_missing_file_and_unknown_dataset_name(tmp_path):
+    with pytest.raises(MaasInputError, match="data file not found"):
+        prepare_data(DataConfig(dataset=str(tmp_path / "gone.csv"), target="y"), seed=0)
+    with pytest.raises(MaasInputError, match="unknown dataset 'iris'"):
+        prepare_data(DataConfig(dataset="iris"), seed=0)
+
+
+def test_file_needs_a_target_and_builtins_refuse_another(tmp_path):
+    path = write_csv(tmp_path / "t.csv", ["a,y", "1,p"])
+    with pytest.raises(MaasInputError, match="name the target column with --target"):
+        prepare_data(DataConfig(dataset=str(path)), seed=0)
+    with pytest.raises(MaasInputError, match="its target column is 'target'"):
+        prepare_data(DataConfig(dataset="wine", target="alcohol"), seed=0)
