@@ -100,6 +100,9 @@ def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.Da
 
     output_example = bundle_module.ModelBundle.load(bundle_dir).predict(input_example)
     requirements = [f"{name}=={_installed_version(name)}" for name in RUNTIME_PACKAGES]
+    # Model.log(run_id=...) files the LoggedModel under the *active* experiment, not the run's;
+    # left alone that is experiment 0, whose artifacts go to ./mlruns in the caller's directory.
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     return Model.log(
         artifact_path=None,
         name="model",

@@ -46,11 +46,14 @@ def test_parent_run_has_params_metrics_artifacts_and_prefect_link(trained):
 
 
 def test_registered_version_carries_alias_and_manifest(trained):
-    _, _, summary = trained
+    home, _, summary = trained
     client = mlflow_client()
     version = client.get_model_version_by_alias(summary["model_name"], "candidate")
     assert str(version.version) == summary["model_version"]
     assert version.run_id == summary["mlflow_run_id"]
+    logged_model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged_model.experiment_id == client.get_run(version.run_id).info.experiment_id
+    assert logged_model.artifact_location.startswith(home.as_uri())  # state stays in MAAS_HOME
     tags = version.tags
     assert tags["prefect_flow_run_id"] == summary["prefect_flow_run_id"]
     assert tags["mlflow_run_id"] == summary["mlflow_run_id"]

@@ -1,0 +1,131 @@
+"""The `maas` command as a user runs it: bad input, a real run with its summary, the MLflow UI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from maas.cli import main
+from maas.tracking import mlflow_client
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+BAD_INPUTS = {
+    "missing file": (["--dataset", "{tmp}/gone.csv", "--target", "y"], "data file not found"),
+    "empty file": (["--dataset", "{tmp}/empty.csv", "--target", "y"], "the file is empty"),
+    "header only": (["--dataset", "{tmp}/header.csv", "--target", "y"], "header but no data rows"),
+    "not a table": (["--dataset", "{tmp}/binary.csv", "--target", "y"], "not a text table"),
+    "ragged rows": (["--dataset", "{tmp}/ragged.csv", "--target", "y"], "ragged rows: line 3"),
+    "missing target": (["--dataset", "{tmp}/ok.csv", "--target", "nope"], "target column 'nope' not found"),
+    "one class": (["--dataset", "{tmp}/oneclass.csv", "--target", "y"], "single class"),
+    "unknown dataset": (["--dataset", "iris"], "unknown dataset 'iris'"),
+    "bad set key": (["--set", "train.epochz=3"], "unknown field 'train.epochz'"),
+    "bad set value": (["--set", "train.batch_size=0"], "train.batch_size"),
+}
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("a,b,y\n")
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "ragged.csv").write_text("a,b,y\n1,2,p\n3,4\n")
+    (tmp_path / "ok.csv").write_text("a,b,y\n" + "".join(f"{i},{i % 3},{'pq'[i % 2]}\n" for i in range(60)))
+    (tmp_path / "oneclass.csv").write_text("a,b,y\n" + "".join(f"{i},{i % 3},p\n" for i in range(60)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_nonzero_exit_and_leaves_nothing(case, bad_files, maas_home, capsys):
+    arguments, expected = BAD_INPUTS[case]
+    exit_code = main(["run", *[a.format(tmp=bad_files) for a in arguments]])
+    captured = capsys.readouterr()
+    assert exit_code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], captured.err
+    assert "Traceback" not in captured.out + captured.err
+    client = mlflow_client()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert client.search_registered_models() == []
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--bogus"])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_every_command_has_help_with_examples(capsys):
+    for command in (["--help"], ["run", "--help"], ["ui", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):
+    """The user's path: a subprocess, Prefect's own temporary server, a clean log."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env.update(MAAS_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"), PYTHONUNBUFFERED="1")
+    env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the CLI must quiet telemetry by itself
+    summary_path = tmp_path / "s.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "maas", "run", "--dataset", "digits", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"),
+         "--summary", str(summary_path)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "ERROR" not in output and "Traceback" not in output, output[-3000:]
+    assert "epoch 1/15" in output  # progress while training
+    assert "Registered maas-digits version 1 as @candidate" in done.stdout
+    summary = json.loads(summary_path.read_text())
+    assert {"mlflow_run_id", "experiment", "model_name", "model_version", "alias", "test_metrics", "variants", "bento"} <= set(summary)
+    assert summary["experiment"] == "maas-digits" and summary["test_metrics"]["f1_macro"] > 0.85
+    assert not (tmp_path / "mlruns").exists()  # artifacts stay under MAAS_HOME
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_maas_ui_shows_the_parent_run_and_the_registered_model(trained):
+    home, _, summary = trained
+    port = free_port()
+    env = dict(os.environ, MAAS_HOME=str(home))
+    server = subprocess.Popen([sys.executable, "-m", "maas", "ui", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("maas ui did not answer /health within 90 s")
+        api = f"{base}/ajax-api/2.0/mlflow"
+        run = httpx.get(f"{api}/runs/get", params={"run_id": summary["mlflow_run_id"]}).json()["run"]
+        params = {p["key"] for p in run["data"]["params"]}
+        metrics = {m["key"] for m in run["data"]["metrics"]}
+        assert {"train.lr", "data.fingerprint"} <= params and "test/f1_macro" in metrics
+        png = httpx.get(f"{base}/get-artifact", params={"path": "evaluation/confusion_matrix.png", "run_uuid": summary["mlflow_run_id"]})
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        model = httpx.get(f"{api}/registered-models/get", params={"name": summary["model_name"]}).json()
+        assert model["registered_model"]["aliases"][0]["alias"] == "candidate"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
