@@ -19,6 +19,7 @@ from tasks.evaluate import Evaluation, evaluate_task
 from tasks.export import export_bundle_task
 from tasks.registry import RegisteredVersion, build_manifest, register_model_task
 from tasks.train import train_task
+from tasks.tune import TuningResult, apply_hyperparameters, tune_task
 
 LOCAL_PREFECT_UI = "http://127.0.0.1:4200"  # `prefect server start` on the same Prefect home
 
@@ -51,10 +52,19 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
         log_params(client, run_id, {**flatten(config.model_dump(mode="json")), **prepared.summary_params()})
         client.log_dict(run_id, data_description(prepared), "data/schema.json")
 
-        # Training: the network family and shape from config, early-stopped on validation loss.
-        trained, stage_seconds["train"] = train_task(prepared, config.model, config.train, config.seed, run_id)
+        with tempfile.TemporaryDirectory(dir=maas_home(), prefix="run-") as scratch:
+            # Tuning: an Optuna study (resumable) picks the hyperparameters; trials are child runs.
+            model_config, train_config, tuning = config.model, config.train, None
+            if config.tuning.enabled:
+                tuning, stage_seconds["tune"] = tune_task(
+                    prepared, config.model, config.train, config.tuning, config.seed, run_id,
+                    experiment_id, config.tuning.study_name or config.experiment_name, Path(scratch),
+                )
+                model_config, train_config = apply_hyperparameters(config.model, config.train, tuning.best_params)
 
-        with tempfile.TemporaryDirectory(dir=maas_home(), prefix="bundle-") as scratch:
+            # Training: the chosen network, early-stopped on validation loss.
+            trained, stage_seconds["train"] = train_task(prepared, model_config, train_config, config.seed, run_id)
+
             # Export: the bundle that is evaluated, registered and served, all the same bytes.
             bundle_dir, stage_seconds["export"] = export_bundle_task(
                 Path(scratch) / "bundle", trained.network, trained.spec, prepared.preprocessing,
@@ -67,7 +77,7 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
             # Registry: log, register, alias, with the reproducibility manifest.
             manifest = build_manifest(
                 config.model_dump(mode="json"), prepared.fingerprint, config.seed,
-                run_id, str(flow_run.id), flow_run.name,
+                run_id, str(flow_run.id), flow_run.name, tuning.best_params if tuning else None,
             )
             registered, stage_seconds["register"] = register_model_task(
                 run_id, bundle_dir, prepared.splits.x_test.head(5), manifest,
@@ -78,7 +88,10 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
             **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
         })
 
-    summary = run_summary(config, run_id, registered, evaluation, stage_seconds, mlflow_url, str(flow_run.id))
+    summary = run_summary(config, run_id, registered, evaluation, stage_seconds, mlflow_url, str(flow_run.id), tuning)
+    if tuning is not None:
+        create_table_artifact(key="tuning-trials", table=tuning.top_trials,
+                              description=f"Top trials of study '{tuning.study_name}' by validation F1")
     create_table_artifact(
         key="test-metrics",
         table=[{"metric": name, "value": round(value, 4)} for name, value in evaluation.metrics.items()],
@@ -106,6 +119,7 @@ def run_summary(
     stage_seconds: dict[str, float],
     mlflow_url: str,
     flow_run_id: str,
+    tuning: TuningResult | None,
 ) -> dict[str, Any]:
     """The `--summary` JSON of the CLI contract (DESIGN.md)."""
     return {
@@ -128,5 +142,11 @@ def run_summary(
             }
         ],
         "bento": None,
+        "tuning": None if tuning is None else {
+            "study": tuning.study_name, "n_complete": tuning.n_complete, "n_pruned": tuning.n_pruned,
+            "n_failed": tuning.n_failed, "epochs_total": tuning.epochs_total, "best_trial": tuning.best_trial,
+            "best_val_f1_macro": tuning.best_values[0], "best_params": tuning.best_params,
+            "pareto_front": tuning.pareto_front if len(tuning.objectives) > 1 else [],
+        },
         "stage_seconds": stage_seconds,
     }

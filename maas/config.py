@@ -77,6 +77,81 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class Range(Section):
+    """A numeric interval to search; log scale for rates spanning decades."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scale range needs low > 0")
+        return self
+
+
+class MLPSearchSpace(Section):
+    """What tuning may change for the tabular MLP: optimiser and shape."""
+
+    lr: Range = Range(low=1e-4, high=3e-2, log=True)
+    weight_decay: Range = Range(low=1e-6, high=1e-2, log=True)
+    dropout: Range = Range(low=0.0, high=0.5)
+    batch_size: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    width: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=1)
+    depth: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+
+
+class CNNSearchSpace(Section):
+    """What tuning may change for the small CNN: optimiser, channels (c, 2c) and head width."""
+
+    lr: Range = Range(low=1e-4, high=3e-2, log=True)
+    weight_decay: Range = Range(low=1e-6, high=1e-2, log=True)
+    dropout: Range = Range(low=0.0, high=0.5)
+    batch_size: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    width: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    channels: list[int] = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+
+
+class TuningConfig(Section):
+    """The Optuna study: sampler, pruner, budget, storage, objectives and search spaces."""
+
+    enabled: bool = True
+    n_trials: int | None = Field(20, ge=1, description="finished trials the study should hold")
+    timeout_s: float | None = Field(None, gt=0)
+    n_jobs: int = Field(1, ge=1, le=64, description="parallel trials (threads)")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    objectives: list[Literal["f1_macro", "size", "latency"]] = Field(
+        default_factory=lambda: ["f1_macro"], min_length=1
+    )
+    pareto_pick: Literal["best_quality", "smallest", "fastest"] = Field(
+        "fastest", description="multi-objective: which Pareto trial within quality_tolerance wins"
+    )
+    quality_tolerance: float = Field(0.005, ge=0, le=1, description="F1 a Pareto pick may give up")
+    max_epochs: int = Field(60, ge=1, description="per trial")
+    patience: int = Field(10, ge=1, description="per trial")
+    storage: str | None = Field(None, description="SQLAlchemy URL; default SQLite in MAAS_HOME")
+    study_name: str | None = Field(None, description="default: the experiment name")
+    heartbeat_interval_s: int = Field(30, ge=1)
+    grace_period_s: int | None = Field(None, ge=1, description="default: 2x heartbeat interval")
+    max_retry: int = Field(1, ge=0, description="reruns of a trial whose process died")
+    max_failures: int = Field(10, ge=1, description="failed trials in a row before giving up")
+    grid_points: int = Field(3, ge=2, description="values per numeric range for the grid sampler")
+    mlp: MLPSearchSpace = Field(default_factory=MLPSearchSpace)
+    cnn: CNNSearchSpace = Field(default_factory=CNNSearchSpace)
+
+    @model_validator(mode="after")
+    def _budget_and_objectives(self) -> TuningConfig:
+        if self.n_trials is None and self.timeout_s is None:
+            raise ValueError("set n_trials, timeout_s or both")
+        if self.objectives[0] != "f1_macro" or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError("objectives start with f1_macro, then optionally size and/or latency, once each")
+        return self
+
+
 class RegistryConfig(Section):
     """Where the trained model is registered."""
 
@@ -104,6 +179,7 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -165,6 +241,17 @@ def _apply_override(tree: dict, path: list[str], value: Any, assignment: str) ->
     node[path[-1]] = value
 
 
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """base with update laid over it, section by section (update's scalars and lists win)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(
     config_path: str | Path | None = None,
     dataset: str | None = None,
@@ -172,7 +259,7 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> RunConfig:
     """Build the run config: defaults < YAML file < --dataset/--target < --set key=value."""
-    tree: dict[str, Any] = {}
+    tree: dict[str, Any] = RunConfig().model_dump()
     source = "config"
     if config_path is not None:
         path = Path(config_path)
@@ -185,7 +272,7 @@ def load_config(
             raise MaasInputError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(loaded, dict):
             raise MaasInputError(f"{path}: expected a mapping of config sections at the top")
-        tree = loaded
+        tree = _deep_merge(tree, loaded)
     if dataset is not None:
         tree.setdefault("data", {})["dataset"] = dataset
     if target is not None:

@@ -76,9 +76,11 @@ def build_manifest(
     mlflow_run_id: str,
     flow_run_id: str | None,
     flow_run_name: str | None,
+    tuned_hyperparameters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to say exactly how a model version was made."""
     return {
+        "tuned_hyperparameters": tuned_hyperparameters,
         "dataset_fingerprint": dataset_fingerprint,
         **source_revision(),
         "lock_file_sha256": lock_file_hash(),

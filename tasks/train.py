@@ -28,6 +28,7 @@ class EpochRecord:
     train_loss: float
     val_loss: float
     val_accuracy: float
+    val_f1_macro: float
 
 
 @dataclass
@@ -82,13 +83,27 @@ def network_spec_for(
     )
 
 
-def _evaluate_loss(network: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
+    """Macro-averaged F1 on tensors (cheap enough to compute every epoch)."""
+    scores = []
+    for cls in range(n_classes):
+        true_positive = ((predicted == cls) & (labels == cls)).sum().item()
+        predicted_count = (predicted == cls).sum().item()
+        actual_count = (labels == cls).sum().item()
+        denominator = predicted_count + actual_count
+        scores.append(2 * true_positive / denominator if denominator else 0.0)
+    return float(np.mean(scores))
+
+
+def _validate(network: nn.Module, features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> tuple[float, float, float]:
+    """(loss, accuracy, macro F1) on the validation split."""
     network.eval()
     with torch.no_grad():
         logits = network(features)
         loss = nn.functional.cross_entropy(logits, labels).item()
-        accuracy = (logits.argmax(1) == labels).float().mean().item()
-    return loss, accuracy
+        predicted = logits.argmax(1)
+        accuracy = (predicted == labels).float().mean().item()
+    return loss, accuracy, macro_f1(predicted, labels, n_classes)
 
 
 def train_network(
@@ -129,8 +144,8 @@ def train_network(
         train_loss = total_loss / len(order)
         if not np.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; lower train.lr")
-        val_loss, val_accuracy = _evaluate_loss(network, features_val, labels_val)
-        record = EpochRecord(epoch, train_loss, val_loss, val_accuracy)
+        val_loss, val_accuracy, val_f1 = _validate(network, features_val, labels_val, spec.n_classes)
+        record = EpochRecord(epoch, train_loss, val_loss, val_accuracy, val_f1)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -171,7 +186,8 @@ def train_task(
 
     def report(record: EpochRecord) -> None:
         metrics.add(
-            {"train/loss": record.train_loss, "val/loss": record.val_loss, "val/accuracy": record.val_accuracy},
+            {"train/loss": record.train_loss, "val/loss": record.val_loss,
+             "val/accuracy": record.val_accuracy, "val/f1_macro": record.val_f1_macro},
             step=record.epoch,
         )
         if record.epoch == 1 or record.epoch % PROGRESS_EVERY == 0:

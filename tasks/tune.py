@@ -1,0 +1,433 @@
+"""Tuning: an Optuna study over the network family's search space, pruned on validation F1.
+
+The study lives in RDB storage (SQLite in MAAS_HOME by default), so a re-run continues it: the
+budget counts the study's finished trials, and a trial left RUNNING by a dead process is failed
+by its missing heartbeat and retried. Each trial is an MLflow child run of the pipeline's parent
+run, logged through explicit run ids (MLflow's fluent API is not thread-safe; Optuna's MLflow
+callback does not nest runs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from maas.bundle import feature_count, transform
+from maas.config import ModelConfig, Range, TrainConfig, TuningConfig
+from maas.errors import MaasInputError
+from maas.orchestration import timed
+from maas.paths import maas_home
+from maas.tracking import MetricBuffer, log_metrics, log_params, mlflow_client
+from tasks.data import PreparedData
+from tasks.train import EpochRecord, network_spec_for, train_network
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DIRECTIONS = {"f1_macro": "maximize", "size": "minimize", "latency": "minimize"}
+OBJECTIVE_METRICS = {"f1_macro": "objective/val_f1_macro", "size": "objective/size_bytes", "latency": "objective/latency_ms_b1"}
+
+
+# --- search space ------------------------------------------------------------------------------
+
+
+def suggest_hyperparameters(trial: optuna.Trial, family: str, tuning: TuningConfig) -> dict[str, Any]:
+    """Every suggest_* call of the study, in one place."""
+    space = tuning.mlp if family == "mlp" else tuning.cnn
+    params = {
+        "lr": trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
+        "weight_decay": trial.suggest_float(
+            "weight_decay", space.weight_decay.low, space.weight_decay.high, log=space.weight_decay.log
+        ),
+        "dropout": trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log),
+        "batch_size": trial.suggest_categorical("batch_size", space.batch_size),
+        "width": trial.suggest_categorical("width", space.width),
+    }
+    if family == "mlp":
+        params["depth"] = trial.suggest_categorical("depth", space.depth)
+    else:
+        params["channels"] = trial.suggest_categorical("channels", space.channels)
+    return params
+
+
+def grid_space(family: str, tuning: TuningConfig) -> dict[str, list]:
+    """The same space as finite value lists, for the grid sampler."""
+
+    def points(bounds: Range) -> list[float]:
+        spread = np.geomspace if bounds.log else np.linspace
+        return [float(v) for v in spread(bounds.low, bounds.high, tuning.grid_points)]
+
+    space = tuning.mlp if family == "mlp" else tuning.cnn
+    grid = {
+        "lr": points(space.lr), "weight_decay": points(space.weight_decay), "dropout": points(space.dropout),
+        "batch_size": list(space.batch_size), "width": list(space.width),
+    }
+    grid["depth" if family == "mlp" else "channels"] = list(space.depth if family == "mlp" else space.channels)
+    return grid
+
+
+def apply_hyperparameters(
+    model: ModelConfig, train: TrainConfig, params: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs with a trial's hyperparameters in place."""
+    shape: dict[str, Any] = {"dropout": params["dropout"]}
+    if "depth" in params:
+        shape["hidden_sizes"] = [params["width"]] * params["depth"]
+    else:
+        shape["hidden_sizes"] = [params["width"]]
+        shape["cnn_channels"] = [params["channels"], 2 * params["channels"]]
+    optimiser = {key: params[key] for key in ("lr", "weight_decay", "batch_size")}
+    return model.model_copy(update=shape), train.model_copy(update=optimiser)
+
+
+# --- study set-up --------------------------------------------------------------------------------
+
+
+def storage_url(tuning: TuningConfig) -> str:
+    return tuning.storage or f"sqlite:///{maas_home() / 'optuna.db'}"
+
+
+def redacted(url: str) -> str:
+    """The storage URL without its password, for logs and MLflow params."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable storage url>"
+
+
+def open_storage(tuning: TuningConfig) -> optuna.storages.RDBStorage:
+    url = storage_url(tuning)
+    # SQLite serialises writers; parallel trials wait for the lock instead of failing on it.
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and we rely on them
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=tuning.heartbeat_interval_s,
+            grace_period=tuning.grace_period_s or 2 * tuning.heartbeat_interval_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tuning.max_retry),
+        )
+    except Exception as exc:
+        raise MaasInputError(f"tuning.storage: cannot open {redacted(url)} ({exc.__class__.__name__})") from None
+
+
+def make_sampler(tuning: TuningConfig, family: str, seed: int) -> optuna.samplers.BaseSampler:
+    if tuning.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_space(family, tuning), seed=seed)
+    if tuning.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(tuning: TuningConfig) -> optuna.pruners.BasePruner:
+    if tuning.pruner == "none" or len(tuning.objectives) > 1:  # Optuna prunes single-objective only
+        return optuna.pruners.NopPruner()
+    if tuning.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=3, max_resource=tuning.max_epochs, reduction_factor=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
+
+
+def open_study(tuning: TuningConfig, study_name: str, family: str, seed: int) -> optuna.Study:
+    try:
+        return optuna.create_study(
+            study_name=study_name,
+            storage=open_storage(tuning),
+            sampler=make_sampler(tuning, family, seed),
+            pruner=make_pruner(tuning),
+            directions=[DIRECTIONS[name] for name in tuning.objectives],
+            load_if_exists=True,
+        )
+    except ValueError as exc:  # e.g. an existing study with other directions
+        raise MaasInputError(f"tuning: study '{study_name}' cannot be continued ({exc}); set tuning.study_name") from None
+
+
+# --- trials ----------------------------------------------------------------------------------------
+
+
+class TrialTracker:
+    """MLflow child runs for trials, nested under the pipeline's parent run."""
+
+    def __init__(self, client, experiment_id: str, parent_run_id: str, study_name: str):
+        self.client, self.experiment_id, self.parent_run_id, self.study_name = client, experiment_id, parent_run_id, study_name
+
+    def start(self, trial: optuna.Trial, params: dict[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial.number}",
+            tags={"mlflow.parentRunId": self.parent_run_id, "optuna.study": self.study_name,
+                  "optuna.trial_number": str(trial.number), "optuna.state": "running"},
+        )
+        log_params(self.client, run.info.run_id, params)
+        return run.info.run_id
+
+    def finish(self, run_id: str, state: str, metrics: dict[str, float] | None = None, note: str = "") -> None:
+        if metrics:
+            log_metrics(self.client, run_id, metrics)
+        self.client.set_tag(run_id, "optuna.state", state)
+        if note:
+            self.client.set_tag(run_id, "optuna.note", note[:500])
+        self.client.set_terminated(run_id, status="FAILED" if state == "failed" else "FINISHED")
+
+
+def torch_latency_ms(network: torch.nn.Module, n_features: int, repeats: int = 50) -> float:
+    """Median batch-1 forward time on CPU, a cheap per-trial latency objective."""
+    sample = torch.zeros(1, n_features)
+    timings = []
+    with torch.no_grad():
+        for index in range(repeats + 5):
+            started = time.perf_counter()
+            network(sample)
+            if index >= 5:
+                timings.append((time.perf_counter() - started) * 1000)
+    return float(np.median(timings))
+
+
+class Objective:
+    """One trial: suggest, train with per-epoch pruning, return the objective values."""
+
+    def __init__(
+        self, prepared: PreparedData, model: ModelConfig, train: TrainConfig, tuning: TuningConfig,
+        seed: int, tracker: TrialTracker | None = None,
+    ):
+        pre, splits = prepared.preprocessing, prepared.splits
+        self.x_train, self.y_train = transform(splits.x_train, pre), splits.y_train
+        self.x_val, self.y_val = transform(splits.x_val, pre), splits.y_val
+        self.n_features, self.n_classes, self.image_shape = feature_count(pre), len(prepared.labels), prepared.image_shape
+        self.family = network_spec_for(model, self.n_features, self.n_classes, self.image_shape).family
+        self.model, self.train, self.tuning, self.seed, self.tracker = model, train, tuning, seed, tracker
+        self.single_objective = len(tuning.objectives) == 1
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        params = suggest_hyperparameters(trial, self.family, self.tuning)
+        model, train = apply_hyperparameters(self.model, self.train, params)
+        train = train.model_copy(update={"max_epochs": self.tuning.max_epochs, "patience": self.tuning.patience})
+        spec = network_spec_for(model, self.n_features, self.n_classes, self.image_shape)
+        run_id = self.tracker.start(trial, params) if self.tracker else None
+        metrics = MetricBuffer(self.tracker.client, run_id) if run_id else None
+        epochs = 0
+
+        def report(record: EpochRecord) -> None:
+            nonlocal epochs
+            epochs = record.epoch
+            if metrics:
+                metrics.add({"train/loss": record.train_loss, "val/loss": record.val_loss,
+                             "val/f1_macro": record.val_f1_macro}, step=record.epoch)
+            if self.single_objective:
+                trial.report(record.val_f1_macro, record.epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
+
+        state, values, note = "failed", None, ""
+        try:
+            result = train_network(spec, self.x_train, self.y_train, self.x_val, self.y_val, train, self.seed, on_epoch=report)
+            objective = {
+                "f1_macro": result.best.val_f1_macro,
+                "size": 4.0 * sum(p.numel() for p in result.network.parameters()),
+                "latency": torch_latency_ms(result.network, self.n_features) if "latency" in self.tuning.objectives else 0.0,
+            }
+            values = tuple(objective[name] for name in self.tuning.objectives)
+            state = "complete"
+            return values[0] if self.single_objective else values
+        except optuna.TrialPruned as pruned:
+            state, note = "pruned", str(pruned)
+            raise
+        except Exception as error:
+            note = f"{error.__class__.__name__}: {error}"
+            raise
+        finally:
+            trial.set_user_attr("epochs", epochs)
+            if run_id:
+                metrics.flush()
+                final = {OBJECTIVE_METRICS[name]: value for name, value in zip(self.tuning.objectives, values)} if values else {}
+                self.tracker.finish(run_id, state, {**final, "epochs": epochs}, note)
+
+
+class FailureGuard:
+    """Stops the study after too many failed trials in a row (a broken space, not bad luck)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak = limit, 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.streak = self.streak + 1 if trial.state == TrialState.FAIL else 0
+        if self.streak >= self.limit:
+            study.stop()
+
+
+# --- the study -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuningResult:
+    study_name: str
+    storage: str  # redacted
+    objectives: list[str]
+    best_params: dict[str, Any]
+    best_values: list[float]
+    best_trial: int
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    epochs_total: int
+    seconds_this_run: float
+    reproducible: bool
+    pareto_front: list[dict[str, Any]] = field(default_factory=list)
+    top_trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pick_pareto_trial(front: list[FrozenTrial], objectives: list[str], pick: str, tolerance: float) -> FrozenTrial:
+    """Among Pareto-optimal trials within `tolerance` F1 of the best, the one the policy prefers."""
+    best_quality = max(t.values[0] for t in front)
+    candidates = [t for t in front if t.values[0] >= best_quality - tolerance]
+    key = {"smallest": "size", "fastest": "latency"}.get(pick)
+    if key is None or key not in objectives:
+        key = next((name for name in ("latency", "size") if name in objectives), None) if pick != "best_quality" else None
+    if key is None:
+        return max(candidates, key=lambda t: t.values[0])
+    index = objectives.index(key)
+    return min(candidates, key=lambda t: (t.values[index], -t.values[0]))
+
+
+def summarise(study: optuna.Study, tuning: TuningConfig, seconds: float) -> TuningResult:
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        failures = [t.user_attrs.get("error") or t.system_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL]
+        raise RuntimeError(
+            f"tuning: no trial of study '{study.study_name}' completed ({len(trials)} tried); "
+            f"check the search space and train settings{f' (first failure: {failures[0]})' if failures and failures[0] else ''}"
+        )
+    if len(tuning.objectives) == 1:
+        best = study.best_trial
+        front: list[FrozenTrial] = [best]
+    else:
+        front = study.best_trials
+        best = pick_pareto_trial(front, tuning.objectives, tuning.pareto_pick, tuning.quality_tolerance)
+    ranked = sorted(complete, key=lambda t: -t.values[0])[:10]
+    return TuningResult(
+        study_name=study.study_name,
+        storage=redacted(storage_url(tuning)),
+        objectives=list(tuning.objectives),
+        best_params=dict(best.params),
+        best_values=list(best.values),
+        best_trial=best.number,
+        n_complete=len(complete),
+        n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        n_failed=sum(t.state == TrialState.FAIL for t in trials),
+        epochs_total=sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
+        seconds_this_run=seconds,
+        reproducible=tuning.n_jobs == 1,
+        pareto_front=[{"trial": t.number, "values": list(t.values), "params": t.params} for t in front],
+        top_trials=[{"trial": t.number, **{name: round(v, 5) for name, v in zip(tuning.objectives, t.values)},
+                     "epochs": t.user_attrs.get("epochs"), **t.params} for t in ranked],
+    )
+
+
+def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed: int) -> TuningResult:
+    """Run trials until the study holds tuning.n_trials finished ones (or timeout_s passes)."""
+    started = time.perf_counter()
+    study = open_study(tuning, study_name, objective.family, seed)
+    deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
+    guard = FailureGuard(tuning.max_failures)
+    threads = torch.get_num_threads()
+    if tuning.n_jobs > 1:  # parallel trials share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tuning.n_jobs))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            while True:
+                finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+                remaining = None if tuning.n_trials is None else tuning.n_trials - finished
+                time_left = deadline - time.perf_counter()
+                if (remaining is not None and remaining <= 0) or time_left <= 0 or guard.streak >= guard.limit:
+                    break
+                study.optimize(
+                    objective, n_trials=remaining, timeout=None if math.isinf(time_left) else time_left,
+                    n_jobs=tuning.n_jobs, catch=(Exception,), callbacks=[guard], gc_after_trial=False,
+                    show_progress_bar=False,
+                )
+                if remaining is None:
+                    break
+    finally:
+        torch.set_num_threads(threads)
+    return summarise(study, tuning, time.perf_counter() - started)
+
+
+def save_study_plots(study: optuna.Study, tuning: TuningConfig, folder: Path) -> list[Path]:
+    """Optuna's optimization history, parameter importances and parallel coordinates as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    target = None if len(tuning.objectives) == 1 else (lambda t: t.values[0])
+    plots = {
+        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study, target=target, target_name="val f1_macro"),
+        "param_importances.png": lambda: optuna_plots.plot_param_importances(study, target=target, target_name="val f1_macro"),
+        "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study, target=target, target_name="val f1_macro"),
+    }
+    saved = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        for name, draw in plots.items():
+            try:
+                axes = draw()
+            except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances need 2+ trials
+                continue
+            figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
+            figure.set_size_inches(9, 5.5)
+            figure.tight_layout()
+            figure.savefig(folder / name, dpi=100)
+            plt.close(figure)
+            saved.append(folder / name)
+    return saved
+
+
+# --- Prefect wrapper -------------------------------------------------------------------------------
+
+
+@task(name="tune", retries=0, timeout_seconds=12 * 3600, cache_policy=NO_CACHE)
+def tune_task(
+    prepared: PreparedData, model: ModelConfig, train: TrainConfig, tuning: TuningConfig,
+    seed: int, run_id: str, experiment_id: str, study_name: str, scratch: Path,
+) -> tuple[TuningResult, float]:
+    """No task retries: the study itself resumes, so a rerun of the flow continues it."""
+    logger = get_run_logger()
+    client = mlflow_client()
+    objective = Objective(prepared, model, train, tuning, seed, TrialTracker(client, experiment_id, run_id, study_name))
+    if tuning.n_jobs > 1:
+        logger.warning("tuning.n_jobs=%d: trials run in parallel, so the sampler's seed no longer "
+                       "fixes which trials run; results are not reproducible run to run", tuning.n_jobs)
+    result = run_study(objective, tuning, study_name, seed)
+    logger.info(
+        "study '%s': %d complete, %d pruned, %d failed, %d epochs; best trial %d %s = %s",
+        result.study_name, result.n_complete, result.n_pruned, result.n_failed, result.epochs_total,
+        result.best_trial, "/".join(result.objectives), ", ".join(f"{v:.4f}" for v in result.best_values),
+    )
+    log_params(client, run_id, {"tuning.storage_redacted": result.storage, "tuning.study": result.study_name,
+                                **{f"best.{key}": value for key, value in result.best_params.items()}})
+    log_metrics(client, run_id, {
+        "tuning/best_val_f1_macro": result.best_values[0], "tuning/n_complete": result.n_complete,
+        "tuning/n_pruned": result.n_pruned, "tuning/n_failed": result.n_failed,
+        "tuning/epochs_total": result.epochs_total, "tuning/best_trial": result.best_trial,
+    })
+    study = optuna.load_study(study_name=study_name, storage=open_storage(tuning))
+    for path in save_study_plots(study, tuning, scratch):
+        client.log_artifact(run_id, str(path), artifact_path="tuning")
+    client.log_dict(run_id, {"objectives": result.objectives, "front": result.pareto_front}, "tuning/pareto_front.json")
+    return result, result.seconds_this_run

@@ -1,0 +1,156 @@
+"""The Optuna stage on real (SQLite) storage: budget, resume, pruning, failures, parallel trials."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from maas.config import DataConfig, ModelConfig, TrainConfig, TuningConfig, load_config
+from maas.errors import MaasInputError
+from maas.tracking import ensure_experiment, mlflow_client, parent_run
+from tasks.data import prepare_data
+from tasks.tune import (
+    Objective, TrialTracker, apply_hyperparameters, grid_space, pick_pareto_trial, redacted, run_study,
+)
+
+FAST = {"max_epochs": 6, "patience": 3, "heartbeat_interval_s": 1, "grace_period_s": 2}
+
+
+@pytest.fixture(scope="module")
+def wine():
+    return prepare_data(DataConfig(dataset="wine"), seed=0)
+
+
+def tuning(**changes) -> TuningConfig:
+    return TuningConfig(**{**FAST, **changes})
+
+
+def objective(prepared, config: TuningConfig, tracker=None) -> Objective:
+    return Objective(prepared, ModelConfig(), TrainConfig(), config, seed=0, tracker=tracker)
+
+
+def states(study_name: str, config: TuningConfig) -> list[TrialState]:
+    from tasks.tune import open_storage
+
+    return [t.state for t in optuna.load_study(study_name=study_name, storage=open_storage(config)).trials]
+
+
+def test_budget_counts_finished_trials_so_a_rerun_continues(wine, maas_home):
+    first = run_study(objective(wine, tuning(n_trials=3)), tuning(n_trials=3), "resume", seed=0)
+    assert first.n_complete + first.n_pruned == 3
+    again = run_study(objective(wine, tuning(n_trials=5)), tuning(n_trials=5), "resume", seed=0)
+    assert again.n_complete + again.n_pruned == 5  # 5 in total, not 3 + 5
+    assert len(states("resume", tuning())) == 5
+
+
+def test_a_trial_left_running_by_a_dead_process_is_failed_and_retried(wine, maas_home):
+    import time
+
+    from tasks.tune import open_storage
+
+    config = tuning(n_trials=2)
+    study = optuna.create_study(study_name="crash", storage=open_storage(config), direction="maximize")
+    orphan = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True)})
+    study._storage.record_heartbeat(orphan._trial_id)  # a worker that beat once, then died
+    time.sleep(3)  # past the 2 s grace period
+    result = run_study(objective(wine, config), config, "crash", seed=0)
+    trials = optuna.load_study(study_name="crash", storage=open_storage(config)).trials
+    assert trials[0].state == TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == 0 for t in trials[1:])  # the retry of trial 0
+    assert result.n_complete + result.n_pruned == 2
+
+
+def test_pruning_stops_trials_in_a_bad_region(wine, maas_home):
+    # Half the learning-rate range is far too small to learn in a few epochs: those trials lag.
+    space = {"mlp": {"lr": {"low": 1e-7, "high": 3e-2, "log": True}}}
+    config = tuning(n_trials=14, max_epochs=15, patience=15, sampler="random", **space)
+    result = run_study(objective(wine, config), config, "prune", seed=3)
+    assert result.n_pruned >= 2
+    assert result.epochs_total < 14 * 15
+
+
+def test_failing_trials_do_not_stop_the_study(wine, maas_home, monkeypatch):
+    import tasks.tune as tune_module
+
+    real_train = tune_module.train_network
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:
+            raise FloatingPointError("training loss became nan")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "train_network", flaky)
+    config = tuning(n_trials=3, pruner="none")
+    result = run_study(objective(wine, config), config, "flaky", seed=0)
+    assert result.n_complete == 3 and result.n_failed >= 2
+
+
+def test_every_trial_failing_is_a_clear_error(wine, maas_home):
+    config = tuning(n_trials=3, max_failures=3, mlp={"batch_size": [0]})  # batch size 0 cannot train
+    with pytest.raises(RuntimeError, match="no trial of study 'broken' completed"):
+        run_study(objective(wine, config), config, "broken", seed=0)
+
+
+def test_trials_are_child_runs_with_state_tags(wine, maas_home):
+    client = mlflow_client()
+    experiment_id = ensure_experiment(client, "tuned")
+    config = tuning(n_trials=3, pruner="none")
+    with parent_run(client, experiment_id, "parent", {}) as parent_id:
+        run_study(objective(wine, config, TrialTracker(client, experiment_id, parent_id, "children")), config, "children", 0)
+    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 3
+    for child in children:
+        assert child.data.tags["optuna.state"] == "complete" and child.info.status == "FINISHED"
+        assert {"lr", "width", "depth"} <= set(child.data.params)
+        assert len(client.get_metric_history(child.info.run_id, "val/f1_macro")) == int(child.data.metrics["epochs"])
+
+
+def test_two_parallel_trials_finish_without_lock_errors(wine, maas_home, caplog):
+    client = mlflow_client()
+    experiment_id = ensure_experiment(client, "parallel")
+    config = tuning(n_trials=6, n_jobs=2)
+    with parent_run(client, experiment_id, "parent", {}) as parent_id:
+        result = run_study(objective(wine, config, TrialTracker(client, experiment_id, parent_id, "parallel")), config, "parallel", 0)
+    assert result.n_complete + result.n_pruned == 6 and result.n_failed == 0
+    assert "database is locked" not in caplog.text
+    assert not result.reproducible
+
+
+def test_samplers_and_multi_objective(wine, maas_home):
+    for sampler in ("random", "grid"):
+        config = tuning(n_trials=2, sampler=sampler)
+        assert run_study(objective(wine, config), config, f"s-{sampler}", 0).n_complete >= 1
+    config = tuning(n_trials=4, objectives=["f1_macro", "size"])
+    result = run_study(objective(wine, config), config, "pareto", 0)
+    assert result.objectives == ["f1_macro", "size"] and result.pareto_front
+    assert result.n_pruned == 0  # Optuna cannot prune multi-objective studies
+
+
+def test_pareto_pick_takes_the_smallest_within_tolerance():
+    trials = [optuna.trial.create_trial(values=[f1, size], params={}, distributions={})
+              for f1, size in [(0.99, 900.0), (0.987, 300.0), (0.95, 100.0)]]
+    assert pick_pareto_trial(trials, ["f1_macro", "size"], "smallest", 0.005).values == [0.987, 300.0]
+    assert pick_pareto_trial(trials, ["f1_macro", "size"], "best_quality", 0.005).values == [0.99, 900.0]
+
+
+def test_best_params_map_onto_the_configs():
+    model, train = apply_hyperparameters(ModelConfig(), TrainConfig(), {
+        "lr": 0.01, "weight_decay": 0.001, "dropout": 0.2, "batch_size": 32, "width": 64, "depth": 3})
+    assert model.hidden_sizes == [64, 64, 64] and train.lr == 0.01 and train.batch_size == 32
+    model, _ = apply_hyperparameters(ModelConfig(), TrainConfig(), {
+        "lr": 0.01, "weight_decay": 0.001, "dropout": 0.2, "batch_size": 32, "width": 64, "channels": 8})
+    assert model.cnn_channels == [8, 16]
+
+
+def test_grid_space_is_finite_and_the_storage_password_is_hidden():
+    grid = grid_space("mlp", TuningConfig())
+    assert len(grid["lr"]) == 3 and grid["depth"] == [1, 2, 3]
+    assert "secret" not in redacted("postgresql://maas:secret@db:5432/optuna")
+
+
+def test_tuning_config_errors_are_one_line():
+    with pytest.raises(MaasInputError, match="tuning: set n_trials, timeout_s or both"):
+        load_config(overrides=["tuning.n_trials=null"])
