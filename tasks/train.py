@@ -51,7 +51,7 @@ class TrainResult:
 def resolve_device(choice: str) -> torch.device:
     """'auto' takes CUDA when present; asking for CUDA without one is an error, not a fallback."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise MaasInputError("train.device=cuda but no CUDA device is available; use auto or cpu")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)

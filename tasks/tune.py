@@ -247,6 +247,7 @@ class Objective:
             raise
         except Exception as error:
             note = f"{error.__class__.__name__}: {error}"
+            trial.set_user_attr("error", note[:300])
             raise
         finally:
             trial.set_user_attr("epochs", epochs)
@@ -306,7 +307,7 @@ def summarise(study: optuna.Study, tuning: TuningConfig, seconds: float) -> Tuni
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
-        failures = [t.user_attrs.get("error") or t.system_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL]
+        failures = [t.user_attrs.get("error") for t in trials if t.state == TrialState.FAIL]
         raise RuntimeError(
             f"tuning: no trial of study '{study.study_name}' completed ({len(trials)} tried); "
             f"check the search space and train settings{f' (first failure: {failures[0]})' if failures and failures[0] else ''}"

@@ -154,9 +154,35 @@ def test_failure_after_the_run_starts_leaves_it_failed_and_registers_nothing(pre
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA to force the training failure")
     config = quick_config("wine", "train.device=cuda")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(RuntimeError, match="no trial of study 'maas-wine' completed.*no CUDA device"):
         train_pipeline(config)
     client = mlflow_client()
     runs = client.search_runs([client.get_experiment_by_name("maas-wine").experiment_id])
-    assert [run.info.status for run in runs] == ["FAILED"]
+    assert {run.info.status for run in runs} == {"FAILED"}  # the parent and each failed trial
+    assert len([run for run in runs if "mlflow.parentRunId" not in run.data.tags]) == 1
     assert client.search_registered_models() == []
+
+
+def test_tuning_trials_are_child_runs_and_the_parent_holds_the_study(trained, prefect_server):
+    import httpx
+
+    _, config, summary = trained
+    client = mlflow_client()
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    tuning = summary["tuning"]
+    assert len(children) == config.tuning.n_trials == tuning["n_complete"] + tuning["n_pruned"]
+    assert {child.data.tags["optuna.state"] for child in children} <= {"complete", "pruned"}
+    best = tuning["best_params"]
+    assert parent.data.params["best.lr"] == str(best["lr"])
+    assert parent.data.metrics["tuning/best_val_f1_macro"] == pytest.approx(tuning["best_val_f1_macro"])
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
+    assert {"tuning/optimization_history.png", "tuning/parallel_coordinate.png", "tuning/pareto_front.json"} <= plots
+    # The final network is trained with the best trial's hyperparameters.
+    manifest = __import__("mlflow").artifacts.load_dict(f"runs:/{summary['mlflow_run_id']}/manifest.json")
+    assert manifest["tuned_hyperparameters"] == best
+    table = httpx.post(f"{prefect_server}/artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": [summary["prefect_flow_run_id"]]}, "key": {"any_": ["tuning-trials"]}},
+        "limit": 1}).json()
+    assert table and "lr" in table[0]["data"]

@@ -57,5 +57,5 @@ def test_cuda_requested_without_a_device_is_an_error():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(MaasInputError, match="no CUDA device"):
         train_blobs(device="cuda")
