@@ -76,6 +76,31 @@ def grid_space(family: str, tuning: TuningConfig) -> dict[str, list]:
     return grid
 
 
+def baseline_hyperparameters(
+    model: ModelConfig, train: TrainConfig, family: str, tuning: TuningConfig
+) -> dict[str, Any]:
+    """The configured (untuned) settings as trial params, those that lie inside the search space.
+
+    A new study runs them first, so tuning starts from the defaults and can only improve on them.
+    """
+    space = tuning.mlp if family == "mlp" else tuning.cnn
+    candidate: dict[str, Any] = {
+        "lr": train.lr, "weight_decay": train.weight_decay, "dropout": model.dropout,
+        "batch_size": train.batch_size, "width": model.hidden_sizes[0],
+    }
+    if family == "mlp":
+        candidate["depth"] = len(model.hidden_sizes)
+    else:
+        candidate["channels"] = model.cnn_channels[0]
+    inside = {}
+    for name, value in candidate.items():
+        bounds = getattr(space, name)
+        fits = bounds.low <= value <= bounds.high if isinstance(bounds, Range) else value in bounds
+        if fits:
+            inside[name] = value
+    return inside
+
+
 def apply_hyperparameters(
     model: ModelConfig, train: TrainConfig, params: dict[str, Any]
 ) -> tuple[ModelConfig, TrainConfig]:
@@ -174,12 +199,13 @@ class TrialTracker:
         log_params(self.client, run.info.run_id, params)
         return run.info.run_id
 
-    def finish(self, run_id: str, state: str, metrics: dict[str, float] | None = None, note: str = "") -> None:
-        if metrics:
-            log_metrics(self.client, run_id, metrics)
-        self.client.set_tag(run_id, "optuna.state", state)
-        if note:
-            self.client.set_tag(run_id, "optuna.note", note[:500])
+    def finish(self, run_id: str, state: str, metrics: dict[str, float], note: str = "") -> None:
+        """Final figures and state tags in one write, then close the run."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        tags = [RunTag("optuna.state", state)] + ([RunTag("optuna.note", note[:500])] if note else [])
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
         self.client.set_terminated(run_id, status="FAILED" if state == "failed" else "FINISHED")
 
 
@@ -240,6 +266,7 @@ class Objective:
                 "latency": torch_latency_ms(result.network, self.n_features) if "latency" in self.tuning.objectives else 0.0,
             }
             values = tuple(objective[name] for name in self.tuning.objectives)
+            trial.set_user_attr("val_loss", result.best.val_loss)
             state = "complete"
             return values[0] if self.single_objective else values
         except optuna.TrialPruned as pruned:
@@ -294,9 +321,8 @@ def pick_pareto_trial(front: list[FrozenTrial], objectives: list[str], pick: str
     """Among Pareto-optimal trials within `tolerance` F1 of the best, the one the policy prefers."""
     best_quality = max(t.values[0] for t in front)
     candidates = [t for t in front if t.values[0] >= best_quality - tolerance]
-    key = {"smallest": "size", "fastest": "latency"}.get(pick)
-    if key is None or key not in objectives:
-        key = next((name for name in ("latency", "size") if name in objectives), None) if pick != "best_quality" else None
+    preferred = {"fastest": ["latency", "size"], "smallest": ["size", "latency"]}.get(pick, [])
+    key = next((name for name in preferred if name in objectives), None)
     if key is None:
         return max(candidates, key=lambda t: t.values[0])
     index = objectives.index(key)
@@ -342,6 +368,8 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     """Run trials until the study holds tuning.n_trials finished ones (or timeout_s passes)."""
     started = time.perf_counter()
     study = open_study(tuning, study_name, objective.family, seed)
+    if not study.trials and tuning.sampler != "grid":
+        study.enqueue_trial(baseline_hyperparameters(objective.model, objective.train, objective.family, tuning))
     deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
     guard = FailureGuard(tuning.max_failures)
     threads = torch.get_num_threads()

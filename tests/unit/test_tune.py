@@ -145,6 +145,15 @@ def test_best_params_map_onto_the_configs():
     assert model.cnn_channels == [8, 16]
 
 
+def test_a_new_study_starts_from_the_configured_defaults(wine, maas_home):
+    config = tuning(n_trials=2)
+    run_study(objective(wine, config), config, "baseline", seed=0)
+    from tasks.tune import open_storage
+
+    first = optuna.load_study(study_name="baseline", storage=open_storage(config)).trials[0]
+    assert first.params["lr"] == TrainConfig().lr and first.params["width"] == ModelConfig().hidden_sizes[0]
+
+
 def test_grid_space_is_finite_and_the_storage_password_is_hidden():
     grid = grid_space("mlp", TuningConfig())
     assert len(grid["lr"]) == 3 and grid["depth"] == [1, 2, 3]
