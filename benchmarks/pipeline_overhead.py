@@ -17,31 +17,14 @@ Writes benchmarks/results/pipeline_overhead.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from common import machine, now, write_results
+
 STAGE_OF_TASK = {"prepare_data": "data", "export_bundle": "export", "register_model": "register"}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                          if line.startswith("MemTotal")))
-    import torch
-
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_kib / 2**20, 1),
-        "cuda": torch.cuda.is_available(), "python": platform.python_version(),
-        **{name: metadata.version(name) for name in ("torch", "prefect", "mlflow", "onnxruntime")},
-    }
 
 
 def plain_pipeline(config, scratch: Path) -> float:
@@ -138,17 +121,13 @@ def main() -> None:
             server.stop()
 
     report = {
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": now(),
         "machine": machine(),
         "import_s": import_s,
         "prefect_temporary_server_start_s": server_start_s,
         "datasets": results,
     }
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "pipeline_overhead.json").write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    (RESULTS_DIR / "pipeline_overhead.md").write_text(markdown)
-    print(markdown)
+    write_results("pipeline_overhead", report, render)
 
 
 def render(report: dict) -> str:

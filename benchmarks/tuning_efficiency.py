@@ -12,17 +12,13 @@ Writes benchmarks/results/tuning_efficiency.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline_overhead import machine
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from common import machine, now, write_results
 
 
 def study(prepared, config, tuning, name: str, seed: int):
@@ -62,7 +58,7 @@ def main() -> None:
     from tasks.tune import apply_hyperparameters
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    report = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+    report = {"measured_at": now(), "machine": machine(),
               "comparison": {}, "final": {}, "parallel": {}}
     with tempfile.TemporaryDirectory() as home:
         os.environ["MAAS_HOME"] = home
@@ -106,11 +102,7 @@ def main() -> None:
         report["parallel"] = {"dataset": "breast_cancer", "n_trials": config.tuning.n_trials,
                               "n_jobs_1_s": walls[1], "n_jobs_2_s": walls[2], "speedup": walls[1] / walls[2]}
 
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "tuning_efficiency.json").write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    (RESULTS_DIR / "tuning_efficiency.md").write_text(markdown)
-    print(markdown)
+    write_results("tuning_efficiency", report, render)
 
 
 def render(report: dict) -> str:

@@ -1,0 +1,40 @@
+"""What every benchmark shares: a description of the machine, and where results are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                          if line.startswith("MemTotal")))
+    import torch
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_kib / 2**20, 1),
+        "cuda": torch.cuda.is_available(), "python": platform.python_version(),
+        **{name: metadata.version(name) for name in ("torch", "prefect", "mlflow", "onnxruntime")},
+    }
+
+
+def write_results(name: str, report: dict, render: Callable[[dict], str]) -> None:
+    """results/NAME.json (all figures) and results/NAME.md (the tables), and print the tables."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=2))
+    markdown = render(report)
+    (RESULTS_DIR / f"{name}.md").write_text(markdown)
+    print(markdown)
