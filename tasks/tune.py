@@ -379,17 +379,23 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             while True:
-                finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+                trials = study.get_trials(deepcopy=False)
+                finished = sum(t.state in FINISHED for t in trials)
                 remaining = None if tuning.n_trials is None else tuning.n_trials - finished
                 time_left = deadline - time.perf_counter()
                 if (remaining is not None and remaining <= 0) or time_left <= 0 or guard.streak >= guard.limit:
                     break
+                # Enqueued trials (the baseline, retries of dead ones) run one at a time: Optuna's RDB
+                # storage can hand the same waiting trial to two threads, and the second tell fails.
+                waiting = sum(t.state == TrialState.WAITING for t in trials)
+                serial_first = waiting > 0 and tuning.n_jobs > 1
+                batch = (waiting if remaining is None else min(waiting, remaining)) if serial_first else remaining
                 study.optimize(
-                    objective, n_trials=remaining, timeout=None if math.isinf(time_left) else time_left,
-                    n_jobs=tuning.n_jobs, catch=(Exception,), callbacks=[guard], gc_after_trial=False,
-                    show_progress_bar=False,
+                    objective, n_trials=batch, timeout=None if math.isinf(time_left) else time_left,
+                    n_jobs=1 if serial_first else tuning.n_jobs, catch=(Exception,), callbacks=[guard],
+                    gc_after_trial=False, show_progress_bar=False,
                 )
-                if remaining is None:
+                if remaining is None and not serial_first:
                     break
     finally:
         torch.set_num_threads(threads)

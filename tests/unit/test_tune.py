@@ -116,6 +116,8 @@ def test_two_parallel_trials_finish_without_lock_errors(wine, maas_home, caplog)
         result = run_study(objective(wine, config, TrialTracker(client, experiment_id, parent_id, "parallel")), config, "parallel", 0)
     assert result.n_complete + result.n_pruned == 6 and result.n_failed == 0
     assert "database is locked" not in caplog.text
+    numbers = [t["trial"] for t in result.top_trials]
+    assert len(numbers) == len(set(numbers))  # no trial (e.g. the enqueued baseline) ran twice
     assert not result.reproducible
 
 
