@@ -29,11 +29,10 @@ STAGE_OF_TASK = {"prepare_data": "data", "export_bundle": "export", "register_mo
 
 def plain_pipeline(config, scratch: Path) -> float:
     """The same stages as the flow, as plain function calls: no orchestration, no tracking."""
-    from maas.bundle import feature_count, transform
     from tasks.data import prepare_data
     from tasks.evaluate import evaluate_bundle
     from tasks.export import write_bundle
-    from tasks.train import network_spec_for, train_network
+    from tasks.train import train_on_data
     from tasks.tune import Objective, apply_hyperparameters, run_study
 
     started = time.perf_counter()
@@ -41,13 +40,10 @@ def plain_pipeline(config, scratch: Path) -> float:
     tuned = run_study(Objective(prepared, config.model, config.train, config.tuning, config.seed),
                       config.tuning, config.tuning.study_name, config.seed)
     model, train = apply_hyperparameters(config.model, config.train, tuned.best_params)
-    pre, splits = prepared.preprocessing, prepared.splits
-    spec = network_spec_for(model, feature_count(pre), len(prepared.labels), prepared.image_shape)
-    result = train_network(spec, transform(splits.x_train, pre), splits.y_train,
-                           transform(splits.x_val, pre), splits.y_val, train, config.seed)
-    bundle = write_bundle(scratch / "bundle", result.network, spec, pre, prepared.labels,
-                          prepared.target, prepared.input_schema)
-    evaluate_bundle(bundle, splits.x_test, splits.y_test, scratch)
+    result = train_on_data(prepared, model, train, config.seed)
+    bundle = write_bundle(scratch / "bundle", result.network, result.spec, prepared.preprocessing,
+                          prepared.labels, prepared.target, prepared.input_schema)
+    evaluate_bundle(bundle, prepared.splits.x_test, prepared.splits.y_test, scratch)
     return time.perf_counter() - started
 
 

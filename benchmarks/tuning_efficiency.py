@@ -31,17 +31,14 @@ def study(prepared, config, tuning, name: str, seed: int):
 
 def test_f1(prepared, model, train, seed: int, folder: Path) -> float:
     """Train with these settings, export, and score the bundle on the test split."""
-    from maas.bundle import feature_count, transform
     from tasks.evaluate import evaluate_bundle
     from tasks.export import write_bundle
-    from tasks.train import network_spec_for, train_network
+    from tasks.train import train_on_data
 
-    pre, splits = prepared.preprocessing, prepared.splits
-    spec = network_spec_for(model, feature_count(pre), len(prepared.labels), prepared.image_shape)
-    result = train_network(spec, transform(splits.x_train, pre), splits.y_train,
-                           transform(splits.x_val, pre), splits.y_val, train, seed)
-    bundle = write_bundle(folder / "bundle", result.network, spec, pre, prepared.labels, prepared.target, prepared.input_schema)
-    return evaluate_bundle(bundle, splits.x_test, splits.y_test, folder).metrics["f1_macro"]
+    result = train_on_data(prepared, model, train, seed)
+    bundle = write_bundle(folder / "bundle", result.network, result.spec, prepared.preprocessing,
+                          prepared.labels, prepared.target, prepared.input_schema)
+    return evaluate_bundle(bundle, prepared.splits.x_test, prepared.splits.y_test, folder).metrics["f1_macro"]
 
 
 def main() -> None:

@@ -77,13 +77,11 @@ def preflight(config) -> None:
     A typo in a path or a column then costs a second and one clear line, not a Prefect server
     start and a failed flow run. The flow validates again, for runs started by a deployment.
     """
-    from maas.bundle import feature_count
     from tasks.data import prepare_data
-    from tasks.train import network_spec_for, resolve_device
+    from tasks.train import resolve_device, spec_for_data
 
     resolve_device(config.train.device)
-    prepared = prepare_data(config.data, config.seed)
-    network_spec_for(config.model, feature_count(prepared.preprocessing), len(prepared.labels), prepared.image_shape)
+    spec_for_data(config.model, prepare_data(config.data, config.seed))
 
 
 def human_summary(summary: dict[str, Any]) -> str:

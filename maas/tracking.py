@@ -84,11 +84,16 @@ def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
         client.log_batch(run_id, params=entries[start : start + 100])
 
 
-def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+def metric_entities(metrics: Mapping[str, float], step: int = 0) -> list:
+    """MLflow Metric objects for one step, stamped now, for log_batch."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    return [Metric(key, float(value), now, step) for key, value in metrics.items()]
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    entries = metric_entities(metrics, step)
     for start in range(0, len(entries), 1000):
         client.log_batch(run_id, metrics=entries[start : start + 1000])
 
@@ -102,10 +107,7 @@ class MetricBuffer:
         self.steps_since_flush = 0
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.pending += metric_entities(metrics, step)
         self.steps_since_flush += 1
         if self.steps_since_flush >= self.flush_every:
             self.flush()

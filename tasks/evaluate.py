@@ -22,7 +22,6 @@ class Evaluation:
     metrics: dict[str, float]
     confusion: np.ndarray
     labels: list[str]
-    predicted: np.ndarray  # integer-coded predicted labels, one per test row
     size_bytes: int  # the ONNX graph on disk
     latency_p50_ms: float  # one raw row through preprocessing + graph
     latency_p99_ms: float
@@ -81,7 +80,6 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
         metrics=metrics,
         confusion=confusion,
         labels=bundle.labels,
-        predicted=predicted,
         size_bytes=(Path(bundle_dir) / MODEL_FILE).stat().st_size,
         latency_p50_ms=p50,
         latency_p99_ms=p99,

@@ -33,7 +33,6 @@ class RegisteredVersion:
     name: str
     version: str
     alias: str
-    model_uri: str  # models:/name/version
 
     @property
     def alias_uri(self) -> str:
@@ -138,7 +137,7 @@ def register_version(
     except Exception:
         client.delete_model_version(name, version.version)
         raise
-    return RegisteredVersion(name, str(version.version), alias, f"models:/{name}/{version.version}")
+    return RegisteredVersion(name, str(version.version), alias)
 
 
 def version_tags(manifest: dict[str, Any], test_metrics: dict[str, float]) -> dict[str, str]:

@@ -83,6 +83,26 @@ def network_spec_for(
     )
 
 
+@dataclass(frozen=True)
+class TrainingArrays:
+    """Preprocessed train and validation splits: transformed once, reused by every trial."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def training_arrays(prepared: PreparedData) -> TrainingArrays:
+    pre, splits = prepared.preprocessing, prepared.splits
+    return TrainingArrays(transform(splits.x_train, pre), splits.y_train, transform(splits.x_val, pre), splits.y_val)
+
+
+def spec_for_data(model: ModelConfig, prepared: PreparedData) -> NetworkSpec:
+    """The network spec for this data: input width, classes and image shape come from it."""
+    return network_spec_for(model, feature_count(prepared.preprocessing), len(prepared.labels), prepared.image_shape)
+
+
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
     """Macro-averaged F1 on tensors (cheap enough to compute every epoch)."""
     scores = []
@@ -167,6 +187,22 @@ def train_network(
     )
 
 
+def train_on_data(
+    prepared: PreparedData,
+    model: ModelConfig,
+    train: TrainConfig,
+    seed: int,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    arrays: TrainingArrays | None = None,
+) -> TrainResult:
+    """Train the configured network on the prepared splits (pass `arrays` to skip transforming)."""
+    arrays = arrays or training_arrays(prepared)
+    return train_network(
+        spec_for_data(model, prepared), arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val,
+        train, seed, on_epoch=on_epoch,
+    )
+
+
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
 PROGRESS_EVERY = 10  # epochs between progress lines
@@ -177,10 +213,6 @@ def train_task(
     prepared: PreparedData, model: ModelConfig, train: TrainConfig, seed: int, run_id: str
 ) -> tuple[TrainResult, float]:
     """No retries: training is seeded, so a rerun would fail the same way."""
-    spec = network_spec_for(model, feature_count(prepared.preprocessing), len(prepared.labels), prepared.image_shape)
-    splits = prepared.splits
-    x_train = transform(splits.x_train, prepared.preprocessing)
-    x_val = transform(splits.x_val, prepared.preprocessing)
     logger = get_run_logger()
     metrics = MetricBuffer(mlflow_client(), run_id)
 
@@ -197,11 +229,11 @@ def train_task(
             )
 
     try:
-        result = train_network(spec, x_train, splits.y_train, x_val, splits.y_val, train, seed, on_epoch=report)
+        result = train_on_data(prepared, model, train, seed, on_epoch=report)
     finally:
         metrics.flush()
     logger.info(
         "%s trained on %s: best epoch %d of %d, val loss %.4f, %.1fs",
-        spec.family, result.device, result.best_epoch, result.epochs_run, result.best.val_loss, result.seconds,
+        result.spec.family, result.device, result.best_epoch, result.epochs_run, result.best.val_loss, result.seconds,
     )
     return result, result.seconds

@@ -24,14 +24,12 @@ from optuna.trial import FrozenTrial, TrialState
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from maas.bundle import feature_count, transform
 from maas.config import ModelConfig, Range, TrainConfig, TuningConfig
 from maas.errors import MaasInputError
-from maas.orchestration import timed
 from maas.paths import maas_home
-from maas.tracking import MetricBuffer, log_metrics, log_params, mlflow_client
+from maas.tracking import MetricBuffer, log_metrics, log_params, metric_entities, mlflow_client
 from tasks.data import PreparedData
-from tasks.train import EpochRecord, network_spec_for, train_network
+from tasks.train import EpochRecord, spec_for_data, train_on_data, training_arrays
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DIRECTIONS = {"f1_macro": "maximize", "size": "minimize", "latency": "minimize"}
@@ -201,11 +199,10 @@ class TrialTracker:
 
     def finish(self, run_id: str, state: str, metrics: dict[str, float], note: str = "") -> None:
         """Final figures and state tags in one write, then close the run."""
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
 
-        now = int(time.time() * 1000)
         tags = [RunTag("optuna.state", state)] + ([RunTag("optuna.note", note[:500])] if note else [])
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
+        self.client.log_batch(run_id, metrics=metric_entities(metrics), tags=tags)
         self.client.set_terminated(run_id, status="FAILED" if state == "failed" else "FINISHED")
 
 
@@ -229,11 +226,9 @@ class Objective:
         self, prepared: PreparedData, model: ModelConfig, train: TrainConfig, tuning: TuningConfig,
         seed: int, tracker: TrialTracker | None = None,
     ):
-        pre, splits = prepared.preprocessing, prepared.splits
-        self.x_train, self.y_train = transform(splits.x_train, pre), splits.y_train
-        self.x_val, self.y_val = transform(splits.x_val, pre), splits.y_val
-        self.n_features, self.n_classes, self.image_shape = feature_count(pre), len(prepared.labels), prepared.image_shape
-        self.family = network_spec_for(model, self.n_features, self.n_classes, self.image_shape).family
+        self.prepared, self.arrays = prepared, training_arrays(prepared)
+        self.n_features = self.arrays.x_train.shape[1]
+        self.family = spec_for_data(model, prepared).family
         self.model, self.train, self.tuning, self.seed, self.tracker = model, train, tuning, seed, tracker
         self.single_objective = len(tuning.objectives) == 1
 
@@ -241,7 +236,6 @@ class Objective:
         params = suggest_hyperparameters(trial, self.family, self.tuning)
         model, train = apply_hyperparameters(self.model, self.train, params)
         train = train.model_copy(update={"max_epochs": self.tuning.max_epochs, "patience": self.tuning.patience})
-        spec = network_spec_for(model, self.n_features, self.n_classes, self.image_shape)
         run_id = self.tracker.start(trial, params) if self.tracker else None
         metrics = MetricBuffer(self.tracker.client, run_id) if run_id else None
         epochs = 0
@@ -259,7 +253,7 @@ class Objective:
 
         state, values, note = "failed", None, ""
         try:
-            result = train_network(spec, self.x_train, self.y_train, self.x_val, self.y_val, train, self.seed, on_epoch=report)
+            result = train_on_data(self.prepared, model, train, self.seed, on_epoch=report, arrays=self.arrays)
             objective = {
                 "f1_macro": result.best.val_f1_macro,
                 "size": 4.0 * sum(p.numel() for p in result.network.parameters()),

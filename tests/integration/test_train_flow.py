@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import textwrap
@@ -81,10 +80,9 @@ def test_loaded_model_reproduces_test_predictions_on_raw_rows(trained):
     import mlflow
 
     _, config, summary = trained
-    x_test = prepare_data(config.data, config.seed).splits.x_test
-    mlflow_client()
-    predictions = mlflow.pyfunc.load_model(summary["model_uri"]).predict(x_test)
     prepared = prepare_data(config.data, config.seed)
+    mlflow_client()
+    predictions = mlflow.pyfunc.load_model(summary["model_uri"]).predict(prepared.splits.x_test)
     truth = pd.Series(prepared.labels).iloc[prepared.splits.y_test].to_numpy()
     accuracy = (predictions["label"].to_numpy() == truth).mean()
     assert accuracy == pytest.approx(summary["test_metrics"]["accuracy"])
@@ -135,7 +133,7 @@ def test_prefect_flow_run_has_link_and_metrics_table(trained, prefect_server):
     assert "f1_macro" in by_key["test-metrics"]["data"]
 
 
-def test_second_run_registers_next_version_and_moves_the_alias(trained, monkeypatch):
+def test_second_run_registers_next_version_and_moves_the_alias(trained):
     from flows.train_pipeline import train_pipeline
 
     home, config, first = trained

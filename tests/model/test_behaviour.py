@@ -6,20 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maas.bundle import ModelBundle, transform
+from maas.bundle import ModelBundle
 from maas.config import RunConfig, load_config
 from tasks.data import PreparedData, prepare_data
 from tasks.export import write_bundle
-from tasks.train import network_spec_for, train_network
+from tasks.train import train_on_data
 
 
 def train_bundle(config: RunConfig, folder) -> tuple[PreparedData, ModelBundle]:
     prepared = prepare_data(config.data, config.seed)
-    pre, splits = prepared.preprocessing, prepared.splits
-    spec = network_spec_for(config.model, transform(splits.x_train.head(1), pre).shape[1], len(prepared.labels), prepared.image_shape)
-    result = train_network(spec, transform(splits.x_train, pre), splits.y_train,
-                           transform(splits.x_val, pre), splits.y_val, config.train, config.seed)
-    write_bundle(folder, result.network, spec, pre, prepared.labels, prepared.target, prepared.input_schema)
+    result = train_on_data(prepared, config.model, config.train, config.seed)
+    write_bundle(folder, result.network, result.spec, prepared.preprocessing, prepared.labels,
+                 prepared.target, prepared.input_schema)
     return prepared, ModelBundle.load(folder)
 
 

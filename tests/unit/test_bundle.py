@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -11,19 +10,14 @@ from maas.bundle import InputSchemaError, ModelBundle, transform
 from maas.config import DataConfig, ModelConfig, TrainConfig
 from tasks.data import prepare_data
 from tasks.export import update_metadata, write_bundle
-from tasks.train import network_spec_for, train_network
+from tasks.train import train_on_data
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     prepared = prepare_data(DataConfig(dataset="wine"), seed=0)
-    pre = prepared.preprocessing
-    spec = network_spec_for(ModelConfig(hidden_sizes=[16]), 13, 3, None)
-    result = train_network(
-        spec, transform(prepared.splits.x_train, pre), prepared.splits.y_train,
-        transform(prepared.splits.x_val, pre), prepared.splits.y_val, TrainConfig(max_epochs=10), 0,
-    )
-    folder = write_bundle(tmp_path_factory.mktemp("bundle"), result.network, spec, pre,
+    result = train_on_data(prepared, ModelConfig(hidden_sizes=[16]), TrainConfig(max_epochs=10), 0)
+    folder = write_bundle(tmp_path_factory.mktemp("bundle"), result.network, result.spec, prepared.preprocessing,
                           prepared.labels, prepared.target, prepared.input_schema)
     return prepared, result.network, folder
 

@@ -73,7 +73,7 @@ def test_pruning_stops_trials_in_a_bad_region(wine, maas_home):
 def test_failing_trials_do_not_stop_the_study(wine, maas_home, monkeypatch):
     import tasks.tune as tune_module
 
-    real_train = tune_module.train_network
+    real_train = tune_module.train_on_data
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -82,7 +82,7 @@ def test_failing_trials_do_not_stop_the_study(wine, maas_home, monkeypatch):
             raise FloatingPointError("training loss became nan")
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(tune_module, "train_network", flaky)
+    monkeypatch.setattr(tune_module, "train_on_data", flaky)
     config = tuning(n_trials=3, pruner="none")
     result = run_study(objective(wine, config), config, "flaky", seed=0)
     assert result.n_complete == 3 and result.n_failed >= 2
