@@ -40,6 +40,9 @@ def quiet_defaults() -> None:
     # Prefect's server reports telemetry and logs an ERROR when it cannot reach the internet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The temporary server's first start migrates a new database: 15-25 s on 2 busy cores, past
+    # Prefect's 20 s default, which then fails the run before it begins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def build_parser() -> argparse.ArgumentParser:
