@@ -24,15 +24,17 @@ from pathlib import Path
 
 from common import machine, now, write_results
 
-STAGE_OF_TASK = {"prepare_data": "data", "export_bundle": "export", "register_model": "register"}
+STAGE_OF_TASK = {"prepare_data": "data", "evaluate_variants": "evaluate", "register_model": "register"}
+
 
 
 def plain_pipeline(config, scratch: Path) -> float:
     """The same stages as the flow, as plain function calls: no orchestration, no tracking."""
+    from tasks.compress import build_variants
     from tasks.data import prepare_data
-    from tasks.evaluate import evaluate_bundle
-    from tasks.export import write_bundle
-    from tasks.train import train_on_data
+    from tasks.evaluate import evaluate_bundle, variant_row
+    from tasks.registry import select_variant
+    from tasks.train import train_on_data, training_arrays
     from tasks.tune import Objective, apply_hyperparameters, run_study
 
     started = time.perf_counter()
@@ -40,10 +42,16 @@ def plain_pipeline(config, scratch: Path) -> float:
     tuned = run_study(Objective(prepared, config.model, config.train, config.tuning, config.seed),
                       config.tuning, config.tuning.study_name, config.seed)
     model, train = apply_hyperparameters(config.model, config.train, tuned.best_params)
-    result = train_on_data(prepared, model, train, config.seed)
-    bundle = write_bundle(scratch / "bundle", result.network, result.spec, prepared.preprocessing,
-                          prepared.labels, prepared.target, prepared.input_schema)
-    evaluate_bundle(bundle, prepared.splits.x_test, prepared.splits.y_test, scratch)
+    arrays = training_arrays(prepared)
+    result = train_on_data(prepared, model, train, config.seed, arrays=arrays)
+    variants, _ = build_variants(result, prepared, arrays, config.compression, train, config.seed, scratch)
+    rows, reference = [], None
+    for variant in variants:
+        evaluation = evaluate_bundle(variant.bundle_dir, prepared.splits.x_test, prepared.splits.y_test,
+                                     variant.bundle_dir)
+        reference = reference or evaluation
+        rows.append(variant_row(variant, evaluation, reference))
+    select_variant(rows, config.selection)
     return time.perf_counter() - started
 
 

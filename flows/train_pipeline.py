@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.settings import get_current_settings
@@ -15,10 +15,10 @@ from maas.config import RunConfig
 from maas.paths import maas_home
 from maas.tracking import ensure_experiment, flatten, log_metrics, log_params, mlflow_client, parent_run, run_url
 from tasks.data import PreparedData, prepare_data_task
-from tasks.evaluate import Evaluation, evaluate_task
-from tasks.export import export_bundle_task
-from tasks.registry import RegisteredVersion, build_manifest, register_model_task
-from tasks.train import train_task
+from tasks.compress import compress_task
+from tasks.evaluate import Evaluation, evaluate_variants_task
+from tasks.registry import RegisteredVersion, Selection, build_manifest, register_model_task, select_variant
+from tasks.train import train_task, training_arrays
 from tasks.tune import TuningResult, apply_hyperparameters, tune_task
 
 LOCAL_PREFECT_UI = "http://127.0.0.1:4200"  # `prefect server start` on the same Prefect home
@@ -65,37 +65,51 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
             # Training: the chosen network, early-stopped on validation loss.
             trained, stage_seconds["train"] = train_task(prepared, model_config, train_config, config.seed, run_id)
 
-            # Export: the bundle that is evaluated, registered and served, all the same bytes.
-            bundle_dir, stage_seconds["export"] = export_bundle_task(
-                Path(scratch) / "bundle", trained.network, trained.spec, prepared.preprocessing,
-                prepared.labels, prepared.target, prepared.input_schema,
+            # Compression: every configured variant, each exported as the bundle that would serve.
+            variants, failures, stage_seconds["compress"] = compress_task(
+                trained, prepared, training_arrays(prepared), config.compression, train_config, config.seed,
+                Path(scratch) / "variants",
             )
-            # Evaluation: the exported bundle on the held-out test split.
-            evaluation, stage_seconds["evaluate"] = evaluate_task(
-                bundle_dir, prepared.splits.x_test, prepared.splits.y_test, run_id
+            # Evaluation: every variant's bundle on the same held-out test split, side by side.
+            evaluations, variant_rows, stage_seconds["evaluate"] = evaluate_variants_task(
+                variants, failures, prepared.splits.x_test, prepared.splits.y_test, run_id, experiment_id, Path(scratch),
             )
-            # Registry: log, register, alias, with the reproducibility manifest.
+            # Selection: the policy picks the winner; its figures become the run's test metrics.
+            selection = select_variant(variant_rows, config.selection)
+            winner = next(variant for variant in variants if variant.name == selection.variant)
+            evaluation = evaluations[winner.name]
+            log_metrics(client, run_id, {f"test/{name}": value for name, value in evaluation.metrics.items()})
+            client.log_artifact(run_id, str(evaluation.confusion_png), artifact_path="evaluation")
+            client.set_tag(run_id, "maas.selected_variant", winner.name)
+            client.set_tag(run_id, "maas.selection", selection.reason[:5000])
+            get_run_logger().info("selected %s", selection.reason)
+
+            # Registry: log, register, and promote past the gate, with the reproducibility manifest.
             manifest = build_manifest(
                 config.model_dump(mode="json"), prepared.fingerprint, config.seed,
                 run_id, str(flow_run.id), flow_run.name, tuning.best_params if tuning else None,
             )
             registered, stage_seconds["register"] = register_model_task(
-                run_id, bundle_dir, prepared.splits.x_test.head(5), manifest,
-                evaluation.metrics, config.model_name, config.registry.alias,
+                run_id, winner.bundle_dir, (prepared.splits.x_test, prepared.splits.y_test), manifest,
+                evaluation.metrics, config.model_name, config.registry, winner.name, Path(scratch),
             )
         log_metrics(client, run_id, {
             "train/best_epoch": trained.best_epoch, "train/epochs_run": trained.epochs_run,
             **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
         })
 
-    summary = run_summary(config, run_id, registered, evaluation, stage_seconds, mlflow_url, str(flow_run.id), tuning)
+    summary = run_summary(config, run_id, registered, evaluation, variant_rows, selection, stage_seconds,
+                          mlflow_url, str(flow_run.id), tuning)
+    create_table_artifact(key="variants", table=variant_rows,
+                          description=f"Variants on the test split; selected {selection.reason}")
     if tuning is not None:
         create_table_artifact(key="tuning-trials", table=tuning.top_trials,
                               description=f"Top trials of study '{tuning.study_name}' by validation F1")
     create_table_artifact(
         key="test-metrics",
         table=[{"metric": name, "value": round(value, 4)} for name, value in evaluation.metrics.items()],
-        description=f"Test split of {prepared.source}: {registered.name} version {registered.version}",
+        description=f"Test split of {prepared.source}: {registered.name} version {registered.version} "
+                    f"({winner.name}), @{registered.alias}",
     )
     return summary
 
@@ -116,6 +130,8 @@ def run_summary(
     run_id: str,
     registered: RegisteredVersion,
     evaluation: Evaluation,
+    variant_rows: list[dict[str, Any]],
+    selection: Selection,
     stage_seconds: dict[str, float],
     mlflow_url: str,
     flow_run_id: str,
@@ -132,14 +148,22 @@ def run_summary(
         "alias": registered.alias,
         "model_uri": registered.alias_uri,
         "test_metrics": evaluation.metrics,
+        "selected_variant": selection.variant,
+        "selection_reason": selection.reason,
+        "gate": None if registered.gate is None else {
+            "promoted": registered.gate.promoted, "reason": registered.gate.reason, "metric": registered.gate.metric,
+            "new_score": registered.gate.new_score, "champion_version": registered.gate.champion_version,
+            "champion_score": registered.gate.champion_score,
+        },
         "variants": [
             {
-                "name": "fp32",
-                "metrics": evaluation.metrics,
-                "size_bytes": evaluation.size_bytes,
-                "latency_ms": evaluation.latency_p50_ms,
-                "latency_p99_ms": evaluation.latency_p99_ms,
+                "name": row["name"],
+                "metrics": {name: row[name] for name in evaluation.metrics},
+                "size_bytes": row["size_bytes"],
+                "latency_ms": row["p50_ms_b1_e2e"],
+                **{key: value for key, value in row.items() if key not in evaluation.metrics and key != "name"},
             }
+            for row in variant_rows
         ],
         "bento": None,
         "tuning": None if tuning is None else {

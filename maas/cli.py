@@ -89,12 +89,19 @@ def preflight(config) -> None:
 
 def human_summary(summary: dict[str, Any]) -> str:
     metrics = summary["test_metrics"]
-    fp32 = summary["variants"][0]
+    chosen = next(row for row in summary["variants"] if row["name"] == summary["selected_variant"])
+    lines = ["", "  variant      F1      size  ms@64  speed  smaller"]
+    for row in summary["variants"]:
+        lines.append(f"  {row['name']:<10} {row['metrics']['f1_macro']:.4f} {row['size_bytes'] / 1024:6.0f}K "
+                     f"{row['p50_ms_b64']:6.3f}  x{row['speedup_b64_vs_fp32']:.2f}  x{row['size_ratio_vs_fp32']:.2f}")
     return "\n".join([
+        *lines,
         "",
-        f"Registered {summary['model_name']} version {summary['model_version']} as @{summary['alias']}",
+        f"Selected {summary['selection_reason']}",
+        f"Registered {summary['model_name']} version {summary['model_version']} as @{summary['alias']}: "
+        f"{summary['gate']['reason']}",
         "  test   " + "  ".join(f"{name} {value:.4f}" for name, value in metrics.items()),
-        f"  model  {fp32['size_bytes'] / 1024:.0f} KiB ONNX, {fp32['latency_ms']:.2f} ms per row (p50, CPU)",
+        f"  model  {chosen['size_bytes'] / 1024:.0f} KiB ONNX, {chosen['latency_ms']:.2f} ms per raw row (p50, CPU)",
         f"  MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}'",
         f"         {summary['mlflow_run_url']}   (start the UI with: maas ui)",
         f"  load   mlflow.pyfunc.load_model(\"{summary['model_uri']}\")",

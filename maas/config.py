@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maas.errors import MaasInputError
 
@@ -152,17 +152,67 @@ class TuningConfig(Section):
         return self
 
 
+VARIANT_NAMES = ("fp32", "pruned", "structured", "int8", "distilled")
+
+
+class CompressionConfig(Section):
+    """Which variants of the trained network to build, and how hard to compress each."""
+
+    variants: list[Literal["fp32", "pruned", "structured", "int8", "distilled"]] = Field(
+        default_factory=lambda: list(VARIANT_NAMES), min_length=1,
+        description="fp32 is the reference and is always built",
+    )
+    sparsity: float = Field(0.75, gt=0, lt=1, description="pruned: share of weights set to zero")
+    keep_units: float = Field(0.5, gt=0, lt=1, description="structured: share of hidden units/channels kept")
+    student_scale: float = Field(0.25, gt=0, lt=1, description="distilled: student width vs teacher")
+    temperature: float = Field(4.0, gt=0, description="distilled: softening of the teacher's outputs")
+    alpha: float = Field(0.7, ge=0, le=1, description="distilled: weight of the teacher's loss vs the labels'")
+    finetune_epochs: int = Field(30, ge=1, description="pruned/structured: fine-tune budget (early-stopped)")
+    finetune_lr_scale: float = Field(0.3, gt=0, le=1, description="fine-tune lr = train.lr x this")
+    int8_ops: list[Literal["MatMul", "Gemm", "Conv"]] = Field(
+        default_factory=lambda: ["MatMul", "Gemm"],
+        description="ONNX ops ORT quantizes; Conv is left out (ConvInteger was slower here)",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _fp32_first(cls, variants: list[str]) -> list[str]:
+        return list(dict.fromkeys(["fp32", *variants]))  # the reference first, no repeats
+
+
+class SelectionConfig(Section):
+    """Which variant wins: the policy, the tolerance it may trade, and hard limits."""
+
+    policy: Literal["best_quality", "fastest", "smallest"] = Field(
+        "fastest", description="among variants within tolerance of the best F1"
+    )
+    tolerance: float = Field(0.005, ge=0, le=1, description="macro F1 a faster/smaller variant may give up")
+    max_latency_ms: float | None = Field(None, gt=0, description="batch-1 p99 limit")
+    max_size_bytes: int | None = Field(None, gt=0)
+
+
+def _check_alias(alias: str) -> str:
+    # MLflow reserves 'latest' and version-like aliases ('v3').
+    if alias.lower() == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
+        raise ValueError(f"alias '{alias}' is reserved by MLflow")
+    return alias
+
+
 class RegistryConfig(Section):
-    """Where the trained model is registered."""
+    """Where the winner is registered, and the gate it must pass to become champion."""
 
     model_name: str | None = Field(None, description="default: maas-<dataset>")
-    alias: str = Field("candidate", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    gate_metric: Literal["f1_macro", "accuracy", "roc_auc", "precision_macro", "recall_macro"] = "f1_macro"
+    min_improvement: float = Field(0.0, ge=0, le=1, description="the challenger must beat the champion by more")
 
     @model_validator(mode="after")
-    def _alias_not_reserved(self) -> RegistryConfig:
-        # MLflow reserves 'latest' and version-like aliases ('v3').
-        if self.alias.lower() == "latest" or (self.alias[:1] in "vV" and self.alias[1:].isdigit()):
-            raise ValueError(f"alias '{self.alias}' is reserved by MLflow")
+    def _aliases(self) -> RegistryConfig:
+        _check_alias(self.champion_alias)
+        _check_alias(self.challenger_alias)
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError("champion_alias and challenger_alias must differ")
         return self
 
 
@@ -180,6 +230,8 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from maas.bundle import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, PREPROCESSING_FILE
-from maas.orchestration import timed
 from models import NetworkSpec
 
 
@@ -71,16 +68,3 @@ def update_metadata(folder: Path, **fields: Any) -> dict[str, Any]:
     metadata.update(fields)
     path.write_text(json.dumps(metadata, indent=1))
     return metadata
-
-
-@task(name="export-bundle", retries=1, timeout_seconds=600, cache_policy=NO_CACHE)
-def export_bundle_task(
-    folder: Path,
-    network: nn.Module,
-    spec: NetworkSpec,
-    preprocessing: dict[str, Any],
-    labels: list[str],
-    target: str,
-    input_schema: list[dict[str, str]],
-) -> tuple[Path, float]:
-    return timed(write_bundle, folder, network, spec, preprocessing, labels, target, input_schema)

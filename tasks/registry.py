@@ -1,4 +1,5 @@
-"""Registry: log the bundle as an MLflow model, register a version, alias it, record provenance."""
+"""Registry: pick the winning variant, log it as an MLflow model, register it, and promote it to
+champion only if it beats the current champion on the same test data; record provenance."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from maas import bundle as bundle_module
+from maas.config import RegistryConfig, SelectionConfig
 from maas.orchestration import timed
 from maas.paths import project_root
 from maas.tracking import mlflow_client
@@ -33,10 +35,126 @@ class RegisteredVersion:
     name: str
     version: str
     alias: str
+    gate: GateDecision | None = None
 
     @property
     def alias_uri(self) -> str:
         return f"models:/{self.name}@{self.alias}"
+
+
+# --- selection: which variant wins ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    variant: str
+    reason: str
+    within_limits: bool
+
+
+def select_variant(rows: list[dict[str, Any]], selection: SelectionConfig) -> Selection:
+    """Apply the policy to the variant table (keys: name, f1_macro, rows_per_s_b64, size_bytes,
+    p99_ms_b1_e2e). Limits filter first; if no variant meets them, the policy runs over all and the
+    reason says so. Faster means more rows/s at batch 64, the batch adaptive batching serves."""
+    limited = [
+        row for row in rows
+        if (selection.max_latency_ms is None or row["p99_ms_b1_e2e"] <= selection.max_latency_ms)
+        and (selection.max_size_bytes is None or row["size_bytes"] <= selection.max_size_bytes)
+    ]
+    pool = limited or rows
+    best_f1 = max(row["f1_macro"] for row in pool)
+    close = [row for row in pool if row["f1_macro"] >= best_f1 - selection.tolerance - 1e-12]
+    if selection.policy == "best_quality":
+        winner = max(pool, key=lambda row: (row["f1_macro"], row["rows_per_s_b64"]))
+        why = f"best macro F1 {winner['f1_macro']:.4f}"
+    elif selection.policy == "fastest":
+        winner = max(close, key=lambda row: (row["rows_per_s_b64"], -row["size_bytes"]))
+        why = (f"fastest ({winner['rows_per_s_b64']:,.0f} rows/s at batch 64) of {len(close)} variant(s) "
+               f"within {selection.tolerance:.3f} F1 of the best ({best_f1:.4f}); F1 {winner['f1_macro']:.4f}")
+    else:
+        winner = min(close, key=lambda row: (row["size_bytes"], -row["f1_macro"]))
+        why = (f"smallest ({winner['size_bytes']:,} bytes) of {len(close)} variant(s) within "
+               f"{selection.tolerance:.3f} F1 of the best ({best_f1:.4f}); F1 {winner['f1_macro']:.4f}")
+    if not limited:
+        why += "; no variant met the latency/size limits, so they were not applied"
+    return Selection(winner["name"], f"{winner['name']}: {why}", bool(limited))
+
+
+# --- the promotion gate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    alias: str  # the alias the new version takes
+    promoted: bool
+    reason: str
+    metric: str
+    new_score: float
+    champion_version: str | None = None
+    champion_score: float | None = None
+
+
+def gate_decision(new_score: float, champion: tuple[str, float | None] | None, registry: RegistryConfig) -> GateDecision:
+    """Champion only if there is none, or the new version beats it by more than min_improvement."""
+    metric = registry.gate_metric
+    if champion is None:
+        return GateDecision(registry.champion_alias, True, "first version: no champion yet", metric, new_score)
+    version, score = champion
+    if score is None:
+        return GateDecision(registry.challenger_alias, False,
+                            f"champion v{version} cannot score this test data (other input columns or labels); "
+                            "kept, promote by hand if intended", metric, new_score, version, None)
+    if new_score > score + registry.min_improvement:
+        return GateDecision(registry.champion_alias, True,
+                            f"{metric} {new_score:.4f} beats champion v{version}'s {score:.4f} on the same test rows",
+                            metric, new_score, version, score)
+    return GateDecision(registry.challenger_alias, False,
+                        f"{metric} {new_score:.4f} does not beat champion v{version}'s {score:.4f} "
+                        f"by more than {registry.min_improvement}; champion kept", metric, new_score, version, score)
+
+
+def bundle_labels(bundle_dir: Path) -> list[str]:
+    return list(json.loads((bundle_dir / bundle_module.METADATA_FILE).read_text())["labels"])
+
+
+def download_bundle(name: str, version: str, folder: Path) -> Path:
+    """The model bundle of a registered version, as serving gets it."""
+    import mlflow
+
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(folder)))
+    pyfunc = Model.load(str(local / "MLmodel")).flavors["python_function"]
+    return local / pyfunc["artifacts"]["bundle"]["path"]
+
+
+def current_champion(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def champion_on_test(
+    client, name: str, registry: RegistryConfig, x_test: pd.DataFrame, y_test, labels: list[str], scratch: Path,
+) -> tuple[str, float | None] | None:
+    """(version, gate-metric score) of the current champion on this run's test rows, if any;
+    the score is None when the champion takes other columns or predicts other labels."""
+    version = current_champion(client, name, registry.champion_alias)
+    if version is None:
+        return None
+    from tasks.evaluate import classification_metrics
+
+    champion = bundle_module.ModelBundle.load(download_bundle(name, version, scratch / f"champion-v{version}"))
+    if champion.labels != labels:
+        return version, None
+    try:
+        probabilities = champion.predict_proba(x_test)
+    except bundle_module.InputSchemaError:
+        return version, None
+    return version, classification_metrics(y_test, probabilities)[registry.gate_metric]
 
 
 def _git(*args: str) -> str | None:
@@ -121,7 +239,7 @@ def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.Da
 
 def register_version(
     client, model_uri: str, name: str, alias: str, run_id: str, tags: dict[str, str], description: str
-) -> RegisteredVersion:
+) -> str:
     """Create the version and point the alias at it; undo the version if any step fails."""
     from mlflow.exceptions import MlflowException
 
@@ -137,7 +255,7 @@ def register_version(
     except Exception:
         client.delete_model_version(name, version.version)
         raise
-    return RegisteredVersion(name, str(version.version), alias)
+    return str(version.version)
 
 
 def version_tags(manifest: dict[str, Any], test_metrics: dict[str, float]) -> dict[str, str]:
@@ -162,24 +280,34 @@ def publish_model(
     client,
     run_id: str,
     bundle_dir: Path,
-    input_example: pd.DataFrame,
+    test_split: tuple[pd.DataFrame, Any],
     manifest: dict[str, Any],
     test_metrics: dict[str, float],
     model_name: str,
-    alias: str,
+    registry: RegistryConfig,
+    variant: str,
+    scratch: Path,
 ) -> RegisteredVersion:
-    """Seal metrics and manifest into the bundle, log it, register it, alias the new version."""
-    update_metadata(bundle_dir, metrics=test_metrics, manifest=manifest)
+    """Score the champion on the same test rows, then seal metrics and manifest into the bundle,
+    log it, register it, and give the new version the alias the gate decided."""
+    x_test, y_test = test_split
+    gate = gate_decision(test_metrics[registry.gate_metric],
+                         champion_on_test(client, model_name, registry, x_test, y_test, bundle_labels(bundle_dir), scratch),
+                         registry)
+    update_metadata(bundle_dir, metrics=test_metrics, manifest=manifest, variant=variant)
     client.log_text(run_id, manifest_json(manifest), "manifest.json")
-    model_info = log_bundle_model(client, run_id, bundle_dir, input_example)
+    model_info = log_bundle_model(client, run_id, bundle_dir, x_test.head(5))
     description = (
-        f"test f1_macro {test_metrics['f1_macro']:.4f}, accuracy {test_metrics['accuracy']:.4f}; "
-        f"dataset {manifest['dataset_fingerprint']}, commit {manifest['git_commit'][:12]}"
+        f"{variant}: test f1_macro {test_metrics['f1_macro']:.4f}, accuracy {test_metrics['accuracy']:.4f}; "
+        f"dataset {manifest['dataset_fingerprint']}, commit {manifest['git_commit'][:12]}. Gate: {gate.reason}"
     )
-    return register_version(
-        client, model_info.model_uri, model_name, alias, run_id,
-        version_tags(manifest, test_metrics), description,
-    )
+    tags = {**version_tags(manifest, test_metrics), "variant": variant, "gate": "promoted" if gate.promoted else "held",
+            "gate_reason": gate.reason[:500]}
+    if gate.promoted and gate.champion_version:
+        tags["replaced_champion_version"] = gate.champion_version  # what a rollback returns to
+    version = register_version(client, model_info.model_uri, model_name, gate.alias, run_id, tags, description)
+    client.set_tag(run_id, "maas.gate", f"v{version} -> @{gate.alias}: {gate.reason}"[:5000])
+    return RegisteredVersion(model_name, version, gate.alias, gate)
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------
@@ -189,15 +317,19 @@ def publish_model(
 def register_model_task(
     run_id: str,
     bundle_dir: Path,
-    input_example: pd.DataFrame,
+    test_split: tuple[pd.DataFrame, Any],
     manifest: dict[str, Any],
     test_metrics: dict[str, float],
     model_name: str,
-    alias: str,
+    registry: RegistryConfig,
+    variant: str,
+    scratch: Path,
 ) -> tuple[RegisteredVersion, float]:
     """Retries are safe: a failed alias step deletes the version it created."""
     registered, seconds = timed(
-        publish_model, mlflow_client(), run_id, bundle_dir, input_example, manifest, test_metrics, model_name, alias
+        publish_model, mlflow_client(), run_id, bundle_dir, test_split, manifest, test_metrics,
+        model_name, registry, variant, scratch,
     )
-    get_run_logger().info("registered %s version %s as @%s", registered.name, registered.version, registered.alias)
+    get_run_logger().info("registered %s version %s (%s) as @%s: %s", registered.name, registered.version,
+                          variant, registered.alias, registered.gate.reason)
     return registered, seconds

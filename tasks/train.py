@@ -126,6 +126,21 @@ def _validate(network: nn.Module, features: torch.Tensor, labels: torch.Tensor, 
     return loss, accuracy, macro_f1(predicted, labels, n_classes)
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """A trained teacher and how much its softened outputs weigh against the labels."""
+
+    network: nn.Module
+    temperature: float = 4.0
+    alpha: float = 0.7
+
+
+def distillation_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, scaled by T^2 so its gradients match the label loss."""
+    log_student = torch.log_softmax(student_logits / temperature, dim=1)
+    return nn.functional.kl_div(log_student, soft_targets, reduction="batchmean") * temperature**2
+
+
 def train_network(
     spec: NetworkSpec,
     x_train: np.ndarray,
@@ -135,18 +150,26 @@ def train_network(
     train: TrainConfig,
     seed: int,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    start_from: nn.Module | None = None,
+    teacher: Distillation | None = None,
 ) -> TrainResult:
-    """Train from scratch; keep the weights of the epoch with the lowest validation loss."""
+    """Train from scratch, or fine-tune `start_from` in place; keep the epoch with the lowest
+    validation loss. With a teacher, the loss mixes its softened outputs with the labels."""
     started = time.perf_counter()
     device = resolve_device(train.device)
     seed_everything(seed)
-    network = build_network(spec).to(device)
+    network = (start_from if start_from is not None else build_network(spec)).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     features_train = torch.as_tensor(x_train, dtype=torch.float32, device=device)
     labels_train = torch.as_tensor(y_train, dtype=torch.long, device=device)
     features_val = torch.as_tensor(x_val, dtype=torch.float32, device=device)
     labels_val = torch.as_tensor(y_val, dtype=torch.long, device=device)
     shuffler = torch.Generator().manual_seed(seed)
+    soft_targets = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = copy.deepcopy(teacher.network).to(device).eval()(features_train)
+        soft_targets = torch.softmax(teacher_logits / teacher.temperature, dim=1)
 
     history: list[EpochRecord] = []
     best_loss, best_epoch, best_state = float("inf"), 0, None
@@ -157,7 +180,11 @@ def train_network(
         for start in range(0, len(order), train.batch_size):
             batch = order[start : start + train.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(network(features_train[batch]), labels_train[batch])
+            logits = network(features_train[batch])
+            loss = nn.functional.cross_entropy(logits, labels_train[batch])
+            if teacher is not None:
+                loss = (1 - teacher.alpha) * loss + teacher.alpha * distillation_loss(
+                    logits, soft_targets[batch], teacher.temperature)
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(batch)

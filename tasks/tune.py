@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from maas.config import ModelConfig, Range, TrainConfig, TuningConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home
-from maas.tracking import MetricBuffer, log_metrics, log_params, metric_entities, mlflow_client
+from maas.tracking import MetricBuffer, log_metrics, log_params, metric_entities, mlflow_client, start_child_run
 from tasks.data import PreparedData
 from tasks.train import EpochRecord, spec_for_data, train_on_data, training_arrays
 
@@ -188,14 +188,12 @@ class TrialTracker:
         self.client, self.experiment_id, self.parent_run_id, self.study_name = client, experiment_id, parent_run_id, study_name
 
     def start(self, trial: optuna.Trial, params: dict[str, Any]) -> str:
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{trial.number}",
-            tags={"mlflow.parentRunId": self.parent_run_id, "optuna.study": self.study_name,
-                  "optuna.trial_number": str(trial.number), "optuna.state": "running"},
+        run_id = start_child_run(
+            self.client, self.experiment_id, self.parent_run_id, f"trial-{trial.number}",
+            {"optuna.study": self.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "running"},
         )
-        log_params(self.client, run.info.run_id, params)
-        return run.info.run_id
+        log_params(self.client, run_id, params)
+        return run_id
 
     def finish(self, run_id: str, state: str, metrics: dict[str, float], note: str = "") -> None:
         """Final figures and state tags in one write, then close the run."""

@@ -90,7 +90,7 @@ def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):
     assert done.returncode == 0, output[-3000:]
     assert "ERROR" not in output and "Traceback" not in output, output[-3000:]
     assert "epoch 1/15" in output  # progress while training
-    assert "Registered maas-digits version 1 as @candidate" in done.stdout
+    assert "Registered maas-digits version 1 as @champion: first version" in done.stdout
     summary = json.loads(summary_path.read_text())
     assert {"mlflow_run_id", "experiment", "model_name", "model_version", "alias", "test_metrics", "variants", "bento"} <= set(summary)
     assert summary["experiment"] == "maas-digits" and summary["test_metrics"]["f1_macro"] > 0.85
@@ -128,7 +128,7 @@ def test_maas_ui_shows_the_parent_run_and_the_registered_model(trained):
         png = httpx.get(f"{base}/get-artifact", params={"path": "evaluation/confusion_matrix.png", "run_uuid": summary["mlflow_run_id"]})
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
         model = httpx.get(f"{api}/registered-models/get", params={"name": summary["model_name"]}).json()
-        assert model["registered_model"]["aliases"][0]["alias"] == "candidate"
+        assert model["registered_model"]["aliases"][0]["alias"] == "champion"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -22,9 +22,18 @@ def test_summary_follows_the_cli_contract(trained):
     assert CONTRACT_KEYS <= set(summary)
     assert {"accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc"} <= set(summary["test_metrics"])
     assert summary["test_metrics"]["f1_macro"] >= 0.93
-    (variant,) = summary["variants"]
-    assert variant["name"] == "fp32" and variant["size_bytes"] > 0 and variant["latency_ms"] > 0
-    assert summary["model_name"] == "maas-breast_cancer" and summary["alias"] == "candidate"
+    names = [variant["name"] for variant in summary["variants"]]
+    assert names == ["fp32", "pruned", "structured", "int8", "distilled"]
+    for variant in summary["variants"]:
+        assert variant["size_bytes"] > 0 and variant["latency_ms"] > 0 and variant["parameters"] > 0
+        assert {"f1_macro", "accuracy", "roc_auc"} <= set(variant["metrics"])
+        assert {"p50_ms_b1", "p99_ms_b1", "p50_ms_b64", "p99_ms_b64", "rows_per_s_b64", "speedup_b64_vs_fp32",
+                "size_ratio_vs_fp32", "compressed_bytes", "agreement_with_fp32"} <= set(variant)
+    assert summary["selected_variant"] in names and summary["selected_variant"] in summary["selection_reason"]
+    chosen = next(v for v in summary["variants"] if v["name"] == summary["selected_variant"])
+    assert chosen["metrics"]["f1_macro"] == pytest.approx(summary["test_metrics"]["f1_macro"], abs=1e-4)
+    assert summary["model_name"] == "maas-breast_cancer" and summary["alias"] == "champion"
+    assert summary["gate"]["promoted"] and summary["gate"]["reason"] == "first version: no champion yet"
 
 
 def test_parent_run_has_params_metrics_artifacts_and_prefect_link(trained):
@@ -40,14 +49,33 @@ def test_parent_run_has_params_metrics_artifacts_and_prefect_link(trained):
     epochs = int(run.data.metrics["train/epochs_run"])
     assert len(client.get_metric_history(run.info.run_id, "val/loss")) == epochs
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"evaluation", "data", "manifest.json"} <= artifacts
+    assert {"evaluation", "data", "manifest.json", "variants"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/confusion_matrix.png"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "variants")} == {
+        "variants/comparison.json", "variants/quality_vs_latency.png"}
+    assert run.data.tags["maas.selected_variant"] == summary["selected_variant"]
+
+
+def test_each_variant_is_a_child_run_with_its_figures(trained):
+    _, _, summary = trained
+    client = mlflow_client()
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`maas.variant` != ''"))
+    by_name = {child.data.tags["maas.variant"]: child for child in children}
+    assert set(by_name) == {variant["name"] for variant in summary["variants"]}
+    for variant in summary["variants"]:
+        child = by_name[variant["name"]]
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["test/f1_macro"] == pytest.approx(variant["metrics"]["f1_macro"], abs=1e-4)
+        assert child.data.metrics["size/model_bytes"] == variant["size_bytes"]
+        assert {"latency/p50_ms_b64", "latency/p99_ms_b1", "throughput/rows_per_s_b64"} <= set(child.data.metrics)
 
 
 def test_registered_version_carries_alias_and_manifest(trained):
     home, _, summary = trained
     client = mlflow_client()
-    version = client.get_model_version_by_alias(summary["model_name"], "candidate")
+    version = client.get_model_version_by_alias(summary["model_name"], "champion")
     assert str(version.version) == summary["model_version"]
     assert version.run_id == summary["mlflow_run_id"]
     logged_model = client.get_logged_model(version.source.removeprefix("models:/"))
@@ -59,6 +87,7 @@ def test_registered_version_carries_alias_and_manifest(trained):
     assert len(tags["dataset_fingerprint"]) == 16 and len(tags["lock_file_sha256"]) == 16
     assert tags["git_commit"] and tags["seed"] == "42"
     assert float(tags["test_f1_macro"]) == pytest.approx(summary["test_metrics"]["f1_macro"], abs=1e-4)
+    assert tags["variant"] == summary["selected_variant"] and tags["gate"] == "promoted"
 
 
 def test_manifest_says_how_the_version_was_made(trained):
@@ -131,16 +160,31 @@ def test_prefect_flow_run_has_link_and_metrics_table(trained, prefect_server):
     by_key = {artifact["key"]: artifact for artifact in response.raise_for_status().json()}
     assert summary["mlflow_run_url"] in by_key["mlflow-run"]["data"]
     assert "f1_macro" in by_key["test-metrics"]["data"]
+    assert "speedup_b64_vs_fp32" in by_key["variants"]["data"]
 
 
-def test_second_run_registers_next_version_and_moves_the_alias(trained):
+def test_gate_promotes_a_better_model_and_keeps_the_champion_against_a_worse_one(prefect_server, maas_home):
+    """Weak model first (champion by default), then a better one (promoted), then a weak one again
+    (challenger: the champion stays), all scored on the same test rows."""
     from flows.train_pipeline import train_pipeline
+    from tests.conftest import quick_config
 
-    home, config, first = trained
-    second = train_pipeline(config)
-    assert int(second["model_version"]) == int(first["model_version"]) + 1
-    version = mlflow_client().get_model_version_by_alias(first["model_name"], "candidate")
-    assert str(version.version) == second["model_version"]
+    weak = ["tuning.enabled=false", "train.max_epochs=1", "train.lr=0.00001", "compression.variants=[fp32]"]
+    strong = ["tuning.enabled=false", "compression.variants=[fp32, int8]"]
+    first = train_pipeline(quick_config("wine", *weak))
+    second = train_pipeline(quick_config("wine", *strong))
+    third = train_pipeline(quick_config("wine", *weak))
+    assert (first["alias"], second["alias"], third["alias"]) == ("champion", "champion", "challenger")
+    assert second["test_metrics"]["f1_macro"] > first["test_metrics"]["f1_macro"]
+    assert second["gate"]["champion_version"] == first["model_version"]
+    assert third["gate"]["champion_version"] == second["model_version"]
+    assert third["gate"]["champion_score"] == pytest.approx(second["test_metrics"]["f1_macro"])
+    client = mlflow_client()
+    assert str(client.get_model_version_by_alias("maas-wine", "champion").version) == second["model_version"]
+    challenger = client.get_model_version_by_alias("maas-wine", "challenger")
+    assert str(challenger.version) == third["model_version"] and challenger.tags["gate"] == "held"
+    promoted = client.get_model_version("maas-wine", second["model_version"])
+    assert promoted.tags["replaced_champion_version"] == first["model_version"]
 
 
 def test_failure_after_the_run_starts_leaves_it_failed_and_registers_nothing(prefect_server, maas_home):
@@ -167,8 +211,8 @@ def test_tuning_trials_are_child_runs_and_the_parent_holds_the_study(trained, pr
     _, config, summary = trained
     client = mlflow_client()
     parent = client.get_run(summary["mlflow_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`optuna.study` != ''"))
     tuning = summary["tuning"]
     assert len(children) == config.tuning.n_trials == tuning["n_complete"] + tuning["n_pruned"]
     assert {child.data.tags["optuna.state"] for child in children} <= {"complete", "pruned"}

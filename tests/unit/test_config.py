@@ -47,7 +47,10 @@ def test_parse_override_reads_yaml_values():
         (["nope.x=1"], "'nope' is not a config section"),
         (["model.family=rnn"], "model.family"),
         (["train.max_epochs=abc"], "train.max_epochs"),
-        (["registry.alias=latest"], "reserved"),
+        (["registry.champion_alias=latest"], "reserved"),
+        (["registry.challenger_alias=champion"], "must differ"),
+        (["compression.variants=[fp32, tiny]"], "compression.variants"),
+        (["selection.policy=cheapest"], "selection.policy"),
         (["data.test_fraction=0.45", "data.val_fraction=0.45"], "below 0.8"),
         (["novalue"], "expected key=value"),
     ],
@@ -72,3 +75,8 @@ def test_missing_and_malformed_config_files(tmp_path):
     broken.write_text("train: [unclosed")
     with pytest.raises(MaasInputError, match="not valid YAML"):
         load_config(broken)
+
+
+def test_fp32_reference_is_always_built_first_and_once():
+    config = load_config(overrides=["compression.variants=[int8, pruned, int8]"])
+    assert config.compression.variants == ["fp32", "int8", "pruned"]

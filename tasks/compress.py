@@ -1,0 +1,290 @@
+"""Compression: smaller or faster variants of the trained network, each exported as a model bundle.
+
+fp32 is the trained network as it is, the reference every other variant is measured against.
+pruned zeroes the smallest weights (global magnitude) and fine-tunes with the mask: the graph keeps
+its shape, so it is smaller only when stored compressed and no faster. structured removes whole
+hidden units / channels, giving a narrower dense network that is faster. int8 quantizes the fp32
+ONNX graph's weights with ONNX Runtime's dynamic quantization (the fastest CPU int8 route measured
+here; torch.ao.quantization is deprecated). distilled trains a narrower student on the teacher's
+softened outputs plus the labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+from torch.nn.utils import prune
+
+from maas.bundle import MODEL_FILE
+from maas.config import CompressionConfig, TrainConfig
+from models import NetworkSpec, build_network
+from models.cnn import SmallCNN
+from models.mlp import TabularMLP
+from tasks.data import PreparedData
+from tasks.export import update_metadata, write_bundle
+from tasks.train import Distillation, TrainingArrays, TrainResult, train_network
+
+MIN_WIDTH = 4  # no hidden layer or conv stage is shrunk below this many units / channels
+
+
+@dataclass
+class Variant:
+    """One exported variant: where its bundle is and how it was made."""
+
+    name: str
+    bundle_dir: Path
+    spec: NetworkSpec
+    parameters: int  # weights and biases in the graph
+    nonzero_parameters: int
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    network: nn.Module | None = None  # the torch network it was exported from (None for int8)
+
+
+@dataclass
+class FailedVariant:
+    name: str
+    error: str
+
+
+# --- counting --------------------------------------------------------------------------------------
+
+
+def weight_layers(network: nn.Module) -> list[nn.Module]:
+    return [module for module in network.modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+
+
+def parameter_counts(network: nn.Module) -> tuple[int, int]:
+    """(all, non-zero) parameters, reading through pruning masks if any are still attached."""
+    tensors = [tensor.detach() for layer in weight_layers(network) for tensor in (layer.weight, layer.bias)
+               if tensor is not None]
+    return sum(t.numel() for t in tensors), sum(int(torch.count_nonzero(t)) for t in tensors)
+
+
+# --- unstructured: global magnitude pruning -----------------------------------------------------
+
+
+def magnitude_prune(network: nn.Module, sparsity: float) -> nn.Module:
+    """A copy with the smallest-magnitude weights across all layers masked to zero."""
+    pruned = copy.deepcopy(network)
+    targets = [(layer, "weight") for layer in weight_layers(pruned)]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    return pruned
+
+
+def make_pruning_permanent(network: nn.Module) -> nn.Module:
+    """Fold each mask into its weight so the module is a plain one again (exportable, no hooks)."""
+    for layer in weight_layers(network):
+        if prune.is_pruned(layer):
+            prune.remove(layer, "weight")
+    return network
+
+
+# --- structured: remove whole units / channels --------------------------------------------------
+
+
+def _keep_count(width: int, keep: float) -> int:
+    return min(width, max(MIN_WIDTH, round(width * keep)))
+
+
+def _strongest(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (sorted) of the output units / channels with the largest L2 weight norm."""
+    norms = weight.detach().reshape(weight.shape[0], -1).norm(dim=1)
+    return torch.sort(torch.topk(norms, count).indices).values
+
+
+def _copy_linear(target: nn.Linear, source: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
+    weight, bias = source.weight.detach(), source.bias.detach()
+    if rows is not None:
+        weight, bias = weight[rows], bias[rows]
+    if cols is not None:
+        weight = weight[:, cols]
+    target.weight.data.copy_(weight)
+    target.bias.data.copy_(bias)
+
+
+def shrink_mlp(network: TabularMLP, spec: NetworkSpec, keep: float) -> tuple[nn.Module, NetworkSpec]:
+    linears = [layer for layer in network.layers if isinstance(layer, nn.Linear)]
+    kept = [_strongest(layer.weight, _keep_count(layer.out_features, keep)) for layer in linears[:-1]]
+    new_spec = NetworkSpec(**{**spec.to_dict(), "hidden_sizes": tuple(len(rows) for rows in kept)})
+    smaller = build_network(new_spec)
+    new_linears = [layer for layer in smaller.layers if isinstance(layer, nn.Linear)]
+    for index, (target, source) in enumerate(zip(new_linears, linears)):
+        rows = kept[index] if index < len(kept) else None
+        cols = kept[index - 1] if index > 0 else None
+        _copy_linear(target, source, rows, cols)
+    return smaller, new_spec
+
+
+def shrink_cnn(network: SmallCNN, spec: NetworkSpec, keep: float) -> tuple[nn.Module, NetworkSpec]:
+    convs = [layer for layer in network.features if isinstance(layer, nn.Conv2d)]
+    hidden, output = [layer for layer in network.head if isinstance(layer, nn.Linear)]
+    kept = [_strongest(conv.weight, _keep_count(conv.out_channels, keep)) for conv in convs]
+    kept_hidden = _strongest(hidden.weight, _keep_count(hidden.out_features, keep))
+    new_spec = NetworkSpec(**{**spec.to_dict(), "cnn_channels": tuple(len(c) for c in kept),
+                              "hidden_sizes": (len(kept_hidden), *spec.hidden_sizes[1:])})
+    smaller = build_network(new_spec)
+    for index, (target, source) in enumerate(zip([m for m in smaller.features if isinstance(m, nn.Conv2d)], convs)):
+        weight = source.weight.detach()[kept[index]]
+        if index > 0:
+            weight = weight[:, kept[index - 1]]
+        target.weight.data.copy_(weight)
+        target.bias.data.copy_(source.bias.detach()[kept[index]])
+    # The flattened conv output is channel-major: channel c owns positions c*hw ... (c+1)*hw - 1.
+    positions = hidden.in_features // convs[-1].out_channels
+    columns = (kept[-1][:, None] * positions + torch.arange(positions)[None, :]).reshape(-1)
+    new_hidden, new_output = [layer for layer in smaller.head if isinstance(layer, nn.Linear)]
+    _copy_linear(new_hidden, hidden, kept_hidden, columns)
+    _copy_linear(new_output, output, None, kept_hidden)
+    return smaller, new_spec
+
+
+def structured_shrink(network: nn.Module, spec: NetworkSpec, keep: float) -> tuple[nn.Module, NetworkSpec]:
+    """A narrower dense network holding the strongest units / channels of each hidden layer."""
+    if isinstance(network, TabularMLP):
+        return shrink_mlp(network, spec, keep)
+    if isinstance(network, SmallCNN):
+        return shrink_cnn(network, spec, keep)
+    raise TypeError(f"no structured pruning for {type(network).__name__}")
+
+
+# --- distillation ---------------------------------------------------------------------------------
+
+
+def student_spec(spec: NetworkSpec, scale: float) -> NetworkSpec:
+    """The teacher's architecture at a fraction of its width (same depth, same input and output)."""
+    narrower = tuple(max(MIN_WIDTH, round(width * scale)) for width in spec.hidden_sizes)
+    channels = tuple(max(MIN_WIDTH, round(width * scale)) for width in spec.cnn_channels)
+    return NetworkSpec(**{**spec.to_dict(), "hidden_sizes": narrower, "cnn_channels": channels})
+
+
+# --- int8: ONNX Runtime dynamic quantization ------------------------------------------------------
+
+
+def quantize_bundle(source_dir: Path, target_dir: Path, op_types: list[str]) -> Path:
+    """Copy an fp32 bundle and replace its graph with a dynamically int8-quantized one."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    if target_dir.exists():
+        shutil.rmtree(target_dir)
+    shutil.copytree(source_dir, target_dir)
+    prepared = target_dir / "prepared.onnx"  # shape inference + graph fusion, as ORT recommends
+    quant_pre_process(source_dir / MODEL_FILE, prepared)
+    quantize_dynamic(prepared, target_dir / MODEL_FILE, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=list(op_types), per_channel=True)
+    prepared.unlink()
+    return target_dir
+
+
+# --- building every configured variant ------------------------------------------------------------
+
+
+def finetune_config(train: TrainConfig, config: CompressionConfig) -> TrainConfig:
+    return train.model_copy(update={
+        "lr": train.lr * config.finetune_lr_scale,
+        "max_epochs": config.finetune_epochs,
+        "patience": max(3, min(train.patience, config.finetune_epochs // 3)),
+    })
+
+
+def build_variants(
+    trained: TrainResult,
+    prepared: PreparedData,
+    arrays: TrainingArrays,
+    config: CompressionConfig,
+    train: TrainConfig,
+    seed: int,
+    folder: Path,
+    on_failure: Callable[[FailedVariant], None] | None = None,
+) -> tuple[list[Variant], list[FailedVariant]]:
+    """Build and export each configured variant; one that fails is reported and skipped."""
+    fit = (arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val)
+
+    def export(name: str, network: nn.Module, spec: NetworkSpec, **details: Any) -> Variant:
+        bundle = write_bundle(folder / name, network, spec, prepared.preprocessing, prepared.labels,
+                              prepared.target, prepared.input_schema)
+        update_metadata(bundle, variant=name)
+        total, nonzero = parameter_counts(network)
+        return Variant(name, bundle, spec, total, nonzero, details, network=network)
+
+    def fp32() -> Variant:
+        return export("fp32", trained.network, trained.spec)
+
+    def pruned() -> Variant:
+        masked = magnitude_prune(trained.network, config.sparsity)
+        tuned = train_network(trained.spec, *fit, finetune_config(train, config), seed, start_from=masked)
+        network = make_pruning_permanent(tuned.network)
+        total, nonzero = parameter_counts(network)
+        return export("pruned", network, trained.spec, sparsity=round(1 - nonzero / total, 4),
+                      finetune_epochs=tuned.epochs_run)
+
+    def structured() -> Variant:
+        smaller, spec = structured_shrink(trained.network, trained.spec, config.keep_units)
+        tuned = train_network(spec, *fit, finetune_config(train, config), seed, start_from=smaller)
+        return export("structured", tuned.network, spec, keep_units=config.keep_units,
+                      hidden_sizes=list(spec.hidden_sizes), cnn_channels=list(spec.cnn_channels),
+                      finetune_epochs=tuned.epochs_run)
+
+    def int8() -> Variant:
+        bundle = quantize_bundle(folder / "fp32", folder / "int8", config.int8_ops)
+        update_metadata(bundle, variant="int8")
+        total, nonzero = parameter_counts(trained.network)
+        return Variant("int8", bundle, trained.spec, total, nonzero,
+                       {"route": "onnxruntime.quantize_dynamic", "ops": list(config.int8_ops)})
+
+    def distilled() -> Variant:
+        spec = student_spec(trained.spec, config.student_scale)
+        teacher = Distillation(trained.network, config.temperature, config.alpha)
+        student = train_network(spec, *fit, train, seed, teacher=teacher)
+        return export("distilled", student.network, spec, hidden_sizes=list(spec.hidden_sizes),
+                      cnn_channels=list(spec.cnn_channels), temperature=config.temperature,
+                      alpha=config.alpha, epochs=student.epochs_run)
+
+    builders = {"fp32": fp32, "pruned": pruned, "structured": structured, "int8": int8, "distilled": distilled}
+    variants, failures = [], []
+    for name in config.variants:
+        started = time.perf_counter()
+        try:
+            variant = builders[name]()
+        except Exception as error:
+            if name == "fp32":
+                raise  # the reference is the trained model itself: without it there is nothing to compare
+            failure = FailedVariant(name, f"{error.__class__.__name__}: {error}")
+            failures.append(failure)
+            if on_failure:
+                on_failure(failure)
+            continue
+        variant.seconds = time.perf_counter() - started
+        variants.append(variant)
+    return variants, failures
+
+
+# --- Prefect wrapper -------------------------------------------------------------------------------
+
+
+@task(name="compress", retries=0, timeout_seconds=3 * 3600, cache_policy=NO_CACHE)
+def compress_task(
+    trained: TrainResult, prepared: PreparedData, arrays: TrainingArrays, config: CompressionConfig,
+    train: TrainConfig, seed: int, folder: Path,
+) -> tuple[list[Variant], list[FailedVariant], float]:
+    started = time.perf_counter()
+    logger = get_run_logger()
+
+    def warn(failure: FailedVariant) -> None:
+        logger.warning("variant %s could not be built and is skipped: %s", failure.name, failure.error)
+
+    variants, failures = build_variants(trained, prepared, arrays, config, train, seed, folder, warn)
+    for variant in variants:
+        logger.info("variant %s: %d parameters (%d non-zero), built in %.1f s",
+                    variant.name, variant.parameters, variant.nonzero_parameters, variant.seconds)
+    return variants, failures, time.perf_counter() - started

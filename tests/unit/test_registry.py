@@ -1,0 +1,69 @@
+"""Selection policy and promotion gate: pure decisions, tested on hand-made tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from maas.config import RegistryConfig, SelectionConfig
+from tasks.registry import gate_decision, select_variant
+
+
+def row(name, f1, rows_per_s, size, p99_ms=1.0):
+    return {"name": name, "f1_macro": f1, "rows_per_s_b64": rows_per_s, "size_bytes": size, "p99_ms_b1_e2e": p99_ms}
+
+
+TABLE = [
+    row("fp32", 0.970, 1_000_000, 50_000),
+    row("pruned", 0.972, 1_010_000, 50_000),
+    row("structured", 0.968, 1_800_000, 17_000),
+    row("int8", 0.966, 1_200_000, 19_000),
+    row("distilled", 0.950, 2_500_000, 7_000, p99_ms=0.5),
+]
+
+
+def test_fastest_within_tolerance_of_the_best():
+    choice = select_variant(TABLE, SelectionConfig(policy="fastest", tolerance=0.005))
+    assert choice.variant == "structured"  # distilled is faster but 2.2 points below the best
+    assert "within 0.005" in choice.reason and choice.within_limits
+
+
+def test_smallest_and_best_quality():
+    assert select_variant(TABLE, SelectionConfig(policy="smallest", tolerance=0.01)).variant == "structured"
+    assert select_variant(TABLE, SelectionConfig(policy="smallest", tolerance=0.03)).variant == "distilled"
+    assert select_variant(TABLE, SelectionConfig(policy="best_quality")).variant == "pruned"
+
+
+def test_limits_filter_first_and_are_reported_when_nothing_meets_them():
+    assert select_variant(TABLE, SelectionConfig(policy="best_quality", max_latency_ms=0.6)).variant == "distilled"
+    assert select_variant(TABLE, SelectionConfig(policy="fastest", max_size_bytes=20_000)).variant == "structured"
+    none_fit = select_variant(TABLE, SelectionConfig(policy="best_quality", max_size_bytes=1_000))
+    assert none_fit.variant == "pruned" and not none_fit.within_limits
+    assert "no variant met" in none_fit.reason
+
+
+REGISTRY = RegistryConfig()
+
+
+def test_first_version_becomes_champion():
+    decision = gate_decision(0.9, None, REGISTRY)
+    assert decision.alias == "champion" and decision.promoted
+
+
+def test_gate_keeps_a_better_or_equal_champion():
+    worse = gate_decision(0.95, ("3", 0.97), REGISTRY)
+    assert worse.alias == "challenger" and not worse.promoted and "champion kept" in worse.reason
+    tie = gate_decision(0.97, ("3", 0.97), REGISTRY)
+    assert tie.alias == "challenger"
+
+
+def test_gate_promotes_only_past_min_improvement():
+    assert gate_decision(0.975, ("3", 0.97), REGISTRY).alias == "champion"
+    strict = RegistryConfig(min_improvement=0.01)
+    assert gate_decision(0.975, ("3", 0.97), strict).alias == "challenger"
+    promoted = gate_decision(0.99, ("3", 0.97), strict)
+    assert promoted.promoted and promoted.champion_version == "3" and promoted.champion_score == pytest.approx(0.97)
+
+
+def test_a_champion_that_cannot_score_the_data_is_kept():
+    decision = gate_decision(0.99, ("2", None), REGISTRY)
+    assert decision.alias == "challenger" and "cannot score" in decision.reason
