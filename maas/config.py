@@ -165,6 +165,7 @@ class CompressionConfig(Section):
     sparsity: float = Field(0.75, gt=0, lt=1, description="pruned: share of weights set to zero")
     keep_units: float = Field(0.5, gt=0, lt=1, description="structured: share of hidden units/channels kept")
     student_scale: float = Field(0.25, gt=0, lt=1, description="distilled: student width vs teacher")
+    student_dropout: float = Field(0.0, ge=0, lt=1, description="distilled: the soft targets already regularize")
     temperature: float = Field(4.0, gt=0, description="distilled: softening of the teacher's outputs")
     alpha: float = Field(0.7, ge=0, le=1, description="distilled: weight of the teacher's loss vs the labels'")
     finetune_epochs: int = Field(30, ge=1, description="pruned/structured: fine-tune budget (early-stopped)")

@@ -138,8 +138,8 @@ def test_magnitude_pruning_hits_the_target_sparsity_and_becomes_permanent():
 
 def test_student_is_narrower_with_the_same_inputs_and_outputs():
     spec = NetworkSpec("cnn", 64, 10, hidden_sizes=(64,), cnn_channels=(16, 32), image_shape=(8, 8))
-    student = student_spec(spec, 0.25)
-    assert student.hidden_sizes == (16,) and student.cnn_channels == (4, 8)
+    student = student_spec(spec, 0.25, 0.0)
+    assert student.hidden_sizes == (16,) and student.cnn_channels == (4, 8) and student.dropout == 0.0
     assert (student.n_features, student.n_classes, student.image_shape) == (64, 10, (8, 8))
 
 
