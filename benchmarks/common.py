@@ -31,6 +31,14 @@ def machine() -> dict:
     }
 
 
+def measured_on(report: dict) -> str:
+    """One sentence: when and on what the figures were taken."""
+    m = report["machine"]
+    return (f"Measured {report['measured_at']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+            f"CUDA {m['cuda']}; Python {m['python']}, torch {m['torch']}, prefect {m['prefect']}, "
+            f"mlflow {m['mlflow']}, onnxruntime {m['onnxruntime']}.")
+
+
 def write_results(name: str, report: dict, render: Callable[[dict], str]) -> None:
     """results/NAME.json (all figures) and results/NAME.md (the tables), and print the tables."""
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import machine, now, write_results
+from common import machine, measured_on, now, write_results
 
 # The wide reference at its own sensible settings: at the default lr 0.003 it stops at epoch 10 with
 # test accuracy 0.975, below a 4x narrower student; lr 0.001 and dropout 0.2 give 0.986.
@@ -193,12 +193,10 @@ def targets(report: dict) -> dict:
 
 
 def render(report: dict) -> str:
-    m = report["machine"]
     lines = [
         "# Compression: variants against fp32",
         "",
-        f"Measured {report['measured_at']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
-        f"onnxruntime {m.get('onnxruntime', '?')}. Latency is the exported ONNX graph in ONNX Runtime on "
+        measured_on(report) + " Latency is the exported ONNX graph in ONNX Runtime on "
         "preprocessed rows (p50 / p99 ms), after warm-up; speed and size ratios are fp32 / variant; "
         "drops are fp32 minus variant in points (higher = worse).",
         "",

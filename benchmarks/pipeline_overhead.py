@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, now, write_results
+from common import machine, measured_on, now, write_results
 
 STAGE_OF_TASK = {"prepare_data": "data", "evaluate_variants": "evaluate", "register_model": "register"}
 
@@ -135,13 +135,10 @@ def main() -> None:
 
 
 def render(report: dict) -> str:
-    m = report["machine"]
     lines = [
         "# Pipeline overhead",
         "",
-        f"Measured {report['measured_at']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
-        f"CUDA {m['cuda']}; Python {m['python']}, torch {m['torch']}, prefect {m['prefect']}, "
-        f"mlflow {m['mlflow']}, onnxruntime {m['onnxruntime']}. Default config, one process.",
+        measured_on(report) + " Default config, one process.",
         "",
         "| dataset | plain stages s | flow wall s | overhead s | overhead % | flow / plain | cold flow wall s | cold overhead % | test F1 |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -188,6 +188,7 @@ class SelectionConfig(Section):
         "fastest", description="among variants within tolerance of the best F1"
     )
     tolerance: float = Field(0.005, ge=0, le=1, description="macro F1 a faster/smaller variant may give up")
+    speed_tolerance: float = Field(0.1, ge=0, lt=1, description="fastest: rows/s this close to the top count as a tie")
     max_latency_ms: float | None = Field(None, gt=0, description="batch-1 p99 limit")
     max_size_bytes: int | None = Field(None, gt=0)
 

@@ -27,6 +27,13 @@ def test_fastest_within_tolerance_of_the_best():
     assert "within 0.005" in choice.reason and choice.within_limits
 
 
+def test_fastest_treats_speeds_within_the_speed_tolerance_as_a_tie():
+    table = [row("fp32", 0.970, 1_000_000, 50_000), row("int8", 0.968, 1_050_000, 19_000),
+             row("pruned", 0.969, 1_080_000, 50_000)]
+    assert select_variant(table, SelectionConfig(policy="fastest", speed_tolerance=0.1)).variant == "fp32"
+    assert select_variant(table, SelectionConfig(policy="fastest", speed_tolerance=0.0)).variant == "pruned"
+
+
 def test_smallest_and_best_quality():
     assert select_variant(TABLE, SelectionConfig(policy="smallest", tolerance=0.01)).variant == "structured"
     assert select_variant(TABLE, SelectionConfig(policy="smallest", tolerance=0.03)).variant == "distilled"
