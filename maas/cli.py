@@ -1,4 +1,4 @@
-"""The `maas` command line: train (`run`) and look at the results (`ui`)."""
+"""The `maas` command line: train (`run`), look at the results (`ui`), serve (`serve`, `keys`, `usage`)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ UI_EXAMPLES = """examples:
 """
 
 
+SERVE_EXAMPLES = """examples:
+  maas serve                                   # maas-breast_cancer@champion on http://127.0.0.1:3000
+  maas serve --model maas-digits@challenger --port 3001
+  maas serve --model maas-wine/3 --set serving.auth=false   # no API keys (local development)
+"""
+
+KEYS_EXAMPLES = """examples:
+  maas keys create alice --tier pro     # prints the key once; only its hash is stored
+  maas keys list
+  maas keys revoke 1a2b3c4d
+"""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (the CLI contract), exit 2."""
 
@@ -43,6 +56,11 @@ def quiet_defaults() -> None:
     # The temporary server's first start migrates a new database: 15-25 s on 2 busy cores, past
     # Prefect's 20 s default, which then fails the run before it begins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # BentoML's model store lives with the rest of the state, not in ~/bentoml.
+    from maas.paths import maas_home
+
+    os.environ.setdefault("BENTOML_HOME", str(maas_home() / "bentoml"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+
+    serve = commands.add_parser(
+        "serve", help="serve a registered model with BentoML", epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Package the registered version as a BentoML model and run `bentoml serve` on it.",
+    )
+    serve.add_argument("--model", metavar="NAME[@ALIAS|/VERSION]", help="default: serving.model, else maas-<dataset>@champion")
+    serve.add_argument("--port", type=int, help="default: serving.port (3000)")
+    serve.add_argument("--config", metavar="FILE", help="YAML preset (its serving section is used)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. serving.auth=false (repeatable)")
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys", epilog=KEYS_EXAMPLES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    key_commands = keys.add_subparsers(dest="key_command", required=True, parser_class=OneLineParser)
+    create = key_commands.add_parser("create", help="a new key for a tier (shown once)")
+    create.add_argument("name", help="who the key is for")
+    create.add_argument("--tier", default="free", help="a tier in serving.tiers (default: free)")
+    create.add_argument("--config", metavar="FILE", help="YAML preset whose serving.tiers to check against")
+    key_commands.add_parser("list", help="every key: id, name, tier, created, revoked")
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id (takes effect within a second)")
+    revoke.add_argument("key_id")
+
+    usage = commands.add_parser("usage", help="requests, rows and errors per key and month")
+    usage.add_argument("--month", metavar="YYYY-MM", help="only this month")
+    usage.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -144,10 +188,75 @@ def command_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def serving_environment(packaged, serving) -> dict[str, str]:
+    return {**os.environ, "MAAS_BUNDLE_DIR": str(packaged.path), "MAAS_MODEL_LABEL": packaged.label,
+            "MAAS_SERVING_CONFIG": serving.model_dump_json()}
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from maas.config import load_config
+    from maas.paths import project_root
+    from maas.tracking import mlflow_client
+    from tasks.package import package_model
+
+    config = load_config(args.config, None, None, args.overrides)
+    serving = config.serving
+    if args.port is not None:
+        serving = serving.model_copy(update={"port": args.port})
+    packaged = package_model(mlflow_client(), args.model or serving.model or f"{config.model_name}@champion")
+    print(f"Serving {packaged.label} (BentoML model {packaged.tag}) on http://{serving.host}:{serving.port} "
+          f"(auth {'on' if serving.auth else 'off'}; Ctrl-C to stop)", flush=True)
+    command = [sys.executable, "-m", "bentoml", "serve", "deployments.service:MaasService",
+               "--host", serving.host, "--port", str(serving.port)]
+    try:
+        return subprocess.call(command, env=serving_environment(packaged, serving), cwd=project_root())
+    except KeyboardInterrupt:
+        return 0
+
+
+def command_keys(args: argparse.Namespace) -> int:
+    from maas.service_store import connect, create_key, list_keys, revoke_key
+
+    connection = connect()
+    if args.key_command == "create":
+        from maas.config import load_config
+
+        tiers = load_config(args.config).serving.tiers
+        if args.tier not in tiers:
+            raise MaasInputError(f"--tier '{args.tier}': not a tier in serving.tiers ({', '.join(tiers)})")
+        key, plain = create_key(connection, args.name, args.tier)
+        print(f"key {key.key_id} for {key.name}, tier {key.tier}:\n{plain}\n"
+              "Store it now: only its hash is kept. Send it as header X-API-Key.")
+    elif args.key_command == "list":
+        print(f"{'id':<10}{'name':<20}{'tier':<8}{'created':<27}revoked")
+        for key in list_keys(connection):
+            print(f"{key.key_id:<10}{key.name:<20}{key.tier:<8}{key.created_at:<27}{key.revoked_at or '-'}")
+    elif not revoke_key(connection, args.key_id):
+        raise MaasInputError(f"key '{args.key_id}': no such active key (see maas keys list)")
+    else:
+        print(f"revoked {args.key_id}")
+    return 0
+
+
+def command_usage(args: argparse.Namespace) -> int:
+    from maas.service_store import connect, usage_report
+
+    report = usage_report(connect(), args.month)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"{'month':<9}{'key':<10}{'name':<20}{'tier':<8}{'requests':>10}{'rows':>12}{'errors':>8}")
+    for row in report:
+        print(f"{row['month']:<9}{row['key_id']:<10}{row['name']:<20}{row['tier']:<8}"
+              f"{row['requests']:>10}{row['rows']:>12}{row['errors']:>8}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_defaults()
-    handlers = {"run": command_run, "ui": command_ui}
+    handlers = {"run": command_run, "ui": command_ui, "serve": command_serve, "keys": command_keys,
+                "usage": command_usage}
     try:
         return handlers[args.command](args)
     except MaasInputError as error:

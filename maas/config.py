@@ -218,6 +218,31 @@ class RegistryConfig(Section):
         return self
 
 
+class TierConfig(Section):
+    """One service level: how fast and how much a key of this tier may call."""
+
+    requests_per_minute: int = Field(..., ge=1)
+    monthly_rows: int = Field(..., ge=1)
+
+
+class ServingConfig(Section):
+    """The prediction service: which model, limits, auth, tiers, and the prediction log."""
+
+    model: str | None = Field(None, description="NAME, NAME@ALIAS or NAME/VERSION; default maas-<dataset>@champion")
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    auth: bool = Field(True, description="false: no API keys (local development only)")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413")
+    max_rows_per_request: int = Field(1000, ge=1)
+    max_batch_size: int = Field(512, ge=1, description="adaptive batching: rows per model call")
+    max_latency_ms: int = Field(2000, ge=1, description="adaptive batching bound; too low and BentoML answers 503")
+    prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests logged for monitoring")
+    tiers: dict[str, TierConfig] = Field(default_factory=lambda: {
+        "free": TierConfig(requests_per_minute=60, monthly_rows=100_000),
+        "pro": TierConfig(requests_per_minute=6000, monthly_rows=100_000_000),
+    })
+
+
 class TrackingConfig(Section):
     """MLflow experiment naming."""
 
@@ -236,6 +261,7 @@ class RunConfig(Section):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @property
     def experiment_name(self) -> str:

@@ -40,3 +40,30 @@ def prefect_server():
 def quick_config(dataset: str = "breast_cancer", *overrides: str) -> RunConfig:
     """The shipped quick preset: the whole pipeline in seconds."""
     return load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=dataset, overrides=list(overrides))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_up(url: str, timeout_s: float, process=None) -> float:
+    """Poll url until it answers 200; returns the seconds it took. Fails the test on timeout."""
+    import time
+
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the server exited with code {process.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{url} did not answer within {timeout_s} s")

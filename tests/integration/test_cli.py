@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from maas.cli import main
 from maas.tracking import mlflow_client
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -97,12 +95,6 @@ def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):
     assert not (tmp_path / "mlruns").exists()  # artifacts stay under MAAS_HOME
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_maas_ui_shows_the_parent_run_and_the_registered_model(trained):
     home, _, summary = trained
     port = free_port()
@@ -111,15 +103,7 @@ def test_maas_ui_shows_the_parent_run_and_the_registered_model(trained):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("maas ui did not answer /health within 90 s")
+        wait_until_up(f"{base}/health", 90, server)
         api = f"{base}/ajax-api/2.0/mlflow"
         run = httpx.get(f"{api}/runs/get", params={"run_id": summary["mlflow_run_id"]}).json()["run"]
         params = {p["key"] for p in run["data"]["params"]}

@@ -1,0 +1,132 @@
+"""API keys, usage metering and the prediction log: one SQLite file under MAAS_HOME.
+
+Keys are stored as SHA-256 hashes; the plain key is shown once, when it is created. The service
+reads and writes this file from a background thread, never on a request's hot path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from maas.paths import maas_home
+
+KEY_PREFIX = "maas_"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, name TEXT NOT NULL, tier TEXT NOT NULL,
+    created_at TEXT NOT NULL, revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS usage (
+    key_id TEXT NOT NULL, month TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
+    rows INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, month)
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT NOT NULL, logged_at REAL NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL,
+    status INTEGER NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_time ON predictions (logged_at);
+"""
+
+
+def store_path() -> Path:
+    return maas_home() / "service.db"
+
+
+def connect(path: Path | None = None) -> sqlite3.Connection:
+    path = path or store_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")  # readers (maas usage) never block the service
+    connection.executescript(SCHEMA)
+    return connection
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def current_month(now: float | None = None) -> str:
+    return datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y-%m")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    name: str
+    tier: str
+    created_at: str
+    revoked_at: str | None
+
+
+def create_key(connection: sqlite3.Connection, name: str, tier: str) -> tuple[ApiKey, str]:
+    """A new key; returns its record and the plain key, which is not stored anywhere."""
+    plain = KEY_PREFIX + secrets.token_urlsafe(24)
+    key_id = secrets.token_hex(4)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with connection:
+        connection.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)",
+                           (key_id, hash_key(plain), name, tier, created))
+    return ApiKey(key_id, name, tier, created, None), plain
+
+
+def revoke_key(connection: sqlite3.Connection, key_id: str) -> bool:
+    with connection:
+        cursor = connection.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                                    (datetime.now(timezone.utc).isoformat(timespec="seconds"), key_id))
+    return cursor.rowcount == 1
+
+
+def list_keys(connection: sqlite3.Connection) -> list[ApiKey]:
+    rows = connection.execute("SELECT key_id, name, tier, created_at, revoked_at FROM api_keys ORDER BY created_at")
+    return [ApiKey(*row) for row in rows]
+
+
+def active_keys(connection: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+    """key hash -> (key id, tier) of every key not revoked."""
+    rows = connection.execute("SELECT key_hash, key_id, tier FROM api_keys WHERE revoked_at IS NULL")
+    return {key_hash: (key_id, tier) for key_hash, key_id, tier in rows}
+
+
+def rows_used(connection: sqlite3.Connection, month: str) -> dict[str, int]:
+    return dict(connection.execute("SELECT key_id, rows FROM usage WHERE month = ?", (month,)))
+
+
+def record_usage(connection: sqlite3.Connection, month: str, counts: dict[str, tuple[int, int, int]]) -> None:
+    """Add (requests, rows, errors) per key for the month, in one transaction."""
+    with connection:
+        connection.executemany(
+            "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, month) DO UPDATE SET "
+            "requests = requests + excluded.requests, rows = rows + excluded.rows, errors = errors + excluded.errors",
+            [(key_id, month, *values) for key_id, values in counts.items()],
+        )
+
+
+def usage_report(connection: sqlite3.Connection, month: str | None = None) -> list[dict]:
+    query = ("SELECT u.key_id, COALESCE(k.name, u.key_id), COALESCE(k.tier, '-'), u.month, u.requests, u.rows, "
+             "u.errors FROM usage u LEFT JOIN api_keys k ON k.key_id = u.key_id")
+    rows = connection.execute(query + (" WHERE u.month = ?" if month else "") + " ORDER BY u.month, u.key_id",
+                              (month,) if month else ())
+    return [dict(zip(("key_id", "name", "tier", "month", "requests", "rows", "errors"), row)) for row in rows]
+
+
+def log_predictions(connection: sqlite3.Connection, entries: list[tuple]) -> None:
+    """(request_id, logged_at, key_id, model, status, inputs, outputs) rows; inputs/outputs as JSON."""
+    with connection:
+        connection.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", entries)
+
+
+def read_predictions(connection: sqlite3.Connection, since: float = 0.0) -> list[dict]:
+    rows = connection.execute(
+        "SELECT request_id, logged_at, key_id, model, status, inputs, outputs FROM predictions "
+        "WHERE logged_at > ? ORDER BY logged_at", (since,))
+    return [{"request_id": r[0], "logged_at": r[1], "key_id": r[2], "model": r[3], "status": r[4],
+             "inputs": json.loads(r[5]), "outputs": json.loads(r[6])} for r in rows]

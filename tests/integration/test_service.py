@@ -1,0 +1,194 @@
+"""The prediction service for real: `maas serve` runs `bentoml serve` on a loopback port, with API
+keys, tiers, metering and the prediction log, against a model registered by a real flow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from maas.service_store import connect, create_key, read_predictions
+from tests.conftest import free_port, quick_config, wait_until_up
+
+pytestmark = pytest.mark.slow
+
+TIERS = ("serving.tiers={free: {requests_per_minute: 3, monthly_rows: 100000}, "
+         "pro: {requests_per_minute: 100000, monthly_rows: 100000000}, tiny: {requests_per_minute: 1000, monthly_rows: 5}}")
+
+
+@pytest.fixture(scope="module")
+def service(prefect_server, tmp_path_factory):
+    """(base url, maas home, keys, test rows, summary, cold start s) of a running service."""
+    from flows.train_pipeline import train_pipeline
+
+    home = tmp_path_factory.mktemp("maas-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAAS_HOME", str(home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32, int8]"))
+        connection = connect(home / "service.db")
+        keys = {tier: create_key(connection, f"{tier}-user", tier)[1] for tier in ("pro", "free", "tiny")}
+        port = free_port()
+        env = dict(os.environ, MAAS_HOME=str(home))
+        env.pop("MLFLOW_TRACKING_URI", None)
+        log = open(home / "serve.log", "w")
+        started = time.monotonic()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "maas", "serve", "--model", "maas-breast_cancer@champion", "--port", str(port),
+             "--set", TIERS], env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_up(f"{base}/readyz", 120, server)
+            cold_start = time.monotonic() - started
+            from sklearn.datasets import load_breast_cancer
+
+            rows = json.loads(load_breast_cancer(as_frame=True).data.head(20).to_json(orient="records"))
+            yield base, home, keys, rows, summary, cold_start
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+            log.close()
+
+
+def predict(base, rows, key=None, headers=None):
+    headers = {**({"X-API-Key": key} if key else {}), **(headers or {})}
+    return httpx.post(f"{base}/predict", json={"rows": rows}, headers=headers, timeout=30)
+
+
+def test_served_predictions_equal_the_registered_model(service):
+    import mlflow
+    import pandas as pd
+
+    base, home, keys, rows, summary, cold_start = service
+    response = predict(base, rows, keys["pro"])
+    assert response.status_code == 200 and response.headers["x-request-id"]
+    served = response.json()
+    assert len(served) == len(rows)
+    os.environ["MAAS_HOME"] = str(home)
+    from maas.tracking import mlflow_client
+
+    mlflow_client()
+    expected = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}@champion").predict(pd.DataFrame(rows))
+    assert [item["label"] for item in served] == list(expected["label"])
+    for item, (_, row) in zip(served, expected.iterrows()):
+        for label, probability in item["probabilities"].items():
+            assert probability == pytest.approx(row[f"proba_{label}"], abs=1e-6)
+    print(f"cold start to /readyz: {cold_start:.1f} s")
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda row: row.pop("mean radius"), "mean radius"),
+    (lambda row: row.update({"not a column": 1.0}), "not a column"),
+    (lambda row: row.update({"mean texture": "soft"}), "mean texture"),
+])
+def test_bad_rows_get_400_naming_the_row_and_column(service, change, field):
+    base, _, keys, rows, _, _ = service
+    bad = [dict(row) for row in rows[:3]]
+    change(bad[2])
+    response = predict(base, bad, keys["pro"])
+    assert response.status_code == 400
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["rows", 2, field]
+
+
+def test_nan_inf_empty_and_malformed_bodies_are_4xx(service):
+    base, _, keys, rows, _, _ = service
+    headers = {"X-API-Key": keys["pro"], "content-type": "application/json"}
+    nan = json.dumps({"rows": rows[:1]}).replace(str(rows[0]["mean radius"]), "NaN", 1)
+    for body in (nan, nan.replace("NaN", "Infinity"), '{"rows": []}', "{not json", "[1, 2]", '{"rows": [1]}', ""):
+        response = httpx.post(f"{base}/predict", content=body, headers=headers, timeout=30)
+        assert 400 <= response.status_code < 500, (body[:40], response.status_code, response.text)
+
+
+def test_oversized_requests_get_413(service):
+    base, _, keys, rows, _, _ = service
+    assert predict(base, rows * 60, keys["pro"]).status_code == 413  # 1200 rows > 1000
+    padding = {"rows": rows, "pad": "x" * 1_100_000}
+    response = httpx.post(f"{base}/predict", json=padding, headers={"X-API-Key": keys["pro"]}, timeout=30)
+    assert response.status_code == 413 and "exceeds" in response.json()["error"]
+
+
+def test_missing_invalid_and_revoked_keys_get_401(service):
+    base, home, _, rows, _, _ = service
+    assert predict(base, rows[:1]).status_code == 401
+    assert predict(base, rows[:1], "maas_not-a-real-key").status_code == 401
+    connection = connect(home / "service.db")
+    key_record, key = create_key(connection, "short-lived", "pro")
+    time.sleep(1.5)  # the service reloads keys every second
+    assert predict(base, rows[:1], key).status_code == 200
+    env = dict(os.environ, MAAS_HOME=str(home))
+    done = subprocess.run([sys.executable, "-m", "maas", "keys", "revoke", key_record.key_id], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    time.sleep(1.5)
+    assert predict(base, rows[:1], key).status_code == 401
+
+
+def test_tier_rate_limit_and_monthly_quota_answer_429_with_retry_after(service):
+    base, _, keys, rows, _, _ = service
+    statuses = [predict(base, rows[:1], keys["free"]) for _ in range(5)]  # 3 per minute
+    assert [r.status_code for r in statuses[:3]] == [200, 200, 200]
+    limited = statuses[3]
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert predict(base, rows[:4], keys["tiny"]).status_code == 200  # 4 of 5 monthly rows
+    over = predict(base, rows[:2], keys["tiny"])
+    assert over.status_code == 429 and "quota" in over.json()["error"] and int(over.headers["retry-after"]) > 0
+
+
+def test_usage_is_metered_per_key_and_shown_by_maas_usage(service):
+    base, home, keys, rows, _, _ = service
+    for _ in range(2):
+        assert predict(base, rows[:7], keys["pro"]).status_code == 200
+    assert predict(base, [{"wrong": 1}], keys["pro"]).status_code == 400
+    time.sleep(2)  # the meter flushes every second
+    env = dict(os.environ, MAAS_HOME=str(home))
+    done = subprocess.run([sys.executable, "-m", "maas", "usage", "--json"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    by_name = {row["name"]: row for row in json.loads(done.stdout)}
+    pro = by_name["pro-user"]
+    assert pro["requests"] >= 3 and pro["rows"] >= 14 and pro["errors"] >= 1 and pro["tier"] == "pro"
+    assert "free-user" in by_name and by_name["free-user"]["errors"] >= 1  # the 429s count as errors
+
+
+def test_prediction_log_holds_inputs_outputs_model_and_key(service):
+    base, home, keys, rows, summary, _ = service
+    response = predict(base, rows[:2], keys["pro"], headers={"X-Request-Id": "req-log-test"})
+    assert response.status_code == 200
+    time.sleep(2)
+    logged = [entry for entry in read_predictions(connect(home / "service.db")) if entry["request_id"] == "req-log-test"]
+    assert len(logged) == 1
+    entry = logged[0]
+    assert entry["inputs"] == rows[:2] and entry["outputs"] == response.json()
+    assert entry["model"] == f"{summary['model_name']}/{summary['model_version']}@champion"
+    assert entry["key_id"] != "anonymous" and entry["status"] == 200
+
+
+def test_metadata_health_docs_and_metrics(service):
+    base, _, _, _, summary, _ = service
+    metadata = httpx.get(f"{base}/metadata").json()
+    assert metadata["model"].startswith(f"{summary['model_name']}/{summary['model_version']}")
+    assert metadata["test_metrics"]["f1_macro"] == pytest.approx(summary["test_metrics"]["f1_macro"])
+    assert {"mean radius", "worst symmetry"} <= {column["name"] for column in metadata["input_schema"]}
+    assert httpx.get(f"{base}/livez").status_code == 200
+    assert "/predict" in httpx.get(f"{base}/docs.json").json()["paths"]
+    time.sleep(1.2)
+    metrics = httpx.get(f"{base}/metrics").text
+    assert "bentoml_service_request_total" in metrics
+    memory = [line for line in metrics.splitlines() if line.startswith("maas_process_resident_memory_bytes")]
+    assert memory and float(memory[0].split()[-1]) > 10_000_000
+    assert np.isfinite(float([line for line in metrics.splitlines() if line.startswith("maas_process_cpu_percent")][0].split()[-1]))
+
+
+def test_serve_names_a_missing_model_in_one_line(service):
+    _, home, _, _, _, _ = service
+    env = dict(os.environ, MAAS_HOME=str(home))
+    done = subprocess.run([sys.executable, "-m", "maas", "serve", "--model", "maas-breast_cancer@nope"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "maas: error: --model 'maas-breast_cancer@nope': registered model 'maas-breast_cancer' has no alias @nope"
