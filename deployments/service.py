@@ -36,11 +36,19 @@ ANONYMOUS = "anonymous"
 
 
 def load_settings() -> tuple[ModelBundle, ServingConfig, str]:
-    bundle_dir = os.environ.get("MAAS_BUNDLE_DIR")
+    """The bundle from MAAS_BUNDLE_DIR (maas serve) or a BentoML model (MAAS_BENTO_MODEL, or a Bento's own)."""
+    bundle_dir, label = os.environ.get("MAAS_BUNDLE_DIR"), os.environ.get("MAAS_MODEL_LABEL")
+    # A Bento records the model it was built with as a Bento argument (see tasks/package.py).
+    bento_model = os.environ.get("MAAS_BENTO_MODEL") or getattr(bentoml.use_arguments(), "maas_model", None)
+    if not bundle_dir and bento_model:
+        model = bentoml.models.get(bento_model)
+        bundle_dir = model.path
+        label = label or f"{model.info.labels.get('mlflow_model')}/{model.info.labels.get('mlflow_version')}" + (
+            f"@{model.info.labels['alias']}" if model.info.labels.get("alias") else "")
     if not bundle_dir:
-        raise RuntimeError("MAAS_BUNDLE_DIR is not set: start the service with `maas serve`")
-    config = ServingConfig.model_validate_json(os.environ.get("MAAS_SERVING_CONFIG", "{}"))
-    return ModelBundle.load(bundle_dir), config, os.environ.get("MAAS_MODEL_LABEL", "unknown")
+        raise RuntimeError("set MAAS_BUNDLE_DIR or MAAS_BENTO_MODEL: start the service with `maas serve`")
+    config = ServingConfig.model_validate_json(os.environ.get("MAAS_SERVING_CONFIG") or "{}")
+    return ModelBundle.load(bundle_dir), config, label or "unknown"
 
 
 BUNDLE, SETTINGS, MODEL_LABEL = load_settings()

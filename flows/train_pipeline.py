@@ -17,6 +17,7 @@ from maas.tracking import ensure_experiment, flatten, log_metrics, log_params, m
 from tasks.data import PreparedData, prepare_data_task
 from tasks.compress import compress_task
 from tasks.evaluate import Evaluation, evaluate_variants_task
+from tasks.package import package_task
 from tasks.registry import RegisteredVersion, Selection, build_manifest, register_model_task, select_variant
 from tasks.train import train_task, training_arrays
 from tasks.tune import TuningResult, apply_hyperparameters, tune_task
@@ -93,13 +94,19 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
                 run_id, winner.bundle_dir, (prepared.splits.x_test, prepared.splits.y_test), manifest,
                 evaluation.metrics, config.model_name, config.registry, winner.name, Path(scratch),
             )
+            # Packaging: a new champion becomes a BentoML model and a Bento, ready for `bentoml serve`.
+            bento = None
+            if config.serving.build_bento and registered.gate is not None and registered.gate.promoted:
+                _, bento, stage_seconds["package"] = package_task(registered.name, registered.alias)
+                if bento:
+                    client.set_tag(run_id, "maas.bento", bento)
         log_metrics(client, run_id, {
             "train/best_epoch": trained.best_epoch, "train/epochs_run": trained.epochs_run,
             **{f"time/{stage}_s": seconds for stage, seconds in stage_seconds.items()},
         })
 
     summary = run_summary(config, run_id, registered, evaluation, variant_rows, selection, stage_seconds,
-                          mlflow_url, str(flow_run.id), tuning)
+                          mlflow_url, str(flow_run.id), tuning, bento)
     create_table_artifact(key="variants", table=variant_rows,
                           description=f"Variants on the test split; selected {selection.reason}")
     if tuning is not None:
@@ -136,6 +143,7 @@ def run_summary(
     mlflow_url: str,
     flow_run_id: str,
     tuning: TuningResult | None,
+    bento: str | None,
 ) -> dict[str, Any]:
     """The `--summary` JSON of the CLI contract (DESIGN.md)."""
     return {
@@ -165,7 +173,7 @@ def run_summary(
             }
             for row in variant_rows
         ],
-        "bento": None,
+        "bento": bento,
         "tuning": None if tuning is None else {
             "study": tuning.study_name, "n_complete": tuning.n_complete, "n_pruned": tuning.n_pruned,
             "n_failed": tuning.n_failed, "epochs_total": tuning.epochs_total, "best_trial": tuning.best_trial,

@@ -57,10 +57,9 @@ def quiet_defaults() -> None:
     # Prefect's 20 s default, which then fails the run before it begins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # BentoML's model store lives with the rest of the state, not in ~/bentoml.
-    from maas.paths import maas_home
+    from maas.paths import use_embedded_bentoml_home
 
-    os.environ.setdefault("BENTOML_HOME", str(maas_home() / "bentoml"))
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    use_embedded_bentoml_home()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +148,9 @@ def human_summary(summary: dict[str, Any]) -> str:
         f"  MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}'",
         f"         {summary['mlflow_run_url']}   (start the UI with: maas ui)",
         f"  load   mlflow.pyfunc.load_model(\"{summary['model_uri']}\")",
+        f"  serve  maas serve --model {summary['model_name']}@{summary['alias']}"
+        + (f"\n         or BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')} bentoml serve {summary['bento']}"
+           if summary.get("bento") else ""),
     ])
 
 

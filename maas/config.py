@@ -229,6 +229,7 @@ class ServingConfig(Section):
     """The prediction service: which model, limits, auth, tiers, and the prediction log."""
 
     model: str | None = Field(None, description="NAME, NAME@ALIAS or NAME/VERSION; default maas-<dataset>@champion")
+    build_bento: bool = Field(True, description="training ends by packaging a newly promoted champion as a Bento")
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
     auth: bool = Field(True, description="false: no API keys (local development only)")

@@ -35,3 +35,10 @@ def artifact_root() -> Path:
 def project_root() -> Path:
     """The source checkout (holds the lock file and the git history used by the manifest)."""
     return Path(__file__).resolve().parent.parent
+
+
+def use_embedded_bentoml_home() -> None:
+    """BentoML's model and Bento store under MAAS_HOME, unless BENTOML_HOME says otherwise.
+    Call before the first `import bentoml`: it reads the variable once."""
+    os.environ.setdefault("BENTOML_HOME", str(maas_home() / "bentoml"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")

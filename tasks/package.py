@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
 from maas.errors import MaasInputError
-from maas.paths import maas_home
+from maas.paths import maas_home, use_embedded_bentoml_home
 
 REFERENCE = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z_][A-Za-z0-9_-]*)|/(?P<version>\d+))?$")
 
@@ -29,10 +33,6 @@ class PackagedModel:
     @property
     def label(self) -> str:
         return f"{self.mlflow_name}/{self.mlflow_version}" + (f"@{self.alias}" if self.alias else "")
-
-
-def bentoml_home() -> Path:
-    return maas_home() / "bentoml"
 
 
 def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
@@ -51,6 +51,7 @@ def bento_model_name(mlflow_name: str) -> str:
 
 def package_model(client, reference: str) -> PackagedModel:
     """Resolve the reference in the MLflow registry and save its bundle as a BentoML model."""
+    use_embedded_bentoml_home()
     import bentoml
     from mlflow.exceptions import MlflowException
 
@@ -74,3 +75,60 @@ def package_model(client, reference: str) -> PackagedModel:
                     shutil.copy2(item, Path(model.path) / item.name)
     stored = bentoml.models.get(model.tag)  # the files move into the store when the block ends
     return PackagedModel(str(stored.tag), Path(stored.path), name, version, alias)
+
+
+def pinned_packages(names: list[str]) -> list[str]:
+    """The bentofile's packages at the versions requirements.lock holds, so the Bento runs what was tested."""
+    from maas.paths import project_root
+
+    lock = {}
+    lock_file = project_root() / "requirements.lock"
+    if lock_file.is_file():
+        for line in lock_file.read_text().splitlines():
+            if "==" in line:
+                name, version = line.split("==", 1)
+                lock[name.strip().lower().replace("_", "-")] = version.strip()
+    return [f"{name}=={lock[name.lower()]}" if name.lower() in lock else name for name in names]
+
+
+def build_bento(packaged: PackagedModel) -> str:
+    """`bentoml build` of deployments/bentofile.yaml with this model inside; returns the Bento tag."""
+    import bentoml
+    import yaml
+
+    from maas.paths import project_root
+
+    root = project_root()
+    spec = yaml.safe_load((root / "deployments" / "bentofile.yaml").read_text())
+    spec["python"] = {**spec.get("python", {}), "packages": pinned_packages(spec.get("python", {}).get("packages", []))}
+    spec["labels"] = {**spec.get("labels", {}), "mlflow_model": packaged.mlflow_name,
+                      "mlflow_version": packaged.mlflow_version, "alias": packaged.alias or ""}
+    spec["models"] = [packaged.tag]
+    with tempfile.TemporaryDirectory(dir=maas_home()) as scratch:
+        bentofile = Path(scratch) / "bentofile.yaml"
+        bentofile.write_text(yaml.safe_dump(spec))
+        # The argument travels inside the Bento, so `bentoml serve <tag>` finds its model.
+        bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(root), args={"maas_model": packaged.tag})
+    return str(bento.tag)
+
+
+# --- Prefect wrapper -------------------------------------------------------------------------------
+
+
+@task(name="package", retries=1, retry_delay_seconds=3, timeout_seconds=900, cache_policy=NO_CACHE)
+def package_task(model_name: str, alias: str) -> tuple[PackagedModel | None, str | None, float]:
+    """The last step of training: the champion as a BentoML model and a Bento. The registry is the
+    source of truth (`maas serve` packages on demand), so a failed build warns, it does not undo."""
+    started = time.perf_counter()
+    from maas.tracking import mlflow_client
+
+    try:
+        packaged = package_model(mlflow_client(), f"{model_name}@{alias}")
+        bento = build_bento(packaged)
+    except Exception as error:
+        get_run_logger().warning("could not build the Bento for %s@%s: %s: %s", model_name, alias,
+                                 error.__class__.__name__, error)
+        return None, None, time.perf_counter() - started
+    get_run_logger().info("packaged %s as BentoML model %s and Bento %s (serve it: bentoml serve %s)",
+                          packaged.label, packaged.tag, bento, bento)
+    return packaged, bento, time.perf_counter() - started

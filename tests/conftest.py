@@ -16,6 +16,11 @@ def pytest_configure(config):
     # The Prefect server's telemetry logs an ERROR when offline; tests run offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # BentoML reads its home once, at import: one throwaway store for the whole session.
+    import tempfile
+
+    os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="maas-bentoml-"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 
 @pytest.fixture

@@ -192,3 +192,23 @@ def test_serve_names_a_missing_model_in_one_line(service):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "maas: error: --model 'maas-breast_cancer@nope': registered model 'maas-breast_cancer' has no alias @nope"
+
+
+def test_the_bento_built_by_training_serves_the_same_predictions(service):
+    """`bentoml serve <bento tag>` (no maas serve, no MLflow): the Bento holds service and model."""
+    base, home, keys, rows, summary, _ = service
+    assert summary["bento"]
+    port = free_port()
+    env = dict(os.environ, MAAS_HOME=str(home))
+    server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", summary["bento"], "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=home)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/readyz", 120, server)
+        from_bento = predict(f"http://127.0.0.1:{port}", rows, keys["pro"])
+        assert from_bento.status_code == 200
+        assert from_bento.json() == predict(base, rows, keys["pro"]).json()
+        assert predict(f"http://127.0.0.1:{port}", rows).status_code == 401  # auth is on by default
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -34,6 +34,7 @@ def test_summary_follows_the_cli_contract(trained):
     assert chosen["metrics"]["f1_macro"] == pytest.approx(summary["test_metrics"]["f1_macro"], abs=1e-4)
     assert summary["model_name"] == "maas-breast_cancer" and summary["alias"] == "champion"
     assert summary["gate"]["promoted"] and summary["gate"]["reason"] == "first version: no champion yet"
+    assert summary["bento"].startswith("maas:")  # a new champion is packaged as a Bento
 
 
 def test_parent_run_has_params_metrics_artifacts_and_prefect_link(trained):

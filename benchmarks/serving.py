@@ -1,0 +1,230 @@
+"""Serving throughput and latency on loopback, one run, same model and rows for every server:
+
+  service   the maas BentoML service (validation, API key, tier limits, metering, prediction log,
+            adaptive batching), as `maas serve` runs it
+  compute   the model bundle called in-process on batches of rows (the compute ceiling)
+  noop      a BentoML service with the same route that returns without a model (the framework
+            ceiling on this machine)
+  flask     the naive Flask server: one request, one forward pass, threaded dev server
+
+Load: an asyncio httpx client, concurrency 1, 8 and 32, one-row and 64-row requests, each cell
+bounded by --seconds and --max-requests. The client shares the 2 cores with the server, so every
+server pays the same client cost. Then a 60 s run at concurrency 32 on the service (5xx and
+dropped requests counted), and the service's cold start (command to /readyz).
+
+Usage: python benchmarks/serving.py [--seconds 6] [--soak-seconds 60]
+Writes benchmarks/results/serving.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine, measured_on, now, write_results
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONCURRENCY = (1, 8, 32)
+ROWS_PER_REQUEST = (1, 64)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(command: list[str], env: dict, port: int, cwd: Path, log: Path) -> tuple[subprocess.Popen, float]:
+    import httpx
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    while time.perf_counter() - started < 180:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[:4]} exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return process, time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError(f"{command[:4]} not ready in 180 s")
+
+
+async def load(url: str, payload: bytes, headers: dict, concurrency: int, seconds: float, max_requests: int) -> dict:
+    """Closed-loop load: `concurrency` clients each sending the next request when one returns."""
+    import httpx
+
+    latencies, statuses, failures = [], {}, 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        async def worker():
+            nonlocal sent, failures
+            while time.perf_counter() < deadline and sent < max_requests:
+                sent += 1
+                started = time.perf_counter()
+                try:
+                    response = await client.post(url, content=payload, headers=headers)
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                except httpx.HTTPError:
+                    failures += 1
+                    continue
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    import numpy as np
+
+    ok = statuses.get(200, 0)
+    return {"requests": sent, "ok": ok, "statuses": statuses, "dropped": failures, "wall_s": wall,
+            "requests_per_s": ok / wall, "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
+            "p99_ms": float(np.percentile(latencies, 99)) if latencies else None}
+
+
+def compute_ceiling(bundle_dir: Path, rows: list[dict], seconds: float) -> dict:
+    """In-process bundle on batches of 64 raw rows (DataFrame in, probabilities out)."""
+    import pandas as pd
+
+    from maas.bundle import ModelBundle
+
+    bundle = ModelBundle.load(bundle_dir)
+    frame = pd.DataFrame((rows * 64)[:64])
+    for _ in range(20):
+        bundle.predict_proba(frame)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        bundle.predict_proba(frame)
+        calls += 1
+    wall = time.perf_counter() - started
+    return {"rows_per_s": calls * 64 / wall, "ms_per_64_rows": wall / calls * 1000}
+
+
+def train_bundle(home: Path) -> Path:
+    from maas.config import load_config
+    from tasks.data import prepare_data
+    from tasks.export import update_metadata, write_bundle
+    from tasks.train import train_on_data
+
+    config = load_config(dataset="breast_cancer", overrides=["tuning.enabled=false"])
+    prepared = prepare_data(config.data, config.seed)
+    trained = train_on_data(prepared, config.model, config.train, config.seed)
+    bundle = write_bundle(home / "bundle", trained.network, trained.spec, prepared.preprocessing,
+                          prepared.labels, prepared.target, prepared.input_schema)
+    update_metadata(bundle, variant="fp32")
+    return bundle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="per load cell")
+    parser.add_argument("--max-requests", type=int, default=20000, help="per load cell")
+    parser.add_argument("--soak-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+
+    from sklearn.datasets import load_breast_cancer
+
+    rows = json.loads(load_breast_cancer(as_frame=True).data.head(64).to_json(orient="records"))
+    report = {"measured_at": now(), "machine": machine(), "cells": {}, "compute": None}
+    with tempfile.TemporaryDirectory() as folder:
+        home = Path(folder)
+        env = dict(os.environ, MAAS_HOME=str(home), BENTOML_HOME=str(home / "bentoml"), BENTOML_DO_NOT_TRACK="true",
+                   PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}")
+        os.environ.update({"MAAS_HOME": str(home)})
+        bundle = train_bundle(home)
+        report["compute"] = compute_ceiling(bundle, rows, args.seconds)
+
+        from maas.config import ServingConfig
+        from maas.service_store import connect, create_key
+
+        _, key = create_key(connect(home / "service.db"), "bench", "pro")
+        serving = ServingConfig(tiers={"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}})
+        service_env = dict(env, MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
+                           MAAS_SERVING_CONFIG=serving.model_dump_json())
+        servers = {
+            "service": (["-m", "bentoml", "serve", "deployments.service:MaasService"], service_env, ROOT, {"X-API-Key": key}),
+            "noop": (["-m", "bentoml", "serve", "serving_servers:NoopService"], env, HERE, {}),
+            "flask": (["-m", "flask", "--app", "serving_servers:flask_app", "run", "--with-threads"],
+                      dict(env, MAAS_BUNDLE_DIR=str(bundle)), HERE, {}),
+        }
+        for name, (command, server_env, cwd, headers) in servers.items():
+            port = free_port()
+            port_args = ["--port", str(port), "--host", "127.0.0.1"]
+            process, cold_start = start([sys.executable, *command, *port_args], server_env, port, cwd, home / f"{name}.log")
+            report["cells"][name] = {"cold_start_s": cold_start}
+            url = f"http://127.0.0.1:{port}/predict"
+            try:
+                for size in ROWS_PER_REQUEST:
+                    payload = json.dumps({"rows": rows[:size]}).encode()
+                    for concurrency in CONCURRENCY:
+                        result = asyncio.run(load(url, payload, {**headers, "content-type": "application/json"},
+                                                  concurrency, args.seconds, args.max_requests))
+                        result["rows_per_s"] = result["requests_per_s"] * size
+                        report["cells"][name][f"c{concurrency}_r{size}"] = result
+                        print(name, size, concurrency, round(result["rows_per_s"]), result["p99_ms"], result["statuses"], flush=True)
+                if name == "service" and args.soak_seconds:
+                    payload = json.dumps({"rows": rows[:1]}).encode()
+                    report["soak"] = asyncio.run(load(url, payload, {**headers, "content-type": "application/json"},
+                                                      32, args.soak_seconds, 10**9))
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+    report["targets"] = targets(report)
+    write_results("serving", report, render)
+
+
+def targets(report: dict) -> dict:
+    service, noop, flask = (report["cells"][name] for name in ("service", "noop", "flask"))
+    ceiling = min(report["compute"]["rows_per_s"], noop["c32_r1"]["rows_per_s"])
+    one_row = service["c32_r1"]
+    checks = {
+        "c32 one-row rows/s >= 80% of min(compute, framework)": one_row["rows_per_s"] / ceiling,
+        "c32 one-row rows/s vs naive Flask (>= 2x)": one_row["rows_per_s"] / flask["c32_r1"]["rows_per_s"],
+        "c32 one-row p99 ms (<= 100)": one_row["p99_ms"],
+        "c32 64-row rows/s vs compute ceiling (>= 50%)": service["c32_r64"]["rows_per_s"] / report["compute"]["rows_per_s"],
+    }
+    soak = report.get("soak")
+    if soak:
+        checks["60 s soak: 5xx"] = sum(count for status, count in soak["statuses"].items() if int(status) >= 500)
+        checks["60 s soak: dropped"] = soak["dropped"]
+    return checks
+
+
+def render(report: dict) -> str:
+    lines = ["# Serving on loopback", "", measured_on(report) + " Client and server share the machine.", "",
+             f"Compute ceiling (bundle in-process, 64 raw rows per call): {report['compute']['rows_per_s']:,.0f} rows/s "
+             f"({report['compute']['ms_per_64_rows']:.2f} ms per 64 rows).", "",
+             "| server | rows/request | concurrency | rows/s | requests/s | p50 ms | p99 ms | statuses | dropped |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, cells in report["cells"].items():
+        for size in ROWS_PER_REQUEST:
+            for concurrency in CONCURRENCY:
+                c = cells[f"c{concurrency}_r{size}"]
+                lines.append(f"| {name} | {size} | {concurrency} | {c['rows_per_s']:,.0f} | {c['requests_per_s']:,.0f} | "
+                             f"{c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['statuses']} | {c['dropped']} |")
+    lines += ["", "Cold start (command to /readyz): " + ", ".join(
+        f"{name} {cells['cold_start_s']:.1f} s" for name, cells in report["cells"].items()) + "."]
+    if report.get("soak"):
+        s = report["soak"]
+        lines += ["", f"60 s soak, service, concurrency 32, one-row requests: {s['requests']:,} requests, statuses "
+                      f"{s['statuses']}, dropped {s['dropped']}, p99 {s['p99_ms']:.1f} ms."]
+    lines += ["", "## Targets", ""] + [f"- {name}: {value:.3f}" if isinstance(value, float) else f"- {name}: {value}"
+                                       for name, value in report["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The comparison servers of benchmarks/serving.py: a no-op BentoML service (the framework's own
+ceiling here) and the naive Flask server (one request, one forward pass) everyone starts from."""
+
+from __future__ import annotations
+
+import os
+
+import bentoml
+
+
+@bentoml.service(name="noop", workers=1, traffic={"timeout": 30, "max_concurrency": 256})
+class NoopService:
+    """Same route, same JSON shape, no model: what BentoML costs per request on this machine."""
+
+    @bentoml.api(route="/predict", batchable=True, max_batch_size=512, max_latency_ms=2000)
+    def predict(self, rows: list[dict]) -> list[dict]:
+        return [{"label": "x", "probabilities": {}} for _ in rows]
+
+
+def flask_app():
+    """`flask --app serving_servers:flask_app run --with-threads`: the tutorial server."""
+    import numpy as np
+    import pandas as pd
+    from flask import Flask, jsonify, request
+
+    from maas.bundle import ModelBundle
+
+    bundle = ModelBundle.load(os.environ["MAAS_BUNDLE_DIR"])
+    app = Flask("naive")
+
+    @app.post("/predict")
+    def predict():
+        frame = pd.DataFrame(request.get_json()["rows"])
+        probabilities = bundle.predict_proba(frame)
+        return jsonify([{"label": bundle.labels[int(np.argmax(p))],
+                         "probabilities": dict(zip(bundle.labels, map(float, p)))} for p in probabilities])
+
+    @app.get("/readyz")
+    def ready():
+        return "ok"
+
+    return app
