@@ -212,3 +212,31 @@ def test_the_bento_built_by_training_serves_the_same_predictions(service):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def service_schema(service):
+    import schemathesis
+
+    base = service[0]
+    return schemathesis.openapi.from_url(f"{base}/docs.json").include(path="/predict")
+
+
+def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(service_schema, service):
+    """Schemathesis generates valid and invalid bodies from the service's own OpenAPI document."""
+    from hypothesis import HealthCheck, given, settings
+
+    keys = service[2]
+    statuses = []
+    operations = [result.ok() for result in service_schema.get_all_operations()]
+    assert [operation.path for operation in operations] == ["/predict"]
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(case):
+            response = case.call(headers={"X-API-Key": keys["pro"]}, timeout=30)
+            statuses.append(response.status_code)
+            assert response.status_code < 500, (case.body, response.status_code, response.text[:300])
+
+        check()
+    assert len(statuses) >= 50 and any(400 <= status < 500 for status in statuses)
