@@ -31,8 +31,8 @@ test-fast: $(INSTALLED) ## unit and model tests only
 ui: $(INSTALLED) ## MLflow UI on the local store (http://127.0.0.1:5000)
 	$(BIN)/maas ui
 
-bench: $(INSTALLED) ## pipeline overhead, tuning efficiency, compression (writes benchmarks/results/)
-	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python compression.py
+bench: $(INSTALLED) ## overhead, tuning, compression, serving (writes benchmarks/results/)
+	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python compression.py && ../$(BIN)/python serving.py
 
 lock: ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

@@ -13,6 +13,7 @@ Started by `maas serve`, which packages the model and sets:
 from __future__ import annotations
 
 import json
+import operator
 import os
 import queue
 import random
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from maas.bundle import ModelBundle
+from maas.bundle import ModelBundle, transform_arrays
 from maas.config import ServingConfig
 from maas.service_store import active_keys, connect, current_month, hash_key, log_predictions, record_usage, rows_used
 
@@ -66,7 +67,10 @@ def row_model(schema: list[dict[str, str]]) -> type[BaseModel]:
 
 
 Row = row_model(BUNDLE.metadata["input_schema"])
-COLUMNS = [column["name"] for column in BUNDLE.metadata["input_schema"]]
+FIELD_OF = {column["name"]: f"c{index}" for index, column in enumerate(BUNDLE.metadata["input_schema"])}
+NUMERIC_FIELDS = [FIELD_OF[column["name"]] for column in BUNDLE.preprocessing["numeric"]]
+CATEGORICAL_FIELDS = [FIELD_OF[column["name"]] for column in BUNDLE.preprocessing["categorical"]]
+NUMERIC_VALUES = operator.attrgetter(*NUMERIC_FIELDS) if NUMERIC_FIELDS else None
 
 
 class Prediction(BaseModel):
@@ -286,11 +290,13 @@ class MaasService:
                  max_latency_ms=SETTINGS.max_latency_ms)
     def predict(self, rows: Annotated[list[Row], Field(min_length=1)]) -> list[Prediction]:  # type: ignore[valid-type]
         """Label and class probabilities for each raw row (columns as in the training data)."""
-        frame = pd.DataFrame([row.model_dump(by_alias=True) for row in rows], columns=COLUMNS)
-        probabilities = self.bundle.predict_proba(frame)
+        numeric = (np.array([NUMERIC_VALUES(row) for row in rows], dtype=np.float64).reshape(len(rows), -1)
+                   if NUMERIC_FIELDS else None)
+        categorical = [np.array([getattr(row, name) for row in rows], dtype=object) for name in CATEGORICAL_FIELDS]
+        probabilities = self.bundle.predict_features(
+            transform_arrays(numeric, categorical, len(rows), self.bundle.preprocessing))
         labels = self.bundle.labels
-        return [Prediction(label=labels[int(np.argmax(p))], probabilities=dict(zip(labels, map(float, p))))
+        return [{"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, p.tolist()))}
                 for p in probabilities]
-
 
 MaasService.add_asgi_middleware(ServiceGate)
