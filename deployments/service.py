@@ -20,11 +20,11 @@ import random
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from maas.bundle import ModelBundle, transform_arrays
@@ -95,11 +95,11 @@ class Meter:
         self.resources = ProcessGauges()
         threading.Thread(target=self._run, name="maas-meter", daemon=True).start()
 
-    def record(self, key_id: str, rows: int, status: int, request_id: str, body: bytes, response: bytes) -> None:
+    def record(self, key_id: str, rows: int, status: int, request_id: str, inputs: list, response: bytes) -> None:
         with self.lock:
             self.rows_this_month[key_id] = self.rows_this_month.get(key_id, 0) + rows
         logged = status < 400 and random.random() < self.sample
-        self.pending.put((key_id, rows, status, request_id, body if logged else None, response if logged else None))
+        self.pending.put((key_id, rows, status, request_id, inputs if logged else None, response if logged else None))
 
     def _run(self) -> None:
         while True:
@@ -112,16 +112,15 @@ class Meter:
         now = time.time()
         while True:
             try:
-                key_id, rows, status, request_id, body, response = self.pending.get_nowait()
+                key_id, rows, status, request_id, inputs, response = self.pending.get_nowait()
             except queue.Empty:
                 break
             total = counts.setdefault(key_id, [0, 0, 0])
             total[0] += 1
             total[1] += rows if status < 400 else 0
             total[2] += status >= 400
-            if body is not None:
-                entries.append((request_id, now, key_id, MODEL_LABEL, status,
-                                json.dumps(json.loads(body)["rows"]), response.decode()))
+            if inputs is not None:
+                entries.append((request_id, now, key_id, MODEL_LABEL, status, json.dumps(inputs), response.decode()))
         if counts:
             record_usage(self.connection, current_month(now), {k: tuple(v) for k, v in counts.items()})
         if entries:
@@ -172,8 +171,9 @@ class TokenBucket:
 
 
 def seconds_to_next_month() -> int:
-    now = pd.Timestamp.now(tz="UTC")
-    return int(((now + pd.offsets.MonthBegin(1)).normalize() - now).total_seconds()) + 1
+    now = datetime.now(timezone.utc)
+    start = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return int((start - now).total_seconds()) + 1
 
 
 class ServiceGate:
@@ -203,7 +203,7 @@ class ServiceGate:
                 return await reply(send, 403, {"error": f"key {key_id} has tier '{tier_name}', which this service does not offer"})
             wait = self.buckets.take(key_id, tier.requests_per_minute)
             if wait:
-                self.meter.record(key_id, 0, 429, "", b"", b"")
+                self.meter.record(key_id, 0, 429, "", [], b"")
                 return await reply(send, 429, {"error": f"rate limit of tier '{tier_name}': "
                                                f"{tier.requests_per_minute} requests per minute"},
                                    {"retry-after": str(max(1, round(wait)))})
@@ -219,12 +219,13 @@ class ServiceGate:
                 return await reply(send, 413, {"error": f"request body exceeds {self.settings.max_request_bytes} bytes"})
             if not message.get("more_body"):
                 break
-        rows = count_rows(bytes(body))
+        request_rows = parsed_rows(bytes(body))
+        rows = len(request_rows)
         if rows > self.settings.max_rows_per_request:
             return await reply(send, 413, {"error": f"{rows} rows in one request; the limit is "
                                            f"{self.settings.max_rows_per_request}"})
         if tier is not None and self.meter.rows_this_month.get(key_id, 0) + rows > tier.monthly_rows:
-            self.meter.record(key_id, 0, 429, "", b"", b"")
+            self.meter.record(key_id, 0, 429, "", [], b"")
             return await reply(send, 429, {"error": f"monthly quota of tier '{tier_name}' "
                                            f"({tier.monthly_rows} rows) used up"},
                                {"retry-after": str(seconds_to_next_month())})
@@ -250,7 +251,7 @@ class ServiceGate:
             await send(message)
 
         await self.app(scope, replay, capture)
-        self.meter.record(key_id, rows, status, request_id, bytes(body), b"".join(chunks))
+        self.meter.record(key_id, rows, status, request_id, request_rows, b"".join(chunks))
 
 
 def service_metadata(settings: ServingConfig) -> dict:
@@ -262,12 +263,14 @@ def service_metadata(settings: ServingConfig) -> dict:
             "tiers": {name: tier.model_dump() for name, tier in settings.tiers.items()}}
 
 
-def count_rows(body: bytes) -> int:
+def parsed_rows(body: bytes) -> list:
+    """The request's rows, parsed once here for the quota and the prediction log (BentoML parses
+    again to validate); [] when the body is not a JSON object with a list of rows."""
     try:
         rows = json.loads(body).get("rows")
     except (ValueError, AttributeError):
-        return 0
-    return len(rows) if isinstance(rows, list) else 0
+        return []
+    return rows if isinstance(rows, list) else []
 
 
 async def reply(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
