@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+BENCH_VENV := .bench-venv
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-fast ui bench lock clean
@@ -31,8 +32,13 @@ test-fast: $(INSTALLED) ## unit and model tests only
 ui: $(INSTALLED) ## MLflow UI on the local store (http://127.0.0.1:5000)
 	$(BIN)/maas ui
 
-bench: $(INSTALLED) ## overhead, tuning, compression, serving (writes benchmarks/results/)
-	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python compression.py && ../$(BIN)/python serving.py
+$(BENCH_VENV)/.installed: benchmarks/requirements-evidently.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-evidently.txt
+	touch $@
+
+bench: $(INSTALLED) $(BENCH_VENV)/.installed ## overhead, tuning, compression, serving, monitoring (writes benchmarks/results/)
+	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python compression.py && ../$(BIN)/python serving.py && ../$(BIN)/python monitoring.py
 
 lock: ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -42,4 +48,4 @@ lock: ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf .lock-venv
 
 clean: ## remove the environment and local state (.maas)
-	rm -rf $(VENV) .maas
+	rm -rf $(VENV) $(BENCH_VENV) .maas

@@ -16,6 +16,7 @@ from maas.paths import maas_home
 from maas.tracking import ensure_experiment, flatten, log_metrics, log_params, mlflow_client, parent_run, run_url
 from tasks.data import PreparedData, prepare_data_task
 from tasks.compress import compress_task
+from tasks.drift import build_reference
 from tasks.evaluate import Evaluation, evaluate_variants_task
 from tasks.package import package_task
 from tasks.registry import RegisteredVersion, Selection, build_manifest, register_model_task, select_variant
@@ -90,9 +91,13 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
                 config.model_dump(mode="json"), prepared.fingerprint, config.seed,
                 run_id, str(flow_run.id), flow_run.name, tuning.best_params if tuning else None,
             )
+            drift_reference = build_reference(
+                prepared.splits.x_train, prepared.preprocessing, evaluation.probabilities.argmax(1), prepared.labels,
+                config.monitoring.drift.reference_rows, config.seed,
+            )  # what the monitoring flow measures drift against, sealed into the bundle
             registered, stage_seconds["register"] = register_model_task(
                 run_id, winner.bundle_dir, (prepared.splits.x_test, prepared.splits.y_test), manifest,
-                evaluation.metrics, config.model_name, config.registry, winner.name, Path(scratch),
+                evaluation.metrics, config.model_name, config.registry, winner.name, Path(scratch), drift_reference,
             )
             # Packaging: a new champion becomes a BentoML model and a Bento, ready for `bentoml serve`.
             bento = None

@@ -1,8 +1,10 @@
-"""The `maas` command line: train (`run`), look at the results (`ui`), serve (`serve`, `keys`, `usage`)."""
+"""The `maas` command line: train (`run`), look at the results (`ui`), serve (`serve`, `keys`, `usage`),
+watch and retrain (`monitor`, `schedule`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -40,6 +42,18 @@ KEYS_EXAMPLES = """examples:
   maas keys revoke 1a2b3c4d
 """
 
+MONITOR_EXAMPLES = """examples:
+  maas monitor                                 # one check of maas-breast_cancer@champion
+  maas monitor --set monitoring.labels_path=labels.csv --set monitoring.metrics_url=http://127.0.0.1:3000/metrics
+  maas monitor --dataset digits --summary check.json
+"""
+
+SCHEDULE_EXAMPLES = """examples:
+  maas schedule                                # serve the training (weekly) and monitoring (hourly) deployments
+  maas schedule --config configs/default.yaml --set schedule.monitor_cron="*/15 * * * *"
+  PREFECT_API_URL=http://prefect:4200/api maas schedule --pool maas   # register for a work pool's workers
+"""
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (the CLI contract), exit 2."""
@@ -62,6 +76,15 @@ def quiet_defaults() -> None:
     use_embedded_bentoml_home()
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, dataset_help: str, set_example: str) -> None:
+    """--config, --dataset, --target and --set: how every flow command builds its RunConfig."""
+    parser.add_argument("--config", metavar="FILE", help="YAML preset (see configs/)")
+    parser.add_argument("--dataset", metavar="NAME|PATH", help=dataset_help)
+    parser.add_argument("--target", metavar="COLUMN", help="target column of a file dataset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config field by dotted path, e.g. {set_example} (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="maas",
@@ -75,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Load, validate and split the data, train, evaluate, and register the model.",
     )
-    run.add_argument("--config", metavar="FILE", help="YAML preset (see configs/)")
-    run.add_argument("--dataset", metavar="NAME|PATH", help="breast_cancer, digits, wine, or a CSV/Parquet file")
-    run.add_argument("--target", metavar="COLUMN", help="target column of a file dataset")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field by dotted path, e.g. train.lr=0.001 (repeatable)")
+    add_config_arguments(run, "breast_cancer, digits, wine, or a CSV/Parquet file", "train.lr=0.001")
     run.add_argument("--summary", metavar="FILE", help="write the run summary as JSON")
 
     ui = commands.add_parser(
@@ -110,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands.add_parser("list", help="every key: id, name, tier, created, revoked")
     revoke = key_commands.add_parser("revoke", help="revoke a key by id (takes effect within a second)")
     revoke.add_argument("key_id")
+
+    monitor = commands.add_parser(
+        "monitor", help="one check of the served model: drift, live quality, health, alerts", epilog=MONITOR_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare the prediction log since the last check with the model's training reference; "
+                    "alert once per incident; trigger retraining when drift or decay passes its threshold.",
+    )
+    schedule = commands.add_parser(
+        "schedule", help="the cron deployments: serve them here, or register them for a work pool",
+        epilog=SCHEDULE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Training and monitoring as Prefect deployments with cron schedules (schedule.*).",
+    )
+    for command in (monitor, schedule):
+        add_config_arguments(command, "which model: maas-<dataset> by default", "monitoring.drift.psi_threshold=0.25")
+    monitor.add_argument("--summary", metavar="FILE", help="write the check as JSON")
+    schedule.add_argument("--pool", metavar="NAME", help="register for this work pool and exit (team set-up)")
 
     usage = commands.add_parser("usage", help="requests, rows and errors per key and month")
     usage.add_argument("--month", metavar="YYYY-MM", help="only this month")
@@ -154,24 +189,33 @@ def human_summary(summary: dict[str, Any]) -> str:
     ])
 
 
-def command_run(args: argparse.Namespace) -> int:
+def run_flow(args: argparse.Namespace, check, load_flow, what: str, render) -> int:
+    """`maas run` and `maas monitor`: config, preflight (bad input is one line), the flow, the summary."""
     from maas.config import load_config
 
     config = load_config(args.config, args.dataset, args.target, args.overrides)
-    preflight(config)
-    from flows.train_pipeline import train_pipeline
-
+    check(config)
+    flow_function = load_flow()  # imported late: Prefect's import costs seconds that bad input should not
     try:
-        summary = train_pipeline(config)
+        summary = flow_function(config)
     except MaasInputError:
         raise
-    except Exception as error:  # Prefect has logged the traceback with the failed task
-        print(f"maas: error: the training flow failed: {error.__class__.__name__}: {error}", file=sys.stderr)
+    except Exception as error:  # Prefect has logged the traceback with the failed flow run
+        print(f"maas: error: the {what} flow failed: {error.__class__.__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
     if args.summary:
-        Path(args.summary).write_text(json.dumps(summary, indent=2))
-    print(human_summary(summary))
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str))
+    print(render(summary))
     return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    def training_flow():
+        from flows.train_pipeline import train_pipeline
+
+        return train_pipeline
+
+    return run_flow(args, preflight, training_flow, "training", human_summary)
 
 
 def command_ui(args: argparse.Namespace) -> int:
@@ -254,11 +298,120 @@ def command_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def monitor_preflight(config) -> None:
+    """Bad input (no such model, a missing labels file) as one line before any flow run starts."""
+    import tempfile
+
+    from flows.monitor import resolve_watched
+    from maas.paths import maas_home
+    from maas.tracking import mlflow_client
+    from tasks.prediction_log import read_ground_truth
+
+    from flows.monitor import watched_reference
+    from maas.paths import is_embedded_store
+
+    if is_embedded_store() and not (maas_home() / "mlflow.db").is_file():
+        raise MaasInputError(f"monitoring.model '{watched_reference(config)}': no MLflow store in {maas_home()} yet "
+                             "(train a model with `maas run`)")
+    with tempfile.TemporaryDirectory(dir=maas_home(), prefix="preflight-") as scratch:
+        resolve_watched(mlflow_client(), config, Path(scratch))
+    if config.monitoring.labels_path:
+        read_ground_truth(config.monitoring.labels_path)
+
+
+def human_check(summary: dict[str, Any]) -> str:
+    drift = summary["drift"]
+    lines = [f"Checked {summary['model']}: {drift['n_rows']} logged rows since {summary['window_start']}",
+             f"  drift    {len(drift['drifted_features'])} of {len(drift['features'])} features drifted"
+             + ("" if drift["judged"] else " (too few rows to judge)")
+             + (f": {', '.join(drift['drifted_features'][:6])}" if drift["drifted_features"] else "")]
+    if summary["quality"]:
+        quality = summary["quality"]
+        if quality["n_labelled"]:
+            lines.append(f"  quality  live F1 {quality['metrics']['f1_macro']:.4f} on {quality['n_labelled']} labelled rows "
+                         f"(test {quality['test_metrics'].get('f1_macro', float('nan')):.4f})")
+        else:
+            lines.append("  quality  no labelled rows yet")
+    if summary["health"]:
+        health = summary["health"]
+        p99 = "-" if health["p99_ms"] is None else f"{health['p99_ms']:.0f} ms"
+        errors = "-" if health["error_rate"] is None else f"{health['error_rate']:.2%}"
+        lines.append(f"  health   {health['requests']:.0f} requests, 5xx {errors}, p99 {p99}")
+    lines += [f"  ALERT    {alert['kind']}: {alert['message']}" for alert in summary["alerts"]]
+    if summary["retrain"]:
+        lines.append(f"  retrain  {summary['retrain']['status']}")
+    lines.append(f"  report   {summary['mlflow_run_url']} (drift/report.html)")
+    return "\n".join(lines)
+
+
+def command_monitor(args: argparse.Namespace) -> int:
+    def monitoring_flow():
+        from flows.monitor import monitor
+
+        return monitor
+
+    return run_flow(args, monitor_preflight, monitoring_flow, "monitoring", human_check)
+
+
+def command_schedule(args: argparse.Namespace) -> int:
+    from maas.config import load_config
+
+    config = load_config(args.config, args.dataset, args.target, args.overrides)
+    from deployments.schedules import build_deployments
+
+    deployments = build_deployments(config, args.config)
+    if args.pool:
+        for deployment in deployments:
+            deployment.apply(work_pool_name=args.pool)
+            print(f"registered {deployment.flow_name}/{deployment.name} for work pool '{args.pool}'")
+        print(f"start a worker in this folder: prefect worker start --pool {args.pool}")
+        return 0
+    from prefect import serve
+
+    with local_prefect_server() as api_url:
+        for deployment in deployments:
+            cron = ", ".join(schedule.schedule.cron for schedule in deployment.schedules)
+            print(f"serving {deployment.flow_name}/{deployment.name} on cron '{cron}'", flush=True)
+        print(f"Prefect API {api_url}; trigger a run with: PREFECT_API_URL={api_url} prefect deployment run "
+              f"'{deployments[0].flow_name}/{deployments[0].name}'  (Ctrl-C to stop)", flush=True)
+        try:
+            serve(*deployments, print_starting_message=False)
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+@contextlib.contextmanager
+def local_prefect_server():
+    """The configured Prefect API, or one local server shared by the runner and its flow runs.
+
+    Prefect's temporary server is per process: each flow run the runner starts would get its own,
+    and a deployment's concurrency slot, leased on the runner's server, is then unknown where the
+    run releases it (the run is cancelled). So the runner starts one and hands its URL down.
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield get_current_settings().api.url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_defaults()
     handlers = {"run": command_run, "ui": command_ui, "serve": command_serve, "keys": command_keys,
-                "usage": command_usage}
+                "usage": command_usage, "monitor": command_monitor, "schedule": command_schedule}
     try:
         return handlers[args.command](args)
     except MaasInputError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,11 @@ class DataConfig(Section):
     max_category_levels: int = Field(50, ge=2, description="more levels: dropped as ID-like")
     max_unparsable_fraction: float = Field(
         0.05, ge=0, lt=0.5, description="stray strings a numeric column may hold (coerced to NaN)"
+    )
+    extra_paths: list[str] = Field(
+        default_factory=list,
+        description="CSV/Parquet files of more rows (same columns and target), appended before the split; "
+                    "the monitor's retraining passes labelled production rows this way",
     )
 
     @model_validator(mode="after")
@@ -244,6 +250,56 @@ class ServingConfig(Section):
     })
 
 
+class DriftConfig(Section):
+    """Data drift of logged inputs against the training reference kept in the model bundle."""
+
+    psi_threshold: float = Field(0.2, gt=0, description="a feature drifted: PSI above this (and KS agrees)")
+    ks_alpha: float = Field(0.01, gt=0, lt=1, description="numeric features: the KS test must also reject at this level")
+    max_bins: int = Field(10, ge=2, le=50, description="PSI bins at most (reference quantiles)")
+    min_rows_per_bin: int = Field(25, ge=1, description="fewer bins for small samples: PSI is biased up by sparse bins")
+    alert_share: float = Field(0.1, gt=0, le=1, description="alert when at least this share of features drifted")
+    min_rows: int = Field(50, ge=1, description="fewer logged rows than this: drift is not judged")
+    reference_rows: int = Field(2000, ge=100, description="training rows per feature kept as the reference sample")
+
+
+class MonitoringConfig(Section):
+    """The monitoring flow: what it watches, its thresholds, whom it tells, and what it may do."""
+
+    model: str | None = Field(None, description="NAME@ALIAS to watch; default maas-<dataset>@champion")
+    experiment: str | None = Field(None, description="MLflow experiment of the checks; default <experiment>-monitoring")
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    labels_path: str | None = Field(None, description="CSV/Parquet ground truth: request_id, label (and row)")
+    quality_window_hours: float = Field(168, gt=0, description="labelled predictions this recent count for live quality")
+    min_labelled_rows: int = Field(30, ge=1, description="fewer labelled rows: live quality is not judged")
+    max_quality_drop: float = Field(0.05, ge=0, le=1, description="alert when live F1 is this far below test F1")
+    metrics_url: str | None = Field(None, description="the service's /metrics, e.g. http://127.0.0.1:3000/metrics")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="alert above this share of 5xx answers")
+    max_p99_ms: float = Field(1000, gt=0, description="alert above this p99 request latency")
+    notify_block: str | None = Field(None, description="Prefect notification block 'type-slug/name' for alerts")
+    retrain: bool = Field(True, description="drift or quality decay triggers a run of the training deployment")
+    retrain_deployment: str | None = Field(None, description="default maas-train/<model name>-train")
+    append_labelled: bool = Field(False, description="retrain with the labelled production rows appended")
+    rollback: bool = Field(True, description="a new champion worse live than the one it replaced is rolled back")
+    rollback_margin: float = Field(0.02, ge=0, le=1, description="F1 the old champion must lead by, same rows")
+
+
+class ScheduleConfig(Section):
+    """Cron schedules of the Prefect deployments that `maas schedule` serves."""
+
+    train_cron: str = Field("0 3 * * 1", description="training: Mondays 03:00")
+    monitor_cron: str = Field("0 * * * *", description="monitoring: hourly")
+    timezone: str = "UTC"
+
+    @field_validator("train_cron", "monitor_cron")
+    @classmethod
+    def _cron(cls, expression: str) -> str:
+        # The shape only (five fields); Prefect parses the rest when `maas schedule` registers it.
+        # Importing Prefect's parser here would cost every command 2 s.
+        if not re.fullmatch(r"\s*(\S+\s+){4}\S+\s*", expression) or not re.fullmatch(r"[\d*/,\-A-Za-z?LW#\s]+", expression):
+            raise ValueError(f"not a five-field cron expression: '{expression}'")
+        return expression.strip()
+
+
 class TrackingConfig(Section):
     """MLflow experiment naming."""
 
@@ -263,6 +319,8 @@ class RunConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @property
     def experiment_name(self) -> str:
@@ -271,6 +329,15 @@ class RunConfig(Section):
     @property
     def model_name(self) -> str:
         return self.registry.model_name or f"maas-{self.data.short_name}"
+
+    @property
+    def monitoring_experiment(self) -> str:
+        return self.monitoring.experiment or f"{self.experiment_name}-monitoring"
+
+    @property
+    def train_deployment(self) -> str:
+        """'flow/deployment' of the training deployment for this model (see deployments/schedules.py)."""
+        return self.monitoring.retrain_deployment or f"maas-train/{self.model_name}-train"
 
 
 def _describe_validation_error(error: ValidationError, source: str) -> str:
@@ -307,7 +374,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
-        raise MaasInputError(f"--set: cannot read the value of '{key}': '{raw_value}'") from None
+        value = raw_value  # not YAML (a cron expression such as */5 * * * *): the text itself; the field checks it
     return key.strip().split("."), value
 
 

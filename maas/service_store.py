@@ -1,4 +1,4 @@
-"""API keys, usage metering and the prediction log: one SQLite file under MAAS_HOME.
+"""API keys, usage metering, the prediction log and the monitor's state: one SQLite file under MAAS_HOME.
 
 Keys are stored as SHA-256 hashes; the plain key is shown once, when it is created. The service
 reads and writes this file from a background thread, never on a request's hot path.
@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS predictions (
     status INTEGER NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions (logged_at);
+CREATE TABLE IF NOT EXISTS monitor_checks (
+    model TEXT NOT NULL, checked_at REAL NOT NULL, window_end REAL NOT NULL, service_counters TEXT
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    model TEXT NOT NULL, kind TEXT NOT NULL, opened_at REAL NOT NULL, closed_at REAL, detail TEXT NOT NULL
+);
 """
 
 
@@ -130,3 +136,35 @@ def read_predictions(connection: sqlite3.Connection, since: float = 0.0) -> list
         "WHERE logged_at > ? ORDER BY logged_at", (since,))
     return [{"request_id": r[0], "logged_at": r[1], "key_id": r[2], "model": r[3], "status": r[4],
              "inputs": json.loads(r[5]), "outputs": json.loads(r[6])} for r in rows]
+
+
+def last_check(connection: sqlite3.Connection, model: str) -> tuple[float, dict | None]:
+    """(end of the window the last check covered, the service counters it scraped) for a model."""
+    row = connection.execute("SELECT window_end, service_counters FROM monitor_checks WHERE model = ? "
+                             "ORDER BY checked_at DESC LIMIT 1", (model,)).fetchone()
+    if row is None:
+        return 0.0, None
+    return row[0], json.loads(row[1]) if row[1] else None
+
+
+def record_check(connection: sqlite3.Connection, model: str, window_end: float, counters: dict | None) -> None:
+    with connection:
+        connection.execute("INSERT INTO monitor_checks VALUES (?, ?, ?, ?)",
+                           (model, time.time(), window_end, json.dumps(counters) if counters else None))
+
+
+def open_incidents(connection: sqlite3.Connection, model: str) -> dict[str, str]:
+    """kind -> detail of the incidents still open for a model."""
+    rows = connection.execute("SELECT kind, detail FROM incidents WHERE model = ? AND closed_at IS NULL", (model,))
+    return dict(rows)
+
+
+def open_incident(connection: sqlite3.Connection, model: str, kind: str, detail: str) -> None:
+    with connection:
+        connection.execute("INSERT INTO incidents VALUES (?, ?, ?, NULL, ?)", (model, kind, time.time(), detail))
+
+
+def close_incident(connection: sqlite3.Connection, model: str, kind: str) -> None:
+    with connection:
+        connection.execute("UPDATE incidents SET closed_at = ? WHERE model = ? AND kind = ? AND closed_at IS NULL",
+                           (time.time(), model, kind))

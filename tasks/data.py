@@ -171,6 +171,28 @@ def load_table(data: DataConfig) -> RawTable:
     return RawTable(frame, data.target, str(path))
 
 
+def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
+    """The table with the rows of each extra file below it (same columns, target included).
+
+    This is how labelled production rows join a retraining run; a file whose columns differ is
+    refused by name rather than silently padded with NaN.
+    """
+    if not extra_paths:
+        return table
+    frames = [table.frame]
+    for raw_path in extra_paths:
+        path = Path(raw_path).expanduser()
+        extra = read_table_file(path)
+        missing = [name for name in table.frame.columns if name not in extra.columns]
+        unknown = [name for name in extra.columns if name not in table.frame.columns]
+        if missing or unknown:
+            problem = f"lacks column(s) {_listing(missing)}" if missing else f"has unknown column(s) {_listing(unknown)}"
+            raise MaasInputError(f"{path}: extra rows for {table.source} {problem}")
+        frames.append(extra[list(table.frame.columns)])
+    frame = pd.concat(frames, ignore_index=True)
+    return RawTable(frame, table.target, f"{table.source}+{len(extra_paths)} extra", table.image_shape)
+
+
 # --- validation and cleaning -------------------------------------------------------------------
 
 
@@ -327,7 +349,7 @@ def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
 
 def prepare_data(data: DataConfig, seed: int) -> PreparedData:
     """The whole data stage: load, validate, clean, split, fit preprocessing."""
-    table = load_table(data)
+    table = append_extra_rows(load_table(data), data.extra_paths)
     frame = table.frame
     if table.target not in frame.columns:
         raise MaasInputError(

@@ -22,6 +22,7 @@ from maas.config import RegistryConfig, SelectionConfig
 from maas.orchestration import timed
 from maas.paths import project_root
 from maas.tracking import mlflow_client
+from tasks.drift import write_reference
 from tasks.export import update_metadata
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "maas" / "mlflow_model.py"
@@ -292,14 +293,17 @@ def publish_model(
     registry: RegistryConfig,
     variant: str,
     scratch: Path,
+    drift_reference: dict[str, Any] | None = None,
 ) -> RegisteredVersion:
-    """Score the champion on the same test rows, then seal metrics and manifest into the bundle,
-    log it, register it, and give the new version the alias the gate decided."""
+    """Score the champion on the same test rows, then seal metrics, manifest and the drift
+    reference into the bundle, log it, register it, and give the new version the alias the gate decided."""
     x_test, y_test = test_split
     gate = gate_decision(test_metrics[registry.gate_metric],
                          champion_on_test(client, model_name, registry, x_test, y_test, bundle_labels(bundle_dir), scratch),
                          registry)
     update_metadata(bundle_dir, metrics=test_metrics, manifest=manifest, variant=variant)
+    if drift_reference is not None:
+        write_reference(bundle_dir, drift_reference)
     client.log_text(run_id, manifest_json(manifest), "manifest.json")
     model_info = log_bundle_model(client, run_id, bundle_dir, x_test.head(5))
     description = (
@@ -329,11 +333,12 @@ def register_model_task(
     registry: RegistryConfig,
     variant: str,
     scratch: Path,
+    drift_reference: dict[str, Any] | None = None,
 ) -> tuple[RegisteredVersion, float]:
     """Retries are safe: a failed alias step deletes the version it created."""
     registered, seconds = timed(
         publish_model, mlflow_client(), run_id, bundle_dir, test_split, manifest, test_metrics,
-        model_name, registry, variant, scratch,
+        model_name, registry, variant, scratch, drift_reference,
     )
     get_run_logger().info("registered %s version %s (%s) as @%s: %s", registered.name, registered.version,
                           variant, registered.alias, registered.gate.reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,16 @@ def maas_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("MAAS_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return home
+
+
+@contextlib.contextmanager
+def module_home(tmp_path_factory):
+    """A fresh MAAS_HOME for a module-scoped fixture (the function-scoped `maas_home` cannot serve one)."""
+    home = tmp_path_factory.mktemp("maas-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAAS_HOME", str(home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield home
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import quick_config
+from tests.conftest import module_home, quick_config
 
 
 @pytest.fixture(scope="module")
@@ -12,9 +12,6 @@ def trained(prefect_server, tmp_path_factory):
     """(maas_home, config, summary) of a real flow run on breast_cancer with the quick preset."""
     from flows.train_pipeline import train_pipeline
 
-    home = tmp_path_factory.mktemp("maas-home")
     config = quick_config("breast_cancer")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MAAS_HOME", str(home))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with module_home(tmp_path_factory) as home:
         yield home, config, train_pipeline(config)

@@ -28,6 +28,10 @@ BAD_INPUTS = {
     "bad set key": (["--set", "train.epochz=3"], "unknown field 'train.epochz'"),
     "bad set value": (["--set", "train.batch_size=0"], "train.batch_size"),
     "no cuda": (["--dataset", "wine", "--set", "train.device=cuda"], "no CUDA device"),
+    "extra rows": (["--dataset", "{tmp}/ok.csv", "--target", "y", "--set", "data.extra_paths=[{tmp}/header.csv]"],
+                   "header but no data rows"),
+    "extra columns": (["--dataset", "{tmp}/ok.csv", "--target", "y", "--set", "data.extra_paths=[{tmp}/ragless.csv]"],
+                      "extra rows for {tmp}/ok.csv lacks column(s) b"),
 }
 
 
@@ -37,6 +41,7 @@ def bad_files(tmp_path):
     (tmp_path / "header.csv").write_text("a,b,y\n")
     (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 8)
     (tmp_path / "ragged.csv").write_text("a,b,y\n1,2,p\n3,4\n")
+    (tmp_path / "ragless.csv").write_text("a,y\n1,p\n")
     (tmp_path / "ok.csv").write_text("a,b,y\n" + "".join(f"{i},{i % 3},{'pq'[i % 2]}\n" for i in range(60)))
     (tmp_path / "oneclass.csv").write_text("a,b,y\n" + "".join(f"{i},{i % 3},p\n" for i in range(60)))
     return tmp_path
@@ -51,7 +56,7 @@ def test_bad_input_is_one_line_nonzero_exit_and_leaves_nothing(case, bad_files, 
     captured = capsys.readouterr()
     assert exit_code == 2
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], captured.err
+    assert len(lines) == 1 and expected.format(tmp=bad_files) in lines[0], captured.err
     assert "Traceback" not in captured.out + captured.err
     client = mlflow_client()
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
@@ -66,11 +71,27 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_every_command_has_help_with_examples(capsys):
-    for command in (["--help"], ["run", "--help"], ["ui", "--help"]):
+    for command in ("run", "ui", "serve", "keys", "monitor", "schedule"):
         with pytest.raises(SystemExit) as exit_info:
-            main(command)
+            main([command, "--help"])
         assert exit_info.value.code == 0
-    assert "examples:" in capsys.readouterr().out
+        assert "examples:" in capsys.readouterr().out, command
+
+
+@pytest.mark.parametrize("store_exists, arguments, expected", [
+    (False, [], "monitoring.model 'maas-breast_cancer@champion': no MLflow store"),
+    (True, ["--set", "monitoring.model=maas-wine/7"], "monitoring.model 'maas-wine/7': no such registered model version"),
+])
+def test_monitor_without_a_model_is_one_line_and_leaves_no_run(store_exists, arguments, expected, maas_home, capsys):
+    if store_exists:
+        mlflow_client().search_experiments()
+        capsys.readouterr()
+    exit_code = main(["monitor", *arguments])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert exit_code == 2 and len(lines) == 1 and expected in lines[0], captured.err
+    client = mlflow_client()
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):

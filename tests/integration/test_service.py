@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from maas.service_store import connect, create_key, read_predictions
-from tests.conftest import free_port, quick_config, wait_until_up
+from tests.conftest import free_port, module_home, quick_config, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,7 @@ def service(prefect_server, tmp_path_factory):
     """(base url, maas home, keys, test rows, summary, cold start s) of a running service."""
     from flows.train_pipeline import train_pipeline
 
-    home = tmp_path_factory.mktemp("maas-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MAAS_HOME", str(home))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with module_home(tmp_path_factory) as home:
         summary = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32, int8]"))
         connection = connect(home / "service.db")
         keys = {tier: create_key(connection, f"{tier}-user", tier)[1] for tier in ("pro", "free", "tiny")}
@@ -183,6 +180,37 @@ def test_metadata_health_docs_and_metrics(service):
     memory = [line for line in metrics.splitlines() if line.startswith("maas_process_resident_memory_bytes")]
     assert memory and float(memory[0].split()[-1]) > 10_000_000
     assert np.isfinite(float([line for line in metrics.splitlines() if line.startswith("maas_process_cpu_percent")][0].split()[-1]))
+
+
+def test_the_monitor_reads_the_live_services_log_labels_and_metrics(service, monkeypatch, tmp_path):
+    import pandas as pd
+    from sklearn.datasets import load_breast_cancer
+
+    from flows.monitor import monitor
+
+    base, home, keys, _, summary, _ = service
+    monkeypatch.setenv("MAAS_HOME", str(home))
+    data = load_breast_cancer(as_frame=True)
+    records = json.loads(data.data.to_json(orient="records"))
+    truth = []
+    for start in range(0, len(records), 50):
+        request_id = f"monitor-{start}"
+        assert predict(base, records[start:start + 50], keys["pro"], {"X-Request-Id": request_id}).status_code == 200
+        truth += [(request_id, row, data.target_names[label])
+                  for row, label in enumerate(data.target.iloc[start:start + 50])]
+    labels_path = tmp_path / "labels.csv"
+    pd.DataFrame(truth, columns=["request_id", "row", "label"]).to_csv(labels_path, index=False)
+    time.sleep(2.5)  # the meter flushes the log and refreshes the gauges every second
+    config = quick_config("breast_cancer", f"monitoring.metrics_url={base}/metrics",
+                          f"monitoring.labels_path={labels_path}", "monitoring.retrain=false")
+    check = monitor(config)
+    assert check["drift"]["n_rows"] >= len(records)
+    quality = check["quality"]
+    assert quality["n_labelled"] == len(records) and quality["metrics"]["f1_macro"] > 0.9 and not quality["alert"]
+    health = check["health"]
+    assert health["requests"] >= len(records) // 50 and health["error_rate"] == 0 and health["p99_ms"] > 0
+    assert health["memory_bytes"] > 10_000_000 and health["cpu_percent"] is not None
+    assert not {"error_rate", "latency", "quality", "service_down"} & {alert["kind"] for alert in check["alerts"]}
 
 
 def test_serve_names_a_missing_model_in_one_line(service):

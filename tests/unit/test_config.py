@@ -38,6 +38,10 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("registry.model_name=abc") == (["registry", "model_name"], "abc")
 
 
+def test_a_value_that_is_not_yaml_is_taken_as_text():
+    assert load_config(overrides=["schedule.monitor_cron=*/30 * * * *"]).schedule.monitor_cron == "*/30 * * * *"
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -53,6 +57,8 @@ def test_parse_override_reads_yaml_values():
         (["selection.policy=cheapest"], "selection.policy"),
         (["data.test_fraction=0.45", "data.val_fraction=0.45"], "below 0.8"),
         (["novalue"], "expected key=value"),
+        (["schedule.train_cron=every monday"], "schedule.train_cron: not a five-field cron"),
+        (["monitoring.drift.psi_threshold=0"], "monitoring.drift.psi_threshold"),
     ],
 )
 def test_bad_values_name_the_field_in_one_line(overrides, expected):

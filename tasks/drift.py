@@ -1,0 +1,199 @@
+"""Data drift: logged inputs and predictions against the training reference kept in the bundle.
+
+The reference (`reference.json` in the model bundle) holds, per input column, a sample of the
+training values (numeric) or the category shares (categorical), and the predicted-label shares on
+the test split. A check compares the rows logged since the last one with it:
+
+- PSI per feature, on bins cut at the reference's quantiles. Fewer bins for small samples: PSI's
+  expected value under no drift is about (bins - 1) x (1/n + 1/m), so 10 bins over 100 rows alone
+  reach ~0.1 and false alarms follow. With 25 rows per bin it stays near 0.03.
+- A two-sample KS test for numeric features. A numeric feature counts as drifted only when both
+  agree (PSI above its threshold and KS rejecting), which keeps one noisy statistic from alarming.
+- The share of drifted features, and PSI of the predicted-label distribution.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from maas.config import DriftConfig
+
+REFERENCE_FILE = "reference.json"
+MISSING = "(missing)"
+OTHER = "(other)"
+EPSILON = 1e-4  # share given to an empty bin, so a bin seen on one side only scores high, not infinite
+
+
+def build_reference(
+    x_train: pd.DataFrame, preprocessing: dict[str, Any], predicted_test: np.ndarray, labels: list[str],
+    max_rows: int, seed: int,
+) -> dict[str, Any]:
+    """What drift is measured against: training inputs per column, predicted-label shares on test."""
+    rng = np.random.default_rng(seed)
+    numeric = {}
+    for column in preprocessing["numeric"]:
+        values = pd.to_numeric(x_train[column["name"]], errors="coerce").to_numpy(dtype=np.float64)
+        present = values[np.isfinite(values)]
+        if len(present) > max_rows:
+            present = rng.choice(present, max_rows, replace=False)
+        numeric[column["name"]] = {"sample": np.sort(present).tolist(),
+                                   "missing_share": float(1 - np.isfinite(values).mean())}
+    categorical = {}
+    for column in preprocessing["categorical"]:
+        raw = x_train[column["name"]]
+        text = raw.astype(str).where(raw.notna(), MISSING)
+        categorical[column["name"]] = {"shares": text.value_counts(normalize=True).to_dict()}
+    counts = np.bincount(np.asarray(predicted_test, dtype=int), minlength=len(labels))
+    return {
+        "n_rows": len(x_train),
+        "numeric": numeric,
+        "categorical": categorical,
+        "predictions": {"source": "test split", "shares": dict(zip(labels, (counts / max(1, counts.sum())).tolist()))},
+    }
+
+
+def write_reference(bundle_dir: Path, reference: dict[str, Any]) -> None:
+    (Path(bundle_dir) / REFERENCE_FILE).write_text(json.dumps(reference))
+
+
+def read_reference(bundle_dir: Path) -> dict[str, Any] | None:
+    path = Path(bundle_dir) / REFERENCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index of two share vectors over the same bins."""
+    expected = np.clip(np.asarray(expected, dtype=np.float64), EPSILON, None)
+    actual = np.clip(np.asarray(actual, dtype=np.float64), EPSILON, None)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def bin_count(n_rows: int, config: DriftConfig) -> int:
+    return int(np.clip(n_rows // config.min_rows_per_bin, 2, config.max_bins))
+
+
+def numeric_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Shares per bin (inner edges, right-closed), with missing values as a last bin of their own."""
+    finite = np.isfinite(values)
+    counts = np.bincount(np.searchsorted(edges, values[finite], side="right"), minlength=len(edges) + 1)
+    return np.append(counts, (~finite).sum()) / max(1, len(values))
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    name: str
+    kind: str
+    psi: float
+    ks_statistic: float | None
+    ks_pvalue: float | None
+    drifted: bool
+    reference_mean: float | None = None
+    current_mean: float | None = None
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    n_rows: int
+    judged: bool  # False: too few rows to say
+    n_bins: int
+    features: list[FeatureDrift]
+    drift_share: float
+    prediction_psi: float | None
+    prediction_shares: dict[str, float]
+    alert: bool
+
+    @property
+    def drifted_features(self) -> list[str]:
+        return [feature.name for feature in self.features if feature.drifted]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "drifted_features": self.drifted_features}
+
+
+def numeric_drift(name: str, reference: dict[str, Any], values: np.ndarray, n_bins: int,
+                  config: DriftConfig) -> FeatureDrift:
+    from scipy.stats import ks_2samp
+
+    sample = np.asarray(reference["sample"], dtype=np.float64)
+    edges = np.unique(np.quantile(sample, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    expected = np.append(numeric_shares(sample, edges)[:-1] * (1 - reference["missing_share"]),
+                         reference["missing_share"])
+    score = psi(expected, numeric_shares(values, edges))
+    present = values[np.isfinite(values)]
+    statistic, pvalue = (ks_2samp(sample, present) if len(present) else (1.0, 0.0))
+    return FeatureDrift(name, "numeric", score, float(statistic), float(pvalue),
+                        bool(score > config.psi_threshold and pvalue < config.ks_alpha),
+                        float(sample.mean()), float(present.mean()) if len(present) else None)
+
+
+def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, config: DriftConfig) -> FeatureDrift:
+    known = list(reference["shares"])
+    text = values.astype(str).where(values.notna(), MISSING)
+    text = text.where(text.isin(known), OTHER)
+    current = text.value_counts(normalize=True)
+    expected = [reference["shares"][category] for category in known] + [0.0]
+    actual = [float(current.get(category, 0.0)) for category in [*known, OTHER]]
+    score = psi(expected, actual)
+    return FeatureDrift(name, "categorical", score, None, None, bool(score > config.psi_threshold))
+
+
+def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str, Any], config: DriftConfig) -> DriftReport:
+    """Every feature and the predictions of the logged rows against the reference."""
+    n_rows = len(rows)
+    n_bins = bin_count(n_rows, config)
+    features: list[FeatureDrift] = []
+    if n_rows:
+        for name, spec in reference["numeric"].items():
+            values = pd.to_numeric(rows[name], errors="coerce").to_numpy(dtype=np.float64) if name in rows else np.full(n_rows, np.nan)
+            features.append(numeric_drift(name, spec, values, n_bins, config))
+        for name, spec in reference["categorical"].items():
+            features.append(categorical_drift(name, spec, rows[name] if name in rows else pd.Series([None] * n_rows), config))
+    expected = reference["predictions"]["shares"]
+    current = predicted.value_counts(normalize=True) if n_rows else pd.Series(dtype=float)
+    prediction_shares = {label: float(current.get(label, 0.0)) for label in expected}
+    prediction_psi = psi(list(expected.values()), list(prediction_shares.values())) if n_rows else None
+    judged = n_rows >= config.min_rows
+    share = sum(feature.drifted for feature in features) / max(1, len(features))
+    return DriftReport(n_rows, judged, n_bins, features, share, prediction_psi, prediction_shares,
+                       alert=judged and share >= config.alert_share)
+
+
+def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any], threshold: float, path: Path) -> Path:
+    """PSI per feature against the threshold, and the worst features' distributions side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranked = sorted(report.features, key=lambda feature: feature.psi, reverse=True)
+    worst = [feature for feature in ranked if feature.kind == "numeric"][:3]
+    figure, axes = plt.subplots(1 + len(worst), 1, figsize=(9, 3 + 2.4 * len(worst)),
+                                gridspec_kw={"height_ratios": [1.6] + [1] * len(worst)})
+    axes = np.atleast_1d(axes)
+    shown = ranked[:30]
+    colors = ["#c0392b" if feature.drifted else "#7f8c8d" for feature in shown]
+    axes[0].bar(range(len(shown)), [feature.psi for feature in shown], color=colors)
+    axes[0].axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"PSI threshold {threshold}")
+    axes[0].set_xticks(range(len(shown)), [feature.name for feature in shown], rotation=60, ha="right", fontsize=7)
+    axes[0].set_ylabel("PSI")
+    axes[0].set_title(f"Drift of {report.n_rows} logged rows: {len(report.drifted_features)} of "
+                      f"{len(report.features)} features drifted (red)")
+    axes[0].legend(loc="upper right")
+    for axis, feature in zip(axes[1:], worst):
+        sample = np.asarray(reference["numeric"][feature.name]["sample"])
+        current = pd.to_numeric(rows[feature.name], errors="coerce").dropna().to_numpy()
+        bins = np.histogram_bin_edges(np.concatenate([sample, current]), bins=30)
+        axis.hist(sample, bins=bins, density=True, alpha=0.55, label="training reference")
+        axis.hist(current, bins=bins, density=True, alpha=0.55, label="logged")
+        axis.set_title(f"{feature.name}: PSI {feature.psi:.2f}, KS p={feature.ks_pvalue:.2g}", fontsize=9)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path

@@ -1,0 +1,87 @@
+"""The service's prediction log and the ground truth that arrives later, as tables to monitor.
+
+The service appends one entry per request (see maas/service_store.py): the raw rows it was sent and
+the predictions it answered, as JSON, with the model label `name/version@alias`. Here they become
+one table row per predicted row, keyed by (request_id, row), which is also how labels are joined.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from maas.errors import MaasInputError
+
+
+@dataclass
+class LoggedRows:
+    """Rows the service predicted: raw inputs, and per row its request, time, model and label."""
+
+    inputs: pd.DataFrame  # training columns, as sent
+    meta: pd.DataFrame  # request_id, row, logged_at, model, version, predicted
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def logged_after(self, since: float) -> LoggedRows:
+        """The rows logged after a time (one read of the log serves the drift and quality windows)."""
+        keep = (self.meta["logged_at"] > since).to_numpy()
+        if keep.all():
+            return self
+        return LoggedRows(self.inputs.loc[keep].reset_index(drop=True), self.meta.loc[keep].reset_index(drop=True))
+
+
+def model_version(label: str) -> str | None:
+    """'maas-wine/3@champion' -> '3'."""
+    _, _, rest = label.partition("/")
+    return rest.split("@")[0] or None
+
+
+def read_logged_rows(connection: sqlite3.Connection, model_name: str, since: float, until: float) -> LoggedRows:
+    """Rows predicted by any version of the model with since < logged_at <= until.
+
+    orjson, not json: parsing is most of a check's time (100k logged requests: 2.8 s -> 0.7 s here).
+    """
+    import orjson
+
+    records, meta = [], []
+    cursor = connection.execute(
+        "SELECT request_id, logged_at, model, inputs, outputs FROM predictions "
+        "WHERE logged_at > ? AND logged_at <= ? AND status < 400 AND substr(model, 1, ?) = ? ORDER BY logged_at",
+        (since, until, len(model_name) + 1, model_name + "/"),
+    )
+    loads = orjson.loads
+    for request_id, logged_at, model, inputs, outputs in cursor:
+        rows, answers = loads(inputs), loads(outputs)
+        version = model_version(model)
+        records.extend(rows)
+        meta.extend((request_id, index, logged_at, model, version, answer["label"])
+                    for index, answer in enumerate(answers[:len(rows)]))
+    return LoggedRows(pd.DataFrame.from_records(records),
+                      pd.DataFrame(meta, columns=["request_id", "row", "logged_at", "model", "version", "predicted"]))
+
+
+def read_ground_truth(path: str | Path) -> pd.DataFrame:
+    """Labels that arrived for logged requests: columns request_id, label, and row (default 0)."""
+    from tasks.data import read_table_file
+
+    frame = read_table_file(Path(path).expanduser())
+    missing = [name for name in ("request_id", "label") if name not in frame.columns]
+    if missing:
+        raise MaasInputError(f"{path}: ground-truth file lacks column(s) {', '.join(missing)} "
+                             "(expected request_id, label, and row for multi-row requests)")
+    labels = pd.DataFrame({
+        "request_id": frame["request_id"].astype(str),
+        "row": pd.to_numeric(frame["row"], errors="coerce").fillna(0).astype(int) if "row" in frame else 0,
+        "label": frame["label"].astype(str),
+    })
+    return labels.drop_duplicates(["request_id", "row"], keep="last")
+
+
+def with_ground_truth(logged: LoggedRows, labels: pd.DataFrame) -> pd.DataFrame:
+    """The logged rows that have a label: meta columns plus 'label' and the row's position."""
+    meta = logged.meta.reset_index(names="position")
+    return meta.merge(labels, on=["request_id", "row"], how="inner")

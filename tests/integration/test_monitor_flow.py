@@ -1,0 +1,239 @@
+"""The monitoring flow for real: a registered champion, a prediction log written as the service
+writes it, the MLflow monitoring experiment, a Prefect notification block posting to a local
+webhook, rollback in the registry, and the cron deployments served by `maas schedule`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import PROJECT_ROOT, module_home, quick_config
+
+pytestmark = pytest.mark.slow
+
+QUICK = ("serving.build_bento=false", "compression.variants=[fp32]")
+
+
+@pytest.fixture(scope="module")
+def registry(prefect_server, tmp_path_factory):
+    """(home, config, prepared data) with v1 (a deliberately weak network) replaced by v2 as champion."""
+    from flows.train_pipeline import train_pipeline
+    from tasks.data import prepare_data
+
+    with module_home(tmp_path_factory) as home:
+        weak = train_pipeline(quick_config("breast_cancer", *QUICK, "tuning.enabled=false", "train.max_epochs=1",
+                                           "model.hidden_sizes=[1]", "train.lr=0.0003"))
+        config = quick_config("breast_cancer", *QUICK)
+        strong = train_pipeline(config)
+        assert (weak["model_version"], strong["model_version"], strong["alias"]) == ("1", "2", "champion"), strong["gate"]
+        prepared = prepare_data(config.data, config.seed)
+        yield home, config, prepared
+
+
+@pytest.fixture
+def fresh_log(registry, monkeypatch):
+    """An empty prediction log and monitor state; the champion back on v2."""
+    from maas.service_store import connect
+    from maas.tracking import mlflow_client
+
+    home, config, prepared = registry
+    monkeypatch.setenv("MAAS_HOME", str(home))
+    connection = connect()
+    with connection:
+        for table in ("predictions", "monitor_checks", "incidents"):
+            connection.execute(f"DELETE FROM {table}")
+    mlflow_client().set_registered_model_alias(config.model_name, "champion", "2")
+    return connection
+
+
+def served_model(config, version: str):
+    from maas.bundle import ModelBundle
+    from maas.tracking import mlflow_client
+    from tasks.registry import download_bundle
+
+    mlflow_client()
+    import tempfile
+
+    return ModelBundle.load(download_bundle(config.model_name, version, tempfile.mkdtemp()))
+
+
+def log_as_service(connection, config, rows: pd.DataFrame, version: str = "2") -> list[str]:
+    """One request per row, logged in the service's format (maas/service_store.py); returns request ids."""
+    from maas.service_store import log_predictions
+
+    predictions = served_model(config, version).predict(rows)
+    ids = [uuid.uuid4().hex for _ in range(len(rows))]
+    now = time.time()
+    entries = [
+        (request_id, now, "key", f"{config.model_name}/{version}@champion", 200, json.dumps([row]),
+         json.dumps([{"label": label, "probabilities": {}}]))
+        for request_id, row, label in zip(ids, rows.to_dict(orient="records"), predictions["label"])
+    ]
+    log_predictions(connection, entries)
+    return ids
+
+
+def shifted(prepared, columns=("mean radius", "mean texture", "worst area")) -> pd.DataFrame:
+    rows = prepared.splits.x_test.copy()
+    for column in columns:
+        rows[column] = rows[column] + prepared.splits.x_train[column].std()
+    return rows
+
+
+class Webhook:
+    """A local HTTP endpoint that records what a Prefect notification block posts to it."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+
+def test_unchanged_rows_raise_no_alert_and_the_check_is_an_mlflow_run(registry, fresh_log):
+    from flows.monitor import monitor
+    from maas.tracking import mlflow_client
+
+    home, config, prepared = registry
+    log_as_service(fresh_log, config, prepared.splits.x_test)
+    summary = monitor(config)
+    assert summary["model"] == f"{config.model_name}/2@champion"
+    assert summary["drift"]["n_rows"] == len(prepared.splits.x_test) and summary["drift"]["judged"]
+    assert summary["drift"]["drifted_features"] == [] and summary["alerts"] == [] and summary["retrain"] is None
+    run = mlflow_client().get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["drift/share"] == 0
+    artifacts = {item.path for item in mlflow_client().list_artifacts(run.info.run_id, "drift")}
+    assert {"drift/report.html", "drift/drift.png"} <= artifacts
+    again = monitor(config)  # the next check starts where this one ended
+    assert again["drift"]["n_rows"] == 0 and not again["drift"]["judged"]
+
+
+def test_drift_alerts_once_per_incident_through_the_notification_block(registry, fresh_log):
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from flows.monitor import monitor
+
+    home, config, prepared = registry
+    webhook = Webhook()
+    CustomWebhookNotificationBlock(name="maas-test", url=webhook.url, allow_private_urls=True,
+                                   json_data={"text": "{{subject}}: {{body}}"}).save("maas-test-ops", overwrite=True)
+    watched = config.model_copy(update={"monitoring": config.monitoring.model_copy(
+        update={"notify_block": "custom-webhook/maas-test-ops", "retrain_deployment": "maas-train/not-registered"})})
+    log_as_service(fresh_log, config, shifted(prepared))
+    first = monitor(watched)
+    assert sorted(first["drift"]["drifted_features"]) == ["mean radius", "mean texture", "worst area"]
+    assert [alert["kind"] for alert in first["alerts"]] == ["drift"] and first["alerts_delivered"] == 1
+    assert len(webhook.received) == 1 and "drift" in webhook.received[0]["text"]
+    assert "not registered" in first["retrain"]["status"] and first["retrain"]["flow_run_id"] is None
+
+    log_as_service(fresh_log, config, shifted(prepared))
+    second = monitor(watched)
+    assert second["drift"]["drifted_features"] and second["alerts"] == [] and len(webhook.received) == 1
+
+
+def test_decayed_labels_raise_a_quality_alert(registry, fresh_log, tmp_path):
+    from flows.monitor import monitor
+
+    home, config, prepared = registry
+    rows = prepared.splits.x_test
+    ids = log_as_service(fresh_log, config, rows)
+    truth = np.asarray(prepared.labels, dtype=object)[prepared.splits.y_test].copy()
+    flip = np.random.default_rng(0).random(len(truth)) < 0.3  # ground truth that no longer matches
+    truth[flip] = np.where(truth[flip] == prepared.labels[0], prepared.labels[1], prepared.labels[0])
+    labels_path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": ids, "label": truth}).to_csv(labels_path, index=False)
+    decayed = config.model_copy(update={"monitoring": config.monitoring.model_copy(
+        update={"labels_path": str(labels_path), "rollback": False, "retrain": False})})
+    summary = monitor(decayed)
+    quality = summary["quality"]
+    assert quality["n_labelled"] == len(rows) and quality["judged"]
+    assert quality["f1_drop"] > 0.05 and [alert["kind"] for alert in summary["alerts"]] == ["quality"]
+
+
+def test_a_new_champion_worse_live_than_the_one_it_replaced_is_rolled_back(registry, fresh_log, tmp_path):
+    from flows.monitor import monitor
+    from maas.tracking import mlflow_client
+
+    home, config, prepared = registry
+    rows = prepared.splits.x_test
+    ids = log_as_service(fresh_log, config, rows, version="2")
+    old_labels = served_model(config, "1").predict(rows)["label"]  # ground truth that the old champion matches
+    labels_path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": ids, "label": old_labels}).to_csv(labels_path, index=False)
+    watched = config.model_copy(update={"monitoring": config.monitoring.model_copy(
+        update={"labels_path": str(labels_path), "rollback_margin": 0.0, "retrain": False})})
+    summary = monitor(watched)
+    assert summary["rollback"]["roll_back"], summary["rollback"]
+    assert "rollback" in [alert["kind"] for alert in summary["alerts"]]
+    client = mlflow_client()
+    assert str(client.get_model_version_by_alias(config.model_name, "champion").version) == "1"
+    assert "rolled_back" in client.get_model_version(config.model_name, "2").tags
+
+
+def test_maas_schedule_serves_cron_deployments_and_a_drift_retrain_completes(registry, fresh_log, prefect_server):
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+
+    from flows.monitor import monitor
+    from maas.tracking import mlflow_client
+
+    home, config, prepared = registry
+    env = dict(os.environ, MAAS_HOME=str(home), PREFECT_API_URL=prefect_server)
+    log_file = open(home / "schedule.log", "w")
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "maas", "schedule", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"),
+         *[arg for setting in QUICK for arg in ("--set", setting)], "--set", "schedule.monitor_cron=*/30 * * * *"],
+        env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    train = client.read_deployment_by_name(f"maas-train/{config.model_name}-train")
+                    watch = client.read_deployment_by_name(f"maas-monitor/{config.model_name}-monitor")
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline and scheduler.poll() is None, (home / "schedule.log").read_text()
+                    time.sleep(1)
+            assert [s.schedule.cron for s in train.schedules] == ["0 3 * * 1"]
+            assert [s.schedule.cron for s in watch.schedules] == ["*/30 * * * *"]
+            assert f"model:{config.model_name}" in train.tags and "config:quick.yaml" in train.tags
+            assert train.global_concurrency_limit is not None and train.global_concurrency_limit.limit == 1
+
+            log_as_service(fresh_log, config, shifted(prepared))
+            summary = monitor(config)  # triggers the training deployment the scheduler serves
+            flow_run_id = summary["retrain"]["flow_run_id"]
+            assert flow_run_id, summary["retrain"]
+            deadline = time.monotonic() + 300
+            while (state := client.read_flow_run(flow_run_id).state).type not in (
+                    StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED):
+                assert time.monotonic() < deadline and scheduler.poll() is None, (home / "schedule.log").read_text()
+                time.sleep(2)
+            assert state.type == StateType.COMPLETED, (home / "schedule.log").read_text()[-3000:]
+    finally:
+        scheduler.send_signal(signal.SIGINT)
+        scheduler.wait(timeout=60)
+        log_file.close()
+    newest = max(mlflow_client().search_model_versions(f"name='{config.model_name}'"), key=lambda v: int(v.version))
+    assert int(newest.version) >= 3 and newest.tags["gate"] in ("promoted", "held")  # the gate decided

@@ -1,0 +1,75 @@
+"""Drift statistics: the issue's acceptance scenario on breast_cancer, over 10 seeds, and the edges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from maas.config import DataConfig, DriftConfig
+from tasks.data import prepare_data
+from tasks.drift import bin_count, build_reference, measure_drift, psi
+
+SEEDS = range(10)
+
+
+def reference_and_test(seed: int):
+    prepared = prepare_data(DataConfig(dataset="breast_cancer"), seed)
+    splits = prepared.splits
+    reference = build_reference(splits.x_train, prepared.preprocessing, splits.y_test, prepared.labels, 2000, seed)
+    predicted = pd.Series(np.asarray(prepared.labels, dtype=object)[splits.y_test])
+    return prepared, reference, predicted
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_one_std_shift_in_three_features_is_flagged_and_an_unshifted_sample_is_not(seed):
+    prepared, reference, predicted = reference_and_test(seed)
+    x_train, x_test = prepared.splits.x_train, prepared.splits.x_test
+    shifted_columns = list(np.random.default_rng(seed).choice(x_test.columns, 3, replace=False))
+    shifted = x_test.copy()
+    for column in shifted_columns:
+        shifted[column] = shifted[column] + x_train[column].std()
+
+    drifted = measure_drift(shifted, predicted, reference, DriftConfig())
+    unshifted = measure_drift(x_test, predicted, reference, DriftConfig())
+
+    assert sorted(drifted.drifted_features) == sorted(shifted_columns)
+    assert all(feature.psi > 0.2 for feature in drifted.features if feature.name in shifted_columns)
+    assert drifted.alert
+    assert unshifted.drifted_features == [] and not unshifted.alert  # same size, no false alarm
+
+
+def test_psi_is_zero_for_equal_shares_and_grows_with_the_gap():
+    assert psi([0.5, 0.5], [0.5, 0.5]) == pytest.approx(0)
+    assert 0 < psi([0.5, 0.5], [0.6, 0.4]) < psi([0.5, 0.5], [0.9, 0.1])
+
+
+def test_small_samples_get_fewer_bins():
+    config = DriftConfig(max_bins=10, min_rows_per_bin=25)
+    assert bin_count(40, config) == 2 and bin_count(114, config) == 4 and bin_count(100_000, config) == 10
+
+
+def test_too_few_rows_are_not_judged_and_raise_no_alert():
+    prepared, reference, predicted = reference_and_test(0)
+    few = prepared.splits.x_test.head(10) * 3
+    report = measure_drift(few, predicted.head(10), reference, DriftConfig(min_rows=50))
+    assert not report.judged and not report.alert and report.drifted_features  # measured, not acted on
+
+
+def test_categorical_drift_counts_unseen_and_missing_values():
+    train = pd.DataFrame({"plan": ["basic"] * 60 + ["pro"] * 40, "usage": np.linspace(0, 1, 100)})
+    preprocessing = {"numeric": [{"name": "usage"}], "categorical": [{"name": "plan"}]}
+    reference = build_reference(train, preprocessing, np.zeros(100, dtype=int), ["no", "yes"], 2000, 0)
+    same = measure_drift(train.sample(frac=1, random_state=1), pd.Series(["no"] * 100), reference, DriftConfig())
+    new_plans = train.assign(plan=["enterprise"] * 50 + [None] * 50)
+    changed = measure_drift(new_plans, pd.Series(["no"] * 100), reference, DriftConfig())
+    assert same.drifted_features == []
+    assert changed.drifted_features == ["plan"]
+
+
+def test_prediction_shift_shows_in_prediction_psi():
+    prepared, reference, predicted = reference_and_test(0)
+    x_test = prepared.splits.x_test
+    flipped = pd.Series([prepared.labels[0]] * len(x_test))
+    assert measure_drift(x_test, predicted, reference, DriftConfig()).prediction_psi < 0.01
+    assert measure_drift(x_test, flipped, reference, DriftConfig()).prediction_psi > 0.2

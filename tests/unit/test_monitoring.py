@@ -1,0 +1,124 @@
+"""Monitoring pieces without Prefect: the prediction log as a table, live quality, rollback rule,
+health from Prometheus text, and one alert per incident (real SQLite store)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from maas.errors import MaasInputError
+from maas.service_store import connect, log_predictions
+from tasks.alerts import new_alerts
+from tasks.health import health_report, histogram_quantile, parse_counters
+from tasks.prediction_log import model_version, read_ground_truth, read_logged_rows, with_ground_truth
+from tasks.quality import live_quality, rollback_decision
+
+LABELS = ["no", "yes"]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return connect(tmp_path / "service.db")
+
+
+def log(store, request_id, at, model, rows, predicted):
+    outputs = [{"label": label, "probabilities": {}} for label in predicted]
+    log_predictions(store, [(request_id, at, "key", model, 200, json.dumps(rows), json.dumps(outputs))])
+
+
+def test_logged_requests_become_one_row_per_prediction_of_the_model_in_the_window(store):
+    log(store, "a", 10.0, "m/1@champion", [{"x": 1.0}, {"x": 2.0}], ["no", "yes"])
+    log(store, "b", 20.0, "m/2@champion", [{"x": 3.0}], ["yes"])
+    log(store, "c", 20.0, "other/1@champion", [{"x": 9.0}], ["no"])
+    log(store, "d", 30.0, "m/2@champion", [{"x": 4.0}], ["no"])
+    logged = read_logged_rows(store, "m", since=5.0, until=20.0)
+    assert list(logged.inputs["x"]) == [1.0, 2.0, 3.0]
+    assert list(logged.meta["row"]) == [0, 1, 0] and list(logged.meta["version"]) == ["1", "1", "2"]
+    assert model_version("maas-wine/12@champion") == "12"
+
+
+def test_ground_truth_joins_on_request_and_row(store, tmp_path):
+    log(store, "a", 10.0, "m/1", [{"x": 1.0}, {"x": 2.0}], ["no", "yes"])
+    log(store, "b", 11.0, "m/1", [{"x": 3.0}], ["yes"])
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": ["a", "b", "zzz"], "row": [1, 0, 0], "label": ["yes", "no", "no"]}).to_csv(path, index=False)
+    labelled = with_ground_truth(read_logged_rows(store, "m", 0, 100), read_ground_truth(path))
+    assert list(zip(labelled["request_id"], labelled["position"], labelled["label"])) == [("a", 1, "yes"), ("b", 2, "no")]
+
+
+def test_a_ground_truth_file_without_labels_is_one_clear_error(tmp_path):
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": ["a"], "truth": ["no"]}).to_csv(path, index=False)
+    with pytest.raises(MaasInputError, match="lacks column.*label"):
+        read_ground_truth(path)
+    with pytest.raises(MaasInputError, match="not found"):
+        read_ground_truth(tmp_path / "missing.csv")
+
+
+def labelled_frame(predicted, truth, version="3"):
+    return pd.DataFrame({"version": version, "predicted": predicted, "label": truth})
+
+
+def test_decayed_labels_raise_a_quality_alert_and_matching_ones_do_not():
+    test_metrics = {"f1_macro": 0.97}
+    truth = ["no", "yes"] * 20
+    good = live_quality(labelled_frame(truth, truth), "3", LABELS, test_metrics, min_rows=30, max_drop=0.05)
+    decayed_predictions = truth[:28] + [("yes" if label == "no" else "no") for label in truth[28:]]
+    decayed = live_quality(labelled_frame(decayed_predictions, truth), "3", LABELS, test_metrics, 30, 0.05)
+    assert good.metrics["f1_macro"] == 1.0 and not good.alert
+    assert decayed.metrics["accuracy"] == pytest.approx(0.7) and decayed.alert
+    too_few = live_quality(labelled_frame(decayed_predictions[:10], truth[:10]), "3", LABELS, test_metrics, 30, 0.05)
+    assert not too_few.judged and not too_few.alert
+    assert live_quality(labelled_frame(truth, truth, "2"), "3", LABELS, test_metrics, 30, 0.05).n_labelled == 0
+
+
+@pytest.mark.parametrize("replaced, new, old, rows, expected", [
+    (None, 0.5, 0.9, 100, False),  # the first champion replaced nothing
+    ("2", 0.80, 0.90, 100, True),
+    ("2", 0.89, 0.90, 100, False),  # within the margin
+    ("2", 0.50, 0.90, 10, False),  # too few labelled rows
+    ("2", None, None, 0, False),
+])
+def test_rollback_needs_the_old_champion_ahead_on_enough_rows(replaced, new, old, rows, expected):
+    assert rollback_decision("3", replaced, new, old, rows, min_rows=30, margin=0.02).roll_back is expected
+
+
+METRICS_PAGE = """
+# TYPE bentoml_service_request_total counter
+bentoml_service_request_total{endpoint="/predict",http_response_code="200",service_name="s",service_version="1"} 980
+bentoml_service_request_total{endpoint="/predict",http_response_code="500",service_name="s",service_version="1"} 20
+bentoml_service_request_total{endpoint="/readyz",http_response_code="200",service_name="s",service_version="1"} 50
+# TYPE bentoml_service_request_duration_seconds histogram
+bentoml_service_request_duration_seconds_bucket{endpoint="/predict",http_response_code="200",le="0.01",service_name="s",service_version="1"} 900
+bentoml_service_request_duration_seconds_bucket{endpoint="/predict",http_response_code="200",le="0.1",service_name="s",service_version="1"} 985
+bentoml_service_request_duration_seconds_bucket{endpoint="/predict",http_response_code="200",le="0.5",service_name="s",service_version="1"} 1000
+bentoml_service_request_duration_seconds_bucket{endpoint="/predict",http_response_code="200",le="+Inf",service_name="s",service_version="1"} 1000
+# TYPE maas_process_resident_memory_bytes gauge
+maas_process_resident_memory_bytes 2.5e+08
+# TYPE maas_process_cpu_percent gauge
+maas_process_cpu_percent 12.5
+"""
+
+
+def test_health_from_prometheus_counters_since_the_previous_scrape():
+    current = parse_counters(METRICS_PAGE)
+    assert current["requests"] == 1000 and current["errors"] == 20 and current["memory_bytes"] == 2.5e8
+    assert histogram_quantile(current["buckets"], 0.99) == 0.5
+    previous = {**current, "at": current["at"] - 100, "requests": 500, "errors": 20,
+                "buckets": {"0.01": 450, "0.1": 495, "0.5": 500, "+Inf": 500}}
+    report = health_report(current, previous, max_error_rate=0.01, max_p99_ms=1000)
+    assert report.request_rate == pytest.approx(5.0) and report.error_rate == 0 and not report.alerts
+    first = health_report(current, None, max_error_rate=0.01, max_p99_ms=100)
+    assert first.error_rate == pytest.approx(0.02) and set(first.alerts) == {"error_rate", "latency"}
+
+
+def test_an_alert_fires_once_per_incident(store):
+    assert [alert.kind for alert in new_alerts(store, "m", {"drift": "3 features"})] == ["drift"]
+    assert new_alerts(store, "m", {"drift": "3 features"}) == []  # still the same incident
+    assert new_alerts(store, "other-model", {"drift": "x"})[0].kind == "drift"
+    assert new_alerts(store, "m", {}) == []  # resolved: closes the incident
+    assert [alert.kind for alert in new_alerts(store, "m", {"drift": "again"})] == ["drift"]
+    assert [a.kind for a in new_alerts(store, "m", {"drift": "again", "rollback": "r"})] == ["rollback"]
+    assert [a.kind for a in new_alerts(store, "m", {"drift": "again", "rollback": "r2"})] == ["rollback"]  # events repeat
