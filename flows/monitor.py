@@ -96,7 +96,7 @@ def check_rollback(client, watched: WatchedModel, window: LoggedRows, labelled: 
         old_f1 = label_metrics(mine["label"], pd.Series(predicted_labels(old, rows), index=mine.index), labels)["f1_macro"]
     decision = rollback_decision(watched.version, watched.replaced_version, new_f1, old_f1, len(mine),
                                  monitoring.min_labelled_rows, monitoring.rollback_margin)
-    if decision.roll_back and watched.alias:
+    if decision.roll_back:
         client.set_registered_model_alias(watched.name, watched.alias, watched.replaced_version)
         client.set_model_version_tag(watched.name, watched.version, "rolled_back", decision.reason[:500])
     return decision
@@ -125,7 +125,7 @@ def trigger_retrain(config: RunConfig, reasons: list[str], extra_rows: Path | No
     try:
         flow_run = run_deployment(
             config.train_deployment, parameters={"config": retrain_config.model_dump(mode="json")}, timeout=0,
-            tags=["maas", "retrain"], as_subflow=False, flow_run_name=None,
+            tags=["maas", "retrain"], as_subflow=False,  # the training run outlives this check
         )
     except ObjectNotFound:
         return {"status": f"wanted ({'; '.join(reasons)}) but deployment '{config.train_deployment}' is not "
@@ -196,7 +196,7 @@ def monitor(config: RunConfig) -> dict[str, Any]:
                     firing["quality"] = (f"live F1 {quality.metrics['f1_macro']:.4f} on {quality.n_labelled} labelled rows "
                                          f"is {quality.f1_drop:.4f} below the test F1 "
                                          f"{quality.test_metrics.get('f1_macro', float('nan')):.4f}")
-                if monitoring.rollback:
+                if monitoring.rollback and watched.alias:  # a pinned version (NAME/3) has no alias to roll back
                     rollback = check_rollback(client, watched, window, labelled, config, scratch)
                     if rollback.roll_back:
                         firing["rollback"] = f"@{watched.alias} rolled back to v{watched.replaced_version}: {rollback.reason}"

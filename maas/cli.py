@@ -361,10 +361,14 @@ def command_schedule(args: argparse.Namespace) -> int:
 
     deployments = build_deployments(config, args.config)
     if args.pool:
+        from maas.paths import project_root
+
         for deployment in deployments:
+            # A process worker runs each flow run in a temporary folder unless told where the code is.
+            deployment.job_variables = {**deployment.job_variables, "working_dir": str(project_root())}
             deployment.apply(work_pool_name=args.pool)
             print(f"registered {deployment.flow_name}/{deployment.name} for work pool '{args.pool}'")
-        print(f"start a worker in this folder: prefect worker start --pool {args.pool}")
+        print(f"start a worker where this checkout is: prefect worker start --pool {args.pool}")
         return 0
     from prefect import serve
 

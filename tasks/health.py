@@ -75,7 +75,8 @@ class HealthReport:
 
 def health_report(current: dict[str, Any], previous: dict[str, Any] | None, max_error_rate: float,
                   max_p99_ms: float) -> HealthReport:
-    """Rates over the span since the previous scrape (or since the service started)."""
+    """Figures since the previous scrape; with none (or after a restart), since the service started,
+    and then no request rate, for want of a start time."""
     restarted = previous is None or current["requests"] < previous["requests"]
     base = {"at": current["at"], "requests": 0.0, "errors": 0.0, "buckets": {}} if restarted else previous
     requests = current["requests"] - base["requests"]

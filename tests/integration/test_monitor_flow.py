@@ -221,8 +221,14 @@ def test_maas_schedule_serves_cron_deployments_and_a_drift_retrain_completes(reg
             assert f"model:{config.model_name}" in train.tags and "config:quick.yaml" in train.tags
             assert train.global_concurrency_limit is not None and train.global_concurrency_limit.limit == 1
 
-            log_as_service(fresh_log, config, shifted(prepared))
-            summary = monitor(config)  # triggers the training deployment the scheduler serves
+            rows = shifted(prepared)
+            ids = log_as_service(fresh_log, config, rows)
+            labels_path = home / "labels.csv"
+            truth = np.asarray(prepared.labels, dtype=object)[prepared.splits.y_test]
+            pd.DataFrame({"request_id": ids, "label": truth}).to_csv(labels_path, index=False)
+            appending = config.model_copy(update={"monitoring": config.monitoring.model_copy(
+                update={"labels_path": str(labels_path), "append_labelled": True, "rollback": False})})
+            summary = monitor(appending)  # triggers the training deployment the scheduler serves
             flow_run_id = summary["retrain"]["flow_run_id"]
             assert flow_run_id, summary["retrain"]
             deadline = time.monotonic() + 300
@@ -237,3 +243,32 @@ def test_maas_schedule_serves_cron_deployments_and_a_drift_retrain_completes(reg
         log_file.close()
     newest = max(mlflow_client().search_model_versions(f"name='{config.model_name}'"), key=lambda v: int(v.version))
     assert int(newest.version) >= 3 and newest.tags["gate"] in ("promoted", "held")  # the gate decided
+    params = mlflow_client().get_run(newest.run_id).data.params
+    assert int(params["data.n_rows"]) == 569 + len(rows)  # the labelled production rows were appended
+
+
+def test_schedule_pool_registers_deployments_that_a_process_worker_runs(registry, fresh_log, prefect_server):
+    from prefect.deployments import run_deployment
+
+    home, config, _ = registry
+    env = dict(os.environ, MAAS_HOME=str(home), PREFECT_API_URL=prefect_server)
+    pool = f"maas-test-{uuid.uuid4().hex[:6]}"
+    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"],
+                   env=env, check=True, capture_output=True)
+    registered = subprocess.run(
+        [sys.executable, "-m", "maas", "schedule", "--pool", pool, "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"),
+         *[arg for setting in QUICK for arg in ("--set", setting)]],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert registered.returncode == 0 and f"for work pool '{pool}'" in registered.stdout, registered.stderr
+    with open(home / "worker.log", "w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--run-once"],
+                                  env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            flow_run = run_deployment(f"maas-monitor/{config.model_name}-monitor", timeout=240, as_subflow=False)
+        finally:
+            try:
+                worker.wait(timeout=30)  # a --run-once worker exits after its run
+            except subprocess.TimeoutExpired:
+                worker.terminate()
+                worker.wait(timeout=30)
+    assert flow_run.state.is_completed(), (home / "worker.log").read_text()[-3000:]
