@@ -62,7 +62,8 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
                     prepared, config.model, config.train, config.tuning, config.seed, run_id,
                     experiment_id, config.tuning.study_name or config.experiment_name, Path(scratch),
                 )
-                model_config, train_config = apply_hyperparameters(config.model, config.train, tuning.best_params)
+                if tuning.use_tuned:  # else the best trial was not clearly better than the configured settings
+                    model_config, train_config = apply_hyperparameters(config.model, config.train, tuning.best_params)
 
             # Training: the chosen network, early-stopped on validation loss.
             trained, stage_seconds["train"] = train_task(prepared, model_config, train_config, config.seed, run_id)
@@ -89,7 +90,7 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
             # Registry: log, register, and promote past the gate, with the reproducibility manifest.
             manifest = build_manifest(
                 config.model_dump(mode="json"), prepared.fingerprint, config.seed,
-                run_id, str(flow_run.id), flow_run.name, tuning.best_params if tuning else None,
+                run_id, str(flow_run.id), flow_run.name, tuning.best_params if tuning and tuning.use_tuned else None,
             )
             drift_reference = build_reference(
                 prepared.splits.x_train, prepared.preprocessing, evaluation.probabilities.argmax(1), prepared.labels,
@@ -183,6 +184,7 @@ def run_summary(
             "study": tuning.study_name, "n_complete": tuning.n_complete, "n_pruned": tuning.n_pruned,
             "n_failed": tuning.n_failed, "epochs_total": tuning.epochs_total, "best_trial": tuning.best_trial,
             "best_val_f1_macro": tuning.best_values[0], "best_params": tuning.best_params,
+            "baseline_val_f1_macro": tuning.baseline_value, "used_tuned": tuning.use_tuned, "decision": tuning.decision,
             "pareto_front": tuning.pareto_front if len(tuning.objectives) > 1 else [],
         },
         "stage_seconds": stage_seconds,

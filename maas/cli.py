@@ -234,9 +234,15 @@ def command_ui(args: argparse.Namespace) -> int:
         return 0
 
 
-def serving_environment(packaged, serving) -> dict[str, str]:
+def tier_reference(model: str, served_name: str) -> str:
+    """A tier's `model`: NAME@ALIAS or NAME/VERSION as given, a bare alias of the served model's name."""
+    return model if ("@" in model or "/" in model) else f"{served_name}@{model}"
+
+
+def serving_environment(packaged, serving, tier_models: dict | None = None) -> dict[str, str]:
+    tiers = {tier: {"bundle_dir": str(model.path), "label": model.label} for tier, model in (tier_models or {}).items()}
     return {**os.environ, "MAAS_BUNDLE_DIR": str(packaged.path), "MAAS_MODEL_LABEL": packaged.label,
-            "MAAS_SERVING_CONFIG": serving.model_dump_json()}
+            "MAAS_SERVING_CONFIG": serving.model_dump_json(), "MAAS_TIER_MODELS": json.dumps(tiers)}
 
 
 def command_serve(args: argparse.Namespace) -> int:
@@ -249,13 +255,18 @@ def command_serve(args: argparse.Namespace) -> int:
     serving = config.serving
     if args.port is not None:
         serving = serving.model_copy(update={"port": args.port})
-    packaged = package_model(mlflow_client(), args.model or serving.model or f"{config.model_name}@champion")
+    client = mlflow_client()
+    packaged = package_model(client, args.model or serving.model or f"{config.model_name}@champion")
+    tier_models = {tier: package_model(client, tier_reference(settings.model, packaged.mlflow_name))
+                   for tier, settings in serving.tiers.items() if settings.model}
     print(f"Serving {packaged.label} (BentoML model {packaged.tag}) on http://{serving.host}:{serving.port} "
           f"(auth {'on' if serving.auth else 'off'}; Ctrl-C to stop)", flush=True)
+    for tier, model in tier_models.items():
+        print(f"  tier {tier}: {model.label}", flush=True)
     command = [sys.executable, "-m", "bentoml", "serve", "deployments.service:MaasService",
                "--host", serving.host, "--port", str(serving.port)]
     try:
-        return subprocess.call(command, env=serving_environment(packaged, serving), cwd=project_root())
+        return subprocess.call(command, env=serving_environment(packaged, serving, tier_models), cwd=project_root())
     except KeyboardInterrupt:
         return 0
 

@@ -146,6 +146,10 @@ class TuningConfig(Section):
     max_retry: int = Field(1, ge=0, description="reruns of a trial whose process died")
     max_failures: int = Field(10, ge=1, description="failed trials in a row before giving up")
     grid_points: int = Field(3, ge=2, description="values per numeric range for the grid sampler")
+    min_gain_se: float = Field(
+        2.0, ge=0, description="the best trial replaces the configured settings only if its validation F1 beats "
+                               "the baseline trial's by more than this many standard errors; 0: always the best",
+    )
     mlp: MLPSearchSpace = Field(default_factory=MLPSearchSpace)
     cnn: CNNSearchSpace = Field(default_factory=CNNSearchSpace)
 
@@ -229,6 +233,8 @@ class TierConfig(Section):
 
     requests_per_minute: int = Field(..., ge=1)
     monthly_rows: int = Field(..., ge=1)
+    model: str | None = Field(None, description="alias (or NAME@ALIAS, NAME/VERSION) this tier is served from, "
+                                                "e.g. challenger; default: the service's model")
 
 
 class ServingConfig(Section):

@@ -19,7 +19,8 @@ from tests.conftest import free_port, module_home, quick_config, wait_until_up
 pytestmark = pytest.mark.slow
 
 TIERS = ("serving.tiers={free: {requests_per_minute: 3, monthly_rows: 100000}, "
-         "pro: {requests_per_minute: 100000, monthly_rows: 100000000}, tiny: {requests_per_minute: 1000, monthly_rows: 5}}")
+         "pro: {requests_per_minute: 100000, monthly_rows: 100000000}, tiny: {requests_per_minute: 1000, monthly_rows: 5}, "
+         "budget: {requests_per_minute: 100000, monthly_rows: 100000000, model: challenger}}")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,12 @@ def service(prefect_server, tmp_path_factory):
 
     with module_home(tmp_path_factory) as home:
         summary = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32, int8]"))
+        # A deliberately weak second version: the gate keeps it @challenger, and the budget tier is served from it.
+        weak = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32]", "tuning.enabled=false",
+                                           "train.max_epochs=1", "model.hidden_sizes=[1]", "serving.build_bento=false"))
+        assert weak["alias"] == "challenger", weak["gate"]
         connection = connect(home / "service.db")
-        keys = {tier: create_key(connection, f"{tier}-user", tier)[1] for tier in ("pro", "free", "tiny")}
+        keys = {tier: create_key(connection, f"{tier}-user", tier)[1] for tier in ("pro", "free", "tiny", "budget")}
         port = free_port()
         env = dict(os.environ, MAAS_HOME=str(home))
         env.pop("MLFLOW_TRACKING_URI", None)
@@ -211,6 +216,31 @@ def test_the_monitor_reads_the_live_services_log_labels_and_metrics(service, mon
     assert health["requests"] >= len(records) // 50 and health["error_rate"] == 0 and health["p99_ms"] > 0
     assert health["memory_bytes"] > 10_000_000 and health["cpu_percent"] is not None
     assert not {"error_rate", "latency", "quality", "service_down"} & {alert["kind"] for alert in check["alerts"]}
+
+
+def test_a_tier_is_served_from_its_own_model_alias(service, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    from maas.tracking import mlflow_client
+
+    base, home, keys, rows, summary, _ = service
+    monkeypatch.setenv("MAAS_HOME", str(home))
+    mlflow_client()
+    expected = {alias: mlflow.pyfunc.load_model(f"models:/{summary['model_name']}@{alias}").predict(pd.DataFrame(rows))
+                for alias in ("champion", "challenger")}
+    for tier, alias in (("budget", "challenger"), ("pro", "champion")):
+        response = predict(base, rows, keys[tier], {"X-Request-Id": f"tier-{tier}"})
+        assert response.status_code == 200
+        served = [item["probabilities"][label] for item in response.json() for label in sorted(item["probabilities"])]
+        wanted = expected[alias][sorted(c for c in expected[alias].columns if c.startswith("proba_"))].to_numpy().ravel()
+        assert np.allclose(served, wanted, atol=1e-5), tier
+    tiers = httpx.get(f"{base}/metadata").json()["tiers"]
+    assert tiers["budget"]["served_by"].endswith("@challenger") and tiers["pro"]["served_by"].endswith("@champion")
+    assert httpx.post(f"{base}/predict_budget", json={"rows": rows}).status_code == 404  # internal route
+    time.sleep(2)
+    logged = {entry["request_id"]: entry["model"] for entry in read_predictions(connect(home / "service.db"))}
+    assert logged["tier-budget"].endswith("@challenger") and logged["tier-pro"].endswith("@champion")
 
 
 def test_serve_names_a_missing_model_in_one_line(service):

@@ -11,7 +11,8 @@ from maas.errors import MaasInputError
 from maas.tracking import ensure_experiment, mlflow_client, parent_run
 from tasks.data import prepare_data
 from tasks.tune import (
-    Objective, TrialTracker, apply_hyperparameters, grid_space, pick_pareto_trial, redacted, run_study,
+    BASELINE_ATTR, Objective, TrialTracker, apply_hyperparameters, grid_space, pick_pareto_trial, redacted,
+    run_study, tuned_or_default,
 )
 
 FAST = {"max_epochs": 6, "patience": 3}
@@ -168,3 +169,31 @@ def test_grid_space_is_finite_and_the_storage_password_is_hidden():
 def test_tuning_config_errors_are_one_line():
     with pytest.raises(MaasInputError, match="tuning: set n_trials, timeout_s or both"):
         load_config(overrides=["tuning.n_trials=null"])
+
+
+def finished(number: int, value: float, baseline: bool = False):
+    trial = optuna.trial.create_trial(value=value, params={}, distributions={},
+                                      user_attrs={BASELINE_ATTR: True} if baseline else {})
+    trial.number = number
+    return trial
+
+
+@pytest.mark.parametrize("best, baseline, n_val, use_tuned", [
+    (0.99, 0.98, 86, False),   # +1 pt on 86 rows: ~0.7 SE, noise
+    (0.99, 0.90, 86, True),    # +9 pt: ~2.8 SE
+    (1.00, 0.9927, 270, False),  # digits here: +0.7 pt = 1.4 SE
+    (0.99, 0.98, 100_000, True),  # a large validation split resolves one point
+])
+def test_the_best_trial_replaces_the_defaults_only_when_clearly_better(best, baseline, n_val, use_tuned):
+    decided, reason = tuned_or_default(finished(7, best), finished(0, baseline, True), n_val, min_gain_se=2.0)
+    assert decided is use_tuned and "SE" in reason
+    assert tuned_or_default(finished(7, 0.99), finished(0, 0.98, True), 86, min_gain_se=0)[0]  # 0: always the best
+    assert not tuned_or_default(finished(0, 0.98, True), finished(0, 0.98, True), 86, 2.0)[0]
+
+
+def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
+    crippled = TrainConfig(lr=1e-4)  # inside the search space, far too slow for 6 epochs
+    config = tuning(n_trials=6)
+    result = run_study(Objective(wine, ModelConfig(), crippled, config, seed=0), config, "crippled", seed=0)
+    assert result.baseline_value is not None and result.best_values[0] > result.baseline_value
+    assert result.use_tuned, result.decision
