@@ -186,6 +186,8 @@ def human_summary(summary: dict[str, Any]) -> str:
         f"  serve  maas serve --model {summary['model_name']}@{summary['alias']}"
         + (f"\n         or BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')} bentoml serve {summary['bento']}"
            if summary.get("bento") else ""),
+        f"  watch  maas monitor --set monitoring.model={summary['model_name']}@champion   "
+        "(on a schedule: maas schedule)",
     ])
 
 

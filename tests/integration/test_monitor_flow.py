@@ -272,3 +272,18 @@ def test_schedule_pool_registers_deployments_that_a_process_worker_runs(registry
                 worker.terminate()
                 worker.wait(timeout=30)
     assert flow_run.state.is_completed(), (home / "worker.log").read_text()[-3000:]
+
+
+def test_maas_monitor_prints_the_check_and_writes_the_summary(registry, fresh_log, tmp_path, capsys):
+    from maas.cli import main
+
+    home, config, prepared = registry
+    log_as_service(fresh_log, config, shifted(prepared))
+    summary_path = tmp_path / "check.json"
+    exit_code = main(["monitor", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"), "--summary", str(summary_path),
+                      "--set", "monitoring.retrain=false"])
+    captured = capsys.readouterr()
+    assert exit_code == 0, captured.err
+    assert f"Checked {config.model_name}/2@champion" in captured.out and "ALERT    drift" in captured.out
+    assert "Traceback" not in captured.out + captured.err and "| ERROR" not in captured.err
+    assert json.loads(summary_path.read_text())["drift"]["n_rows"] == len(prepared.splits.x_test)
