@@ -222,9 +222,11 @@ def test_tuning_trials_are_child_runs_and_the_parent_holds_the_study(trained, pr
     assert parent.data.metrics["tuning/best_val_f1_macro"] == pytest.approx(tuning["best_val_f1_macro"])
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
     assert {"tuning/optimization_history.png", "tuning/parallel_coordinate.png", "tuning/pareto_front.json"} <= plots
-    # The final network is trained with the best trial's hyperparameters.
+    # The final network is trained with the best trial's hyperparameters only past the min_gain_se guard.
     manifest = __import__("mlflow").artifacts.load_dict(f"runs:/{summary['mlflow_run_id']}/manifest.json")
-    assert manifest["tuned_hyperparameters"] == best
+    assert manifest["tuned_hyperparameters"] == (best if tuning["used_tuned"] else None)
+    assert parent.data.tags["maas.tuning_decision"] == tuning["decision"]
+    assert parent.data.metrics["tuning/used_tuned"] == float(tuning["used_tuned"])
     table = httpx.post(f"{prefect_server}/artifacts/filter", json={
         "artifacts": {"flow_run_id": {"any_": [summary["prefect_flow_run_id"]]}, "key": {"any_": ["tuning-trials"]}},
         "limit": 1}).json()
