@@ -334,7 +334,8 @@ def monitor_preflight(config) -> None:
 
 def human_check(summary: dict[str, Any]) -> str:
     drift = summary["drift"]
-    lines = [f"Checked {summary['model']}: {drift['n_rows']} logged rows since {summary['window_start']}",
+    since = "(first check)" if summary["window_start"].startswith("1970-01-01") else f"since {summary['window_start']}"
+    lines = [f"Checked {summary['model']}: {drift['n_rows']} logged rows {since}",
              f"  drift    {len(drift['drifted_features'])} of {len(drift['features'])} features drifted"
              + ("" if drift["judged"] else " (too few rows to judge)")
              + (f": {', '.join(drift['drifted_features'][:6])}" if drift["drifted_features"] else "")]
