@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
 
 from maas.bundle import ModelBundle
 from maas.config import RunConfig
@@ -226,6 +227,7 @@ def monitor(config: RunConfig) -> dict[str, Any]:
 
             summary = {
                 "model": watched.label, "checked_at": iso(now), "window_start": iso(since),
+                "prefect_flow_run_id": str(get_run_context().flow_run.id),
                 "mlflow_run_id": run_id, "mlflow_run_url": run_url(experiment_id, run_id),
                 "drift": drift.to_dict(),
                 "quality": None if quality is None else quality.to_dict(),

@@ -125,6 +125,13 @@ def test_unchanged_rows_raise_no_alert_and_the_check_is_an_mlflow_run(registry, 
     assert run.info.status == "FINISHED" and run.data.metrics["drift/share"] == 0
     artifacts = {item.path for item in mlflow_client().list_artifacts(run.info.run_id, "drift")}
     assert {"drift/report.html", "drift/drift.png"} <= artifacts
+    import httpx
+    from prefect.settings import get_current_settings
+
+    found = httpx.post(f"{get_current_settings().api.url}/artifacts/filter", json={"artifacts": {
+        "flow_run_id": {"any_": [summary["prefect_flow_run_id"]]},
+        "key": {"any_": ["monitoring-report", "drift-features"]}}}).json()
+    assert {artifact["key"] for artifact in found} == {"monitoring-report", "drift-features"}
     again = monitor(config)  # the next check starts where this one ended
     assert again["drift"]["n_rows"] == 0 and not again["drift"]["judged"]
 
