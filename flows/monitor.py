@@ -174,7 +174,8 @@ def monitor(config: RunConfig) -> dict[str, Any]:
         tags = {"maas.model": watched.name, "maas.model_version": watched.version, "maas.check": "monitor"}
         with parent_run(client, experiment_id, f"check-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}", tags) as run_id:
             # One read of the log covers both windows: since the last check (drift) and recent (quality).
-            window_start = min(since, now - monitoring.quality_window_hours * 3600) if monitoring.labels_path else since
+            quality_start = now - monitoring.quality_window_hours * 3600
+            window_start = min(since, quality_start) if monitoring.labels_path else since
             window = read_logged_rows(connection, watched.name, window_start, now)
 
             # Drift: the rows logged since the last check against the reference in the bundle.
@@ -188,7 +189,7 @@ def monitor(config: RunConfig) -> dict[str, Any]:
             # Live quality and rollback: labelled predictions of the recent window.
             quality = rollback = labelled = None
             if monitoring.labels_path:
-                window = window.logged_after(now - monitoring.quality_window_hours * 3600)
+                window = window.logged_after(quality_start)
                 labelled = with_ground_truth(window, read_ground_truth(monitoring.labels_path))
                 quality = live_quality(labelled, watched.version, watched.bundle.labels,
                                        watched.bundle.metadata.get("metrics", {}), monitoring.min_labelled_rows,

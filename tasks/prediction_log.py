@@ -23,9 +23,6 @@ class LoggedRows:
     inputs: pd.DataFrame  # training columns, as sent
     meta: pd.DataFrame  # request_id, row, logged_at, model, version, predicted
 
-    def __len__(self) -> int:
-        return len(self.meta)
-
     def logged_after(self, since: float) -> LoggedRows:
         """The rows logged after a time (one read of the log serves the drift and quality windows)."""
         keep = (self.meta["logged_at"] > since).to_numpy()
