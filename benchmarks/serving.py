@@ -7,6 +7,9 @@
             ceiling on this machine)
   flask     the naive Flask server: one request, one forward pass, threaded dev server
 
+plus the service with one measured setting changed back (tracing every prediction, ONNX Runtime's
+default thread pool, no access log), at concurrency 32 only.
+
 Load: a minimal asyncio HTTP/1.1 client (keep-alive), concurrency 1, 8 and 32, one-row and 64-row requests, each cell
 bounded by --seconds and --max-requests. The client shares the 2 cores with the server, so every
 server pays the same client cost. Then a 60 s run at concurrency 32 on the service (5xx and
@@ -34,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONCURRENCY = (1, 8, 32)
 ROWS_PER_REQUEST = (1, 64)
+MAIN_SERVERS = ("service", "noop", "flask")
+ABLATIONS = (("trace_predictions", True), ("model_threads", 0), ("access_log", False))
 
 
 def free_port() -> int:
@@ -174,14 +179,19 @@ def main() -> None:
         from maas.service_store import connect, create_key
 
         _, key = create_key(connect(home / "service.db"), "bench", "pro")
-        serving = ServingConfig(tiers={"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}})
-        service_env = dict(env, MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
-                           MAAS_SERVING_CONFIG=serving.model_dump_json())
+
+        def service(**changed) -> tuple:
+            serving = ServingConfig(tiers={"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}}, **changed)
+            service_env = dict(env, MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
+                               MAAS_SERVING_CONFIG=serving.model_dump_json())
+            return ["-m", "bentoml", "serve", "deployments.service:MaasService"], service_env, ROOT, {"X-API-Key": key}
+
         servers = {
-            "service": (["-m", "bentoml", "serve", "deployments.service:MaasService"], service_env, ROOT, {"X-API-Key": key}),
+            "service": service(),
             "noop": (["-m", "bentoml", "serve", "serving_servers:NoopService"], env, HERE, {}),
             "flask": (["-m", "flask", "--app", "serving_servers:flask_app", "run", "--with-threads"],
                       dict(env, MAAS_BUNDLE_DIR=str(bundle)), HERE, {}),
+            **{f"service, {setting}={value}": service(**{setting: value}) for setting, value in ABLATIONS},
         }
         for name, (command, server_env, cwd, headers) in servers.items():
             port = free_port()
@@ -192,7 +202,7 @@ def main() -> None:
             try:
                 for size in ROWS_PER_REQUEST:
                     payload = json.dumps({"rows": rows[:size]}).encode()
-                    for concurrency in CONCURRENCY:
+                    for concurrency in (CONCURRENCY if name in MAIN_SERVERS else (32,)):
                         result = asyncio.run(load(url, payload, {**headers, "content-type": "application/json"},
                                                   concurrency, args.seconds, args.max_requests))
                         result["rows_per_s"] = result["requests_per_s"] * size
@@ -235,11 +245,13 @@ def render(report: dict) -> str:
     for name, cells in report["cells"].items():
         for size in ROWS_PER_REQUEST:
             for concurrency in CONCURRENCY:
-                c = cells[f"c{concurrency}_r{size}"]
+                c = cells.get(f"c{concurrency}_r{size}")
+                if c is None:
+                    continue
                 lines.append(f"| {name} | {size} | {concurrency} | {c['rows_per_s']:,.0f} | {c['requests_per_s']:,.0f} | "
                              f"{c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['statuses']} | {c['dropped']} |")
     lines += ["", "Cold start (command to /readyz): " + ", ".join(
-        f"{name} {cells['cold_start_s']:.1f} s" for name, cells in report["cells"].items()) + "."]
+        f"{name} {cells['cold_start_s']:.1f} s" for name, cells in report["cells"].items() if name in MAIN_SERVERS) + "."]
     if report.get("soak"):
         s = report["soak"]
         lines += ["", f"60 s soak, service, concurrency 32, one-row requests: {s['requests']:,} requests, statuses "

@@ -96,11 +96,16 @@ def transform_arrays(
 class ModelBundle:
     """A loaded bundle: raw rows in, labels and class probabilities out."""
 
-    def __init__(self, onnx_model: bytes, preprocessing: dict[str, Any], metadata: dict[str, Any]):
+    def __init__(self, onnx_model: bytes, preprocessing: dict[str, Any], metadata: dict[str, Any],
+                 threads: int | None = None):
+        """threads: ONNX Runtime's intra-op threads (None: one per core). A server wants 1: its
+        requests already overlap, and ORT's spinning pool otherwise burns the cores they need."""
         import onnxruntime as ort  # deferred: importing the module must stay cheap
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # ORT's warnings are about graph rewrites, not our input
+        if threads:
+            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(
             onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
         )
@@ -110,12 +115,13 @@ class ModelBundle:
         self.labels: list[str] = list(metadata["labels"])
 
     @classmethod
-    def load(cls, bundle_dir: str | Path) -> ModelBundle:
+    def load(cls, bundle_dir: str | Path, threads: int | None = None) -> ModelBundle:
         folder = Path(bundle_dir)
         return cls(
             (folder / MODEL_FILE).read_bytes(),
             json.loads((folder / PREPROCESSING_FILE).read_text()),
             json.loads((folder / METADATA_FILE).read_text()),
+            threads,
         )
 
     @property

@@ -247,8 +247,11 @@ class ServingConfig(Section):
     auth: bool = Field(True, description="false: no API keys (local development only)")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413")
     max_rows_per_request: int = Field(1000, ge=1)
-    max_batch_size: int = Field(512, ge=1, description="adaptive batching: rows per model call")
-    max_latency_ms: int = Field(2000, ge=1, description="adaptive batching bound; too low and BentoML answers 503")
+    max_batch_size: int = Field(512, ge=1, description="adaptive batching: rows per model call at most")
+    model_threads: int = Field(1, ge=0, description="ONNX Runtime threads per model call; 0: one per core")
+    trace_predictions: bool = Field(False, description="an OpenTelemetry span per /predict request; BentoML records "
+                                    "them even with no exporter, at ~half the service's CPU per one-row request")
+    access_log: bool = Field(True, description="BentoML's access log line per request (~15% of a one-row request's CPU)")
     prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests logged for monitoring")
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {
         "free": TierConfig(requests_per_minute=60, monthly_rows=100_000),

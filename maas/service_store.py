@@ -125,7 +125,9 @@ def usage_report(connection: sqlite3.Connection, month: str | None = None) -> li
 
 
 def log_predictions(connection: sqlite3.Connection, entries: list[tuple]) -> None:
-    """(request_id, logged_at, key_id, model, status, inputs, outputs) rows; inputs/outputs as JSON."""
+    """(request_id, logged_at, key_id, model, status, inputs, outputs) rows; inputs is the request
+    body ({"rows": [...]}, stored as received so the service does not serialize it again),
+    outputs the answer, both JSON."""
     with connection:
         connection.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", entries)
 
@@ -135,7 +137,12 @@ def read_predictions(connection: sqlite3.Connection, since: float = 0.0) -> list
         "SELECT request_id, logged_at, key_id, model, status, inputs, outputs FROM predictions "
         "WHERE logged_at > ? ORDER BY logged_at", (since,))
     return [{"request_id": r[0], "logged_at": r[1], "key_id": r[2], "model": r[3], "status": r[4],
-             "inputs": json.loads(r[5]), "outputs": json.loads(r[6])} for r in rows]
+             "inputs": logged_rows(json.loads(r[5])), "outputs": json.loads(r[6])} for r in rows]
+
+
+def logged_rows(inputs: dict | list) -> list:
+    """A logged request's rows: from its body, or a bare list of rows (logs written before bodies were)."""
+    return inputs["rows"] if isinstance(inputs, dict) else inputs
 
 
 def last_check(connection: sqlite3.Connection, model: str) -> tuple[float, dict | None]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from maas.errors import MaasInputError
+from maas.service_store import logged_rows
 
 
 @dataclass
@@ -52,7 +53,7 @@ def read_logged_rows(connection: sqlite3.Connection, model_name: str, since: flo
     )
     loads = orjson.loads
     for request_id, logged_at, model, inputs, outputs in cursor:
-        rows, answers = loads(inputs), loads(outputs)
+        rows, answers = logged_rows(loads(inputs)), loads(outputs)
         version = model_version(model)
         records.extend(rows)
         meta.extend((request_id, index, logged_at, model, version, answer["label"])
