@@ -41,8 +41,10 @@ import orjson  # request bodies, answers and the prediction log: ~4x faster than
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from deployments.bentoml_fixes import cancel_bentoml_timeout_timers, freeze_startup_objects
+from deployments.limits import SharedLimits, limits_file
 from maas.bundle import ModelBundle, transform_arrays
 from maas.config import ServingConfig
+from maas.paths import maas_home
 from maas.service_store import active_keys, connect, current_month, hash_key, log_predictions, record_usage, rows_used
 
 PREDICT_PATH = "/predict"
@@ -285,17 +287,12 @@ class Meter:
         self.sample, self.flush_every_s = sample, flush_every_s
         self.pending: queue.SimpleQueue = queue.SimpleQueue()
         self.connection = connect()
-        self.month = current_month()
-        self.rows_this_month = rows_used(self.connection, self.month)
         self.keys = active_keys(self.connection)
-        self.lock = threading.Lock()
         self.resources = ProcessGauges()
         threading.Thread(target=self._run, name="maas-meter", daemon=True).start()
 
     def record(self, key_id: str, rows: int, status: int, request_id: str, request: bytes, response: bytes,
                model_label: str = MODEL_LABEL) -> None:
-        with self.lock:
-            self.rows_this_month[key_id] = self.rows_this_month.get(key_id, 0) + rows
         logged = status < 400 and random.random() < self.sample
         self.pending.put((key_id, rows, status, request_id, request if logged else None, response if logged else None,
                           model_label))
@@ -327,14 +324,11 @@ class Meter:
             log_predictions(self.connection, entries)
         self.keys = active_keys(self.connection)  # revocations take effect within a flush interval
         self.resources.update()
-        month = current_month(now)
-        if month != self.month:
-            with self.lock:
-                self.month, self.rows_this_month = month, {}
 
 
 class ProcessGauges:
-    """CPU and memory of the serving process on /metrics, which BentoML's own metrics lack."""
+    """CPU and memory of each worker process on /metrics (a series per pid), which BentoML's own
+    metrics lack."""
 
     def __init__(self):
         import psutil
@@ -352,24 +346,6 @@ class ProcessGauges:
         self.memory.set(self.process.memory_info().rss)
 
 
-class TokenBucket:
-    """requests_per_minute per key, refilled continuously."""
-
-    def __init__(self):
-        self.state: dict[str, tuple[float, float]] = {}
-
-    def take(self, key_id: str, per_minute: int) -> float:
-        """0 if allowed, else the seconds until a request would be."""
-        now = time.monotonic()
-        tokens, last = self.state.get(key_id, (float(per_minute), now))
-        tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60)
-        if tokens < 1:
-            self.state[key_id] = (tokens, now)
-            return (1 - tokens) * 60 / per_minute
-        self.state[key_id] = (tokens - 1, now)
-        return 0.0
-
-
 def seconds_to_next_month() -> int:
     now = datetime.now(timezone.utc)
     start = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=timezone.utc)
@@ -384,7 +360,9 @@ class ServiceGate:
     def __init__(self, app, settings: ServingConfig | None = None):
         self.app, self.settings = app, settings or SETTINGS
         self.meter = Meter(self.settings.prediction_log_sample)
-        self.buckets = TokenBucket()
+        rows_connection = connect()  # the meter's belongs to its thread
+        self.limits = SharedLimits(limits_file(maas_home() / "run"),
+                                   lambda key_id, month: rows_used(rows_connection, month).get(key_id, 0))
         from prometheus_client import Histogram
 
         batch_rows = Histogram("maas_batch_rows", "rows per model call (adaptive batching)",
@@ -410,7 +388,7 @@ class ServiceGate:
             tier = self.settings.tiers.get(tier_name)
             if tier is None:
                 return await reply(send, 403, {"error": f"key {key_id} has tier '{tier_name}', which this service does not offer"})
-            wait = self.buckets.take(key_id, tier.requests_per_minute)
+            wait = self.limits.take(key_id, tier.requests_per_minute)
             if wait:
                 self.meter.record(key_id, 0, 429, "", b"", b"")
                 return await reply(send, 429, {"error": f"rate limit of tier '{tier_name}': "
@@ -422,7 +400,7 @@ class ServiceGate:
         except BadRequest as refused:
             self.meter.record(key_id, 0, refused.status, "", b"", b"")
             return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})})
-        if tier is not None and self.meter.rows_this_month.get(key_id, 0) + columns.n_rows > tier.monthly_rows:
+        if tier is not None and not self.limits.reserve_rows(key_id, columns.n_rows, tier.monthly_rows, current_month()):
             self.meter.record(key_id, 0, 429, "", b"", b"")
             return await reply(send, 429, {"error": f"monthly quota of tier '{tier_name}' "
                                            f"({tier.monthly_rows} rows) used up"},
@@ -486,7 +464,7 @@ class MaasService:
 
 cancel_bentoml_timeout_timers()
 MaasService = bentoml.service(
-    name="maas", workers=1, traffic={"timeout": 30, "max_concurrency": 256},
+    name="maas", workers=SETTINGS.workers or "cpu_count", traffic={"timeout": 30, "max_concurrency": 256},
     # BentoML's tracing records every span even when none is exported: opt in (serving.trace_predictions).
     tracing={"excluded_urls": [] if SETTINGS.trace_predictions else [PREDICT_PATH]},
     logging={"access": {"enabled": SETTINGS.access_log}},

@@ -30,10 +30,10 @@ def parse_counters(text: str) -> dict[str, Any]:
                 errors += sample.value if labels.get("http_response_code", "").startswith("5") else 0
             elif sample.name.endswith("request_duration_seconds_bucket") and labels.get("endpoint") == PREDICT_ENDPOINT:
                 buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + sample.value
-            elif sample.name == "maas_process_cpu_percent":
-                cpu = sample.value
+            elif sample.name == "maas_process_cpu_percent":  # one series per worker process: the service's sum
+                cpu = (cpu or 0.0) + sample.value
             elif sample.name == "maas_process_resident_memory_bytes":
-                memory = sample.value
+                memory = (memory or 0.0) + sample.value
     return {"at": time.time(), "requests": requests, "errors": errors, "buckets": buckets,
             "cpu_percent": cpu, "memory_bytes": memory}
 

@@ -18,7 +18,8 @@ from tests.conftest import free_port, module_home, quick_config, wait_until_up
 
 pytestmark = pytest.mark.slow
 
-TIERS = ("serving.tiers={free: {requests_per_minute: 3, monthly_rows: 100000}, "
+# Two worker processes: the tier limits, metering and /metrics must hold across them.
+SERVICE_SETTINGS = ("serving.workers=2", "serving.tiers={free: {requests_per_minute: 3, monthly_rows: 100000}, "
          "pro: {requests_per_minute: 100000, monthly_rows: 100000000}, tiny: {requests_per_minute: 1000, monthly_rows: 5}, "
          "budget: {requests_per_minute: 100000, monthly_rows: 100000000, model: challenger}}")
 
@@ -43,7 +44,7 @@ def service(prefect_server, tmp_path_factory):
         started = time.monotonic()
         server = subprocess.Popen(
             [sys.executable, "-m", "maas", "serve", "--model", "maas-breast_cancer@champion", "--port", str(port),
-             "--set", TIERS], env=env, stdout=log, stderr=subprocess.STDOUT)
+             *(argument for setting in SERVICE_SETTINGS for argument in ("--set", setting))], env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_until_up(f"{base}/readyz", 120, server)
