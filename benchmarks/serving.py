@@ -7,8 +7,9 @@
             ceiling on this machine)
   flask     the naive Flask server: one request, one forward pass, threaded dev server
 
-plus the service with one measured setting changed back (tracing every prediction, ONNX Runtime's
-default thread pool, no access log), at concurrency 32 only.
+Then the service's measured settings, each changed back (a span per prediction, ONNX Runtime's own
+thread pool, no access log; one worker process instead of one per core), in alternating pairs with the default at
+concurrency 32.
 
 Load: a minimal asyncio HTTP/1.1 client (keep-alive), concurrency 1, 8 and 32, one-row and 64-row requests, each cell
 bounded by --seconds and --max-requests. The client shares the 2 cores with the server, so every
@@ -37,8 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONCURRENCY = (1, 8, 32)
 ROWS_PER_REQUEST = (1, 64)
-MAIN_SERVERS = ("service", "noop", "flask")
-ABLATIONS = (("trace_predictions", True), ("model_threads", 0), ("access_log", False))
+ABLATIONS = (("trace_predictions", True), ("model_threads", 0), ("access_log", False), ("workers", 1))
 
 
 def free_port() -> int:
@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="per load cell")
     parser.add_argument("--max-requests", type=int, default=20000, help="per load cell")
     parser.add_argument("--soak-seconds", type=float, default=60.0)
+    parser.add_argument("--ablation-pairs", type=int, default=2, help="alternating default/changed pairs per setting")
     args = parser.parse_args()
 
     from sklearn.datasets import load_breast_cancer
@@ -200,30 +201,43 @@ def main() -> None:
             "noop": (["-m", "bentoml", "serve", "serving_servers:NoopService"], env, HERE, {}),
             "flask": (["-m", "flask", "--app", "serving_servers:flask_app", "run", "--with-threads"],
                       dict(env, MAAS_BUNDLE_DIR=str(bundle)), HERE, {}),
-            **{f"service, {setting}={value}": service(**{setting: value}) for setting, value in ABLATIONS},
         }
-        for name, (command, server_env, cwd, headers) in servers.items():
+        def measure(name: str, server: tuple, sizes_and_concurrency: list[tuple[int, int]], soak: bool = False) -> dict:
+            command, server_env, cwd, headers = server
             port = free_port()
             port_args = ["--port", str(port), "--host", "127.0.0.1"]
             process, cold_start = start([sys.executable, *command, *port_args], server_env, port, cwd, home / f"{name}.log")
-            report["cells"][name] = {"cold_start_s": cold_start}
+            cells = {"cold_start_s": cold_start}
             url = f"http://127.0.0.1:{port}/predict"
+            headers = {**headers, "content-type": "application/json"}
             try:
-                for size in ROWS_PER_REQUEST:
+                for size, concurrency in sizes_and_concurrency:
                     payload = json.dumps({"rows": rows[:size]}).encode()
-                    for concurrency in (CONCURRENCY if name in MAIN_SERVERS else (32,)):
-                        result = asyncio.run(load(url, payload, {**headers, "content-type": "application/json"},
-                                                  concurrency, args.seconds, args.max_requests))
-                        result["rows_per_s"] = result["requests_per_s"] * size
-                        report["cells"][name][f"c{concurrency}_r{size}"] = result
-                        print(name, size, concurrency, round(result["rows_per_s"]), result["p99_ms"], result["statuses"], flush=True)
-                if name == "service" and args.soak_seconds:
+                    result = asyncio.run(load(url, payload, headers, concurrency, args.seconds, args.max_requests))
+                    result["rows_per_s"] = result["requests_per_s"] * size
+                    cells[f"c{concurrency}_r{size}"] = result
+                    print(name, size, concurrency, round(result["rows_per_s"]), result["p99_ms"], result["statuses"], flush=True)
+                if soak and args.soak_seconds:
                     payload = json.dumps({"rows": rows[:1]}).encode()
-                    report["soak"] = asyncio.run(load(url, payload, {**headers, "content-type": "application/json"},
-                                                      32, args.soak_seconds, 10**9))
+                    report["soak"] = asyncio.run(load(url, payload, headers, 32, args.soak_seconds, 10**9))
+                    report["soak"]["seconds"] = args.soak_seconds
             finally:
                 process.terminate()
                 process.wait(timeout=60)
+            return cells
+
+        every_cell = [(size, concurrency) for size in ROWS_PER_REQUEST for concurrency in CONCURRENCY]
+        for name, server in servers.items():
+            report["cells"][name] = measure(name, server, every_cell, soak=name == "service")
+        # The VM's speed drifts by tens of percent within a run: each setting is compared in
+        # alternating pairs with the default, and the medians are reported.
+        report["ablations"] = {}
+        for setting, value in ABLATIONS:
+            runs = {"default": [], "changed": []}
+            for _ in range(args.ablation_pairs):
+                for variant, server in (("default", service()), ("changed", service(**{setting: value}))):
+                    runs[variant].append(measure(f"{setting}={value} {variant}", server, [(1, 32), (64, 32)]))
+            report["ablations"][f"{setting}={value}"] = runs
     report["targets"] = targets(report)
     write_results("serving", report, render)
 
@@ -246,6 +260,8 @@ def targets(report: dict) -> dict:
 
 
 def render(report: dict) -> str:
+    import numpy as np
+
     lines = ["# Serving on loopback", "", measured_on(report) + " Client and server share the machine.", "",
              f"Compute ceiling (bundle in-process, 64 raw rows per call): {report['compute']['rows_per_s']:,.0f} rows/s "
              f"({report['compute']['ms_per_64_rows']:.2f} ms per 64 rows).", "",
@@ -259,11 +275,21 @@ def render(report: dict) -> str:
                     continue
                 lines.append(f"| {name} | {size} | {concurrency} | {c['rows_per_s']:,.0f} | {c['requests_per_s']:,.0f} | "
                              f"{c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['statuses']} | {c['dropped']} |")
+    if report.get("ablations"):
+        lines += ["", "## The service's measured settings, each changed back (concurrency 32, medians of alternating runs)", "",
+                  "| setting | one-row rows/s default / changed | one-row p99 ms default / changed | 64-row rows/s default / changed |",
+                  "|---|---|---|---|"]
+        for setting, runs in report["ablations"].items():
+            def median(variant, cell, field):
+                return float(np.median([run[cell][field] for run in runs[variant]]))
+            lines.append(f"| {setting} | {median('default', 'c32_r1', 'rows_per_s'):,.0f} / {median('changed', 'c32_r1', 'rows_per_s'):,.0f} | "
+                         f"{median('default', 'c32_r1', 'p99_ms'):.1f} / {median('changed', 'c32_r1', 'p99_ms'):.1f} | "
+                         f"{median('default', 'c32_r64', 'rows_per_s'):,.0f} / {median('changed', 'c32_r64', 'rows_per_s'):,.0f} |")
     lines += ["", "Cold start (command to /readyz): " + ", ".join(
-        f"{name} {cells['cold_start_s']:.1f} s" for name, cells in report["cells"].items() if name in MAIN_SERVERS) + "."]
+        f"{name} {cells['cold_start_s']:.1f} s" for name, cells in report["cells"].items()) + "."]
     if report.get("soak"):
         s = report["soak"]
-        lines += ["", f"60 s soak, service, concurrency 32, one-row requests: {s['requests']:,} requests, statuses "
+        lines += ["", f"{s.get('seconds', 60):.0f} s soak, service, concurrency 32, one-row requests: {s['requests']:,} requests, statuses "
                       f"{s['statuses']}, dropped {s['dropped']}, p99 {s['p99_ms']:.1f} ms."]
     lines += ["", "## Targets", ""] + [f"- {name}: {value:.3f}" if isinstance(value, float) else f"- {name}: {value}"
                                        for name, value in report["targets"].items()]
