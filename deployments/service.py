@@ -377,7 +377,7 @@ class ServiceGate:
             return await reply(send, 200, service_metadata(self.settings))
         if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        headers = {name.decode().lower(): value.decode() for name, value in scope["headers"]}
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         key_id, tier, tier_name = ANONYMOUS, None, None
         if self.settings.auth:
             presented = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -416,7 +416,10 @@ class ServiceGate:
 async def read_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to be larger than max_bytes
     (BentoML 1.4 has no request-size limit of its own)."""
-    declared = int(headers.get("content-length") or 0)
+    declared = headers.get("content-length") or "0"
+    if not declared.isdigit():
+        raise BadRequest(400, f"Content-Length '{declared[:40]}' is not a number of bytes")
+    declared = int(declared)
     if declared > max_bytes:
         raise BadRequest(413, f"request body of {declared} bytes exceeds {max_bytes}")
     body = bytearray()
@@ -444,7 +447,7 @@ async def reply(send, status: int, payload: dict, headers: dict[str, str] | None
 
 
 async def send_json(send, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
-    extra = [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
+    extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]})
     await send({"type": "http.response.body", "body": data})

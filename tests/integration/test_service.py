@@ -145,6 +145,9 @@ def test_nan_inf_empty_and_malformed_bodies_are_4xx(service):
     for body in (nan, nan.replace("NaN", "Infinity"), '{"rows": []}', "{not json", "[1, 2]", '{"rows": [1]}', ""):
         response = httpx.post(f"{base}/predict", content=body, headers=headers, timeout=30)
         assert 400 <= response.status_code < 500, (body[:40], response.status_code, response.text)
+    latin1_id = httpx.post(f"{base}/predict", json={"rows": rows[:1]}, timeout=30,
+                           headers={"X-API-Key": keys["pro"], "X-Request-Id": b"caf\xe9"})  # not UTF-8
+    assert latin1_id.status_code == 200 and latin1_id.headers["x-request-id"] == "caf\xe9"
 
 
 def test_oversized_requests_get_413(service):
