@@ -10,6 +10,10 @@ Started by `maas serve`, which packages the model and sets:
   MAAS_MODEL_LABEL     name/version@alias, reported by /metadata and written to the prediction log
   MAAS_TIER_MODELS     {tier: {bundle_dir, label}} for tiers served from another version (serving.tiers.*.model)
 
+A Bento built by training (`bentoml serve <bento tag>`) carries the same three as Bento arguments:
+`maas_model` (the BentoML model tag), `maas_serving` (the training run's serving section, JSON) and
+`maas_tier_models` ({tier: BentoML model tag}); the environment variables above override them.
+
 POST /predict is answered by the ASGI gate in front of BentoML's routes: key, tier limits, size,
 validation, adaptive batching and the model, with BentoML's metrics, tracing, timeout and
 concurrency limit still around it. BentoML's own API path cost ~3 ms of CPU per request here
@@ -52,34 +56,54 @@ METADATA_PATH = "/metadata"
 ANONYMOUS = "anonymous"
 
 
+def bento_model_label(model) -> str:
+    """name/version@alias of a BentoML model packaged by tasks/package.py, from its labels."""
+    labels = model.info.labels
+    return f"{labels.get('mlflow_model')}/{labels.get('mlflow_version')}" + (
+        f"@{labels['alias']}" if labels.get("alias") else "")
+
+
 def load_settings() -> tuple[ModelBundle, ServingConfig, str]:
-    """The bundle from MAAS_BUNDLE_DIR (maas serve) or a BentoML model (MAAS_BENTO_MODEL, or a Bento's own)."""
+    """The bundle from MAAS_BUNDLE_DIR (maas serve) or a BentoML model (MAAS_BENTO_MODEL, or a Bento's own);
+    the serving config from MAAS_SERVING_CONFIG, else the one the Bento was built with, else the defaults."""
     bundle_dir, label = os.environ.get("MAAS_BUNDLE_DIR"), os.environ.get("MAAS_MODEL_LABEL")
-    # A Bento records the model it was built with as a Bento argument (see tasks/package.py).
-    bento_model = os.environ.get("MAAS_BENTO_MODEL") or getattr(bentoml.use_arguments(), "maas_model", None)
+    # A Bento records its model and the training run's serving config as Bento arguments (tasks/package.py).
+    bento_model = os.environ.get("MAAS_BENTO_MODEL") or getattr(BENTO_ARGUMENTS, "maas_model", None)
     if not bundle_dir and bento_model:
         model = bentoml.models.get(bento_model)
-        bundle_dir = model.path
-        label = label or f"{model.info.labels.get('mlflow_model')}/{model.info.labels.get('mlflow_version')}" + (
-            f"@{model.info.labels['alias']}" if model.info.labels.get("alias") else "")
+        bundle_dir, label = model.path, label or bento_model_label(model)
     if not bundle_dir:
         raise RuntimeError("set MAAS_BUNDLE_DIR or MAAS_BENTO_MODEL: start the service with `maas serve`")
-    config = ServingConfig.model_validate_json(os.environ.get("MAAS_SERVING_CONFIG") or "{}")
+    config = ServingConfig.model_validate_json(
+        os.environ.get("MAAS_SERVING_CONFIG") or getattr(BENTO_ARGUMENTS, "maas_serving", None) or "{}")
     return ModelBundle.load(bundle_dir, config.model_threads or None), config, label or "unknown"
 
 
+BENTO_ARGUMENTS = bentoml.use_arguments()
 BUNDLE, SETTINGS, MODEL_LABEL = load_settings()
 
 
+def tier_model_sources() -> dict[str, tuple[str, str]]:
+    """tier -> (bundle dir, label): from `maas serve` (MAAS_TIER_MODELS), else the Bento's own models."""
+    from_serve = os.environ.get("MAAS_TIER_MODELS")
+    if from_serve is not None:
+        return {tier: (entry["bundle_dir"], entry["label"]) for tier, entry in json.loads(from_serve).items()}
+    sources = {}
+    for tier, tag in json.loads(getattr(BENTO_ARGUMENTS, "maas_tier_models", None) or "{}").items():
+        model = bentoml.models.get(tag)
+        sources[tier] = (model.path, bento_model_label(model))
+    return sources
+
+
 def load_tier_models(default: ModelBundle) -> dict[str, tuple[ModelBundle, str]]:
-    """tier -> (bundle, label) for the tiers that `maas serve` packaged another version for."""
+    """tier -> (bundle, label) for the tiers served from another version (serving.tiers.*.model)."""
     tiers = {}
-    for tier, entry in json.loads(os.environ.get("MAAS_TIER_MODELS") or "{}").items():
-        bundle = ModelBundle.load(entry["bundle_dir"], SETTINGS.model_threads or None)
+    for tier, (bundle_dir, label) in tier_model_sources().items():
+        bundle = ModelBundle.load(bundle_dir, SETTINGS.model_threads or None)
         if bundle.metadata["input_schema"] != default.metadata["input_schema"] or bundle.labels != default.labels:
-            raise RuntimeError(f"tier '{tier}': model {entry['label']} takes other columns or predicts other labels "
+            raise RuntimeError(f"tier '{tier}': model {label} takes other columns or predicts other labels "
                                f"than {MODEL_LABEL}; a service's tiers must share one input schema")
-        tiers[tier] = (bundle, entry["label"])
+        tiers[tier] = (bundle, label)
     return tiers
 
 

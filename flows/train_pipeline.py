@@ -103,7 +103,7 @@ def train_pipeline(config: RunConfig) -> dict[str, Any]:
             # Packaging: a new champion becomes a BentoML model and a Bento, ready for `bentoml serve`.
             bento = None
             if config.serving.build_bento and registered.gate is not None and registered.gate.promoted:
-                _, bento, stage_seconds["package"] = package_task(registered.name, registered.alias)
+                _, bento, stage_seconds["package"] = package_task(registered.name, registered.alias, config.serving)
                 if bento:
                     client.set_tag(run_id, "maas.bento", bento)
         log_metrics(client, run_id, {

@@ -236,11 +236,6 @@ def command_ui(args: argparse.Namespace) -> int:
         return 0
 
 
-def tier_reference(model: str, served_name: str) -> str:
-    """A tier's `model`: NAME@ALIAS or NAME/VERSION as given, a bare alias of the served model's name."""
-    return model if ("@" in model or "/" in model) else f"{served_name}@{model}"
-
-
 def serving_environment(packaged, serving, tier_models: dict | None = None) -> dict[str, str]:
     tiers = {tier: {"bundle_dir": str(model.path), "label": model.label} for tier, model in (tier_models or {}).items()}
     return {**os.environ, "MAAS_BUNDLE_DIR": str(packaged.path), "MAAS_MODEL_LABEL": packaged.label,
@@ -251,7 +246,7 @@ def command_serve(args: argparse.Namespace) -> int:
     from maas.config import load_config
     from maas.paths import project_root
     from maas.tracking import mlflow_client
-    from tasks.package import package_model
+    from tasks.package import package_model, tier_reference
 
     config = load_config(args.config, None, None, args.overrides)
     serving = config.serving

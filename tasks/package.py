@@ -6,6 +6,7 @@ name, version, alias and run id, so `bentoml models list` says where each one ca
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from maas.config import ServingConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home, use_embedded_bentoml_home
 
@@ -42,6 +44,11 @@ def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
         raise MaasInputError(f"--model '{reference}': expected NAME, NAME@ALIAS or NAME/VERSION")
     name, alias, version = match["name"], match["alias"], match["version"]
     return name, (alias or ("champion" if version is None else None)), version
+
+
+def tier_reference(model: str, served_name: str) -> str:
+    """A tier's `model`: NAME@ALIAS or NAME/VERSION as given, a bare alias of the served model's name."""
+    return model if ("@" in model or "/" in model) else f"{served_name}@{model}"
 
 
 def bento_model_name(mlflow_name: str) -> str:
@@ -77,6 +84,21 @@ def package_model(client, reference: str) -> PackagedModel:
     return PackagedModel(str(stored.tag), Path(stored.path), name, version, alias)
 
 
+def package_for_bento(client, reference: str, serving: ServingConfig
+                      ) -> tuple[PackagedModel, dict[str, PackagedModel], list[str]]:
+    """The model and the models its tiers name. A tier whose model is not registered (yet: the first
+    champion has no @challenger) is left out, so the Bento serves it from the model; one warning each."""
+    packaged = package_model(client, reference)
+    tier_models, unserved = {}, []
+    for tier, settings in serving.tiers.items():
+        if settings.model:
+            try:
+                tier_models[tier] = package_model(client, tier_reference(settings.model, packaged.mlflow_name))
+            except MaasInputError as error:
+                unserved.append(f"tier {tier} is served from {packaged.label} in this Bento: {error}")
+    return packaged, tier_models, unserved
+
+
 def pinned_packages(names: list[str]) -> list[str]:
     """The bentofile's packages at the versions requirements.lock holds, so the Bento runs what was tested."""
     from maas.paths import project_root
@@ -91,24 +113,29 @@ def pinned_packages(names: list[str]) -> list[str]:
     return [f"{name}=={lock[name.lower()]}" if name.lower() in lock else name for name in names]
 
 
-def build_bento(packaged: PackagedModel) -> str:
-    """`bentoml build` of deployments/bentofile.yaml with this model inside; returns the Bento tag."""
+def build_bento(packaged: PackagedModel, serving: ServingConfig | None = None,
+                tier_models: dict[str, PackagedModel] | None = None) -> str:
+    """`bentoml build` of deployments/bentofile.yaml with these models inside; returns the Bento tag.
+    The serving config and the tiers' models travel as Bento arguments, so `bentoml serve <tag>`
+    serves what the training run configured: tiers, limits, auth, batching and log sampling."""
     import bentoml
     import yaml
 
     from maas.paths import project_root
 
     root = project_root()
+    tier_models = tier_models or {}
     spec = yaml.safe_load((root / "deployments" / "bentofile.yaml").read_text())
     spec["python"] = {**spec.get("python", {}), "packages": pinned_packages(spec.get("python", {}).get("packages", []))}
     spec["labels"] = {**spec.get("labels", {}), "mlflow_model": packaged.mlflow_name,
                       "mlflow_version": packaged.mlflow_version, "alias": packaged.alias or ""}
-    spec["models"] = [packaged.tag]
+    spec["models"] = list(dict.fromkeys([packaged.tag, *(model.tag for model in tier_models.values())]))
+    arguments = {"maas_model": packaged.tag, "maas_serving": (serving or ServingConfig()).model_dump_json(),
+                 "maas_tier_models": json.dumps({tier: model.tag for tier, model in tier_models.items()})}
     with tempfile.TemporaryDirectory(dir=maas_home()) as scratch:
         bentofile = Path(scratch) / "bentofile.yaml"
         bentofile.write_text(yaml.safe_dump(spec))
-        # The argument travels inside the Bento, so `bentoml serve <tag>` finds its model.
-        bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(root), args={"maas_model": packaged.tag})
+        bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(root), args=arguments)
     return str(bento.tag)
 
 
@@ -116,19 +143,22 @@ def build_bento(packaged: PackagedModel) -> str:
 
 
 @task(name="package", retries=1, retry_delay_seconds=3, timeout_seconds=900, cache_policy=NO_CACHE)
-def package_task(model_name: str, alias: str) -> tuple[PackagedModel | None, str | None, float]:
+def package_task(model_name: str, alias: str, serving: ServingConfig) -> tuple[PackagedModel | None, str | None, float]:
     """The last step of training: the champion as a BentoML model and a Bento. The registry is the
     source of truth (`maas serve` packages on demand), so a failed build warns, it does not undo."""
     started = time.perf_counter()
     from maas.tracking import mlflow_client
 
+    logger = get_run_logger()
     try:
-        packaged = package_model(mlflow_client(), f"{model_name}@{alias}")
-        bento = build_bento(packaged)
+        packaged, tier_models, unserved = package_for_bento(mlflow_client(), f"{model_name}@{alias}", serving)
+        for warning in unserved:
+            logger.warning(warning)
+        bento = build_bento(packaged, serving, tier_models)
     except Exception as error:
-        get_run_logger().warning("could not build the Bento for %s@%s: %s: %s", model_name, alias,
-                                 error.__class__.__name__, error)
+        logger.warning("could not build the Bento for %s@%s: %s: %s", model_name, alias,
+                       error.__class__.__name__, error)
         return None, None, time.perf_counter() - started
-    get_run_logger().info("packaged %s as BentoML model %s and Bento %s (serve it: bentoml serve %s)",
-                          packaged.label, packaged.tag, bento, bento)
+    logger.info("packaged %s as BentoML model %s and Bento %s (serve it: bentoml serve %s)",
+                packaged.label, packaged.tag, bento, bento)
     return packaged, bento, time.perf_counter() - started

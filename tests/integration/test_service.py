@@ -3,6 +3,7 @@ keys, tiers, metering and the prediction log, against a model registered by a re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from maas.service_store import connect, create_key, read_predictions
+from maas.service_store import connect, create_key, read_predictions, usage_report
 from tests.conftest import free_port, module_home, quick_config, wait_until_up
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,10 @@ def service(prefect_server, tmp_path_factory):
     from flows.train_pipeline import train_pipeline
 
     with module_home(tmp_path_factory) as home:
-        summary = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32, int8]"))
+        # The Bento built here carries this run's serving section; `maas serve` below gets its own --set
+        # (the same tiers, but every request logged).
+        summary = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32, int8]",
+                                              *SERVICE_SETTINGS, "serving.prediction_log_sample=0"))
         # A deliberately weak second version: the gate keeps it @challenger, and the budget tier is served from it.
         weak = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32]", "tuning.enabled=false",
                                            "train.max_epochs=1", "model.hidden_sizes=[1]", "serving.build_bento=false"))
@@ -293,24 +297,61 @@ def test_serve_names_a_missing_model_in_one_line(service):
     assert done.stderr.strip() == "maas: error: --model 'maas-breast_cancer@nope': registered model 'maas-breast_cancer' has no alias @nope"
 
 
-def test_the_bento_built_by_training_serves_the_same_predictions(service):
-    """`bentoml serve <bento tag>` (no maas serve, no MLflow): the Bento holds service and model."""
-    base, home, keys, rows, summary, _ = service
-    assert summary["bento"]
+@contextlib.contextmanager
+def bento_served(bento: str, home):
+    """`bentoml serve <bento tag>` on a free loopback port (no maas serve, no MLflow); yields its url."""
     port = free_port()
     env = dict(os.environ, MAAS_HOME=str(home))
-    server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", summary["bento"], "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", bento, "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               cwd=home)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/readyz", 120, server)
-        from_bento = predict(f"http://127.0.0.1:{port}", rows, keys["pro"])
-        assert from_bento.status_code == 200
-        assert from_bento.json() == predict(base, rows, keys["pro"]).json()
-        assert predict(f"http://127.0.0.1:{port}", rows).status_code == 401  # auth is on by default
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def pro_requests(home) -> int:
+    return sum(entry["requests"] for entry in usage_report(connect(home / "service.db")) if entry["tier"] == "pro")
+
+
+def test_the_bento_built_by_training_serves_its_runs_serving_config(service):
+    """The Bento holds service, model and the training run's serving section: its tiers, auth and
+    log sampling (0 here), and the champion for the budget tier, whose @challenger came later."""
+    base, home, keys, rows, summary, _ = service
+    assert summary["bento"]
+    with bento_served(summary["bento"], home) as url:
+        metered_before = pro_requests(home)
+        from_bento = predict(url, rows, keys["pro"], {"X-Request-Id": "from-the-bento"})
+        assert from_bento.status_code == 200
+        assert from_bento.json() == predict(base, rows, keys["pro"]).json()
+        assert predict(url, rows).status_code == 401  # auth is on by default
+        over_quota = predict(url, rows[:6], keys["tiny"])  # the run's tiny tier: 5 rows a month
+        assert over_quota.status_code == 429 and "Retry-After" in over_quota.headers
+        tiers = httpx.get(f"{url}/metadata").json()["tiers"]
+        assert set(tiers) == {"free", "pro", "tiny", "budget"} and tiers["free"]["requests_per_minute"] == 3
+        assert tiers["budget"]["served_by"] == tiers["pro"]["served_by"] == f"{summary['model_name']}/{summary['model_version']}@champion"
+        time.sleep(2)
+    assert pro_requests(home) == metered_before + 2  # one request to the Bento, one to `maas serve`
+    assert "from-the-bento" not in {entry["request_id"] for entry in read_predictions(connect(home / "service.db"))}
+
+
+def test_a_bento_serves_a_tier_from_its_alias_when_the_alias_exists(service, monkeypatch):
+    from maas.config import load_config
+    from maas.tracking import mlflow_client
+    from tasks.package import build_bento, package_for_bento
+
+    base, home, keys, rows, summary, _ = service
+    monkeypatch.setenv("MAAS_HOME", str(home))
+    serving = load_config(overrides=list(SERVICE_SETTINGS)).serving
+    packaged, tier_models, unserved = package_for_bento(mlflow_client(), f"{summary['model_name']}@champion", serving)
+    assert set(tier_models) == {"budget"} and tier_models["budget"].alias == "challenger" and not unserved
+    with bento_served(build_bento(packaged, serving, tier_models), home) as url:
+        assert httpx.get(f"{url}/metadata").json()["tiers"]["budget"]["served_by"].endswith("@challenger")
+        for tier in ("budget", "pro"):
+            assert predict(url, rows, keys[tier]).json() == predict(base, rows, keys[tier]).json(), tier
 
 
 @pytest.fixture(scope="module")
