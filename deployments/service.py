@@ -205,8 +205,8 @@ def read_rows(body: bytes, max_rows: int) -> tuple[bytes, Columns]:
         rows = orjson.loads(body).get("rows")
     except (orjson.JSONDecodeError, AttributeError):
         rows = None
-    if isinstance(rows, list) and len(rows) > max_rows:
-        raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
+    if isinstance(rows, list):
+        refuse_too_many(rows, max_rows)
     columns = exact_columns(rows)
     if columns is not None:
         return body, columns
@@ -215,12 +215,16 @@ def read_rows(body: bytes, max_rows: int) -> tuple[bytes, Columns]:
     except ValidationError as error:
         raise bad_rows(error) from None
     rows = [row.model_dump(by_alias=True) for row in request.rows]
-    if len(rows) > max_rows:
-        raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
+    refuse_too_many(rows, max_rows)  # a body orjson could not read (e.g. a 100-digit integer) is counted here
     columns = exact_columns(rows)
     if columns is None:  # pydantic accepted what the exact check cannot read: say so, never 5xx
         raise BadRequest(400, "rows could not be read as the training columns")
     return orjson.dumps({"rows": rows}), columns  # as validated: "1.5" logged as 1.5
+
+
+def refuse_too_many(rows: list, max_rows: int) -> None:
+    if len(rows) > max_rows:
+        raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
 
 
 def bad_rows(error: ValidationError) -> BadRequest:

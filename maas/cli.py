@@ -246,7 +246,7 @@ def command_serve(args: argparse.Namespace) -> int:
     from maas.config import load_config
     from maas.paths import project_root
     from maas.tracking import mlflow_client
-    from tasks.package import package_model, tier_reference
+    from tasks.package import package_model, package_tier_models
 
     config = load_config(args.config, None, None, args.overrides)
     serving = config.serving
@@ -254,8 +254,9 @@ def command_serve(args: argparse.Namespace) -> int:
         serving = serving.model_copy(update={"port": args.port})
     client = mlflow_client()
     packaged = package_model(client, args.model or serving.model or f"{config.model_name}@champion")
-    tier_models = {tier: package_model(client, tier_reference(settings.model, packaged.mlflow_name))
-                   for tier, settings in serving.tiers.items() if settings.model}
+    tier_models, missing = package_tier_models(client, packaged.mlflow_name, serving)
+    if missing:  # asked for by name: a tier's missing model stops `maas serve`
+        raise next(iter(missing.values()))
     print(f"Serving {packaged.label} (BentoML model {packaged.tag}) on http://{serving.host}:{serving.port} "
           f"(auth {'on' if serving.auth else 'off'}; Ctrl-C to stop)", flush=True)
     for tier, model in tier_models.items():

@@ -84,19 +84,28 @@ def package_model(client, reference: str) -> PackagedModel:
     return PackagedModel(str(stored.tag), Path(stored.path), name, version, alias)
 
 
+def package_tier_models(client, served_name: str, serving: ServingConfig
+                        ) -> tuple[dict[str, PackagedModel], dict[str, MaasInputError]]:
+    """The models the tiers name (serving.tiers.*.model), and for each tier whose model is not
+    registered, why; the caller decides whether that stops it."""
+    tier_models, missing = {}, {}
+    for tier, settings in serving.tiers.items():
+        if settings.model:
+            try:
+                tier_models[tier] = package_model(client, tier_reference(settings.model, served_name))
+            except MaasInputError as error:
+                missing[tier] = error
+    return tier_models, missing
+
+
 def package_for_bento(client, reference: str, serving: ServingConfig
                       ) -> tuple[PackagedModel, dict[str, PackagedModel], list[str]]:
     """The model and the models its tiers name. A tier whose model is not registered (yet: the first
     champion has no @challenger) is left out, so the Bento serves it from the model; one warning each."""
     packaged = package_model(client, reference)
-    tier_models, unserved = {}, []
-    for tier, settings in serving.tiers.items():
-        if settings.model:
-            try:
-                tier_models[tier] = package_model(client, tier_reference(settings.model, packaged.mlflow_name))
-            except MaasInputError as error:
-                unserved.append(f"tier {tier} is served from {packaged.label} in this Bento: {error}")
-    return packaged, tier_models, unserved
+    tier_models, missing = package_tier_models(client, packaged.mlflow_name, serving)
+    return packaged, tier_models, [f"tier {tier} is served from {packaged.label} in this Bento: {error}"
+                                   for tier, error in missing.items()]
 
 
 def pinned_packages(names: list[str]) -> list[str]:
