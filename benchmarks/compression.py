@@ -98,7 +98,6 @@ def students(config, prepared, arrays, trained) -> dict:
     # The baseline with the teacher's dropout as well, so the from-scratch side is not handicapped.
     spec_teacher_dropout = student_spec(trained.spec, config.compression.student_scale, trained.spec.dropout)
     features = torch.as_tensor(transform(prepared.splits.x_test, prepared.preprocessing))
-    fit = (arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val)
     teacher = Distillation(trained.network, config.compression.temperature, config.compression.alpha)
 
     def accuracy(network) -> float:
@@ -108,9 +107,9 @@ def students(config, prepared, arrays, trained) -> dict:
 
     rows = []
     for seed in STUDENT_SEEDS:
-        distilled = train_network(spec, *fit, config.train, seed, teacher=teacher).network
-        scratch = train_network(spec, *fit, config.train, seed).network
-        scratch_dropout = train_network(spec_teacher_dropout, *fit, config.train, seed).network
+        distilled = train_network(spec, arrays, config.train, seed, start=teacher).network
+        scratch = train_network(spec, arrays, config.train, seed).network
+        scratch_dropout = train_network(spec_teacher_dropout, arrays, config.train, seed).network
         rows.append({"seed": seed, "distilled": accuracy(distilled), "scratch": accuracy(scratch),
                      "scratch_teacher_dropout": accuracy(scratch_dropout)})
     return {"student": {"hidden_sizes": list(spec.hidden_sizes), "cnn_channels": list(spec.cnn_channels),
@@ -127,20 +126,20 @@ def measure(name: str, dataset: str, overrides: list[str], folder: Path) -> dict
     from tasks.compress import build_variants
     from tasks.data import prepare_data
     from tasks.evaluate import evaluate_bundle, variant_row
-    from tasks.train import train_on_data, training_arrays
+    from tasks.train import TrainingSettings, train_on_data
 
     config = load_config(dataset=dataset, overrides=["tuning.enabled=false", *overrides])
     prepared = prepare_data(config.data, config.seed)
-    arrays = training_arrays(prepared)
-    trained = train_on_data(prepared, config.model, config.train, config.seed, arrays=arrays)
-    built, failures = build_variants(trained, prepared, arrays, config.compression, config.train, config.seed, folder)
-    variants = {variant.name: variant for variant in built}
+    arrays = prepared.arrays
+    trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
+    built = build_variants(trained, prepared, config.compression, config.train, config.seed, folder)
+    failures = built.failed
+    variants = {variant.name: variant for variant in built.built}
     rows, reference = [], None
-    for variant in built:
-        evaluation = evaluate_bundle(variant.bundle_dir, prepared.splits.x_test, prepared.splits.y_test,
-                                     variant.bundle_dir)
+    for variant in built.built:
+        evaluation = evaluate_bundle(variant.bundle_dir, prepared.splits.x_test, prepared.splits.y_test)
         reference = reference or evaluation
-        rows.append({**variant_row(variant, evaluation, reference), "build_s": round(variant.seconds, 2),
+        rows.append({**variant_row(variant, evaluation, reference).flat(), "build_s": round(variant.seconds, 2),
                      **{f"detail_{k}": v for k, v in variant.details.items()}})
     features = transform(prepared.splits.x_test, prepared.preprocessing)
     result = {"family": trained.spec.family, "spec": trained.spec.to_dict(), "variants": rows,

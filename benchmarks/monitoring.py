@@ -57,7 +57,7 @@ def fill_log(connection, bundle, rows, model_label: str, home: Path):
     ids = [uuid.uuid4().hex for _ in range(len(rows))]
     now_s = time.time()
     records = rows.to_dict(orient="records")
-    entries = [(request_id, now_s, "bench", model_label, 200, json.dumps([record]),
+    entries = [(request_id, now_s, "bench", model_label, 200, json.dumps({"rows": [record]}),
                 json.dumps([{"label": label, "probabilities": {}}]))
                for request_id, record, label in zip(ids, records, predicted)]
     log_predictions(connection, entries)
@@ -73,14 +73,14 @@ def time_stages(connection, watched, config, labels_path) -> dict:
 
     seconds = {}
     started = time.perf_counter()
-    logged = read_logged_rows(connection, watched.name, 0, time.time())
+    logged = read_logged_rows(connection, watched.ref.name, 0, time.time())
     seconds["read_log"] = time.perf_counter() - started
     started = time.perf_counter()
     drift = measure_drift(logged.inputs, logged.meta["predicted"], watched.reference, config.monitoring.drift)
     seconds["drift"] = time.perf_counter() - started
     started = time.perf_counter()
     labelled = with_ground_truth(logged, read_ground_truth(labels_path))
-    live_quality(labelled, watched.version, watched.bundle.labels, {}, 30, 0.05)
+    live_quality(labelled, watched.ref.version, watched.bundle.labels, {}, 30, 0.05)
     seconds["labels_and_quality"] = time.perf_counter() - started
     return {"seconds": seconds, "drifted": sorted(drift.drifted_features), "n_rows": drift.n_rows}, logged
 
@@ -134,7 +134,8 @@ def main() -> None:
     from maas.cli import quiet_defaults
 
     quiet_defaults()
-    from flows.monitor import monitor, resolve_watched
+    from flows.monitor import monitor
+    from tasks.check import resolve_watched
     from flows.train_pipeline import train_pipeline
     from maas.config import load_config
     from maas.service_store import connect
@@ -143,7 +144,7 @@ def main() -> None:
 
     config = load_config(ROOT / "configs" / "quick.yaml", "breast_cancer",
                          overrides=["serving.build_bento=false", "compression.variants=[fp32]"])
-    summary = train_pipeline(config)
+    summary = train_pipeline(config).to_dict()
     prepared = prepare_data(config.data, config.seed)
     watched = resolve_watched(mlflow_client(), config, home)
     rows = logged_rows(prepared, args.rows)
@@ -154,7 +155,7 @@ def main() -> None:
 
     stages, logged = time_stages(connection, watched, checked, labels_path)
     started = time.perf_counter()
-    check = monitor(checked)
+    check = monitor(checked).to_dict()
     check_seconds = time.perf_counter() - started
     cases = detection_cases(config, home)
     evidently = run_evidently(prepared.splits.x_train, logged.inputs, home)

@@ -154,11 +154,11 @@ def train_bundle(home: Path) -> Path:
     from maas.config import load_config
     from tasks.data import prepare_data
     from tasks.export import update_metadata, write_bundle
-    from tasks.train import train_on_data
+    from tasks.train import TrainingSettings, train_on_data
 
     config = load_config(dataset="breast_cancer", overrides=["tuning.enabled=false"])
     prepared = prepare_data(config.data, config.seed)
-    trained = train_on_data(prepared, config.model, config.train, config.seed)
+    trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
     bundle = write_bundle(home / "bundle", trained.network, trained.spec, prepared.preprocessing,
                           prepared.labels, prepared.target, prepared.input_schema)
     update_metadata(bundle, variant="fp32")

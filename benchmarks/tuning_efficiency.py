@@ -22,10 +22,11 @@ from common import machine, now, write_results
 
 
 def study(prepared, config, tuning, name: str, seed: int):
+    from tasks.train import TrainingSettings
     from tasks.tune import Objective, run_study
 
     started = time.perf_counter()
-    result = run_study(Objective(prepared, config.model, config.train, tuning, seed), tuning, name, seed)
+    result = run_study(Objective(prepared, TrainingSettings(config.model, config.train), tuning, seed), tuning, name, seed)
     return result, time.perf_counter() - started
 
 
@@ -33,12 +34,12 @@ def test_f1(prepared, model, train, seed: int, folder: Path) -> float:
     """Train with these settings, export, and score the bundle on the test split."""
     from tasks.evaluate import evaluate_bundle
     from tasks.export import write_bundle
-    from tasks.train import train_on_data
+    from tasks.train import TrainingSettings, train_on_data
 
-    result = train_on_data(prepared, model, train, seed)
+    result = train_on_data(prepared, TrainingSettings(model, train), seed)
     bundle = write_bundle(folder / "bundle", result.network, result.spec, prepared.preprocessing,
                           prepared.labels, prepared.target, prepared.input_schema)
-    return evaluate_bundle(bundle, prepared.splits.x_test, prepared.splits.y_test, folder).metrics["f1_macro"]
+    return evaluate_bundle(bundle, prepared.splits.x_test, prepared.splits.y_test).metrics["f1_macro"]
 
 
 def main() -> None:
@@ -67,6 +68,7 @@ def main() -> None:
 
     from maas.config import load_config
     from tasks.data import prepare_data
+    from tasks.train import TrainingSettings
     from tasks.tune import apply_hyperparameters
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -97,7 +99,7 @@ def main() -> None:
             config = load_config(dataset=dataset)
             prepared = prepare_data(config.data, config.seed)
             tuned, _ = study(prepared, config, config.tuning, f"{dataset}-final", config.seed)
-            model, train = apply_hyperparameters(config.model, config.train, tuned.best_params)
+            model, train = apply_hyperparameters(TrainingSettings(config.model, config.train), tuned.best_params)
             with tempfile.TemporaryDirectory() as scratch:
                 untuned_f1 = test_f1(prepared, config.model, config.train, config.seed, Path(scratch))
             with tempfile.TemporaryDirectory() as scratch:

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from maas.errors import MaasInputError
 
@@ -67,6 +66,8 @@ def quiet_defaults() -> None:
     # Prefect's server reports telemetry and logs an ERROR when it cannot reach the internet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow 3 reports usage from a background thread; offline it only costs time.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # The temporary server's first start migrates a new database: 15-25 s on 2 busy cores, past
     # Prefect's 20 s default, which then fails the run before it begins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -165,34 +166,9 @@ def preflight(config) -> None:
     spec_for_data(config.model, prepare_data(config.data, config.seed))
 
 
-def human_summary(summary: dict[str, Any]) -> str:
-    metrics = summary["test_metrics"]
-    chosen = next(row for row in summary["variants"] if row["name"] == summary["selected_variant"])
-    lines = ["", "  variant      F1      size  ms@64  speed  smaller"]
-    for row in summary["variants"]:
-        lines.append(f"  {row['name']:<10} {row['metrics']['f1_macro']:.4f} {row['size_bytes'] / 1024:6.0f}K "
-                     f"{row['p50_ms_b64']:6.3f}  x{row['speedup_b64_vs_fp32']:.2f}  x{row['size_ratio_vs_fp32']:.2f}")
-    return "\n".join([
-        *lines,
-        "",
-        f"Selected {summary['selection_reason']}",
-        f"Registered {summary['model_name']} version {summary['model_version']} as @{summary['alias']}: "
-        f"{summary['gate']['reason']}",
-        "  test   " + "  ".join(f"{name} {value:.4f}" for name, value in metrics.items()),
-        f"  model  {chosen['size_bytes'] / 1024:.0f} KiB ONNX, {chosen['latency_ms']:.2f} ms per raw row (p50, CPU)",
-        f"  MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}'",
-        f"         {summary['mlflow_run_url']}   (start the UI with: maas ui)",
-        f"  load   mlflow.pyfunc.load_model(\"{summary['model_uri']}\")",
-        f"  serve  maas serve --model {summary['model_name']}@{summary['alias']}"
-        + (f"\n         or BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')} bentoml serve {summary['bento']}"
-           if summary.get("bento") else ""),
-        f"  watch  maas monitor --set monitoring.model={summary['model_name']}@champion   "
-        "(on a schedule: maas schedule)",
-    ])
-
-
-def run_flow(args: argparse.Namespace, check, load_flow, what: str, render) -> int:
-    """`maas run` and `maas monitor`: config, preflight (bad input is one line), the flow, the summary."""
+def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
+    """`maas run` and `maas monitor`: config, preflight (bad input is one line), the flow, its summary
+    (TrainSummary or CheckSummary: `to_dict` for --summary, `render` for the terminal)."""
     from maas.config import load_config
 
     config = load_config(args.config, args.dataset, args.target, args.overrides)
@@ -206,8 +182,8 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str, render) -> i
         print(f"maas: error: the {what} flow failed: {error.__class__.__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
     if args.summary:
-        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str))
-    print(render(summary))
+        Path(args.summary).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    print(summary.render())
     return 0
 
 
@@ -217,7 +193,7 @@ def command_run(args: argparse.Namespace) -> int:
 
         return train_pipeline
 
-    return run_flow(args, preflight, training_flow, "training", human_summary)
+    return run_flow(args, preflight, training_flow, "training")
 
 
 def command_ui(args: argparse.Namespace) -> int:
@@ -245,6 +221,7 @@ def serving_environment(packaged, serving, tier_models: dict | None = None) -> d
 def command_serve(args: argparse.Namespace) -> int:
     from maas.config import load_config
     from maas.paths import project_root
+    from maas.registered import ModelRef
     from maas.tracking import mlflow_client
     from tasks.package import package_model, package_tier_models
 
@@ -253,8 +230,10 @@ def command_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         serving = serving.model_copy(update={"port": args.port})
     client = mlflow_client()
-    packaged = package_model(client, args.model or serving.model or f"{config.model_name}@champion")
-    tier_models, missing = package_tier_models(client, packaged.mlflow_name, serving)
+    champion = config.registry.champion_alias
+    wanted = ModelRef.parse(args.model or serving.model or f"{config.model_name}@{champion}", champion)
+    packaged = package_model(client, wanted)
+    tier_models, missing = package_tier_models(client, packaged.ref.name, serving)
     if missing:  # asked for by name: a tier's missing model stops `maas serve`
         raise next(iter(missing.values()))
     print(f"Serving {packaged.label} (BentoML model {packaged.tag}) on http://{serving.host}:{serving.port} "
@@ -311,13 +290,10 @@ def monitor_preflight(config) -> None:
     """Bad input (no such model, a missing labels file) as one line before any flow run starts."""
     import tempfile
 
-    from flows.monitor import resolve_watched
-    from maas.paths import maas_home
+    from maas.paths import is_embedded_store, maas_home
     from maas.tracking import mlflow_client
+    from tasks.check import resolve_watched, watched_reference
     from tasks.prediction_log import read_ground_truth
-
-    from flows.monitor import watched_reference
-    from maas.paths import is_embedded_store
 
     if is_embedded_store() and not (maas_home() / "mlflow.db").is_file():
         raise MaasInputError(f"monitoring.model '{watched_reference(config)}': no MLflow store in {maas_home()} yet "
@@ -328,39 +304,13 @@ def monitor_preflight(config) -> None:
         read_ground_truth(config.monitoring.labels_path)
 
 
-def human_check(summary: dict[str, Any]) -> str:
-    drift = summary["drift"]
-    since = "(first check)" if summary["window_start"].startswith("1970-01-01") else f"since {summary['window_start']}"
-    lines = [f"Checked {summary['model']}: {drift['n_rows']} logged rows {since}",
-             f"  drift    {len(drift['drifted_features'])} of {len(drift['features'])} features drifted"
-             + ("" if drift["judged"] else " (too few rows to judge)")
-             + (f": {', '.join(drift['drifted_features'][:6])}" if drift["drifted_features"] else "")]
-    if summary["quality"]:
-        quality = summary["quality"]
-        if quality["n_labelled"]:
-            lines.append(f"  quality  live F1 {quality['metrics']['f1_macro']:.4f} on {quality['n_labelled']} labelled rows "
-                         f"(test {quality['test_metrics'].get('f1_macro', float('nan')):.4f})")
-        else:
-            lines.append("  quality  no labelled rows yet")
-    if summary["health"]:
-        health = summary["health"]
-        p99 = "-" if health["p99_ms"] is None else f"{health['p99_ms']:.0f} ms"
-        errors = "-" if health["error_rate"] is None else f"{health['error_rate']:.2%}"
-        lines.append(f"  health   {health['requests']:.0f} requests, 5xx {errors}, p99 {p99}")
-    lines += [f"  ALERT    {alert['kind']}: {alert['message']}" for alert in summary["alerts"]]
-    if summary["retrain"]:
-        lines.append(f"  retrain  {summary['retrain']['status']}")
-    lines.append(f"  report   {summary['mlflow_run_url']} (drift/report.html)")
-    return "\n".join(lines)
-
-
 def command_monitor(args: argparse.Namespace) -> int:
     def monitoring_flow():
         from flows.monitor import monitor
 
         return monitor
 
-    return run_flow(args, monitor_preflight, monitoring_flow, "monitoring", human_check)
+    return run_flow(args, monitor_preflight, monitoring_flow, "monitoring")
 
 
 def command_schedule(args: argparse.Namespace) -> int:

@@ -81,6 +81,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(15, ge=1, description="epochs without val-loss improvement before stop")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0: one for small networks "
+                         "(their ops are too small to split: a second thread only spins), else torch's default")
 
 
 class Range(Section):

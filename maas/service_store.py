@@ -137,12 +137,7 @@ def read_predictions(connection: sqlite3.Connection, since: float = 0.0) -> list
         "SELECT request_id, logged_at, key_id, model, status, inputs, outputs FROM predictions "
         "WHERE logged_at > ? ORDER BY logged_at", (since,))
     return [{"request_id": r[0], "logged_at": r[1], "key_id": r[2], "model": r[3], "status": r[4],
-             "inputs": logged_rows(json.loads(r[5])), "outputs": json.loads(r[6])} for r in rows]
-
-
-def logged_rows(inputs: dict | list) -> list:
-    """A logged request's rows: from its body, or a bare list of rows (logs written before bodies were)."""
-    return inputs["rows"] if isinstance(inputs, dict) else inputs
+             "inputs": json.loads(r[5])["rows"], "outputs": json.loads(r[6])} for r in rows]
 
 
 def last_check(connection: sqlite3.Connection, model: str) -> tuple[float, dict | None]:
@@ -154,7 +149,7 @@ def last_check(connection: sqlite3.Connection, model: str) -> tuple[float, dict 
     return row[0], json.loads(row[1]) if row[1] else None
 
 
-def record_check(connection: sqlite3.Connection, model: str, window_end: float, counters: dict | None) -> None:
+def save_check(connection: sqlite3.Connection, model: str, window_end: float, counters: dict | None) -> None:
     with connection:
         connection.execute("INSERT INTO monitor_checks VALUES (?, ?, ?, ?)",
                            (model, time.time(), window_end, json.dumps(counters) if counters else None))

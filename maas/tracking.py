@@ -39,13 +39,21 @@ def mlflow_client():
     return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
+# MLflow 3's UI opens an experiment it cannot classify on its GenAI overview (traces, an assistant
+# panel); marked as model development, it opens on the runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(client, name: str) -> str:
-    """The experiment's id, creating it (with artifacts under MAAS_HOME when embedded)."""
+    """The experiment's id, creating it (with artifacts under MAAS_HOME when embedded), marked as a
+    model-training experiment for the MLflow UI."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (artifact_root() / name).as_uri() if is_embedded_store() else None
-    return client.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        location = (artifact_root() / name).as_uri() if is_embedded_store() else None
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 @contextmanager
@@ -64,12 +72,6 @@ def parent_run(client, experiment_id: str, run_name: str, tags: Mapping[str, str
     client.set_terminated(run_id, status="FINISHED")
 
 
-def start_child_run(client, experiment_id: str, parent_run_id: str, name: str, tags: Mapping[str, str]) -> str:
-    """A run nested under the parent in the MLflow UI (by tag: the fluent API is not thread-safe)."""
-    run = client.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, **tags})
-    return run.info.run_id
-
-
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}: MLflow params are flat."""
     flat: dict[str, Any] = {}
@@ -82,46 +84,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    entries = [Param(key, str(value)[:MLFLOW_PARAM_MAX]) for key, value in params.items()]
-    for start in range(0, len(entries), 100):  # MLflow's per-batch param limit
-        client.log_batch(run_id, params=entries[start : start + 100])
-
-
 def metric_entities(metrics: Mapping[str, float], step: int = 0) -> list:
     """MLflow Metric objects for one step, stamped now, for log_batch."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     return [Metric(key, float(value), now, step) for key, value in metrics.items()]
-
-
-def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    entries = metric_entities(metrics, step)
-    for start in range(0, len(entries), 1000):
-        client.log_batch(run_id, metrics=entries[start : start + 1000])
-
-
-class MetricBuffer:
-    """Per-epoch metrics, written in batches: one SQLite write per flush, not one per value."""
-
-    def __init__(self, client, run_id: str, flush_every: int = 25):
-        self.client, self.run_id, self.flush_every = client, run_id, flush_every
-        self.pending: list = []
-        self.steps_since_flush = 0
-
-    def add(self, metrics: Mapping[str, float], step: int) -> None:
-        self.pending += metric_entities(metrics, step)
-        self.steps_since_flush += 1
-        if self.steps_since_flush >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        for start in range(0, len(self.pending), 1000):
-            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
-        self.pending, self.steps_since_flush = [], 0
 
 
 def ui_base_url() -> str:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from maas.run_context import RunContext
 from maas.service_store import close_incident, open_incident, open_incidents
+
+if TYPE_CHECKING:
+    from tasks.check import Check
 
 ONE_SHOT = ("rollback",)  # events, not conditions: they close again at the next check
 
@@ -58,3 +67,34 @@ def send_alerts(alerts: list[Alert], model: str, block_name: str | None, logger:
         except Exception as error:  # noqa: BLE001 - a failed webhook is reported, the check goes on
             logger.warning("notification of %s alert through '%s' failed: %s", alert.kind, block_name, error)
     return delivered
+
+
+@dataclass(frozen=True)
+class AlertOutcome:
+    """What the alert stage did: the conditions firing now, the alerts it opened, how many were delivered."""
+
+    firing: dict[str, str]
+    new: list[Alert] = field(default_factory=list)
+    delivered: int = 0
+
+
+def raise_alerts(check: Check, reports: list) -> AlertOutcome:
+    """Every report's firing conditions (drift, quality, rollback, health: each has `firing()`)
+    become incidents; the new ones are alerted."""
+    firing: dict[str, str] = {}
+    for report in reports:
+        if report is not None:
+            firing.update(report.firing())
+    model = check.watched.ref.name
+    alerts = new_alerts(check.connection, model, firing)
+    delivered = send_alerts(alerts, model, check.monitoring.notify_block, check.ctx.logger)
+    return AlertOutcome(firing, alerts, delivered)
+
+
+def record_alerts(ctx: RunContext, outcome: AlertOutcome) -> None:
+    ctx.record(metrics={"alerts/new": len(outcome.new)})
+
+
+@task(name="alerts", retries=0, cache_policy=NO_CACHE)
+def alert_task(check: Check, reports: list) -> AlertOutcome:
+    return check.ctx.run_stage("alerts", partial(raise_alerts, check, reports), record_alerts)

@@ -14,25 +14,26 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 from torch.nn.utils import prune
 
 from maas.bundle import MODEL_FILE
 from maas.config import CompressionConfig, TrainConfig
+from maas.run_context import RunContext
 from models import NetworkSpec, build_network
 from models.cnn import SmallCNN
 from models.mlp import TabularMLP
 from tasks.data import PreparedData
 from tasks.export import update_metadata, write_bundle
-from tasks.train import Distillation, TrainingArrays, TrainResult, train_network
+from tasks.train import Distillation, FineTune, TrainResult, train_network
 
 MIN_WIDTH = 4  # no hidden layer or conv stage is shrunk below this many units / channels
 
@@ -201,18 +202,20 @@ def finetune_config(train: TrainConfig, config: CompressionConfig) -> TrainConfi
     })
 
 
+@dataclass
+class Variants:
+    """The compression stage's result: the variants built (fp32 first) and those that failed."""
+
+    built: list[Variant]
+    failed: list[FailedVariant]
+
+
 def build_variants(
-    trained: TrainResult,
-    prepared: PreparedData,
-    arrays: TrainingArrays,
-    config: CompressionConfig,
-    train: TrainConfig,
-    seed: int,
+    trained: TrainResult, prepared: PreparedData, config: CompressionConfig, train: TrainConfig, seed: int,
     folder: Path,
-    on_failure: Callable[[FailedVariant], None] | None = None,
-) -> tuple[list[Variant], list[FailedVariant]]:
-    """Build and export each configured variant; one that fails is reported and skipped."""
-    fit = (arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val)
+) -> Variants:
+    """Build and export each configured variant; one that fails is kept as a failure and skipped."""
+    arrays = prepared.arrays
 
     def export(name: str, network: nn.Module, spec: NetworkSpec, **details: Any) -> Variant:
         bundle = write_bundle(folder / name, network, spec, prepared.preprocessing, prepared.labels,
@@ -226,7 +229,7 @@ def build_variants(
 
     def pruned() -> Variant:
         masked = magnitude_prune(trained.network, config.sparsity)
-        tuned = train_network(trained.spec, *fit, finetune_config(train, config), seed, start_from=masked)
+        tuned = train_network(trained.spec, arrays, finetune_config(train, config), seed, start=FineTune(masked))
         network = make_pruning_permanent(tuned.network)
         total, nonzero = parameter_counts(network)
         return export("pruned", network, trained.spec, sparsity=round(1 - nonzero / total, 4),
@@ -234,7 +237,7 @@ def build_variants(
 
     def structured() -> Variant:
         smaller, spec = structured_shrink(trained.network, trained.spec, config.keep_units)
-        tuned = train_network(spec, *fit, finetune_config(train, config), seed, start_from=smaller)
+        tuned = train_network(spec, arrays, finetune_config(train, config), seed, start=FineTune(smaller))
         return export("structured", tuned.network, spec, keep_units=config.keep_units,
                       hidden_sizes=list(spec.hidden_sizes), cnn_channels=list(spec.cnn_channels),
                       finetune_epochs=tuned.epochs_run)
@@ -249,13 +252,13 @@ def build_variants(
     def distilled() -> Variant:
         spec = student_spec(trained.spec, config.student_scale, config.student_dropout)
         teacher = Distillation(trained.network, config.temperature, config.alpha)
-        student = train_network(spec, *fit, train, seed, teacher=teacher)
+        student = train_network(spec, arrays, train, seed, start=teacher)
         return export("distilled", student.network, spec, hidden_sizes=list(spec.hidden_sizes),
                       cnn_channels=list(spec.cnn_channels), temperature=config.temperature,
                       alpha=config.alpha, epochs=student.epochs_run)
 
     builders = {"fp32": fp32, "pruned": pruned, "structured": structured, "int8": int8, "distilled": distilled}
-    variants, failures = [], []
+    variants = Variants([], [])
     for name in config.variants:
         started = time.perf_counter()
         try:
@@ -263,32 +266,28 @@ def build_variants(
         except Exception as error:
             if name == "fp32":
                 raise  # the reference is the trained model itself: without it there is nothing to compare
-            failure = FailedVariant(name, f"{error.__class__.__name__}: {error}")
-            failures.append(failure)
-            if on_failure:
-                on_failure(failure)
+            variants.failed.append(FailedVariant(name, f"{error.__class__.__name__}: {error}"))
             continue
         variant.seconds = time.perf_counter() - started
-        variants.append(variant)
-    return variants, failures
+        variants.built.append(variant)
+    return variants
+
+
+def record_compression(ctx: RunContext, variants: Variants) -> None:
+    """A line per variant for the log; the failures are recorded as FAILED child runs with the scores."""
+    for failure in variants.failed:
+        ctx.logger.warning("variant %s could not be built and is skipped: %s", failure.name, failure.error)
+    for variant in variants.built:
+        ctx.logger.info("variant %s: %d parameters (%d non-zero), built in %.1f s",
+                        variant.name, variant.parameters, variant.nonzero_parameters, variant.seconds)
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
 
 @task(name="compress", retries=0, timeout_seconds=3 * 3600, cache_policy=NO_CACHE)
-def compress_task(
-    trained: TrainResult, prepared: PreparedData, arrays: TrainingArrays, config: CompressionConfig,
-    train: TrainConfig, seed: int, folder: Path,
-) -> tuple[list[Variant], list[FailedVariant], float]:
-    started = time.perf_counter()
-    logger = get_run_logger()
-
-    def warn(failure: FailedVariant) -> None:
-        logger.warning("variant %s could not be built and is skipped: %s", failure.name, failure.error)
-
-    variants, failures = build_variants(trained, prepared, arrays, config, train, seed, folder, warn)
-    for variant in variants:
-        logger.info("variant %s: %d parameters (%d non-zero), built in %.1f s",
-                    variant.name, variant.parameters, variant.nonzero_parameters, variant.seconds)
-    return variants, failures, time.perf_counter() - started
+def compress_task(ctx: RunContext, trained: TrainResult, prepared: PreparedData, config: CompressionConfig,
+                  train: TrainConfig, seed: int) -> Variants:
+    folder = ctx.scratch_dir("variants")
+    return ctx.run_stage("compress", partial(build_variants, trained, prepared, config, train, seed, folder),
+                         record_compression)

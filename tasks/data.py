@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
+from maas.bundle import transform
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
-from maas.orchestration import retry_unless_input_error, timed
+from maas.orchestration import retry_unless_input_error
+from maas.run_context import StageTimer, run_logger
+from maas.tables import listing, read_table_file
 
 BUILTIN_TARGET = "target"
-CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
-PARQUET_SUFFIXES = {".parquet", ".pq"}
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
 
 
@@ -46,6 +47,16 @@ class DataSplits:
     y_test: np.ndarray
 
 
+@dataclass(frozen=True)
+class TrainingArrays:
+    """Preprocessed train and validation splits: transformed once, reused by every trial and variant."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
 @dataclass
 class PreparedData:
     """Everything later stages need from the data, and what the model bundle carries."""
@@ -61,6 +72,19 @@ class PreparedData:
     image_shape: tuple[int, int] | None
     n_rows: int
     notes: list[str] = field(default_factory=list)
+
+    @cached_property
+    def arrays(self) -> TrainingArrays:
+        """Train and validation rows through the fitted preprocessing, as the network sees them."""
+        splits = self.splits
+        return TrainingArrays(transform(splits.x_train, self.preprocessing), splits.y_train,
+                              transform(splits.x_val, self.preprocessing), splits.y_val)
+
+    def description(self) -> dict[str, Any]:
+        """Where the data came from and what the model takes: data/schema.json on the run."""
+        return {"source": self.source, "target": self.target, "labels": self.labels,
+                "input_schema": self.input_schema, "dropped_columns": self.dropped_columns,
+                "fingerprint": self.fingerprint}
 
     def summary_params(self) -> dict[str, Any]:
         """Flat facts about the data, for MLflow params."""
@@ -100,55 +124,6 @@ def load_builtin(name: str) -> RawTable:
     return RawTable(frame, BUILTIN_TARGET, name, image_shape)
 
 
-def _check_csv_rectangular(path: Path, delimiter: str) -> None:
-    """Fail on ragged rows, which pandas would silently pad with NaN when a row is short."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
-            header = next(reader, None)
-            if not header or not any(cell.strip() for cell in header):
-                raise MaasInputError(f"{path}: the file is empty")
-            for row in reader:
-                if row and len(row) != len(header):
-                    raise MaasInputError(
-                        f"{path}: ragged rows: line {reader.line_num} has {len(row)} fields, "
-                        f"the header has {len(header)}"
-                    )
-    except (UnicodeDecodeError, csv.Error):
-        raise MaasInputError(f"{path}: not a text table (cannot read it as UTF-8 CSV)") from None
-
-
-def read_table_file(path: Path) -> pd.DataFrame:
-    """A CSV/TSV or Parquet file as a DataFrame, with one-line errors for every way it can fail."""
-    if not path.exists():
-        raise MaasInputError(f"data file not found: {path}")
-    if not path.is_file():
-        raise MaasInputError(f"{path}: is not a file")
-    suffix = path.suffix.lower()
-    if suffix not in CSV_SUFFIXES and suffix not in PARQUET_SUFFIXES:
-        raise MaasInputError(f"{path}: unsupported file type '{suffix}'; use .csv, .tsv or .parquet")
-    if path.stat().st_size == 0:
-        raise MaasInputError(f"{path}: the file is empty")
-    if suffix in PARQUET_SUFFIXES:
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises many types for a damaged file
-            raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
-    else:
-        delimiter = CSV_SUFFIXES[suffix]
-        _check_csv_rectangular(path, delimiter)
-        try:
-            frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise MaasInputError(f"{path}: not a readable CSV table ({first_line})") from None
-    if frame.shape[1] == 0:
-        raise MaasInputError(f"{path}: the file has no columns")
-    if frame.shape[0] == 0:
-        raise MaasInputError(f"{path}: the file has a header but no data rows")
-    return frame
-
-
 def load_table(data: DataConfig) -> RawTable:
     """The configured dataset: a built-in by name, else a file path with a --target column."""
     if data.is_builtin:
@@ -167,7 +142,7 @@ def load_table(data: DataConfig) -> RawTable:
         )
     frame = read_table_file(path)
     if data.target is None:
-        raise MaasInputError(f"{path}: name the target column with --target (columns: {_listing(frame.columns)})")
+        raise MaasInputError(f"{path}: name the target column with --target (columns: {listing(frame.columns)})")
     return RawTable(frame, data.target, str(path))
 
 
@@ -186,7 +161,7 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
         missing = [name for name in table.frame.columns if name not in extra.columns]
         unknown = [name for name in extra.columns if name not in table.frame.columns]
         if missing or unknown:
-            problem = f"lacks column(s) {_listing(missing)}" if missing else f"has unknown column(s) {_listing(unknown)}"
+            problem = f"lacks column(s) {listing(missing)}" if missing else f"has unknown column(s) {listing(unknown)}"
             raise MaasInputError(f"{path}: extra rows for {table.source} {problem}")
         frames.append(extra[list(table.frame.columns)])
     frame = pd.concat(frames, ignore_index=True)
@@ -194,12 +169,6 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
 
 
 # --- validation and cleaning -------------------------------------------------------------------
-
-
-def _listing(names, limit: int = 12) -> str:
-    names = [str(name) for name in names]
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:
@@ -256,7 +225,7 @@ def clean_features(
     for name, reason in dropped.items():
         notes.append(f"column '{name}' dropped: {reason}")
     if not kept:
-        raise MaasInputError("no usable feature columns left after dropping: " + _listing(dropped))
+        raise MaasInputError("no usable feature columns left after dropping: " + listing(dropped))
     return pd.DataFrame(kept, index=features.index), dropped
 
 
@@ -353,7 +322,7 @@ def prepare_data(data: DataConfig, seed: int) -> PreparedData:
     frame = table.frame
     if table.target not in frame.columns:
         raise MaasInputError(
-            f"{table.source}: target column '{table.target}' not found; columns: {_listing(frame.columns)}"
+            f"{table.source}: target column '{table.target}' not found; columns: {listing(frame.columns)}"
         )
     notes: list[str] = []
     fingerprint = fingerprint_table(frame)
@@ -387,19 +356,24 @@ def prepare_data(data: DataConfig, seed: int) -> PreparedData:
     )
 
 
+def report_data(prepared: PreparedData) -> None:
+    """What cleaning did (a warning each) and the split sizes, for the run's log."""
+    logger = run_logger()
+    for note in prepared.notes:
+        logger.warning(note)
+    splits = prepared.splits
+    logger.info("%s: %d rows, %d input columns, %d classes -> train %d / val %d / test %d", prepared.source,
+                prepared.n_rows, len(prepared.input_schema), len(prepared.labels), len(splits.x_train),
+                len(splits.x_val), len(splits.x_test))
+
+
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
 
 @task(name="prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_input_error,
       timeout_seconds=600, cache_policy=NO_CACHE)
-def prepare_data_task(data: DataConfig, seed: int) -> tuple[PreparedData, float]:
-    prepared, seconds = timed(prepare_data, data, seed)
-    logger = get_run_logger()
-    for note in prepared.notes:
-        logger.warning(note)
-    logger.info(
-        "%s: %d rows, %d input columns, %d classes -> train %d / val %d / test %d",
-        prepared.source, prepared.n_rows, len(prepared.input_schema), len(prepared.labels),
-        len(prepared.splits.x_train), len(prepared.splits.x_val), len(prepared.splits.x_test),
-    )
-    return prepared, seconds
+def prepare_data_task(data: DataConfig, seed: int, timer: StageTimer) -> PreparedData:
+    """Before any MLflow run exists (bad input leaves nothing behind); recorded once the run opens."""
+    prepared = timer.run("data", prepare_data, data, seed)
+    report_data(prepared)
+    return prepared

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from maas.config import DriftConfig
+from maas.run_context import RunContext, write_file
+
+if TYPE_CHECKING:
+    from tasks.check import Check
 
 REFERENCE_FILE = "reference.json"
 MISSING = "(missing)"
@@ -107,6 +114,7 @@ class DriftReport:
     prediction_psi: float | None
     prediction_shares: dict[str, float]
     alert: bool
+    psi_threshold: float = 0.2  # what a feature's PSI had to exceed
 
     @property
     def drifted_features(self) -> list[str]:
@@ -114,6 +122,21 @@ class DriftReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drifted_features": self.drifted_features}
+
+    def firing(self) -> dict[str, str]:
+        """The alert condition this report raises, if any: kind -> message."""
+        if not self.alert:
+            return {}
+        return {"drift": f"{len(self.drifted_features)} of {len(self.features)} features drifted "
+                         f"(PSI > {self.psi_threshold}): {', '.join(self.drifted_features[:8])}"}
+
+    def metrics(self) -> dict[str, float]:
+        figures = {"drift/n_rows": self.n_rows, "drift/share": self.drift_share,
+                   "drift/n_drifted": len(self.drifted_features),
+                   **{f"drift/psi/{feature.name}": feature.psi for feature in self.features}}
+        if self.prediction_psi is not None:
+            figures["drift/prediction_psi"] = self.prediction_psi
+        return figures
 
 
 def numeric_drift(name: str, reference: dict[str, Any], values: np.ndarray, n_bins: int,
@@ -161,7 +184,7 @@ def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str,
     judged = n_rows >= config.min_rows
     share = sum(feature.drifted for feature in features) / max(1, len(features))
     return DriftReport(n_rows, judged, n_bins, features, share, prediction_psi, prediction_shares,
-                       alert=judged and share >= config.alert_share)
+                       alert=judged and share >= config.alert_share, psi_threshold=config.psi_threshold)
 
 
 def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any], threshold: float, path: Path) -> Path:
@@ -197,3 +220,27 @@ def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
+
+
+def check_drift(check: Check) -> DriftReport:
+    """The rows logged since the last check against the reference sealed in the watched bundle."""
+    logged = check.logged
+    return measure_drift(logged.inputs, logged.meta["predicted"], check.watched.reference, check.monitoring.drift)
+
+
+def record_drift(ctx: RunContext, drift: DriftReport, check: Check) -> None:
+    """The figures as drift/* metrics, the chart as drift/drift.png, the table as a Prefect artifact."""
+    ctx.record(metrics=drift.metrics())
+    if drift.n_rows and drift.features:
+        png = plot_drift(drift, check.logged.inputs, check.watched.reference, check.monitoring.drift.psi_threshold,
+                         ctx.scratch_dir("drift") / "drift.png")
+        ctx.defer(write_file, ctx.run_id, png, "drift")
+    ctx.artifacts.table("drift-features", [
+        {"feature": f.name, "psi": round(f.psi, 4), "ks_pvalue": f.ks_pvalue, "drifted": f.drifted}
+        for f in sorted(drift.features, key=lambda feature: feature.psi, reverse=True)
+    ], f"Drift of {drift.n_rows} logged rows against the training reference")
+
+
+@task(name="drift", retries=0, cache_policy=NO_CACHE)
+def drift_task(check: Check) -> DriftReport:
+    return check.ctx.run_stage("drift", partial(check_drift, check), partial(record_drift, check=check))

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import time
-import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
 from maas.bundle import MODEL_FILE, ModelBundle, transform
-from maas.tracking import log_metrics, log_params, mlflow_client, start_child_run
+from maas.figures import log_variant_comparison, write_variant_run
+from maas.run_context import RunContext, write_child_run
+from tasks.compress import FailedVariant, Variant, Variants
+from tasks.data import DataSplits
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,6 @@ class Evaluation:
     compressed_bytes: int  # the same, zlib-compressed (what zeroed weights save when stored)
     latency_p50_ms: float  # one raw row through preprocessing + graph
     latency_p99_ms: float
-    confusion_png: Path
     graph_latency: dict[int, Latency] = field(default_factory=dict)  # batch size -> graph-only timing
     probabilities: np.ndarray | None = None
 
@@ -106,11 +109,11 @@ def graph_latency(bundle: ModelBundle, features: np.ndarray, batch: int, budget_
     return Latency(batch, p50, float(np.percentile(samples, 99)), batch / (p50 / 1000))
 
 
-def evaluate_bundle(
-    bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, report_dir: Path, batches: tuple[int, ...] = (1, 64),
-) -> Evaluation:
-    """Load the bundle as serving does and score it on raw test rows; plots go to report_dir."""
-    bundle = ModelBundle.load(bundle_dir)
+def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, threads: int | None = 1,
+                    batches: tuple[int, ...] = (1, 64)) -> Evaluation:
+    """Load the bundle as serving does (ONNX Runtime on `threads` threads, serving.model_threads;
+    None: one per core) and score it on raw test rows, timing it as it would serve."""
+    bundle = ModelBundle.load(bundle_dir, threads)
     probabilities = bundle.predict_proba(x_test)
     predicted = probabilities.argmax(1)
     confusion = skm.confusion_matrix(y_test, predicted, labels=np.arange(len(bundle.labels)))
@@ -118,148 +121,168 @@ def evaluate_bundle(
     features = transform(x_test, bundle.preprocessing)
     timings = {batch: graph_latency(bundle, features, batch) for batch in batches}
     graph_bytes = (Path(bundle_dir) / MODEL_FILE).read_bytes()
-    metrics = classification_metrics(y_test, probabilities)
-    png = plot_confusion_matrix(
-        confusion, bundle.labels, report_dir / "confusion_matrix.png",
-        f"test split: accuracy {metrics['accuracy']:.3f}",
-    )
     return Evaluation(
-        metrics=metrics,
+        metrics=classification_metrics(y_test, probabilities),
         confusion=confusion,
         labels=bundle.labels,
         size_bytes=len(graph_bytes),
         compressed_bytes=len(zlib.compress(graph_bytes, 9)),
         latency_p50_ms=p50,
         latency_p99_ms=p99,
-        confusion_png=png,
         graph_latency=timings,
         probabilities=probabilities,
     )
 
 
-def plot_confusion_matrix(confusion: np.ndarray, labels: list[str], path: Path, title: str) -> Path:
-    """Counts per (true, predicted) label as a PNG a person can read at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, 0.5 * len(labels) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
-    axes.imshow(confusion, cmap="Blues")
-    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    axes.set_yticks(range(len(labels)), labels)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title)
-    threshold = confusion.max() / 2 if confusion.size else 0
-    for (row, col), count in np.ndenumerate(confusion):
-        axes.text(col, row, str(count), ha="center", va="center",
-                  color="white" if count > threshold else "black")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
 # --- every variant, side by side -------------------------------------------------------------------
 
 
-def variant_row(variant, evaluation: Evaluation, reference: Evaluation) -> dict:
-    """One line of the comparison: quality, size, speed, and each as a ratio to fp32."""
+@dataclass(frozen=True)
+class VariantRow:
+    """One variant's line of the comparison: test quality, size, speed as served, and each as a ratio
+    to fp32. Figures not given default to zero, so a hand-made row for a policy test stays short."""
+
+    name: str
+    metrics: dict[str, float]  # test split: accuracy, precision / recall / F1 (macro), roc_auc
+    agreement_with_fp32: float = 1.0
+    parameters: int = 0
+    nonzero_parameters: int = 0
+    size_bytes: int = 0
+    compressed_bytes: int = 0
+    p50_ms_b1: float = 0.0
+    p99_ms_b1: float = 0.0
+    p50_ms_b64: float = 0.0
+    p99_ms_b64: float = 0.0
+    rows_per_s_b64: float = 0.0
+    p50_ms_b1_e2e: float = 0.0
+    p99_ms_b1_e2e: float = 0.0
+    speedup_b64_vs_fp32: float = 1.0
+    size_ratio_vs_fp32: float = 1.0
+    compressed_ratio_vs_fp32: float = 1.0
+    f1_drop_points_vs_fp32: float = 0.0
+    accuracy_drop_points_vs_fp32: float = 0.0
+
+    @property
+    def f1_macro(self) -> float:
+        return self.metrics["f1_macro"]
+
+    def figures(self) -> dict[str, Any]:
+        """Everything but the name and the quality metrics."""
+        return {name: value for name, value in asdict(self).items() if name not in ("name", "metrics")}
+
+    def flat(self) -> dict[str, Any]:
+        """One flat record: the Prefect table and MLflow's variants/comparison.json."""
+        return {"name": self.name, **self.metrics, **self.figures()}
+
+    def summary(self) -> dict[str, Any]:
+        """The CLI contract's entry: name, metrics, size_bytes, latency_ms (one raw row), then the rest."""
+        return {"name": self.name, "metrics": dict(self.metrics), "latency_ms": self.p50_ms_b1_e2e, **self.figures()}
+
+
+def variant_row(variant, evaluation: Evaluation, reference: Evaluation) -> VariantRow:
+    """A variant's line, with its ratios taken against the fp32 reference."""
     b1, b64 = evaluation.graph_latency[1], evaluation.graph_latency[64]
     ref64 = reference.graph_latency[64]
-    return {
-        "name": variant.name,
-        **{name: round(value, 4) for name, value in evaluation.metrics.items()},
-        "agreement_with_fp32": round(float((evaluation.probabilities.argmax(1) == reference.probabilities.argmax(1)).mean()), 4),
-        "parameters": variant.parameters,
-        "nonzero_parameters": variant.nonzero_parameters,
-        "size_bytes": evaluation.size_bytes,
-        "compressed_bytes": evaluation.compressed_bytes,
-        "p50_ms_b1": round(b1.p50_ms, 4), "p99_ms_b1": round(b1.p99_ms, 4),
-        "p50_ms_b64": round(b64.p50_ms, 4), "p99_ms_b64": round(b64.p99_ms, 4),
-        "rows_per_s_b64": round(b64.rows_per_s),
-        "p50_ms_b1_e2e": round(evaluation.latency_p50_ms, 4), "p99_ms_b1_e2e": round(evaluation.latency_p99_ms, 4),
-        "speedup_b64_vs_fp32": round(ref64.p50_ms / b64.p50_ms, 3),
-        "size_ratio_vs_fp32": round(reference.size_bytes / evaluation.size_bytes, 3),
-        "compressed_ratio_vs_fp32": round(reference.compressed_bytes / evaluation.compressed_bytes, 3),
-        "f1_drop_points_vs_fp32": round(100 * (reference.metrics["f1_macro"] - evaluation.metrics["f1_macro"]), 3),
-        "accuracy_drop_points_vs_fp32": round(100 * (reference.metrics["accuracy"] - evaluation.metrics["accuracy"]), 3),
-    }
+    agreement = (evaluation.probabilities.argmax(1) == reference.probabilities.argmax(1)).mean()
+    return VariantRow(
+        name=variant.name,
+        metrics={name: round(value, 4) for name, value in evaluation.metrics.items()},
+        agreement_with_fp32=round(float(agreement), 4),
+        parameters=variant.parameters,
+        nonzero_parameters=variant.nonzero_parameters,
+        size_bytes=evaluation.size_bytes,
+        compressed_bytes=evaluation.compressed_bytes,
+        p50_ms_b1=round(b1.p50_ms, 4), p99_ms_b1=round(b1.p99_ms, 4),
+        p50_ms_b64=round(b64.p50_ms, 4), p99_ms_b64=round(b64.p99_ms, 4),
+        rows_per_s_b64=round(b64.rows_per_s),
+        p50_ms_b1_e2e=round(evaluation.latency_p50_ms, 4), p99_ms_b1_e2e=round(evaluation.latency_p99_ms, 4),
+        speedup_b64_vs_fp32=round(ref64.p50_ms / b64.p50_ms, 3),
+        size_ratio_vs_fp32=round(reference.size_bytes / evaluation.size_bytes, 3),
+        compressed_ratio_vs_fp32=round(reference.compressed_bytes / evaluation.compressed_bytes, 3),
+        f1_drop_points_vs_fp32=round(100 * (reference.metrics["f1_macro"] - evaluation.metrics["f1_macro"]), 3),
+        accuracy_drop_points_vs_fp32=round(100 * (reference.metrics["accuracy"] - evaluation.metrics["accuracy"]), 3),
+    )
 
 
-def plot_quality_vs_latency(rows: list[dict], path: Path, title: str) -> Path:
-    """Macro F1 against batch-64 latency per variant; marker area follows size on disk."""
-    import matplotlib
+@dataclass(frozen=True)
+class VariantTable:
+    """Every evaluated variant side by side; `render` is how a person reads it."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rows: list[VariantRow]
 
-    biggest = max(row["size_bytes"] for row in rows)
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    for row in rows:
-        axes.scatter(row["p50_ms_b64"], row["f1_macro"], s=60 + 900 * row["size_bytes"] / biggest, alpha=0.6)
-        axes.annotate(f"{row['name']}\n{row['size_bytes'] / 1024:.0f} KiB", (row["p50_ms_b64"], row["f1_macro"]),
-                      textcoords="offset points", xytext=(8, 4), fontsize=8)
-    axes.set_xlabel("p50 latency at batch 64 (ms, ONNX Runtime, CPU)")
-    axes.set_ylabel("test macro F1")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    def __getitem__(self, name: str) -> VariantRow:
+        return next(row for row in self.rows if row.name == name)
+
+    def flat(self) -> list[dict[str, Any]]:
+        return [row.flat() for row in self.rows]
+
+    def render(self) -> str:
+        lines = ["  variant      F1      size  ms@64  speed  smaller"]
+        for row in self.rows:
+            lines.append(f"  {row.name:<10} {row.f1_macro:.4f} {row.size_bytes / 1024:6.0f}K "
+                         f"{row.p50_ms_b64:6.3f}  x{row.speedup_b64_vs_fp32:.2f}  x{row.size_ratio_vs_fp32:.2f}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Scores:
+    """The evaluation stage's result: each variant's figures, the comparison table, what failed."""
+
+    variants: list[Variant]
+    evaluations: dict[str, Evaluation]
+    table: VariantTable
+    failed: list[FailedVariant]
+
+
+def evaluate_variants(variants: Variants, x_test: pd.DataFrame, y_test: np.ndarray, threads: int | None = 1) -> Scores:
+    """Each variant's bundle scored and timed as served (`threads`: serving.model_threads), on the same
+    test rows; a variant that cannot be evaluated joins the failures (fp32, the reference, must)."""
+    evaluated, evaluations, rows = [], {}, []
+    failed = list(variants.failed)
+    for variant in variants.built:
+        try:
+            evaluation = evaluate_bundle(variant.bundle_dir, x_test, y_test, threads)
+        except Exception as error:
+            if variant.name == "fp32":
+                raise
+            failed.append(FailedVariant(variant.name, f"{error.__class__.__name__}: {error}"))
+            continue
+        evaluated.append(variant)
+        evaluations[variant.name] = evaluation
+        rows.append(variant_row(variant, evaluation, evaluations["fp32"]))
+    return Scores(evaluated, evaluations, VariantTable(rows), failed)
+
+
+def record_evaluation(ctx: RunContext, scores: Scores) -> None:
+    """A child run per variant (its figures and confusion matrix; FAILED with the error for those
+    that failed), and the comparison table and quality-vs-latency plot on the parent run. Deferred:
+    nothing downstream reads them."""
+    for failure in scores.failed:
+        ctx.logger.warning("variant %s is skipped: %s", failure.name, failure.error)
+        ctx.defer(write_child_run, ctx.ref, f"variant-{failure.name}",
+                  {"maas.variant": failure.name, "maas.variant_error": failure.error}, {}, (), "FAILED")
+    folder = ctx.scratch_dir("evaluation")
+    for variant in scores.variants:
+        evaluation, row = scores.evaluations[variant.name], scores.table[variant.name]
+        png = folder / f"{variant.name}-confusion_matrix.png"
+        figures = {"params": {"variant": variant.name, **{f"variant.{k}": v for k, v in variant.details.items()}},
+                   "metrics": {**evaluation.figures(), "parameters": variant.parameters,
+                               "nonzero_parameters": variant.nonzero_parameters,
+                               "agreement_with_fp32": row.agreement_with_fp32}}
+        ctx.defer(write_variant_run, ctx.ref, variant.name, figures, evaluation.confusion, evaluation.labels, png)
+    ctx.defer(log_variant_comparison, ctx.run_id, scores.table.flat(), folder)
+    for row in scores.table.rows:
+        ctx.logger.info("variant %-10s F1 %.4f  %8d bytes  %7.3f ms @64  x%.2f speed  x%.2f smaller",
+                        row.name, row.f1_macro, row.size_bytes, row.p50_ms_b64, row.speedup_b64_vs_fp32,
+                        row.size_ratio_vs_fp32)
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
 
 @task(name="evaluate-variants", retries=0, timeout_seconds=3600, cache_policy=NO_CACHE)
-def evaluate_variants_task(
-    variants: list, failures: list, x_test: pd.DataFrame, y_test: np.ndarray, run_id: str, experiment_id: str,
-    report_dir: Path,
-) -> tuple[dict[str, Evaluation], list[dict], float]:
-    """Each variant's bundle scored and timed as served; one MLflow child run per variant (failed
-    ones too, marked FAILED), and the comparison table and quality-vs-latency plot on the parent."""
-    started = time.perf_counter()
-    client = mlflow_client()
-    logger = get_run_logger()
-    evaluations: dict[str, Evaluation] = {}
-    rows = []
-    for failure in failures:
-        child = start_child_run(client, experiment_id, run_id, f"variant-{failure.name}",
-                                {"maas.variant": failure.name, "maas.variant_error": failure.error[:5000]})
-        client.set_terminated(child, status="FAILED")
-    for variant in variants:
-        try:
-            evaluation = evaluate_bundle(variant.bundle_dir, x_test, y_test, variant.bundle_dir)
-        except Exception as error:
-            if variant.name == "fp32":
-                raise
-            logger.warning("variant %s could not be evaluated and is skipped: %s: %s",
-                           variant.name, error.__class__.__name__, error)
-            child = start_child_run(client, experiment_id, run_id, f"variant-{variant.name}",
-                                    {"maas.variant": variant.name, "maas.variant_error": str(error)[:5000]})
-            client.set_terminated(child, status="FAILED")
-            continue
-        evaluations[variant.name] = evaluation
-        row = variant_row(variant, evaluation, evaluations["fp32"])
-        rows.append(row)
-        child = start_child_run(client, experiment_id, run_id, f"variant-{variant.name}", {"maas.variant": variant.name})
-        log_params(client, child, {"variant": variant.name, **{f"variant.{k}": v for k, v in variant.details.items()}})
-        log_metrics(client, child, {**evaluation.figures(), "parameters": variant.parameters,
-                                    "nonzero_parameters": variant.nonzero_parameters,
-                                    "agreement_with_fp32": row["agreement_with_fp32"]})
-        client.log_artifact(child, str(evaluation.confusion_png), artifact_path="evaluation")
-        client.set_terminated(child, status="FINISHED")
-    plot = plot_quality_vs_latency(rows, report_dir / "quality_vs_latency.png", "variants on the test split")
-    client.log_artifact(run_id, str(plot), artifact_path="variants")
-    with warnings.catch_warnings():  # MLflow's own select_dtypes call warns under pandas 3
-        warnings.filterwarnings("ignore", message=".*select_dtypes.*")
-        client.log_table(run_id, pd.DataFrame(rows), "variants/comparison.json")
-    for row in rows:
-        logger.info("variant %-10s F1 %.4f  %8d bytes  %7.3f ms @64  x%.2f speed  x%.2f smaller",
-                    row["name"], row["f1_macro"], row["size_bytes"], row["p50_ms_b64"],
-                    row["speedup_b64_vs_fp32"], row["size_ratio_vs_fp32"])
-    return evaluations, rows, time.perf_counter() - started
+def evaluate_task(ctx: RunContext, variants: Variants, splits: DataSplits, threads: int) -> Scores:
+    """threads: ONNX Runtime's, as the service runs the model (serving.model_threads, 0: one per core).
+    One thread also leaves the other core to the recorder without disturbing the timings."""
+    return ctx.run_stage("evaluate", partial(evaluate_variants, variants, splits.x_test, splits.y_test, threads or None),
+                         record_evaluation)

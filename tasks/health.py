@@ -10,7 +10,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from maas.run_context import RunContext
+
+if TYPE_CHECKING:
+    from tasks.check import Check
 
 PREDICT_ENDPOINT = "/predict"
 
@@ -68,9 +77,25 @@ class HealthReport:
     cpu_percent: float | None
     memory_bytes: float | None
     alerts: dict[str, str]
+    reachable: bool = True
+
+    @classmethod
+    def unreachable(cls, url: str, error: Exception) -> HealthReport:
+        """A service that did not answer: a finding, not a crash of the check."""
+        return cls(0.0, 0.0, None, None, None, None, None,
+                   {"service_down": f"{url} did not answer: {error.__class__.__name__}"}, reachable=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def firing(self) -> dict[str, str]:
+        return dict(self.alerts)
+
+    def figures(self) -> dict[str, float]:
+        figures = {"health/request_rate": self.request_rate, "health/error_rate": self.error_rate,
+                   "health/p99_ms": self.p99_ms, "health/cpu_percent": self.cpu_percent,
+                   "health/memory_bytes": self.memory_bytes}
+        return {name: float(value) for name, value in figures.items() if value is not None}
 
 
 def health_report(current: dict[str, Any], previous: dict[str, Any] | None, max_error_rate: float,
@@ -93,3 +118,26 @@ def health_report(current: dict[str, Any], previous: dict[str, Any] | None, max_
         alerts["latency"] = f"p99 latency {p99_ms:.0f} ms (limit {max_p99_ms:.0f} ms)"
     return HealthReport(seconds, requests, requests / seconds if seconds > 0 else None, error_rate, p99_ms,
                         current["cpu_percent"], current["memory_bytes"], alerts)
+
+
+def check_health(check: Check) -> HealthReport | None:
+    """Rates since the previous check from the service's /metrics (monitoring.metrics_url); the
+    scrape is kept on the check, for the next check's rates."""
+    monitoring = check.monitoring
+    if not monitoring.metrics_url:
+        return None
+    try:
+        check.counters = scrape(monitoring.metrics_url)
+    except Exception as error:  # noqa: BLE001 - a service that is down is a finding, not a crash
+        return HealthReport.unreachable(monitoring.metrics_url, error)
+    return health_report(check.counters, check.previous_counters, monitoring.max_error_rate, monitoring.max_p99_ms)
+
+
+def record_health(ctx: RunContext, health: HealthReport | None) -> None:
+    if health is not None:
+        ctx.record(metrics=health.figures())
+
+
+@task(name="health", retries=0, cache_policy=NO_CACHE)
+def health_task(check: Check) -> HealthReport | None:
+    return check.ctx.run_stage("health", partial(check_health, check), record_health)

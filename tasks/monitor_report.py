@@ -66,7 +66,7 @@ def render_html(summary: dict[str, Any], drift_png: Path | None) -> str:
     else:
         rows = [_row(["figure", "value"], header=True)] + [
             _row([name, "-" if value is None else f"{value:,.3f}"]) for name, value in health.items()
-            if name not in ("alerts",)
+            if name not in ("alerts", "reachable")
         ]
         parts.append("<table>" + "".join(rows) + "</table>")
     return "\n".join(parts)

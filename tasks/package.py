@@ -10,45 +10,33 @@ import json
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from maas.config import ServingConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home, use_embedded_bentoml_home
+from maas.registered import ModelRef, download_bundle
+from maas.run_context import RunContext
 
-REFERENCE = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z_][A-Za-z0-9_-]*)|/(?P<version>\d+))?$")
+if TYPE_CHECKING:
+    from tasks.registry import RegisteredVersion
 
 
 @dataclass(frozen=True)
 class PackagedModel:
     tag: str  # BentoML model tag, name:version
     path: Path  # the bundle inside the BentoML model store
-    mlflow_name: str
-    mlflow_version: str
-    alias: str | None
+    ref: ModelRef  # the registered version it holds (its number resolved)
 
     @property
     def label(self) -> str:
-        return f"{self.mlflow_name}/{self.mlflow_version}" + (f"@{self.alias}" if self.alias else "")
-
-
-def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
-    """'name', 'name@alias' or 'name/3' -> (name, alias, version); a bare name means @champion."""
-    match = REFERENCE.match(reference.strip())
-    if not match:
-        raise MaasInputError(f"--model '{reference}': expected NAME, NAME@ALIAS or NAME/VERSION")
-    name, alias, version = match["name"], match["alias"], match["version"]
-    return name, (alias or ("champion" if version is None else None)), version
-
-
-def tier_reference(model: str, served_name: str) -> str:
-    """A tier's `model`: NAME@ALIAS or NAME/VERSION as given, a bare alias of the served model's name."""
-    return model if ("@" in model or "/" in model) else f"{served_name}@{model}"
+        return self.ref.label
 
 
 def bento_model_name(mlflow_name: str) -> str:
@@ -56,32 +44,23 @@ def bento_model_name(mlflow_name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", mlflow_name.lower()).strip("-._") or "maas-model"
 
 
-def package_model(client, reference: str) -> PackagedModel:
+def package_model(client, ref: ModelRef, what: str = "--model") -> PackagedModel:
     """Resolve the reference in the MLflow registry and save its bundle as a BentoML model."""
     use_embedded_bentoml_home()
     import bentoml
-    from mlflow.exceptions import MlflowException
 
-    from tasks.registry import download_bundle
-
-    name, alias, version = parse_reference(reference)
-    try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException:
-        where = f"alias @{alias}" if alias else f"version {version}"
-        raise MaasInputError(f"--model '{reference}': registered model '{name}' has no {where}") from None
-    version = str(found.version)
+    ref, found = ref.resolve(client, what)
     with tempfile.TemporaryDirectory(dir=maas_home()) as scratch:
-        bundle = download_bundle(name, version, Path(scratch))
-        labels = {"mlflow_model": name, "mlflow_version": version, "mlflow_run_id": found.run_id,
-                  "alias": alias or "", "variant": found.tags.get("variant", "")}
-        with bentoml.models.create(bento_model_name(name), labels=labels,
-                                   metadata={"source": f"models:/{name}/{version}"}) as model:
+        bundle = download_bundle(ref, Path(scratch))
+        labels = {"mlflow_model": ref.name, "mlflow_version": ref.version, "mlflow_run_id": found.run_id,
+                  "alias": ref.alias or "", "variant": found.tags.get("variant", "")}
+        with bentoml.models.create(bento_model_name(ref.name), labels=labels,
+                                   metadata={"source": f"models:/{ref.name}/{ref.version}"}) as model:
             for item in bundle.iterdir():
                 if item.is_file():
                     shutil.copy2(item, Path(model.path) / item.name)
     stored = bentoml.models.get(model.tag)  # the files move into the store when the block ends
-    return PackagedModel(str(stored.tag), Path(stored.path), name, version, alias)
+    return PackagedModel(str(stored.tag), Path(stored.path), ref)
 
 
 def package_tier_models(client, served_name: str, serving: ServingConfig
@@ -92,18 +71,19 @@ def package_tier_models(client, served_name: str, serving: ServingConfig
     for tier, settings in serving.tiers.items():
         if settings.model:
             try:
-                tier_models[tier] = package_model(client, tier_reference(settings.model, served_name))
+                tier_models[tier] = package_model(client, ModelRef.for_tier(settings.model, served_name),
+                                                  f"serving.tiers.{tier}.model")
             except MaasInputError as error:
                 missing[tier] = error
     return tier_models, missing
 
 
-def package_for_bento(client, reference: str, serving: ServingConfig
+def package_for_bento(client, ref: ModelRef, serving: ServingConfig
                       ) -> tuple[PackagedModel, dict[str, PackagedModel], list[str]]:
     """The model and the models its tiers name. A tier whose model is not registered (yet: the first
     champion has no @challenger) is left out, so the Bento serves it from the model; one warning each."""
-    packaged = package_model(client, reference)
-    tier_models, missing = package_tier_models(client, packaged.mlflow_name, serving)
+    packaged = package_model(client, ref)
+    tier_models, missing = package_tier_models(client, packaged.ref.name, serving)
     return packaged, tier_models, [f"tier {tier} is served from {packaged.label} in this Bento: {error}"
                                    for tier, error in missing.items()]
 
@@ -136,8 +116,8 @@ def build_bento(packaged: PackagedModel, serving: ServingConfig | None = None,
     tier_models = tier_models or {}
     spec = yaml.safe_load((root / "deployments" / "bentofile.yaml").read_text())
     spec["python"] = {**spec.get("python", {}), "packages": pinned_packages(spec.get("python", {}).get("packages", []))}
-    spec["labels"] = {**spec.get("labels", {}), "mlflow_model": packaged.mlflow_name,
-                      "mlflow_version": packaged.mlflow_version, "alias": packaged.alias or ""}
+    spec["labels"] = {**spec.get("labels", {}), "mlflow_model": packaged.ref.name,
+                      "mlflow_version": packaged.ref.version, "alias": packaged.ref.alias or ""}
     spec["models"] = list(dict.fromkeys([packaged.tag, *(model.tag for model in tier_models.values())]))
     arguments = {"maas_model": packaged.tag, "maas_serving": (serving or ServingConfig()).model_dump_json(),
                  "maas_tier_models": json.dumps({tier: model.tag for tier, model in tier_models.items()})}
@@ -148,26 +128,30 @@ def build_bento(packaged: PackagedModel, serving: ServingConfig | None = None,
     return str(bento.tag)
 
 
+def package_champion(ctx: RunContext, registered: RegisteredVersion, serving: ServingConfig) -> str | None:
+    """A newly promoted champion as a BentoML model and a Bento; returns the Bento's tag. The registry
+    is the source of truth (`maas serve` packages on demand), so a failed build warns, it does not undo."""
+    if not (serving.build_bento and registered.gate.promoted):
+        return None
+    try:
+        packaged, tier_models, unserved = package_for_bento(ctx.client, registered.ref, serving)
+        for warning in unserved:
+            ctx.logger.warning(warning)
+        return build_bento(packaged, serving, tier_models)
+    except Exception as error:
+        ctx.logger.warning("could not build the Bento for %s: %s: %s", registered.ref, error.__class__.__name__, error)
+        return None
+
+
+def record_package(ctx: RunContext, bento: str | None) -> None:
+    if bento:
+        ctx.record(tags={"maas.bento": bento})
+        ctx.logger.info("packaged as Bento %s (serve it: bentoml serve %s)", bento, bento)
+
+
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
 
 @task(name="package", retries=1, retry_delay_seconds=3, timeout_seconds=900, cache_policy=NO_CACHE)
-def package_task(model_name: str, alias: str, serving: ServingConfig) -> tuple[PackagedModel | None, str | None, float]:
-    """The last step of training: the champion as a BentoML model and a Bento. The registry is the
-    source of truth (`maas serve` packages on demand), so a failed build warns, it does not undo."""
-    started = time.perf_counter()
-    from maas.tracking import mlflow_client
-
-    logger = get_run_logger()
-    try:
-        packaged, tier_models, unserved = package_for_bento(mlflow_client(), f"{model_name}@{alias}", serving)
-        for warning in unserved:
-            logger.warning(warning)
-        bento = build_bento(packaged, serving, tier_models)
-    except Exception as error:
-        logger.warning("could not build the Bento for %s@%s: %s: %s", model_name, alias,
-                       error.__class__.__name__, error)
-        return None, None, time.perf_counter() - started
-    logger.info("packaged %s as BentoML model %s and Bento %s (serve it: bentoml serve %s)",
-                packaged.label, packaged.tag, bento, bento)
-    return packaged, bento, time.perf_counter() - started
+def package_task(ctx: RunContext, registered: RegisteredVersion, serving: ServingConfig) -> str | None:
+    return ctx.run_stage("package", partial(package_champion, ctx, registered, serving), record_package)

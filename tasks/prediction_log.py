@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from maas.errors import MaasInputError
-from maas.service_store import logged_rows
+from maas.tables import read_table_file
 
 
 @dataclass
@@ -53,7 +53,7 @@ def read_logged_rows(connection: sqlite3.Connection, model_name: str, since: flo
     )
     loads = orjson.loads
     for request_id, logged_at, model, inputs, outputs in cursor:
-        rows, answers = logged_rows(loads(inputs)), loads(outputs)
+        rows, answers = loads(inputs)["rows"], loads(outputs)
         version = model_version(model)
         records.extend(rows)
         meta.extend((request_id, index, logged_at, model, version, answer["label"])
@@ -64,8 +64,6 @@ def read_logged_rows(connection: sqlite3.Connection, model_name: str, since: flo
 
 def read_ground_truth(path: str | Path) -> pd.DataFrame:
     """Labels that arrived for logged requests: columns request_id, label, and row (default 0)."""
-    from tasks.data import read_table_file
-
     frame = read_table_file(Path(path).expanduser())
     missing = [name for name in ("request_id", "label") if name not in frame.columns]
     if missing:

@@ -3,15 +3,22 @@ rollback rule for a new champion that does worse live than the one it replaced."
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
-QUALITY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+from maas.bundle import ModelBundle
+from maas.registered import ModelRef, download_bundle
+from maas.run_context import RunContext
 
+if TYPE_CHECKING:
+    from tasks.check import Check
 
 def label_metrics(true: pd.Series, predicted: pd.Series, labels: list[str]) -> dict[str, float]:
     """Accuracy and macro precision / recall / F1 over the model's label set."""
@@ -34,6 +41,19 @@ class QualityReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def firing(self) -> dict[str, str]:
+        if not self.alert:
+            return {}
+        return {"quality": f"live F1 {self.metrics['f1_macro']:.4f} on {self.n_labelled} labelled rows is "
+                           f"{self.f1_drop:.4f} below the test F1 {self.test_metrics.get('f1_macro', float('nan')):.4f}"}
+
+    def figures(self) -> dict[str, float]:
+        figures = {f"live/{name}": value for name, value in self.metrics.items()}
+        figures["live/n_labelled"] = self.n_labelled
+        if self.f1_drop is not None:
+            figures["live/f1_drop"] = self.f1_drop
+        return figures
+
 
 def live_quality(labelled: pd.DataFrame, version: str, labels: list[str], test_metrics: dict[str, float],
                  min_rows: int, max_drop: float) -> QualityReport:
@@ -53,6 +73,10 @@ class RollbackDecision:
     reason: str
     new_f1: float | None = None
     old_f1: float | None = None
+    action: str = ""  # what was done, when it rolled back
+
+    def firing(self) -> dict[str, str]:
+        return {"rollback": f"{self.action}: {self.reason}"} if self.roll_back else {}
 
 
 def rollback_decision(champion_version: str, replaced_version: str | None, new_f1: float | None,
@@ -73,3 +97,61 @@ def rollback_decision(champion_version: str, replaced_version: str | None, new_f
 def predicted_labels(bundle, rows: pd.DataFrame) -> np.ndarray:
     """Another version's labels for the same raw rows (for the rollback comparison)."""
     return np.asarray(bundle.labels, dtype=object)[bundle.predict_proba(rows).argmax(1)]
+
+
+# --- in a check -------------------------------------------------------------------------------------
+
+
+def check_quality(check: Check) -> QualityReport | None:
+    """Live quality of the watched version on the labelled rows of the quality window."""
+    if check.labelled is None:
+        return None
+    monitoring, watched = check.monitoring, check.watched
+    return live_quality(check.labelled, watched.ref.version, watched.bundle.labels,
+                        watched.bundle.metadata.get("metrics", {}), monitoring.min_labelled_rows,
+                        monitoring.max_quality_drop)
+
+
+def record_quality(ctx: RunContext, quality: QualityReport | None) -> None:
+    if quality is not None:
+        ctx.record(metrics=quality.figures())
+
+
+def check_rollback(check: Check) -> RollbackDecision | None:
+    """Score the replaced champion on the labelled rows the new champion served; give the alias back
+    if it wins. Only for a watched alias (a pinned NAME/3 has none to move) with labels."""
+    monitoring, watched, labelled = check.monitoring, check.watched, check.labelled
+    if labelled is None or not monitoring.rollback or not watched.ref.alias:
+        return None
+    mine = labelled[labelled["version"] == watched.ref.version]
+    new_f1 = old_f1 = None
+    replaced = ModelRef(watched.ref.name, version=watched.replaced_version) if watched.replaced_version else None
+    if replaced and len(mine) >= monitoring.min_labelled_rows:
+        old = ModelBundle.load(download_bundle(replaced, check.ctx.scratch_dir("replaced")))
+        rows = check.recent.inputs.iloc[mine["position"].to_numpy()]
+        labels = watched.bundle.labels
+        new_f1 = label_metrics(mine["label"], mine["predicted"], labels)["f1_macro"]
+        old_f1 = label_metrics(mine["label"], pd.Series(predicted_labels(old, rows), index=mine.index), labels)["f1_macro"]
+    decision = rollback_decision(watched.ref.version, watched.replaced_version, new_f1, old_f1, len(mine),
+                                 monitoring.min_labelled_rows, monitoring.rollback_margin)
+    if decision.roll_back:
+        client = check.ctx.client
+        client.set_registered_model_alias(watched.ref.name, watched.ref.alias, watched.replaced_version)
+        client.set_model_version_tag(watched.ref.name, watched.ref.version, "rolled_back", decision.reason[:500])
+        decision = replace(decision, action=f"@{watched.ref.alias} rolled back to v{watched.replaced_version}")
+    return decision
+
+
+def record_rollback(ctx: RunContext, rollback: RollbackDecision | None) -> None:
+    if rollback is not None and rollback.old_f1 is not None:
+        ctx.record(metrics={"rollback/replaced_f1": rollback.old_f1})
+
+
+@task(name="live-quality", retries=0, cache_policy=NO_CACHE)
+def quality_task(check: Check) -> QualityReport | None:
+    return check.ctx.run_stage("quality", partial(check_quality, check), record_quality)
+
+
+@task(name="rollback", retries=0, cache_policy=NO_CACHE)
+def rollback_task(check: Check) -> RollbackDecision | None:
+    return check.ctx.run_stage("rollback", partial(check_rollback, check), record_rollback)

@@ -9,21 +9,27 @@ import platform
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from maas import bundle as bundle_module
-from maas.config import RegistryConfig, SelectionConfig
-from maas.orchestration import timed
+from maas.config import RegistryConfig, RunConfig, SelectionConfig
 from maas.paths import project_root
-from maas.tracking import mlflow_client
-from tasks.drift import write_reference
+from maas.registered import ModelRef, alias_version, download_bundle
+from maas.run_context import RunContext
+from tasks.compress import Variant
+from tasks.data import PreparedData
+from tasks.drift import build_reference, write_reference
+from maas.figures import log_confusion_matrix
+from tasks.evaluate import Evaluation, Scores, VariantRow, VariantTable, classification_metrics
 from tasks.export import update_metadata
+from tasks.tune import TuningResult
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "maas" / "mlflow_model.py"
 LOCK_FILE_NAME = "requirements.lock"
@@ -36,11 +42,13 @@ class RegisteredVersion:
     name: str
     version: str
     alias: str
-    gate: GateDecision | None = None
+    variant: str
+    test_metrics: dict[str, float]
+    gate: GateDecision
 
     @property
-    def alias_uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}"
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.alias, self.version)
 
 
 # --- selection: which variant wins ---------------------------------------------------------------
@@ -53,37 +61,64 @@ class Selection:
     within_limits: bool
 
 
-def select_variant(rows: list[dict[str, Any]], selection: SelectionConfig) -> Selection:
-    """Apply the policy to the variant table (keys: name, f1_macro, rows_per_s_b64, size_bytes,
-    p99_ms_b1_e2e). Limits filter first; if no variant meets them, the policy runs over all and the
-    reason says so. Faster means more rows/s at batch 64, the batch adaptive batching serves."""
+def select_variant(rows: list[VariantRow], selection: SelectionConfig) -> Selection:
+    """Apply the policy to the variant table. Limits filter first; if no variant meets them, the
+    policy runs over all and the reason says so. Faster means more rows/s at batch 64, the batch
+    adaptive batching serves."""
     limited = [
         row for row in rows
-        if (selection.max_latency_ms is None or row["p99_ms_b1_e2e"] <= selection.max_latency_ms)
-        and (selection.max_size_bytes is None or row["size_bytes"] <= selection.max_size_bytes)
+        if (selection.max_latency_ms is None or row.p99_ms_b1_e2e <= selection.max_latency_ms)
+        and (selection.max_size_bytes is None or row.size_bytes <= selection.max_size_bytes)
     ]
     pool = limited or rows
-    best_f1 = max(row["f1_macro"] for row in pool)
-    close = [row for row in pool if row["f1_macro"] >= best_f1 - selection.tolerance - 1e-12]
+    best_f1 = max(row.f1_macro for row in pool)
+    close = [row for row in pool if row.f1_macro >= best_f1 - selection.tolerance - 1e-12]
     if selection.policy == "best_quality":
-        winner = max(pool, key=lambda row: (row["f1_macro"], row["rows_per_s_b64"]))
-        why = f"best macro F1 {winner['f1_macro']:.4f}"
+        winner = max(pool, key=lambda row: (row.f1_macro, row.rows_per_s_b64))
+        why = f"best macro F1 {winner.f1_macro:.4f}"
     elif selection.policy == "fastest":
         # Timings on a shared machine wobble by a few percent: near-equal speeds are a tie, which
         # quality and then size settle, so the pick does not flip from run to run on noise.
-        top = max(row["rows_per_s_b64"] for row in close)
-        fast = [row for row in close if row["rows_per_s_b64"] >= (1 - selection.speed_tolerance) * top]
-        winner = max(fast, key=lambda row: (row["f1_macro"], -row["size_bytes"]))
-        why = (f"fastest ({winner['rows_per_s_b64']:,.0f} rows/s at batch 64, within "
+        top = max(row.rows_per_s_b64 for row in close)
+        fast = [row for row in close if row.rows_per_s_b64 >= (1 - selection.speed_tolerance) * top]
+        winner = max(fast, key=lambda row: (row.f1_macro, -row.size_bytes))
+        why = (f"fastest ({winner.rows_per_s_b64:,.0f} rows/s at batch 64, within "
                f"{selection.speed_tolerance:.0%} of the top) of {len(close)} variant(s) within "
-               f"{selection.tolerance:.3f} F1 of the best ({best_f1:.4f}); F1 {winner['f1_macro']:.4f}")
+               f"{selection.tolerance:.3f} F1 of the best ({best_f1:.4f}); F1 {winner.f1_macro:.4f}")
     else:
-        winner = min(close, key=lambda row: (row["size_bytes"], -row["f1_macro"]))
-        why = (f"smallest ({winner['size_bytes']:,} bytes) of {len(close)} variant(s) within "
-               f"{selection.tolerance:.3f} F1 of the best ({best_f1:.4f}); F1 {winner['f1_macro']:.4f}")
+        winner = min(close, key=lambda row: (row.size_bytes, -row.f1_macro))
+        why = (f"smallest ({winner.size_bytes:,} bytes) of {len(close)} variant(s) within "
+               f"{selection.tolerance:.3f} F1 of the best ({best_f1:.4f}); F1 {winner.f1_macro:.4f}")
     if not limited:
         why += "; no variant met the latency/size limits, so they were not applied"
-    return Selection(winner["name"], f"{winner['name']}: {why}", bool(limited))
+    return Selection(winner.name, f"{winner.name}: {why}", bool(limited))
+
+
+@dataclass(frozen=True)
+class Winner:
+    """The selection stage's result: the chosen variant, its test figures, and the table it won."""
+
+    selection: Selection
+    variant: Variant
+    evaluation: Evaluation
+    table: VariantTable
+
+
+def choose_winner(scores: Scores, selection: SelectionConfig) -> Winner:
+    choice = select_variant(scores.table.rows, selection)
+    variant = next(variant for variant in scores.variants if variant.name == choice.variant)
+    return Winner(choice, variant, scores.evaluations[choice.variant], scores.table)
+
+
+def record_winner(ctx: RunContext, winner: Winner) -> None:
+    """The winner's figures become the run's test metrics; the table goes to Prefect with the reason."""
+    evaluation, reason = winner.evaluation, winner.selection.reason
+    ctx.record(metrics={f"test/{name}": value for name, value in evaluation.metrics.items()},
+               tags={"maas.selected_variant": winner.variant.name, "maas.selection": reason})
+    ctx.defer(log_confusion_matrix, ctx.run_id, evaluation.confusion, evaluation.labels,
+              ctx.scratch_dir("winner") / "confusion_matrix.png", f"test split: accuracy {evaluation.metrics['accuracy']:.3f}")
+    ctx.artifacts.table("variants", winner.table.flat(), f"Variants on the test split; selected {reason}")
+    ctx.logger.info("selected %s", reason)
 
 
 # --- the promotion gate ----------------------------------------------------------------------------
@@ -119,48 +154,22 @@ def gate_decision(new_score: float, champion: tuple[str, float | None] | None, r
                         f"by more than {registry.min_improvement}; champion kept", metric, new_score, version, score)
 
 
-def bundle_labels(bundle_dir: Path) -> list[str]:
-    return list(json.loads((bundle_dir / bundle_module.METADATA_FILE).read_text())["labels"])
-
-
-def download_bundle(name: str, version: str, folder: Path) -> Path:
-    """The model bundle of a registered version, as serving gets it."""
-    import mlflow
-
-    from mlflow.models import Model
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(folder)))
-    pyfunc = Model.load(str(local / "MLmodel")).flavors["python_function"]
-    return local / pyfunc["artifacts"]["bundle"]["path"]
-
-
-def current_champion(client, name: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
-
-
-def champion_on_test(
-    client, name: str, registry: RegistryConfig, x_test: pd.DataFrame, y_test, labels: list[str], scratch: Path,
-) -> tuple[str, float | None] | None:
+def champion_on_test(client, name: str, registry: RegistryConfig, prepared: PreparedData, scratch: Path
+                     ) -> tuple[str, float | None] | None:
     """(version, gate-metric score) of the current champion on this run's test rows, if any;
     the score is None when the champion takes other columns or predicts other labels."""
-    version = current_champion(client, name, registry.champion_alias)
+    version = alias_version(client, name, registry.champion_alias)
     if version is None:
         return None
-    from tasks.evaluate import classification_metrics
-
-    champion = bundle_module.ModelBundle.load(download_bundle(name, version, scratch / f"champion-v{version}"))
-    if champion.labels != labels:
+    champion_ref = ModelRef(name, registry.champion_alias, version)
+    champion = bundle_module.ModelBundle.load(download_bundle(champion_ref, scratch / f"champion-v{version}"))
+    if champion.labels != prepared.labels:
         return version, None
     try:
-        probabilities = champion.predict_proba(x_test)
+        probabilities = champion.predict_proba(prepared.splits.x_test)
     except bundle_module.InputSchemaError:
         return version, None
-    return version, classification_metrics(y_test, probabilities)[registry.gate_metric]
+    return version, classification_metrics(prepared.splits.y_test, probabilities)[registry.gate_metric]
 
 
 def _git(*args: str) -> str | None:
@@ -192,26 +201,19 @@ def _installed_version(package: str) -> str:
         return "not installed"
 
 
-def build_manifest(
-    config: dict[str, Any],
-    dataset_fingerprint: str,
-    seed: int,
-    mlflow_run_id: str,
-    flow_run_id: str | None,
-    flow_run_name: str | None,
-    tuned_hyperparameters: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def build_manifest(config: RunConfig, dataset_fingerprint: str, ctx: RunContext,
+                   tuned_hyperparameters: dict[str, Any] | None) -> dict[str, Any]:
     """Everything needed to say exactly how a model version was made."""
     return {
         "tuned_hyperparameters": tuned_hyperparameters,
         "dataset_fingerprint": dataset_fingerprint,
         **source_revision(),
         "lock_file_sha256": lock_file_hash(),
-        "seeds": {"seed": seed},
-        "config": config,
-        "prefect_flow_run_id": flow_run_id,
-        "prefect_flow_run_name": flow_run_name,
-        "mlflow_run_id": mlflow_run_id,
+        "seeds": {"seed": config.seed},
+        "config": config.model_dump(mode="json"),
+        "prefect_flow_run_id": ctx.flow_run_id,
+        "prefect_flow_run_name": ctx.flow_run_name,
+        "mlflow_run_id": ctx.run_id,
         "python": platform.python_version(),
         "packages": {name: _installed_version(name) for name in MANIFEST_PACKAGES},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -243,10 +245,10 @@ def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.Da
     )
 
 
-def register_version(
-    client, model_uri: str, name: str, alias: str, run_id: str, tags: dict[str, str], description: str
-) -> str:
+def register_version(client, model_uri: str, target: ModelRef, run_id: str, tags: dict[str, str], description: str
+                     ) -> str:
     """Create the version and point the alias at it; undo the version if any step fails."""
+    name, alias = target.name, target.alias
     from mlflow.exceptions import MlflowException
 
     try:
@@ -282,64 +284,53 @@ def manifest_json(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True)
 
 
-def publish_model(
-    client,
-    run_id: str,
-    bundle_dir: Path,
-    test_split: tuple[pd.DataFrame, Any],
-    manifest: dict[str, Any],
-    test_metrics: dict[str, float],
-    model_name: str,
-    registry: RegistryConfig,
-    variant: str,
-    scratch: Path,
-    drift_reference: dict[str, Any] | None = None,
-) -> RegisteredVersion:
-    """Score the champion on the same test rows, then seal metrics, manifest and the drift
-    reference into the bundle, log it, register it, and give the new version the alias the gate decided."""
-    x_test, y_test = test_split
-    gate = gate_decision(test_metrics[registry.gate_metric],
-                         champion_on_test(client, model_name, registry, x_test, y_test, bundle_labels(bundle_dir), scratch),
-                         registry)
-    update_metadata(bundle_dir, metrics=test_metrics, manifest=manifest, variant=variant)
-    if drift_reference is not None:
-        write_reference(bundle_dir, drift_reference)
-    client.log_text(run_id, manifest_json(manifest), "manifest.json")
-    model_info = log_bundle_model(client, run_id, bundle_dir, x_test.head(5))
+def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: RunConfig,
+             tuning: TuningResult | None) -> RegisteredVersion:
+    """Score the current champion on this run's test rows; seal the test metrics, the manifest and the
+    drift reference into the winner's bundle; log it; register it under the alias the gate decided."""
+    name, registry, variant = config.model_name, config.registry, winner.variant.name
+    metrics, bundle_dir = winner.evaluation.metrics, winner.variant.bundle_dir
+    splits = prepared.splits
+    champion = champion_on_test(ctx.client, name, registry, prepared, ctx.scratch)
+    gate = gate_decision(metrics[registry.gate_metric], champion, registry)
+    manifest = build_manifest(config, prepared.fingerprint, ctx, tuning.best_params if tuning and tuning.use_tuned else None)
+    update_metadata(bundle_dir, metrics=metrics, manifest=manifest, variant=variant)
+    write_reference(bundle_dir, build_reference(  # what the monitoring flow measures drift against
+        splits.x_train, prepared.preprocessing, winner.evaluation.probabilities.argmax(1), prepared.labels,
+        config.monitoring.drift.reference_rows, config.seed))
+    ctx.client.log_text(ctx.run_id, manifest_json(manifest), "manifest.json")
+    model_info = log_bundle_model(ctx.client, ctx.run_id, bundle_dir, splits.x_test.head(5))
     description = (
-        f"{variant}: test f1_macro {test_metrics['f1_macro']:.4f}, accuracy {test_metrics['accuracy']:.4f}; "
+        f"{variant}: test f1_macro {metrics['f1_macro']:.4f}, accuracy {metrics['accuracy']:.4f}; "
         f"dataset {manifest['dataset_fingerprint']}, commit {manifest['git_commit'][:12]}. Gate: {gate.reason}"
     )
-    tags = {**version_tags(manifest, test_metrics), "variant": variant, "gate": "promoted" if gate.promoted else "held",
+    tags = {**version_tags(manifest, metrics), "variant": variant, "gate": "promoted" if gate.promoted else "held",
             "gate_reason": gate.reason[:500]}
     if gate.promoted and gate.champion_version:
         tags["replaced_champion_version"] = gate.champion_version  # what a rollback returns to
-    version = register_version(client, model_info.model_uri, model_name, gate.alias, run_id, tags, description)
-    client.set_tag(run_id, "maas.gate", f"v{version} -> @{gate.alias}: {gate.reason}"[:5000])
-    return RegisteredVersion(model_name, version, gate.alias, gate)
+    version = register_version(ctx.client, model_info.model_uri, ModelRef(name, gate.alias), ctx.run_id, tags, description)
+    return RegisteredVersion(name, version, gate.alias, variant, metrics, gate)
 
 
-# --- Prefect wrapper -------------------------------------------------------------------------------
+def record_registration(ctx: RunContext, registered: RegisteredVersion) -> None:
+    gate = registered.gate
+    ctx.record(tags={"maas.gate": f"v{registered.version} -> @{registered.alias}: {gate.reason}"})
+    ctx.artifacts.table("test-metrics", [{"metric": name, "value": round(value, 4)}
+                                         for name, value in registered.test_metrics.items()],
+                        f"Test split: {registered.ref.label} ({registered.variant})")
+    ctx.logger.info("registered %s (%s): %s", registered.ref.label, registered.variant, gate.reason)
+
+
+# --- Prefect wrappers ------------------------------------------------------------------------------
+
+
+@task(name="select", retries=0, cache_policy=NO_CACHE)
+def select_task(ctx: RunContext, scores: Scores, selection: SelectionConfig) -> Winner:
+    return ctx.run_stage("select", partial(choose_winner, scores, selection), record_winner)
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=3, timeout_seconds=900, cache_policy=NO_CACHE)
-def register_model_task(
-    run_id: str,
-    bundle_dir: Path,
-    test_split: tuple[pd.DataFrame, Any],
-    manifest: dict[str, Any],
-    test_metrics: dict[str, float],
-    model_name: str,
-    registry: RegistryConfig,
-    variant: str,
-    scratch: Path,
-    drift_reference: dict[str, Any] | None = None,
-) -> tuple[RegisteredVersion, float]:
+def register_task(ctx: RunContext, winner: Winner, prepared: PreparedData, config: RunConfig,
+                  tuning: TuningResult | None) -> RegisteredVersion:
     """Retries are safe: a failed alias step deletes the version it created."""
-    registered, seconds = timed(
-        publish_model, mlflow_client(), run_id, bundle_dir, test_split, manifest, test_metrics,
-        model_name, registry, variant, scratch, drift_reference,
-    )
-    get_run_logger().info("registered %s version %s (%s) as @%s: %s", registered.name, registered.version,
-                          variant, registered.alias, registered.gate.reason)
-    return registered, seconds
+    return ctx.run_stage("register", partial(register, ctx, winner, prepared, config, tuning), record_registration)

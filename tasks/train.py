@@ -5,21 +5,24 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from maas.bundle import feature_count, transform
+from maas.bundle import feature_count
 from maas.config import ModelConfig, TrainConfig
 from maas.errors import MaasInputError
-from maas.tracking import MetricBuffer, mlflow_client
+from maas.run_context import RunContext
 from models import NetworkSpec, build_network
-from tasks.data import PreparedData
+from tasks.data import PreparedData, TrainingArrays
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,50 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+# Below this many multiply-adds per mini-batch, torch's ops are too small to split: a second
+# intra-op thread only spins. Tuning breast_cancer's MLP took the same wall time on 1 thread as on 2
+# here, at half the CPU (9.5 vs 19-22 s), which leaves the other core to MLflow's recording; the
+# digits CNN (~20M per batch) ran 7% faster on 2.
+SMALL_BATCH_MACS = 4_000_000
+
+
+def multiply_adds_per_row(network: nn.Module, n_features: int) -> int:
+    """Multiply-adds of one forward pass on one row: Linear and Conv2d layers, found by a dry run."""
+    total = 0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            total += output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
+
+    hooks = [module.register_forward_hook(count) for module in network.modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            network.eval()(torch.zeros(1, n_features))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+@contextmanager
+def cpu_threads(network: nn.Module, spec: NetworkSpec, train: TrainConfig, device: torch.device) -> Iterator[None]:
+    """torch's intra-op threads while this network trains: train.threads, or one for a small network."""
+    wanted = train.threads or (1 if multiply_adds_per_row(network, spec.n_features) * train.batch_size < SMALL_BATCH_MACS
+                               else None)
+    if device.type != "cpu" or not wanted:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(wanted, previous) if not train.threads else wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -83,24 +130,16 @@ def network_spec_for(
     )
 
 
-@dataclass(frozen=True)
-class TrainingArrays:
-    """Preprocessed train and validation splits: transformed once, reused by every trial."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-
-
-def training_arrays(prepared: PreparedData) -> TrainingArrays:
-    pre, splits = prepared.preprocessing, prepared.splits
-    return TrainingArrays(transform(splits.x_train, pre), splits.y_train, transform(splits.x_val, pre), splits.y_val)
-
-
 def spec_for_data(model: ModelConfig, prepared: PreparedData) -> NetworkSpec:
     """The network spec for this data: input width, classes and image shape come from it."""
     return network_spec_for(model, feature_count(prepared.preprocessing), len(prepared.labels), prepared.image_shape)
+
+
+class TrainingSettings(NamedTuple):
+    """What one training uses: the network's shape and the optimisation, configured or tuning's pick."""
+
+    model: ModelConfig
+    train: TrainConfig
 
 
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
@@ -128,11 +167,18 @@ def _validate(network: nn.Module, features: torch.Tensor, labels: torch.Tensor, 
 
 @dataclass(frozen=True)
 class Distillation:
-    """A trained teacher and how much its softened outputs weigh against the labels."""
+    """Train a fresh student on a trained teacher's softened outputs mixed with the labels."""
 
     network: nn.Module
     temperature: float = 4.0
     alpha: float = 0.7
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Continue training this network in place (the pruned and structured variants)."""
+
+    network: nn.Module
 
 
 def distillation_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -143,28 +189,25 @@ def distillation_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, 
 
 def train_network(
     spec: NetworkSpec,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    arrays: TrainingArrays,
     train: TrainConfig,
     seed: int,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-    start_from: nn.Module | None = None,
-    teacher: Distillation | None = None,
+    start: FineTune | Distillation | None = None,
 ) -> TrainResult:
-    """Train from scratch, or fine-tune `start_from` in place; keep the epoch with the lowest
-    validation loss. With a teacher, the loss mixes its softened outputs with the labels."""
+    """Train a fresh network for the spec (start None), fine-tune one (FineTune) or distil a student
+    (Distillation); keep the epoch with the lowest validation loss."""
     started = time.perf_counter()
     device = resolve_device(train.device)
     seed_everything(seed)
-    network = (start_from if start_from is not None else build_network(spec)).to(device)
+    network = (start.network if isinstance(start, FineTune) else build_network(spec)).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    features_train = torch.as_tensor(x_train, dtype=torch.float32, device=device)
-    labels_train = torch.as_tensor(y_train, dtype=torch.long, device=device)
-    features_val = torch.as_tensor(x_val, dtype=torch.float32, device=device)
-    labels_val = torch.as_tensor(y_val, dtype=torch.long, device=device)
+    features_train = torch.as_tensor(arrays.x_train, dtype=torch.float32, device=device)
+    labels_train = torch.as_tensor(arrays.y_train, dtype=torch.long, device=device)
+    features_val = torch.as_tensor(arrays.x_val, dtype=torch.float32, device=device)
+    labels_val = torch.as_tensor(arrays.y_val, dtype=torch.long, device=device)
     shuffler = torch.Generator().manual_seed(seed)
+    teacher = start if isinstance(start, Distillation) else None
     soft_targets = None
     if teacher is not None:
         with torch.no_grad():
@@ -173,34 +216,35 @@ def train_network(
 
     history: list[EpochRecord] = []
     best_loss, best_epoch, best_state = float("inf"), 0, None
-    for epoch in range(1, train.max_epochs + 1):
-        network.train()
-        order = torch.randperm(len(features_train), generator=shuffler).to(device)
-        total_loss = 0.0
-        for start in range(0, len(order), train.batch_size):
-            batch = order[start : start + train.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            logits = network(features_train[batch])
-            loss = nn.functional.cross_entropy(logits, labels_train[batch])
-            if teacher is not None:
-                loss = (1 - teacher.alpha) * loss + teacher.alpha * distillation_loss(
-                    logits, soft_targets[batch], teacher.temperature)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
-        train_loss = total_loss / len(order)
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; lower train.lr")
-        val_loss, val_accuracy, val_f1 = _validate(network, features_val, labels_val, spec.n_classes)
-        record = EpochRecord(epoch, train_loss, val_loss, val_accuracy, val_f1)
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        if val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(network.state_dict())
-        elif epoch - best_epoch >= train.patience:
-            break
+    with cpu_threads(network, spec, train, device):
+        for epoch in range(1, train.max_epochs + 1):
+            network.train()
+            order = torch.randperm(len(features_train), generator=shuffler).to(device)
+            total_loss = 0.0
+            for begin in range(0, len(order), train.batch_size):
+                batch = order[begin : begin + train.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                logits = network(features_train[batch])
+                loss = nn.functional.cross_entropy(logits, labels_train[batch])
+                if teacher is not None:
+                    loss = (1 - teacher.alpha) * loss + teacher.alpha * distillation_loss(
+                        logits, soft_targets[batch], teacher.temperature)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(batch)
+            train_loss = total_loss / len(order)
+            if not np.isfinite(train_loss):
+                raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch}; lower train.lr")
+            val_loss, val_accuracy, val_f1 = _validate(network, features_val, labels_val, spec.n_classes)
+            record = EpochRecord(epoch, train_loss, val_loss, val_accuracy, val_f1)
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(network.state_dict())
+            elif epoch - best_epoch >= train.patience:
+                break
 
     network.load_state_dict(best_state)
     return TrainResult(
@@ -216,51 +260,45 @@ def train_network(
 
 def train_on_data(
     prepared: PreparedData,
-    model: ModelConfig,
-    train: TrainConfig,
+    settings: TrainingSettings,
     seed: int,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-    arrays: TrainingArrays | None = None,
 ) -> TrainResult:
-    """Train the configured network on the prepared splits (pass `arrays` to skip transforming)."""
-    arrays = arrays or training_arrays(prepared)
-    return train_network(
-        spec_for_data(model, prepared), arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val,
-        train, seed, on_epoch=on_epoch,
-    )
+    """Train the network the settings describe on the prepared splits."""
+    return train_network(spec_for_data(settings.model, prepared), prepared.arrays, settings.train, seed, on_epoch)
+
+
+def progress_logger(logger, max_epochs: int, every: int = 10) -> Callable[[EpochRecord], None]:
+    """An on_epoch callback printing a progress line on the first and every `every`-th epoch."""
+
+    def report(record: EpochRecord) -> None:
+        if record.epoch == 1 or record.epoch % every == 0:
+            logger.info("epoch %d/%d  train loss %.4f  val loss %.4f  val accuracy %.4f",
+                        record.epoch, max_epochs, record.train_loss, record.val_loss, record.val_accuracy)
+
+    return report
+
+
+def epoch_series(history: list[EpochRecord]) -> list[tuple[int, dict[str, float]]]:
+    """Per-epoch metrics as (step, {name: value}) for one batched MLflow write."""
+    return [(record.epoch, {"train/loss": record.train_loss, "val/loss": record.val_loss,
+                            "val/accuracy": record.val_accuracy, "val/f1_macro": record.val_f1_macro})
+            for record in history]
+
+
+def record_training(ctx: RunContext, trained: TrainResult) -> None:
+    """The final training's curves and where it stopped, in one write; a line for the log."""
+    ctx.record(metrics={"train/best_epoch": trained.best_epoch, "train/epochs_run": trained.epochs_run},
+               series=epoch_series(trained.history))
+    ctx.logger.info("%s trained on %s: best epoch %d of %d, val loss %.4f, %.1fs", trained.spec.family,
+                    trained.device, trained.best_epoch, trained.epochs_run, trained.best.val_loss, trained.seconds)
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
-PROGRESS_EVERY = 10  # epochs between progress lines
-
 
 @task(name="train", retries=0, timeout_seconds=3 * 3600, cache_policy=NO_CACHE)
-def train_task(
-    prepared: PreparedData, model: ModelConfig, train: TrainConfig, seed: int, run_id: str
-) -> tuple[TrainResult, float]:
+def train_task(ctx: RunContext, prepared: PreparedData, settings: TrainingSettings, seed: int) -> TrainResult:
     """No retries: training is seeded, so a rerun would fail the same way."""
-    logger = get_run_logger()
-    metrics = MetricBuffer(mlflow_client(), run_id)
-
-    def report(record: EpochRecord) -> None:
-        metrics.add(
-            {"train/loss": record.train_loss, "val/loss": record.val_loss,
-             "val/accuracy": record.val_accuracy, "val/f1_macro": record.val_f1_macro},
-            step=record.epoch,
-        )
-        if record.epoch == 1 or record.epoch % PROGRESS_EVERY == 0:
-            logger.info(
-                "epoch %d/%d  train loss %.4f  val loss %.4f  val accuracy %.4f",
-                record.epoch, train.max_epochs, record.train_loss, record.val_loss, record.val_accuracy,
-            )
-
-    try:
-        result = train_on_data(prepared, model, train, seed, on_epoch=report)
-    finally:
-        metrics.flush()
-    logger.info(
-        "%s trained on %s: best epoch %d of %d, val loss %.4f, %.1fs",
-        result.spec.family, result.device, result.best_epoch, result.epochs_run, result.best.val_loss, result.seconds,
-    )
-    return result, result.seconds
+    report = progress_logger(ctx.logger, settings.train.max_epochs)
+    return ctx.run_stage("train", partial(train_on_data, prepared, settings, seed, report), record_training)

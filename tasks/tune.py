@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,16 @@ import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from maas.config import ModelConfig, Range, TrainConfig, TuningConfig
+from maas.config import Range, RunConfig, TuningConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home
-from maas.tracking import MetricBuffer, log_metrics, log_params, metric_entities, mlflow_client, start_child_run
+from maas.figures import log_study_plots
+from maas.run_context import RunContext, run_logger, write_child_run, write_dict
 from tasks.data import PreparedData
-from tasks.train import EpochRecord, spec_for_data, train_on_data, training_arrays
+from tasks.train import EpochRecord, TrainingSettings, epoch_series, spec_for_data, train_on_data
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DIRECTIONS = {"f1_macro": "maximize", "size": "minimize", "latency": "minimize"}
@@ -77,14 +79,13 @@ def grid_space(family: str, tuning: TuningConfig) -> dict[str, list]:
 BASELINE_ATTR = "maas.baseline"  # marks the trial of the configured settings
 
 
-def baseline_hyperparameters(
-    model: ModelConfig, train: TrainConfig, family: str, tuning: TuningConfig
-) -> dict[str, Any]:
+def baseline_hyperparameters(settings: TrainingSettings, family: str, tuning: TuningConfig) -> dict[str, Any]:
     """The configured (untuned) settings as trial params, those that lie inside the search space.
 
     A new study runs them first, so tuning starts from the defaults and can only improve on them.
     """
     space = tuning.mlp if family == "mlp" else tuning.cnn
+    model, train = settings.model, settings.train
     candidate: dict[str, Any] = {
         "lr": train.lr, "weight_decay": train.weight_decay, "dropout": model.dropout,
         "batch_size": train.batch_size, "width": model.hidden_sizes[0],
@@ -102,10 +103,8 @@ def baseline_hyperparameters(
     return inside
 
 
-def apply_hyperparameters(
-    model: ModelConfig, train: TrainConfig, params: dict[str, Any]
-) -> tuple[ModelConfig, TrainConfig]:
-    """The model and training configs with a trial's hyperparameters in place."""
+def apply_hyperparameters(settings: TrainingSettings, params: dict[str, Any]) -> TrainingSettings:
+    """The settings with a trial's hyperparameters in place."""
     shape: dict[str, Any] = {"dropout": params["dropout"]}
     if "depth" in params:
         shape["hidden_sizes"] = [params["width"]] * params["depth"]
@@ -113,7 +112,13 @@ def apply_hyperparameters(
         shape["hidden_sizes"] = [params["width"]]
         shape["cnn_channels"] = [params["channels"], 2 * params["channels"]]
     optimiser = {key: params[key] for key in ("lr", "weight_decay", "batch_size")}
-    return model.model_copy(update=shape), train.model_copy(update=optimiser)
+    return TrainingSettings(settings.model.model_copy(update=shape), settings.train.model_copy(update=optimiser))
+
+
+def chosen_settings(config: RunConfig, tuning: TuningResult | None) -> TrainingSettings:
+    """What the final training uses: tuning's best trial past the min_gain_se guard, else the configured settings."""
+    configured = TrainingSettings(config.model, config.train)
+    return apply_hyperparameters(configured, tuning.best_params) if tuning and tuning.use_tuned else configured
 
 
 # --- study set-up --------------------------------------------------------------------------------
@@ -185,26 +190,24 @@ def open_study(tuning: TuningConfig, study_name: str, family: str, seed: int) ->
 
 
 class TrialTracker:
-    """MLflow child runs for trials, nested under the pipeline's parent run."""
+    """Each finished trial as an MLflow child run of the pipeline's parent run, with its params,
+    per-epoch curves, objective values and state; written by the recorder, when the trial ends
+    (as Optuna's own MLflow callback does), so a trial does not wait for MLflow."""
 
-    def __init__(self, client, experiment_id: str, parent_run_id: str, study_name: str):
-        self.client, self.experiment_id, self.parent_run_id, self.study_name = client, experiment_id, parent_run_id, study_name
+    def __init__(self, ctx: RunContext, study_name: str):
+        self.ctx, self.study_name = ctx, study_name
 
-    def start(self, trial: optuna.Trial, params: dict[str, Any]) -> str:
-        run_id = start_child_run(
-            self.client, self.experiment_id, self.parent_run_id, f"trial-{trial.number}",
-            {"optuna.study": self.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "running"},
-        )
-        log_params(self.client, run_id, params)
-        return run_id
-
-    def finish(self, run_id: str, state: str, metrics: dict[str, float], note: str = "") -> None:
-        """Final figures and state tags in one write, then close the run."""
-        from mlflow.entities import RunTag
-
-        tags = [RunTag("optuna.state", state)] + ([RunTag("optuna.note", note[:500])] if note else [])
-        self.client.log_batch(run_id, metrics=metric_entities(metrics), tags=tags)
-        self.client.set_terminated(run_id, status="FAILED" if state == "failed" else "FINISHED")
+    def finish(self, trial: optuna.Trial, params: dict[str, Any], state: str, metrics: dict[str, float],
+               history: list[EpochRecord]) -> None:
+        with self.ctx.timer.recording("tune"):
+            note = trial.user_attrs.get("note", "")
+            tags = {"optuna.study": self.study_name, "optuna.trial_number": str(trial.number), "optuna.state": state,
+                    **({"optuna.note": note[:500]} if note else {})}
+            series = [(step, {name: values[name] for name in ("train/loss", "val/loss", "val/f1_macro")})
+                      for step, values in epoch_series(history)]
+            figures = {"params": params, "metrics": metrics, "series": series}
+            self.ctx.defer(write_child_run, self.ctx.ref, f"trial-{trial.number}", tags, figures, (),
+                           "FAILED" if state == "failed" else "FINISHED")
 
 
 def torch_latency_ms(network: torch.nn.Module, n_features: int, repeats: int = 50) -> float:
@@ -223,38 +226,30 @@ def torch_latency_ms(network: torch.nn.Module, n_features: int, repeats: int = 5
 class Objective:
     """One trial: suggest, train with per-epoch pruning, return the objective values."""
 
-    def __init__(
-        self, prepared: PreparedData, model: ModelConfig, train: TrainConfig, tuning: TuningConfig,
-        seed: int, tracker: TrialTracker | None = None,
-    ):
-        self.prepared, self.arrays = prepared, training_arrays(prepared)
-        self.n_features = self.arrays.x_train.shape[1]
-        self.family = spec_for_data(model, prepared).family
-        self.model, self.train, self.tuning, self.seed, self.tracker = model, train, tuning, seed, tracker
+    def __init__(self, prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfig, seed: int,
+                 tracker: TrialTracker | None = None):
+        self.prepared, self.settings, self.tuning, self.seed, self.tracker = prepared, settings, tuning, seed, tracker
+        self.n_features = prepared.arrays.x_train.shape[1]
+        self.family = spec_for_data(settings.model, prepared).family
         self.single_objective = len(tuning.objectives) == 1
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         params = suggest_hyperparameters(trial, self.family, self.tuning)
-        model, train = apply_hyperparameters(self.model, self.train, params)
-        train = train.model_copy(update={"max_epochs": self.tuning.max_epochs, "patience": self.tuning.patience})
-        run_id = self.tracker.start(trial, params) if self.tracker else None
-        metrics = MetricBuffer(self.tracker.client, run_id) if run_id else None
-        epochs = 0
+        settings = apply_hyperparameters(self.settings, params)
+        settings = TrainingSettings(settings.model, settings.train.model_copy(
+            update={"max_epochs": self.tuning.max_epochs, "patience": self.tuning.patience}))
+        history: list[EpochRecord] = []
 
         def report(record: EpochRecord) -> None:
-            nonlocal epochs
-            epochs = record.epoch
-            if metrics:
-                metrics.add({"train/loss": record.train_loss, "val/loss": record.val_loss,
-                             "val/f1_macro": record.val_f1_macro}, step=record.epoch)
+            history.append(record)
             if self.single_objective:
                 trial.report(record.val_f1_macro, record.epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 
-        state, values, note = "failed", None, ""
+        state, values = "failed", None
         try:
-            result = train_on_data(self.prepared, model, train, self.seed, on_epoch=report, arrays=self.arrays)
+            result = train_on_data(self.prepared, settings, self.seed, on_epoch=report)
             objective = {
                 "f1_macro": result.best.val_f1_macro,
                 "size": 4.0 * sum(p.numel() for p in result.network.parameters()),
@@ -265,18 +260,19 @@ class Objective:
             state = "complete"
             return values[0] if self.single_objective else values
         except optuna.TrialPruned as pruned:
-            state, note = "pruned", str(pruned)
+            state = "pruned"
+            trial.set_user_attr("note", str(pruned))
             raise
         except Exception as error:
             note = f"{error.__class__.__name__}: {error}"
             trial.set_user_attr("error", note[:300])
+            trial.set_user_attr("note", note[:500])
             raise
         finally:
-            trial.set_user_attr("epochs", epochs)
-            if run_id:
-                metrics.flush()
+            trial.set_user_attr("epochs", len(history))
+            if self.tracker:
                 final = {OBJECTIVE_METRICS[name]: value for name, value in zip(self.tuning.objectives, values)} if values else {}
-                self.tracker.finish(run_id, state, {**final, "epochs": epochs}, note)
+                self.tracker.finish(trial, params, state, {**final, "epochs": len(history)}, history)
 
 
 class FailureGuard:
@@ -313,6 +309,7 @@ class TuningResult:
     baseline_value: float | None = None
     use_tuned: bool = True  # False: the configured settings stay (the best trial is not clearly better)
     decision: str = ""
+    storage_url: str = field(default="", repr=False)  # unredacted, for reading the study back (plots); never logged
 
 
 def tuned_or_default(best: FrozenTrial, baseline: FrozenTrial | None, n_val: int, min_gain_se: float) -> tuple[bool, str]:
@@ -386,6 +383,7 @@ def summarise(study: optuna.Study, tuning: TuningConfig, seconds: float, n_val: 
         baseline_value=baseline.values[0] if baseline is not None and baseline.values else None,
         use_tuned=use_tuned,
         decision=decision,
+        storage_url=storage_url(tuning),
     )
 
 
@@ -394,7 +392,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     started = time.perf_counter()
     study = open_study(tuning, study_name, objective.family, seed)
     if not study.trials and tuning.sampler != "grid":
-        study.enqueue_trial(baseline_hyperparameters(objective.model, objective.train, objective.family, tuning),
+        study.enqueue_trial(baseline_hyperparameters(objective.settings, objective.family, tuning),
                             user_attrs={BASELINE_ATTR: True})
     deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
     guard = FailureGuard(tuning.max_failures)
@@ -428,71 +426,50 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     return summarise(study, tuning, time.perf_counter() - started, len(objective.prepared.splits.y_val))
 
 
-def save_study_plots(study: optuna.Study, tuning: TuningConfig, folder: Path) -> list[Path]:
-    """Optuna's optimization history, parameter importances and parallel coordinates as PNGs."""
-    import matplotlib
+def tune(prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfig, seed: int, study_name: str,
+         tracker: TrialTracker | None = None) -> TuningResult:
+    """The tuning stage: an Optuna study over the family's search space, starting from `settings`."""
+    if tuning.n_jobs > 1:
+        run_logger().warning("tuning.n_jobs=%d: trials run in parallel, so the sampler's seed no longer fixes "
+                             "which trials run; results are not reproducible run to run", tuning.n_jobs)
+    return run_study(Objective(prepared, settings, tuning, seed, tracker), tuning, study_name, seed)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
 
-    target = None if len(tuning.objectives) == 1 else (lambda t: t.values[0])
-    plots = {
-        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study, target=target, target_name="val f1_macro"),
-        "param_importances.png": lambda: optuna_plots.plot_param_importances(study, target=target, target_name="val f1_macro"),
-        "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study, target=target, target_name="val f1_macro"),
-    }
-    saved = []
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        for name, draw in plots.items():
-            try:
-                axes = draw()
-            except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances need 2+ trials
-                continue
-            figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
-            figure.set_size_inches(9, 5.5)
-            figure.tight_layout()
-            figure.savefig(folder / name, dpi=100)
-            plt.close(figure)
-            saved.append(folder / name)
-    return saved
+def record_tuning(ctx: RunContext, result: TuningResult) -> None:
+    """The study's outcome on the parent run (params, metrics, the decision), its plots, and the top
+    trials as a Prefect table."""
+    ctx.logger.info(
+        "study '%s': %d complete, %d pruned, %d failed, %d epochs; best trial %d %s = %s",
+        result.study_name, result.n_complete, result.n_pruned, result.n_failed, result.epochs_total,
+        result.best_trial, "/".join(result.objectives), ", ".join(f"{v:.4f}" for v in result.best_values),
+    )
+    ctx.logger.info("tuning decision: %s", result.decision)
+    ctx.record(
+        params={"tuning.storage_redacted": result.storage, "tuning.study": result.study_name,
+                **{f"best.{key}": value for key, value in result.best_params.items()}},
+        tags={"maas.tuning_decision": result.decision},
+        metrics={"tuning/used_tuned": float(result.use_tuned),
+                 **({"tuning/baseline_val_f1_macro": result.baseline_value} if result.baseline_value is not None else {}),
+                 "tuning/best_val_f1_macro": result.best_values[0], "tuning/n_complete": result.n_complete,
+                 "tuning/n_pruned": result.n_pruned, "tuning/n_failed": result.n_failed,
+                 "tuning/epochs_total": result.epochs_total, "tuning/best_trial": result.best_trial},
+    )
+    ctx.defer(log_study_plots, ctx.run_id, result.storage_url, result.study_name, result.objectives,
+              ctx.scratch_dir("tuning"))
+    ctx.defer(write_dict, ctx.run_id, {"objectives": result.objectives, "front": result.pareto_front},
+              "tuning/pareto_front.json")
+    ctx.artifacts.table("tuning-trials", result.top_trials,
+                        f"Top trials of study '{result.study_name}' by validation F1")
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
 
 @task(name="tune", retries=0, timeout_seconds=12 * 3600, cache_policy=NO_CACHE)
-def tune_task(
-    prepared: PreparedData, model: ModelConfig, train: TrainConfig, tuning: TuningConfig,
-    seed: int, run_id: str, experiment_id: str, study_name: str, scratch: Path,
-) -> tuple[TuningResult, float]:
+def tune_task(ctx: RunContext, prepared: PreparedData, config: RunConfig) -> TuningResult:
     """No task retries: the study itself resumes, so a rerun of the flow continues it."""
-    logger = get_run_logger()
-    client = mlflow_client()
-    objective = Objective(prepared, model, train, tuning, seed, TrialTracker(client, experiment_id, run_id, study_name))
-    if tuning.n_jobs > 1:
-        logger.warning("tuning.n_jobs=%d: trials run in parallel, so the sampler's seed no longer "
-                       "fixes which trials run; results are not reproducible run to run", tuning.n_jobs)
-    result = run_study(objective, tuning, study_name, seed)
-    logger.info(
-        "study '%s': %d complete, %d pruned, %d failed, %d epochs; best trial %d %s = %s",
-        result.study_name, result.n_complete, result.n_pruned, result.n_failed, result.epochs_total,
-        result.best_trial, "/".join(result.objectives), ", ".join(f"{v:.4f}" for v in result.best_values),
-    )
-    log_params(client, run_id, {"tuning.storage_redacted": result.storage, "tuning.study": result.study_name,
-                                **{f"best.{key}": value for key, value in result.best_params.items()}})
-    logger.info("tuning decision: %s", result.decision)
-    client.set_tag(run_id, "maas.tuning_decision", result.decision[:5000])
-    log_metrics(client, run_id, {
-        "tuning/used_tuned": float(result.use_tuned),
-        **({"tuning/baseline_val_f1_macro": result.baseline_value} if result.baseline_value is not None else {}),
-        "tuning/best_val_f1_macro": result.best_values[0], "tuning/n_complete": result.n_complete,
-        "tuning/n_pruned": result.n_pruned, "tuning/n_failed": result.n_failed,
-        "tuning/epochs_total": result.epochs_total, "tuning/best_trial": result.best_trial,
-    })
-    study = optuna.load_study(study_name=study_name, storage=open_storage(tuning))
-    for path in save_study_plots(study, tuning, scratch):
-        client.log_artifact(run_id, str(path), artifact_path="tuning")
-    client.log_dict(run_id, {"objectives": result.objectives, "front": result.pareto_front}, "tuning/pareto_front.json")
-    return result, result.seconds_this_run
+    study_name = config.tuning.study_name or config.experiment_name
+    settings = TrainingSettings(config.model, config.train)
+    tracker = TrialTracker(ctx, study_name)
+    return ctx.run_stage("tune", partial(tune, prepared, settings, config.tuning, config.seed, study_name, tracker),
+                         record_tuning)

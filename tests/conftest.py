@@ -17,6 +17,7 @@ def pytest_configure(config):
     # The Prefect server's telemetry logs an ERROR when offline; tests run offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # BentoML reads its home once, at import: one throwaway store for the whole session.
     import tempfile
 
@@ -56,6 +57,16 @@ def prefect_server():
 def quick_config(dataset: str = "breast_cancer", *overrides: str) -> RunConfig:
     """The shipped quick preset: the whole pipeline in seconds."""
     return load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=dataset, overrides=list(overrides))
+
+
+def flow_run_artifacts(flow_run_id: str) -> dict:
+    """key -> the Prefect artifact a flow run made, read through Prefect's own client."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key: artifact for artifact in found}
 
 
 def free_port() -> int:

@@ -14,4 +14,4 @@ def trained(prefect_server, tmp_path_factory):
 
     config = quick_config("breast_cancer")
     with module_home(tmp_path_factory) as home:
-        yield home, config, train_pipeline(config)
+        yield home, config, train_pipeline(config).to_dict()

@@ -10,6 +10,7 @@ import sys
 import httpx
 import pytest
 
+from flows.summaries import CONTRACT_KEYS
 from maas.cli import main
 from maas.tracking import mlflow_client
 from tests.conftest import PROJECT_ROOT, free_port, wait_until_up
@@ -111,7 +112,7 @@ def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):
     assert "epoch 1/15" in output  # progress while training
     assert "Registered maas-digits version 1 as @champion: first version" in done.stdout
     summary = json.loads(summary_path.read_text())
-    assert {"mlflow_run_id", "experiment", "model_name", "model_version", "alias", "test_metrics", "variants", "bento"} <= set(summary)
+    assert CONTRACT_KEYS <= set(summary)
     assert summary["experiment"] == "maas-digits" and summary["test_metrics"]["f1_macro"] > 0.85
     assert not (tmp_path / "mlruns").exists()  # artifacts stay under MAAS_HOME
 

@@ -33,9 +33,9 @@ def registry(prefect_server, tmp_path_factory):
 
     with module_home(tmp_path_factory) as home:
         weak = train_pipeline(quick_config("breast_cancer", *QUICK, "tuning.enabled=false", "train.max_epochs=1",
-                                           "model.hidden_sizes=[1]", "train.lr=0.0003"))
+                                           "model.hidden_sizes=[1]", "train.lr=0.0003")).to_dict()
         config = quick_config("breast_cancer", *QUICK)
-        strong = train_pipeline(config)
+        strong = train_pipeline(config).to_dict()
         assert (weak["model_version"], strong["model_version"], strong["alias"]) == ("1", "2", "champion"), strong["gate"]
         prepared = prepare_data(config.data, config.seed)
         yield home, config, prepared
@@ -60,12 +60,12 @@ def fresh_log(registry, monkeypatch):
 def served_model(config, version: str):
     from maas.bundle import ModelBundle
     from maas.tracking import mlflow_client
-    from tasks.registry import download_bundle
+    from maas.registered import ModelRef, download_bundle
 
     mlflow_client()
     import tempfile
 
-    return ModelBundle.load(download_bundle(config.model_name, version, tempfile.mkdtemp()))
+    return ModelBundle.load(download_bundle(ModelRef(config.model_name, version=version), tempfile.mkdtemp()))
 
 
 def log_as_service(connection, config, rows: pd.DataFrame, version: str = "2") -> list[str]:
@@ -76,7 +76,7 @@ def log_as_service(connection, config, rows: pd.DataFrame, version: str = "2") -
     ids = [uuid.uuid4().hex for _ in range(len(rows))]
     now = time.time()
     entries = [
-        (request_id, now, "key", f"{config.model_name}/{version}@champion", 200, json.dumps([row]),
+        (request_id, now, "key", f"{config.model_name}/{version}@champion", 200, json.dumps({"rows": [row]}),
          json.dumps([{"label": label, "probabilities": {}}]))
         for request_id, row, label in zip(ids, rows.to_dict(orient="records"), predictions["label"])
     ]
@@ -117,7 +117,7 @@ def test_unchanged_rows_raise_no_alert_and_the_check_is_an_mlflow_run(registry, 
 
     home, config, prepared = registry
     log_as_service(fresh_log, config, prepared.splits.x_test)
-    summary = monitor(config)
+    summary = monitor(config).to_dict()
     assert summary["model"] == f"{config.model_name}/2@champion"
     assert summary["drift"]["n_rows"] == len(prepared.splits.x_test) and summary["drift"]["judged"]
     assert summary["drift"]["drifted_features"] == [] and summary["alerts"] == [] and summary["retrain"] is None
@@ -125,14 +125,10 @@ def test_unchanged_rows_raise_no_alert_and_the_check_is_an_mlflow_run(registry, 
     assert run.info.status == "FINISHED" and run.data.metrics["drift/share"] == 0
     artifacts = {item.path for item in mlflow_client().list_artifacts(run.info.run_id, "drift")}
     assert {"drift/report.html", "drift/drift.png"} <= artifacts
-    import httpx
-    from prefect.settings import get_current_settings
+    from tests.conftest import flow_run_artifacts
 
-    found = httpx.post(f"{get_current_settings().api.url}/artifacts/filter", json={"artifacts": {
-        "flow_run_id": {"any_": [summary["prefect_flow_run_id"]]},
-        "key": {"any_": ["monitoring-report", "drift-features"]}}}).json()
-    assert {artifact["key"] for artifact in found} == {"monitoring-report", "drift-features"}
-    again = monitor(config)  # the next check starts where this one ended
+    assert {"monitoring-report", "drift-features"} <= set(flow_run_artifacts(summary["prefect_flow_run_id"]))
+    again = monitor(config).to_dict()  # the next check starts where this one ended
     assert again["drift"]["n_rows"] == 0 and not again["drift"]["judged"]
 
 
@@ -148,14 +144,14 @@ def test_drift_alerts_once_per_incident_through_the_notification_block(registry,
     watched = config.model_copy(update={"monitoring": config.monitoring.model_copy(
         update={"notify_block": "custom-webhook/maas-test-ops", "retrain_deployment": "maas-train/not-registered"})})
     log_as_service(fresh_log, config, shifted(prepared))
-    first = monitor(watched)
+    first = monitor(watched).to_dict()
     assert sorted(first["drift"]["drifted_features"]) == ["mean radius", "mean texture", "worst area"]
     assert [alert["kind"] for alert in first["alerts"]] == ["drift"] and first["alerts_delivered"] == 1
     assert len(webhook.received) == 1 and "drift" in webhook.received[0]["text"]
     assert "not registered" in first["retrain"]["status"] and first["retrain"]["flow_run_id"] is None
 
     log_as_service(fresh_log, config, shifted(prepared))
-    second = monitor(watched)
+    second = monitor(watched).to_dict()
     assert second["drift"]["drifted_features"] and second["alerts"] == [] and len(webhook.received) == 1
 
 
@@ -172,7 +168,7 @@ def test_decayed_labels_raise_a_quality_alert(registry, fresh_log, tmp_path):
     pd.DataFrame({"request_id": ids, "label": truth}).to_csv(labels_path, index=False)
     decayed = config.model_copy(update={"monitoring": config.monitoring.model_copy(
         update={"labels_path": str(labels_path), "rollback": False, "retrain": False})})
-    summary = monitor(decayed)
+    summary = monitor(decayed).to_dict()
     quality = summary["quality"]
     assert quality["n_labelled"] == len(rows) and quality["judged"]
     assert quality["f1_drop"] > 0.05 and [alert["kind"] for alert in summary["alerts"]] == ["quality"]
@@ -190,7 +186,7 @@ def test_a_new_champion_worse_live_than_the_one_it_replaced_is_rolled_back(regis
     pd.DataFrame({"request_id": ids, "label": old_labels}).to_csv(labels_path, index=False)
     watched = config.model_copy(update={"monitoring": config.monitoring.model_copy(
         update={"labels_path": str(labels_path), "rollback_margin": 0.0, "retrain": False})})
-    summary = monitor(watched)
+    summary = monitor(watched).to_dict()
     assert summary["rollback"]["roll_back"], summary["rollback"]
     assert "rollback" in [alert["kind"] for alert in summary["alerts"]]
     client = mlflow_client()
@@ -235,7 +231,7 @@ def test_maas_schedule_serves_cron_deployments_and_a_drift_retrain_completes(reg
             pd.DataFrame({"request_id": ids, "label": truth}).to_csv(labels_path, index=False)
             appending = config.model_copy(update={"monitoring": config.monitoring.model_copy(
                 update={"labels_path": str(labels_path), "append_labelled": True, "rollback": False})})
-            summary = monitor(appending)  # triggers the training deployment the scheduler serves
+            summary = monitor(appending).to_dict()  # triggers the training deployment the scheduler serves
             flow_run_id = summary["retrain"]["flow_run_id"]
             assert flow_run_id, summary["retrain"]
             deadline = time.monotonic() + 300

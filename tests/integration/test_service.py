@@ -34,10 +34,10 @@ def service(prefect_server, tmp_path_factory):
         # The Bento built here carries this run's serving section; `maas serve` below gets its own --set
         # (the same tiers, but every request logged).
         summary = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32, int8]",
-                                              *SERVICE_SETTINGS, "serving.prediction_log_sample=0"))
+                                              *SERVICE_SETTINGS, "serving.prediction_log_sample=0")).to_dict()
         # A deliberately weak second version: the gate keeps it @challenger, and the budget tier is served from it.
         weak = train_pipeline(quick_config("breast_cancer", "compression.variants=[fp32]", "tuning.enabled=false",
-                                           "train.max_epochs=1", "model.hidden_sizes=[1]", "serving.build_bento=false"))
+                                           "train.max_epochs=1", "model.hidden_sizes=[1]", "serving.build_bento=false")).to_dict()
         assert weak["alias"] == "challenger", weak["gate"]
         connection = connect(home / "service.db")
         keys = {tier: create_key(connection, f"{tier}-user", tier)[1] for tier in ("pro", "free", "tiny", "budget")}
@@ -68,7 +68,7 @@ def predict(base, rows, key=None, headers=None):
     return httpx.post(f"{base}/predict", json={"rows": rows}, headers=headers, timeout=30)
 
 
-def test_served_predictions_equal_the_registered_model(service):
+def test_served_predictions_equal_the_registered_model(service, monkeypatch):
     import mlflow
     import pandas as pd
 
@@ -77,7 +77,7 @@ def test_served_predictions_equal_the_registered_model(service):
     assert response.status_code == 200 and response.headers["x-request-id"]
     served = response.json()
     assert len(served) == len(rows)
-    os.environ["MAAS_HOME"] = str(home)
+    monkeypatch.setenv("MAAS_HOME", str(home))
     from maas.tracking import mlflow_client
 
     mlflow_client()
@@ -254,7 +254,7 @@ def test_the_monitor_reads_the_live_services_log_labels_and_metrics(service, mon
     time.sleep(2.5)  # the meter flushes the log and refreshes the gauges every second
     config = quick_config("breast_cancer", f"monitoring.metrics_url={base}/metrics",
                           f"monitoring.labels_path={labels_path}", "monitoring.retrain=false")
-    check = monitor(config)
+    check = monitor(config).to_dict()
     assert check["drift"]["n_rows"] >= len(records)
     quality = check["quality"]
     assert quality["n_labelled"] == len(records) and quality["metrics"]["f1_macro"] > 0.9 and not quality["alert"]
@@ -341,12 +341,13 @@ def test_the_bento_built_by_training_serves_its_runs_serving_config(service):
 def test_a_bento_serves_a_tier_from_its_alias_when_the_alias_exists(service, monkeypatch):
     from maas.config import load_config
     from maas.tracking import mlflow_client
+    from maas.registered import ModelRef
     from tasks.package import build_bento, package_for_bento
 
     base, home, keys, rows, summary, _ = service
     monkeypatch.setenv("MAAS_HOME", str(home))
     serving = load_config(overrides=list(SERVICE_SETTINGS)).serving
-    packaged, tier_models, unserved = package_for_bento(mlflow_client(), f"{summary['model_name']}@champion", serving)
+    packaged, tier_models, unserved = package_for_bento(mlflow_client(), ModelRef(summary["model_name"], "champion"), serving)
     assert set(tier_models) == {"budget"} and tier_models["budget"].alias == "challenger" and not unserved
     with bento_served(build_bento(packaged, serving, tier_models), home) as url:
         assert httpx.get(f"{url}/metadata").json()["tiers"]["budget"]["served_by"].endswith("@challenger")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -9,12 +10,12 @@ import textwrap
 import pandas as pd
 import pytest
 
+from flows.summaries import CONTRACT_KEYS
 from maas.tracking import mlflow_client
 from tasks.data import prepare_data
+from tests.conftest import flow_run_artifacts
 
 pytestmark = pytest.mark.slow
-
-CONTRACT_KEYS = {"mlflow_run_id", "experiment", "model_name", "model_version", "alias", "test_metrics", "variants", "bento"}
 
 
 def test_summary_follows_the_cli_contract(trained):
@@ -138,11 +139,12 @@ def test_model_loads_without_torch_or_training_code(trained):
         import mlflow, pandas as pd
         mlflow.set_tracking_uri("sqlite:///{home}/mlflow.db")
         model = mlflow.pyfunc.load_model("{summary['model_uri']}")
-        print(model.predict(pd.read_json("{rows_path}", orient="records"))["label"].tolist())
+        import json
+        print(json.dumps(model.predict(pd.read_json("{rows_path}", orient="records"))["label"].tolist()))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    labels = eval(done.stdout.strip().splitlines()[-1])
+    labels = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(labels) == 7 and set(labels) <= {"benign", "malignant"}
 
 
@@ -153,15 +155,10 @@ def test_prefect_flow_run_has_link_and_metrics_table(trained, prefect_server):
     flow_run_id = summary["prefect_flow_run_id"]
     flow_run = httpx.get(f"{prefect_server}/flow_runs/{flow_run_id}").json()
     assert flow_run["state"]["type"] == "COMPLETED"
-    # The REST API directly: Prefect 3.8.8's client sends null filters that its server rejects (422).
-    response = httpx.post(
-        f"{prefect_server}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 20},
-    )
-    by_key = {artifact["key"]: artifact for artifact in response.raise_for_status().json()}
-    assert summary["mlflow_run_url"] in by_key["mlflow-run"]["data"]
-    assert "f1_macro" in by_key["test-metrics"]["data"]
-    assert "speedup_b64_vs_fp32" in by_key["variants"]["data"]
+    by_key = flow_run_artifacts(flow_run_id)
+    assert summary["mlflow_run_url"] in by_key["mlflow-run"].data
+    assert "f1_macro" in by_key["test-metrics"].data
+    assert "speedup_b64_vs_fp32" in by_key["variants"].data
 
 
 def test_gate_promotes_a_better_model_and_keeps_the_champion_against_a_worse_one(prefect_server, maas_home):
@@ -172,9 +169,9 @@ def test_gate_promotes_a_better_model_and_keeps_the_champion_against_a_worse_one
 
     weak = ["tuning.enabled=false", "train.max_epochs=1", "train.lr=0.00001", "compression.variants=[fp32]"]
     strong = ["tuning.enabled=false", "compression.variants=[fp32, int8]"]
-    first = train_pipeline(quick_config("wine", *weak))
-    second = train_pipeline(quick_config("wine", *strong))
-    third = train_pipeline(quick_config("wine", *weak))
+    first = train_pipeline(quick_config("wine", *weak)).to_dict()
+    second = train_pipeline(quick_config("wine", *strong)).to_dict()
+    third = train_pipeline(quick_config("wine", *weak)).to_dict()
     assert (first["alias"], second["alias"], third["alias"]) == ("champion", "champion", "challenger")
     assert second["test_metrics"]["f1_macro"] > first["test_metrics"]["f1_macro"]
     assert second["gate"]["champion_version"] == first["model_version"]
@@ -227,7 +224,4 @@ def test_tuning_trials_are_child_runs_and_the_parent_holds_the_study(trained, pr
     assert manifest["tuned_hyperparameters"] == (best if tuning["used_tuned"] else None)
     assert parent.data.tags["maas.tuning_decision"] == tuning["decision"]
     assert parent.data.metrics["tuning/used_tuned"] == float(tuning["used_tuned"])
-    table = httpx.post(f"{prefect_server}/artifacts/filter", json={
-        "artifacts": {"flow_run_id": {"any_": [summary["prefect_flow_run_id"]]}, "key": {"any_": ["tuning-trials"]}},
-        "limit": 1}).json()
-    assert table and "lr" in table[0]["data"]
+    assert "lr" in flow_run_artifacts(summary["prefect_flow_run_id"])["tuning-trials"].data

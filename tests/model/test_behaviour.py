@@ -10,12 +10,12 @@ from maas.bundle import ModelBundle
 from maas.config import RunConfig, load_config
 from tasks.data import PreparedData, prepare_data
 from tasks.export import write_bundle
-from tasks.train import train_on_data
+from tasks.train import TrainingSettings, train_on_data
 
 
 def train_bundle(config: RunConfig, folder) -> tuple[PreparedData, ModelBundle]:
     prepared = prepare_data(config.data, config.seed)
-    result = train_on_data(prepared, config.model, config.train, config.seed)
+    result = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
     write_bundle(folder, result.network, result.spec, prepared.preprocessing, prepared.labels,
                  prepared.target, prepared.input_schema)
     return prepared, ModelBundle.load(folder)

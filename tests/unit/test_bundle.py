@@ -10,13 +10,13 @@ from maas.bundle import InputSchemaError, ModelBundle, transform
 from maas.config import DataConfig, ModelConfig, TrainConfig
 from tasks.data import prepare_data
 from tasks.export import update_metadata, write_bundle
-from tasks.train import train_on_data
+from tasks.train import TrainingSettings, train_on_data
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     prepared = prepare_data(DataConfig(dataset="wine"), seed=0)
-    result = train_on_data(prepared, ModelConfig(hidden_sizes=[16]), TrainConfig(max_epochs=10), 0)
+    result = train_on_data(prepared, TrainingSettings(ModelConfig(hidden_sizes=[16]), TrainConfig(max_epochs=10)), 0)
     folder = write_bundle(tmp_path_factory.mktemp("bundle"), result.network, result.spec, prepared.preprocessing,
                           prepared.labels, prepared.target, prepared.input_schema)
     return prepared, result.network, folder

@@ -18,7 +18,7 @@ from tasks.compress import (
     student_spec,
 )
 from tasks.data import prepare_data
-from tasks.train import distillation_loss, train_on_data, training_arrays
+from tasks.train import TrainingSettings, distillation_loss, train_on_data
 from tests.conftest import quick_config
 
 
@@ -27,12 +27,11 @@ def built(request, tmp_path_factory):
     """Every variant of a quickly trained network: an MLP (breast_cancer) and a CNN (digits)."""
     config = quick_config(request.param)
     prepared = prepare_data(config.data, config.seed)
-    arrays = training_arrays(prepared)
-    trained = train_on_data(prepared, config.model, config.train, config.seed, arrays=arrays)
-    variants, failures = build_variants(trained, prepared, arrays, config.compression, config.train, config.seed,
-                                        tmp_path_factory.mktemp("variants"))
-    assert failures == []
-    return prepared, trained, {variant.name: variant for variant in variants}
+    trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
+    variants = build_variants(trained, prepared, config.compression, config.train, config.seed,
+                              tmp_path_factory.mktemp("variants"))
+    assert variants.failed == []
+    return prepared, trained, {variant.name: variant for variant in variants.built}
 
 
 def raw_test_predictions(variant, prepared) -> np.ndarray:
@@ -150,8 +149,9 @@ def test_distillation_loss_is_zero_when_the_student_matches_the_teacher():
     assert distillation_loss(-logits, soft, 4.0).item() > 0.1
 
 
-def test_a_variant_that_fails_to_build_is_reported_and_skipped(tmp_path, monkeypatch):
+def test_a_variant_that_fails_to_build_is_reported_and_skipped(tmp_path, monkeypatch, caplog):
     import tasks.compress as compress
+    from maas.run_context import RunContext
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot shrink this network")
@@ -159,11 +159,11 @@ def test_a_variant_that_fails_to_build_is_reported_and_skipped(tmp_path, monkeyp
     monkeypatch.setattr(compress, "structured_shrink", broken)
     config = quick_config("wine", "compression.variants=[fp32, structured, int8]")
     prepared = prepare_data(config.data, config.seed)
-    arrays = training_arrays(prepared)
-    trained = train_on_data(prepared, config.model, config.train, config.seed, arrays=arrays)
-    reported = []
-    variants, failures = build_variants(trained, prepared, arrays, config.compression, config.train,
-                                        config.seed, tmp_path, on_failure=reported.append)
-    assert [variant.name for variant in variants] == ["fp32", "int8"]
-    assert reported == failures and failures[0].name == "structured"
+    trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
+    variants = build_variants(trained, prepared, config.compression, config.train, config.seed, tmp_path)
+    failures = variants.failed
+    compress.record_compression(RunContext(None, "run", "0", tmp_path), variants)
+    reported = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert [variant.name for variant in variants.built] == ["fp32", "int8"]
+    assert len(reported) == len(failures) == 1 and failures[0].name == "structured" and "structured" in reported[0]
     assert "cannot shrink this network" in failures[0].error

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from tasks.evaluate import classification_metrics, plot_confusion_matrix
+from maas.figures import plot_confusion_matrix
+from tasks.evaluate import classification_metrics
 
 
 def test_binary_metrics_match_hand_computed_values():

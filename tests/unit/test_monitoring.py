@@ -25,7 +25,7 @@ def store(tmp_path):
 
 def log(store, request_id, at, model, rows, predicted):
     outputs = [{"label": label, "probabilities": {}} for label in predicted]
-    log_predictions(store, [(request_id, at, "key", model, 200, json.dumps(rows), json.dumps(outputs))])
+    log_predictions(store, [(request_id, at, "key", model, 200, json.dumps({"rows": rows}), json.dumps(outputs))])
 
 
 def test_logged_requests_become_one_row_per_prediction_of_the_model_in_the_window(store):

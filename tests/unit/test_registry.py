@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from maas.config import RegistryConfig, SelectionConfig
+from tasks.evaluate import VariantRow
 from tasks.registry import gate_decision, select_variant
 
 
 def row(name, f1, rows_per_s, size, p99_ms=1.0):
-    return {"name": name, "f1_macro": f1, "rows_per_s_b64": rows_per_s, "size_bytes": size, "p99_ms_b1_e2e": p99_ms}
+    return VariantRow(name, {"f1_macro": f1}, rows_per_s_b64=rows_per_s, size_bytes=size, p99_ms_b1_e2e=p99_ms)
 
 
 TABLE = [

@@ -1,8 +1,12 @@
-"""The parent run always ends: no run is ever left RUNNING, whatever happens inside it."""
+"""The parent run always ends: no run is ever left RUNNING, whatever happens inside it; what stages
+record goes through the run context in batched writes, timed apart from their compute."""
+
+import time
 
 import pytest
 
-from maas.tracking import MetricBuffer, ensure_experiment, flatten, mlflow_client, parent_run
+from maas.run_context import RunContext, StageTimer
+from maas.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment, flatten, mlflow_client, parent_run
 
 
 @pytest.fixture
@@ -33,15 +37,37 @@ def test_experiment_artifacts_live_under_maas_home(client, maas_home):
     assert ensure_experiment(client, "where") == experiment.experiment_id
 
 
-def test_metric_buffer_writes_every_step(client):
-    experiment_id = ensure_experiment(client, "buffer")
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(client):
+    """MLflow 3 shows an unmarked experiment as GenAI (traces); ours are model development."""
+    assert client.get_experiment(ensure_experiment(client, "kind")).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    older = client.create_experiment("made-elsewhere")
+    assert ensure_experiment(client, "made-elsewhere") == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_record_writes_series_params_and_tags_past_mlflows_batch_limits(client, tmp_path):
+    experiment_id = ensure_experiment(client, "batched")
     with parent_run(client, experiment_id, "b", {}) as run_id:
-        buffer = MetricBuffer(client, run_id, flush_every=3)
-        for step in range(1, 8):
-            buffer.add({"val/loss": 1 / step}, step)
-        buffer.flush()
-    history = client.get_metric_history(run_id, "val/loss")
-    assert sorted(m.step for m in history) == list(range(1, 8))
+        ctx = RunContext(client, run_id, experiment_id, tmp_path)
+        ctx.record(metrics={"final": 1.0}, params={f"p{i}": i for i in range(150)}, tags={"t": "x" * 6000},
+                   series=[(step, {"a": step, "b": -step, "c": 0.5}) for step in range(1, 401)])
+        ctx.describe("what happened")
+    run = client.get_run(run_id)
+    assert len(run.data.params) == 150 and run.data.metrics["final"] == 1.0 and len(run.data.tags["t"]) == 5000
+    assert sorted(m.step for m in client.get_metric_history(run_id, "b")) == list(range(1, 401))
+    assert run.data.tags["mlflow.note.content"] == "what happened"
+
+
+def test_stage_timer_keeps_recording_apart_from_compute():
+    timer = StageTimer()
+
+    def work():
+        time.sleep(0.05)
+        with timer.recording("tune"):  # e.g. a trial's child run, written while the study runs
+            time.sleep(0.1)
+
+    timer.run("tune", work)
+    assert 0.04 < timer.compute["tune"] < 0.09 and 0.09 < timer.record["tune"] < 0.15
 
 
 def test_flatten():

@@ -4,6 +4,7 @@ import pytest
 from maas.config import ModelConfig, TrainConfig
 from maas.errors import MaasInputError
 from models import NetworkSpec
+from tasks.data import TrainingArrays
 from tasks.train import network_spec_for, train_network
 
 
@@ -18,7 +19,7 @@ def train_blobs(seed: int = 0, **changes):
     features, labels = blobs()
     spec = NetworkSpec("mlp", n_features=4, n_classes=2, hidden_sizes=(16,))
     config = TrainConfig(max_epochs=40, patience=5, **changes)
-    return train_network(spec, features[:200], labels[:200], features[200:], labels[200:], config, seed)
+    return train_network(spec, TrainingArrays(features[:200], labels[:200], features[200:], labels[200:]), config, seed)
 
 
 def test_training_is_reproducible_for_a_seed():
@@ -41,7 +42,7 @@ def test_diverging_loss_is_an_error_not_a_model():
     features[:50] = np.nan  # what a broken upstream step would hand over
     spec = NetworkSpec("mlp", n_features=4, n_classes=2, hidden_sizes=(16,))
     with pytest.raises(FloatingPointError, match="lower train.lr"):
-        train_network(spec, features[:200], labels[:200], features[200:], labels[200:],
+        train_network(spec, TrainingArrays(features[:200], labels[:200], features[200:], labels[200:]),
                       TrainConfig(max_epochs=3, lr=1.0), 0)
 
 

@@ -8,8 +8,10 @@ from optuna.trial import TrialState
 
 from maas.config import DataConfig, ModelConfig, TrainConfig, TuningConfig, load_config
 from maas.errors import MaasInputError
+from maas.run_context import RunContext
 from maas.tracking import ensure_experiment, mlflow_client, parent_run
 from tasks.data import prepare_data
+from tasks.train import TrainingSettings
 from tasks.tune import (
     BASELINE_ATTR, Objective, TrialTracker, apply_hyperparameters, grid_space, pick_pareto_trial, redacted,
     run_study, tuned_or_default,
@@ -30,8 +32,15 @@ def tuning(**changes) -> TuningConfig:
     return TuningConfig(**{**FAST, **changes})
 
 
+DEFAULTS = TrainingSettings(ModelConfig(), TrainConfig())
+
+
 def objective(prepared, config: TuningConfig, tracker=None) -> Objective:
-    return Objective(prepared, ModelConfig(), TrainConfig(), config, seed=0, tracker=tracker)
+    return Objective(prepared, DEFAULTS, config, seed=0, tracker=tracker)
+
+
+def tracked(client, experiment_id: str, parent_id: str, study_name: str, tmp_path) -> TrialTracker:
+    return TrialTracker(RunContext(client, parent_id, experiment_id, tmp_path), study_name)
 
 
 def states(study_name: str, config: TuningConfig) -> list[TrialState]:
@@ -98,12 +107,12 @@ def test_every_trial_failing_is_a_clear_error(wine, maas_home):
         run_study(objective(wine, config), config, "broken", seed=0)
 
 
-def test_trials_are_child_runs_with_state_tags(wine, maas_home):
+def test_trials_are_child_runs_with_state_tags(wine, maas_home, tmp_path):
     client = mlflow_client()
     experiment_id = ensure_experiment(client, "tuned")
     config = tuning(n_trials=3, pruner="none")
     with parent_run(client, experiment_id, "parent", {}) as parent_id:
-        run_study(objective(wine, config, TrialTracker(client, experiment_id, parent_id, "children")), config, "children", 0)
+        run_study(objective(wine, config, tracked(client, experiment_id, parent_id, "children", tmp_path)), config, "children", 0)
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) == 3
     for child in children:
@@ -112,12 +121,12 @@ def test_trials_are_child_runs_with_state_tags(wine, maas_home):
         assert len(client.get_metric_history(child.info.run_id, "val/f1_macro")) == int(child.data.metrics["epochs"])
 
 
-def test_two_parallel_trials_finish_without_lock_errors(wine, maas_home, caplog):
+def test_two_parallel_trials_finish_without_lock_errors(wine, maas_home, caplog, tmp_path):
     client = mlflow_client()
     experiment_id = ensure_experiment(client, "parallel")
     config = tuning(n_trials=6, n_jobs=2)
     with parent_run(client, experiment_id, "parent", {}) as parent_id:
-        result = run_study(objective(wine, config, TrialTracker(client, experiment_id, parent_id, "parallel")), config, "parallel", 0)
+        result = run_study(objective(wine, config, tracked(client, experiment_id, parent_id, "parallel", tmp_path)), config, "parallel", 0)
     assert result.n_complete + result.n_pruned == 6 and result.n_failed == 0
     assert "database is locked" not in caplog.text
     numbers = [t["trial"] for t in result.top_trials]
@@ -143,10 +152,10 @@ def test_pareto_pick_takes_the_smallest_within_tolerance():
 
 
 def test_best_params_map_onto_the_configs():
-    model, train = apply_hyperparameters(ModelConfig(), TrainConfig(), {
+    model, train = apply_hyperparameters(DEFAULTS, {
         "lr": 0.01, "weight_decay": 0.001, "dropout": 0.2, "batch_size": 32, "width": 64, "depth": 3})
     assert model.hidden_sizes == [64, 64, 64] and train.lr == 0.01 and train.batch_size == 32
-    model, _ = apply_hyperparameters(ModelConfig(), TrainConfig(), {
+    model, _ = apply_hyperparameters(DEFAULTS, {
         "lr": 0.01, "weight_decay": 0.001, "dropout": 0.2, "batch_size": 32, "width": 64, "channels": 8})
     assert model.cnn_channels == [8, 16]
 
@@ -194,6 +203,6 @@ def test_the_best_trial_replaces_the_defaults_only_when_clearly_better(best, bas
 def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
     crippled = TrainConfig(lr=1e-4)  # inside the search space, far too slow for 6 epochs
     config = tuning(n_trials=6)
-    result = run_study(Objective(wine, ModelConfig(), crippled, config, seed=0), config, "crippled", seed=0)
+    result = run_study(Objective(wine, TrainingSettings(ModelConfig(), crippled), config, seed=0), config, "crippled", seed=0)
     assert result.baseline_value is not None and result.best_values[0] > result.baseline_value
     assert result.use_tuned, result.decision

@@ -1,0 +1,159 @@
+"""What a flow run tells its caller: one dataclass per flow, its JSON (the CLI contract) and its text."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from maas.config import RunConfig
+from maas.run_context import RunContext
+from tasks.alerts import AlertOutcome
+from tasks.check import iso
+from tasks.drift import DriftReport
+from tasks.health import HealthReport
+from tasks.quality import QualityReport, RollbackDecision
+from tasks.registry import RegisteredVersion, Winner
+from tasks.retrain import RetrainRequest
+from tasks.tune import TuningResult
+
+# The keys `maas run --summary` promises (DESIGN.md's CLI contract); to_dict() writes more.
+CONTRACT_KEYS = frozenset({"mlflow_run_id", "experiment", "model_name", "model_version", "alias", "test_metrics",
+                           "variants", "bento"})
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """One training run: where it is recorded, what was registered, how the winner was chosen."""
+
+    config: RunConfig
+    mlflow_run_id: str
+    mlflow_run_url: str
+    prefect_flow_run_id: str | None
+    registered: RegisteredVersion
+    winner: Winner
+    tuning: TuningResult | None
+    bento: str | None
+    stage_seconds: dict[str, float]  # each stage's own compute
+    record_seconds: dict[str, float]  # writing each stage's result to MLflow and Prefect
+
+    @classmethod
+    def of(cls, config: RunConfig, ctx: RunContext, registered: RegisteredVersion, winner: Winner,
+           tuning: TuningResult | None, bento: str | None) -> TrainSummary:
+        return cls(config, ctx.run_id, ctx.url, ctx.flow_run_id, registered, winner, tuning, bento,
+                   ctx.timer.compute, ctx.timer.record)  # the same dicts: the wait for the recorder lands after
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--summary` JSON of the CLI contract (DESIGN.md)."""
+        registered, gate, tuning = self.registered, self.registered.gate, self.tuning
+        return {
+            "mlflow_run_id": self.mlflow_run_id,
+            "mlflow_run_url": self.mlflow_run_url,
+            "prefect_flow_run_id": self.prefect_flow_run_id,
+            "experiment": self.config.experiment_name,
+            "model_name": registered.name,
+            "model_version": registered.version,
+            "alias": registered.alias,
+            "model_uri": registered.ref.uri,
+            "test_metrics": registered.test_metrics,
+            "selected_variant": self.winner.selection.variant,
+            "selection_reason": self.winner.selection.reason,
+            "gate": {"promoted": gate.promoted, "reason": gate.reason, "metric": gate.metric, "new_score": gate.new_score,
+                     "champion_version": gate.champion_version, "champion_score": gate.champion_score},
+            "variants": [row.summary() for row in self.winner.table.rows],
+            "bento": self.bento,
+            "tuning": None if tuning is None else {
+                "study": tuning.study_name, "n_complete": tuning.n_complete, "n_pruned": tuning.n_pruned,
+                "n_failed": tuning.n_failed, "epochs_total": tuning.epochs_total, "best_trial": tuning.best_trial,
+                "best_val_f1_macro": tuning.best_values[0], "best_params": tuning.best_params,
+                "baseline_val_f1_macro": tuning.baseline_value, "used_tuned": tuning.use_tuned,
+                "decision": tuning.decision, "pareto_front": tuning.pareto_front if len(tuning.objectives) > 1 else [],
+            },
+            "stage_seconds": self.stage_seconds,
+            "record_seconds": self.record_seconds,
+        }
+
+    def outcome(self) -> str:
+        """The variant table, the selection and the gate's verdict: what happened, in a few lines."""
+        registered = self.registered
+        return "\n".join([
+            self.winner.table.render(), "",
+            f"Selected {self.winner.selection.reason}",
+            f"Registered {registered.name} version {registered.version} as @{registered.alias}: {registered.gate.reason}",
+        ])
+
+    def render(self) -> str:
+        """What `maas run` prints: the outcome, the test figures, and where to look next."""
+        registered, chosen = self.registered, self.winner.table[self.winner.selection.variant]
+        champion = f"{registered.name}@{self.config.registry.champion_alias}"
+        serve = f"  serve  maas serve --model {registered.name}@{registered.alias}"
+        if self.bento:
+            serve += f"\n         or BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')} bentoml serve {self.bento}"
+        return "\n".join([
+            "", self.outcome(),
+            "  test   " + "  ".join(f"{name} {value:.4f}" for name, value in registered.test_metrics.items()),
+            f"  model  {chosen.size_bytes / 1024:.0f} KiB ONNX, {chosen.p50_ms_b1_e2e:.2f} ms per raw row (p50, CPU)",
+            f"  MLflow run {self.mlflow_run_id} in experiment '{self.config.experiment_name}'",
+            f"         {self.mlflow_run_url}   (start the UI with: maas ui)",
+            f"  load   mlflow.pyfunc.load_model(\"{registered.ref.uri}\")",
+            serve,
+            f"  watch  maas monitor --set monitoring.model={champion}   (on a schedule: maas schedule)",
+        ])
+
+
+@dataclass(frozen=True)
+class CheckSummary:
+    """One monitoring check: the model, the window, each finding, the alerts and the retrain."""
+
+    model: str  # NAME/VERSION@ALIAS
+    checked_at: float
+    window_start: float
+    prefect_flow_run_id: str | None
+    mlflow_run_id: str
+    mlflow_run_url: str
+    drift: DriftReport
+    quality: QualityReport | None
+    rollback: RollbackDecision | None
+    health: HealthReport | None
+    alerts: AlertOutcome
+    retrain: RetrainRequest | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """`maas monitor --summary` JSON."""
+        return {
+            "model": self.model, "checked_at": iso(self.checked_at), "window_start": iso(self.window_start),
+            "prefect_flow_run_id": self.prefect_flow_run_id,
+            "mlflow_run_id": self.mlflow_run_id, "mlflow_run_url": self.mlflow_run_url,
+            "drift": self.drift.to_dict(),
+            "quality": None if self.quality is None else self.quality.to_dict(),
+            "rollback": None if self.rollback is None else asdict(self.rollback),
+            "health": None if self.health is None else self.health.to_dict(),
+            "alerts": [asdict(alert) for alert in self.alerts.new], "alerts_delivered": self.alerts.delivered,
+            "open_incidents": sorted(self.alerts.firing),
+            "retrain": None if self.retrain is None else asdict(self.retrain),
+        }
+
+    def render(self) -> str:
+        """What `maas monitor` prints, and the Prefect monitoring-report artifact."""
+        drift = self.drift
+        since = "(first check)" if self.window_start == 0 else f"since {iso(self.window_start)}"
+        lines = [f"Checked {self.model}: {drift.n_rows} logged rows {since}",
+                 f"  drift    {len(drift.drifted_features)} of {len(drift.features)} features drifted"
+                 + ("" if drift.judged else " (too few rows to judge)")
+                 + (f": {', '.join(drift.drifted_features[:6])}" if drift.drifted_features else "")]
+        if self.quality is not None:
+            quality = self.quality
+            lines.append(f"  quality  live F1 {quality.metrics['f1_macro']:.4f} on {quality.n_labelled} labelled rows "
+                         f"(test {quality.test_metrics.get('f1_macro', float('nan')):.4f})" if quality.n_labelled
+                         else "  quality  no labelled rows yet")
+        if self.health is not None:
+            health = self.health
+            p99 = "-" if health.p99_ms is None else f"{health.p99_ms:.0f} ms"
+            errors = "-" if health.error_rate is None else f"{health.error_rate:.2%}"
+            lines.append(f"  health   {health.requests:.0f} requests, 5xx {errors}, p99 {p99}" if health.reachable
+                         else "  health   the service did not answer")
+        lines += [f"  ALERT    {alert.kind}: {alert.message}" for alert in self.alerts.new]
+        if self.retrain is not None:
+            lines.append(f"  retrain  {self.retrain.status}")
+        lines.append(f"  report   {self.mlflow_run_url} (drift/report.html)")
+        return "\n".join(lines)

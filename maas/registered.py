@@ -1,0 +1,86 @@
+"""Registered model versions: how a person names one (NAME, NAME@ALIAS, NAME/VERSION), how it is
+found in the MLflow registry, and how its bundle is fetched.
+
+Serving, packaging, the promotion gate and the monitor all name models this way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from maas.errors import MaasInputError
+
+CHAMPION = "champion"  # RegistryConfig.champion_alias's default; a bare NAME means NAME@<champion alias>
+_REFERENCE = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z_][A-Za-z0-9_-]*)|/(?P<version>\d+))?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version by alias or number; `resolve` fills in the number."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, default_alias: str = CHAMPION, what: str = "--model") -> ModelRef:
+        """'name', 'name@alias' or 'name/3'; a bare name means the champion alias."""
+        match = _REFERENCE.match(text.strip())
+        if not match:
+            raise MaasInputError(f"{what} '{text}': expected NAME, NAME@ALIAS or NAME/VERSION")
+        alias, version = match["alias"], match["version"]
+        return cls(match["name"], alias or (default_alias if version is None else None), version)
+
+    @classmethod
+    def for_tier(cls, model: str, served_name: str) -> ModelRef:
+        """A tier's `model` setting: NAME@ALIAS or NAME/VERSION as given, a bare alias of the served model."""
+        text = model if ("@" in model or "/" in model) else f"{served_name}@{model}"
+        return cls.parse(text, what=f"tier model '{model}'")
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
+
+    @property
+    def uri(self) -> str:
+        """models:/NAME@ALIAS, else models:/NAME/VERSION (what mlflow.pyfunc.load_model takes)."""
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+    @property
+    def label(self) -> str:
+        """NAME/VERSION@ALIAS: how logs, /metadata and the prediction log name the version that answered."""
+        return f"{self.name}/{self.version}" + (f"@{self.alias}" if self.alias else "")
+
+    def resolve(self, client, what: str = "--model"):
+        """(this reference with its version number, MLflow's ModelVersion); a missing one is one line."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = (client.get_model_version_by_alias(self.name, self.alias) if self.alias
+                     else client.get_model_version(self.name, self.version))
+        except MlflowException:
+            where = f"alias @{self.alias}" if self.alias else f"version {self.version}"
+            raise MaasInputError(f"{what} '{self}': registered model '{self.name}' has no {where}") from None
+        return replace(self, version=str(found.version)), found
+
+
+def download_bundle(ref: ModelRef, folder: Path) -> Path:
+    """The model bundle of a registered version (its number known), as serving gets it."""
+    import mlflow
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{ref.name}/{ref.version}",
+                                                     dst_path=str(folder)))
+    pyfunc = Model.load(str(local / "MLmodel")).flavors["python_function"]
+    return local / pyfunc["artifacts"]["bundle"]["path"]
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None

@@ -1,0 +1,73 @@
+"""Reading the user's tables (CSV, TSV, Parquet): one place, one-line errors for every way a file can fail.
+
+Training data, extra labelled rows and the monitor's ground-truth labels all come through here.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from maas.errors import MaasInputError
+
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+
+
+def listing(names: Iterable, limit: int = 12) -> str:
+    """Column names for an error message: the first `limit`, then how many in all."""
+    names = [str(name) for name in names]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_csv_rectangular(path: Path, delimiter: str) -> None:
+    """Fail on ragged rows, which pandas would silently pad with NaN when a row is short."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            header = next(reader, None)
+            if not header or not any(cell.strip() for cell in header):
+                raise MaasInputError(f"{path}: the file is empty")
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise MaasInputError(
+                        f"{path}: ragged rows: line {reader.line_num} has {len(row)} fields, "
+                        f"the header has {len(header)}"
+                    )
+    except (UnicodeDecodeError, csv.Error):
+        raise MaasInputError(f"{path}: not a text table (cannot read it as UTF-8 CSV)") from None
+
+
+def read_table_file(path: Path) -> pd.DataFrame:
+    """A CSV/TSV or Parquet file as a DataFrame, with one-line errors for every way it can fail."""
+    if not path.exists():
+        raise MaasInputError(f"data file not found: {path}")
+    if not path.is_file():
+        raise MaasInputError(f"{path}: is not a file")
+    suffix = path.suffix.lower()
+    if suffix not in CSV_SUFFIXES and suffix not in PARQUET_SUFFIXES:
+        raise MaasInputError(f"{path}: unsupported file type '{suffix}'; use .csv, .tsv or .parquet")
+    if path.stat().st_size == 0:
+        raise MaasInputError(f"{path}: the file is empty")
+    if suffix in PARQUET_SUFFIXES:
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises many types for a damaged file
+            raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
+    else:
+        delimiter = CSV_SUFFIXES[suffix]
+        _check_csv_rectangular(path, delimiter)
+        try:
+            frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise MaasInputError(f"{path}: not a readable CSV table ({first_line})") from None
+    if frame.shape[1] == 0:
+        raise MaasInputError(f"{path}: the file has no columns")
+    if frame.shape[0] == 0:
+        raise MaasInputError(f"{path}: the file has a header but no data rows")
+    return frame
