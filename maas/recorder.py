@@ -45,10 +45,8 @@ def _serve(jobs: Connection, results: Connection, tracking_uri: str, parent_pid:
             results.send(failures)
             os._exit(0)  # every job is done; MLflow's exit handlers would only delay the pipeline
         job, args = message
-        import time as _t; _s = _t.perf_counter(); _c = _t.process_time()
         try:
             job(client, *args)
-            if os.environ.get("MAAS_RECORDER_DEBUG"): print(f"JOB {job.__name__} {_t.perf_counter()-_s:.3f} cpu {_t.process_time()-_c:.3f} at {_t.time():.2f}", file=sys.stderr, flush=True)
         except Exception as error:  # noqa: BLE001 - reported to the pipeline, which logs it
             failures.append(f"{job.__name__}: {error.__class__.__name__}: {error}")
             traceback.print_exc()

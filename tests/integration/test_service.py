@@ -348,7 +348,7 @@ def test_a_bento_serves_a_tier_from_its_alias_when_the_alias_exists(service, mon
     monkeypatch.setenv("MAAS_HOME", str(home))
     serving = load_config(overrides=list(SERVICE_SETTINGS)).serving
     packaged, tier_models, unserved = package_for_bento(mlflow_client(), ModelRef(summary["model_name"], "champion"), serving)
-    assert set(tier_models) == {"budget"} and tier_models["budget"].alias == "challenger" and not unserved
+    assert set(tier_models) == {"budget"} and tier_models["budget"].ref.alias == "challenger" and not unserved
     with bento_served(build_bento(packaged, serving, tier_models), home) as url:
         assert httpx.get(f"{url}/metadata").json()["tiers"]["budget"]["served_by"].endswith("@challenger")
         for tier in ("budget", "pro"):

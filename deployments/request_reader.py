@@ -1,0 +1,155 @@
+"""Reading a POST /predict body into the model's columns, or a 4xx that names the row and field.
+
+A request whose rows have exactly the training columns, finite numbers and text where text is
+expected becomes numpy columns directly (~2 us a row); any other goes through a pydantic model of
+one row (~10 us a row), which gives the verdict and names the field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Annotated, Any, NamedTuple
+
+import numpy as np
+import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+
+class Columns(NamedTuple):
+    """A request's rows as arrays in the bundle's column order, ready for its preprocessing."""
+
+    numeric: np.ndarray | None
+    categorical: list[np.ndarray]
+    n_rows: int
+
+
+class BadRequest(Exception):
+    """A request the service refuses: the status and a message naming the row and field."""
+
+    def __init__(self, status: int, message: str, detail: list | None = None):
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+def row_model(schema: list[dict[str, str]]) -> type[BaseModel]:
+    """A pydantic model of one raw row, from the bundle's input schema: every training column is
+    required, no other is allowed, numbers must be finite. Errors then name the row and column."""
+    fields: dict[str, Any] = {}
+    for index, column in enumerate(schema):
+        kind = float if column["type"] == "number" else str
+        constraint = Field(..., alias=column["name"], allow_inf_nan=False) if kind is float else Field(..., alias=column["name"])
+        fields[f"c{index}"] = (kind, constraint)
+    return create_model("Row", __config__=ConfigDict(extra="forbid", populate_by_name=False), **fields)
+
+
+def _tuple_getter(names: list[str]):
+    """row -> tuple of its values for these columns (operator.itemgetter, always a tuple)."""
+    if len(names) == 1:
+        return lambda row: (row[names[0]],)
+    return operator.itemgetter(*names) if names else None
+
+
+class RequestReader:
+    """Reads request bodies for one input schema (the bundle's)."""
+
+    def __init__(self, input_schema: list[dict[str, str]]):
+        self.row = row_model(input_schema)
+        self.request = create_model("PredictRequest", rows=(Annotated[list[self.row], Field(min_length=1)], ...))
+        self.columns = frozenset(column["name"] for column in input_schema)
+        self.numeric = [column["name"] for column in input_schema if column["type"] == "number"]
+        self.categorical = [column["name"] for column in input_schema if column["type"] != "number"]
+        self._numeric_of, self._categorical_of = _tuple_getter(self.numeric), _tuple_getter(self.categorical)
+
+    def exact_columns(self, rows: Any) -> Columns | None:
+        """Columns straight from parsed JSON when every row has exactly the training columns, finite
+        numbers and text where expected; None otherwise (pydantic then gives the verdict)."""
+        if type(rows) is not list or not rows:
+            return None
+        try:
+            numeric_values = list(map(self._numeric_of, rows)) if self.numeric else None
+            categorical_values = list(map(self._categorical_of, rows)) if self.categorical else None
+        except (KeyError, TypeError, IndexError):
+            return None  # a row that is not an object, or lacks a column
+        if set(map(len, rows)) != {len(self.columns)}:
+            return None  # every column is there, so a longer row has an unknown one
+        numeric = None
+        if numeric_values is not None:
+            try:
+                numeric = np.array(list(itertools.chain.from_iterable(numeric_values)))
+            except (ValueError, TypeError, OverflowError):
+                return None
+            if numeric.dtype.kind not in "fi":
+                return None  # text ("1.5") or null among the numbers: pydantic reads them, the log keeps its numbers
+            numeric = numeric.astype(np.float64, copy=False)
+            if not np.isfinite(numeric).all():
+                return None
+            numeric = numeric.reshape(len(rows), len(self.numeric))
+        categorical = []
+        if categorical_values is not None:
+            for values in zip(*categorical_values):
+                if any(type(value) is not str for value in values):
+                    return None
+                categorical.append(np.array(values, dtype=object))
+        return Columns(numeric, categorical, len(rows))
+
+    def read(self, body: bytes, max_rows: int) -> tuple[bytes, Columns]:
+        """The request as the prediction log keeps it ({"rows": [...]}) and its columns; BadRequest
+        (400/413) names what is wrong. A request that passes the exact check is logged as received."""
+        try:
+            rows = orjson.loads(body).get("rows")
+        except (orjson.JSONDecodeError, AttributeError):
+            rows = None
+        if isinstance(rows, list):
+            refuse_too_many(rows, max_rows)
+        columns = self.exact_columns(rows)
+        if columns is not None:
+            return body, columns
+        try:
+            request = self.request.model_validate_json(body)
+        except ValidationError as error:
+            raise bad_rows(error) from None
+        rows = [row.model_dump(by_alias=True) for row in request.rows]
+        refuse_too_many(rows, max_rows)  # a body orjson could not read (e.g. a 100-digit integer) is counted here
+        columns = self.exact_columns(rows)
+        if columns is None:  # pydantic accepted what the exact check cannot read: say so, never 5xx
+            raise BadRequest(400, "rows could not be read as the training columns")
+        return orjson.dumps({"rows": rows}), columns  # as validated: "1.5" logged as 1.5
+
+
+def refuse_too_many(rows: list, max_rows: int) -> None:
+    if len(rows) > max_rows:
+        raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
+
+
+def bad_rows(error: ValidationError) -> BadRequest:
+    """400 naming the first problem in one line ("row 2, column 'x': ..."), every problem in detail."""
+    detail = [{"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]}
+              for item in error.errors(include_url=False, include_input=False)]
+    first = detail[0]
+    loc = first["loc"]
+    if len(loc) >= 3 and loc[0] == "rows":
+        where = f"row {loc[1]}, column '{loc[2]}'"
+    else:
+        where = ".".join(map(str, loc)) or "body"
+    more = f" (and {len(detail) - 1} more)" if len(detail) > 1 else ""
+    return BadRequest(400, f"{where}: {first['msg']}{more}", detail)
+
+
+async def read_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be larger than max_bytes
+    (BentoML 1.4 has no request-size limit of its own)."""
+    declared = headers.get("content-length") or "0"
+    if not declared.isdigit():
+        raise BadRequest(400, f"Content-Length '{declared[:40]}' is not a number of bytes")
+    declared = int(declared)
+    if declared > max_bytes:
+        raise BadRequest(413, f"request body of {declared} bytes exceeds {max_bytes}")
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > max_bytes:
+            raise BadRequest(413, f"request body exceeds {max_bytes} bytes")
+        if not message.get("more_body"):
+            return bytes(body)

@@ -1,0 +1,158 @@
+"""The service gate in-process, as an ASGI app (no server, no subprocess): request parsing, column
+checks, the adaptive batcher, keys and tier limits, metering. The real `bentoml serve` is tested in
+tests/integration/test_service.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from deployments.batcher import Batcher
+from deployments.gate import ServedModel, ServedModels, ServiceGate
+from deployments.request_reader import BadRequest, RequestReader
+from maas.bundle import ModelBundle
+from maas.config import ServingConfig, TierConfig
+from maas.service_store import connect, create_key, usage_report
+from tasks.data import prepare_data
+from tasks.export import write_bundle
+from tasks.train import TrainingSettings, train_on_data
+from tests.conftest import quick_config
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory):
+    """A quickly trained wine model as a bundle, and a few raw rows as JSON-ready dicts."""
+    config = quick_config("wine", "train.max_epochs=5")
+    prepared = prepare_data(config.data, config.seed)
+    trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
+    folder = write_bundle(tmp_path_factory.mktemp("bundle"), trained.network, trained.spec, prepared.preprocessing,
+                          prepared.labels, prepared.target, prepared.input_schema)
+    rows = json.loads(prepared.splits.x_test.head(8).to_json(orient="records"))
+    return ModelBundle.load(folder, 1), rows
+
+
+async def not_found(scope, receive, send):
+    await send({"type": "http.response.start", "status": 404, "headers": []})
+    await send({"type": "http.response.body", "body": b"passed through"})
+
+
+def gate_for(bundle, **settings) -> ServiceGate:
+    serving = ServingConfig(**{"tiers": {"free": TierConfig(requests_per_minute=2, monthly_rows=10),
+                                         "pro": TierConfig(requests_per_minute=10_000, monthly_rows=1_000_000)},
+                               **settings})
+    return ServiceGate(not_found, ServedModels(ServedModel(bundle, "maas-wine/1@champion")), serving, CollectorRegistry())
+
+
+def call(gate, requests: list[tuple[str, str, dict]]) -> list[httpx.Response]:
+    """(method, path, keyword arguments) each, sent concurrently to the gate as an ASGI app."""
+    async def send_all():
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gate") as client:
+            return await asyncio.gather(*(client.request(method, path, **kwargs) for method, path, kwargs in requests))
+
+    return asyncio.run(send_all())
+
+
+def test_a_request_gets_the_bundles_own_predictions(wine, maas_home):
+    bundle, rows = wine
+    gate = gate_for(bundle, auth=False)
+    (response,) = call(gate, [("POST", "/predict", {"json": {"rows": rows}})])
+    assert response.status_code == 200 and response.headers["x-request-id"]
+    import pandas as pd
+
+    expected = bundle.predict(pd.DataFrame(rows))
+    assert [item["label"] for item in response.json()] == list(expected["label"])
+    served = np.array([[item["probabilities"][label] for label in bundle.labels] for item in response.json()])
+    np.testing.assert_allclose(served, expected[[f"proba_{label}" for label in bundle.labels]].to_numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"rows": []}, 400, "at least 1"),
+    ({"rows": [{"alcohol": 1.0}]}, 400, "row 0, column"),
+    ({"nope": 1}, 400, "rows"),
+])
+def test_bad_bodies_are_4xx_naming_the_problem(wine, maas_home, body, status, words):
+    gate = gate_for(wine[0], auth=False)
+    (response,) = call(gate, [("POST", "/predict", {"json": body})])
+    assert response.status_code == status and words in response.json()["error"], response.text
+
+
+def test_reader_takes_exact_rows_fast_and_lax_rows_through_pydantic(wine):
+    bundle, rows = wine
+    reader = RequestReader(bundle.metadata["input_schema"])
+    body = json.dumps({"rows": rows}).encode()
+    logged, columns = reader.read(body, 100)
+    assert logged is body and columns.n_rows == len(rows) and columns.numeric.shape == (len(rows), 13)
+    as_text = [{name: str(value) for name, value in row.items()} for row in rows]
+    logged, lax = reader.read(json.dumps({"rows": as_text}).encode(), 100)
+    np.testing.assert_allclose(lax.numeric, columns.numeric)
+    assert json.loads(logged)["rows"][0]["alcohol"] == rows[0]["alcohol"]  # logged as validated numbers
+    with pytest.raises(BadRequest, match="9 rows in one request; the limit is 8"):
+        reader.read(json.dumps({"rows": rows + rows[:1]}).encode(), 8)
+    with pytest.raises(BadRequest) as extra:
+        reader.read(json.dumps({"rows": [{**rows[0], "surprise": 1}]}).encode(), 8)
+    assert extra.value.status == 400 and "surprise" in extra.value.message
+
+
+def test_other_paths_pass_through_and_metadata_names_the_model(wine, maas_home):
+    gate = gate_for(wine[0])
+    passed, metadata = call(gate, [("GET", "/docs", {}), ("GET", "/metadata", {})])
+    assert passed.status_code == 404 and passed.text == "passed through"
+    assert metadata.json()["model"] == "maas-wine/1@champion"
+    assert set(metadata.json()["tiers"]) == {"free", "pro"} and metadata.json()["auth"] is True
+
+
+def test_keys_tiers_quota_and_metering(wine, maas_home):
+    bundle, rows = wine
+    connection = connect()
+    _, free = create_key(connection, "f", "free")
+    _, pro = create_key(connection, "p", "pro")
+    gate = gate_for(bundle)
+    missing, wrong = call(gate, [("POST", "/predict", {"json": {"rows": rows[:1]}}),
+                                 ("POST", "/predict", {"json": {"rows": rows[:1]}, "headers": {"X-API-Key": "maas_nope"}})])
+    assert missing.status_code == wrong.status_code == 401
+    first, second, third = (call(gate, [("POST", "/predict", {"json": {"rows": rows[:1]}, "headers": {"X-API-Key": free}})])[0]
+                            for _ in range(3))
+    assert [first.status_code, second.status_code, third.status_code] == [200, 200, 429]  # 2 requests a minute
+    assert int(third.headers["retry-after"]) >= 1
+    (big,) = call(gate, [("POST", "/predict", {"json": {"rows": rows}, "headers": {"Authorization": f"Bearer {pro}"}})])
+    assert big.status_code == 200
+    gate.meter.flush()
+    usage = {row["name"]: row for row in usage_report(connection)}
+    assert usage["f"]["requests"] == 3 and usage["f"]["rows"] == 2 and usage["f"]["errors"] == 1
+    assert usage["p"]["rows"] == len(rows)
+
+
+def test_the_batcher_merges_waiting_requests_and_splits_the_answers(wine):
+    bundle, rows = wine
+    reader = RequestReader(bundle.metadata["input_schema"])
+    calls = []
+
+    class Rows:
+        def observe(self, value):
+            calls.append(value)
+
+    batcher = Batcher(bundle, max_batch_rows=512, batch_rows=Rows())
+    requests = [reader.exact_columns(rows[index:index + 1 + index % 3]) for index in range(6)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(batcher.probabilities(columns) for columns in requests))
+
+    answers = asyncio.run(all_at_once())
+    for columns, answer in zip(requests, answers):
+        assert answer.shape == (columns.n_rows, len(bundle.labels))
+    alone = [bundle.predict_features(bundle_features(bundle, columns)) for columns in requests]
+    for together, single in zip(answers, alone):
+        np.testing.assert_allclose(together, single, atol=1e-6)
+    assert len(calls) < len(requests) and sum(calls) == sum(columns.n_rows for columns in requests)
+
+
+def bundle_features(bundle, columns):
+    from maas.bundle import transform_arrays
+
+    return transform_arrays(columns.numeric, columns.categorical, columns.n_rows, bundle.preprocessing)
