@@ -159,8 +159,7 @@ def train_bundle(home: Path) -> Path:
     config = load_config(dataset="breast_cancer", overrides=["tuning.enabled=false"])
     prepared = prepare_data(config.data, config.seed)
     trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
-    bundle = write_bundle(home / "bundle", trained.network, trained.spec, prepared.preprocessing,
-                          prepared.labels, prepared.target, prepared.input_schema)
+    bundle = write_bundle(home / "bundle", trained.network, trained.spec, prepared)
     update_metadata(bundle, variant="fp32")
     return bundle
 

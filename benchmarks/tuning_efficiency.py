@@ -37,8 +37,7 @@ def test_f1(prepared, model, train, seed: int, folder: Path) -> float:
     from tasks.train import TrainingSettings, train_on_data
 
     result = train_on_data(prepared, TrainingSettings(model, train), seed)
-    bundle = write_bundle(folder / "bundle", result.network, result.spec, prepared.preprocessing,
-                          prepared.labels, prepared.target, prepared.input_schema)
+    bundle = write_bundle(folder / "bundle", result.network, result.spec, prepared)
     return evaluate_bundle(bundle, prepared.splits.x_test, prepared.splits.y_test).metrics["f1_macro"]
 
 

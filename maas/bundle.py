@@ -124,10 +124,6 @@ class ModelBundle:
             threads,
         )
 
-    @property
-    def input_columns(self) -> list[str]:
-        return required_columns(self.preprocessing)
-
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities for already-transformed features (the ONNX graph alone)."""
         if len(features) == 0:

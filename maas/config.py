@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -368,11 +368,16 @@ def _describe_validation_error(error: ValidationError, source: str) -> str:
 
 
 def _section_for(location: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the fields at a location, for listing allowed keys."""
+    """The pydantic model that owns the fields at a location, for listing allowed keys. A mapping
+    section (serving.tiers) is walked through its keys: serving.tiers.pro is a TierConfig."""
     model: type[BaseModel] = RunConfig
-    for part in location:
-        field = model.model_fields.get(str(part))
+    parts = list(location)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
         annotation = field.annotation if field else None
+        if get_origin(annotation) is dict and parts:
+            parts.pop(0)  # the key, e.g. the tier's name
+            annotation = get_args(annotation)[1]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
@@ -394,12 +399,20 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 def _apply_override(tree: dict, path: list[str], value: Any, assignment: str) -> None:
     node = tree
     for depth, part in enumerate(path[:-1]):
-        section = _section_for(tuple(path[: depth + 1]))
-        if section is None:
-            prefix = ".".join(path[: depth + 1])
-            raise MaasInputError(f"--set {assignment}: '{prefix}' is not a config section")
+        within = tuple(path[: depth + 1])
+        if _section_for(within) is None and not _is_mapping_section(within):
+            raise MaasInputError(f"--set {assignment}: '{'.'.join(within)}' is not a config section")
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise MaasInputError(f"--set {assignment}: '{'.'.join(within)}' is not a config section")
     node[path[-1]] = value
+
+
+def _is_mapping_section(location: tuple) -> bool:
+    """A field holding a mapping of sections (serving.tiers), which --set may reach into by key."""
+    owner = _section_for(location[:-1])
+    field = owner.model_fields.get(str(location[-1])) if owner else None
+    return field is not None and get_origin(field.annotation) is dict
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -218,8 +218,7 @@ def build_variants(
     arrays = prepared.arrays
 
     def export(name: str, network: nn.Module, spec: NetworkSpec, **details: Any) -> Variant:
-        bundle = write_bundle(folder / name, network, spec, prepared.preprocessing, prepared.labels,
-                              prepared.target, prepared.input_schema)
+        bundle = write_bundle(folder / name, network, spec, prepared)
         update_metadata(bundle, variant=name)
         total, nonzero = parameter_counts(network)
         return Variant(name, bundle, spec, total, nonzero, details, network=network)

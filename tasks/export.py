@@ -12,6 +12,7 @@ from torch import nn
 
 from maas.bundle import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, PREPROCESSING_FILE
 from models import NetworkSpec
+from tasks.data import PreparedData
 
 
 def export_onnx(network: nn.Module, n_features: int, path: Path) -> None:
@@ -36,24 +37,17 @@ def export_onnx(network: nn.Module, n_features: int, path: Path) -> None:
         )
 
 
-def write_bundle(
-    folder: Path,
-    network: nn.Module,
-    spec: NetworkSpec,
-    preprocessing: dict[str, Any],
-    labels: list[str],
-    target: str,
-    input_schema: list[dict[str, str]],
-) -> Path:
-    """Write model.onnx, preprocessing.json and metadata.json into folder; returns folder."""
+def write_bundle(folder: Path, network: nn.Module, spec: NetworkSpec, prepared: PreparedData) -> Path:
+    """Write model.onnx, preprocessing.json and metadata.json into folder; returns folder. From the
+    data it was trained on, the bundle carries the fitted preprocessing, labels, target and schema."""
     folder.mkdir(parents=True, exist_ok=True)
     export_onnx(network, spec.n_features, folder / MODEL_FILE)
-    (folder / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=1))
+    (folder / PREPROCESSING_FILE).write_text(json.dumps(prepared.preprocessing, indent=1))
     metadata = {
         "format_version": FORMAT_VERSION,
-        "labels": labels,
-        "target": target,
-        "input_schema": input_schema,
+        "labels": prepared.labels,
+        "target": prepared.target,
+        "input_schema": prepared.input_schema,
         "network": spec.to_dict(),
         "metrics": {},
     }

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
 from maas.bundle import ModelBundle
+from maas.config import MonitoringConfig
 from maas.registered import ModelRef, download_bundle
 from maas.run_context import RunContext
 
@@ -80,9 +81,10 @@ class RollbackDecision:
 
 
 def rollback_decision(champion_version: str, replaced_version: str | None, new_f1: float | None,
-                      old_f1: float | None, n_rows: int, min_rows: int, margin: float) -> RollbackDecision:
-    """Roll back only on evidence: both versions scored on the same labelled rows served by the
-    new champion, enough of them, and the old one ahead by more than the margin."""
+                      old_f1: float | None, n_rows: int, monitoring: MonitoringConfig) -> RollbackDecision:
+    """Roll back only on evidence: both versions scored on the same labelled rows served by the new
+    champion, enough of them (min_labelled_rows), and the old one ahead by more than rollback_margin."""
+    min_rows, margin = monitoring.min_labelled_rows, monitoring.rollback_margin
     if replaced_version is None:
         return RollbackDecision(False, f"v{champion_version} replaced no champion")
     if new_f1 is None or old_f1 is None or n_rows < min_rows:
@@ -132,8 +134,7 @@ def check_rollback(check: Check) -> RollbackDecision | None:
         labels = watched.bundle.labels
         new_f1 = label_metrics(mine["label"], mine["predicted"], labels)["f1_macro"]
         old_f1 = label_metrics(mine["label"], pd.Series(predicted_labels(old, rows), index=mine.index), labels)["f1_macro"]
-    decision = rollback_decision(watched.ref.version, watched.replaced_version, new_f1, old_f1, len(mine),
-                                 monitoring.min_labelled_rows, monitoring.rollback_margin)
+    decision = rollback_decision(watched.ref.version, watched.replaced_version, new_f1, old_f1, len(mine), monitoring)
     if decision.roll_back:
         client = check.ctx.client
         client.set_registered_model_alias(watched.ref.name, watched.ref.alias, watched.replaced_version)

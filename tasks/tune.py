@@ -302,7 +302,6 @@ class TuningResult:
     n_pruned: int
     n_failed: int
     epochs_total: int
-    seconds_this_run: float
     reproducible: bool
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
     top_trials: list[dict[str, Any]] = field(default_factory=list)
@@ -343,7 +342,7 @@ def pick_pareto_trial(front: list[FrozenTrial], objectives: list[str], pick: str
     return min(candidates, key=lambda t: (t.values[index], -t.values[0]))
 
 
-def summarise(study: optuna.Study, tuning: TuningConfig, seconds: float, n_val: int) -> TuningResult:
+def summarise(study: optuna.Study, tuning: TuningConfig, n_val: int) -> TuningResult:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
@@ -375,7 +374,6 @@ def summarise(study: optuna.Study, tuning: TuningConfig, seconds: float, n_val: 
         n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
         epochs_total=sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
-        seconds_this_run=seconds,
         reproducible=tuning.n_jobs == 1,
         pareto_front=[{"trial": t.number, "values": list(t.values), "params": t.params} for t in front],
         top_trials=[{"trial": t.number, **{name: round(v, 5) for name, v in zip(tuning.objectives, t.values)},
@@ -423,7 +421,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
                     break
     finally:
         torch.set_num_threads(threads)
-    return summarise(study, tuning, time.perf_counter() - started, len(objective.prepared.splits.y_val))
+    return summarise(study, tuning, len(objective.prepared.splits.y_val))
 
 
 def tune(prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfig, seed: int, study_name: str,

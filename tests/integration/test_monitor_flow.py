@@ -250,6 +250,44 @@ def test_maas_schedule_serves_cron_deployments_and_a_drift_retrain_completes(reg
     assert int(params["data.n_rows"]) == 569 + len(rows)  # the labelled production rows were appended
 
 
+def test_prefects_own_cli_lists_what_maas_schedule_serves(registry, tmp_path):
+    """Against the server `maas schedule` starts for itself (no PREFECT_API_URL): Prefect 3.8.8 answered
+    these list calls with 422 under pydantic 2.14."""
+    home, config, _ = registry
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(MAAS_HOME=str(home), PREFECT_HOME=str(tmp_path / "prefect"), PYTHONUNBUFFERED="1",
+               COLUMNS="250")  # Prefect's tables cut long names to the terminal's width
+    log_path = tmp_path / "schedule.log"
+    with open(log_path, "w") as log:
+        scheduler = subprocess.Popen(
+            [sys.executable, "-m", "maas", "schedule", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"),
+             *[arg for setting in QUICK for arg in ("--set", setting)]],
+            env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "Prefect API " not in log_path.read_text():
+            assert time.monotonic() < deadline and scheduler.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(1)
+        api_url = log_path.read_text().split("Prefect API ", 1)[1].split(";", 1)[0]
+        cli_env = dict(env, PREFECT_API_URL=api_url)
+        listed = {}
+        for command in ("deployment ls", "flow-run ls", "flow ls", "work-pool ls"):
+            done = subprocess.run([sys.executable, "-m", "prefect", *command.split()], env=cli_env,
+                                  capture_output=True, text=True, timeout=120)
+            output = done.stdout + done.stderr
+            assert done.returncode == 0 and "exception" not in output.lower(), (command, output[-2000:])
+            listed[command] = output
+        while f"{config.model_name}-monitor" not in listed["deployment ls"]:  # the runner registers both
+            assert time.monotonic() < deadline, listed["deployment ls"]
+            time.sleep(2)
+            listed["deployment ls"] = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], env=cli_env,
+                                                     capture_output=True, text=True, timeout=120).stdout
+        assert f"{config.model_name}-train" in listed["deployment ls"]
+    finally:
+        scheduler.send_signal(signal.SIGINT)
+        scheduler.wait(timeout=60)
+
+
 def test_schedule_pool_registers_deployments_that_a_process_worker_runs(registry, fresh_log, prefect_server):
     from prefect.deployments import run_deployment
 

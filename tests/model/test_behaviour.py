@@ -12,18 +12,32 @@ from tasks.data import PreparedData, prepare_data
 from tasks.export import write_bundle
 from tasks.train import TrainingSettings, train_on_data
 
+pytestmark = pytest.mark.slow  # each dataset trains at the full default budget
+
 
 def train_bundle(config: RunConfig, folder) -> tuple[PreparedData, ModelBundle]:
     prepared = prepare_data(config.data, config.seed)
     result = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
-    write_bundle(folder, result.network, result.spec, prepared.preprocessing, prepared.labels,
-                 prepared.target, prepared.input_schema)
+    write_bundle(folder, result.network, result.spec, prepared)
     return prepared, ModelBundle.load(folder)
 
 
-@pytest.fixture(scope="module", params=["breast_cancer", "wine", "digits"])
-def model(request, tmp_path_factory):
-    return train_bundle(load_config(dataset=request.param), tmp_path_factory.mktemp(request.param))
+@pytest.fixture(scope="module")
+def trained_models(tmp_path_factory):
+    """dataset -> (prepared, bundle), each trained once for the whole module."""
+    cache: dict[str, tuple[PreparedData, ModelBundle]] = {}
+
+    def get(dataset: str) -> tuple[PreparedData, ModelBundle]:
+        if dataset not in cache:
+            cache[dataset] = train_bundle(load_config(dataset=dataset), tmp_path_factory.mktemp(dataset))
+        return cache[dataset]
+
+    return get
+
+
+@pytest.fixture(params=["breast_cancer", "wine", "digits"])
+def model(request, trained_models):
+    return trained_models(request.param)
 
 
 def labels_of(bundle: ModelBundle, rows: pd.DataFrame) -> np.ndarray:
@@ -62,9 +76,9 @@ def test_column_order_and_batching_do_not_matter(model):
     np.testing.assert_allclose(one_by_one, bundle.predict_proba(rows), atol=1e-5)
 
 
-def test_moving_towards_malignant_raises_malignant_probability(tmp_path):
+def test_moving_towards_malignant_raises_malignant_probability(trained_models):
     """Directional: walking from the benign to the malignant centroid, P(malignant) goes up."""
-    prepared, bundle = train_bundle(load_config(dataset="breast_cancer"), tmp_path)
+    prepared, bundle = trained_models("breast_cancer")
     x_train, y_train = prepared.splits.x_train, prepared.splits.y_train
     benign = x_train[y_train == prepared.labels.index("benign")].mean()
     malignant = x_train[y_train == prepared.labels.index("malignant")].mean()

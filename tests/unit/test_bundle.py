@@ -17,8 +17,7 @@ from tasks.train import TrainingSettings, train_on_data
 def exported(tmp_path_factory):
     prepared = prepare_data(DataConfig(dataset="wine"), seed=0)
     result = train_on_data(prepared, TrainingSettings(ModelConfig(hidden_sizes=[16]), TrainConfig(max_epochs=10)), 0)
-    folder = write_bundle(tmp_path_factory.mktemp("bundle"), result.network, result.spec, prepared.preprocessing,
-                          prepared.labels, prepared.target, prepared.input_schema)
+    folder = write_bundle(tmp_path_factory.mktemp("bundle"), result.network, result.spec, prepared)
     return prepared, result.network, folder
 
 

@@ -21,6 +21,8 @@ from tasks.data import prepare_data
 from tasks.train import TrainingSettings, distillation_loss, train_on_data
 from tests.conftest import quick_config
 
+TRAINS = pytest.mark.slow  # trains and compresses real networks
+
 
 @pytest.fixture(scope="module", params=["breast_cancer", "digits"])
 def built(request, tmp_path_factory):
@@ -44,6 +46,7 @@ def torch_predictions(network, prepared) -> np.ndarray:
         return torch.softmax(network.eval()(features), 1).numpy()
 
 
+@TRAINS
 def test_every_variant_is_built_and_exported_as_a_bundle(built):
     _, _, variants = built
     assert list(variants) == ["fp32", "pruned", "structured", "int8", "distilled"]
@@ -51,6 +54,7 @@ def test_every_variant_is_built_and_exported_as_a_bundle(built):
         assert ModelBundle.load(variant.bundle_dir).metadata["variant"] == variant.name
 
 
+@TRAINS
 @pytest.mark.parametrize("name", ["fp32", "pruned", "structured", "distilled"])
 def test_exported_bundle_predicts_like_its_torch_network_on_raw_rows(built, name):
     prepared, _, variants = built
@@ -59,6 +63,7 @@ def test_exported_bundle_predicts_like_its_torch_network_on_raw_rows(built, name
                                torch_predictions(variant.network, prepared), atol=1e-5)
 
 
+@TRAINS
 def test_int8_and_pruned_agree_with_fp32_on_at_least_99_percent_of_labels(built):
     prepared, _, variants = built
     reference = raw_test_predictions(variants["fp32"], prepared).argmax(1)
@@ -70,6 +75,7 @@ def test_int8_and_pruned_agree_with_fp32_on_at_least_99_percent_of_labels(built)
     assert (pruned == reference).mean() >= 0.95
 
 
+@TRAINS
 def test_int8_graph_stores_int8_weights_and_is_smaller(built):
     _, _, variants = built
     graph = onnx.load(str(variants["int8"].bundle_dir / MODEL_FILE))
@@ -77,6 +83,7 @@ def test_int8_graph_stores_int8_weights_and_is_smaller(built):
     assert (variants["int8"].bundle_dir / MODEL_FILE).stat().st_size < (variants["fp32"].bundle_dir / MODEL_FILE).stat().st_size
 
 
+@TRAINS
 def test_pruned_export_keeps_the_zeros(built):
     _, _, variants = built
     pruned = variants["pruned"]
@@ -86,6 +93,7 @@ def test_pruned_export_keeps_the_zeros(built):
     assert zeros >= 0.7 * sum(w.size for w in weights if w.ndim >= 2)
 
 
+@TRAINS
 def test_structured_and_distilled_have_fewer_parameters(built):
     _, trained, variants = built
     fp32 = variants["fp32"].parameters
@@ -149,6 +157,7 @@ def test_distillation_loss_is_zero_when_the_student_matches_the_teacher():
     assert distillation_loss(-logits, soft, 4.0).item() > 0.1
 
 
+@TRAINS
 def test_a_variant_that_fails_to_build_is_reported_and_skipped(tmp_path, monkeypatch, caplog):
     import tasks.compress as compress
     from maas.run_context import RunContext

@@ -86,3 +86,18 @@ def test_missing_and_malformed_config_files(tmp_path):
 def test_fp32_reference_is_always_built_first_and_once():
     config = load_config(overrides=["compression.variants=[int8, pruned, int8]"])
     assert config.compression.variants == ["fp32", "int8", "pruned"]
+
+
+def test_set_reaches_into_mapping_sections_by_key():
+    config = load_config(overrides=["serving.tiers.pro.requests_per_minute=10000", "serving.tiers.free.model=challenger"])
+    assert config.serving.tiers["pro"].requests_per_minute == 10000
+    assert config.serving.tiers["pro"].monthly_rows == 100_000_000  # the rest of the tier as configured
+    assert config.serving.tiers["free"].model == "challenger"
+    added = load_config(overrides=["serving.tiers.gold={requests_per_minute: 5, monthly_rows: 9}"])
+    assert set(added.serving.tiers) == {"free", "pro", "gold"}
+    with pytest.raises(MaasInputError, match="unknown field 'serving.tiers.pro.bogus'; allowed here: requests_per_minute"):
+        load_config(overrides=["serving.tiers.pro.bogus=1"])
+    with pytest.raises(MaasInputError, match="serving.tiers.gold.monthly_rows: Field required"):
+        load_config(overrides=["serving.tiers.gold.requests_per_minute=5"])
+    with pytest.raises(MaasInputError, match="'train.lr' is not a config section"):
+        load_config(overrides=["train.lr.x=1"])

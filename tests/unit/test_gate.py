@@ -30,8 +30,7 @@ def wine(tmp_path_factory):
     config = quick_config("wine", "train.max_epochs=5")
     prepared = prepare_data(config.data, config.seed)
     trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
-    folder = write_bundle(tmp_path_factory.mktemp("bundle"), trained.network, trained.spec, prepared.preprocessing,
-                          prepared.labels, prepared.target, prepared.input_schema)
+    folder = write_bundle(tmp_path_factory.mktemp("bundle"), trained.network, trained.spec, prepared)
     rows = json.loads(prepared.splits.x_test.head(8).to_json(orient="records"))
     return ModelBundle.load(folder, 1), rows
 

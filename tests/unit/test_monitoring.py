@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 
+from maas.config import MonitoringConfig
 from maas.errors import MaasInputError
 from maas.service_store import connect, log_predictions
 from tasks.alerts import new_alerts
@@ -82,7 +83,8 @@ def test_decayed_labels_raise_a_quality_alert_and_matching_ones_do_not():
     ("2", None, None, 0, False),
 ])
 def test_rollback_needs_the_old_champion_ahead_on_enough_rows(replaced, new, old, rows, expected):
-    assert rollback_decision("3", replaced, new, old, rows, min_rows=30, margin=0.02).roll_back is expected
+    policy = MonitoringConfig(min_labelled_rows=30, rollback_margin=0.02)
+    assert rollback_decision("3", replaced, new, old, rows, policy).roll_back is expected
 
 
 METRICS_PAGE = """

@@ -9,8 +9,18 @@ from maas.run_context import RunContext, StageTimer
 from maas.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment, flatten, mlflow_client, parent_run
 
 
+@pytest.fixture(scope="module")
+def store_home(tmp_path_factory):
+    """One MLflow store for the module (creating one costs ~2 s); each test uses its own experiments."""
+    from tests.conftest import module_home
+
+    with module_home(tmp_path_factory) as home:
+        yield home
+
+
 @pytest.fixture
-def client(maas_home):
+def client(store_home, monkeypatch):
+    monkeypatch.setenv("MAAS_HOME", str(store_home))
     return mlflow_client()
 
 
@@ -31,9 +41,9 @@ def test_finished_failed_and_killed(client):
         assert run_status(client, experiment_id) == status
 
 
-def test_experiment_artifacts_live_under_maas_home(client, maas_home):
+def test_experiment_artifacts_live_under_maas_home(client, store_home):
     experiment = client.get_experiment(ensure_experiment(client, "where"))
-    assert experiment.artifact_location.startswith((maas_home / "mlartifacts").as_uri())
+    assert experiment.artifact_location.startswith((store_home / "mlartifacts").as_uri())
     assert ensure_experiment(client, "where") == experiment.experiment_id
 
 

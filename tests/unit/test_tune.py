@@ -18,6 +18,7 @@ from tasks.tune import (
 )
 
 FAST = {"max_epochs": 6, "patience": 3}
+STUDY = pytest.mark.slow  # runs an Optuna study: trains real networks
 # Only the crash test shortens the heartbeat: with a 2 s grace period, two parallel trials on two
 # busy cores once missed a beat and a live trial was failed as stale under CI load.
 CRASH = {"heartbeat_interval_s": 1, "grace_period_s": 5}
@@ -49,6 +50,7 @@ def states(study_name: str, config: TuningConfig) -> list[TrialState]:
     return [t.state for t in optuna.load_study(study_name=study_name, storage=open_storage(config)).trials]
 
 
+@STUDY
 def test_budget_counts_finished_trials_so_a_rerun_continues(wine, maas_home):
     first = run_study(objective(wine, tuning(n_trials=3)), tuning(n_trials=3), "resume", seed=0)
     assert first.n_complete + first.n_pruned == 3
@@ -57,6 +59,7 @@ def test_budget_counts_finished_trials_so_a_rerun_continues(wine, maas_home):
     assert len(states("resume", tuning())) == 5
 
 
+@STUDY
 def test_a_trial_left_running_by_a_dead_process_is_failed_and_retried(wine, maas_home):
     import time
 
@@ -74,6 +77,7 @@ def test_a_trial_left_running_by_a_dead_process_is_failed_and_retried(wine, maas
     assert result.n_complete + result.n_pruned == 2
 
 
+@STUDY
 def test_pruning_stops_trials_in_a_bad_region(wine, maas_home):
     # Half the learning-rate range is far too small to learn in a few epochs: those trials lag.
     space = {"mlp": {"lr": {"low": 1e-7, "high": 3e-2, "log": True}}}
@@ -83,6 +87,7 @@ def test_pruning_stops_trials_in_a_bad_region(wine, maas_home):
     assert result.epochs_total < 14 * 15
 
 
+@STUDY
 def test_failing_trials_do_not_stop_the_study(wine, maas_home, monkeypatch):
     import tasks.tune as tune_module
 
@@ -101,12 +106,14 @@ def test_failing_trials_do_not_stop_the_study(wine, maas_home, monkeypatch):
     assert result.n_complete == 3 and result.n_failed >= 2
 
 
+@STUDY
 def test_every_trial_failing_is_a_clear_error(wine, maas_home):
     config = tuning(n_trials=3, max_failures=3, mlp={"batch_size": [0]})  # batch size 0 cannot train
     with pytest.raises(RuntimeError, match="no trial of study 'broken' completed"):
         run_study(objective(wine, config), config, "broken", seed=0)
 
 
+@STUDY
 def test_trials_are_child_runs_with_state_tags(wine, maas_home, tmp_path):
     client = mlflow_client()
     experiment_id = ensure_experiment(client, "tuned")
@@ -121,6 +128,7 @@ def test_trials_are_child_runs_with_state_tags(wine, maas_home, tmp_path):
         assert len(client.get_metric_history(child.info.run_id, "val/f1_macro")) == int(child.data.metrics["epochs"])
 
 
+@STUDY
 def test_two_parallel_trials_finish_without_lock_errors(wine, maas_home, caplog, tmp_path):
     client = mlflow_client()
     experiment_id = ensure_experiment(client, "parallel")
@@ -134,6 +142,7 @@ def test_two_parallel_trials_finish_without_lock_errors(wine, maas_home, caplog,
     assert not result.reproducible
 
 
+@STUDY
 def test_samplers_and_multi_objective(wine, maas_home):
     for sampler in ("random", "grid"):
         config = tuning(n_trials=2, sampler=sampler)
@@ -160,6 +169,7 @@ def test_best_params_map_onto_the_configs():
     assert model.cnn_channels == [8, 16]
 
 
+@STUDY
 def test_a_new_study_starts_from_the_configured_defaults(wine, maas_home):
     config = tuning(n_trials=2)
     run_study(objective(wine, config), config, "baseline", seed=0)
@@ -200,6 +210,7 @@ def test_the_best_trial_replaces_the_defaults_only_when_clearly_better(best, bas
     assert not tuned_or_default(finished(0, 0.98, True), finished(0, 0.98, True), 86, 2.0)[0]
 
 
+@STUDY
 def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
     crippled = TrainConfig(lr=1e-4)  # inside the search space, far too slow for 6 epochs
     config = tuning(n_trials=6)
