@@ -82,7 +82,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["breast_cancer", "digits", "wine"])
     parser.add_argument("--pairs", type=int, default=3, help="alternating plain / flow pairs per dataset")
+    parser.add_argument("--render", action="store_true", help="only re-render the committed results")
     args = parser.parse_args()
+    if args.render:
+        import json
+
+        from common import RESULTS_DIR
+
+        write_results("pipeline_overhead", json.loads((RESULTS_DIR / "pipeline_overhead.json").read_text()), render)
+        return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from maas.cli import quiet_defaults
@@ -123,6 +131,16 @@ def main() -> None:
     write_results("pipeline_overhead", report, render)
 
 
+SHARED_STAGES = ("data", "tune", "train", "compress", "evaluate", "select")  # what the plain run also computes
+
+
+def accounted(run: dict) -> tuple[float, float]:
+    """(the flow run's own non-shared seconds, its wall / its shared compute): measured inside one run,
+    so the machine's drift between runs, seconds here, does not enter."""
+    shared = sum(run["compute_s"].get(stage, 0.0) for stage in SHARED_STAGES)
+    return run["wall_s"] - shared, run["wall_s"] / shared
+
+
 def render(report: dict) -> str:
     lines = [
         "# Pipeline overhead",
@@ -130,12 +148,19 @@ def render(report: dict) -> str:
         measured_on(report) + f" Default config, one process, medians of {report['pairs']} alternating "
         "plain / flow pairs (targets: flow / plain <= 1.10x, overhead <= 2.5 s).",
         "",
-        "| dataset | plain stages s | flow wall s | overhead s | flow / plain | cold flow wall s | test F1 |",
-        "|---|---|---|---|---|---|---|",
+        "Accounted: within the median flow run, its wall time minus the compute of the stages the plain run "
+        "also does (the rest is Prefect, recording, the registry and, on promotion, the Bento build). Wall "
+        "to wall: against the plain runs' median, which the machine's drift moves by seconds between runs.",
+        "",
+        "| dataset | plain stages s | flow wall s | accounted overhead s | accounted flow / compute | wall overhead s "
+        "| wall flow / plain | cold flow wall s | test F1 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["datasets"].items():
-        lines.append(f"| {name} | {r['plain_median_s']:.2f} | {r['flow_median_s']:.2f} | {r['overhead_s']:.2f} | "
-                     f"{r['flow_vs_plain']:.3f}x | {r['flow_cold']['wall_s']:.2f} | {r['flow']['test_f1_macro']:.4f} |")
+        extra, ratio = accounted(r["flow"])
+        lines.append(f"| {name} | {r['plain_median_s']:.2f} | {r['flow_median_s']:.2f} | {extra:.2f} | {ratio:.3f}x | "
+                     f"{r['overhead_s']:.2f} | {r['flow_vs_plain']:.3f}x | {r['flow_cold']['wall_s']:.2f} | "
+                     f"{r['flow']['test_f1_macro']:.4f} |")
     lines += ["", "Per stage, the median flow run as its stage timer saw it: compute is the stage's own work "
               "(what the plain run also does), record is writing its result to MLflow and Prefect:", "",
               "| dataset | stage | compute s | record s |", "|---|---|---|---|"]
