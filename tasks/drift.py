@@ -130,7 +130,8 @@ class DriftReport:
         return {"drift": f"{len(self.drifted_features)} of {len(self.features)} features drifted "
                          f"(PSI > {self.psi_threshold}): {', '.join(self.drifted_features[:8])}"}
 
-    def metrics(self) -> dict[str, float]:
+    def figures(self) -> dict[str, float]:
+        """The report as MLflow metrics."""
         figures = {"drift/n_rows": self.n_rows, "drift/share": self.drift_share,
                    "drift/n_drifted": len(self.drifted_features),
                    **{f"drift/psi/{feature.name}": feature.psi for feature in self.features}}
@@ -230,7 +231,7 @@ def check_drift(check: Check) -> DriftReport:
 
 def record_drift(ctx: RunContext, drift: DriftReport, check: Check) -> None:
     """The figures as drift/* metrics, the chart as drift/drift.png, the table as a Prefect artifact."""
-    ctx.record(metrics=drift.metrics())
+    ctx.record(metrics=drift.figures())
     if drift.n_rows and drift.features:
         png = plot_drift(drift, check.logged.inputs, check.watched.reference, check.monitoring.drift.psi_threshold,
                          ctx.scratch_dir("drift") / "drift.png")

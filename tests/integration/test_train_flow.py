@@ -225,3 +225,16 @@ def test_tuning_trials_are_child_runs_and_the_parent_holds_the_study(trained, pr
     assert parent.data.tags["maas.tuning_decision"] == tuning["decision"]
     assert parent.data.metrics["tuning/used_tuned"] == float(tuning["used_tuned"])
     assert "lr" in flow_run_artifacts(summary["prefect_flow_run_id"])["tuning-trials"].data
+
+
+def test_the_parent_run_says_what_happened_and_its_experiment_opens_on_runs(trained):
+    """The MLflow UI shows a run's description first, and opens a model-development experiment on its runs."""
+    _, _, summary = trained
+    client = mlflow_client()
+    run = client.get_run(summary["mlflow_run_id"])
+    description = run.data.tags["mlflow.note.content"]
+    assert "variant      F1" in description and f"Selected {summary['selection_reason']}" in description
+    assert f"Registered {summary['model_name']} version {summary['model_version']} as @{summary['alias']}" in description
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert set(summary["record_seconds"]) >= {"tune", "evaluate", "waiting for the recorder"}
