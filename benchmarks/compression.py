@@ -68,15 +68,15 @@ def int8_routes(trained, variants: dict, features) -> dict:
     return routes
 
 
-def ort_conv_int8(variants: dict, folder: Path, features) -> dict:
-    """The CNN's graph quantized with Conv included (ConvInteger) against MatMul/Gemm only."""
+def ort_conv_int8(variants: dict, folder: Path, features, calibration) -> dict:
+    """The CNN's graph quantized with Conv included against MatMul/Gemm only."""
     import numpy as np
 
     from maas.bundle import ModelBundle
     from tasks.compress import quantize_bundle
 
     batch = np.resize(features, (64, features.shape[1])).astype(np.float32)
-    with_conv = quantize_bundle(variants["fp32"].bundle_dir, folder / "int8_conv", ["MatMul", "Gemm", "Conv"])
+    with_conv = quantize_bundle(variants["fp32"].bundle_dir, folder / "int8_conv", ["MatMul", "Gemm", "Conv"], calibration)
     result = {}
     for name, path in (("fp32", variants["fp32"].bundle_dir), ("int8_matmul_gemm", variants["int8"].bundle_dir),
                        ("int8_with_conv", with_conv)):
@@ -146,7 +146,7 @@ def measure(name: str, dataset: str, overrides: list[str], folder: Path) -> dict
               "failures": [f.__dict__ for f in failures], "students": students(config, prepared, arrays, trained),
               "int8_routes_b64_ms": int8_routes(trained, variants, features)}
     if trained.spec.family == "cnn":
-        result["cnn_int8_conv_b64_ms"] = ort_conv_int8(variants, folder, features)
+        result["cnn_int8_conv_b64_ms"] = ort_conv_int8(variants, folder, features, arrays.x_train[:512])
     return result
 
 

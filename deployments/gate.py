@@ -11,6 +11,7 @@ needs a running server: tests drive it in-process as an ASGI app.
 from __future__ import annotations
 
 import uuid
+from urllib.parse import quote
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,7 +88,7 @@ class ServiceGate:
 
         registry = metrics_registry or REGISTRY
         self.app, self.models, self.settings = app, models, settings
-        self.reader = RequestReader(models.default.bundle.metadata["input_schema"])
+        self.reader = RequestReader(models.default.bundle.preprocessing, settings.strict_columns)
         self.meter = Meter(settings.prediction_log_sample, gauges=ProcessGauges(registry))
         rows_connection = connect()  # the meter's belongs to its thread
         self.limits = SharedLimits(limits_file(maas_home() / "run"),
@@ -126,7 +127,7 @@ class ServiceGate:
                                    {"retry-after": str(max(1, round(wait)))})
         try:
             body = await read_body(receive, headers, self.settings.max_request_bytes)
-            logged, columns = self.reader.read(body, self.settings.max_rows_per_request)
+            logged, columns, ignored = self.reader.read(body, self.settings.max_rows_per_request)
         except BadRequest as refused:
             self.meter.record(key_id, 0, refused.status, default_label)
             return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})})
@@ -139,7 +140,8 @@ class ServiceGate:
         model = self.models.for_tier(tier_name)
         probabilities = await self.batchers.get(tier_name, self.default_batcher).probabilities(columns)
         answer = orjson.dumps(predictions(model.bundle, probabilities))
-        await send_json(send, 200, answer, {"x-request-id": request_id})
+        extra = {"x-maas-ignored-columns": ignored_columns_header(ignored)} if ignored else {}
+        await send_json(send, 200, answer, {"x-request-id": request_id, **extra})
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer)
 
     def metadata(self) -> dict:
@@ -148,9 +150,18 @@ class ServiceGate:
         meta = default.bundle.metadata
         return {"model": default.label, "variant": meta.get("variant"), "labels": meta["labels"],
                 "test_metrics": meta.get("metrics", {}), "input_schema": meta["input_schema"],
+                # columns of the training file the model does not read; any other unknown column is ignored too
+                "ignored_columns": meta.get("dropped_columns", {}), "strict_columns": settings.strict_columns,
+                "missing_values": "null is a missing value, imputed as in training",
                 "auth": settings.auth, "max_rows_per_request": settings.max_rows_per_request,
                 "tiers": {name: {**tier.model_dump(), "served_by": self.models.for_tier(name).label}
                           for name, tier in settings.tiers.items()}}
+
+
+def ignored_columns_header(columns: list[str]) -> str:
+    """Column names, comma-separated; a comma, '%' or anything outside printable ASCII is
+    percent-encoded, since a header is latin-1 and a column name may be any text."""
+    return ", ".join(quote(column, safe=" !\"#$&'()*+-./:;<=>?@[\\]^_`{|}~") for column in columns)
 
 
 async def reply(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:

@@ -1,8 +1,10 @@
 """Reading a POST /predict body into the model's columns, or a 4xx that names the row and field.
 
-A request whose rows have exactly the training columns, finite numbers and text where text is
-expected becomes numpy columns directly (~2 us a row); any other goes through a pydantic model of
-one row (~10 us a row), which gives the verdict and names the field.
+Serving accepts what training accepted: a null where training had missing values is imputed the
+same way, columns training dropped or never saw are ignored (unless serving.strict_columns), and a
+category may come as a number. A request whose rows have exactly the training columns, finite
+numbers and text where text is expected becomes numpy columns directly (~2 us a row); any other
+goes through a pydantic model of one row (~10 us a row), which gives the verdict and names the field.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 
 class Columns(NamedTuple):
@@ -32,15 +34,36 @@ class BadRequest(Exception):
         self.status, self.message, self.detail = status, message, detail
 
 
-def row_model(schema: list[dict[str, str]]) -> type[BaseModel]:
-    """A pydantic model of one raw row, from the bundle's input schema: every training column is
-    required, no other is allowed, numbers must be finite. Errors then name the row and column."""
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _missing_if_unreadable(value: Any) -> Any:
+    """A numeric column that was text with stray strings in training: such a string is missing here too."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return None
+    return value
+
+
+def _as_category(value: Any) -> Any:
+    """A category as training's pandas read it: true -> "True", 3 -> "3"."""
+    return str(value) if isinstance(value, (bool, int, float)) else value
+
+
+def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
+    """A pydantic model of one raw row from the bundle's preprocessing. Every training column must be
+    there; null is a missing value, imputed as in training; numbers must be finite. Other columns
+    are ignored, or refused when `strict`. Errors name the row and column."""
     fields: dict[str, Any] = {}
-    for index, column in enumerate(schema):
-        kind = float if column["type"] == "number" else str
-        constraint = Field(..., alias=column["name"], allow_inf_nan=False) if kind is float else Field(..., alias=column["name"])
-        fields[f"c{index}"] = (kind, constraint)
-    return create_model("Row", __config__=ConfigDict(extra="forbid", populate_by_name=False), **fields)
+    for index, column in enumerate(preprocessing["numeric"]):
+        kind = Annotated[FiniteFloat | None, BeforeValidator(_missing_if_unreadable)] if column.get("coerce") else FiniteFloat | None
+        fields[f"n{index}"] = (kind, Field(..., alias=column["name"]))
+    for index, column in enumerate(preprocessing["categorical"]):
+        fields[f"c{index}"] = (Annotated[str | None, BeforeValidator(_as_category)], Field(..., alias=column["name"]))
+    return create_model("Row", __config__=ConfigDict(extra="forbid" if strict else "ignore", populate_by_name=False),
+                        **fields)
 
 
 def _tuple_getter(names: list[str]):
@@ -50,15 +73,23 @@ def _tuple_getter(names: list[str]):
     return operator.itemgetter(*names) if names else None
 
 
-class RequestReader:
-    """Reads request bodies for one input schema (the bundle's)."""
+class Read(NamedTuple):
+    """A request as read: the body the prediction log keeps, the columns, and the keys it ignored."""
 
-    def __init__(self, input_schema: list[dict[str, str]]):
-        self.row = row_model(input_schema)
+    logged: bytes
+    columns: Columns
+    ignored: list[str]
+
+
+class RequestReader:
+    """Reads request bodies for one bundle's preprocessing (its columns, in its order)."""
+
+    def __init__(self, preprocessing: dict[str, Any], strict: bool = False):
+        self.row = row_model(preprocessing, strict)
         self.request = create_model("PredictRequest", rows=(Annotated[list[self.row], Field(min_length=1)], ...))
-        self.columns = frozenset(column["name"] for column in input_schema)
-        self.numeric = [column["name"] for column in input_schema if column["type"] == "number"]
-        self.categorical = [column["name"] for column in input_schema if column["type"] != "number"]
+        self.numeric = [column["name"] for column in preprocessing["numeric"]]
+        self.categorical = [column["name"] for column in preprocessing["categorical"]]
+        self.columns = frozenset(self.numeric + self.categorical)
         self._numeric_of, self._categorical_of = _tuple_getter(self.numeric), _tuple_getter(self.categorical)
 
     def exact_columns(self, rows: Any) -> Columns | None:
@@ -72,7 +103,7 @@ class RequestReader:
         except (KeyError, TypeError, IndexError):
             return None  # a row that is not an object, or lacks a column
         if set(map(len, rows)) != {len(self.columns)}:
-            return None  # every column is there, so a longer row has an unknown one
+            return None  # every column is there, so a longer row has others too
         numeric = None
         if numeric_values is not None:
             try:
@@ -93,9 +124,17 @@ class RequestReader:
                 categorical.append(np.array(values, dtype=object))
         return Columns(numeric, categorical, len(rows))
 
-    def read(self, body: bytes, max_rows: int) -> tuple[bytes, Columns]:
-        """The request as the prediction log keeps it ({"rows": [...]}) and its columns; BadRequest
-        (400/413) names what is wrong. A request that passes the exact check is logged as received."""
+    def validated_columns(self, rows: list[dict[str, Any]]) -> Columns:
+        """Columns of rows the row model accepted (None: a missing value, imputed downstream)."""
+        numeric = (np.array([[row[name] for name in self.numeric] for row in rows], dtype=np.float64)
+                   if self.numeric else None)
+        categorical = [np.array([row[name] for row in rows], dtype=object) for name in self.categorical]
+        return Columns(numeric, categorical, len(rows))
+
+    def read(self, body: bytes, max_rows: int) -> Read:
+        """The request as the prediction log keeps it ({"rows": [...]}), its columns, and the columns it
+        sent that the model does not read; BadRequest (400/413) names what is wrong. A request that
+        passes the exact check is logged as received."""
         try:
             rows = orjson.loads(body).get("rows")
         except (orjson.JSONDecodeError, AttributeError):
@@ -104,17 +143,17 @@ class RequestReader:
             refuse_too_many(rows, max_rows)
         columns = self.exact_columns(rows)
         if columns is not None:
-            return body, columns
+            return Read(body, columns, [])
         try:
             request = self.request.model_validate_json(body)
         except ValidationError as error:
             raise bad_rows(error) from None
-        rows = [row.model_dump(by_alias=True) for row in request.rows]
-        refuse_too_many(rows, max_rows)  # a body orjson could not read (e.g. a 100-digit integer) is counted here
-        columns = self.exact_columns(rows)
-        if columns is None:  # pydantic accepted what the exact check cannot read: say so, never 5xx
-            raise BadRequest(400, "rows could not be read as the training columns")
-        return orjson.dumps({"rows": rows}), columns  # as validated: "1.5" logged as 1.5
+        validated = [row.model_dump(by_alias=True) for row in request.rows]
+        refuse_too_many(validated, max_rows)  # a body orjson could not read (e.g. a 100-digit integer) is counted here
+        sent = set().union(*(row.keys() for row in rows)) if isinstance(rows, list) and all(
+            isinstance(row, dict) for row in rows) else set()
+        # as validated: "1.5" logged as 1.5, the ignored columns left out
+        return Read(orjson.dumps({"rows": validated}), self.validated_columns(validated), sorted(sent - self.columns))
 
 
 def refuse_too_many(rows: list, max_rows: int) -> None:

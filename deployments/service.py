@@ -15,8 +15,8 @@ A Bento built by training (`bentoml serve <bento tag>`) carries the same as Bent
 `maas_tier_models` ({tier: BentoML model tag}); the environment variables above override them.
 
 What BentoML needs before a worker starts is read at import from those small files: the worker
-count, logging and tracing settings, and the API's row type (the bundle's input schema, which the
-OpenAPI document and /docs show). The models load in the service's constructor, in each worker.
+count, logging and tracing settings, and the API's row type (from the bundle's preprocessing; the
+OpenAPI document and /docs show it). The models load in the service's constructor, in each worker.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from deployments.batcher import model_probabilities
 from deployments.bentoml_fixes import cancel_bentoml_timeout_timers, freeze_startup_objects
 from deployments.gate import PREDICT_PATH, ServiceGate, load_models, predictions
 from deployments.request_reader import row_model
-from maas.bundle import METADATA_FILE
+from maas.bundle import PREPROCESSING_FILE
 from maas.config import ServingConfig
 
 BENTO_ARGUMENTS = bentoml.use_arguments()
@@ -81,12 +81,12 @@ class ServiceSource:
             sources[tier] = (model.path, bento_model_label(model))
         return sources
 
-    def input_schema(self) -> list[dict[str, str]]:
-        return json.loads((Path(self.bundle_dir) / METADATA_FILE).read_text())["input_schema"]
+    def preprocessing(self) -> dict:
+        return json.loads((Path(self.bundle_dir) / PREPROCESSING_FILE).read_text())
 
 
 SOURCE = ServiceSource.find()
-Row = row_model(SOURCE.input_schema())
+Row = row_model(SOURCE.preprocessing(), SOURCE.settings.strict_columns)
 
 
 class Prediction(BaseModel):
@@ -106,7 +106,7 @@ class MaasService:
         """Label and class probabilities for each raw row (columns as in the training data)."""
         # Over HTTP the gate answers first; this serves in-process callers and declares the contract.
         bundle = self.gate.models.default.bundle
-        columns = self.gate.reader.exact_columns([row.model_dump(by_alias=True) for row in rows])
+        columns = self.gate.reader.validated_columns([row.model_dump(by_alias=True) for row in rows])
         return predictions(bundle, model_probabilities(bundle, columns))
 
 

@@ -182,6 +182,7 @@ class CompressionConfig(Section):
     alpha: float = Field(0.7, ge=0, le=1, description="distilled: weight of the teacher's loss vs the labels'")
     finetune_epochs: int = Field(30, ge=1, description="pruned/structured: fine-tune budget (early-stopped)")
     finetune_lr_scale: float = Field(0.3, gt=0, le=1, description="fine-tune lr = train.lr x this")
+    int8_calibration_rows: int = Field(512, ge=1, description="int8: training rows that calibrate the activation ranges")
     int8_ops: list[Literal["MatMul", "Gemm", "Conv"]] = Field(
         default_factory=lambda: ["MatMul", "Gemm"],
         description="ONNX ops ORT quantizes; Conv is left out (ConvInteger was slower here)",
@@ -249,6 +250,8 @@ class ServingConfig(Section):
     auth: bool = Field(True, description="false: no API keys (local development only)")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413")
     max_rows_per_request: int = Field(1000, ge=1)
+    strict_columns: bool = Field(False, description="true: a column the model does not read is a 400; false: it "
+                                 "is ignored and named in the X-Maas-Ignored-Columns header")
     workers: int = Field(0, ge=0, description="service processes, 0: one per core (2 here: +50% rows/s against 1, "
                          "client on the same cores); tier limits hold across them")
     max_batch_size: int = Field(512, ge=1, description="adaptive batching: rows per model call at most")

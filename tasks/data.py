@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -184,15 +184,20 @@ def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> tuple[
     return pd.to_numeric(column, errors="coerce").astype(np.float64), n_bad
 
 
-def clean_features(
-    features: pd.DataFrame, data: DataConfig, notes: list[str], keep_all: bool = False
-) -> tuple[pd.DataFrame, dict[str, str]]:
+class Cleaned(NamedTuple):
+    features: pd.DataFrame
+    dropped: dict[str, str]  # column -> why it was dropped
+    coerced: set[str]  # text columns read as numbers, their stray strings as missing values
+
+
+def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], keep_all: bool = False) -> Cleaned:
     """Coerce near-numeric text, cast numerics to float, drop unusable columns (with reasons).
 
     keep_all: keep even constant columns (an image's blank border pixels keep its grid whole).
     """
     kept: dict[str, pd.Series] = {}
     dropped: dict[str, str] = {}
+    coerced_columns: set[str] = set()
     n_rows = len(features)
     for name in features.columns:
         column = features[name]
@@ -205,6 +210,7 @@ def clean_features(
             )
             if coerced is not None:
                 column, n_bad = coerced
+                coerced_columns.add(name)
                 notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
         n_unique = column.nunique(dropna=True)
         is_numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
@@ -226,7 +232,7 @@ def clean_features(
         notes.append(f"column '{name}' dropped: {reason}")
     if not kept:
         raise MaasInputError("no usable feature columns left after dropping: " + listing(dropped))
-    return pd.DataFrame(kept, index=features.index), dropped
+    return Cleaned(pd.DataFrame(kept, index=features.index), dropped, coerced_columns & set(kept))
 
 
 def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.ndarray, list[str]]:
@@ -289,8 +295,10 @@ def split_rows(
     )
 
 
-def fit_preprocessing(x_train: pd.DataFrame) -> dict[str, Any]:
-    """Imputation and scaling for numerics, categories for one-hot: from training rows only."""
+def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) -> dict[str, Any]:
+    """Imputation and scaling for numerics, categories for one-hot: from training rows only.
+    `coerce` marks the numeric columns that were text with stray strings in training: serving reads
+    such a string as a missing value there too, and refuses it elsewhere."""
     numeric, categorical = [], []
     for name in x_train.columns:
         column = x_train[name]
@@ -298,9 +306,8 @@ def fit_preprocessing(x_train: pd.DataFrame) -> dict[str, Any]:
             median = float(column.median()) if column.notna().any() else 0.0
             filled = column.fillna(median)
             std = float(filled.std(ddof=0))
-            numeric.append(
-                {"name": name, "fill": median, "mean": float(filled.mean()), "scale": std if std > 1e-12 else 1.0}
-            )
+            numeric.append({"name": name, "fill": median, "mean": float(filled.mean()),
+                            "scale": std if std > 1e-12 else 1.0, "coerce": name in coerced})
         else:
             present = column.dropna().astype(str)
             fill = str(present.mode().iloc[0]) if not present.empty else ""
@@ -335,12 +342,12 @@ def prepare_data(data: DataConfig, seed: int) -> PreparedData:
         frame = frame.loc[~missing_target]
         target = target.loc[~missing_target]
     codes, labels = encode_target(target, table.target, data)
-    features, dropped = clean_features(
+    features, dropped, coerced = clean_features(
         frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
-    preprocessing = fit_preprocessing(splits.x_train)
+    preprocessing = fit_preprocessing(splits.x_train, coerced)
     return PreparedData(
         splits=splits,
         labels=labels,

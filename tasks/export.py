@@ -48,6 +48,7 @@ def write_bundle(folder: Path, network: nn.Module, spec: NetworkSpec, prepared: 
         "labels": prepared.labels,
         "target": prepared.target,
         "input_schema": prepared.input_schema,
+        "dropped_columns": prepared.dropped_columns,  # in the training file, not read: serving ignores them
         "network": spec.to_dict(),
         "metrics": {},
     }

@@ -225,7 +225,15 @@ def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.Da
     import mlflow
     from mlflow.models import Model, infer_signature
 
-    output_example = bundle_module.ModelBundle.load(bundle_dir).predict(input_example)
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    bundle = bundle_module.ModelBundle.load(bundle_dir)
+    output_example = bundle.predict(input_example)
+    # Any type per column: a frame as pandas reads the training file holds int64 where the example has
+    # float64, and NaN; MLflow's double refused int64 ("Can not safely convert"). The bundle coerces.
+    inputs = Schema([ColSpec(AnyType(), name) for name in bundle_module.required_columns(bundle.preprocessing)])
+    signature = ModelSignature(inputs=inputs, outputs=infer_signature(input_example, output_example).outputs)
     requirements = [f"{name}=={_installed_version(name)}" for name in RUNTIME_PACKAGES]
     # Model.log(run_id=...) files the LoggedModel under the *active* experiment, not the run's;
     # left alone that is experiment 0, whose artifacts go to ./mlruns in the caller's directory.
@@ -239,7 +247,7 @@ def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.Da
         python_model=str(ENTRY_FILE),
         artifacts={"bundle": str(bundle_dir)},
         code_paths=[bundle_module.__file__],
-        signature=infer_signature(input_example, output_example),
+        signature=signature,
         input_example=input_example,
         pip_requirements=requirements,
     )

@@ -91,7 +91,6 @@ def test_served_predictions_equal_the_registered_model(service, monkeypatch):
 
 @pytest.mark.parametrize("change, field", [
     (lambda row: row.pop("mean radius"), "mean radius"),
-    (lambda row: row.update({"not a column": 1.0}), "not a column"),
     (lambda row: row.update({"mean texture": "soft"}), "mean texture"),
 ])
 def test_bad_rows_get_400_naming_the_row_and_column(service, change, field):
@@ -102,6 +101,14 @@ def test_bad_rows_get_400_naming_the_row_and_column(service, change, field):
     assert response.status_code == 400
     (error,) = response.json()["detail"]
     assert error["loc"] == ["rows", 2, field]
+
+
+def test_columns_the_model_does_not_use_are_ignored_and_named_in_a_header(service):
+    base, _, keys, rows, _, _ = service
+    response = predict(base, [{**row, "customer_id": "C1", "not a column": 1.0} for row in rows[:2]], keys["pro"])
+    assert response.status_code == 200
+    assert response.json() == predict(base, rows[:2], keys["pro"]).json()
+    assert response.headers["x-maas-ignored-columns"] == "customer_id, not a column"
 
 
 def test_numbers_sent_as_text_are_read_as_pydantic_would_and_logged_as_validated(service):

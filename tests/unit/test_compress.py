@@ -176,3 +176,17 @@ def test_a_variant_that_fails_to_build_is_reported_and_skipped(tmp_path, monkeyp
     assert [variant.name for variant in variants.built] == ["fp32", "int8"]
     assert len(reported) == len(failures) == 1 and failures[0].name == "structured" and "structured" in reported[0]
     assert "cannot shrink this network" in failures[0].error
+
+
+@TRAINS
+def test_int8_answers_a_row_the_same_alone_and_in_any_batch(built):
+    """The service batches whatever requests arrive together: a row's answer must not depend on its
+    neighbours (dynamic int8 took each activation's range from the whole batch, and it did)."""
+    prepared, _, variants = built
+    bundle = ModelBundle.load(variants["int8"].bundle_dir)
+    features = transform(prepared.splits.x_test, prepared.preprocessing)
+    together = bundle.predict_features(features)
+    alone = np.vstack([bundle.predict_features(features[index:index + 1]) for index in range(len(features))])
+    reversed_batch = bundle.predict_features(features[::-1])[::-1]
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(together, reversed_batch, atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import unquote
 
 import httpx
 import numpy as np
@@ -70,6 +71,17 @@ def test_a_request_gets_the_bundles_own_predictions(wine, maas_home):
     np.testing.assert_allclose(served, expected[[f"proba_{label}" for label in bundle.labels]].to_numpy(), atol=1e-6)
 
 
+def test_columns_the_model_does_not_read_are_named_in_a_header_whatever_their_names(wine, maas_home):
+    bundle, rows = wine
+    gate = gate_for(bundle, auth=False)
+    extra = {"customer id": "C1", "Ā": None, "a,b": 2, "50%": True}
+    plain, with_extra = call(gate, [("POST", "/predict", {"json": {"rows": rows[:2]}}),
+                                    ("POST", "/predict", {"json": {"rows": [{**row, **extra} for row in rows[:2]]}})])
+    assert with_extra.status_code == 200 and with_extra.json() == plain.json()
+    assert "x-maas-ignored-columns" not in plain.headers
+    assert [unquote(name) for name in with_extra.headers["x-maas-ignored-columns"].split(", ")] == sorted(extra)
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"rows": []}, 400, "at least 1"),
     ({"rows": [{"alcohol": 1.0}]}, 400, "row 0, column"),
@@ -83,19 +95,23 @@ def test_bad_bodies_are_4xx_naming_the_problem(wine, maas_home, body, status, wo
 
 def test_reader_takes_exact_rows_fast_and_lax_rows_through_pydantic(wine):
     bundle, rows = wine
-    reader = RequestReader(bundle.metadata["input_schema"])
+    reader = RequestReader(bundle.preprocessing)
     body = json.dumps({"rows": rows}).encode()
-    logged, columns = reader.read(body, 100)
-    assert logged is body and columns.n_rows == len(rows) and columns.numeric.shape == (len(rows), 13)
+    logged, columns, ignored = reader.read(body, 100)
+    assert logged is body and columns.n_rows == len(rows) and columns.numeric.shape == (len(rows), 13) and not ignored
     as_text = [{name: str(value) for name, value in row.items()} for row in rows]
-    logged, lax = reader.read(json.dumps({"rows": as_text}).encode(), 100)
+    logged, lax, _ = reader.read(json.dumps({"rows": as_text}).encode(), 100)
     np.testing.assert_allclose(lax.numeric, columns.numeric)
     assert json.loads(logged)["rows"][0]["alcohol"] == rows[0]["alcohol"]  # logged as validated numbers
     with pytest.raises(BadRequest, match="9 rows in one request; the limit is 8"):
         reader.read(json.dumps({"rows": rows + rows[:1]}).encode(), 8)
+    _, _, ignored = reader.read(json.dumps({"rows": [{**rows[0], "surprise": 1, "id": "a"}]}).encode(), 8)
+    assert ignored == ["id", "surprise"]
     with pytest.raises(BadRequest) as extra:
-        reader.read(json.dumps({"rows": [{**rows[0], "surprise": 1}]}).encode(), 8)
+        RequestReader(bundle.preprocessing, strict=True).read(json.dumps({"rows": [{**rows[0], "surprise": 1}]}).encode(), 8)
     assert extra.value.status == 400 and "surprise" in extra.value.message
+    with pytest.raises(BadRequest, match="row 0, column 'alcohol': Field required"):
+        reader.read(json.dumps({"rows": [{name: value for name, value in rows[0].items() if name != "alcohol"}]}).encode(), 8)
 
 
 def test_other_paths_pass_through_and_metadata_names_the_model(wine, maas_home):
@@ -129,7 +145,7 @@ def test_keys_tiers_quota_and_metering(wine, maas_home):
 
 def test_the_batcher_merges_waiting_requests_and_splits_the_answers(wine):
     bundle, rows = wine
-    reader = RequestReader(bundle.metadata["input_schema"])
+    reader = RequestReader(bundle.preprocessing)
     calls = []
 
     class Rows:

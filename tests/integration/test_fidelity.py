@@ -1,0 +1,84 @@
+"""What trained must serve: every row of the training table, as pandas reads it (NaN as null, the
+target removed, every other column kept, the ones training dropped too), gets the same answer from
+the service's gate and from the registered model through mlflow.pyfunc."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from prometheus_client import CollectorRegistry
+
+from deployments.gate import ServiceGate, load_models
+from maas.config import ServingConfig
+from maas.registered import ModelRef, download_bundle
+from maas.tracking import mlflow_client
+from tests.conftest import module_home, quick_config
+from tests.tables import write_builtin, write_messy
+
+pytestmark = pytest.mark.slow
+
+TABLES = ["breast_cancer", "digits", "wine", "churn", "loans"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    with module_home(tmp_path_factory) as folder:
+        yield folder
+
+
+def registered(table: str, folder, home) -> tuple[pd.DataFrame, str]:
+    """Train on the table (the built-in by name, a messy one from its CSV); return the table as pandas
+    reads the file, without the target, and the registered model's name."""
+    from flows.train_pipeline import train_pipeline
+
+    if table in ("churn", "loans"):
+        path, target = write_messy(table, folder)
+        config = quick_config(str(path), f"data.target={target}", "serving.build_bento=false")
+    else:
+        path, target = write_builtin(table, folder)
+        config = quick_config(table, "serving.build_bento=false")
+    summary = train_pipeline(config).to_dict()
+    return pd.read_csv(path).drop(columns=[target]), summary["model_name"]
+
+
+def served_answers(name: str, frame: pd.DataFrame) -> tuple[list[dict], set[str]]:
+    """Each row posted as JSON to the service's gate, 50 rows a request, all requests at once (so the
+    batcher merges them); the answers in row order and the columns the service said it ignored."""
+    ref, _ = ModelRef(name, "champion").resolve(mlflow_client())
+    bundle_dir = download_bundle(ref, tempfile.mkdtemp())
+    gate = ServiceGate(None, load_models((bundle_dir, ref.label), {}, 1), ServingConfig(auth=False), CollectorRegistry())
+    records = json.loads(frame.to_json(orient="records"))  # NaN -> null, as a JSON client sends it
+
+    async def post_all():
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gate") as client:
+            return await asyncio.gather(*(client.post("/predict", json={"rows": records[start:start + 50]})
+                                          for start in range(0, len(records), 50)))
+
+    responses = asyncio.run(post_all())
+    assert all(response.status_code == 200 for response in responses), [r.text for r in responses if r.status_code != 200][:1]
+    ignored = {column.strip() for response in responses
+               for column in response.headers.get("x-maas-ignored-columns", "").split(",") if column.strip()}
+    return [answer for response in responses for answer in response.json()], ignored
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_every_row_of_the_training_table_gets_the_same_answer_served_and_through_pyfunc(table, home, tmp_path,
+                                                                                       prefect_server):
+    frame, name = registered(table, tmp_path, home)
+    served, ignored = served_answers(name, frame)
+    from_mlflow = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(frame)
+    assert [answer["label"] for answer in served] == list(from_mlflow["label"])
+    labels = [column.removeprefix("proba_") for column in from_mlflow.columns if column.startswith("proba_")]
+    served_probabilities = np.array([[answer["probabilities"][label] for label in labels] for answer in served])
+    np.testing.assert_allclose(served_probabilities, from_mlflow[[f"proba_{label}" for label in labels]].to_numpy(),
+                               atol=1e-5)
+    if table == "churn":  # the ID, the date and the constant were dropped by training, and ignored here
+        assert {"customer_id", "signup_date", "country"} <= ignored

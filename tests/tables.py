@@ -1,0 +1,85 @@
+"""Messy tables of the kind users bring: missing values, ID and date columns, stray strings in a
+numeric column, a constant, booleans, heavy tails. Generated (seeded), so no data is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def churn_table(rows: int = 900, seed: int = 0) -> pd.DataFrame:
+    """Customers who churned or stayed: an ID, a signup date, 7% of monthly_fee and 8% of region
+    empty, a numeric column with stray "n/a" strings, a constant, and the target `churned`."""
+    rng = np.random.default_rng(seed)
+    tenure = rng.integers(1, 72, rows)
+    fee = rng.normal(60, 20, rows).round(2)
+    calls = rng.poisson(2, rows)
+    plan = rng.choice(["basic", "plus", "premium"], rows, p=[0.5, 0.3, 0.2])
+    region = rng.choice(["north", "south", "east", "west"], rows)
+    risk = -0.04 * tenure + 0.03 * (fee - 60) + 0.5 * calls + (plan == "basic") * 0.8 + rng.normal(0, 0.7, rows)
+    frame = pd.DataFrame({
+        "customer_id": [f"C{100000 + index}" for index in range(rows)],
+        "signup_date": pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 700, rows), unit="D"),
+        "tenure_months": tenure,
+        "monthly_fee": fee,
+        "support_calls": calls.astype(object),
+        "plan": plan,
+        "region": region.astype(object),
+        "country": "NL",
+        "churned": np.where(risk > np.quantile(risk, 0.7), "yes", "no"),
+    })
+    frame["signup_date"] = frame["signup_date"].dt.strftime("%Y-%m-%d")
+    frame.loc[rng.random(rows) < 0.07, "monthly_fee"] = np.nan
+    frame.loc[rng.random(rows) < 0.08, "region"] = None
+    frame.loc[rng.random(rows) < 0.02, "support_calls"] = "n/a"
+    return frame
+
+
+def loans_table(rows: int = 800, seed: int = 1) -> pd.DataFrame:
+    """Loan applications that defaulted or not: an ID, a date, a heavy-tailed income with gaps, a
+    boolean with gaps, categories with gaps, and the numeric target `defaulted` (0/1)."""
+    rng = np.random.default_rng(seed)
+    income = np.exp(rng.normal(10.5, 0.8, rows)).round(0)
+    age = rng.integers(19, 75, rows)
+    employment = rng.choice(["employed", "self-employed", "unemployed", "retired"], rows, p=[0.6, 0.2, 0.1, 0.1])
+    homeowner = rng.random(rows) < 0.4
+    amount = rng.uniform(1_000, 40_000, rows).round(-2)
+    risk = 0.00004 * amount - 0.5 * np.log(income) + (employment == "unemployed") * 1.5 - 0.4 * homeowner + rng.normal(0, 0.6, rows)
+    frame = pd.DataFrame({
+        "application_id": rng.permutation(rows) + 50_000,
+        "applied_on": (pd.Timestamp("2025-03-01") + pd.to_timedelta(rng.integers(0, 300, rows), unit="h")).astype(str),
+        "income": income,
+        "age": age,
+        "employment": employment.astype(object),
+        "homeowner": pd.Series(homeowner, dtype=object),
+        "amount": amount,
+        "purpose": rng.choice(["car", "home", "study", "other"], rows),
+        "defaulted": (risk > np.quantile(risk, 0.75)).astype(int),
+    })
+    frame.loc[rng.random(rows) < 0.1, "income"] = np.nan
+    frame.loc[rng.random(rows) < 0.05, "employment"] = None
+    frame.loc[rng.random(rows) < 0.05, "homeowner"] = None
+    return frame
+
+
+MESSY = {"churn": (churn_table, "churned"), "loans": (loans_table, "defaulted")}
+
+
+def write_messy(name: str, folder: Path) -> tuple[Path, str]:
+    """The table as a CSV file (what a user hands `maas run`) and its target column."""
+    make, target = MESSY[name]
+    path = folder / f"{name}.csv"
+    make().to_csv(path, index=False)
+    return path, target
+
+
+def write_builtin(name: str, folder: Path) -> tuple[Path, str]:
+    """A scikit-learn built-in as the CSV file a user would have (target: 'target', its class names)."""
+    from tasks.data import load_builtin
+
+    table = load_builtin(name)
+    path = folder / f"{name}.csv"
+    table.frame.to_csv(path, index=False)
+    return path, table.target
