@@ -141,8 +141,8 @@ class ServiceGate:
         probabilities = await self.batchers.get(tier_name, self.default_batcher).probabilities(columns)
         answer = orjson.dumps(predictions(model.bundle, probabilities))
         extra = {"x-maas-ignored-columns": ignored_columns_header(ignored)} if ignored else {}
+        self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer)  # metered, then answered
         await send_json(send, 200, answer, {"x-request-id": request_id, **extra})
-        self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer)
 
     def metadata(self) -> dict:
         """GET /metadata: the model behind this service, its test metrics and input schema."""

@@ -1,14 +1,20 @@
-"""Usage metering, the prediction log and the process gauges: written by one background thread,
-off the request path, to the service store (maas/service_store.py)."""
+"""Usage metering, the prediction log and the process gauges. A request's record is journaled (one
+write) before it is answered; one background thread brings the journals into the service store
+(maas/service_store.py), off the request path."""
 
 from __future__ import annotations
 
-import queue
+import logging
+import os
 import random
 import threading
 import time
+from pathlib import Path
 
-from maas.service_store import active_keys, connect, current_month, log_predictions, record_usage
+import orjson
+
+from maas.processes import process_owner
+from maas.service_store import JOURNAL_SUFFIX, active_keys, apply_journal, apply_journals, connect, meter_folder
 
 
 class ProcessGauges:
@@ -31,49 +37,82 @@ class ProcessGauges:
         self.memory.set(self.process.memory_info().rss)
 
 
+class MeterJournal:
+    """This worker's append-only record of answered requests, under MAAS_HOME/run/meter.
+
+    A record is written with one write(2) before the answer is sent, so an answered request is on
+    disk even if the worker is SIGKILLed the next instant (the page cache outlives the process; the
+    flush thread's fdatasync bounds what a power cut could take to one flush interval). A worker
+    killed between the write and the answer has metered a request it did not answer: metered >=
+    answered, never less. The file's name says whose it is (host~pid~process start~sequence), so
+    any process can tell when its writer is gone and bring in what is left."""
+
+    ROTATE_BYTES = 16 << 20
+
+    def __init__(self, folder: Path):
+        owner = process_owner()
+        self.folder = folder
+        self.prefix = f"{owner['maas.host']}~{owner['maas.pid']}~{owner['maas.process_started']}"
+        self.lock = threading.Lock()
+        self.sequence = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.fd = self._open()
+
+    def _open(self) -> tuple[Path, int]:
+        path = self.folder / f"{self.prefix}~{self.sequence:06d}{JOURNAL_SUFFIX}"
+        return path, os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def append(self, record: bytes) -> None:
+        with self.lock:
+            os.write(self.fd, record)
+
+    def sync_and_rotate(self) -> Path | None:
+        """fdatasync; past ROTATE_BYTES, start a new file and return the finished one."""
+        with self.lock:
+            os.fdatasync(self.fd)
+            if os.fstat(self.fd).st_size < self.ROTATE_BYTES:
+                return None
+            finished = self.path
+            os.close(self.fd)
+            self.sequence += 1
+            self.path, self.fd = self._open()
+            return finished
+
+
 class Meter:
-    """Usage and prediction-log writes, queued and flushed by one background thread every
-    `flush_every_s`; it also reloads the keys (a revocation takes effect within a flush) and
-    refreshes the gauges."""
+    """Usage and the prediction log: each answered request journaled before its answer (MeterJournal),
+    brought into the service store by one background thread every `flush_every_s`, which also
+    reloads the keys (a revocation takes effect within a flush) and refreshes the gauges."""
 
     def __init__(self, sample: float, flush_every_s: float = 1.0, gauges: ProcessGauges | None = None):
         self.sample, self.flush_every_s, self.gauges = sample, flush_every_s, gauges
-        self.pending: queue.SimpleQueue = queue.SimpleQueue()
         self.connection = connect()
+        self.journal = MeterJournal(meter_folder())
         self.keys = active_keys(self.connection)
         threading.Thread(target=self._run, name="maas-meter", daemon=True).start()
 
     def record(self, key_id: str, rows: int, status: int, model_label: str, request_id: str = "",
                request: bytes = b"", response: bytes = b"") -> None:
-        """One answered request: its usage, and (for a sample of the successful ones) its log entry."""
-        logged = status < 400 and random.random() < self.sample
-        self.pending.put((key_id, rows, status, request_id, request if logged else None, response if logged else None,
-                          model_label))
+        """One request about to be answered: its usage, and (for a sample of the successful ones) its
+        log entry. Call it before sending the answer."""
+        record = {"k": key_id, "r": rows, "s": status, "t": time.time(), "m": model_label, "i": request_id}
+        if status < 400 and random.random() < self.sample:
+            record["q"], record["a"] = request.decode(), response.decode()
+        self.journal.append(orjson.dumps(record) + b"\n")
 
     def _run(self) -> None:
         while True:
             time.sleep(self.flush_every_s)
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a locked or full store: the journal keeps it for the next flush
+                logging.getLogger("maas").exception("metering flush failed; retrying in %s s", self.flush_every_s)
 
     def flush(self) -> None:
-        counts: dict[str, list[int]] = {}
-        entries = []
-        now = time.time()
-        while True:
-            try:
-                key_id, rows, status, request_id, request, response, model_label = self.pending.get_nowait()
-            except queue.Empty:
-                break
-            total = counts.setdefault(key_id, [0, 0, 0])
-            total[0] += 1
-            total[1] += rows if status < 400 else 0
-            total[2] += status >= 400
-            if request is not None:
-                entries.append((request_id, now, key_id, model_label, status, request.decode(), response.decode()))
-        if counts:
-            record_usage(self.connection, current_month(now), {k: tuple(v) for k, v in counts.items()})
-        if entries:
-            log_predictions(self.connection, entries)
+        finished = self.journal.sync_and_rotate()
+        if finished is not None:
+            apply_journal(self.connection, finished, finished=True)
+        apply_journals(self.connection, self.journal.folder, self.journal.path, self.journal.prefix)
         self.keys = active_keys(self.connection)  # revocations take effect within a flush interval
         if self.gauges is not None:
             self.gauges.update()

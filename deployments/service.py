@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +37,7 @@ from deployments.gate import PREDICT_PATH, ServiceGate, load_models, predictions
 from deployments.request_reader import row_model
 from maas.bundle import PREPROCESSING_FILE
 from maas.config import ServingConfig
+from maas.processes import die_with_parent
 
 BENTO_ARGUMENTS = bentoml.use_arguments()
 
@@ -96,6 +98,9 @@ class Prediction(BaseModel):
 
 class MaasService:
     def __init__(self):
+        # A worker must not outlive BentoML's arbiter: an orphan kept answering on the port with the
+        # old model after `maas serve` was killed. Its requests are metered before they are answered.
+        die_with_parent(os.getppid(), signal.SIGKILL)
         settings = SOURCE.settings
         models = load_models((SOURCE.bundle_dir, SOURCE.label), SOURCE.tiers, settings.model_threads)
         self.gate = ServiceGate(None, models, settings)

@@ -19,6 +19,7 @@ from tasks.drift import drift_task
 from tasks.health import health_task
 from tasks.monitor_report import render_html
 from tasks.quality import quality_task, rollback_task
+from tasks.recovery import recover_task
 from tasks.retrain import retrain_task
 
 end_flow_runs_promptly()
@@ -26,7 +27,9 @@ end_flow_runs_promptly()
 
 @flow(name="maas-monitor", description="Drift, live quality and service health of the served model; alerts; retraining.")
 def monitor(config: RunConfig) -> CheckSummary:
-    """watched version → drift → live quality → rollback → health → alerts → retrain → report"""
+    """recover → watched version → drift → live quality → rollback → health → alerts → retrain → report"""
+    # Recovery: runs, flow runs and versions a crashed run left RUNNING or half-made are settled first.
+    recover_task()
     # The watched version (registry alias), its drift reference, the log since the last check.
     with open_check(config) as check:
         # Drift: the logged inputs and predictions against the training reference (PSI, KS).

@@ -17,6 +17,7 @@ from tasks.compress import compress_task
 from tasks.data import PreparedData, prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.package import package_task
+from tasks.recovery import recover_task
 from tasks.registry import register_task, select_task
 from tasks.train import train_task
 from tasks.tune import chosen_settings, tune_task
@@ -26,8 +27,10 @@ end_flow_runs_promptly()
 
 @flow(name="maas-train", description="Dataset in; tuned, evaluated, registered model out.")
 def train_pipeline(config: RunConfig) -> TrainSummary:
-    """data → tune → train → compress → evaluate → select → register → package"""
+    """recover → data → tune → train → compress → evaluate → select → register → package"""
     timer = StageTimer()
+    # Recovery: runs, flow runs and versions a crashed run left RUNNING or half-made are settled first.
+    recover_task(timer)
     # Data: load, validate, split, fit preprocessing; before any MLflow run, so bad input leaves nothing behind.
     prepared = prepare_data_task(config.data, config.seed, timer)
     with open_run(config.experiment_name, None, {"maas.dataset": config.data.short_name}, timer, background=True) as ctx:

@@ -7,11 +7,11 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from maas.errors import MaasInputError
+from maas.processes import refuse_busy_port, supervise
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -205,11 +205,9 @@ def command_ui(args: argparse.Namespace) -> int:
         "--default-artifact-root", artifact_root().as_uri(),
         "--host", args.host, "--port", str(args.port),
     ]
+    refuse_busy_port(args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    return supervise(command, dict(os.environ))
 
 
 def serving_environment(packaged, serving, tier_models: dict | None = None) -> dict[str, str]:
@@ -229,6 +227,7 @@ def command_serve(args: argparse.Namespace) -> int:
     serving = config.serving
     if args.port is not None:
         serving = serving.model_copy(update={"port": args.port})
+    refuse_busy_port(serving.host, serving.port)
     client = mlflow_client()
     champion = config.registry.champion_alias
     wanted = ModelRef.parse(args.model or serving.model or f"{config.model_name}@{champion}", champion)
@@ -242,10 +241,7 @@ def command_serve(args: argparse.Namespace) -> int:
         print(f"  tier {tier}: {model.label}", flush=True)
     command = [sys.executable, "-m", "bentoml", "serve", "deployments.service:MaasService",
                "--host", serving.host, "--port", str(serving.port)]
-    try:
-        return subprocess.call(command, env=serving_environment(packaged, serving, tier_models), cwd=project_root())
-    except KeyboardInterrupt:
-        return 0
+    return supervise(command, serving_environment(packaged, serving, tier_models), cwd=str(project_root()))
 
 
 def command_keys(args: argparse.Namespace) -> int:
@@ -273,9 +269,11 @@ def command_keys(args: argparse.Namespace) -> int:
 
 
 def command_usage(args: argparse.Namespace) -> int:
-    from maas.service_store import connect, usage_report
+    from maas.service_store import apply_journals, connect, meter_folder, usage_report
 
-    report = usage_report(connect(), args.month)
+    connection = connect()
+    apply_journals(connection, meter_folder())  # what workers that are gone journaled but did not bring in
+    report = usage_report(connection, args.month)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

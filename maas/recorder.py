@@ -21,12 +21,14 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from maas.processes import die_with_parent
+
 STOP = "stop"
 
 
 def _serve(jobs: Connection, results: Connection, tracking_uri: str, parent_pid: int) -> None:
     """The helper's loop: run each job in order; answer pings; report failures at the end."""
-    _die_with(parent_pid)
+    die_with_parent(parent_pid)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
@@ -50,19 +52,6 @@ def _serve(jobs: Connection, results: Connection, tracking_uri: str, parent_pid:
         except Exception as error:  # noqa: BLE001 - reported to the pipeline, which logs it
             failures.append(f"{job.__name__}: {error.__class__.__name__}: {error}")
             traceback.print_exc()
-
-
-def _die_with(parent_pid: int) -> None:
-    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the parent died before the call took effect
-            os._exit(0)
-    except OSError:
-        pass
 
 
 class Recorder:

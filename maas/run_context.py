@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from maas.paths import maas_home, tracking_uri
+from maas.processes import process_owner
 from maas.recorder import Recorder
 from maas.tracking import MLFLOW_PARAM_MAX, ensure_experiment, metric_entities, mlflow_client, parent_run, run_url
 
@@ -223,6 +224,7 @@ def open_run(experiment: str, run_name: str | None, tags: Mapping[str, str], tim
     if flow_run is not None:
         tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name,
                 "prefect.flow_run_url": prefect_flow_run_url(str(flow_run.id)), **tags}
+    tags = {**process_owner(), **tags}  # lets a later run tell that this one crashed (tasks/recovery.py)
     client = mlflow_client()
     experiment_id = ensure_experiment(client, experiment)
     name = run_name or (flow_run.name if flow_run else None)

@@ -18,6 +18,7 @@ from pathlib import Path
 from maas.paths import maas_home
 
 KEY_PREFIX = "maas_"
+JOURNAL_SUFFIX = ".journal"  # a service worker's meter journal (deployments/metering.py)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     status INTEGER NOT NULL, inputs TEXT NOT NULL, outputs TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions (logged_at);
+CREATE TABLE IF NOT EXISTS meter_journals (name TEXT PRIMARY KEY, applied INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS monitor_checks (
     model TEXT NOT NULL, checked_at REAL NOT NULL, window_end REAL NOT NULL, service_counters TEXT
 );
@@ -109,11 +111,86 @@ def rows_used(connection: sqlite3.Connection, month: str) -> dict[str, int]:
 def record_usage(connection: sqlite3.Connection, month: str, counts: dict[str, tuple[int, int, int]]) -> None:
     """Add (requests, rows, errors) per key for the month, in one transaction."""
     with connection:
-        connection.executemany(
-            "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, month) DO UPDATE SET "
-            "requests = requests + excluded.requests, rows = rows + excluded.rows, errors = errors + excluded.errors",
-            [(key_id, month, *values) for key_id, values in counts.items()],
-        )
+        add_usage(connection, month, counts)
+
+
+def add_usage(connection: sqlite3.Connection, month: str, counts: dict[str, tuple[int, int, int]]) -> None:
+    connection.executemany(
+        "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, month) DO UPDATE SET "
+        "requests = requests + excluded.requests, rows = rows + excluded.rows, errors = errors + excluded.errors",
+        [(key_id, month, *values) for key_id, values in counts.items()],
+    )
+
+
+def apply_journal(connection: sqlite3.Connection, path: Path, finished: bool) -> int:
+    """Bring a worker's meter journal into the store, exactly once: the records past the offset this
+    store has applied, added in the same transaction that moves the offset. BEGIN IMMEDIATE takes
+    the write lock first, so two processes applying one journal see each other's offset. A finished
+    journal (its worker rotated it or died) is deleted once applied. Returns the requests applied.
+
+    Each line is a JSON record {"k": key id, "r": rows, "s": status, "t": time, "m": model label,
+    "i": request id, "q": logged request body, "a": logged answer} ("q"/"a" only when sampled)."""
+    import orjson
+
+    name = path.name
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        found = connection.execute("SELECT applied FROM meter_journals WHERE name = ?", (name,)).fetchone()
+        applied = found[0] if found else 0
+        try:
+            with path.open("rb") as journal:
+                journal.seek(applied)
+                data = journal.read()
+        except FileNotFoundError:
+            data = b""
+        complete = data[:data.rfind(b"\n") + 1]  # a line cut short by a kill mid-write waits for its end
+        counts: dict[tuple[str, str], list[int]] = {}
+        entries = []
+        for line in complete.splitlines():
+            record = orjson.loads(line)
+            total = counts.setdefault((current_month(record["t"]), record["k"]), [0, 0, 0])
+            total[0] += 1
+            total[1] += record["r"] if record["s"] < 400 else 0
+            total[2] += record["s"] >= 400
+            if record.get("q") is not None:
+                entries.append((record["i"], record["t"], record["k"], record["m"], record["s"], record["q"], record["a"]))
+        for month in {month for month, _ in counts}:
+            add_usage(connection, month, {key: tuple(total) for (m, key), total in counts.items() if m == month})
+        if entries:
+            connection.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", entries)
+        connection.execute("INSERT INTO meter_journals VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET applied = "
+                           "excluded.applied", (name, applied + len(complete)))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    if finished and len(complete) == len(data):
+        path.unlink(missing_ok=True)  # its offset row stays: a few bytes per finished journal
+    return sum(total[0] for total in counts.values())
+
+
+def journal_writer_gone(path: Path) -> bool:
+    host, pid, started, _ = path.name.removesuffix(JOURNAL_SUFFIX).split("~")
+    from maas.processes import owner_is_gone
+
+    return owner_is_gone({"maas.host": host, "maas.pid": pid, "maas.process_started": started}) is not None
+
+
+def apply_journals(connection: sqlite3.Connection, folder: Path, own_path: Path | None = None,
+                   own_prefix: str | None = None) -> int:
+    """Every journal in folder whose writer is gone, our own finished ones, and our current one (kept).
+    Another live worker's journal is its own flush thread's job. Returns the requests applied."""
+    applied = 0
+    for path in sorted(folder.glob(f"*{JOURNAL_SUFFIX}")):
+        if path == own_path:
+            applied += apply_journal(connection, path, finished=False)
+        elif (own_prefix and path.name.startswith(own_prefix + "~")) or journal_writer_gone(path):
+            applied += apply_journal(connection, path, finished=True)
+    return applied
+
+
+def meter_folder() -> Path:
+    return maas_home() / "run" / "meter"
 
 
 def usage_report(connection: sqlite3.Connection, month: str | None = None) -> list[dict]:

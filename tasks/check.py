@@ -23,7 +23,7 @@ from maas.paths import maas_home
 from maas.registered import ModelRef, download_bundle
 from maas.run_context import RunContext, open_run
 from maas.tracking import mlflow_client
-from maas.service_store import connect, last_check, save_check
+from maas.service_store import apply_journals, connect, last_check, meter_folder, save_check
 from tasks.drift import read_reference
 from tasks.prediction_log import LoggedRows, read_ground_truth, read_logged_rows, with_ground_truth
 
@@ -108,6 +108,7 @@ def open_check(config: RunConfig) -> Iterator[Check]:
     """A check of the watched model over the log since the last one, as an MLflow run in the
     monitoring experiment; the check's end (and its service scrape) is saved for the next one."""
     connection = connect()
+    apply_journals(connection, meter_folder())  # requests journaled by service workers that are gone
     at = time.time()
     name = f"check-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     with tempfile.TemporaryDirectory(dir=maas_home(), prefix="monitor-") as scratch:

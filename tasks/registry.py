@@ -29,6 +29,7 @@ from tasks.drift import build_reference, write_reference
 from maas.figures import log_confusion_matrix
 from tasks.evaluate import Evaluation, Scores, VariantRow, VariantTable, classification_metrics
 from tasks.export import update_metadata
+from tasks.recovery import REGISTRATION_TAG
 from tasks.tune import TuningResult
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "maas" / "mlflow_model.py"
@@ -263,14 +264,17 @@ def register_version(client, model_uri: str, target: ModelRef, run_id: str, tags
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Registered by maas.")
+    # 'pending' until the alias is set: a version a crash left without its alias is deleted by the
+    # next run (tasks/recovery.py), so no version is ever half-registered for long.
     version = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=tags, description=description
+        name, source=model_uri, run_id=run_id, tags={**tags, REGISTRATION_TAG: "pending"}, description=description
     )
     try:
         client.set_registered_model_alias(name, alias, version.version)
     except Exception:
         client.delete_model_version(name, version.version)
         raise
+    client.set_model_version_tag(name, version.version, REGISTRATION_TAG, "complete")
     return str(version.version)
 
 

@@ -2,13 +2,14 @@
 
 The study lives in RDB storage (SQLite in MAAS_HOME by default), so a re-run continues it: the
 budget counts the study's finished trials, and a trial left RUNNING by a dead process is failed
-by its missing heartbeat and retried. Each trial is an MLflow child run of the pipeline's parent
+and retried: at once when its owner's PID is gone (tasks/recovery.py), else by its missing heartbeat. Each trial is an MLflow child run of the pipeline's parent
 run, logged through explicit run ids (MLflow's fluent API is not thread-safe; Optuna's MLflow
 callback does not nest runs).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -28,9 +29,11 @@ from prefect.cache_policies import NO_CACHE
 from maas.config import Range, RunConfig, TuningConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home
+from maas.processes import process_owner
 from maas.figures import log_study_plots
 from maas.run_context import RunContext, run_logger, write_child_run, write_dict
 from tasks.data import PreparedData
+from tasks.recovery import TRIAL_OWNER_ATTR, fail_trials_of_dead_owners
 from tasks.train import EpochRecord, TrainingSettings, epoch_series, spec_for_data, train_on_data
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -232,8 +235,12 @@ class Objective:
         self.n_features = prepared.arrays.x_train.shape[1]
         self.family = spec_for_data(settings.model, prepared).family
         self.single_objective = len(tuning.objectives) == 1
+        self.owner = json.dumps(process_owner())
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        # Who trains this trial: if we die, the next run fails it at once (tasks/recovery.py), not
+        # after Optuna's heartbeat grace period.
+        trial.set_user_attr(TRIAL_OWNER_ATTR, self.owner)
         params = suggest_hyperparameters(trial, self.family, self.tuning)
         settings = apply_hyperparameters(self.settings, params)
         settings = TrainingSettings(settings.model, settings.train.model_copy(
@@ -389,6 +396,10 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     """Run trials until the study holds tuning.n_trials finished ones (or timeout_s passes)."""
     started = time.perf_counter()
     study = open_study(tuning, study_name, objective.family, seed)
+    recovered = fail_trials_of_dead_owners(study, tuning.max_retry)
+    if recovered:
+        run_logger().warning("recovered from a crash: Optuna trial(s) %s of a dead process failed and re-queued",
+                             ", ".join(recovered))
     if not study.trials and tuning.sampler != "grid":
         study.enqueue_trial(baseline_hyperparameters(objective.settings, objective.family, tuning),
                             user_attrs={BASELINE_ATTR: True})

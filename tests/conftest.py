@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ import pytest
 from maas.config import RunConfig, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROCESSES_BEFORE = pytest.StashKey[frozenset]()
+# Python's own helpers that read a pipe from this process and exit when it does.
+EXITS_WITH_US = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "joblib.externals.loky")
 
 
 def pytest_configure(config):
@@ -23,6 +28,63 @@ def pytest_configure(config):
 
     os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="maas-bentoml-"))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def pytest_sessionstart(session):
+    import psutil
+
+    session.config.stash[PROCESSES_BEFORE] = frozenset(psutil.pids())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a test left a process or a listening port behind (servers, their workers)."""
+    before = session.config.stash.get(PROCESSES_BEFORE, None)
+    if before is None:
+        return
+    leftovers = processes_left_behind(before)
+    deadline = time.monotonic() + 20  # a server being stopped may take a few seconds to go
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.5)
+        leftovers = processes_left_behind(before)
+    if not leftovers:
+        return
+    import psutil
+
+    lines = []
+    for process in leftovers:
+        with contextlib.suppress(psutil.Error):
+            ports = sorted({c.laddr.port for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN})
+            lines.append(f"  PID {process.pid}{f' listening on {ports}' if ports else ''}: "
+                         f"{' '.join(process.cmdline())[:160]}")
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("=", f"tests left {len(leftovers)} process(es) running (now killed)", red=True)
+        for line in lines:
+            reporter.write_line(line)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def processes_left_behind(before: frozenset) -> list:
+    """Live processes started during the session (not among `before`; psutil's start times are
+    rounded to the boot time's second, too coarse to compare) that are ours: descendants of this pytest process,
+    or orphans of them (re-parented to init) running this environment's Python."""
+    import psutil
+
+    me = psutil.Process()
+    ours = {child.pid for child in me.children(recursive=True)}
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        info = process.info
+        if info["pid"] == me.pid or info["pid"] in before or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        command = " ".join(info["cmdline"] or [])
+        if any(helper in command for helper in EXITS_WITH_US):
+            continue
+        if info["pid"] in ours or sys.prefix in command:
+            found.append(process)
+    return found
 
 
 @pytest.fixture

@@ -1,0 +1,72 @@
+"""Metering survives a killed worker: each request is journaled before its answer, and journals are
+brought into the service store exactly once, whoever brings them in and however often."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import orjson
+
+from deployments.metering import Meter, MeterJournal
+from maas.service_store import apply_journals, connect, create_key, meter_folder, read_predictions, usage_report
+
+
+def record(key_id: str, rows: int = 2, status: int = 200, logged: bool = False) -> bytes:
+    entry = {"k": key_id, "r": rows, "s": status, "t": 1_800_000_000.0, "m": "m/1@champion", "i": f"r{rows}"}
+    if logged:
+        entry.update(q='{"rows": []}', a="[]")
+    return orjson.dumps(entry) + b"\n"
+
+
+def test_a_dead_workers_journal_is_applied_once_even_by_two_processes_at_once(maas_home):
+    folder = meter_folder()
+    folder.mkdir(parents=True)
+    dead = folder / f"{socket.gethostname()}~999999~1.00~000000.journal"  # a worker on this host, its PID gone
+    dead.write_bytes(record("a") * 500 + record("a", logged=True) + b'{"k": "a", "r"')  # the last line cut by the kill
+    first, second = connect(), connect()
+    applied = []
+    threads = [threading.Thread(target=lambda c=c: applied.append(apply_journals(c, folder))) for c in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(applied) == [0, 501]
+    (usage,) = usage_report(first)
+    assert (usage["requests"], usage["rows"]) == (501, 1002)
+    assert len(read_predictions(first)) == 1
+    assert dead.exists()  # its cut line is kept, in case the rest of it is still being written
+    dead.write_bytes(dead.read_bytes()[:-len(b'{"k": "a", "r"')])  # as if the line had never begun
+    assert apply_journals(first, folder) == 0 and not dead.exists()
+    assert usage_report(first)[0]["requests"] == 501
+
+
+def test_the_meter_journals_before_the_answer_and_the_flush_brings_it_in(maas_home):
+    connection = connect()
+    key, _ = create_key(connection, "p", "pro")
+    meter = Meter(sample=1.0, flush_every_s=3600)
+    meter.record(key.key_id, 3, 200, "m/1@champion", "req-1", b'{"rows": [{"x": 1}]}', b"[]")
+    meter.record(key.key_id, 0, 400, "m/1@champion")
+    lines = meter.journal.path.read_bytes().splitlines()
+    assert [orjson.loads(line)["s"] for line in lines] == [200, 400]  # on disk before any flush
+    assert usage_report(connection) == []
+    meter.flush()
+    meter.flush()  # nothing twice
+    (usage,) = usage_report(connection)
+    assert (usage["requests"], usage["rows"], usage["errors"]) == (2, 3, 1)
+    (logged,) = read_predictions(connection)
+    assert logged["request_id"] == "req-1" and logged["inputs"] == [{"x": 1}]
+    assert meter.journal.path.exists()  # still being written
+
+
+def test_a_full_journal_is_rotated_and_the_finished_one_removed(maas_home, monkeypatch):
+    monkeypatch.setattr(MeterJournal, "ROTATE_BYTES", 200)
+    meter = Meter(sample=0.0, flush_every_s=3600)
+    first = meter.journal.path
+    for _ in range(5):
+        meter.record("k", 1, 200, "m/1")
+    meter.flush()
+    assert meter.journal.path != first and not first.exists()
+    meter.record("k", 1, 200, "m/1")
+    meter.flush()
+    assert usage_report(connect())[0]["requests"] == 6
