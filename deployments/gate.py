@@ -77,27 +77,59 @@ def seconds_to_next_month() -> int:
     return int((start - now).total_seconds()) + 1
 
 
+@dataclass(frozen=True)
+class Answering:
+    """What answers requests: the models, the reader of their input schema, a batcher per model."""
+
+    models: ServedModels
+    reader: RequestReader
+    default_batcher: Batcher
+    batchers: dict[str, Batcher]
+
+    @classmethod
+    def of(cls, models: ServedModels, settings: ServingConfig, batch_rows) -> Answering:
+        return cls(models, RequestReader(models.default.bundle.preprocessing, settings.strict_columns),
+                   Batcher(models.default.bundle, settings.max_batch_size, batch_rows),
+                   {tier: Batcher(model.bundle, settings.max_batch_size, batch_rows)
+                    for tier, model in models.tiers.items()})
+
+    def batcher(self, tier: str | None) -> Batcher:
+        return self.batchers.get(tier, self.default_batcher)
+
+
 class ServiceGate:
     """An ASGI app: answers /predict and /metadata, hands every other request to `app` (the service
     passes BentoML's app per request instead: `handle`)."""
 
     def __init__(self, app, models: ServedModels, settings: ServingConfig, metrics_registry=None):
-        """metrics_registry: where the batch-size histogram and process gauges register (default:
-        prometheus_client's, which /metrics serves); a test gives each gate its own."""
-        from prometheus_client import REGISTRY, Histogram
+        """metrics_registry: where the batch-size histogram, the per-model counter and the process
+        gauges register (default: prometheus_client's, which /metrics serves); a test gives each gate its own."""
+        from prometheus_client import REGISTRY, Counter, Histogram
 
         registry = metrics_registry or REGISTRY
-        self.app, self.models, self.settings = app, models, settings
-        self.reader = RequestReader(models.default.bundle.preprocessing, settings.strict_columns)
+        self.app, self.settings = app, settings
         self.meter = Meter(settings.prediction_log_sample, gauges=ProcessGauges(registry))
         rows_connection = connect()  # the meter's belongs to its thread
         self.limits = SharedLimits(limits_file(maas_home() / "run"),
                                    lambda key_id, month: rows_used(rows_connection, month).get(key_id, 0))
-        batch_rows = Histogram("maas_batch_rows", "rows per model call (adaptive batching)", registry=registry,
-                               buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
-        self.batchers = {tier: Batcher(model.bundle, settings.max_batch_size, batch_rows)
-                         for tier, model in models.tiers.items()}
-        self.default_batcher = Batcher(models.default.bundle, settings.max_batch_size, batch_rows)
+        self.batch_rows = Histogram("maas_batch_rows", "rows per model call (adaptive batching)", registry=registry,
+                                    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
+        self.answered = Counter("maas_predictions", "requests answered 200, by the model version that answered",
+                                ["model"], registry=registry)
+        self.answering = Answering.of(models, settings, self.batch_rows)
+
+    @property
+    def models(self) -> ServedModels:
+        return self.answering.models
+
+    @property
+    def reader(self) -> RequestReader:
+        return self.answering.reader
+
+    def swap(self, models: ServedModels) -> None:
+        """Answer new requests with `models` from now on; requests already in flight finish on the
+        models they started with (each request reads `self.answering` once)."""
+        self.answering = Answering.of(models, self.settings, self.batch_rows)
 
     async def __call__(self, scope, receive, send):
         return await self.handle(scope, receive, send, self.app)
@@ -109,7 +141,8 @@ class ServiceGate:
             return await passthrough(scope, receive, send)
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         key_id, tier, tier_name = ANONYMOUS, None, None
-        default_label = self.models.default.label
+        answering = self.answering  # one set of models for the whole request, even across a swap
+        default_label = answering.models.default.label
         if self.settings.auth:
             presented = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
             found = self.meter.keys.get(hash_key(presented)) if presented else None
@@ -127,7 +160,7 @@ class ServiceGate:
                                    {"retry-after": str(max(1, round(wait)))})
         try:
             body = await read_body(receive, headers, self.settings.max_request_bytes)
-            logged, columns, ignored = self.reader.read(body, self.settings.max_rows_per_request)
+            logged, columns, ignored = answering.reader.read(body, self.settings.max_rows_per_request)
         except BadRequest as refused:
             self.meter.record(key_id, 0, refused.status, default_label)
             return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})})
@@ -137,12 +170,13 @@ class ServiceGate:
                                            f"({tier.monthly_rows} rows) used up"},
                                {"retry-after": str(seconds_to_next_month())})
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        model = self.models.for_tier(tier_name)
-        probabilities = await self.batchers.get(tier_name, self.default_batcher).probabilities(columns)
+        model = answering.models.for_tier(tier_name)
+        probabilities = await answering.batcher(tier_name).probabilities(columns)
         answer = orjson.dumps(predictions(model.bundle, probabilities))
         extra = {"x-maas-ignored-columns": ignored_columns_header(ignored)} if ignored else {}
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer)  # metered, then answered
-        await send_json(send, 200, answer, {"x-request-id": request_id, **extra})
+        self.answered.labels(model.label).inc()
+        await send_json(send, 200, answer, {"x-request-id": request_id, "x-maas-model": model.label, **extra})
 
     def metadata(self) -> dict:
         """GET /metadata: the model behind this service, its test metrics and input schema."""

@@ -9,6 +9,7 @@ Started by `maas serve`, which packages the model and sets:
   MAAS_SERVING_CONFIG  the serving section of the config, as JSON
   MAAS_MODEL_LABEL     name/version@alias, reported by /metadata and written to the prediction log
   MAAS_TIER_MODELS     {tier: {bundle_dir, label}} for tiers served from another version (serving.tiers.*.model)
+  MAAS_SERVED_MODELS_FILE  the same, kept current as the aliases move (deployments/follower.py)
 
 A Bento built by training (`bentoml serve <bento tag>`) carries the same as Bento arguments:
 `maas_model` (the BentoML model tag), `maas_serving` (the training run's serving section, JSON) and
@@ -33,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from deployments.batcher import model_probabilities
 from deployments.bentoml_fixes import cancel_bentoml_timeout_timers, freeze_startup_objects
+from deployments.follower import SERVED_MODELS_ENV, ServedModelsWatcher, parse_served_models
 from deployments.gate import PREDICT_PATH, ServiceGate, load_models, predictions
 from deployments.request_reader import row_model
 from maas.bundle import PREPROCESSING_FILE
@@ -102,8 +104,15 @@ class MaasService:
         # old model after `maas serve` was killed. Its requests are metered before they are answered.
         die_with_parent(os.getppid(), signal.SIGKILL)
         settings = SOURCE.settings
-        models = load_models((SOURCE.bundle_dir, SOURCE.label), SOURCE.tiers, settings.model_threads)
-        self.gate = ServiceGate(None, models, settings)
+        followed = os.environ.get(SERVED_MODELS_ENV)  # set by `maas serve`: where the aliases point now
+        if followed:  # a worker (re)started after an alias moved starts on the new version
+            loaded = Path(followed).read_bytes()
+            default, tiers = parse_served_models(loaded)
+        else:
+            default, tiers = (SOURCE.bundle_dir, SOURCE.label), SOURCE.tiers
+        self.gate = ServiceGate(None, load_models(default, tiers, settings.model_threads), settings)
+        if followed:
+            ServedModelsWatcher(Path(followed), self.gate, settings.model_threads, loaded)
         freeze_startup_objects()
 
     @bentoml.api(route=PREDICT_PATH)

@@ -221,6 +221,7 @@ def command_serve(args: argparse.Namespace) -> int:
     from maas.paths import project_root
     from maas.registered import ModelRef
     from maas.tracking import mlflow_client
+    from deployments.follower import SERVED_MODELS_ENV, RegistryFollower, served_models_file
     from tasks.package import package_model, package_tier_models
 
     config = load_config(args.config, None, None, args.overrides)
@@ -241,7 +242,9 @@ def command_serve(args: argparse.Namespace) -> int:
         print(f"  tier {tier}: {model.label}", flush=True)
     command = [sys.executable, "-m", "bentoml", "serve", "deployments.service:MaasService",
                "--host", serving.host, "--port", str(serving.port)]
-    return supervise(command, serving_environment(packaged, serving, tier_models), cwd=str(project_root()))
+    follower = RegistryFollower(client, wanted, serving, served_models_file(serving.port), packaged, tier_models)
+    environment = {**serving_environment(packaged, serving, tier_models), SERVED_MODELS_ENV: str(follower.path)}
+    return supervise(command, environment, cwd=str(project_root()), on_tick=follower.tick)
 
 
 def command_keys(args: argparse.Namespace) -> int:

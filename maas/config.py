@@ -259,6 +259,8 @@ class ServingConfig(Section):
     trace_predictions: bool = Field(False, description="an OpenTelemetry span per /predict request; BentoML records "
                                     "them even with no exporter, at ~half the service's CPU per one-row request")
     access_log: bool = Field(True, description="BentoML's access log line per request (~15% of a one-row request's CPU)")
+    reload_interval_s: float = Field(30.0, gt=0, description="maas serve: when an alias moves, the new version "
+                                     "answers within this many seconds, without a restart")
     prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests logged for monitoring")
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {
         "free": TierConfig(requests_per_minute=60, monthly_rows=100_000),

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 from maas.errors import MaasInputError
 
@@ -103,13 +104,14 @@ def _new_group_dying_with(parent_pid: int) -> None:
     die_with_parent(parent_pid, signal.SIGTERM)  # SIGTERM: the server stops its own workers
 
 
-def supervise(command: list[str], env: dict[str, str], cwd: str | None = None, grace_s: float = 30.0) -> int:
+def supervise(command: list[str], env: dict[str, str], cwd: str | None = None, grace_s: float = 30.0,
+              on_tick: Callable[[], None] | None = None) -> int:
     """Run a server until it exits or we are told to stop; its exit code (0 when stopped by us).
 
     SIGINT and SIGTERM are passed to the server's whole process group; whatever of the group is
     still there `grace_s` later, or when the server itself exits, is killed. If this process is
     SIGKILLed, the kernel sends the server SIGTERM and the server's own workers die with it (see
-    deployments/service.py)."""
+    deployments/service.py). `on_tick` runs about every half second while the server runs."""
     parent = os.getpid()
     child = subprocess.Popen(command, env=env, cwd=cwd, preexec_fn=lambda: _new_group_dying_with(parent))
     stopping: list[int] = []
@@ -126,6 +128,8 @@ def supervise(command: list[str], env: dict[str, str], cwd: str | None = None, g
                 code = child.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
+                if on_tick is not None and not stopping:
+                    on_tick()
                 if stopping and deadline is None:
                     deadline = time.monotonic() + grace_s
                 if deadline is not None and time.monotonic() > deadline:
