@@ -193,9 +193,10 @@ class ServiceGate:
 
 
 def ignored_columns_header(columns: list[str]) -> str:
-    """Column names, comma-separated; a comma, '%' or anything outside printable ASCII is
-    percent-encoded, since a header is latin-1 and a column name may be any text."""
-    return ", ".join(quote(column, safe=" !\"#$&'()*+-./:;<=>?@[\\]^_`{|}~") for column in columns)
+    """Column names, comma-separated; a space, comma, '%' or anything outside printable ASCII is
+    percent-encoded, since a header is latin-1, may not start or end with a space (h11 closed the
+    connection on a column named ' '), and a column name may be any text."""
+    return ", ".join(quote(column, safe="!\"#$&'()*+-./:;<=>?@[\\]^_`{|}~") for column in columns)
 
 
 async def reply(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:

@@ -22,6 +22,16 @@ CONTRACT_KEYS = frozenset({"mlflow_run_id", "experiment", "model_name", "model_v
                            "variants", "bento"})
 
 
+def render_leaderboard(rows: list[dict[str, Any]]) -> str:
+    """The families as `maas run` prints them, best first."""
+    lines = [f"  {'family':<8}{'CV macro F1':>20}{'folds':>7}{'fit s':>8}{'bytes':>10}{'ms @64':>9}"]
+    for row in rows:
+        lines.append(f"{'*' if row['selected'] else ' '} {row['family']:<8}"
+                     f"{row['cv_f1_macro_mean']:>12.4f} ± {row['cv_f1_macro_sd']:.4f}{row['folds']:>7}"
+                     f"{row['fit_s']:>8.2f}{row['size_bytes']:>10}{row['p50_ms_b64']:>9.3f}")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class TrainSummary:
     """One training run: where it is recorded, what was registered, how the winner was chosen."""
@@ -46,6 +56,7 @@ class TrainSummary:
     def to_dict(self) -> dict[str, Any]:
         """The `--summary` JSON of the CLI contract (DESIGN.md)."""
         registered, gate, tuning = self.registered, self.registered.gate, self.tuning
+        comparison = self.winner.comparison
         return {
             "mlflow_run_id": self.mlflow_run_id,
             "mlflow_run_url": self.mlflow_run_url,
@@ -61,6 +72,9 @@ class TrainSummary:
             "gate": {"promoted": gate.promoted, "reason": gate.reason, "metric": gate.metric, "new_score": gate.new_score,
                      "champion_version": gate.champion_version, "champion_score": gate.champion_score},
             "variants": [row.summary() for row in self.winner.table.rows],
+            "family": comparison.chosen.family if comparison else None,
+            "family_selection": comparison.reason if comparison else None,
+            "leaderboard": comparison.leaderboard() if comparison else [],
             "bento": self.bento,
             "tuning": None if tuning is None else {
                 "study": tuning.study_name, "n_complete": tuning.n_complete, "n_pruned": tuning.n_pruned,
@@ -75,8 +89,11 @@ class TrainSummary:
 
     def outcome(self) -> str:
         """The variant table, the selection and the gate's verdict: what happened, in a few lines."""
-        registered = self.registered
+        registered, comparison = self.registered, self.winner.comparison
+        families = [] if comparison is None else [render_leaderboard(comparison.leaderboard()), "",
+                                                   f"Family: {comparison.reason}", ""]
         return "\n".join([
+            *families,
             self.winner.table.render(), "",
             f"Selected {self.winner.selection.reason}",
             f"Registered {registered.name} version {registered.version} as @{registered.alias}: {registered.gate.reason}",

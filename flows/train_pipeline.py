@@ -18,7 +18,8 @@ from tasks.data import PreparedData, prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.package import package_task
 from tasks.recovery import recover_task
-from tasks.registry import register_task, select_task
+from tasks.families import compare_task, fit_family_task, tunes_network
+from tasks.registry import register_task, report_task, select_task
 from tasks.train import train_task
 from tasks.tune import chosen_settings, tune_task
 
@@ -27,7 +28,7 @@ end_flow_runs_promptly()
 
 @flow(name="maas-train", description="Dataset in; tuned, evaluated, registered model out.")
 def train_pipeline(config: RunConfig) -> TrainSummary:
-    """recover → data → tune → train → compress → evaluate → select → register → package"""
+    """recover → data → tune → families → train (or fit) → compress → evaluate → select → report → register → package"""
     timer = StageTimer()
     # Recovery: runs, flow runs and versions a crashed run left RUNNING or half-made are settled first.
     recover_task(timer)
@@ -35,17 +36,24 @@ def train_pipeline(config: RunConfig) -> TrainSummary:
     prepared = prepare_data_task(config.data, config.seed, timer)
     with open_run(config.experiment_name, None, {"maas.dataset": config.data.short_name}, timer, background=True) as ctx:
         record_start(ctx, config, prepared)
-        # Tuning: an Optuna study (resumable) picks the settings; each trial is a child run.
-        tuning = tune_task(ctx, prepared, config) if config.tuning.enabled else None
+        choosing = prepared.sealed()  # every stage that chooses sees train and validation rows only
+        # Tuning: an Optuna study (resumable) picks the network's settings; each trial is a child run.
+        tuning = tune_task(ctx, choosing, config) if tunes_network(config) else None
         settings = chosen_settings(config, tuning)
-        # Training: the chosen network, early-stopped on validation loss.
-        trained = train_task(ctx, prepared, settings, config.seed)
-        # Compression: every configured variant, exported as the bundle that would serve.
-        variants = compress_task(ctx, trained, prepared, config.compression, settings.train, config.seed)
-        # Evaluation: every variant's bundle on the same held-out test split, timed as it would serve.
-        scores = evaluate_task(ctx, variants, prepared.splits, config.serving.model_threads)
-        # Selection: the policy picks the winner; its figures become the run's test metrics.
+        # Families: the network, gradient boosting and a linear model by cross-validation; a leaderboard.
+        comparison = compare_task(ctx, choosing, config, settings)
+        if comparison.is_network:
+            # Training: the chosen network, early-stopped on validation loss.
+            trained = train_task(ctx, choosing, settings, config.seed)
+            # Compression: every configured variant, exported as the bundle that would serve.
+            variants = compress_task(ctx, trained, choosing, config.compression, settings.train, config.seed)
+        else:  # a scikit-learn family, fitted on train + validation: one variant
+            variants = fit_family_task(ctx, choosing, comparison, config.seed)
+        # Evaluation: every variant's bundle on the validation split, timed as it would serve.
+        scores = evaluate_task(ctx, variants, choosing.splits, config.serving.model_threads)
+        # Selection: the policy picks the variant on validation figures; then its one look at the test split.
         winner = select_task(ctx, scores, config.selection)
+        winner = report_task(ctx, winner, prepared.splits, comparison, config.serving.model_threads)
         # Registry: provenance and the drift reference sealed in, registered, promoted only past the gate.
         registered = register_task(ctx, winner, prepared, config, tuning)
         # Packaging: a new champion becomes a BentoML model and a Bento, ready for `bentoml serve`.

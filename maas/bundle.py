@@ -110,6 +110,9 @@ class ModelBundle:
             onnx_model, sess_options=options, providers=["CPUExecutionProvider"]
         )
         self.input_name = self.session.get_inputs()[0].name
+        # A network's graph has one output; a scikit-learn one (models/classic.py) also has 'label'.
+        outputs = [output.name for output in self.session.get_outputs()]
+        self.output_names = ["probabilities"] if "probabilities" in outputs else outputs[:1]
         self.preprocessing = preprocessing
         self.metadata = metadata
         self.labels: list[str] = list(metadata["labels"])
@@ -128,7 +131,7 @@ class ModelBundle:
         """Class probabilities for already-transformed features (the ONNX graph alone)."""
         if len(features) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return self.session.run(None, {self.input_name: features})[0]
+        return self.session.run(self.output_names, {self.input_name: features})[0]
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         return self.predict_features(transform(frame, self.preprocessing))

@@ -54,11 +54,18 @@ class DataConfig(Section):
         return self.dataset if self.is_builtin else Path(self.dataset).stem
 
 
-class ModelConfig(Section):
-    """Network family and its shape hyperparameters (see models/)."""
+FamilyName = Literal["network", "mlp", "cnn", "hgb", "linear"]
 
-    family: Literal["auto", "mlp", "cnn"] = Field(
-        "auto", description="auto: cnn for image-like data (digits), else mlp"
+
+class ModelConfig(Section):
+    """Model families and the networks' shape hyperparameters (see models/)."""
+
+    family: Literal["auto", "mlp", "cnn", "hgb", "linear"] = Field(
+        "auto", description="auto: compare `families` by cross-validation and keep the best; else that family alone"
+    )
+    families: list[FamilyName] = Field(
+        default_factory=lambda: ["network", "hgb", "linear"], min_length=1,
+        description="candidates of family auto; network: cnn for image-like data (digits), else mlp",
     )
     hidden_sizes: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -204,6 +211,13 @@ class SelectionConfig(Section):
     speed_tolerance: float = Field(0.1, ge=0, lt=1, description="fastest: rows/s this close to the top count as a tie")
     max_latency_ms: float | None = Field(None, gt=0, description="batch-1 p99 limit")
     max_size_bytes: int | None = Field(None, gt=0)
+    cv_folds: int = Field(5, ge=2, le=20, description="stratified folds comparing the model families")
+    cv_repeats: int = Field(2, ge=1, le=10, description="repeats of the folds on tables under repeat_below_rows")
+    repeat_below_rows: int = Field(5000, ge=0, description="train+validation rows under which folds are repeated")
+    time_budget_s: float = Field(60.0, gt=0, description="per family: its study and its cross-validation")
+    family_trials: int = Field(10, ge=1, description="Optuna trials per scikit-learn family (the first: its defaults)")
+    family_tolerance: float = Field(0.005, ge=0, le=1, description="CV macro F1 a simpler family may give up "
+                                    "(linear, then hgb, then the network)")
 
 
 def _check_alias(alias: str) -> str:

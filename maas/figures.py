@@ -117,17 +117,40 @@ def log_variant_comparison(client, run_id: str, rows: list[dict[str, Any]], fold
     """variants/quality_vs_latency.png and variants/comparison.json on the parent run."""
     import pandas as pd
 
-    plot = plot_quality_vs_latency(rows, folder / "quality_vs_latency.png", "variants on the test split")
+    plot = plot_quality_vs_latency(rows, folder / "quality_vs_latency.png", "variants on the validation split")
     client.log_artifact(run_id, str(plot), artifact_path="variants")
     with warnings.catch_warnings():  # MLflow's own select_dtypes call warns under pandas 3
         warnings.filterwarnings("ignore", message=".*select_dtypes.*")
         client.log_table(run_id, pd.DataFrame(rows), "variants/comparison.json")
 
 
+def log_leaderboard(client, run_id: str, rows: list[dict[str, Any]], folder: Path) -> None:
+    """families/leaderboard.png (CV macro F1 mean ± sd per family) and families/leaderboard.json."""
+    import pandas as pd
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 0.6 * len(rows) + 1.5))
+    names = [row["family"] + (" (selected)" if row["selected"] else "") for row in rows][::-1]
+    axes.barh(names, [row["cv_f1_macro_mean"] for row in rows][::-1], xerr=[row["cv_f1_macro_sd"] for row in rows][::-1],
+              color=["tab:green" if row["selected"] else "tab:gray" for row in rows][::-1])
+    low = min(row["cv_f1_macro_mean"] - row["cv_f1_macro_sd"] for row in rows)
+    axes.set_xlim(max(0.0, low - 0.05), 1.0)
+    axes.set_xlabel("cross-validated macro F1 (mean ± sd over folds)")
+    figure.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    figure.savefig(folder / "leaderboard.png", dpi=100)
+    plt.close(figure)
+    client.log_artifact(run_id, str(folder / "leaderboard.png"), artifact_path="families")
+    with warnings.catch_warnings():  # MLflow's own select_dtypes call warns under pandas 3
+        warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+        client.log_table(run_id, pd.DataFrame(rows), "families/leaderboard.json")
+
+
 def write_variant_run(client, parent: RunRef, name: str, figures: dict[str, Any], confusion: np.ndarray,
                       labels: list[str], png: Path) -> None:
     """A variant's child run with its figures and confusion matrix."""
-    title = f"{name} on the test split: accuracy {figures['metrics']['test/accuracy']:.3f}"
+    split = "test" if "test/accuracy" in figures["metrics"] else "val"
+    title = f"{name} on the {'test' if split == 'test' else 'validation'} split: accuracy {figures['metrics'][f'{split}/accuracy']:.3f}"
     plot_confusion_matrix(confusion, labels, png, title)
     write_child_run(client, parent, f"variant-{name}", {"maas.variant": name}, figures, [(png, "evaluation")])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,6 +57,23 @@ class TrainingArrays:
     y_val: np.ndarray
 
 
+class SealedSplitRead(RuntimeError):
+    """A stage that chooses (tuning, families, variants) read the test split."""
+
+
+class SealedSplit:
+    """Stands in for the test split in the stages that choose: any use of it raises, so the test
+    figures stay an unbiased report of the choice (tests/unit/test_selection.py)."""
+
+    def _refuse(self, *_args, **_kwargs):
+        raise SealedSplitRead("the test split is sealed until the chosen model's report")
+
+    __len__ = __iter__ = __getitem__ = __array__ = __bool__ = _refuse
+
+    def __getattr__(self, name: str):
+        self._refuse()
+
+
 @dataclass
 class PreparedData:
     """Everything later stages need from the data, and what the model bundle carries."""
@@ -79,6 +96,13 @@ class PreparedData:
         splits = self.splits
         return TrainingArrays(transform(splits.x_train, self.preprocessing), splits.y_train,
                               transform(splits.x_val, self.preprocessing), splits.y_val)
+
+    def sealed(self) -> PreparedData:
+        """The same data with the test split sealed (SealedSplit), for the stages that choose."""
+        splits = replace(self.splits, x_test=SealedSplit(), y_test=SealedSplit())
+        copy = replace(self, splits=splits)
+        copy.__dict__["arrays"] = self.arrays  # the cached transform, not recomputed
+        return copy
 
     def description(self) -> dict[str, Any]:
         """Where the data came from and what the model takes: data/schema.json on the run."""

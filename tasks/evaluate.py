@@ -1,4 +1,5 @@
-"""Evaluation of the exported bundle on the held-out test split: what is measured is what serves."""
+"""Evaluation of the exported bundles as they serve: every variant on the validation split (to
+choose one), the chosen one on the held-out test split (tasks/registry.py, once)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ class Evaluation:
     latency_p99_ms: float
     graph_latency: dict[int, Latency] = field(default_factory=dict)  # batch size -> graph-only timing
     probabilities: np.ndarray | None = None
+    split: str = "test"  # where the metrics were measured: "val" chooses the variant, "test" reports it
 
     def figures(self) -> dict[str, float]:
         """Flat metric names for MLflow and the summary."""
-        figures = {f"test/{name}": value for name, value in self.metrics.items()}
+        figures = {f"{self.split}/{name}": value for name, value in self.metrics.items()}
         figures.update({"size/model_bytes": self.size_bytes, "size/compressed_bytes": self.compressed_bytes,
                         "latency/p50_ms_b1_e2e": self.latency_p50_ms, "latency/p99_ms_b1_e2e": self.latency_p99_ms})
         for batch, timing in self.graph_latency.items():
@@ -110,9 +112,9 @@ def graph_latency(bundle: ModelBundle, features: np.ndarray, batch: int, budget_
 
 
 def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, threads: int | None = 1,
-                    batches: tuple[int, ...] = (1, 64)) -> Evaluation:
+                    batches: tuple[int, ...] = (1, 64), split: str = "test") -> Evaluation:
     """Load the bundle as serving does (ONNX Runtime on `threads` threads, serving.model_threads;
-    None: one per core) and score it on raw test rows, timing it as it would serve."""
+    None: one per core) and score it on raw rows of `split`, timing it as it would serve."""
     bundle = ModelBundle.load(bundle_dir, threads)
     probabilities = bundle.predict_proba(x_test)
     predicted = probabilities.argmax(1)
@@ -131,6 +133,7 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
         latency_p99_ms=p99,
         graph_latency=timings,
         probabilities=probabilities,
+        split=split,
     )
 
 
@@ -234,14 +237,15 @@ class Scores:
     failed: list[FailedVariant]
 
 
-def evaluate_variants(variants: Variants, x_test: pd.DataFrame, y_test: np.ndarray, threads: int | None = 1) -> Scores:
+def evaluate_variants(variants: Variants, x_val: pd.DataFrame, y_val: np.ndarray, threads: int | None = 1) -> Scores:
     """Each variant's bundle scored and timed as served (`threads`: serving.model_threads), on the same
-    test rows; a variant that cannot be evaluated joins the failures (fp32, the reference, must)."""
+    validation rows (the test split is kept for the chosen one's report); a variant that cannot be
+    evaluated joins the failures (fp32, the reference, must)."""
     evaluated, evaluations, rows = [], {}, []
     failed = list(variants.failed)
     for variant in variants.built:
         try:
-            evaluation = evaluate_bundle(variant.bundle_dir, x_test, y_test, threads)
+            evaluation = evaluate_bundle(variant.bundle_dir, x_val, y_val, threads, split="val")
         except Exception as error:
             if variant.name == "fp32":
                 raise
@@ -284,5 +288,5 @@ def record_evaluation(ctx: RunContext, scores: Scores) -> None:
 def evaluate_task(ctx: RunContext, variants: Variants, splits: DataSplits, threads: int) -> Scores:
     """threads: ONNX Runtime's, as the service runs the model (serving.model_threads, 0: one per core).
     One thread also leaves the other core to the recorder without disturbing the timings."""
-    return ctx.run_stage("evaluate", partial(evaluate_variants, variants, splits.x_test, splits.y_test, threads or None),
+    return ctx.run_stage("evaluate", partial(evaluate_variants, variants, splits.x_val, splits.y_val, threads or None),
                          record_evaluation)

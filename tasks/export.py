@@ -12,6 +12,7 @@ from torch import nn
 
 from maas.bundle import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, PREPROCESSING_FILE
 from models import NetworkSpec
+from models.classic import ClassicSpec, export_classic_onnx
 from tasks.data import PreparedData
 
 
@@ -37,11 +38,15 @@ def export_onnx(network: nn.Module, n_features: int, path: Path) -> None:
         )
 
 
-def write_bundle(folder: Path, network: nn.Module, spec: NetworkSpec, prepared: PreparedData) -> Path:
+def write_bundle(folder: Path, model: Any, spec: NetworkSpec | ClassicSpec, prepared: PreparedData) -> Path:
     """Write model.onnx, preprocessing.json and metadata.json into folder; returns folder. From the
-    data it was trained on, the bundle carries the fitted preprocessing, labels, target and schema."""
+    data it was trained on, the bundle carries the fitted preprocessing, labels, target and schema.
+    `model`: a torch network, or a fitted scikit-learn estimator with a ClassicSpec."""
     folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(network, spec.n_features, folder / MODEL_FILE)
+    if isinstance(spec, ClassicSpec):
+        export_classic_onnx(model, spec.n_features, folder / MODEL_FILE)
+    else:
+        export_onnx(model, spec.n_features, folder / MODEL_FILE)
     (folder / PREPROCESSING_FILE).write_text(json.dumps(prepared.preprocessing, indent=1))
     metadata = {
         "format_version": FORMAT_VERSION,

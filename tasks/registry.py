@@ -7,7 +7,7 @@ import hashlib
 import json
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from importlib import metadata as package_metadata
@@ -24,10 +24,11 @@ from maas.paths import project_root
 from maas.registered import ModelRef, alias_version, download_bundle
 from maas.run_context import RunContext
 from tasks.compress import Variant
-from tasks.data import PreparedData
+from tasks.data import DataSplits, PreparedData
 from tasks.drift import build_reference, write_reference
 from maas.figures import log_confusion_matrix
-from tasks.evaluate import Evaluation, Scores, VariantRow, VariantTable, classification_metrics
+from tasks.evaluate import Evaluation, Scores, VariantRow, VariantTable, classification_metrics, evaluate_bundle
+from tasks.families import Comparison
 from tasks.export import update_metadata
 from tasks.recovery import REGISTRATION_TAG
 from tasks.tune import TuningResult
@@ -97,12 +98,14 @@ def select_variant(rows: list[VariantRow], selection: SelectionConfig) -> Select
 
 @dataclass(frozen=True)
 class Winner:
-    """The selection stage's result: the chosen variant, its test figures, and the table it won."""
+    """The selection stage's result: the chosen variant, its figures (validation; test once
+    reported), the table it won, and the family comparison it came out of."""
 
     selection: Selection
     variant: Variant
     evaluation: Evaluation
     table: VariantTable
+    comparison: Comparison | None = None
 
 
 def choose_winner(scores: Scores, selection: SelectionConfig) -> Winner:
@@ -112,14 +115,27 @@ def choose_winner(scores: Scores, selection: SelectionConfig) -> Winner:
 
 
 def record_winner(ctx: RunContext, winner: Winner) -> None:
-    """The winner's figures become the run's test metrics; the table goes to Prefect with the reason."""
-    evaluation, reason = winner.evaluation, winner.selection.reason
-    ctx.record(metrics={f"test/{name}": value for name, value in evaluation.metrics.items()},
-               tags={"maas.selected_variant": winner.variant.name, "maas.selection": reason})
+    """The selection and the variant table (validation figures) to MLflow tags and Prefect."""
+    reason = winner.selection.reason
+    ctx.record(tags={"maas.selected_variant": winner.variant.name, "maas.selection": reason})
+    ctx.artifacts.table("variants", winner.table.flat(), f"Variants on the validation split; selected {reason}")
+    ctx.logger.info("selected %s", reason)
+
+
+def report_on_test(winner: Winner, splits: DataSplits, comparison: Comparison | None, threads: int | None) -> Winner:
+    """The chosen variant on the test split: the one time any stage reads it (with the gate)."""
+    evaluation = evaluate_bundle(winner.variant.bundle_dir, splits.x_test, splits.y_test, threads, split="test")
+    return replace(winner, evaluation=evaluation, comparison=comparison)
+
+
+def record_report(ctx: RunContext, winner: Winner) -> None:
+    """The winner's test figures become the run's test metrics, with its confusion matrix."""
+    evaluation = winner.evaluation
+    ctx.record(metrics={f"test/{name}": value for name, value in evaluation.metrics.items()})
     ctx.defer(log_confusion_matrix, ctx.run_id, evaluation.confusion, evaluation.labels,
               ctx.scratch_dir("winner") / "confusion_matrix.png", f"test split: accuracy {evaluation.metrics['accuracy']:.3f}")
-    ctx.artifacts.table("variants", winner.table.flat(), f"Variants on the test split; selected {reason}")
-    ctx.logger.info("selected %s", reason)
+    ctx.logger.info("test split, %s: %s", winner.variant.name,
+                    ", ".join(f"{name} {value:.4f}" for name, value in evaluation.metrics.items()))
 
 
 # --- the promotion gate ----------------------------------------------------------------------------
@@ -339,6 +355,11 @@ def record_registration(ctx: RunContext, registered: RegisteredVersion) -> None:
 @task(name="select", retries=0, cache_policy=NO_CACHE)
 def select_task(ctx: RunContext, scores: Scores, selection: SelectionConfig) -> Winner:
     return ctx.run_stage("select", partial(choose_winner, scores, selection), record_winner)
+
+
+@task(name="report-on-test", retries=0, timeout_seconds=1800, cache_policy=NO_CACHE)
+def report_task(ctx: RunContext, winner: Winner, splits: DataSplits, comparison: Comparison | None, threads: int) -> Winner:
+    return ctx.run_stage("report", partial(report_on_test, winner, splits, comparison, threads or None), record_report)
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=3, timeout_seconds=900, cache_policy=NO_CACHE)

@@ -113,10 +113,12 @@ def seed_everything(seed: int) -> None:
 def network_spec_for(
     model: ModelConfig, n_features: int, n_classes: int, image_shape: tuple[int, int] | None
 ) -> NetworkSpec:
-    """Resolve family 'auto' (cnn for image-like data) and turn the model config into a spec."""
+    """Resolve the network family (mlp or cnn named in family or families, else cnn for image-like
+    data) and turn the model config into a spec."""
     family = model.family
-    if family == "auto":
-        family = "cnn" if image_shape is not None else "mlp"
+    if family not in ("mlp", "cnn"):
+        named = [name for name in model.families if name in ("mlp", "cnn")]
+        family = named[0] if named else "cnn" if image_shape is not None else "mlp"
     if family == "cnn" and (image_shape is None or image_shape[0] * image_shape[1] != n_features):
         raise MaasInputError("model.family=cnn needs image-like data (the digits built-in); use mlp or auto")
     return NetworkSpec(

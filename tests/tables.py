@@ -64,7 +64,51 @@ def loans_table(rows: int = 800, seed: int = 1) -> pd.DataFrame:
     return frame
 
 
-MESSY = {"churn": (churn_table, "churned"), "loans": (loans_table, "defaulted")}
+def thresholds_table(rows: int = 3000, seed: int = 2) -> pd.DataFrame:
+    """A target made of thresholds and interactions over heavy-tailed columns, with uninformative
+    ones: the kind of table where tree ensembles lead networks (Grinsztajn et al. 2022)."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({f"x{index}": rng.standard_t(2, rows) * rng.choice([1, 10, 100]) for index in range(8)})
+    for index in range(8):
+        frame[f"noise{index}"] = rng.lognormal(0, 2, rows)
+    x = frame
+    rule = ((x.x0 > 0.5) & (x.x1 < 0)) | ((x.x2 > 1) ^ (x.x3 > -0.5)) & (x.x4.abs() < 2)
+    rule = rule ^ ((x.x5 > 3) & (x.x6 > 0))
+    flip = rng.random(rows) < 0.05
+    frame["label"] = np.where(rule ^ flip, "hit", "miss")
+    return frame
+
+
+def linear_table(rows: int = 1500, seed: int = 3) -> pd.DataFrame:
+    """Three classes separated by linear boundaries with label noise: a linear model is enough."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (rows, 10))
+    scores = x @ rng.normal(0, 1, (10, 3)) + rng.gumbel(0, 0.5, (rows, 3))
+    frame = pd.DataFrame(x, columns=[f"f{index}" for index in range(10)])
+    frame["label"] = np.array(["a", "b", "c"])[scores.argmax(1)]
+    return frame
+
+
+def large_table(rows: int = 24_000, seed: int = 4) -> pd.DataFrame:
+    """Many rows, mixed types, gaps: 24k orders, returned or kept."""
+    rng = np.random.default_rng(seed)
+    price = np.exp(rng.normal(3.5, 1.0, rows)).round(2)
+    days = rng.integers(0, 30, rows)
+    category = rng.choice(["shoes", "shirts", "books", "toys", "tools"], rows, p=[0.3, 0.3, 0.2, 0.1, 0.1])
+    channel = rng.choice(["web", "app", "store"], rows)
+    rating = rng.integers(1, 6, rows).astype(float)
+    risk = (0.02 * days + (category == "shoes") * 1.2 + (category == "shirts") * 0.6 - 0.4 * (rating - 3)
+            + 0.3 * np.log(price) - 0.8 * (channel == "store") + rng.normal(0, 1, rows))
+    frame = pd.DataFrame({"order_id": np.arange(rows) + 1_000_000, "price": price, "days_to_deliver": days,
+                          "category": category, "channel": channel, "rating": rating,
+                          "returned": np.where(risk > np.quantile(risk, 0.8), "yes", "no")})
+    frame.loc[rng.random(rows) < 0.05, "rating"] = np.nan
+    frame.loc[rng.random(rows) < 0.03, "channel"] = None
+    return frame
+
+
+MESSY = {"churn": (churn_table, "churned"), "loans": (loans_table, "defaulted"),
+         "thresholds": (thresholds_table, "label"), "linear": (linear_table, "label"), "orders": (large_table, "returned")}
 
 
 def write_messy(name: str, folder: Path) -> tuple[Path, str]:

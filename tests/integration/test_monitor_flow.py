@@ -33,7 +33,7 @@ def registry(prefect_server, tmp_path_factory):
 
     with module_home(tmp_path_factory) as home:
         weak = train_pipeline(quick_config("breast_cancer", *QUICK, "tuning.enabled=false", "train.max_epochs=1",
-                                           "model.hidden_sizes=[1]", "train.lr=0.0003")).to_dict()
+                                           "model.hidden_sizes=[1]", "train.lr=0.0003", "model.family=mlp")).to_dict()
         config = quick_config("breast_cancer", *QUICK)
         strong = train_pipeline(config).to_dict()
         assert (weak["model_version"], strong["model_version"], strong["alias"]) == ("1", "2", "champion"), strong["gate"]

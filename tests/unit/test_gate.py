@@ -74,7 +74,7 @@ def test_a_request_gets_the_bundles_own_predictions(wine, maas_home):
 def test_columns_the_model_does_not_read_are_named_in_a_header_whatever_their_names(wine, maas_home):
     bundle, rows = wine
     gate = gate_for(bundle, auth=False)
-    extra = {"customer id": "C1", "Ā": None, "a,b": 2, "50%": True}
+    extra = {"customer id": "C1", "Ā": None, "a,b": 2, "50%": True, " ": 1}
     plain, with_extra = call(gate, [("POST", "/predict", {"json": {"rows": rows[:2]}}),
                                     ("POST", "/predict", {"json": {"rows": [{**row, **extra} for row in rows[:2]]}})])
     assert with_extra.status_code == 200 and with_extra.json() == plain.json()

@@ -1,0 +1,349 @@
+"""Model selection across families: the network (tuned by tasks/tune.py), histogram gradient boosting
+and a regularized linear model, compared by stratified k-fold cross-validation on train +
+validation (repeated on small tables), each within `selection.time_budget_s`. The test split is
+not read here (the flow hands this stage sealed data): it stays for the final word.
+
+No family wins everywhere: on smooth or mixed tables the MLP led scikit-learn's HGB, on a table of
+thresholds and interactions over heavy-tailed columns HGB led by 5 points (issue notes); so each
+run finds out. Among families within `selection.family_tolerance` of the best mean CV F1, the
+simplest is kept (linear, then hgb, then the network): it serves faster and is easier to trust.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from maas.config import ModelConfig, RunConfig, SelectionConfig
+from maas.figures import log_leaderboard
+from maas.run_context import RunContext, write_child_run
+from maas.tracking import flatten
+from models.classic import CLASSIC_FAMILIES, ClassicSpec, classic_size, export_classic_onnx, fit_classic
+from tasks.compress import Variant, Variants
+from tasks.data import PreparedData, TrainingArrays
+from tasks.evaluate import classification_metrics
+from tasks.export import export_onnx, write_bundle
+from tasks.train import TrainingSettings, spec_for_data, train_network
+from tasks.tune import open_storage
+
+SIMPLICITY = {"linear": 0, "hgb": 1, "mlp": 2, "cnn": 2}  # ties go to the simpler family
+NETWORK_NAMES = ("network", "mlp", "cnn")
+
+
+def candidate_families(model: ModelConfig) -> list[str]:
+    """'network' and/or the scikit-learn families this run compares (one, unless family is auto)."""
+    names = model.families if model.family == "auto" else [model.family]
+    ordered = ["network" if name in NETWORK_NAMES else name for name in names]
+    return list(dict.fromkeys(ordered))
+
+
+def tunes_network(config: RunConfig) -> bool:
+    return config.tuning.enabled and "network" in candidate_families(config.model)
+
+
+# --- folds -----------------------------------------------------------------------------------------
+
+
+def selection_rows(prepared: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation rows together, preprocessed: what the families are compared on."""
+    arrays = prepared.arrays
+    return np.vstack([arrays.x_train, arrays.x_val]), np.concatenate([arrays.y_train, arrays.y_val])
+
+
+@dataclass(frozen=True)
+class Folds:
+    """The rows the families are compared on and the (train rows, held-out rows) pairs, the first
+    `folds` pairs being one repeat."""
+
+    x: np.ndarray
+    y: np.ndarray
+    splits: list[tuple[np.ndarray, np.ndarray]]
+    folds: int
+    repeats: int
+
+    @property
+    def first_repeat(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.splits[:self.folds]
+
+
+def make_folds(prepared: PreparedData, selection: SelectionConfig, seed: int) -> Folds:
+    """Stratified folds, repeated (new shuffles) on small tables; no more folds than the rarest class
+    has rows."""
+    x, y = selection_rows(prepared)
+    folds = max(2, min(selection.cv_folds, int(np.bincount(y).min())))
+    repeats = selection.cv_repeats if len(y) < selection.repeat_below_rows else 1
+    splits = [split for repeat in range(repeats)
+              for split in StratifiedKFold(folds, shuffle=True, random_state=seed + repeat).split(np.zeros(len(y)), y)]
+    return Folds(x, y, splits, folds, repeats)
+
+
+def macro_f1(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    return classification_metrics(y_true, probabilities)["f1_macro"]
+
+
+# --- one fit per family ----------------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """A model fitted on one fold: its held-out probabilities and how to export it."""
+
+    model: Any
+    probabilities: np.ndarray
+    seconds: float
+
+
+def fit_network_fold(settings: TrainingSettings, spec, x: np.ndarray, y: np.ndarray, x_out: np.ndarray,
+                     seed: int) -> Fitted:
+    """The network on a fold: early-stopped on 15% of the fold's own training rows, never on the
+    rows it is scored on."""
+    started = time.perf_counter()
+    stratify = y if np.bincount(y).min() >= 2 else None
+    x_fit, x_stop, y_fit, y_stop = train_test_split(x, y, test_size=0.15, random_state=seed, stratify=stratify)
+    result = train_network(spec, TrainingArrays(x_fit, y_fit, x_stop, y_stop), settings.train, seed)
+    with torch.no_grad():
+        probabilities = torch.softmax(result.network(torch.as_tensor(x_out, dtype=torch.float32)), 1).numpy()
+    return Fitted(result.network, probabilities, time.perf_counter() - started)
+
+
+def fit_classic_fold(spec: ClassicSpec, x: np.ndarray, y: np.ndarray, x_out: np.ndarray, seed: int) -> Fitted:
+    started = time.perf_counter()
+    estimator = fit_classic(spec, x, y, seed)
+    return Fitted(estimator, estimator.predict_proba(x_out), time.perf_counter() - started)
+
+
+def graph_figures(fitted: Fitted, spec, x_sample: np.ndarray) -> tuple[int, float]:
+    """(ONNX graph bytes, p50 ms for 64 rows) of a fold's model, exported as the bundle would be."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        if isinstance(spec, ClassicSpec):
+            export_classic_onnx(fitted.model, spec.n_features, path)
+        else:
+            export_onnx(fitted.model, spec.n_features, path)
+        graph = path.read_bytes()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    batch = np.resize(x_sample.astype(np.float32), (64, x_sample.shape[1]))
+    times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        session.run(None, {session.get_inputs()[0].name: batch})
+        times.append(time.perf_counter() - started)
+    return len(graph), float(np.median(times) * 1000)
+
+
+# --- the comparison --------------------------------------------------------------------------------
+
+
+@dataclass
+class FamilyScore:
+    """One row of the leaderboard."""
+
+    family: str  # mlp, cnn, hgb or linear
+    spec: Any  # NetworkSpec or ClassicSpec of the settings compared
+    params: dict[str, Any]
+    fold_f1: list[float]
+    fit_seconds: float  # mean per fit
+    size_bytes: int = 0
+    p50_ms_b64: float = 0.0
+    trials: int = 0
+    note: str = ""
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.fold_f1))
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.fold_f1, ddof=1)) if len(self.fold_f1) > 1 else 0.0
+
+    def row(self) -> dict[str, Any]:
+        return {"family": self.family, "cv_f1_macro_mean": round(self.mean, 4), "cv_f1_macro_sd": round(self.sd, 4),
+                "folds": len(self.fold_f1), "fit_s": round(self.fit_seconds, 3), "size_bytes": self.size_bytes,
+                "p50_ms_b64": round(self.p50_ms_b64, 4), "trials": self.trials, "note": self.note}
+
+
+@dataclass
+class Comparison:
+    """The comparison stage's result: the leaderboard (best first) and the family kept."""
+
+    scores: list[FamilyScore]
+    chosen: FamilyScore
+    reason: str
+    folds: int = 0
+    repeats: int = 1
+
+    @property
+    def is_network(self) -> bool:
+        return not isinstance(self.chosen.spec, ClassicSpec)
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        return [{**score.row(), "selected": score is self.chosen} for score in self.scores]
+
+
+def cross_validate(fit_fold, spec, folds: Folds, splits: list, deadline: float,
+                   known: list[float] | None = None) -> tuple[list[float], float, Fitted | None]:
+    """Macro F1 per fold of `splits` (reusing `known` scores of the first ones), mean fit seconds and
+    the last fold's model; stops at the deadline after at least two folds."""
+    x, y = folds.x, folds.y
+    scores, seconds, last = list(known or []), [], None
+    for train_rows, out_rows in splits[len(scores):]:
+        if len(scores) >= 2 and time.perf_counter() > deadline:
+            break
+        last = fit_fold(spec, x[train_rows], y[train_rows], x[out_rows])
+        scores.append(macro_f1(y[out_rows], last.probabilities))
+        seconds.append(last.seconds)
+    return scores, float(np.mean(seconds)) if seconds else 0.0, last
+
+
+def suggest_classic(trial: optuna.Trial, family: str) -> dict[str, Any]:
+    if family == "hgb":
+        return {"learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
+                "max_leaf_nodes": trial.suggest_int("max_leaf_nodes", 7, 63, log=True),
+                "min_samples_leaf": trial.suggest_int("min_samples_leaf", 3, 60, log=True),
+                "l2_regularization": trial.suggest_float("l2_regularization", 1e-4, 10.0, log=True),
+                "max_iter": trial.suggest_int("max_iter", 50, 400, log=True)}
+    return {"C": trial.suggest_float("C", 1e-3, 100.0, log=True)}
+
+
+CLASSIC_DEFAULTS = {"hgb": {"learning_rate": 0.1, "max_leaf_nodes": 31, "min_samples_leaf": 20,
+                            "l2_regularization": 1e-4, "max_iter": 100},  # scikit-learn's, l2 at the range's floor
+                    "linear": {"C": 1.0}}
+
+
+def tune_classic(family: str, folds: Folds, config: RunConfig, study_name: str, deadline: float
+                 ) -> tuple[dict[str, Any], list[float], int]:
+    """A small resumable Optuna study over the family's settings, scored by the mean F1 of the first
+    repeat's folds; its first trial is the defaults. Returns the best settings, their fold scores
+    and the study's finished trials."""
+    n_features, n_classes = folds.x.shape[1], int(folds.y.max()) + 1
+
+    def objective(trial: optuna.Trial) -> float:
+        spec = ClassicSpec(family, n_features, n_classes, suggest_classic(trial, family))
+        scores, _, _ = cross_validate(partial(fit_classic_fold, seed=config.seed), spec, folds, folds.first_repeat, np.inf)
+        trial.set_user_attr("fold_f1", scores)
+        return float(np.mean(scores))
+
+    study = optuna.create_study(study_name=study_name, storage=open_storage(config.tuning), direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=config.seed), load_if_exists=True)
+    if not study.trials:
+        study.enqueue_trial(CLASSIC_DEFAULTS[family])
+    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    remaining = config.selection.family_trials - len(finished)
+    if remaining > 0:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(objective, n_trials=remaining, timeout=max(1.0, (deadline - time.perf_counter()) * 0.7),
+                       catch=(ValueError,), gc_after_trial=False)
+    best = study.best_trial
+    return dict(best.params), list(best.user_attrs.get("fold_f1", [])), len(study.trials)
+
+
+def score_family(family: str, prepared: PreparedData, config: RunConfig, settings: TrainingSettings,
+                 folds: Folds, study_name: str) -> FamilyScore:
+    """One family's row: tuned where it has a study (the network's ran before), then cross-validated."""
+    deadline = time.perf_counter() + config.selection.time_budget_s
+    if family == "network":
+        spec = spec_for_data(settings.model, prepared)
+        fit_fold = partial(fit_network_fold, settings, seed=config.seed)
+        params, known, trials = {"train": settings.train.model_dump(), "network": spec.to_dict()}, [], 0
+    else:
+        params, known, trials = tune_classic(family, folds, config, f"{study_name}-{family}", deadline)
+        spec = ClassicSpec(family, folds.x.shape[1], len(prepared.labels), params)
+        fit_fold = partial(fit_classic_fold, seed=config.seed)
+    scores, fit_seconds, last = cross_validate(fit_fold, spec, folds, folds.splits, deadline, known)
+    note = "" if len(scores) == len(folds.splits) else f"{len(scores)} of {len(folds.splits)} folds in the time budget"
+    size, latency = graph_figures(last, spec, folds.x[:64]) if last is not None else (0, 0.0)
+    return FamilyScore(spec.family, spec, params, scores, fit_seconds, size, latency, trials, note)
+
+
+def choose_family(scores: list[FamilyScore], tolerance: float) -> tuple[FamilyScore, str]:
+    best = max(scores, key=lambda score: score.mean)
+    close = [score for score in scores if score.mean >= best.mean - tolerance - 1e-12]
+    chosen = min(close, key=lambda score: (SIMPLICITY[score.family], -score.mean))
+    why = f"best cross-validated macro F1 {best.mean:.4f} ± {best.sd:.4f}"
+    if chosen is not best:
+        why = (f"simplest within {tolerance:.3f} of the best ({best.family} {best.mean:.4f}): "
+               f"{chosen.mean:.4f} ± {chosen.sd:.4f}")
+    return chosen, f"{chosen.family}: {why} over {len(chosen.fold_f1)} folds"
+
+
+def compare_families(prepared: PreparedData, config: RunConfig, settings: TrainingSettings,
+                     study_name: str) -> Comparison:
+    """The comparison stage: every candidate family on the same folds; the leaderboard, best first."""
+    folds = make_folds(prepared, config.selection, config.seed)
+    scores = [score_family(family, prepared, config, settings, folds, study_name)
+              for family in candidate_families(config.model)]
+    scores.sort(key=lambda score: -score.mean)
+    chosen, reason = choose_family(scores, config.selection.family_tolerance)
+    return Comparison(scores, chosen, reason, folds.folds, folds.repeats)
+
+
+def fit_chosen_family(prepared: PreparedData, comparison: Comparison, seed: int, folder: Path) -> Variants:
+    """A scikit-learn winner fitted on train + validation and exported as the one variant (named
+    fp32, like an uncompressed network: compression variants are for the networks)."""
+    started = time.perf_counter()
+    spec = comparison.chosen.spec
+    x, y = selection_rows(prepared)
+    estimator = fit_classic(spec, x, y, seed)
+    bundle = write_bundle(folder / "fp32", estimator, spec, prepared)
+    size = classic_size(estimator)
+    return Variants([Variant("fp32", bundle, spec, size, size, {"family": spec.family},
+                             time.perf_counter() - started)], [])
+
+
+def record_comparison(ctx: RunContext, comparison: Comparison) -> None:
+    """A child run per family, the leaderboard as a table and a plot, a Prefect table, a log line each."""
+    rows = comparison.leaderboard()
+    for score, row in zip(comparison.scores, rows):
+        ctx.logger.info("family %-6s CV F1 %.4f ± %.4f (%d folds)  fit %.2f s  %8d bytes  %.3f ms @64%s%s",
+                        score.family, score.mean, score.sd, len(score.fold_f1), score.fit_seconds, score.size_bytes,
+                        score.p50_ms_b64, f"  ({score.note})" if score.note else "", "  <- selected" if row["selected"] else "")
+        figures = {"params": {"family": score.family, **flatten(score.params, "family.")},
+                   "metrics": {"cv/f1_macro_mean": score.mean, "cv/f1_macro_sd": score.sd,
+                               "cv/folds": len(score.fold_f1), "fit_s": score.fit_seconds,
+                               "size/model_bytes": score.size_bytes, "latency/p50_ms_b64": score.p50_ms_b64}}
+        ctx.defer(write_child_run, ctx.ref, f"family-{score.family}", {"maas.family": score.family}, figures, ())
+    ctx.record(tags={"maas.family": comparison.chosen.family, "maas.family_selection": comparison.reason},
+               metrics={"cv/f1_macro_mean": comparison.chosen.mean, "cv/f1_macro_sd": comparison.chosen.sd})
+    ctx.defer(log_leaderboard, ctx.run_id, rows, ctx.scratch_dir("families"))
+    ctx.artifacts.table("families", rows, f"Families by {comparison.folds}-fold CV x{comparison.repeats} "
+                                          f"on train + validation; selected {comparison.reason}")
+    ctx.logger.info("selected family %s", comparison.reason)
+
+
+def record_family_fit(ctx: RunContext, variants: Variants) -> None:
+    fitted = variants.built[0]
+    ctx.record(params={"family.final_fit": "train+validation"})
+    ctx.logger.info("%s fitted on train + validation in %.1f s (%d parameters)", fitted.spec.family, fitted.seconds,
+                    fitted.parameters)
+
+
+# --- Prefect wrappers ------------------------------------------------------------------------------
+
+
+@task(name="compare-families", retries=0, timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
+def compare_task(ctx: RunContext, prepared: PreparedData, config: RunConfig, settings: TrainingSettings) -> Comparison:
+    study_name = config.tuning.study_name or config.experiment_name
+    return ctx.run_stage("compare", partial(compare_families, prepared, config, settings, study_name),
+                         record_comparison)
+
+
+@task(name="fit-family", retries=0, timeout_seconds=3600, cache_policy=NO_CACHE)
+def fit_family_task(ctx: RunContext, prepared: PreparedData, comparison: Comparison, seed: int) -> Variants:
+    return ctx.run_stage("train", partial(fit_chosen_family, prepared, comparison, seed, ctx.scratch_dir("variants")),
+                         record_family_fit)
+

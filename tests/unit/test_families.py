@@ -1,0 +1,95 @@
+"""Model selection across families: each family's bundle answers as its in-memory model does, the
+comparison picks the family the table calls for, and nothing that chooses reads the test split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from maas.bundle import ModelBundle, transform
+from maas.config import load_config
+from maas.errors import MaasInputError
+from models.classic import ClassicSpec, fit_classic
+from tasks.data import SealedSplit, SealedSplitRead, prepare_data
+from tasks.evaluate import evaluate_variants
+from tasks.export import write_bundle
+from tasks.families import candidate_families, compare_families, fit_chosen_family
+from tasks.registry import choose_winner
+from tasks.train import TrainingSettings, train_on_data
+from tests.conftest import PROJECT_ROOT, quick_config
+from tests.tables import write_messy
+
+SMALL_BUDGET = ["selection.family_trials=3", "selection.cv_repeats=1", "selection.time_budget_s=30",
+                "train.max_epochs=30", "tuning.enabled=false"]
+
+
+def prepared_table(name: str, folder, *overrides: str):
+    path, target = write_messy(name, folder)
+    config = quick_config(str(path), f"data.target={target}", "model.families=[network, hgb, linear]", *SMALL_BUDGET,
+                          *overrides)
+    return prepare_data(config.data, config.seed), config
+
+
+@pytest.mark.parametrize("family", ["hgb", "linear", "mlp"])
+def test_each_familys_bundle_answers_raw_rows_as_its_model_does(family, tmp_path):
+    prepared, config = prepared_table("churn", tmp_path)
+    arrays = prepared.arrays
+    if family == "mlp":
+        trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
+        model, spec = trained.network, trained.spec
+    else:
+        spec = ClassicSpec(family, arrays.x_train.shape[1], len(prepared.labels), {})
+        model = fit_classic(spec, arrays.x_train, arrays.y_train, config.seed)
+    bundle = ModelBundle.load(write_bundle(tmp_path / "bundle", model, spec, prepared))
+    raw = prepared.splits.x_test  # raw rows, gaps and all, as pandas read them
+    features = transform(raw, prepared.preprocessing)
+    if family == "mlp":
+        import torch
+
+        with torch.no_grad():
+            expected = torch.softmax(model(torch.as_tensor(features)), 1).numpy()
+    else:
+        expected = model.predict_proba(features)
+    np.testing.assert_allclose(bundle.predict_proba(raw), expected, atol=1e-5)
+
+
+def test_gradient_boosting_wins_on_thresholds_and_interactions(tmp_path, maas_home):
+    prepared, config = prepared_table("thresholds", tmp_path)
+    comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "t")
+    scores = {score.family: score.mean for score in comparison.scores}
+    assert comparison.chosen.family == "hgb" and scores["hgb"] > scores["mlp"] + 0.05, comparison.leaderboard()
+
+
+def test_the_linear_model_is_kept_where_it_is_enough(tmp_path, maas_home):
+    prepared, config = prepared_table("linear", tmp_path)
+    comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "l")
+    assert comparison.chosen.family == "linear", comparison.leaderboard()
+    rows = comparison.leaderboard()
+    assert {"family", "cv_f1_macro_mean", "cv_f1_macro_sd", "fit_s", "size_bytes", "p50_ms_b64"} <= set(rows[0])
+    assert [row["cv_f1_macro_mean"] for row in rows] == sorted((row["cv_f1_macro_mean"] for row in rows), reverse=True)
+
+
+def test_no_stage_that_chooses_reads_the_test_split(tmp_path, maas_home):
+    """Families, the final fit, the variants' evaluation and the selection all run on sealed data."""
+    prepared, config = prepared_table("linear", tmp_path, "model.families=[linear, hgb]")
+    sealed = prepared.sealed()
+    comparison = compare_families(sealed, config, TrainingSettings(config.model, config.train), "s")
+    variants = fit_chosen_family(sealed, comparison, config.seed, tmp_path / "variants")
+    winner = choose_winner(evaluate_variants(variants, sealed.splits.x_val, sealed.splits.y_val), config.selection)
+    assert winner.evaluation.split == "val"
+    for use in (len, np.asarray, lambda split: split.to_numpy(), lambda split: split[0], pd.DataFrame):
+        with pytest.raises(SealedSplitRead):
+            use(sealed.splits.x_test)
+    assert isinstance(sealed.splits.y_test, SealedSplit) and len(prepared.splits.y_test) > 0
+
+
+def test_family_names_are_checked_in_one_line():
+    assert candidate_families(load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset="wine").model) == [
+        "network", "hgb", "linear"]
+    assert candidate_families(quick_config("wine", "model.family=hgb").model) == ["hgb"]
+    assert candidate_families(quick_config("wine", "model.families=[mlp, linear]").model) == ["network", "linear"]
+    for override in ("model.families=[network, forest]", "model.family=xgboost", "model.families=[]"):
+        with pytest.raises(MaasInputError) as refused:
+            load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset="wine", overrides=[override])
+        assert "model.famil" in str(refused.value) and "\n" not in str(refused.value)
