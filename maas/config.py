@@ -216,7 +216,8 @@ class SelectionConfig(Section):
     repeat_below_rows: int = Field(5000, ge=0, description="train+validation rows under which folds are repeated")
     time_budget_s: float = Field(60.0, gt=0, description="per family: its study and its cross-validation")
     family_trials: int = Field(10, ge=1, description="Optuna trials per scikit-learn family (the first: its defaults)")
-    family_tolerance: float = Field(0.005, ge=0, le=1, description="CV macro F1 a simpler family may give up "
+    ensemble: bool = Field(True, description="also score the equal-weight soft vote of the compared families")
+    family_tolerance: float = Field(0.0, ge=0, le=1, description="CV macro F1 a simpler family may give up "
                                     "(linear, then hgb, then the network)")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 CLASSIC_FAMILIES = ("hgb", "linear")
-ONNX_OPSET = {"": 17, "ai.onnx.ml": 3}
+ONNX_OPSET = {"": 20, "ai.onnx.ml": 3}  # the default domain as torch exports (models/ensemble.py merges them)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from torch import nn
 from maas.bundle import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, PREPROCESSING_FILE
 from models import NetworkSpec
 from models.classic import ClassicSpec, export_classic_onnx
+from models.ensemble import EnsembleSpec
 from tasks.data import PreparedData
 
 
@@ -38,12 +39,15 @@ def export_onnx(network: nn.Module, n_features: int, path: Path) -> None:
         )
 
 
-def write_bundle(folder: Path, model: Any, spec: NetworkSpec | ClassicSpec, prepared: PreparedData) -> Path:
+def write_bundle(folder: Path, model: Any, spec: NetworkSpec | ClassicSpec | EnsembleSpec, prepared: PreparedData) -> Path:
     """Write model.onnx, preprocessing.json and metadata.json into folder; returns folder. From the
     data it was trained on, the bundle carries the fitted preprocessing, labels, target and schema.
-    `model`: a torch network, or a fitted scikit-learn estimator with a ClassicSpec."""
+    `model`: a torch network, a fitted scikit-learn estimator (ClassicSpec) or a merged graph's
+    bytes (EnsembleSpec)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(spec, ClassicSpec):
+    if isinstance(spec, EnsembleSpec):
+        (folder / MODEL_FILE).write_bytes(model)  # the merged graph (models/ensemble.py)
+    elif isinstance(spec, ClassicSpec):
         export_classic_onnx(model, spec.n_features, folder / MODEL_FILE)
     else:
         export_onnx(model, spec.n_features, folder / MODEL_FILE)

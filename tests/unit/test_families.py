@@ -93,3 +93,20 @@ def test_family_names_are_checked_in_one_line():
         with pytest.raises(MaasInputError) as refused:
             load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset="wine", overrides=[override])
         assert "model.famil" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_members(tmp_path, maas_home):
+    prepared, config = prepared_table("churn", tmp_path, "model.families=[linear, hgb]")
+    comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "v")
+    vote = comparison.member("ensemble")
+    assert sorted(vote.params["members"]) == ["hgb", "linear"]
+    assert len(vote.fold_f1) == len(comparison.member("linear").fold_f1)
+    comparison.chosen = vote
+    (variant,) = fit_chosen_family(prepared.sealed(), comparison, config.seed, tmp_path / "variants").built
+    bundle = ModelBundle.load(variant.bundle_dir)
+    x, y = np.vstack([prepared.arrays.x_train, prepared.arrays.x_val]), np.concatenate([prepared.arrays.y_train,
+                                                                                       prepared.arrays.y_val])
+    features = transform(prepared.splits.x_test, prepared.preprocessing)
+    members = [fit_classic(comparison.member(name).spec, x, y, config.seed).predict_proba(features)
+               for name in vote.params["members"]]
+    np.testing.assert_allclose(bundle.predict_proba(prepared.splits.x_test), np.mean(members, axis=0), atol=1e-5)
