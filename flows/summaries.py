@@ -44,6 +44,7 @@ class TrainSummary:
     winner: Winner
     tuning: TuningResult | None
     bento: str | None
+    budget: dict[str, Any]  # the run's time budget: what each stage was allotted and what it cut
     stage_seconds: dict[str, float]  # each stage's own compute
     record_seconds: dict[str, float]  # writing each stage's result to MLflow and Prefect
 
@@ -51,7 +52,7 @@ class TrainSummary:
     def of(cls, config: RunConfig, ctx: RunContext, registered: RegisteredVersion, winner: Winner,
            tuning: TuningResult | None, bento: str | None) -> TrainSummary:
         return cls(config, ctx.run_id, ctx.url, ctx.flow_run_id, registered, winner, tuning, bento,
-                   ctx.timer.compute, ctx.timer.record)  # the same dicts: the wait for the recorder lands after
+                   ctx.budget.report(), ctx.timer.compute, ctx.timer.record)  # the same dicts: the wait for the recorder lands after
 
     def to_dict(self) -> dict[str, Any]:
         """The `--summary` JSON of the CLI contract (DESIGN.md)."""
@@ -81,8 +82,9 @@ class TrainSummary:
                 "n_failed": tuning.n_failed, "epochs_total": tuning.epochs_total, "best_trial": tuning.best_trial,
                 "best_val_f1_macro": tuning.best_values[0], "best_params": tuning.best_params,
                 "baseline_val_f1_macro": tuning.baseline_value, "used_tuned": tuning.use_tuned,
-                "decision": tuning.decision, "pareto_front": tuning.pareto_front if len(tuning.objectives) > 1 else [],
+                "decision": tuning.decision, "trial_rows": tuning.trial_rows, "pareto_front": tuning.pareto_front if len(tuning.objectives) > 1 else [],
             },
+            "budget": self.budget,
             "stage_seconds": self.stage_seconds,
             "record_seconds": self.record_seconds,
         }
@@ -97,6 +99,7 @@ class TrainSummary:
             self.winner.table.render(), "",
             f"Selected {self.winner.selection.reason}",
             f"Registered {registered.name} version {registered.version} as @{registered.alias}: {registered.gate.reason}",
+            *[f"Budget ({self.budget['time_s']:.0f} s): {stage} {what}" for stage, what in self.budget["cut"].items()],
         ])
 
     def render(self) -> str:

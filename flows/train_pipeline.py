@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.summaries import TrainSummary
+from maas.budget import Budget
 from maas.config import RunConfig
 from maas.prefect_fixes import end_flow_runs_promptly
 from maas.run_context import RunContext, StageTimer, open_run, write_dict
@@ -29,12 +30,13 @@ end_flow_runs_promptly()
 @flow(name="maas-train", description="Dataset in; tuned, evaluated, registered model out.")
 def train_pipeline(config: RunConfig) -> TrainSummary:
     """recover → data → tune → families → train (or fit) → compress → evaluate → select → report → register → package"""
-    timer = StageTimer()
+    timer, budget = StageTimer(), Budget(config.budget.time_s)  # the budget's clock starts with the flow
     # Recovery: runs, flow runs and versions a crashed run left RUNNING or half-made are settled first.
     recover_task(timer)
     # Data: load, validate, split, fit preprocessing; before any MLflow run, so bad input leaves nothing behind.
     prepared = prepare_data_task(config.data, config.seed, timer)
     with open_run(config.experiment_name, None, {"maas.dataset": config.data.short_name}, timer, background=True) as ctx:
+        ctx.budget = budget
         record_start(ctx, config, prepared)
         choosing = prepared.sealed()  # every stage that chooses sees train and validation rows only
         # Tuning: an Optuna study (resumable) picks the network's settings; each trial is a child run.

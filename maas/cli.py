@@ -21,6 +21,7 @@ RUN_EXAMPLES = """examples:
   maas run --dataset digits --summary s.json   # a CNN on 8x8 digits, summary as JSON
   maas run --dataset data.csv --target churned --set train.max_epochs=50
   maas run --config configs/quick.yaml --set model.hidden_sizes=[64,32]
+  maas run --dataset big.parquet --target y --budget 10m   # tuning, families, training, compression in 10 minutes
 """
 
 UI_EXAMPLES = """examples:
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(run, "breast_cancer, digits, wine, or a CSV/Parquet file", "train.lr=0.001")
     run.add_argument("--summary", metavar="FILE", help="write the run summary as JSON")
+    run.add_argument("--budget", metavar="DURATION", help="the run's time budget (600, 90s, 10m, 1.5h): budget.time_s")
 
     ui = commands.add_parser(
         "ui", help="the MLflow UI on the current store", epilog=UI_EXAMPLES,
@@ -188,6 +190,14 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    if args.budget is not None:
+        from maas.budget import parse_duration
+
+        try:
+            args.overrides = [*args.overrides, f"budget.time_s={parse_duration(args.budget)}"]
+        except ValueError as error:
+            raise MaasInputError(f"--budget: {error}") from None
+
     def training_flow():
         from flows.train_pipeline import train_pipeline
 

@@ -87,6 +87,7 @@ class TrainConfig(Section):
     lr: float = Field(3e-3, gt=0, le=1)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(15, ge=1, description="epochs without val-loss improvement before stop")
+    max_seconds: float | None = Field(None, gt=0, description="stop after the epoch that passes this (set by budget)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0: one for small networks "
                          "(their ops are too small to split: a second thread only spins), else torch's default")
@@ -147,6 +148,8 @@ class TuningConfig(Section):
     )
     quality_tolerance: float = Field(0.005, ge=0, le=1, description="F1 a Pareto pick may give up")
     max_epochs: int = Field(60, ge=1, description="per trial")
+    sample_rows: int | None = Field(20_000, ge=100, description="trials train on a stratified sample of at most "
+                                    "this many training rows (the final training uses all); null: all rows")
     patience: int = Field(10, ge=1, description="per trial")
     storage: str | None = Field(None, description="SQLAlchemy URL; default SQLite in MAAS_HOME")
     study_name: str | None = Field(None, description="default: the experiment name")
@@ -216,6 +219,8 @@ class SelectionConfig(Section):
     repeat_below_rows: int = Field(5000, ge=0, description="train+validation rows under which folds are repeated")
     time_budget_s: float = Field(60.0, gt=0, description="per family: its study and its cross-validation")
     family_trials: int = Field(10, ge=1, description="Optuna trials per scikit-learn family (the first: its defaults)")
+    sample_rows: int | None = Field(20_000, ge=100, description="the families are compared on a stratified sample "
+                                    "of at most this many train + validation rows; null: all rows")
     ensemble: bool = Field(True, description="also score the equal-weight soft vote of the compared families")
     family_tolerance: float = Field(0.0, ge=0, le=1, description="CV macro F1 a simpler family may give up "
                                     "(linear, then hgb, then the network)")
@@ -339,6 +344,13 @@ class TrackingConfig(Section):
     experiment: str | None = Field(None, description="default: maas-<dataset>")
 
 
+class BudgetConfig(Section):
+    """One time budget for the run, split across tuning, families, training and compression (maas/budget.py)."""
+
+    time_s: float | None = Field(3600.0, gt=0, description="seconds for the whole run (maas run --budget 10m); "
+                                 "null: unbounded")
+
+
 class RunConfig(Section):
     """Everything one training run needs; each stage reads only its own section."""
 
@@ -354,6 +366,7 @@ class RunConfig(Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     @property
     def experiment_name(self) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from maas.budget import Budget
 from maas.paths import maas_home, tracking_uri
 from maas.processes import process_owner
 from maas.recorder import Recorder
@@ -159,6 +160,7 @@ class RunContext:
     flow_run_id: str | None = None  # the Prefect flow run this MLflow run belongs to, if any
     flow_run_name: str | None = None
     recorder: Recorder | None = None
+    budget: Budget = field(default_factory=Budget)  # the run's time budget (maas/budget.py); unbounded by default
 
     @property
     def logger(self) -> logging.Logger | logging.LoggerAdapter:

@@ -256,14 +256,14 @@ def build_variants(
         network = make_pruning_permanent(tuned.network)
         total, nonzero = parameter_counts(network)
         return export("pruned", network, trained.spec, sparsity=round(1 - nonzero / total, 4),
-                      finetune_epochs=tuned.epochs_run)
+                      finetune_epochs=tuned.epochs_run, out_of_time=tuned.out_of_time)
 
     def structured() -> Variant:
         smaller, spec = structured_shrink(trained.network, trained.spec, config.keep_units)
         tuned = train_network(spec, arrays, finetune_config(train, config), seed, start=FineTune(smaller))
         return export("structured", tuned.network, spec, keep_units=config.keep_units,
                       hidden_sizes=list(spec.hidden_sizes), cnn_channels=list(spec.cnn_channels),
-                      finetune_epochs=tuned.epochs_run)
+                      finetune_epochs=tuned.epochs_run, out_of_time=tuned.out_of_time)
 
     def int8() -> Variant:
         calibration = arrays.x_train[:config.int8_calibration_rows]
@@ -280,7 +280,7 @@ def build_variants(
         student = train_network(spec, arrays, train, seed, start=teacher)
         return export("distilled", student.network, spec, hidden_sizes=list(spec.hidden_sizes),
                       cnn_channels=list(spec.cnn_channels), temperature=config.temperature,
-                      alpha=config.alpha, epochs=student.epochs_run)
+                      alpha=config.alpha, epochs=student.epochs_run, out_of_time=student.out_of_time)
 
     builders = {"fp32": fp32, "pruned": pruned, "structured": structured, "int8": int8, "distilled": distilled}
     variants = Variants([], [])
@@ -305,6 +305,10 @@ def record_compression(ctx: RunContext, variants: Variants) -> None:
     for variant in variants.built:
         ctx.logger.info("variant %s: %d parameters (%d non-zero), built in %.1f s",
                         variant.name, variant.parameters, variant.nonzero_parameters, variant.seconds)
+    cut = [variant.name for variant in variants.built if variant.details.get("out_of_time")]
+    if cut:
+        ctx.budget.cut("compress", f"training of {', '.join(cut)} stopped by the run's budget")
+        ctx.logger.warning("budget: %s", ctx.budget.cuts["compress"])
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------
@@ -314,5 +318,9 @@ def record_compression(ctx: RunContext, variants: Variants) -> None:
 def compress_task(ctx: RunContext, trained: TrainResult, prepared: PreparedData, config: CompressionConfig,
                   train: TrainConfig, seed: int) -> Variants:
     folder = ctx.scratch_dir("variants")
+    retrained = [name for name in config.variants if name in ("pruned", "structured", "distilled")]
+    allotted = ctx.budget.allot("compress")
+    if allotted is not None and retrained:  # each variant that trains gets an equal part of the stage's time
+        train = train.model_copy(update={"max_seconds": allotted / len(retrained)})
     return ctx.run_stage("compress", partial(build_variants, trained, prepared, config, train, seed, folder),
                          record_compression)

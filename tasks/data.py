@@ -97,6 +97,18 @@ class PreparedData:
         return TrainingArrays(transform(splits.x_train, self.preprocessing), splits.y_train,
                               transform(splits.x_val, self.preprocessing), splits.y_val)
 
+    def with_training_sample(self, rows: int | None, seed: int) -> PreparedData:
+        """The same data, its training rows cut to a stratified sample of `rows` (itself when it has
+        no more than that): trials and family comparisons on large tables train on it."""
+        keep = stratified_sample(self.splits.y_train, rows, seed)
+        if keep is None:
+            return self
+        arrays = self.arrays
+        copy = replace(self, splits=replace(self.splits, x_train=self.splits.x_train.iloc[keep].reset_index(drop=True),
+                                            y_train=self.splits.y_train[keep]))
+        copy.__dict__["arrays"] = TrainingArrays(arrays.x_train[keep], arrays.y_train[keep], arrays.x_val, arrays.y_val)
+        return copy
+
     def sealed(self) -> PreparedData:
         """The same data with the test split sealed (SealedSplit), for the stages that choose."""
         splits = replace(self.splits, x_test=SealedSplit(), y_test=SealedSplit())
@@ -295,6 +307,15 @@ def fingerprint_table(frame: pd.DataFrame) -> str:
 
 
 # --- split and preprocessing ---------------------------------------------------------------------
+
+
+def stratified_sample(y: np.ndarray, rows: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a stratified sample of `rows` labels; None when there are no more than that."""
+    if rows is None or len(y) <= rows:
+        return None
+    stratify = y if np.bincount(y).min() >= 2 else None
+    keep, _ = train_test_split(np.arange(len(y)), train_size=rows, stratify=stratify, random_state=seed)
+    return np.sort(keep)
 
 
 def split_rows(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,16 +28,16 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from maas.config import ModelConfig, RunConfig, SelectionConfig
 from maas.figures import log_leaderboard
-from maas.run_context import RunContext, write_child_run
+from maas.run_context import RunContext, run_logger, write_child_run
 from maas.tracking import flatten
 from models import NetworkSpec
 from models.classic import ClassicSpec, classic_size, export_classic_onnx, fit_classic
 from models.ensemble import EnsembleSpec, average_probabilities, merge_averaging
 from tasks.compress import Variant, Variants
-from tasks.data import PreparedData, TrainingArrays
+from tasks.data import PreparedData, TrainingArrays, stratified_sample
 from tasks.evaluate import classification_metrics
 from tasks.export import export_onnx, write_bundle
-from tasks.train import TrainingSettings, spec_for_data, train_network, train_on_data
+from tasks.train import TrainingSettings, progress_logger, spec_for_data, train_network, train_on_data
 from tasks.tune import open_storage
 
 SIMPLICITY = {"linear": 0, "hgb": 1, "mlp": 2, "cnn": 2, "ensemble": 3}  # ties go to the simpler family
@@ -81,9 +81,12 @@ class Folds:
 
 
 def make_folds(prepared: PreparedData, selection: SelectionConfig, seed: int) -> Folds:
-    """Stratified folds, repeated (new shuffles) on small tables; no more folds than the rarest class
-    has rows."""
+    """Stratified folds over train + validation (a stratified sample of selection.sample_rows of them on
+    large tables), repeated (new shuffles) on small tables; no more folds than the rarest class has rows."""
     x, y = selection_rows(prepared)
+    keep = stratified_sample(y, selection.sample_rows, seed)  # on large tables the families meet on a sample
+    if keep is not None:
+        x, y = x[keep], y[keep]
     folds = max(2, min(selection.cv_folds, int(np.bincount(y).min())))
     repeats = selection.cv_repeats if len(y) < selection.repeat_below_rows else 1
     splits = [split for repeat in range(repeats)
@@ -352,7 +355,8 @@ def final_graph(prepared: PreparedData, member: FamilyScore, settings: TrainingS
             export_classic_onnx(estimator, member.spec.n_features, path)
             parameters = classic_size(estimator)
         else:
-            network = train_on_data(prepared, settings, seed).network
+            report = progress_logger(run_logger(), settings.train.max_epochs)
+            network = train_on_data(prepared, settings, seed, report).network
             export_onnx(network, member.spec.n_features, path)
             parameters = sum(weights.numel() for weights in network.parameters())
         return path.read_bytes(), parameters
@@ -361,6 +365,9 @@ def final_graph(prepared: PreparedData, member: FamilyScore, settings: TrainingS
 def record_comparison(ctx: RunContext, comparison: Comparison) -> None:
     """A child run per family, the leaderboard as a table and a plot, a Prefect table, a log line each."""
     rows = comparison.leaderboard()
+    cut = [f"{score.family}: {score.note}" for score in comparison.scores if "time budget" in score.note]
+    if cut:
+        ctx.budget.cut("compare", "; ".join(cut))
     for score, row in zip(comparison.scores, rows):
         ctx.logger.info("family %-6s CV F1 %.4f ± %.4f (%d folds)  fit %.2f s  %8d bytes  %.3f ms @64%s%s",
                         score.family, score.mean, score.sd, len(score.fold_f1), score.fit_seconds, score.size_bytes,
@@ -391,12 +398,22 @@ def record_family_fit(ctx: RunContext, variants: Variants) -> None:
 @task(name="compare-families", retries=0, timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
 def compare_task(ctx: RunContext, prepared: PreparedData, config: RunConfig, settings: TrainingSettings) -> Comparison:
     study_name = config.tuning.study_name or config.experiment_name
+    selection = config.selection
+    allotted = ctx.budget.allot("compare")
+    if allotted is not None:  # the families share the stage's allotment
+        per_family = min(selection.time_budget_s, allotted / len(candidate_families(config.model)))
+        config = config.model_copy(update={"selection": selection.model_copy(update={"time_budget_s": per_family})})
     return ctx.run_stage("compare", partial(compare_families, prepared, config, settings, study_name),
                          record_comparison)
 
 
 @task(name="fit-family", retries=0, timeout_seconds=3600, cache_policy=NO_CACHE)
 def fit_family_task(ctx: RunContext, prepared: PreparedData, comparison: Comparison, seed: int) -> Variants:
+    settings = comparison.settings
+    if settings is not None:  # a vote's network member trains within the training stage's allotment
+        settings = settings._replace(train=settings.train.model_copy(
+            update={"max_seconds": ctx.budget.limit("train", settings.train.max_seconds)}))
+    comparison = replace(comparison, settings=settings)
     return ctx.run_stage("train", partial(fit_chosen_family, prepared, comparison, seed, ctx.scratch_dir("variants")),
                          record_family_fit)
 

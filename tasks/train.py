@@ -45,6 +45,7 @@ class TrainResult:
     device: str
     seconds: float
     history: list[EpochRecord] = field(default_factory=list)
+    out_of_time: bool = False  # stopped by train.max_seconds (the run's budget), not by patience
 
     @property
     def best(self) -> EpochRecord:
@@ -218,6 +219,7 @@ def train_network(
 
     history: list[EpochRecord] = []
     best_loss, best_epoch, best_state = float("inf"), 0, None
+    out_of_time = False
     with cpu_threads(network, spec, train, device):
         for epoch in range(1, train.max_epochs + 1):
             network.train()
@@ -247,6 +249,9 @@ def train_network(
                 best_state = copy.deepcopy(network.state_dict())
             elif epoch - best_epoch >= train.patience:
                 break
+            if train.max_seconds is not None and time.perf_counter() - started > train.max_seconds:
+                out_of_time = epoch < train.max_epochs
+                break
 
     network.load_state_dict(best_state)
     return TrainResult(
@@ -257,6 +262,7 @@ def train_network(
         device=device.type,
         seconds=time.perf_counter() - started,
         history=history,
+        out_of_time=out_of_time,
     )
 
 
@@ -294,6 +300,10 @@ def record_training(ctx: RunContext, trained: TrainResult) -> None:
                series=epoch_series(trained.history))
     ctx.logger.info("%s trained on %s: best epoch %d of %d, val loss %.4f, %.1fs", trained.spec.family,
                     trained.device, trained.best_epoch, trained.epochs_run, trained.best.val_loss, trained.seconds)
+    if trained.out_of_time:
+        ctx.budget.cut("train", f"stopped after epoch {trained.epochs_run} "
+                                f"by the run's budget ({trained.seconds:.0f} s), keeping epoch {trained.best_epoch}")
+        ctx.logger.warning("budget: %s", ctx.budget.cuts["train"])
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------
@@ -302,5 +312,7 @@ def record_training(ctx: RunContext, trained: TrainResult) -> None:
 @task(name="train", retries=0, timeout_seconds=3 * 3600, cache_policy=NO_CACHE)
 def train_task(ctx: RunContext, prepared: PreparedData, settings: TrainingSettings, seed: int) -> TrainResult:
     """No retries: training is seeded, so a rerun would fail the same way."""
+    settings = settings._replace(train=settings.train.model_copy(
+        update={"max_seconds": ctx.budget.limit("train", settings.train.max_seconds)}))
     report = progress_logger(ctx.logger, settings.train.max_epochs)
     return ctx.run_stage("train", partial(train_on_data, prepared, settings, seed, report), record_training)

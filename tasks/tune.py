@@ -316,6 +316,7 @@ class TuningResult:
     use_tuned: bool = True  # False: the configured settings stay (the best trial is not clearly better)
     decision: str = ""
     storage_url: str = field(default="", repr=False)  # unredacted, for reading the study back (plots); never logged
+    trial_rows: int = 0  # training rows each trial saw (a stratified sample on large tables: tuning.sample_rows)
 
 
 def tuned_or_default(best: FrozenTrial, baseline: FrozenTrial | None, n_val: int, min_gain_se: float) -> tuple[bool, str]:
@@ -441,7 +442,13 @@ def tune(prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfi
     if tuning.n_jobs > 1:
         run_logger().warning("tuning.n_jobs=%d: trials run in parallel, so the sampler's seed no longer fixes "
                              "which trials run; results are not reproducible run to run", tuning.n_jobs)
-    return run_study(Objective(prepared, settings, tuning, seed, tracker), tuning, study_name, seed)
+    trial_data = prepared.with_training_sample(tuning.sample_rows, seed)
+    if trial_data is not prepared:  # trial cost stops growing with the table; the final training uses every row
+        run_logger().info("trials train on a stratified sample of %d of the %d training rows (tuning.sample_rows)",
+                          len(trial_data.splits.y_train), len(prepared.splits.y_train))
+    result = run_study(Objective(trial_data, settings, tuning, seed, tracker), tuning, study_name, seed)
+    result.trial_rows = len(trial_data.splits.y_train)
+    return result
 
 
 def record_tuning(ctx: RunContext, result: TuningResult) -> None:
@@ -480,5 +487,10 @@ def tune_task(ctx: RunContext, prepared: PreparedData, config: RunConfig) -> Tun
     study_name = config.tuning.study_name or config.experiment_name
     settings = TrainingSettings(config.model, config.train)
     tracker = TrialTracker(ctx, study_name)
-    return ctx.run_stage("tune", partial(tune, prepared, settings, config.tuning, config.seed, study_name, tracker),
-                         record_tuning)
+    tuning = config.tuning.model_copy(update={"timeout_s": ctx.budget.limit("tune", config.tuning.timeout_s)})
+    result = ctx.run_stage("tune", partial(tune, prepared, settings, tuning, config.seed, study_name, tracker),
+                           record_tuning)
+    if tuning.timeout_s != config.tuning.timeout_s and result.n_complete + result.n_pruned < (tuning.n_trials or 0):
+        ctx.budget.cut("tune", f"{result.n_complete + result.n_pruned} of {tuning.n_trials} trials in {tuning.timeout_s:.0f} s")
+        ctx.logger.warning("budget: tuning stopped at %s", ctx.budget.cuts["tune"])
+    return result

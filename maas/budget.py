@@ -1,0 +1,60 @@
+"""One time budget for a training run (`budget.time_s`, `maas run --budget 10m`), split across the
+stages whose cost grows with the data by a stated rule: each stage gets its share of what is left
+when it starts, in proportion to its weight among itself and the stages still to come, so time an
+earlier stage did not use passes on. Each stage turns its allotment into its own limit (the study's
+timeout, the families' time budget, the training's and the fine-tuning's max_seconds) and says what
+it cut. Data, evaluation, registry and packaging are not budgeted: they are seconds.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+SHARES = {"tune": 0.40, "compare": 0.30, "train": 0.15, "compress": 0.15}  # of the run's budget, in stage order
+UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """'600', '90s', '10m', '1.5h' -> seconds; ValueError naming the text otherwise."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not found or float(found.group(1)) <= 0:
+        raise ValueError(f"'{text}' is not a duration (examples: 600, 90s, 10m, 1.5h)")
+    return float(found.group(1)) * UNITS[found.group(2) or "s"]
+
+
+@dataclass
+class Budget:
+    """The run's clock against its budget (None: unbounded), and what each stage was allotted and cut."""
+
+    time_s: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    allotted: dict[str, float] = field(default_factory=dict)
+    cuts: dict[str, str] = field(default_factory=dict)
+
+    def allot(self, stage: str) -> float | None:
+        """Seconds for `stage` now: its weight's share of what is left among it and the later stages."""
+        if self.time_s is None:
+            return None
+        stages = list(SHARES)
+        later = stages[stages.index(stage):]
+        left = max(0.0, self.time_s - (time.monotonic() - self.started))
+        seconds = max(1.0, left * SHARES[stage] / sum(SHARES[name] for name in later))
+        self.allotted[stage] = seconds
+        return seconds
+
+    def limit(self, stage: str, configured: float | None) -> float | None:
+        """The stage's own limit under the budget: the smaller of what is configured and its allotment."""
+        allotted = self.allot(stage)
+        if allotted is None:
+            return configured
+        return allotted if configured is None else min(configured, allotted)
+
+    def cut(self, stage: str, what: str) -> None:
+        self.cuts[stage] = what
+
+    def report(self) -> dict:
+        return {"time_s": self.time_s, "elapsed_s": round(time.monotonic() - self.started, 1),
+                "allotted_s": {stage: round(seconds, 1) for stage, seconds in self.allotted.items()},
+                "cut": dict(self.cuts)}

@@ -1,0 +1,46 @@
+"""One time budget for a run: each stage's share of what is left, and the limits it becomes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from maas.budget import SHARES, Budget, parse_duration
+from maas.config import TrainConfig
+from tasks.data import prepare_data
+from tasks.train import TrainingSettings, train_on_data
+from tests.conftest import quick_config
+
+
+@pytest.mark.parametrize("text, seconds", [("600", 600), ("90s", 90), ("10m", 600), ("1.5h", 5400), (" 2m ", 120)])
+def test_durations_read_as_a_person_writes_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10d", "-5m", "0"])
+def test_a_bad_duration_names_itself(text):
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+def test_each_stage_gets_its_share_of_what_is_left_and_unused_time_passes_on():
+    budget = Budget(1000.0)
+    assert budget.allot("tune") == pytest.approx(400, abs=1)  # 40% of all of it
+    budget.started -= 100  # tuning used 100 s of its 400
+    compare = budget.allot("compare")
+    assert compare == pytest.approx(900 * SHARES["compare"] / 0.6, abs=1)  # half of what is left
+    assert budget.limit("train", 30.0) == 30.0  # a tighter configured limit stands
+    assert Budget(None).limit("train", None) is None and Budget(None).allot("tune") is None
+    budget.started -= 10_000
+    assert budget.allot("compress") == 1.0  # overrun: each later stage still gets a second, and says what it cut
+
+
+def test_training_stops_at_its_allotment_and_keeps_its_best_epoch():
+    config = quick_config("digits", "model.families=[network]")
+    prepared = prepare_data(config.data, config.seed)
+    train = TrainConfig(max_epochs=500, patience=500, max_seconds=1.0)
+    started = time.perf_counter()
+    trained = train_on_data(prepared, TrainingSettings(config.model, train), config.seed)
+    assert trained.out_of_time and trained.epochs_run < 500 and time.perf_counter() - started < 10
+    assert 1 <= trained.best_epoch <= trained.epochs_run
