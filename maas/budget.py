@@ -51,6 +51,15 @@ class Budget:
             return configured
         return allotted if configured is None else min(configured, allotted)
 
+    def progress(self, stage: str) -> tuple[float, str]:
+        """How far the run is (a fraction of its budget) and one line saying so as `stage` starts."""
+        elapsed = time.monotonic() - self.started
+        if self.time_s is None:
+            return 0.0, f"{stage}: starting at {elapsed:.0f} s (no time budget)"
+        left = max(0.0, self.time_s - elapsed)
+        return elapsed / self.time_s, (f"{stage}: starting at {elapsed:.0f} s of the run's {self.time_s:.0f} s budget; "
+                                       f"at most ~{left:.0f} s left for the budgeted stages")
+
     def cut(self, stage: str, what: str) -> None:
         self.cuts[stage] = what
 

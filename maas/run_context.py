@@ -87,6 +87,19 @@ class Artifacts:
             create_markdown_artifact(key=key, markdown=text, description=description)
 
 
+    def progress(self, key: str, fraction: float, description: str) -> None:
+        """A Prefect progress artifact (0-100 %) on the flow run, created once and then updated."""
+        entry = self.made.setdefault(key, {"kind": "progress", "data": 0.0, "description": "", "id": None})
+        entry.update(data=round(100 * min(1.0, max(0.0, fraction)), 1), description=description)
+        if self.to_prefect:
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+            if entry["id"] is None:
+                entry["id"] = create_progress_artifact(entry["data"], key=key, description=description)
+            else:
+                update_progress_artifact(entry["id"], entry["data"], description=description)
+
+
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect run's logger inside a flow or task run, else the `maas` logger."""
     from prefect.context import FlowRunContext, TaskRunContext
@@ -188,7 +201,12 @@ class RunContext:
             job(self.client, *args)
 
     def run_stage(self, stage: str, compute: Callable[[], T], record: Callable[[RunContext, T], None] | None = None) -> T:
-        """Compute a stage's result, then record it; both timed in `self.timer`, apart."""
+        """Compute a stage's result, then record it; both timed in `self.timer`, apart. Under a time
+        budget, says first where the run stands (the log and a Prefect progress artifact)."""
+        if self.budget.time_s is not None:
+            fraction, line = self.budget.progress(stage)
+            self.logger.info("%s", line)
+            self.artifacts.progress("run-progress", fraction, line)
         result = self.timer.run(stage, compute)
         if record is not None:
             with self.timer.recording(stage):

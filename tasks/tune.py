@@ -282,6 +282,24 @@ class Objective:
                 self.tracker.finish(trial, params, state, {**final, "epochs": len(history)}, history)
 
 
+class TrialClock:
+    """After the first trial and every fifth: how long a trial takes and how long the study has left,
+    so a user knows early whether tuning is a minute or an hour."""
+
+    def __init__(self, n_trials: int | None, deadline: float):
+        self.n_trials, self.deadline, self.started, self.done = n_trials, deadline, time.perf_counter(), 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.done += 1
+        if self.done != 1 and self.done % 5:
+            return
+        each = (time.perf_counter() - self.started) / self.done
+        left = each * max(0, self.n_trials - self.done) if self.n_trials else math.inf
+        left = min(left, max(0.0, self.deadline - time.perf_counter()))
+        run_logger().info("tuning: %d trial(s) in %.0f s, ~%.1f s each; ~%s left", self.done,
+                          time.perf_counter() - self.started, each, "?" if math.isinf(left) else f"{left:.0f} s")
+
+
 class FailureGuard:
     """Stops the study after too many failed trials in a row (a broken space, not bad luck)."""
 
@@ -406,6 +424,8 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
                             user_attrs={BASELINE_ATTR: True})
     deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
     guard = FailureGuard(tuning.max_failures)
+    finished_before = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    clock = TrialClock(None if tuning.n_trials is None else tuning.n_trials - finished_before, deadline)
     threads = torch.get_num_threads()
     if tuning.n_jobs > 1:  # parallel trials share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // tuning.n_jobs))
@@ -426,7 +446,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
                 batch = (waiting if remaining is None else min(waiting, remaining)) if serial_first else remaining
                 study.optimize(
                     objective, n_trials=batch, timeout=None if math.isinf(time_left) else time_left,
-                    n_jobs=1 if serial_first else tuning.n_jobs, catch=(Exception,), callbacks=[guard],
+                    n_jobs=1 if serial_first else tuning.n_jobs, catch=(Exception,), callbacks=[guard, clock],
                     gc_after_trial=False, show_progress_bar=False,
                 )
                 if remaining is None and not serial_first:

@@ -44,3 +44,18 @@ def test_training_stops_at_its_allotment_and_keeps_its_best_epoch():
     trained = train_on_data(prepared, TrainingSettings(config.model, train), config.seed)
     assert trained.out_of_time and trained.epochs_run < 500 and time.perf_counter() - started < 10
     assert 1 <= trained.best_epoch <= trained.epochs_run
+
+
+def test_each_stage_says_where_the_run_stands_in_the_log_and_a_progress_artifact():
+    from maas.run_context import Artifacts
+
+    budget = Budget(200.0)
+    budget.started -= 50
+    fraction, line = budget.progress("train")
+    assert fraction == pytest.approx(0.25, abs=0.01)
+    assert line.startswith("train: starting at 50 s of the run's 200 s budget") and "~150 s left" in line
+    assert "no time budget" in Budget(None).progress("tune")[1]
+    artifacts = Artifacts(to_prefect=False)
+    artifacts.progress("run-progress", fraction, line)
+    artifacts.progress("run-progress", 0.5, "later")
+    assert artifacts.made["run-progress"]["data"] == 50.0 and artifacts.made["run-progress"]["description"] == "later"
