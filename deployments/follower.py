@@ -112,8 +112,16 @@ class ServedModelsWatcher:
     def _run(self) -> None:
         from deployments.gate import load_models
 
+        stamp = None
         while True:
             time.sleep(WATCH_EVERY_S)
+            try:  # a stat twice a second; the file is read only when it was replaced
+                found = self.path.stat()
+            except FileNotFoundError:
+                continue
+            if (found.st_mtime_ns, found.st_ino) == stamp:
+                continue
+            stamp = (found.st_mtime_ns, found.st_ino)
             state = self._read_state()
             if state is None or state == self.seen:
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from maas.processes import process_owner
-from maas.service_store import JOURNAL_SUFFIX, active_keys, apply_journal, apply_journals, connect, meter_folder
+from maas.service_store import JOURNAL_SUFFIX, active_keys, apply_journals, connect, meter_folder
 
 
 class ProcessGauges:
@@ -109,9 +109,7 @@ class Meter:
                 logging.getLogger("maas").exception("metering flush failed; retrying in %s s", self.flush_every_s)
 
     def flush(self) -> None:
-        finished = self.journal.sync_and_rotate()
-        if finished is not None:
-            apply_journal(self.connection, finished, finished=True)
+        self.journal.sync_and_rotate()  # a rotated-out journal of ours is applied and removed below
         apply_journals(self.connection, self.journal.folder, self.journal.path, self.journal.prefix)
         self.keys = active_keys(self.connection)  # revocations take effect within a flush interval
         if self.gauges is not None:

@@ -309,12 +309,16 @@ def fingerprint_table(frame: pd.DataFrame) -> str:
 # --- split and preprocessing ---------------------------------------------------------------------
 
 
+def stratify_by(y: np.ndarray) -> np.ndarray | None:
+    """y, for a stratified split, when every class has the two rows that needs; else None (plain)."""
+    return y if np.bincount(y).min() >= 2 else None
+
+
 def stratified_sample(y: np.ndarray, rows: int | None, seed: int) -> np.ndarray | None:
     """Sorted indices of a stratified sample of `rows` labels; None when there are no more than that."""
     if rows is None or len(y) <= rows:
         return None
-    stratify = y if np.bincount(y).min() >= 2 else None
-    keep, _ = train_test_split(np.arange(len(y)), train_size=rows, stratify=stratify, random_state=seed)
+    keep, _ = train_test_split(np.arange(len(y)), train_size=rows, stratify=stratify_by(y), random_state=seed)
     return np.sort(keep)
 
 

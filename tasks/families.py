@@ -34,10 +34,10 @@ from models import NetworkSpec
 from models.classic import ClassicSpec, classic_size, export_classic_onnx, fit_classic
 from models.ensemble import EnsembleSpec, average_probabilities, merge_averaging
 from tasks.compress import Variant, Variants
-from tasks.data import PreparedData, TrainingArrays, stratified_sample
+from tasks.data import PreparedData, TrainingArrays, stratified_sample, stratify_by
 from tasks.evaluate import classification_metrics
 from tasks.export import export_onnx, write_bundle
-from tasks.train import TrainingSettings, progress_logger, spec_for_data, train_network, train_on_data
+from tasks.train import TrainingSettings, progress_logger, spec_for_data, train_network, train_on_data, within_budget
 from tasks.tune import open_storage
 
 SIMPLICITY = {"linear": 0, "hgb": 1, "mlp": 2, "cnn": 2, "ensemble": 3}  # ties go to the simpler family
@@ -115,8 +115,7 @@ def fit_network_fold(settings: TrainingSettings, spec, x: np.ndarray, y: np.ndar
     """The network on a fold: early-stopped on 15% of the fold's own training rows, never on the
     rows it is scored on."""
     started = time.perf_counter()
-    stratify = y if np.bincount(y).min() >= 2 else None
-    x_fit, x_stop, y_fit, y_stop = train_test_split(x, y, test_size=0.15, random_state=seed, stratify=stratify)
+    x_fit, x_stop, y_fit, y_stop = train_test_split(x, y, test_size=0.15, random_state=seed, stratify=stratify_by(y))
     result = train_network(spec, TrainingArrays(x_fit, y_fit, x_stop, y_stop), settings.train, seed)
     with torch.no_grad():
         probabilities = torch.softmax(result.network(torch.as_tensor(x_out, dtype=torch.float32)), 1).numpy()
@@ -409,11 +408,8 @@ def compare_task(ctx: RunContext, prepared: PreparedData, config: RunConfig, set
 
 @task(name="fit-family", retries=0, timeout_seconds=3600, cache_policy=NO_CACHE)
 def fit_family_task(ctx: RunContext, prepared: PreparedData, comparison: Comparison, seed: int) -> Variants:
-    settings = comparison.settings
-    if settings is not None:  # a vote's network member trains within the training stage's allotment
-        settings = settings._replace(train=settings.train.model_copy(
-            update={"max_seconds": ctx.budget.limit("train", settings.train.max_seconds)}))
-    comparison = replace(comparison, settings=settings)
+    if comparison.settings is not None:  # a vote's network member trains within the training stage's allotment
+        comparison = replace(comparison, settings=within_budget(comparison.settings, ctx.budget))
     return ctx.run_stage("train", partial(fit_chosen_family, prepared, comparison, seed, ctx.scratch_dir("variants")),
                          record_family_fit)
 

@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
+from maas.budget import Budget
 from maas.bundle import feature_count
 from maas.config import ModelConfig, TrainConfig
 from maas.errors import MaasInputError
@@ -143,6 +144,12 @@ class TrainingSettings(NamedTuple):
 
     model: ModelConfig
     train: TrainConfig
+
+
+def within_budget(settings: TrainingSettings, budget: Budget) -> TrainingSettings:
+    """The settings with train.max_seconds cut to the training stage's allotment of the run's budget."""
+    return settings._replace(train=settings.train.model_copy(
+        update={"max_seconds": budget.limit("train", settings.train.max_seconds)}))
 
 
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
@@ -312,7 +319,6 @@ def record_training(ctx: RunContext, trained: TrainResult) -> None:
 @task(name="train", retries=0, timeout_seconds=3 * 3600, cache_policy=NO_CACHE)
 def train_task(ctx: RunContext, prepared: PreparedData, settings: TrainingSettings, seed: int) -> TrainResult:
     """No retries: training is seeded, so a rerun would fail the same way."""
-    settings = settings._replace(train=settings.train.model_copy(
-        update={"max_seconds": ctx.budget.limit("train", settings.train.max_seconds)}))
+    settings = within_budget(settings, ctx.budget)
     report = progress_logger(ctx.logger, settings.train.max_epochs)
     return ctx.run_stage("train", partial(train_on_data, prepared, settings, seed, report), record_training)
