@@ -251,7 +251,10 @@ def command_serve(args: argparse.Namespace) -> int:
     for tier, model in tier_models.items():
         print(f"  tier {tier}: {model.label}", flush=True)
     command = [sys.executable, "-m", "bentoml", "serve", "deployments.service:MaasService",
-               "--host", serving.host, "--port", str(serving.port)]
+               "--host", serving.host, "--port", str(serving.port),
+               # uvicorn's default of 5 s equals httpx's own expiry: a request sent on a connection the server
+               # was closing got a reset (ReadError) under load. The server must keep connections longer.
+               "--timeout-keep-alive", str(serving.keep_alive_s)]
     follower = RegistryFollower(client, wanted, serving, served_models_file(serving.port), packaged, tier_models)
     environment = {**serving_environment(packaged, serving, tier_models), SERVED_MODELS_ENV: str(follower.path)}
     return supervise(command, environment, cwd=str(project_root()), on_tick=follower.tick)

@@ -281,6 +281,9 @@ class ServingConfig(Section):
     access_log: bool = Field(True, description="BentoML's access log line per request (~15% of a one-row request's CPU)")
     reload_interval_s: float = Field(30.0, gt=0, description="maas serve: when an alias moves, the new version "
                                      "answers within this many seconds, without a restart")
+    keep_alive_s: int = Field(75, ge=1, description="maas serve: an idle keep-alive connection is closed after this "
+                              "many seconds; longer than clients keep theirs (httpx 5 s, nginx upstreams 60 s), so the "
+                              "server never closes a connection as a client reuses it (a reset, not an answer)")
     prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests logged for monitoring")
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {
         "free": TierConfig(requests_per_minute=60, monthly_rows=100_000),

@@ -92,6 +92,11 @@ async def load(base: str, key: str, rows: list[dict], seconds: float, during=Non
     return results
 
 
+def server_log_tail(home, lines: int = 40) -> str:
+    """The end of `maas serve`'s log, for a failure's message: the server's side of a failed request."""
+    return "\n".join((home / "serve.log").read_text(errors="replace").splitlines()[-lines:])
+
+
 def rows_metered(usage: list[dict]) -> int:
     """Rows billed: one per answered one-row request (refused requests bill none)."""
     return sum(entry["rows"] for entry in usage)
@@ -113,7 +118,8 @@ def test_an_alias_move_under_load_fails_no_request_and_is_served_within_the_inte
 
     results = asyncio.run(load(base, key, rows, 3 + RELOAD_INTERVAL_S + 4, move_the_alias))
     failed = [result for result in results if result[2] != 200]
-    assert not failed, failed[:5]
+    assert not failed, (f"{len(failed)} of {len(results)} failed; the alias moved at {moved_at.get('t')}", failed[:5],
+                        server_log_tail(home))
     new_label = f"maas-wine/{other}@champion"
     after_move = [result for result in results if result[0] > moved_at["t"]]
     first_new = min(answered for sent, answered, _, model in after_move if model == new_label)
