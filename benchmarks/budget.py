@@ -1,8 +1,12 @@
 """A run's cost against the table's size under a time budget: `maas run` (default config) on a
-generated 20-column, 5-class Parquet table of N rows with `--budget`, in a fresh MAAS_HOME each:
-wall time, peak memory of the run's process tree, test macro F1, and what the budget cut.
+generated 20-column, 5-class Parquet table of N rows, in a fresh MAAS_HOME each: wall time, peak
+memory of the run's process tree, test macro F1, what the budget cut, and how the best trial's
+validation F1 on its sample carried to the network trained on all rows. `--budget` (default: the
+config's own, 9 minutes) applies to every size; `--unbounded ROWS ...` adds runs with no budget
+(budget.time_s=null) to compare against.
 
-Run: .venv/bin/python benchmarks/budget.py [--budget 9m] [ROWS ...]   (writes results/budget.*)
+Run: .venv/bin/python benchmarks/budget.py [--budget 9m] [--unbounded 200000] [ROWS ...]
+(writes results/budget.*)
 """
 
 from __future__ import annotations
@@ -44,13 +48,16 @@ def wide_table(rows: int, seed: int = 5) -> pd.DataFrame:
 
 
 def run(rows: int, budget: str, scratch: Path) -> dict:
+    """budget: a duration, 'default' (the config's) or 'none' (unbounded)."""
     table = scratch / f"rows-{rows}.parquet"
-    wide_table(rows).to_parquet(table)
-    summary = scratch / f"summary-{rows}.json"
-    env = {**os.environ, "MAAS_HOME": str(scratch / f"home-{rows}")}
+    if not table.exists():
+        wide_table(rows).to_parquet(table)
+    summary = scratch / f"summary-{rows}-{budget}.json"
+    env = {**os.environ, "MAAS_HOME": str(scratch / f"home-{rows}-{budget}")}
+    limit = {"default": [], "none": ["--set", "budget.time_s=null"]}.get(budget, ["--budget", budget])
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "maas", "run", "--dataset", str(table), "--target", "label",
-                                "--budget", budget, "--summary", str(summary), "--set", "serving.build_bento=false"],
+                                *limit, "--summary", str(summary), "--set", "serving.build_bento=false"],
                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
     watched = psutil.Process(process.pid)
@@ -62,24 +69,43 @@ def run(rows: int, budget: str, scratch: Path) -> dict:
         time.sleep(0.5)
     wall = time.perf_counter() - started
     found = json.loads(summary.read_text()) if summary.exists() else {}
-    return {"rows": rows, "budget": budget, "exit_code": process.returncode, "wall_s": round(wall, 1),
+    tuning = found.get("tuning") or {}
+    return {"rows": rows, "budget": budget, "budget_s": (found.get("budget") or {}).get("time_s"), "exit_code": process.returncode, "wall_s": round(wall, 1),
             "peak_rss_gib": round(peak / 2**30, 2), "test_f1_macro": found.get("test_metrics", {}).get("f1_macro"),
-            "family": found.get("family"), "trial_rows": (found.get("tuning") or {}).get("trial_rows"),
+            "family": found.get("family"), "trial_rows": tuning.get("trial_rows"),
+            "best_trial_val_f1": tuning.get("best_val_f1_macro"), "final_val_f1": tuning.get("final_val_f1_macro"),
             "stage_seconds": {k: round(v, 1) for k, v in found.get("stage_seconds", {}).items()},
             "cut": (found.get("budget") or {}).get("cut", {})}
 
 
 def render(report: dict) -> str:
     lines = ["# A run's cost against rows, under a time budget", "", measured_on(report), "",
-             "`maas run` with the default config and `--budget`, a generated 20-column 5-class Parquet table, a fresh "
-             "MAAS_HOME per size (no Bento build). Peak memory: the run's process tree, sampled every 0.5 s.", "",
-             "| rows | budget | wall s | peak GiB | test macro F1 | family | trial rows | what the budget cut |",
-             "|---|---|---|---|---|---|---|---|"]
+             "`maas run` with the default config, a generated 20-column 5-class Parquet table, a fresh MAAS_HOME "
+             "per run (no Bento build). Budget `default` is the config's (`budget.time_s`), `none` unbounded. Peak "
+             "memory: the run's process tree, sampled every 0.5 s. Trial / full: the best trial's validation macro F1 "
+             "training on its sample, and the network's trained on every training row with the chosen settings.", "",
+             "| rows | budget | wall s | peak GiB | test macro F1 | family | trial rows | trial / full val F1 "
+             "| what the budget cut |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def figure(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
     for row in report["runs"]:
         cut = "; ".join(f"{stage}: {what}" for stage, what in row["cut"].items()) or "-"
-        f1 = "-" if row["test_f1_macro"] is None else f"{row['test_f1_macro']:.4f}"
-        lines.append(f"| {row['rows']:,} | {row['budget']} | {row['wall_s']} | {row['peak_rss_gib']} | {f1} | "
-                     f"{row['family']} | {row['trial_rows']} | {cut} |")
+        budget = row["budget"] if row.get("budget_s") is None else f"{row['budget']} ({row['budget_s']:.0f} s)"
+        lines.append(f"| {row['rows']:,} | {budget} | {row['wall_s']} | {row['peak_rss_gib']} | "
+                     f"{figure(row['test_f1_macro'])} | {row['family']} | {row['trial_rows']} | "
+                     f"{figure(row.get('best_trial_val_f1'))} / {figure(row.get('final_val_f1'))} | {cut} |")
+    unbounded = {row["rows"]: row for row in report["runs"] if row["budget"] == "none"}
+    for row in report["runs"]:
+        if row["budget"] != "none" and row["rows"] in unbounded and row["test_f1_macro"] is not None \
+                and unbounded[row["rows"]]["test_f1_macro"] is not None:
+            other = unbounded[row["rows"]]
+            lines += ["", f"{row['rows']:,} rows, budget {row['budget']} against unbounded: {row['wall_s']} s vs "
+                      f"{other['wall_s']} s ({other['wall_s'] / row['wall_s']:.1f}x), test macro F1 "
+                      f"{row['test_f1_macro']:.4f} vs {other['test_f1_macro']:.4f} "
+                      f"({(row['test_f1_macro'] - other['test_f1_macro']) * 100:+.2f} points; target >= -0.5)"]
     lines += ["", "Seconds per stage:", "", "| rows | " + " | ".join(report["runs"][0]["stage_seconds"]) + " |",
               "|---|" + "---|" * len(report["runs"][0]["stage_seconds"])]
     for row in report["runs"]:
@@ -89,13 +115,14 @@ def render(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget", default="9m")
-    parser.add_argument("rows", nargs="*", type=int, default=[20_000, 200_000])
+    parser.add_argument("--budget", default="default", help="a duration (9m), default (the config's) or none")
+    parser.add_argument("--unbounded", nargs="*", type=int, default=[], help="also run these sizes with no budget")
+    parser.add_argument("rows", nargs="*", type=int, default=[10_000, 50_000, 200_000, 1_000_000])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         report = {"measured_at": now(), "machine": machine(), "runs": []}
-        for rows in args.rows:
-            report["runs"].append(run(rows, args.budget, Path(scratch)))
+        for rows, budget in [*((rows, args.budget) for rows in args.rows), *((rows, "none") for rows in args.unbounded)]:
+            report["runs"].append(run(rows, budget, Path(scratch)))
             print(report["runs"][-1], flush=True)
     write_results("budget", report, render)
 

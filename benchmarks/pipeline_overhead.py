@@ -2,8 +2,9 @@
 
 One process, side by side, per dataset at the default config (tuning included), in alternating
 pairs so that the machine's drift hits both sides alike:
-  plain   the stage functions called directly: prepare_data, tune, train_on_data, build_variants,
-          evaluate_variants, choose_winner (Optuna study on SQLite; no Prefect, no MLflow)
+  plain   the stage functions called directly: prepare_data, tune, compare_families, train_on_data
+          and build_variants (or fit_chosen_family), evaluate_variants, choose_winner, report_on_test
+          (Optuna studies on SQLite; no Prefect, no MLflow)
   flow    the Prefect flow with MLflow tracking, registry and packaging, warm (not the first run
           in the process)
 plus the first flow run in the process (cold) and the start of Prefect's temporary server, which
@@ -28,23 +29,33 @@ from common import machine, measured_on, now, write_results
 
 
 def plain_pipeline(config, scratch: Path) -> float:
-    """The flow's stages as plain function calls: no orchestration, no tracking, no registry."""
+    """The flow's stages as plain function calls: no orchestration, no tracking, no registry. The
+    same path as the flow: tuning and the families' comparison on the sealed data, then the chosen
+    network trained and compressed (or the chosen scikit-learn family fitted), every variant scored on
+    validation, the winner chosen and reported once on the test split."""
     from tasks.compress import build_variants
     from tasks.data import prepare_data
     from tasks.evaluate import evaluate_variants
-    from tasks.registry import choose_winner
+    from tasks.families import compare_families, fit_chosen_family, tunes_network
+    from tasks.registry import choose_winner, report_on_test
     from tasks.train import TrainingSettings, train_on_data
     from tasks.tune import chosen_settings, tune
 
     started = time.perf_counter()
     prepared = prepare_data(config.data, config.seed)
-    tuning = tune(prepared, TrainingSettings(config.model, config.train), config.tuning, config.seed,
-                  config.tuning.study_name)
+    choosing = prepared.sealed()
+    tuning = tune(choosing, TrainingSettings(config.model, config.train), config.tuning, config.seed,
+                  config.tuning.study_name) if tunes_network(config) else None
     settings = chosen_settings(config, tuning)
-    trained = train_on_data(prepared, settings, config.seed)
-    variants = build_variants(trained, prepared, config.compression, settings.train, config.seed, scratch)
-    scores = evaluate_variants(variants, prepared.splits.x_test, prepared.splits.y_test, config.serving.model_threads or None)
-    choose_winner(scores, config.selection)
+    comparison = compare_families(choosing, config, settings, config.tuning.study_name)
+    if comparison.is_network:
+        trained = train_on_data(choosing, settings, config.seed)
+        variants = build_variants(trained, choosing, config.compression, settings.train, config.seed, scratch)
+    else:
+        variants = fit_chosen_family(choosing, comparison, config.seed, scratch)
+    threads = config.serving.model_threads or None
+    scores = evaluate_variants(variants, choosing.splits.x_val, choosing.splits.y_val, threads)
+    report_on_test(choose_winner(scores, config.selection), prepared.splits, comparison, threads)
     return time.perf_counter() - started
 
 
@@ -131,7 +142,7 @@ def main() -> None:
     write_results("pipeline_overhead", report, render)
 
 
-SHARED_STAGES = ("data", "tune", "train", "compress", "evaluate", "select")  # what the plain run also computes
+SHARED_STAGES = ("data", "tune", "compare", "train", "compress", "evaluate", "select", "report")  # what the plain run also computes
 
 
 def accounted(run: dict) -> tuple[float, float]:

@@ -54,6 +54,23 @@ class TrainSummary:
         return cls(config, ctx.run_id, ctx.url, ctx.flow_run_id, registered, winner, tuning, bento,
                    ctx.budget.report(), ctx.timer.compute, ctx.timer.record)  # the same dicts: the wait for the recorder lands after
 
+    def final_network_val_f1(self) -> float | None:
+        """Validation macro F1 of the network trained on every training row with the chosen settings
+        (the fp32 variant), beside which the best trial's figure on its sample can be read; None when
+        a scikit-learn family was chosen (it is fitted on train + validation, so no fair figure)."""
+        comparison = self.winner.comparison
+        if self.tuning is None or (comparison is not None and not comparison.is_network):
+            return None
+        return next((row.f1_macro for row in self.winner.table.rows if row.name == "fp32"), None)
+
+    def sample_line(self) -> list[str]:
+        """One line when the trials saw a sample: how their best figure compares with the full training."""
+        final = self.final_network_val_f1()
+        if final is None or self.tuning.trial_rows >= self.tuning.training_rows:
+            return []
+        return [f"Tuning: best trial val F1 {self.tuning.best_values[0]:.4f} training on {self.tuning.trial_rows:,} sampled rows; "
+                f"the network on all {self.tuning.training_rows:,}: {final:.4f} ({(final - self.tuning.best_values[0]) * 100:+.2f} points)"]
+
     def to_dict(self) -> dict[str, Any]:
         """The `--summary` JSON of the CLI contract (DESIGN.md)."""
         registered, gate, tuning = self.registered, self.registered.gate, self.tuning
@@ -82,7 +99,8 @@ class TrainSummary:
                 "n_failed": tuning.n_failed, "epochs_total": tuning.epochs_total, "best_trial": tuning.best_trial,
                 "best_val_f1_macro": tuning.best_values[0], "best_params": tuning.best_params,
                 "baseline_val_f1_macro": tuning.baseline_value, "used_tuned": tuning.use_tuned,
-                "decision": tuning.decision, "trial_rows": tuning.trial_rows, "pareto_front": tuning.pareto_front if len(tuning.objectives) > 1 else [],
+                "decision": tuning.decision, "trial_rows": tuning.trial_rows, "training_rows": tuning.training_rows,
+                "final_val_f1_macro": self.final_network_val_f1(), "pareto_front": tuning.pareto_front if len(tuning.objectives) > 1 else [],
             },
             "budget": self.budget,
             "stage_seconds": self.stage_seconds,
@@ -97,6 +115,7 @@ class TrainSummary:
         return "\n".join([
             *families,
             self.winner.table.render(), "",
+            *self.sample_line(),
             f"Selected {self.winner.selection.reason}",
             f"Registered {registered.name} version {registered.version} as @{registered.alias}: {registered.gate.reason}",
             *[f"Budget ({self.budget['time_s']:.0f} s): {stage} {what}" for stage, what in self.budget["cut"].items()],

@@ -26,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from maas.budget import rows_for_budget
 from maas.config import ModelConfig, RunConfig, SelectionConfig
 from maas.figures import log_leaderboard
 from maas.run_context import RunContext, run_logger, write_child_run
@@ -397,7 +398,9 @@ def record_family_fit(ctx: RunContext, variants: Variants) -> None:
 @task(name="compare-families", retries=0, timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
 def compare_task(ctx: RunContext, prepared: PreparedData, config: RunConfig, settings: TrainingSettings) -> Comparison:
     study_name = config.tuning.study_name or config.experiment_name
-    selection = config.selection
+    selection = config.selection.model_copy(update={"sample_rows": rows_for_budget(config.selection.sample_rows,
+                                                                                   ctx.budget.time_s)})
+    config = config.model_copy(update={"selection": selection})
     allotted = ctx.budget.allot("compare")
     if allotted is not None:  # the families share the stage's allotment
         per_family = min(selection.time_budget_s, allotted / len(candidate_families(config.model)))

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from maas.budget import rows_for_budget
 from maas.config import Range, RunConfig, TuningConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home
@@ -335,6 +336,7 @@ class TuningResult:
     decision: str = ""
     storage_url: str = field(default="", repr=False)  # unredacted, for reading the study back (plots); never logged
     trial_rows: int = 0  # training rows each trial saw (a stratified sample on large tables: tuning.sample_rows)
+    training_rows: int = 0  # training rows the final network trains on
 
 
 def tuned_or_default(best: FrozenTrial, baseline: FrozenTrial | None, n_val: int, min_gain_se: float) -> tuple[bool, str]:
@@ -464,10 +466,11 @@ def tune(prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfi
                              "which trials run; results are not reproducible run to run", tuning.n_jobs)
     trial_data = prepared.with_training_sample(tuning.sample_rows, seed)
     if trial_data is not prepared:  # trial cost stops growing with the table; the final training uses every row
-        run_logger().info("trials train on a stratified sample of %d of the %d training rows (tuning.sample_rows)",
+        run_logger().info("trials train on a stratified sample of %d of the %d training rows "
+                          "(tuning.sample_rows, scaled to the budget)",
                           len(trial_data.splits.y_train), len(prepared.splits.y_train))
     result = run_study(Objective(trial_data, settings, tuning, seed, tracker), tuning, study_name, seed)
-    result.trial_rows = len(trial_data.splits.y_train)
+    result.trial_rows, result.training_rows = len(trial_data.splits.y_train), len(prepared.splits.y_train)
     return result
 
 
@@ -498,6 +501,13 @@ def record_tuning(ctx: RunContext, result: TuningResult) -> None:
                         f"Top trials of study '{result.study_name}' by validation F1")
 
 
+def budgeted_tuning(tuning: TuningConfig, budget) -> TuningConfig:
+    """The study's limits under the run's budget: its timeout is the stage's allotment, and the
+    trials' sample grows with a budget above the default."""
+    return tuning.model_copy(update={"timeout_s": budget.limit("tune", tuning.timeout_s),
+                                     "sample_rows": rows_for_budget(tuning.sample_rows, budget.time_s)})
+
+
 # --- Prefect wrapper -------------------------------------------------------------------------------
 
 
@@ -507,7 +517,7 @@ def tune_task(ctx: RunContext, prepared: PreparedData, config: RunConfig) -> Tun
     study_name = config.tuning.study_name or config.experiment_name
     settings = TrainingSettings(config.model, config.train)
     tracker = TrialTracker(ctx, study_name)
-    tuning = config.tuning.model_copy(update={"timeout_s": ctx.budget.limit("tune", config.tuning.timeout_s)})
+    tuning = budgeted_tuning(config.tuning, ctx.budget)
     result = ctx.run_stage("tune", partial(tune, prepared, settings, tuning, config.seed, study_name, tracker),
                            record_tuning)
     if tuning.timeout_s != config.tuning.timeout_s and result.n_complete + result.n_pruned < (tuning.n_trials or 0):

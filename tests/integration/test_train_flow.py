@@ -241,3 +241,18 @@ def test_the_parent_run_says_what_happened_and_its_experiment_opens_on_runs(trai
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert set(summary["record_seconds"]) >= {"tune", "evaluate", "waiting for the recorder"}
+
+
+def test_a_larger_budget_buys_the_trials_a_larger_sample_and_the_run_says_how_it_carried(prefect_server, maas_home):
+    from flows.train_pipeline import train_pipeline
+    from tests.conftest import quick_config
+
+    # 150 rows at the default budget; twice the budget, twice the rows (breast_cancer trains on 364)
+    config = quick_config("breast_cancer", "tuning.sample_rows=150", "budget.time_s=1080", "model.families=[network]",
+                          "serving.build_bento=false")
+    summary = train_pipeline(config)
+    tuning = summary.to_dict()["tuning"]
+    assert tuning["trial_rows"] == 300 and tuning["training_rows"] > 300
+    assert tuning["final_val_f1_macro"] == summary.winner.table["fp32"].f1_macro
+    (line,) = [line for line in summary.outcome().splitlines() if line.startswith("Tuning:")]
+    assert "training on 300 sampled rows" in line and f"the network on all {tuning['training_rows']:,}" in line

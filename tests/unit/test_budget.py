@@ -59,3 +59,13 @@ def test_each_stage_says_where_the_run_stands_in_the_log_and_a_progress_artifact
     artifacts.progress("run-progress", fraction, line)
     artifacts.progress("run-progress", 0.5, "later")
     assert artifacts.made["run-progress"]["data"] == 50.0 and artifacts.made["run-progress"]["description"] == "later"
+
+
+def test_a_larger_budget_scales_the_samples_and_a_smaller_one_keeps_them():
+    from maas.budget import DEFAULT_BUDGET_S, rows_for_budget
+    from maas.config import RunConfig
+
+    assert RunConfig().budget.time_s == DEFAULT_BUDGET_S
+    assert rows_for_budget(20_000, DEFAULT_BUDGET_S * 3) == 60_000
+    assert rows_for_budget(20_000, DEFAULT_BUDGET_S) == rows_for_budget(20_000, 60) == rows_for_budget(20_000, None) == 20_000
+    assert rows_for_budget(None, DEFAULT_BUDGET_S * 3) is None  # every row stays every row
