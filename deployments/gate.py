@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 
 from deployments.batcher import Batcher
-from deployments.limits import SharedLimits, limits_file
+from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
 from deployments.request_reader import BadRequest, RequestReader, read_body
 from maas.bundle import ModelBundle
@@ -110,8 +110,8 @@ class ServiceGate:
         self.app, self.settings = app, settings
         self.meter = Meter(settings.prediction_log_sample, gauges=ProcessGauges(registry))
         rows_connection = connect()  # the meter's belongs to its thread
-        self.limits = SharedLimits(limits_file(maas_home() / "run"),
-                                   lambda key_id, month: rows_used(rows_connection, month).get(key_id, 0))
+        self.limits = open_limits(settings, maas_home() / "run",
+                                  lambda key_id, month: rows_used(rows_connection, month).get(key_id, 0))
         self.batch_rows = Histogram("maas_batch_rows", "rows per model call (adaptive batching)", registry=registry,
                                     buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
         self.answered = Counter("maas_predictions", "requests answered 200, by the model version that answered",

@@ -97,6 +97,16 @@ class _FileLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+def open_limits(settings, folder: Path, rows_so_far: Callable[[str, str], int]):
+    """The tier limits `serving.limits_backend` names: this server's workers (local) or every
+    replica's (redis, deployments/redis_limits.py)."""
+    if settings.limits_backend == "redis":
+        from deployments.redis_limits import RedisLimits
+
+        return RedisLimits(settings.redis_url, settings.limits_prefix, rows_so_far)
+    return SharedLimits(limits_file(folder), rows_so_far)
+
+
 def limits_file(folder: Path) -> Path:
     """This `bentoml serve`'s file (its workers share the arbiter as parent); files of servers
     that are gone are removed."""

@@ -13,7 +13,7 @@ from maas.budget import Budget
 from maas.config import RunConfig
 from maas.prefect_fixes import end_flow_runs_promptly
 from maas.run_context import RunContext, StageTimer, open_run, write_dict
-from maas.tracking import flatten
+from maas.tracking import flatten, redact_passwords
 from tasks.compress import compress_task
 from tasks.data import PreparedData, prepare_data_task
 from tasks.evaluate import evaluate_task
@@ -67,7 +67,7 @@ def train_pipeline(config: RunConfig) -> TrainSummary:
 
 def record_start(ctx: RunContext, config: RunConfig, prepared: PreparedData) -> None:
     """The whole config (flattened) and the data's facts as params; the input schema as data/schema.json."""
-    ctx.record(params={**flatten(config.model_dump(mode="json")), **prepared.summary_params()})
+    ctx.record(params={**redact_passwords(flatten(config.model_dump(mode="json"))), **prepared.summary_params()})
     ctx.defer(write_dict, ctx.run_id, prepared.description(), "data/schema.json")
 
 

@@ -239,6 +239,10 @@ def command_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         serving = serving.model_copy(update={"port": args.port})
     refuse_busy_port(serving.host, serving.port)
+    if serving.limits_backend == "redis":
+        from deployments.redis_limits import check_reachable
+
+        check_reachable(serving.redis_url)
     client = mlflow_client()
     champion = config.registry.champion_alias
     wanted = ModelRef.parse(args.model or serving.model or f"{config.model_name}@{champion}", champion)

@@ -283,6 +283,13 @@ class ServingConfig(Section):
     access_log: bool = Field(True, description="BentoML's access log line per request (~15% of a one-row request's CPU)")
     reload_interval_s: float = Field(30.0, gt=0, description="maas serve: when an alias moves, the new version "
                                      "answers within this many seconds, without a restart")
+    limits_backend: Literal["local", "redis"] = Field("local", description="where tier rate limits and monthly "
+                                                      "quotas are counted: local (this server's workers) or redis "
+                                                      "(every replica that names the same redis_url and prefix)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="limits_backend redis: the server (a password "
+                           "in it is redacted from logs and MLflow params)")
+    limits_prefix: str = Field("maas:limits:", min_length=1, description="limits_backend redis: the key prefix, one per "
+                               "service whose replicas share limits")
     keep_alive_s: int = Field(75, ge=1, description="maas serve: an idle keep-alive connection is closed after this "
                               "many seconds; longer than clients keep theirs (httpx 5 s, nginx upstreams 60 s), so the "
                               "server never closes a connection as a client reuses it (a reset, not an answer)")

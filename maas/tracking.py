@@ -7,6 +7,7 @@ Everything goes through an MlflowClient and explicit run ids rather than MLflow'
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -82,6 +83,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+
+
+def redact_passwords(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Params with the password of any URL in them (tuning.storage, serving.redis_url) replaced by
+    ***: a run's params are shown to everyone who can read the experiment."""
+    return {name: URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", value) if isinstance(value, str) else value
+            for name, value in params.items()}
 
 
 def metric_entities(metrics: Mapping[str, float], step: int = 0) -> list:

@@ -16,9 +16,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROCESSES_BEFORE = pytest.StashKey[frozenset]()
 # Python's own helpers that read a pipe from this process and exit when it does.
 EXITS_WITH_US = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "joblib.externals.loky")
+# Inherited by everything the tests start: how an orphan (re-parented to init) is known as ours, and
+# not some other process of this environment's Python (a benchmark running beside the tests).
+SESSION_MARK = "MAAS_TEST_SESSION"
 
 
 def pytest_configure(config):
+    os.environ[SESSION_MARK] = str(os.getpid())
     # The Prefect server's telemetry logs an ERROR when offline; tests run offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -69,7 +73,7 @@ def pytest_sessionfinish(session, exitstatus):
 def processes_left_behind(before: frozenset) -> list:
     """Live processes started during the session (not among `before`; psutil's start times are
     rounded to the boot time's second, too coarse to compare) that are ours: descendants of this pytest process,
-    or orphans of them (re-parented to init) running this environment's Python."""
+    or orphans of them (re-parented to init) carrying this session's mark in their environment."""
     import psutil
 
     me = psutil.Process()
@@ -82,9 +86,18 @@ def processes_left_behind(before: frozenset) -> list:
         command = " ".join(info["cmdline"] or [])
         if any(helper in command for helper in EXITS_WITH_US):
             continue
-        if info["pid"] in ours or sys.prefix in command:
+        if info["pid"] in ours or (sys.prefix in command and started_by_this_session(process)):
             found.append(process)
     return found
+
+
+def started_by_this_session(process) -> bool:
+    import psutil
+
+    try:
+        return process.environ().get(SESSION_MARK) == str(os.getpid())
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture

@@ -64,6 +64,15 @@ def test_bad_input_is_one_line_nonzero_exit_and_leaves_nothing(case, bad_files, 
     assert client.search_registered_models() == []
 
 
+def test_serve_with_an_unreachable_limits_store_is_one_line_without_the_password(maas_home, capsys):
+    exit_code = main(["serve", "--port", str(free_port()), "--set", "serving.limits_backend=redis",
+                      "--set", "serving.redis_url=redis://maas:s3cret@127.0.0.1:1/0"])  # nothing listens on port 1
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert exit_code == 2 and "serving.redis_url: cannot reach redis://maas:***@127.0.0.1:1/0" in line
+    assert "s3cret" not in captured.out + captured.err and "Traceback" not in captured.out + captured.err
+
+
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--bogus"])

@@ -82,3 +82,16 @@ def test_stage_timer_keeps_recording_apart_from_compute():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [2]}}, "e": 3}) == {"a.b": 1, "a.c.d": [2], "e": 3}
+
+
+def test_passwords_in_urls_never_reach_mlflow_params():
+    from maas.tracking import flatten, redact_passwords
+    from maas.config import RunConfig
+
+    config = RunConfig.model_validate({"tuning": {"storage": "postgresql+psycopg://optuna:hunter2@db:5432/optuna"},
+                                       "serving": {"redis_url": "redis://:s3cret@cache:6379/0"}})
+    params = redact_passwords(flatten(config.model_dump(mode="json")))
+    assert params["tuning.storage"] == "postgresql+psycopg://optuna:***@db:5432/optuna"
+    assert params["serving.redis_url"] == "redis://:***@cache:6379/0"
+    assert "hunter2" not in str(params) and "s3cret" not in str(params)
+    assert params["serving.limits_backend"] == "local" and params["train.lr"] == config.train.lr
