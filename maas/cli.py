@@ -30,6 +30,13 @@ UI_EXAMPLES = """examples:
 """
 
 
+TRACKING_SERVER_EXAMPLES = """examples:
+  maas tracking-server --backend-store-uri postgresql+psycopg://postgres@127.0.0.1:5432/mlflow \\
+      --artifacts-destination /srv/mlflow-artifacts --host 0.0.0.0 --port 5000
+  then, on every machine of the team:  export MLFLOW_TRACKING_URI=http://HOST:5000
+"""
+
+
 SERVE_EXAMPLES = """examples:
   maas serve                                   # maas-breast_cancer@champion on http://127.0.0.1:3000
   maas serve --model maas-digits@challenger --port 3001
@@ -110,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+
+    tracking = commands.add_parser(
+        "tracking-server", help="an MLflow tracking server on a database, proxying the artifacts (team set-up)",
+        epilog=TRACKING_SERVER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tracking.add_argument("--backend-store-uri", required=True, help="SQLAlchemy URL of the runs and the registry")
+    tracking.add_argument("--artifacts-destination", required=True, help="folder or object store URI for artifacts")
+    tracking.add_argument("--host", default="127.0.0.1")
+    tracking.add_argument("--port", type=int, default=5000)
+    tracking.add_argument("--workers", type=int, default=2)
 
     serve = commands.add_parser(
         "serve", help="serve a registered model with BentoML", epilog=SERVE_EXAMPLES,
@@ -218,6 +235,18 @@ def command_ui(args: argparse.Namespace) -> int:
     refuse_busy_port(args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     return supervise(command, dict(os.environ))
+
+
+def command_tracking_server(args: argparse.Namespace) -> int:
+    from maas.team import POOL_ENVIRONMENT, check_database, redacted, tracking_server_command
+
+    check_database(args.backend_store_uri)
+    refuse_busy_port(args.host, args.port)
+    command = tracking_server_command(args.backend_store_uri, args.artifacts_destination, args.host, args.port,
+                                      args.workers)
+    print(f"MLflow tracking server on http://{args.host}:{args.port}, runs in {redacted(args.backend_store_uri)}, "
+          f"artifacts in {args.artifacts_destination} (Ctrl-C to stop)", flush=True)
+    return supervise(command, {**os.environ, **POOL_ENVIRONMENT})
 
 
 def serving_environment(packaged, serving, tier_models: dict | None = None) -> dict[str, str]:
@@ -392,7 +421,8 @@ def local_prefect_server():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_defaults()
-    handlers = {"run": command_run, "ui": command_ui, "serve": command_serve, "keys": command_keys,
+    handlers = {"run": command_run, "ui": command_ui, "tracking-server": command_tracking_server,
+                "serve": command_serve, "keys": command_keys,
                 "usage": command_usage, "monitor": command_monitor, "schedule": command_schedule}
     try:
         return handlers[args.command](args)

@@ -270,9 +270,10 @@ def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.Da
     )
 
 
-def register_version(client, model_uri: str, target: ModelRef, run_id: str, tags: dict[str, str], description: str
+def register_version(client, model_info, target: ModelRef, run_id: str, tags: dict[str, str], description: str
                      ) -> str:
-    """Create the version and point the alias at it; undo the version if any step fails."""
+    """Create the version of the logged model (MLflow's ModelInfo) and point the alias at it; undo
+    the version if any step fails."""
     name, alias = target.name, target.alias
     from mlflow.exceptions import MlflowException
 
@@ -282,8 +283,11 @@ def register_version(client, model_uri: str, target: ModelRef, run_id: str, tags
         client.create_registered_model(name, description="Registered by maas.")
     # 'pending' until the alias is set: a version a crash left without its alias is deleted by the
     # next run (tasks/recovery.py), so no version is ever half-registered for long.
+    # model_id as well as the models:/ source: a tracking server refuses a bare models:/m-... source
+    # ("The model_id request parameter must identify the resource"); the embedded store accepted it.
     version = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags={**tags, REGISTRATION_TAG: "pending"}, description=description
+        name, source=model_info.model_uri, run_id=run_id, tags={**tags, REGISTRATION_TAG: "pending"},
+        description=description, model_id=model_info.model_id,
     )
     try:
         client.set_registered_model_alias(name, alias, version.version)
@@ -336,7 +340,7 @@ def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: Ru
             "gate_reason": gate.reason[:500]}
     if gate.promoted and gate.champion_version:
         tags["replaced_champion_version"] = gate.champion_version  # what a rollback returns to
-    version = register_version(ctx.client, model_info.model_uri, ModelRef(name, gate.alias), ctx.run_id, tags, description)
+    version = register_version(ctx.client, model_info, ModelRef(name, gate.alias), ctx.run_id, tags, description)
     return RegisteredVersion(name, version, gate.alias, variant, metrics, gate)
 
 

@@ -129,6 +129,30 @@ def prefect_server():
         yield get_current_settings().api.url
 
 
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_database():
+    """A fresh PostgreSQL database on the machine's server as a SQLAlchemy URL, dropped afterwards;
+    skips where no server answers (team tests)."""
+    import uuid
+
+    import psycopg
+
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=2)
+    except psycopg.Error:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (team tests need it)")
+    name = f"maas_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def quick_config(dataset: str = "breast_cancer", *overrides: str) -> RunConfig:
     """The shipped quick preset: the whole pipeline in seconds. The network family only, unless the
     overrides say otherwise: most tests are about the network's stages (compression, int8, the
