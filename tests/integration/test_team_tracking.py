@@ -82,3 +82,19 @@ def test_a_run_registers_gates_and_serves_through_the_tracking_server(tracking_s
     finally:
         serve.terminate()
         serve.wait(timeout=60)
+
+
+def test_the_study_lives_in_postgresql_and_a_second_run_resumes_it(postgres_database, prefect_server, maas_home):
+    import optuna
+
+    from flows.train_pipeline import train_pipeline
+
+    overrides = ("serving.build_bento=false", f"tuning.storage={postgres_database}", "tuning.n_trials=3")
+    first = train_pipeline(quick_config("wine", *overrides)).to_dict()
+    study = optuna.load_study(study_name="maas-wine", storage=postgres_database)
+    assert first["tuning"]["n_complete"] == 3 and len(study.trials) == 3
+    assert first["tuning"]["study"] == "maas-wine"
+    train_pipeline(quick_config("wine", *overrides, "tuning.n_trials=5"))  # the same study, two trials more
+    states = [trial.state for trial in optuna.load_study(study_name="maas-wine", storage=postgres_database).trials]
+    assert len(states) == 5 and all(state == optuna.trial.TrialState.COMPLETE for state in states)
+    assert not (maas_home / "optuna.db").exists()  # nothing of the study in the local store
