@@ -144,5 +144,8 @@ MaasService = bentoml.service(
     # BentoML's tracing records every span even when none is exported: opt in (serving.trace_predictions).
     tracing={"excluded_urls": [] if SOURCE.settings.trace_predictions else [PREDICT_PATH]},
     logging={"access": {"enabled": SOURCE.settings.access_log}},
+    # serving.tls: uvicorn terminates TLS in each worker, for `maas serve` and a Bento alike
+    ssl={"enabled": True, "certfile": SOURCE.settings.tls.certfile, "keyfile": SOURCE.settings.tls.keyfile}
+    if SOURCE.settings.tls.enabled else {},
 )(MaasService)
 MaasService.add_asgi_middleware(GateMiddleware)

@@ -268,6 +268,10 @@ def command_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         serving = serving.model_copy(update={"port": args.port})
     refuse_busy_port(serving.host, serving.port)
+    for field in ("certfile", "keyfile"):
+        path = getattr(serving.tls, field)
+        if path is not None and not Path(path).is_file():
+            raise MaasInputError(f"serving.tls.{field}: no file at {path}")
     if serving.limits_backend == "redis":
         from deployments.redis_limits import check_reachable
 
@@ -279,7 +283,8 @@ def command_serve(args: argparse.Namespace) -> int:
     tier_models, missing = package_tier_models(client, packaged.ref.name, serving)
     if missing:  # asked for by name: a tier's missing model stops `maas serve`
         raise next(iter(missing.values()))
-    print(f"Serving {packaged.label} (BentoML model {packaged.tag}) on http://{serving.host}:{serving.port} "
+    scheme = "https" if serving.tls.enabled else "http"
+    print(f"Serving {packaged.label} (BentoML model {packaged.tag}) on {scheme}://{serving.host}:{serving.port} "
           f"(auth {'on' if serving.auth else 'off'}; Ctrl-C to stop)", flush=True)
     for tier, model in tier_models.items():
         print(f"  tier {tier}: {model.label}", flush=True)

@@ -262,6 +262,23 @@ class TierConfig(Section):
                                                 "e.g. challenger; default: the service's model")
 
 
+class TLSConfig(Section):
+    """HTTPS for the service: a certificate and its key, PEM files on the serving host."""
+
+    certfile: str | None = Field(None, description="PEM certificate (chain); with keyfile, the service answers on https")
+    keyfile: str | None = Field(None, description="PEM private key of certfile")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TLSConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("needs both certfile and keyfile, or neither")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+
 class ServingConfig(Section):
     """The prediction service: which model, limits, auth, tiers, and the prediction log."""
 
@@ -290,6 +307,7 @@ class ServingConfig(Section):
                            "in it is redacted from logs and MLflow params)")
     limits_prefix: str = Field("maas:limits:", min_length=1, description="limits_backend redis: the key prefix, one per "
                                "service whose replicas share limits")
+    tls: TLSConfig = Field(default_factory=TLSConfig)
     keep_alive_s: int = Field(75, ge=1, description="maas serve: an idle keep-alive connection is closed after this "
                               "many seconds; longer than clients keep theirs (httpx 5 s, nginx upstreams 60 s), so the "
                               "server never closes a connection as a client reuses it (a reset, not an answer)")

@@ -1,0 +1,92 @@
+"""`maas serve` on HTTPS (serving.tls) with a self-signed certificate made here: predictions over
+TLS with the certificate as the trust root, and a plain-HTTP request gets no answer."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from maas.service_store import connect, create_key
+from tests.conftest import PROJECT_ROOT, free_port, quick_config
+
+pytestmark = pytest.mark.slow
+
+
+def self_signed(folder) -> tuple[str, str]:
+    """(certificate, key) PEM files for 127.0.0.1, valid for a day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_the_service_answers_over_https_and_not_over_plain_http(prefect_server, maas_home, tmp_path):
+    from flows.train_pipeline import train_pipeline
+    from sklearn.datasets import load_wine
+
+    train_pipeline(quick_config("wine", "serving.build_bento=false"))
+    certfile, keyfile = self_signed(tmp_path)
+    _, key = create_key(connect(maas_home / "service.db"), "tls", "pro")
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "maas", "serve", "--model", "maas-wine@champion", "--port", str(port),
+                               "--set", "serving.workers=1", "--set", f"serving.tls.certfile={certfile}",
+                               "--set", f"serving.tls.keyfile={keyfile}"],
+                              env={**os.environ, "MAAS_HOME": str(maas_home)}, cwd=PROJECT_ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+    base = f"https://127.0.0.1:{port}"
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=certfile), timeout=5) as client:
+            for _ in range(240):
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    if client.get(f"{base}/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            rows = json.loads(load_wine(as_frame=True).data.head(3).to_json(orient="records"))
+            answer = client.post(f"{base}/predict", json={"rows": rows}, headers={"X-API-Key": key})
+            assert answer.status_code == 200 and len(answer.json()) == 3
+        assert f"on https://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+        with pytest.raises(httpx.HTTPError):  # the port speaks TLS only
+            httpx.post(f"http://127.0.0.1:{port}/predict", json={"rows": rows}, headers={"X-API-Key": key}, timeout=5)
+        with pytest.raises(httpx.ConnectError):  # and a client that does not trust the certificate refuses it
+            httpx.get(f"{base}/readyz", timeout=5)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def test_a_missing_certificate_is_one_line(maas_home, tmp_path, capsys):
+    from maas.cli import main
+
+    exit_code = main(["serve", "--port", str(free_port()), "--set", f"serving.tls.certfile={tmp_path}/none.pem",
+                      "--set", f"serving.tls.keyfile={tmp_path}/none.key"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_code == 2 and f"serving.tls.certfile: no file at {tmp_path}/none.pem" in line
