@@ -3,7 +3,8 @@ generated 20-column, 5-class Parquet table of N rows, in a fresh MAAS_HOME each:
 memory of the run's process tree, test macro F1, what the budget cut, and how the best trial's
 validation F1 on its sample carried to the network trained on all rows. `--budget` (default: the
 config's own, 9 minutes) applies to every size; `--unbounded ROWS ...` adds runs with no budget
-(budget.time_s=null) to compare against.
+(budget.time_s=null, and the trials and the families on every row rather than a sample) to compare
+against; `--keep` adds the runs to the committed results instead of replacing them.
 
 Run: .venv/bin/python benchmarks/budget.py [--budget 9m] [--unbounded 200000] [ROWS ...]
 (writes results/budget.*)
@@ -54,7 +55,9 @@ def run(rows: int, budget: str, scratch: Path) -> dict:
         wide_table(rows).to_parquet(table)
     summary = scratch / f"summary-{rows}-{budget}.json"
     env = {**os.environ, "MAAS_HOME": str(scratch / f"home-{rows}-{budget}")}
-    limit = {"default": [], "none": ["--set", "budget.time_s=null"]}.get(budget, ["--budget", budget])
+    # none: no time budget and no samples (trials and families on every row): the run's cost unbounded
+    unbounded = ["--set", "budget.time_s=null", "--set", "tuning.sample_rows=null", "--set", "selection.sample_rows=null"]
+    limit = {"default": [], "none": unbounded}.get(budget, ["--budget", budget])
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "maas", "run", "--dataset", str(table), "--target", "label",
                                 *limit, "--summary", str(summary), "--set", "serving.build_bento=false"],
@@ -117,10 +120,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", default="default", help="a duration (9m), default (the config's) or none")
     parser.add_argument("--unbounded", nargs="*", type=int, default=[], help="also run these sizes with no budget")
-    parser.add_argument("rows", nargs="*", type=int, default=[10_000, 50_000, 200_000, 1_000_000])
+    parser.add_argument("--keep", action="store_true", help="add to the committed results (same rows and budget: replaced)")
+    parser.add_argument("rows", nargs="*", type=int, default=None, help="default: 10k 50k 200k 1M (none with --keep)")
     args = parser.parse_args()
+    if args.rows is None:
+        args.rows = [] if args.keep else [10_000, 50_000, 200_000, 1_000_000]
     with tempfile.TemporaryDirectory() as scratch:
         report = {"measured_at": now(), "machine": machine(), "runs": []}
+        if args.keep:
+            kept = json.loads((ROOT / "benchmarks" / "results" / "budget.json").read_text())
+            wanted = {(rows, args.budget) for rows in args.rows} | {(rows, "none") for rows in args.unbounded}
+            report["runs"] = [run for run in kept["runs"] if (run["rows"], run["budget"]) not in wanted]
         for rows, budget in [*((rows, args.budget) for rows in args.rows), *((rows, "none") for rows in args.unbounded)]:
             report["runs"].append(run(rows, budget, Path(scratch)))
             print(report["runs"][-1], flush=True)
