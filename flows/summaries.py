@@ -118,8 +118,14 @@ class TrainSummary:
             *self.sample_line(),
             f"Selected {self.winner.selection.reason}",
             f"Registered {registered.name} version {registered.version} as @{registered.alias}: {registered.gate.reason}",
-            *[f"Budget ({self.budget['time_s']:.0f} s): {stage} {what}" for stage, what in self.budget["cut"].items()],
+            *[f"{self.budget_label()}: {stage} {what}" for stage, what in self.budget["cut"].items()],
         ])
+
+    def budget_label(self) -> str:
+        """A cut comes from the run's budget, or with no budget from a stage's own limit (a family's
+        selection.time_budget_s): the unbounded run crashed here formatting a missing budget."""
+        time_s = self.budget["time_s"]
+        return "Time limits (no run budget)" if time_s is None else f"Budget ({time_s:.0f} s)"
 
     def render(self) -> str:
         """What `maas run` prints: the outcome, the test figures, and where to look next."""

@@ -256,3 +256,16 @@ def test_a_larger_budget_buys_the_trials_a_larger_sample_and_the_run_says_how_it
     assert tuning["final_val_f1_macro"] == summary.winner.table["fp32"].f1_macro
     (line,) = [line for line in summary.outcome().splitlines() if line.startswith("Tuning:")]
     assert "training on 300 sampled rows" in line and f"the network on all {tuning['training_rows']:,}" in line
+
+
+def test_with_no_run_budget_a_familys_own_time_limit_is_reported(prefect_server, maas_home):
+    from flows.train_pipeline import train_pipeline
+    from tests.conftest import quick_config
+
+    config = quick_config("wine", "budget.time_s=null", "model.families=[network,linear]", "selection.time_budget_s=0.001",
+                          "tuning.enabled=false", "serving.build_bento=false")
+    summary = train_pipeline(config)
+    assert summary.budget["time_s"] is None and "compare" in summary.budget["cut"]
+    (line,) = [line for line in summary.outcome().splitlines() if line.startswith("Time limits")]
+    assert line.startswith("Time limits (no run budget): compare ") and "in the time budget" in line
+    assert "Time limits (no run budget)" in summary.render()
