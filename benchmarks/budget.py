@@ -127,11 +127,11 @@ def main() -> None:
         args.rows = [] if args.keep else [10_000, 50_000, 200_000, 1_000_000]
     with tempfile.TemporaryDirectory() as scratch:
         report = {"measured_at": now(), "machine": machine(), "runs": []}
+        planned = [*((rows, args.budget) for rows in args.rows), *((rows, "none") for rows in args.unbounded)]
         if args.keep:
             kept = json.loads((ROOT / "benchmarks" / "results" / "budget.json").read_text())
-            wanted = {(rows, args.budget) for rows in args.rows} | {(rows, "none") for rows in args.unbounded}
-            report["runs"] = [run for run in kept["runs"] if (run["rows"], run["budget"]) not in wanted]
-        for rows, budget in [*((rows, args.budget) for rows in args.rows), *((rows, "none") for rows in args.unbounded)]:
+            report["runs"] = [run for run in kept["runs"] if (run["rows"], run["budget"]) not in set(planned)]
+        for rows, budget in planned:
             report["runs"].append(run(rows, budget, Path(scratch)))
             print(report["runs"][-1], flush=True)
     write_results("budget", report, render)

@@ -48,7 +48,11 @@ return tostring(wait)
 """
 
 RESERVE_ROWS = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local found = redis.call('GET', KEYS[1])
+if not found then
+  return -1
+end
+local used = tonumber(found)
 local rows = tonumber(ARGV[1])
 if used + rows <= tonumber(ARGV[2]) then
   redis.call('INCRBY', KEYS[1], rows)
@@ -87,9 +91,11 @@ class RedisLimits:
         """Count `rows` against the key's monthly quota if they fit; False (nothing counted) if not."""
         counter = f"{self.prefix}rows:{key_id}:{month}"
         try:
-            if not self.client.exists(counter):  # the first replica to see the month seeds it; the others keep that
+            fits = self._reserve(keys=[counter], args=[rows, monthly_rows])  # one round trip once the month is seeded
+            if fits == -1:  # the month is new to Redis: the first replica seeds it, the others keep that seed
                 self.client.set(counter, self.rows_so_far(key_id, month), nx=True, ex=MONTH_TTL_S)
-            return bool(self._reserve(keys=[counter], args=[rows, monthly_rows]))
+                fits = self._reserve(keys=[counter], args=[rows, monthly_rows])
+            return fits == 1
         except self._errors as error:
             self._unreachable(error)
             return True
@@ -107,11 +113,10 @@ def check_reachable(url: str) -> None:
     import redis
 
     from maas.errors import MaasInputError
-    from maas.tracking import redact_passwords
+    from maas.tracking import redact_url
 
     try:
         redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
     except (redis.RedisError, ValueError) as error:
-        shown = redact_passwords({"url": url})["url"]
-        raise MaasInputError(f"serving.redis_url: cannot reach {shown} for the tier limits "
+        raise MaasInputError(f"serving.redis_url: cannot reach {redact_url(url)} for the tier limits "
                              f"({error.__class__.__name__}: {str(error)[:200]})") from None

@@ -238,13 +238,14 @@ def command_ui(args: argparse.Namespace) -> int:
 
 
 def command_tracking_server(args: argparse.Namespace) -> int:
-    from maas.team import POOL_ENVIRONMENT, check_database, redacted, tracking_server_command
+    from maas.team import POOL_ENVIRONMENT, check_database, tracking_server_command
+    from maas.tracking import redact_url
 
     check_database(args.backend_store_uri)
     refuse_busy_port(args.host, args.port)
     command = tracking_server_command(args.backend_store_uri, args.artifacts_destination, args.host, args.port,
                                       args.workers)
-    print(f"MLflow tracking server on http://{args.host}:{args.port}, runs in {redacted(args.backend_store_uri)}, "
+    print(f"MLflow tracking server on http://{args.host}:{args.port}, runs in {redact_url(args.backend_store_uri)}, "
           f"artifacts in {args.artifacts_destination} (Ctrl-C to stop)", flush=True)
     return supervise(command, {**os.environ, **POOL_ENVIRONMENT})
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from maas.errors import MaasInputError
-from maas.tracking import redact_passwords
+from maas.tracking import redact_url
 
 # Each server worker opens its own SQLAlchemy pool (mlflow#19379): at MLflow's default of 5 + 10
 # overflow per worker, a few servers use up PostgreSQL's 100 connections. 2 + 3 per worker here.
@@ -29,7 +29,7 @@ def check_database(uri: str) -> None:
     """A backend store that cannot be reached is one line naming it (password hidden) before any
     server starts, not a traceback from each of its workers."""
     if not uri.startswith(("postgresql", "mysql", "mssql", "sqlite")):
-        raise MaasInputError(f"--backend-store-uri: '{redacted(uri)}' is not a database URL "
+        raise MaasInputError(f"--backend-store-uri: '{redact_url(uri)}' is not a database URL "
                              "(postgresql+psycopg://USER@HOST:5432/DB, or sqlite:///FILE)")
     from sqlalchemy import create_engine, text
 
@@ -39,9 +39,6 @@ def check_database(uri: str) -> None:
             connection.execute(text("select 1"))
         engine.dispose()
     except Exception as error:  # noqa: BLE001 - any driver's failure, said in one line
-        raise MaasInputError(f"--backend-store-uri: cannot connect to {redacted(uri)} "
+        raise MaasInputError(f"--backend-store-uri: cannot connect to {redact_url(uri)} "
                              f"({error.__class__.__name__}: {str(error).splitlines()[0][:200]})") from None
 
-
-def redacted(uri: str) -> str:
-    return redact_passwords({"uri": uri})["uri"]

@@ -88,11 +88,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
 
 
+def redact_url(text: str) -> str:
+    """The text with the password of any URL in it replaced by *** (database, Redis, object store
+    URLs), for logs, error lines and MLflow params."""
+    return URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
+
+
 def redact_passwords(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Params with the password of any URL in them (tuning.storage, serving.redis_url) replaced by
-    ***: a run's params are shown to everyone who can read the experiment."""
-    return {name: URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", value) if isinstance(value, str) else value
-            for name, value in params.items()}
+    """Params with the password of any URL in them (tuning.storage, serving.redis_url) replaced: a
+    run's params are shown to everyone who can read the experiment."""
+    return {name: redact_url(value) if isinstance(value, str) else value for name, value in params.items()}
 
 
 def metric_entities(metrics: Mapping[str, float], step: int = 0) -> list:

@@ -32,6 +32,7 @@ from maas.errors import MaasInputError
 from maas.paths import maas_home
 from maas.processes import process_owner
 from maas.figures import log_study_plots
+from maas.tracking import redact_url as redacted  # the storage URL without its password
 from maas.run_context import RunContext, run_logger, write_child_run, write_dict
 from tasks.data import PreparedData
 from tasks.recovery import TRIAL_OWNER_ATTR, fail_trials_of_dead_owners
@@ -130,16 +131,6 @@ def chosen_settings(config: RunConfig, tuning: TuningResult | None) -> TrainingS
 
 def storage_url(tuning: TuningConfig) -> str:
     return tuning.storage or f"sqlite:///{maas_home() / 'optuna.db'}"
-
-
-def redacted(url: str) -> str:
-    """The storage URL without its password, for logs and MLflow params."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable storage url>"
 
 
 def open_storage(tuning: TuningConfig) -> optuna.storages.RDBStorage:
