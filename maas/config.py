@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from maas.errors import MaasInputError
 
-BUILTIN_DATASETS = ("breast_cancer", "digits", "wine")
+BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "sentiment")
 
 
 class Section(BaseModel):
@@ -32,6 +32,16 @@ class DataConfig(Section):
     max_unparsable_fraction: float = Field(
         0.05, ge=0, lt=0.5, description="stray strings a numeric column may hold (coerced to NaN)"
     )
+    text_columns: list[str] = Field(
+        default_factory=list, description="columns read as free text (sentence embeddings of the pretrained "
+                                          "encoder); others are found by text_min_words")
+    text_min_words: float = Field(4.0, gt=0, description="a string column whose values average this many words "
+                                  "and are mostly distinct is read as text, not as categories")
+    text_max_length: int = Field(128, ge=8, le=512, description="tokens of a text the encoder reads; longer texts "
+                                 "are truncated (said in /metadata)")
+    text_encoder_precision: Literal["int8", "fp32"] = Field(
+        "int8", description="the encoder's weights: int8 embeds ~2x faster at cosine 0.99 to fp32; the heads "
+                            "are fitted on the embeddings of the encoder that serves")
     extra_paths: list[str] = Field(
         default_factory=list,
         description="CSV/Parquet files of more rows (same columns and target), appended before the split; "
@@ -54,18 +64,19 @@ class DataConfig(Section):
         return self.dataset if self.is_builtin else Path(self.dataset).stem
 
 
-FamilyName = Literal["network", "mlp", "cnn", "hgb", "linear"]
+FamilyName = Literal["network", "mlp", "cnn", "hgb", "linear", "svm"]
 
 
 class ModelConfig(Section):
     """Model families and the networks' shape hyperparameters (see models/)."""
 
-    family: Literal["auto", "mlp", "cnn", "hgb", "linear"] = Field(
+    family: Literal["auto", "mlp", "cnn", "hgb", "linear", "svm"] = Field(
         "auto", description="auto: compare `families` by cross-validation and keep the best; else that family alone"
     )
     families: list[FamilyName] = Field(
-        default_factory=lambda: ["network", "hgb", "linear"], min_length=1,
-        description="candidates of family auto; network: cnn for image-like data (digits), else mlp",
+        default_factory=lambda: ["network", "hgb", "linear", "svm"], min_length=1,
+        description="candidates of family auto; network: cnn for image-like data (digits), else mlp; "
+                    "svm: only on tables of up to selection.kernel_max_rows compared rows",
     )
     hidden_sizes: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -224,6 +235,8 @@ class SelectionConfig(Section):
                                     "of at most this many train + validation rows, at the default budget (a larger "
                                     "budget.time_s scales it up); null: all rows")
     ensemble: bool = Field(True, description="also score the equal-weight soft vote of the compared families")
+    kernel_max_rows: int = Field(5000, ge=100, description="family auto leaves the kernel SVM out above this many "
+                                 "compared rows (its fit grows with the square of the rows)")
     family_tolerance: float = Field(0.0, ge=0, le=1, description="CV macro F1 a simpler family may give up "
                                     "(linear, then hgb, then the network)")
 

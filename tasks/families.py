@@ -41,7 +41,7 @@ from tasks.export import export_onnx, write_bundle
 from tasks.train import TrainingSettings, progress_logger, spec_for_data, train_network, train_on_data, within_budget
 from tasks.tune import open_storage
 
-SIMPLICITY = {"linear": 0, "hgb": 1, "mlp": 2, "cnn": 2, "ensemble": 3}  # ties go to the simpler family
+SIMPLICITY = {"linear": 0, "hgb": 1, "svm": 2, "mlp": 3, "cnn": 3, "ensemble": 4}  # ties go to the simpler family
 NETWORK_NAMES = ("network", "mlp", "cnn")
 
 
@@ -67,7 +67,7 @@ def selection_rows(prepared: PreparedData) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Folds:
-    """The rows the families are compared on and the (train rows, held-out rows) pairs, the first
+    """The rows the families are compared on and the (train rows, held-out rows) pairs, each run of
     `folds` pairs being one repeat."""
 
     x: np.ndarray
@@ -76,9 +76,6 @@ class Folds:
     folds: int
     repeats: int
 
-    @property
-    def first_repeat(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return self.splits[:self.folds]
 
 
 def make_folds(prepared: PreparedData, selection: SelectionConfig, seed: int) -> Folds:
@@ -159,7 +156,7 @@ def graph_figures(fitted: Fitted, spec, x_sample: np.ndarray) -> tuple[int, floa
 class FamilyScore:
     """One row of the leaderboard."""
 
-    family: str  # mlp, cnn, hgb or linear
+    family: str  # mlp, cnn, hgb, linear, svm or ensemble
     spec: Any  # NetworkSpec or ClassicSpec of the settings compared
     params: dict[str, Any]
     fold_f1: list[float]
@@ -194,6 +191,7 @@ class Comparison:
     folds: int = 0
     repeats: int = 1
     settings: TrainingSettings | None = None  # the network's, for an ensemble's network member
+    left_out: str = ""  # candidates the table's size ruled out, and why
 
     @property
     def is_network(self) -> bool:
@@ -234,23 +232,38 @@ def suggest_classic(trial: optuna.Trial, family: str) -> dict[str, Any]:
                 "min_samples_leaf": trial.suggest_int("min_samples_leaf", 3, 60, log=True),
                 "l2_regularization": trial.suggest_float("l2_regularization", 1e-4, 10.0, log=True),
                 "max_iter": trial.suggest_int("max_iter", 50, 400, log=True)}
+    if family == "svm":
+        return {"C": trial.suggest_float("C", 0.1, 100.0, log=True),
+                "gamma_scale": trial.suggest_float("gamma_scale", 0.05, 5.0, log=True)}
     return {"C": trial.suggest_float("C", 1e-3, 100.0, log=True)}
 
 
 CLASSIC_DEFAULTS = {"hgb": {"learning_rate": 0.1, "max_leaf_nodes": 31, "min_samples_leaf": 20,
                             "l2_regularization": 1e-4, "max_iter": 100},  # scikit-learn's, l2 at the range's floor
-                    "linear": {"C": 1.0}}
+                    "linear": {"C": 1.0},
+                    "svm": {"C": 1.0, "gamma_scale": 1.0}}  # scikit-learn's C and gamma='scale'
+
+
+def families_for_rows(model: ModelConfig, selection: SelectionConfig, rows: int) -> tuple[list[str], str]:
+    """The candidates this table affords, and a note on any left out: family auto drops the kernel
+    SVM above selection.kernel_max_rows (its fit and its Platt scaling grow with the square of the rows)."""
+    families = candidate_families(model)
+    if model.family == "auto" and "svm" in families and rows > selection.kernel_max_rows:
+        return [name for name in families if name != "svm"], \
+            f"svm left out: {rows} compared rows > selection.kernel_max_rows {selection.kernel_max_rows}"
+    return families, ""
 
 
 def tune_classic(family: str, folds: Folds, config: RunConfig, study_name: str, deadline: float
                  ) -> tuple[dict[str, Any], list[float], int]:
-    """A small resumable Optuna study over the family's settings, scored by the mean F1 of the first
-    repeat's folds; its first trial is the defaults. Returns the best settings and the study's trials."""
+    """A small resumable Optuna study over the family's settings, scored by the mean F1 of every fold
+    (repeats included: on small tables one repeat's mean moved by its sd/sqrt(5) ~ 1 point between
+    shuffles, and TPE chased that noise); its first trial is the defaults. Returns the best settings and the study's trials."""
     n_features, n_classes = folds.x.shape[1], int(folds.y.max()) + 1
 
     def objective(trial: optuna.Trial) -> float:
         spec = ClassicSpec(family, n_features, n_classes, suggest_classic(trial, family))
-        scores = cross_validate(partial(fit_classic_fold, seed=config.seed), spec, folds, folds.first_repeat, np.inf).scores
+        scores = cross_validate(partial(fit_classic_fold, seed=config.seed), spec, folds, folds.splits, np.inf).scores
         trial.set_user_attr("fold_f1", scores)
         return float(np.mean(scores))
 
@@ -315,13 +328,13 @@ def compare_families(prepared: PreparedData, config: RunConfig, settings: Traini
                      study_name: str) -> Comparison:
     """The comparison stage: every candidate family on the same folds; the leaderboard, best first."""
     folds = make_folds(prepared, config.selection, config.seed)
-    scores = [score_family(family, prepared, config, settings, folds, study_name)
-              for family in candidate_families(config.model)]
+    families, left_out = families_for_rows(config.model, config.selection, len(folds.y))
+    scores = [score_family(family, prepared, config, settings, folds, study_name) for family in families]
     if config.selection.ensemble and len(scores) > 1:
         scores.append(vote_score(scores, folds))
     scores.sort(key=lambda score: -score.mean)
     chosen, reason = choose_family(scores, config.selection.family_tolerance)
-    return Comparison(scores, chosen, reason, folds.folds, folds.repeats, settings)
+    return Comparison(scores, chosen, reason, folds.folds, folds.repeats, settings, left_out)
 
 
 def fit_chosen_family(prepared: PreparedData, comparison: Comparison, seed: int, folder: Path) -> Variants:
@@ -365,6 +378,8 @@ def final_graph(prepared: PreparedData, member: FamilyScore, settings: TrainingS
 def record_comparison(ctx: RunContext, comparison: Comparison) -> None:
     """A child run per family, the leaderboard as a table and a plot, a Prefect table, a log line each."""
     rows = comparison.leaderboard()
+    if comparison.left_out:
+        ctx.logger.info("%s", comparison.left_out)
     cut = [f"{score.family}: {score.note}" for score in comparison.scores if "time budget" in score.note]
     if cut:
         ctx.budget.cut("compare", "; ".join(cut))

@@ -10,11 +10,11 @@ import pytest
 from maas.bundle import ModelBundle, transform
 from maas.config import load_config
 from maas.errors import MaasInputError
-from models.classic import ClassicSpec, fit_classic
+from models.classic import SVM_CLIP, ClassicSpec, fit_classic
 from tasks.data import SealedSplit, SealedSplitRead, prepare_data
 from tasks.evaluate import evaluate_variants
 from tasks.export import write_bundle
-from tasks.families import candidate_families, compare_families, fit_chosen_family
+from tasks.families import candidate_families, compare_families, families_for_rows, fit_chosen_family
 from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
 from tests.conftest import PROJECT_ROOT, quick_config
@@ -31,7 +31,7 @@ def prepared_table(name: str, folder, *overrides: str):
     return prepare_data(config.data, config.seed), config
 
 
-@pytest.mark.parametrize("family", ["hgb", "linear", "mlp"])
+@pytest.mark.parametrize("family", ["hgb", "linear", "svm", "mlp"])
 def test_each_familys_bundle_answers_raw_rows_as_its_model_does(family, tmp_path):
     prepared, config = prepared_table("churn", tmp_path)
     arrays = prepared.arrays
@@ -86,7 +86,7 @@ def test_no_stage_that_chooses_reads_the_test_split(tmp_path, maas_home):
 
 def test_family_names_are_checked_in_one_line():
     assert candidate_families(load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset="wine").model) == [
-        "network", "hgb", "linear"]
+        "network", "hgb", "linear", "svm"]
     assert candidate_families(quick_config("wine", "model.family=hgb").model) == ["hgb"]
     assert candidate_families(quick_config("wine", "model.families=[mlp, linear]").model) == ["network", "linear"]
     for override in ("model.families=[network, forest]", "model.family=xgboost", "model.families=[]"):
@@ -110,3 +110,26 @@ def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_
     members = [fit_classic(comparison.member(name).spec, x, y, config.seed).predict_proba(features)
                for name in vote.params["members"]]
     np.testing.assert_allclose(bundle.predict_proba(prepared.splits.x_test), np.mean(members, axis=0), atol=1e-5)
+
+
+def test_the_kernel_svm_reads_features_clipped_in_its_graph_too(tmp_path):
+    """A value far out in one column moves the SVM no further than the clip, in memory and in the bundle."""
+    prepared, config = prepared_table("churn", tmp_path)
+    arrays = prepared.arrays
+    spec = ClassicSpec("svm", arrays.x_train.shape[1], len(prepared.labels), {"C": 3.0, "gamma_scale": 0.5})
+    model = fit_classic(spec, arrays.x_train, arrays.y_train, config.seed)
+    bundle = ModelBundle.load(write_bundle(tmp_path / "bundle", model, spec, prepared))
+    far, at_clip = arrays.x_val[:20].copy(), arrays.x_val[:20].copy()
+    far[:, 0], at_clip[:, 0] = 40.0, SVM_CLIP
+    np.testing.assert_allclose(model.predict_proba(far), model.predict_proba(at_clip), atol=1e-12)
+    np.testing.assert_allclose(bundle.predict_features(far), model.predict_proba(at_clip), atol=1e-5)
+    assert 0.0 < model.predict_proba(arrays.x_val).max() <= 1.0
+
+
+def test_the_kernel_svm_is_left_out_of_tables_too_large_for_it():
+    config = quick_config("wine", "model.families=[network, hgb, svm]", "selection.kernel_max_rows=1000")
+    assert families_for_rows(config.model, config.selection, 1000) == (["network", "hgb", "svm"], "")
+    kept, note = families_for_rows(config.model, config.selection, 1001)
+    assert kept == ["network", "hgb"] and "kernel_max_rows 1000" in note
+    alone = quick_config("wine", "model.family=svm", "selection.kernel_max_rows=1000")
+    assert families_for_rows(alone.model, alone.selection, 50_000)[0] == ["svm"]  # asked for by name: kept
