@@ -14,7 +14,7 @@ from maas.bundle import ModelBundle, transform_arrays
 
 def model_probabilities(bundle: ModelBundle, columns: Columns) -> np.ndarray:
     return bundle.predict_features(transform_arrays(columns.numeric, columns.categorical, columns.n_rows,
-                                                    bundle.preprocessing))
+                                                    bundle.preprocessing, columns.text))
 
 
 def merge(batch: list[Columns]) -> Columns:
@@ -25,7 +25,8 @@ def merge(batch: list[Columns]) -> Columns:
     numeric = np.concatenate([columns.numeric for columns in batch]) if first.numeric is not None else None
     categorical = [np.concatenate([columns.categorical[index] for columns in batch])
                    for index in range(len(first.categorical))]
-    return Columns(numeric, categorical, sum(columns.n_rows for columns in batch))
+    text = [[value for columns in batch for value in columns.text[index]] for index in range(len(first.text))]
+    return Columns(numeric, categorical, sum(columns.n_rows for columns in batch), text)
 
 
 class Batcher:

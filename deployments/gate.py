@@ -187,6 +187,8 @@ class ServiceGate:
                 # columns of the training file the model does not read; any other unknown column is ignored too
                 "ignored_columns": meta.get("dropped_columns", {}), "strict_columns": settings.strict_columns,
                 "missing_values": "null is a missing value, imputed as in training",
+                # text columns: the encoder, and the token count past which a text is truncated
+                **({"text_columns": meta["text"]} if meta.get("text") else {}),
                 "auth": settings.auth, "max_rows_per_request": settings.max_rows_per_request,
                 "tiers": {name: {**tier.model_dump(), "served_by": self.models.for_tier(name).label}
                           for name, tier in settings.tiers.items()}}

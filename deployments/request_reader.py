@@ -15,7 +15,7 @@ from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
 
 class Columns(NamedTuple):
@@ -24,6 +24,7 @@ class Columns(NamedTuple):
     numeric: np.ndarray | None
     categorical: list[np.ndarray]
     n_rows: int
+    text: list[list[str | None]] = []  # per text column, its values (None: missing, read as the empty text)
 
 
 class BadRequest(Exception):
@@ -62,6 +63,8 @@ def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
         fields[f"n{index}"] = (kind, Field(..., alias=column["name"]))
     for index, column in enumerate(preprocessing["categorical"]):
         fields[f"c{index}"] = (Annotated[str | None, BeforeValidator(_as_category)], Field(..., alias=column["name"]))
+    for index, column in enumerate(preprocessing.get("text", [])):  # a text must be a string (or null): no coercion
+        fields[f"t{index}"] = (StrictStr | None, Field(..., alias=column["name"]))
     return create_model("Row", __config__=ConfigDict(extra="forbid" if strict else "ignore", populate_by_name=False),
                         **fields)
 
@@ -89,8 +92,10 @@ class RequestReader:
         self.request = create_model("PredictRequest", rows=(Annotated[list[self.row], Field(min_length=1)], ...))
         self.numeric = [column["name"] for column in preprocessing["numeric"]]
         self.categorical = [column["name"] for column in preprocessing["categorical"]]
-        self.columns = frozenset(self.numeric + self.categorical)
+        self.text = [column["name"] for column in preprocessing.get("text", [])]
+        self.columns = frozenset(self.numeric + self.categorical + self.text)
         self._numeric_of, self._categorical_of = _tuple_getter(self.numeric), _tuple_getter(self.categorical)
+        self._text_of = _tuple_getter(self.text)
 
     def exact_columns(self, rows: Any) -> Columns | None:
         """Columns straight from parsed JSON when every row has exactly the training columns, finite
@@ -100,6 +105,7 @@ class RequestReader:
         try:
             numeric_values = list(map(self._numeric_of, rows)) if self.numeric else None
             categorical_values = list(map(self._categorical_of, rows)) if self.categorical else None
+            text_values = list(map(self._text_of, rows)) if self.text else None
         except (KeyError, TypeError, IndexError):
             return None  # a row that is not an object, or lacks a column
         if set(map(len, rows)) != {len(self.columns)}:
@@ -122,14 +128,21 @@ class RequestReader:
                 if any(type(value) is not str for value in values):
                     return None
                 categorical.append(np.array(values, dtype=object))
-        return Columns(numeric, categorical, len(rows))
+        text = []
+        if text_values is not None:
+            for values in zip(*text_values):
+                if any(type(value) is not str for value in values):
+                    return None
+                text.append(list(values))
+        return Columns(numeric, categorical, len(rows), text)
 
     def validated_columns(self, rows: list[dict[str, Any]]) -> Columns:
         """Columns of rows the row model accepted (None: a missing value, imputed downstream)."""
         numeric = (np.array([[row[name] for name in self.numeric] for row in rows], dtype=np.float64)
                    if self.numeric else None)
         categorical = [np.array([row[name] for row in rows], dtype=object) for name in self.categorical]
-        return Columns(numeric, categorical, len(rows))
+        text = [[row[name] for row in rows] for name in self.text]
+        return Columns(numeric, categorical, len(rows), text)
 
     def read(self, body: bytes, max_rows: int) -> Read:
         """The request as the prediction log keeps it ({"rows": [...]}), its columns, and the columns it

@@ -15,6 +15,13 @@ def maas_home() -> Path:
     return home
 
 
+def encoders_home() -> Path:
+    """Exported text encoders (models/text_encoder.py): MAAS_ENCODERS, shared by several homes, or
+    MAAS_HOME/encoders."""
+    shared = os.environ.get("MAAS_ENCODERS")
+    return Path(shared).expanduser().resolve() if shared else maas_home() / "encoders"
+
+
 def is_embedded_store() -> bool:
     """True unless the user pointed MLflow at a tracking server (team mode)."""
     return not os.environ.get("MLFLOW_TRACKING_URI")

@@ -14,14 +14,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
-from maas.bundle import transform
+from maas.bundle import as_texts, text_encoder, transform, with_encoder
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
+from maas.paths import encoders_home
 from maas.run_context import StageTimer, run_logger
 from maas.tables import listing, read_table_file
 
 BUILTIN_TARGET = "target"
+ENCODER_NAME = "all-MiniLM-L6-v2"  # models/text_encoder.py (imported there only when a table has text)
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
 
 
@@ -141,9 +143,17 @@ class PreparedData:
 # --- loading ----------------------------------------------------------------------------------
 
 
+SENTIMENT_FILE = Path(__file__).resolve().parent.parent / "maas" / "datasets" / "sentiment.csv.gz"
+
+
 def load_builtin(name: str) -> RawTable:
-    """A scikit-learn dataset as a DataFrame whose target holds the class names."""
+    """A scikit-learn dataset as a DataFrame whose target holds the class names; or `sentiment`,
+    23.6k human-rated sentences (maas/datasets/README.md) with their source as a category."""
     from sklearn import datasets
+
+    if name == "sentiment":
+        frame = pd.read_csv(SENTIMENT_FILE).rename(columns={"sentiment": BUILTIN_TARGET})
+        return RawTable(frame, BUILTIN_TARGET, name)
 
     loaders = {
         "breast_cancer": datasets.load_breast_cancer,
@@ -224,6 +234,16 @@ class Cleaned(NamedTuple):
     features: pd.DataFrame
     dropped: dict[str, str]  # column -> why it was dropped
     coerced: set[str]  # text columns read as numbers, their stray strings as missing values
+    texts: list[str] = []  # columns read as free text
+
+
+def is_free_text(column: pd.Series, min_words: float) -> bool:
+    """Sentences, not categories or codes: values of min_words words on average, mostly distinct."""
+    present = column.dropna()
+    if present.empty or not all(isinstance(value, str) for value in present.iloc[:1000]):
+        return False
+    words = present.astype(str).str.split().str.len()
+    return float(words.mean()) >= min_words and present.nunique() >= 0.5 * len(present)
 
 
 def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], keep_all: bool = False) -> Cleaned:
@@ -234,11 +254,22 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
     kept: dict[str, pd.Series] = {}
     dropped: dict[str, str] = {}
     coerced_columns: set[str] = set()
+    texts: list[str] = []
     n_rows = len(features)
+    unknown = [name for name in data.text_columns if name not in features.columns]
+    if unknown:
+        named = ", ".join(f"'{name}'" for name in unknown)
+        raise MaasInputError(f"data.text_columns names {named}, not among the columns {listing(features.columns)}")
     for name in features.columns:
         column = features[name]
         if column.isna().all():
             dropped[name] = "all values empty"
+            continue
+        if name in data.text_columns or (not pd.api.types.is_numeric_dtype(column)
+                                         and is_free_text(column, data.text_min_words)):
+            kept[name] = column.astype(object)
+            texts.append(name)
+            notes.append(f"column '{name}' read as free text ({ENCODER_NAME} sentence embeddings)")
             continue
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             coerced = None if pd.api.types.is_bool_dtype(column) else _coerce_mostly_numeric(
@@ -268,7 +299,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         notes.append(f"column '{name}' dropped: {reason}")
     if not kept:
         raise MaasInputError("no usable feature columns left after dropping: " + listing(dropped))
-    return Cleaned(pd.DataFrame(kept, index=features.index), dropped, coerced_columns & set(kept))
+    return Cleaned(pd.DataFrame(kept, index=features.index), dropped, coerced_columns & set(kept), texts)
 
 
 def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.ndarray, list[str]]:
@@ -344,13 +375,16 @@ def split_rows(
     )
 
 
-def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) -> dict[str, Any]:
-    """Imputation and scaling for numerics, categories for one-hot: from training rows only.
-    `coerce` marks the numeric columns that were text with stray strings in training: serving reads
-    such a string as a missing value there too, and refuses it elsewhere."""
+def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), texts: list[str] = (),
+                      data: DataConfig | None = None) -> dict[str, Any]:
+    """Imputation and scaling for numerics, categories for one-hot, embedding scales for text: from
+    training rows only. `coerce` marks the numeric columns that were text with stray strings in
+    training: serving reads such a string as a missing value there too, and refuses it elsewhere."""
     numeric, categorical = [], []
     for name in x_train.columns:
         column = x_train[name]
+        if name in texts:
+            continue
         if pd.api.types.is_numeric_dtype(column):
             median = float(column.median()) if column.notna().any() else 0.0
             filled = column.fillna(median)
@@ -362,14 +396,37 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) ->
             fill = str(present.mode().iloc[0]) if not present.empty else ""
             categories = sorted(set(present) | {fill})
             categorical.append({"name": name, "fill": fill, "categories": categories})
-    return {"numeric": numeric, "categorical": categorical}
+    preprocessing = {"numeric": numeric, "categorical": categorical}
+    if texts:
+        preprocessing = fit_text_scales(x_train, texts, preprocessing, data or DataConfig())
+    return preprocessing
+
+
+def fit_text_scales(x_train: pd.DataFrame, texts: list[str], preprocessing: dict[str, Any], data: DataConfig
+                    ) -> dict[str, Any]:
+    """Each text column's embedding mean and scale on the training rows, the encoder attached
+    (exported once under MAAS_HOME, memoising embeddings for the splits that follow)."""
+    from models.text_encoder import cached_encoder
+
+    folder = cached_encoder(encoders_home(), data.text_encoder_precision)
+    columns = []
+    for name in texts:
+        column = {"name": name, "fill": "", "max_length": data.text_max_length, "encoder": ENCODER_NAME,
+                  "precision": data.text_encoder_precision, "mean": [], "scale": []}
+        attached = with_encoder({"numeric": [], "categorical": [], "text": [column]}, folder, memo=True)["text"][0]
+        embedding = text_encoder(attached).embed(as_texts(x_train[name].tolist())).astype(np.float64)
+        scale = embedding.std(axis=0)
+        column.update(mean=embedding.mean(axis=0).round(7).tolist(),
+                      scale=np.where(scale > 1e-6, scale, 1.0).round(7).tolist())
+        columns.append(column)
+    return with_encoder({**preprocessing, "text": columns}, folder, memo=True)
 
 
 def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
     """Raw input columns the model expects and their kind, for serving and MLflow."""
     return [{"name": c["name"], "type": "number"} for c in preprocessing["numeric"]] + [
         {"name": c["name"], "type": "string"} for c in preprocessing["categorical"]
-    ]
+    ] + [{"name": c["name"], "type": "text"} for c in preprocessing.get("text", [])]
 
 
 def prepare_data(data: DataConfig, seed: int) -> PreparedData:
@@ -391,12 +448,12 @@ def prepare_data(data: DataConfig, seed: int) -> PreparedData:
         frame = frame.loc[~missing_target]
         target = target.loc[~missing_target]
     codes, labels = encode_target(target, table.target, data)
-    features, dropped, coerced = clean_features(
+    features, dropped, coerced, texts = clean_features(
         frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
-    preprocessing = fit_preprocessing(splits.x_train, coerced)
+    preprocessing = fit_preprocessing(splits.x_train, coerced, texts, data)
     return PreparedData(
         splits=splits,
         labels=labels,

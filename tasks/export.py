@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maas.bundle import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, PREPROCESSING_FILE
+from maas.bundle import ENCODER_DIR, FORMAT_VERSION, METADATA_FILE, MODEL_FILE, PREPROCESSING_FILE, persistable
 from models import NetworkSpec
 from models.classic import ClassicSpec, export_classic_onnx
 from models.ensemble import EnsembleSpec
@@ -51,7 +52,10 @@ def write_bundle(folder: Path, model: Any, spec: NetworkSpec | ClassicSpec | Ens
         export_classic_onnx(model, spec.n_features, folder / MODEL_FILE)
     else:
         export_onnx(model, spec.n_features, folder / MODEL_FILE)
-    (folder / PREPROCESSING_FILE).write_text(json.dumps(prepared.preprocessing, indent=1))
+    (folder / PREPROCESSING_FILE).write_text(json.dumps(persistable(prepared.preprocessing), indent=1))
+    texts = prepared.preprocessing.get("text", [])
+    if texts:  # the encoder travels inside the bundle: tokenizer.json, encoder.onnx, encoder.json
+        shutil.copytree(texts[0]["_encoder_dir"], folder / ENCODER_DIR, dirs_exist_ok=True)
     metadata = {
         "format_version": FORMAT_VERSION,
         "labels": prepared.labels,
@@ -61,6 +65,10 @@ def write_bundle(folder: Path, model: Any, spec: NetworkSpec | ClassicSpec | Ens
         "network": spec.to_dict(),
         "metrics": {},
     }
+    if texts:
+        metadata["text"] = {column["name"]: {"encoder": column["encoder"], "precision": column["precision"],
+                                             "max_length_tokens": column["max_length"],
+                                             "longer_texts": "truncated to max_length_tokens"} for column in texts}
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
     return folder
 

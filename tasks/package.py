@@ -1,6 +1,6 @@
 """Packaging: a registered MLflow model version becomes a BentoML model the service loads.
 
-The BentoML model holds the bundle's files only (ONNX graph + JSON), labelled with the MLflow model
+The BentoML model holds the bundle's files only (ONNX graph + JSON, and a text model's encoder/), labelled with the MLflow model
 name, version, alias and run id, so `bentoml models list` says where each one came from.
 """
 
@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from maas.config import ServingConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home, use_embedded_bentoml_home
+from maas.bundle import ENCODER_DIR
 from maas.registered import ModelRef, download_bundle
 from maas.run_context import RunContext
 
@@ -59,6 +60,8 @@ def package_model(client, ref: ModelRef, what: str = "--model") -> PackagedModel
             for item in bundle.iterdir():
                 if item.is_file():
                     shutil.copy2(item, Path(model.path) / item.name)
+                elif item.name == ENCODER_DIR:  # a text model's tokenizer and encoder graph
+                    shutil.copytree(item, Path(model.path) / item.name)
     stored = bentoml.models.get(model.tag)  # the files move into the store when the block ends
     return PackagedModel(str(stored.tag), Path(stored.path), ref)
 

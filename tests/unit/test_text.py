@@ -1,0 +1,127 @@
+"""Text columns: found and kept, embedded by the pretrained MiniLM encoder that the bundle carries
+(tokenizer.json run by `tokenizers`, the encoder as ONNX), answered the same in memory, in the
+bundle and through the service's request reader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deployments.request_reader import BadRequest, RequestReader
+from maas.bundle import ModelBundle, TextEncoder, transform
+from maas.config import load_config
+from maas.errors import MaasInputError
+from maas.paths import encoders_home
+from models.classic import ClassicSpec, fit_classic
+from models.text_encoder import ENCODER_INFO_FILE, cached_encoder, load_encoder, pretrained_dir
+from tasks.data import SENTIMENT_FILE, is_free_text, prepare_data
+from tasks.export import write_bundle
+from tests.conftest import PROJECT_ROOT, quick_config
+from tests.tables import write_messy
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """1,000 sentences of the built-in sentiment set: tweets, reviews, editorials (emoji, URLs, long ones)."""
+    frame = pd.read_csv(SENTIMENT_FILE)
+    return frame.sample(1000, random_state=0).text.tolist()
+
+
+def test_the_models_tokenizer_json_tokenizes_as_transformers_does(texts):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(pretrained_dir()))
+    for max_length in (128, 32):  # the corpus' longest sentences have ~65 tokens: 32 truncates some
+        expected = reference(texts, truncation=True, max_length=max_length)["input_ids"]
+        ours = TextEncoder(cached_encoder(encoders_home(), "int8"), max_length=max_length).token_ids(texts)
+        assert ours == expected
+    assert sum(len(row) == 32 for row in ours) > 50
+
+
+def test_the_bundles_encoder_embeds_raw_text_as_the_torch_model_does(texts):
+    import torch
+
+    sample = texts[:48]
+    ours = TextEncoder(cached_encoder(encoders_home(), "fp32"), max_length=128).embed(sample)
+    encoder = TextEncoder(cached_encoder(encoders_home(), "fp32"), max_length=128)
+    ids = encoder.token_ids(sample)
+    width = max(map(len, ids))
+    batch = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+    with torch.no_grad():
+        expected = load_encoder()(batch, (batch != 0).long()).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_int8_encoder_agrees_with_fp32(texts):
+    sample = texts[:300]
+    fp32 = TextEncoder(cached_encoder(encoders_home(), "fp32"), max_length=128).embed(sample)
+    int8 = TextEncoder(cached_encoder(encoders_home(), "int8"), max_length=128).embed(sample)
+    cosine = (fp32 * int8).sum(axis=1)
+    assert cosine.mean() > 0.98 and cosine.min() > 0.9, (cosine.mean(), cosine.min())
+    info = json.loads((cached_encoder(encoders_home(), "int8") / ENCODER_INFO_FILE).read_text())
+    assert info["precision"] == "int8"
+
+
+def test_free_text_is_told_from_categories_codes_and_numbers():
+    sentences = pd.Series([f"the parcel number {index} arrived late and damaged" for index in range(50)])
+    assert is_free_text(sentences, 4)
+    assert not is_free_text(pd.Series([f"C-{index:05d}" for index in range(50)]), 4)  # an ID
+    assert not is_free_text(pd.Series(["light blue", "dark red but shiny today"] * 25), 4)  # repeated phrases
+    assert not is_free_text(pd.Series(np.arange(50.0)), 4)
+    with pytest.raises(MaasInputError) as refused:
+        prepare_data(quick_config("wine", "data.text_columns=[comment]").data, 0)
+    assert "data.text_columns names 'comment'" in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def tickets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tickets")
+    path, target = write_messy("tickets", folder)
+    config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target)
+    return prepare_data(config.data, config.seed), config
+
+
+def test_a_table_of_text_numbers_and_categories_is_prepared_with_the_text_kept(tickets):
+    prepared, _ = tickets
+    kinds = {column["name"]: column["type"] for column in prepared.input_schema}
+    assert kinds == {"order_value": "number", "channel": "string", "message": "text"}
+    assert prepared.dropped_columns == {"ticket_id": "unique per row (ID-like)"}
+    assert any("'message' read as free text" in note for note in prepared.notes)
+    assert prepared.arrays.x_train.shape[1] == 1 + 3 + 384
+
+
+def test_a_text_bundle_answers_raw_rows_as_its_model_does(tickets, tmp_path):
+    prepared, config = tickets
+    arrays = prepared.arrays
+    spec = ClassicSpec("linear", arrays.x_train.shape[1], len(prepared.labels), {"C": 1.0})
+    model = fit_classic(spec, arrays.x_train, arrays.y_train, config.seed)
+    folder = write_bundle(tmp_path / "bundle", model, spec, prepared)
+    assert (folder / "encoder" / "tokenizer.json").exists() and (folder / "encoder" / "encoder.onnx").exists()
+    assert "_encoder_dir" not in (folder / "preprocessing.json").read_text()  # no machine's path in the bundle
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["text"]["message"]["max_length_tokens"] == 128
+    bundle = ModelBundle.load(folder, threads=1)
+    raw = prepared.splits.x_test  # gaps and all, as pandas read them
+    assert raw["message"].isna().any()
+    expected = model.predict_proba(transform(raw, prepared.preprocessing))
+    np.testing.assert_allclose(bundle.predict_proba(raw), expected, atol=1e-5)
+    assert (bundle.predict(raw)["label"] == np.asarray(prepared.labels)[prepared.splits.y_test]).mean() > 0.9
+
+
+def test_the_request_reader_takes_text_and_names_a_non_string_text(tickets):
+    prepared, _ = tickets
+    reader = RequestReader(prepared.preprocessing)
+    rows = [{"order_value": 12.5, "channel": "chat", "message": "the site is down"},
+            {"order_value": 3.0, "channel": "email", "message": "thanks a lot"}]
+    read = reader.read(json.dumps({"rows": rows}).encode(), 100)
+    assert read.columns.text == [["the site is down", "thanks a lot"]]
+    with_null = reader.read(json.dumps({"rows": [{**rows[0], "message": None}]}).encode(), 100)
+    assert with_null.columns.text == [[None]]
+    for bad in (5, ["a list"], {"an": "object"}, True):
+        with pytest.raises(BadRequest) as refused:
+            reader.read(json.dumps({"rows": [rows[0], {**rows[1], "message": bad}]}).encode(), 100)
+        assert refused.value.status == 400 and refused.value.message.startswith("row 1, column 'message'")
