@@ -80,6 +80,20 @@ class TextEncoder:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
 
+    def token_stats(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per text: its length in tokens, untruncated and without [CLS]/[SEP], and the share of them
+        the vocabulary does not know ([UNK]; NaN for an empty text). What drift watches without the model."""
+        if not hasattr(self, "_counter"):
+            self._counter = self.tokenizer.__class__.from_str(self.tokenizer.to_str())
+            self._counter.no_truncation()
+        counter = self._counter
+        unknown_id = counter.token_to_id("[UNK]")
+        encodings = counter.encode_batch(texts, add_special_tokens=False)
+        lengths = np.array([len(encoding.ids) for encoding in encodings], dtype=np.float64)
+        unknown = np.array([sum(token == unknown_id for token in encoding.ids) for encoding in encodings], dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return lengths, np.where(lengths > 0, unknown / lengths, np.nan)
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """float32 [len(texts), dim]."""
         if self.memo is None:

@@ -10,12 +10,16 @@ the test split. A check compares the rows logged since the last one with it:
 - A two-sample KS test for numeric features. A numeric feature counts as drifted only when both
   agree (PSI above its threshold and KS rejecting), which keeps one noisy statistic from alarming.
 - The share of drifted features, and PSI of the predicted-label distribution.
+- A text column is watched through numeric views of it, each judged as a numeric feature: its length
+  in tokens and its share of unknown tokens (the tokenizer alone), and where its sentence embedding
+  falls on the training embeddings' first two principal components (the encoder): a new topic or
+  language moves the embedding before any label comes back.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,13 +60,51 @@ def build_reference(
         raw = x_train[column["name"]]
         text = raw.astype(str).where(raw.notna(), MISSING)
         categorical[column["name"]] = {"shares": text.value_counts(normalize=True).to_dict()}
+    text = {}
+    for column in preprocessing.get("text", []):
+        raw = x_train[column["name"]]
+        keep = rng.choice(len(raw), max_rows, replace=False) if len(raw) > max_rows else np.arange(len(raw))
+        text[column["name"]] = text_reference(raw.iloc[np.sort(keep)], column)
     counts = np.bincount(np.asarray(predicted_test, dtype=int), minlength=len(labels))
     return {
         "n_rows": len(x_train),
         "numeric": numeric,
         "categorical": categorical,
+        "text": text,
         "predictions": {"source": "test split", "shares": dict(zip(labels, (counts / max(1, counts.sum())).tolist()))},
     }
+
+
+PRINCIPAL_COMPONENTS = 2
+
+
+def text_views(values: pd.Series, column: dict[str, Any], projection: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The numeric views of a text column that drift watches (NaN where the text is missing)."""
+    from maas.bundle import as_texts, text_encoder
+
+    missing = values.isna().to_numpy()
+    texts = as_texts(values.tolist())
+    encoder = text_encoder(column)
+    lengths, unknown = encoder.token_stats(texts)
+    components = (encoder.embed(texts) - np.asarray(projection["mean"])) @ np.asarray(projection["components"]).T
+    views = {"tokens": lengths, "unknown share": unknown,
+             **{f"embedding pc{index + 1}": components[:, index] for index in range(components.shape[1])}}
+    return {view: np.where(missing, np.nan, numbers) for view, numbers in views.items()}
+
+
+def text_reference(values: pd.Series, column: dict[str, Any]) -> dict[str, Any]:
+    """A text column's reference: the training embeddings' principal axes and each view's sample."""
+    from maas.bundle import as_texts, text_encoder
+
+    embedded = text_encoder(column).embed(as_texts(values.dropna().tolist())).astype(np.float64)
+    mean = embedded.mean(axis=0)
+    _, _, axes = np.linalg.svd(embedded - mean, full_matrices=False)
+    projection = {"mean": mean.round(7).tolist(), "components": axes[:PRINCIPAL_COMPONENTS].round(7).tolist()}
+    views = {}
+    for view, numbers in text_views(values, column, projection).items():
+        present = numbers[np.isfinite(numbers)]
+        views[view] = {"sample": np.sort(present).tolist(), "missing_share": float(1 - np.isfinite(numbers).mean())}
+    return {"projection": projection, "views": views}
 
 
 def write_reference(bundle_dir: Path, reference: dict[str, Any]) -> None:
@@ -167,8 +209,10 @@ def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, c
     return FeatureDrift(name, "categorical", score, None, None, bool(score > config.psi_threshold))
 
 
-def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str, Any], config: DriftConfig) -> DriftReport:
-    """Every feature and the predictions of the logged rows against the reference."""
+def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str, Any], config: DriftConfig,
+                  preprocessing: dict[str, Any] | None = None) -> DriftReport:
+    """Every feature and the predictions of the logged rows against the reference; text columns
+    through their views, with the encoder that `preprocessing` (the watched bundle's) points at."""
     n_rows = len(rows)
     n_bins = bin_count(n_rows, config)
     features: list[FeatureDrift] = []
@@ -178,6 +222,14 @@ def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str,
             features.append(numeric_drift(name, spec, values, n_bins, config))
         for name, spec in reference["categorical"].items():
             features.append(categorical_drift(name, spec, rows[name] if name in rows else pd.Series([None] * n_rows), config))
+        text_columns = {column["name"]: column for column in (preprocessing or {}).get("text", [])}
+        for name, spec in reference.get("text", {}).items():
+            if name not in text_columns:
+                continue
+            values = rows[name] if name in rows else pd.Series([None] * n_rows)
+            for view, numbers in text_views(values, text_columns[name], spec["projection"]).items():
+                drift = numeric_drift(f"{name} [{view}]", spec["views"][view], numbers, n_bins, config)
+                features.append(replace(drift, kind="text"))
     expected = reference["predictions"]["shares"]
     current = predicted.value_counts(normalize=True) if n_rows else pd.Series(dtype=float)
     prediction_shares = {label: float(current.get(label, 0.0)) for label in expected}
@@ -226,7 +278,8 @@ def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any
 def check_drift(check: Check) -> DriftReport:
     """The rows logged since the last check against the reference sealed in the watched bundle."""
     logged = check.logged
-    return measure_drift(logged.inputs, logged.meta["predicted"], check.watched.reference, check.monitoring.drift)
+    return measure_drift(logged.inputs, logged.meta["predicted"], check.watched.reference, check.monitoring.drift,
+                         check.watched.bundle.preprocessing)
 
 
 def record_drift(ctx: RunContext, drift: DriftReport, check: Check) -> None:

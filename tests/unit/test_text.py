@@ -125,3 +125,26 @@ def test_the_request_reader_takes_text_and_names_a_non_string_text(tickets):
         with pytest.raises(BadRequest) as refused:
             reader.read(json.dumps({"rows": [rows[0], {**rows[1], "message": bad}]}).encode(), 100)
         assert refused.value.status == 400 and refused.value.message.startswith("row 1, column 'message'")
+
+
+def test_drift_watches_a_text_columns_length_vocabulary_and_embedding(tickets):
+    from maas.config import DriftConfig
+    from tasks.drift import build_reference, measure_drift
+
+    prepared, config = tickets
+    splits = prepared.splits
+    reference = build_reference(splits.x_train, prepared.preprocessing, splits.y_test, prepared.labels, 2000, 0)
+    assert set(reference["text"]["message"]["views"]) == {"tokens", "unknown share", "embedding pc1", "embedding pc2"}
+    settings = DriftConfig(min_rows=20)
+    labels = pd.Series(np.asarray(prepared.labels)[splits.y_test])
+    same = measure_drift(splits.x_test, labels, reference, settings, prepared.preprocessing)
+    text = {feature.name: feature for feature in same.features if feature.kind == "text"}
+    assert len(text) == 4 and not any(feature.drifted for feature in text.values()), text
+    shifted = splits.x_test.copy()
+    shifted["message"] = [f"Bonjour, la facture numéro {index} du trimestre dernier comporte une erreur de TVA "
+                          f"et je souhaiterais recevoir un avoir détaillé ✨🧾" for index in range(len(shifted))]
+    moved = measure_drift(shifted, labels, reference, settings, prepared.preprocessing)
+    drifted = set(moved.drifted_features)
+    assert {"message [tokens]", "message [unknown share]"} <= drifted and drifted & {"message [embedding pc1]",
+                                                                                      "message [embedding pc2]"}, drifted
+    assert "order_value" not in drifted
