@@ -72,10 +72,11 @@ def load_encoder() -> MeanPooledEncoder:
     return MeanPooledEncoder(AutoModel.from_pretrained(str(folder))).eval()
 
 
-def export_encoder(folder: Path, precision: str) -> Path:
-    """encoder.onnx (fp32, or int8 weights), tokenizer.json and encoder.json into `folder`."""
+def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | None = None) -> Path:
+    """encoder.onnx (fp32, or int8 weights), tokenizer.json and encoder.json into `folder`: the
+    pretrained encoder, or `encoder` (one fine-tuned from it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    encoder = load_encoder()
+    encoder = (encoder or load_encoder()).eval()
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2204, 102, 0]])
     mask = (ids != 0).long()
     fp32_path = folder / ("encoder-fp32.onnx" if precision == "int8" else ENCODER_FILE)
