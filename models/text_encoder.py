@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 import shutil
 import tempfile
 import warnings
@@ -103,13 +104,17 @@ def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | No
 def cached_encoder(root: Path, precision: str) -> Path:
     """The exported encoder under `root` (maas.paths.encoders_home), made once (about 10 s) and then
     reused; written to a scratch folder and renamed, so a killed export leaves nothing half-made."""
-    target = root / f"{ENCODER_NAME}-{precision}"
+    return export_once(root / f"{ENCODER_NAME}-{precision}", lambda folder: export_encoder(folder, precision))
+
+
+def export_once(target: Path, write) -> Path:
+    """`target`, written by write(folder) the first time only, through a scratch folder renamed."""
     if (target / ENCODER_INFO_FILE).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
-        export_encoder(scratch, precision)
+        write(scratch)
         try:
             scratch.rename(target)
         except OSError:  # another run exported it meanwhile
@@ -117,3 +122,72 @@ def cached_encoder(root: Path, precision: str) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """How the encoder is fine-tuned: a linear head on its embedding, AdamW with a linear decay,
+    the epoch best on validation kept. On the sentiment set 2 epochs took the test macro F1 of
+    a logistic regression on the embedding from 0.69 (frozen) to 0.76 (benchmarks/results/text.md)."""
+
+    epochs: int = 2
+    encoder_lr: float = 3e-5
+    head_lr: float = 1e-3
+    batch_size: int = 32
+    max_length: int = 128
+    max_seconds: float | None = None  # stop after the epoch running when this much time has passed
+    seed: int = 0
+
+
+def fine_tune(texts_train: list[str], y_train, texts_val: list[str], y_val, settings: FineTuning
+              ) -> tuple[MeanPooledEncoder, float, int]:
+    """The pretrained encoder fine-tuned on labelled texts: (encoder, best validation macro F1, epochs run)."""
+    import time
+
+    import numpy as np
+    from sklearn.metrics import f1_score
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(settings.seed)
+    tokenizer = Tokenizer.from_file(str(pretrained_dir() / TOKENIZER_FILE))
+    tokenizer.enable_truncation(settings.max_length)
+    tokenizer.enable_padding()
+    encoder = load_encoder()
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    head = torch.nn.Linear(EMBEDDING_DIM, int(max(y_train.max(), y_val.max())) + 1)
+
+    def logits(texts: list[str]) -> torch.Tensor:
+        encoded = tokenizer.encode_batch(texts)
+        ids = torch.tensor([item.ids for item in encoded])
+        return head(encoder(ids, torch.tensor([item.attention_mask for item in encoded])))
+
+    def val_f1() -> float:
+        encoder.eval()
+        with torch.no_grad():
+            predicted = torch.cat([logits(texts_val[start:start + 128]).argmax(1) for start in range(0, len(texts_val), 128)])
+        return float(f1_score(y_val, predicted.numpy(), average="macro"))
+
+    steps = settings.epochs * -(-len(texts_train) // settings.batch_size)
+    optimizer = torch.optim.AdamW([{"params": encoder.parameters(), "lr": settings.encoder_lr},
+                                   {"params": head.parameters(), "lr": settings.head_lr}], weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
+    shuffles, labels = np.random.default_rng(settings.seed), torch.as_tensor(y_train)
+    started, best, best_state, epochs_run = time.monotonic(), -1.0, None, 0
+    for _ in range(settings.epochs):
+        order = shuffles.permutation(len(texts_train))
+        encoder.train()
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start:start + settings.batch_size]
+            loss = torch.nn.functional.cross_entropy(logits([texts_train[index] for index in batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        epochs_run += 1
+        score = val_f1()
+        if score > best:
+            best, best_state = score, {key: value.clone() for key, value in encoder.state_dict().items()}
+        if settings.max_seconds is not None and time.monotonic() - started > settings.max_seconds:
+            break
+    encoder.load_state_dict(best_state)
+    return encoder.eval(), best, epochs_run

@@ -376,7 +376,7 @@ def split_rows(
 
 
 def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), texts: list[str] = (),
-                      data: DataConfig | None = None) -> dict[str, Any]:
+                      data: DataConfig | None = None, encoder_dir: Path | None = None) -> dict[str, Any]:
     """Imputation and scaling for numerics, categories for one-hot, embedding scales for text: from
     training rows only. `coerce` marks the numeric columns that were text with stray strings in
     training: serving reads such a string as a missing value there too, and refuses it elsewhere."""
@@ -398,20 +398,53 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), te
             categorical.append({"name": name, "fill": fill, "categories": categories})
     preprocessing = {"numeric": numeric, "categorical": categorical}
     if texts:
-        preprocessing = fit_text_scales(x_train, texts, preprocessing, data or DataConfig())
+        data = data or DataConfig()
+        if encoder_dir is None:
+            from models.text_encoder import cached_encoder
+
+            encoder_dir = cached_encoder(encoders_home(), data.text_encoder_precision)
+        preprocessing = fit_text_scales(x_train, texts, preprocessing, data, encoder_dir)
     return preprocessing
 
 
-def fit_text_scales(x_train: pd.DataFrame, texts: list[str], preprocessing: dict[str, Any], data: DataConfig
-                    ) -> dict[str, Any]:
-    """Each text column's embedding mean and scale on the training rows, the encoder attached
-    (exported once under MAAS_HOME, memoising embeddings for the splits that follow)."""
-    from models.text_encoder import cached_encoder
+def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, fingerprint: str, seed: int,
+                        notes: list[str]) -> Path | None:
+    """The exported encoder the text columns are read with: the pretrained one, or (with
+    data.text_finetune_epochs) one fine-tuned on the training rows of the first text column, early-
+    stopped on the validation rows; exported once per table and settings. The test rows are not read."""
+    if not texts:
+        return None
+    from models.text_encoder import FineTuning, cached_encoder, export_encoder, export_once, fine_tune
 
-    folder = cached_encoder(encoders_home(), data.text_encoder_precision)
+    if data.text_finetune_epochs == 0:
+        return cached_encoder(encoders_home(), data.text_encoder_precision)
+    settings = FineTuning(epochs=data.text_finetune_epochs, max_length=data.text_max_length,
+                          max_seconds=data.text_finetune_max_s, seed=seed)
+    digest = hashlib.sha256(f"{fingerprint}|{texts[0]}|{settings}|{data.text_encoder_precision}".encode()).hexdigest()[:12]
+    outcome = {}
+
+    def write(folder: Path) -> None:
+        encoder, outcome["val_f1"], outcome["epochs"] = fine_tune(
+            as_texts(splits.x_train[texts[0]].tolist()), splits.y_train, as_texts(splits.x_val[texts[0]].tolist()),
+            splits.y_val, settings)
+        export_encoder(folder, data.text_encoder_precision, encoder)
+
+    folder = export_once(encoders_home() / f"{ENCODER_NAME}-{data.text_encoder_precision}-finetuned-{digest}", write)
+    notes.append(f"text encoder fine-tuned on column '{texts[0]}': " + (
+        f"{outcome['epochs']} epoch(s), validation macro F1 {outcome['val_f1']:.4f} (its own linear head)" if outcome
+        else f"reused from an earlier run ({folder.name})"))
+    return folder
+
+
+def fit_text_scales(x_train: pd.DataFrame, texts: list[str], preprocessing: dict[str, Any], data: DataConfig,
+                    folder: Path) -> dict[str, Any]:
+    """Each text column's embedding mean and scale on the training rows, the encoder in `folder`
+    attached (memoising embeddings for the splits that follow)."""
+    fine_tuned = data.text_finetune_epochs > 0
     columns = []
     for name in texts:
-        column = {"name": name, "fill": "", "max_length": data.text_max_length, "encoder": ENCODER_NAME,
+        column = {"name": name, "fill": "", "max_length": data.text_max_length,
+                  "encoder": f"{ENCODER_NAME}{' fine-tuned' if fine_tuned else ''}",
                   "precision": data.text_encoder_precision, "mean": [], "scale": []}
         attached = with_encoder({"numeric": [], "categorical": [], "text": [column]}, folder, memo=True)["text"][0]
         embedding = text_encoder(attached).embed(as_texts(x_train[name].tolist())).astype(np.float64)
@@ -453,7 +486,8 @@ def prepare_data(data: DataConfig, seed: int) -> PreparedData:
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
-    preprocessing = fit_preprocessing(splits.x_train, coerced, texts, data)
+    encoder_dir = text_encoder_folder(splits, texts, data, fingerprint, seed, notes)
+    preprocessing = fit_preprocessing(splits.x_train, coerced, texts, data, encoder_dir)
     return PreparedData(
         splits=splits,
         labels=labels,

@@ -5,6 +5,7 @@ bundle and through the service's request reader."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -148,3 +149,28 @@ def test_drift_watches_a_text_columns_length_vocabulary_and_embedding(tickets):
     assert {"message [tokens]", "message [unknown share]"} <= drifted and drifted & {"message [embedding pc1]",
                                                                                       "message [embedding pc2]"}, drifted
     assert "order_value" not in drifted
+
+
+def test_an_encoder_fine_tuned_on_the_training_rows_is_exported_once_and_served_by_the_bundle(tmp_path):
+    path, target = write_messy("tickets", tmp_path)
+    config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target,
+                         overrides=["data.text_finetune_epochs=1"])
+    prepared = prepare_data(config.data, config.seed)
+    (note,) = [note for note in prepared.notes if "fine-tuned" in note]
+    assert "1 epoch(s), validation macro F1" in note
+    column = prepared.preprocessing["text"][0]
+    assert "finetuned" in column["_encoder_dir"] and column["encoder"].endswith("fine-tuned")
+    sample = prepared.splits.x_val["message"].dropna().head(20).tolist()
+    pretrained = TextEncoder(cached_encoder(encoders_home(), "int8"), 128).embed(sample)
+    tuned = TextEncoder(Path(column["_encoder_dir"]), 128).embed(sample)
+    assert (pretrained * tuned).sum(axis=1).mean() < 0.999  # the weights moved
+    arrays = prepared.arrays
+    spec = ClassicSpec("linear", arrays.x_train.shape[1], len(prepared.labels), {"C": 1.0})
+    model = fit_classic(spec, arrays.x_train, arrays.y_train, config.seed)
+    bundle = ModelBundle.load(write_bundle(tmp_path / "bundle", model, spec, prepared), threads=1)
+    raw = prepared.splits.x_test
+    np.testing.assert_allclose(bundle.predict_proba(raw), model.predict_proba(transform(raw, prepared.preprocessing)),
+                               atol=1e-5)
+    again = prepare_data(config.data, config.seed)  # the same table and settings: the export is reused
+    assert any("reused from an earlier run" in note for note in again.notes)
+    assert again.preprocessing["text"][0]["_encoder_dir"] == column["_encoder_dir"]
