@@ -92,8 +92,13 @@ def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | No
 
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its 'consider pre-processing' hint
-        quantize_dynamic(str(fp32_path), str(folder / ENCODER_FILE), weight_type=QuantType.QInt8, per_channel=True)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.ERROR))  # its 'consider pre-processing' hint, logged on the root logger
+        try:
+            quantize_dynamic(str(fp32_path), str(folder / ENCODER_FILE), weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)  # left raised, it hid every later warning in the process
         fp32_path.unlink()
     shutil.copyfile(pretrained_dir() / TOKENIZER_FILE, folder / TOKENIZER_FILE)
     (folder / ENCODER_INFO_FILE).write_text(json.dumps({"name": ENCODER_NAME, "precision": precision,
