@@ -182,7 +182,8 @@ def preflight(config) -> None:
     from tasks.train import resolve_device, spec_for_data
 
     resolve_device(config.train.device)
-    spec_for_data(config.model, prepare_data(config.data, config.seed))
+    # fit_text=False: the encoder reads the text in the flow, not twice (with fine-tuning, minutes)
+    spec_for_data(config.model, prepare_data(config.data, config.seed, fit_text=False))
 
 
 def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:

@@ -436,6 +436,18 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
     return folder
 
 
+def text_placeholders(texts: list[str], data: DataConfig) -> list[dict[str, Any]]:
+    """Text columns as a preflight describes them: the embedding's width, nothing embedded."""
+    if not texts:
+        return []
+    from models.text_encoder import EMBEDDING_DIM, pretrained_dir
+
+    pretrained_dir()  # the package is installed, or one line says which to install
+    return [{"name": name, "fill": "", "max_length": data.text_max_length, "encoder": ENCODER_NAME,
+             "precision": data.text_encoder_precision, "mean": [0.0] * EMBEDDING_DIM, "scale": [1.0] * EMBEDDING_DIM}
+            for name in texts]
+
+
 def fit_text_scales(x_train: pd.DataFrame, texts: list[str], preprocessing: dict[str, Any], data: DataConfig,
                     folder: Path) -> dict[str, Any]:
     """Each text column's embedding mean and scale on the training rows, the encoder in `folder`
@@ -462,8 +474,10 @@ def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
     ] + [{"name": c["name"], "type": "text"} for c in preprocessing.get("text", [])]
 
 
-def prepare_data(data: DataConfig, seed: int) -> PreparedData:
-    """The whole data stage: load, validate, clean, split, fit preprocessing."""
+def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> PreparedData:
+    """The whole data stage: load, validate, clean, split, fit preprocessing. fit_text=False (the
+    CLI's preflight) validates without reading text through the encoder: its columns get placeholder
+    scales of the right width, and the encoder's package is only checked to be there."""
     table = append_extra_rows(load_table(data), data.extra_paths)
     frame = table.frame
     if table.target not in frame.columns:
@@ -486,8 +500,12 @@ def prepare_data(data: DataConfig, seed: int) -> PreparedData:
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
-    encoder_dir = text_encoder_folder(splits, texts, data, fingerprint, seed, notes)
-    preprocessing = fit_preprocessing(splits.x_train, coerced, texts, data, encoder_dir)
+    if fit_text:
+        encoder_dir = text_encoder_folder(splits, texts, data, fingerprint, seed, notes)
+        preprocessing = fit_preprocessing(splits.x_train, coerced, texts, data, encoder_dir)
+    else:
+        preprocessing = {**fit_preprocessing(splits.x_train.drop(columns=texts), coerced),
+                         "text": text_placeholders(texts, data)}
     return PreparedData(
         splits=splits,
         labels=labels,

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from deployments.request_reader import BadRequest, RequestReader
-from maas.bundle import ModelBundle, TextEncoder, transform
+from maas.bundle import ModelBundle, TextEncoder, feature_count, transform
 from maas.config import load_config
 from maas.errors import MaasInputError
 from maas.paths import encoders_home
@@ -174,3 +174,15 @@ def test_an_encoder_fine_tuned_on_the_training_rows_is_exported_once_and_served_
     again = prepare_data(config.data, config.seed)  # the same table and settings: the export is reused
     assert any("reused from an earlier run" in note for note in again.notes)
     assert again.preprocessing["text"][0]["_encoder_dir"] == column["_encoder_dir"]
+
+
+def test_the_preflight_validates_a_text_table_without_reading_the_text(tmp_path, monkeypatch):
+    import tasks.data as data_module
+
+    path, target = write_messy("tickets", tmp_path)
+    config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target,
+                         overrides=["data.text_finetune_epochs=1"])
+    monkeypatch.setattr(data_module, "text_encoder_folder", lambda *args: pytest.fail("the preflight read the text"))
+    checked = prepare_data(config.data, config.seed, fit_text=False)
+    assert {"name": "message", "type": "text"} in checked.input_schema
+    assert feature_count(checked.preprocessing) == 1 + 3 + 384  # the width the network spec needs
