@@ -69,6 +69,14 @@ def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
                         **fields)
 
 
+def _string_columns(values_by_row: list[tuple] | None) -> list[tuple] | None:
+    """Per-row value tuples as per-column tuples when every value is a string; None otherwise."""
+    if values_by_row is None:
+        return []
+    columns = list(zip(*values_by_row))
+    return None if any(type(value) is not str for values in columns for value in values) else columns
+
+
 def _tuple_getter(names: list[str]):
     """row -> tuple of its values for these columns (operator.itemgetter, always a tuple)."""
     if len(names) == 1:
@@ -122,19 +130,12 @@ class RequestReader:
             if not np.isfinite(numeric).all():
                 return None
             numeric = numeric.reshape(len(rows), len(self.numeric))
-        categorical = []
-        if categorical_values is not None:
-            for values in zip(*categorical_values):
-                if any(type(value) is not str for value in values):
-                    return None
-                categorical.append(np.array(values, dtype=object))
-        text = []
-        if text_values is not None:
-            for values in zip(*text_values):
-                if any(type(value) is not str for value in values):
-                    return None
-                text.append(list(values))
-        return Columns(numeric, categorical, len(rows), text)
+        categorical = _string_columns(categorical_values)
+        text = _string_columns(text_values)
+        if categorical is None or text is None:
+            return None  # a number, null or list where text is expected: pydantic gives the verdict
+        return Columns(numeric, [np.array(values, dtype=object) for values in categorical], len(rows),
+                       [list(values) for values in text])
 
     def validated_columns(self, rows: list[dict[str, Any]]) -> Columns:
         """Columns of rows the row model accepted (None: a missing value, imputed downstream)."""

@@ -26,6 +26,10 @@ import pandas as pd
 
 MODEL_FILE = "model.onnx"
 ENCODER_DIR = "encoder"  # inside the bundle; models/text_encoder.py writes its files
+ENCODER_NAME = "all-MiniLM-L6-v2"
+ENCODER_FILE = "encoder.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MEMO_LIMIT = 200_000  # texts a training process remembers; a long-lived worker must not keep every text it saw
 PREPROCESSING_FILE = "preprocessing.json"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
@@ -64,7 +68,7 @@ class TextEncoder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.no_padding()
         self.max_length = max_length
@@ -72,10 +76,11 @@ class TextEncoder:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder / "encoder.onnx"), sess_options=options,
+        self.session = ort.InferenceSession(str(folder / ENCODER_FILE), sess_options=options,
                                             providers=["CPUExecutionProvider"])
         self.dim = self.session.get_outputs()[0].shape[1]
         self.memo: dict[str, np.ndarray] | None = {} if memo else None
+        self._counter = None  # the tokenizer without truncation, made when drift first asks
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
@@ -83,7 +88,7 @@ class TextEncoder:
     def token_stats(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per text: its length in tokens, untruncated and without [CLS]/[SEP], and the share of them
         the vocabulary does not know ([UNK]; NaN for an empty text). What drift watches without the model."""
-        if not hasattr(self, "_counter"):
+        if self._counter is None:
             self._counter = self.tokenizer.__class__.from_str(self.tokenizer.to_str())
             self._counter.no_truncation()
         counter = self._counter
@@ -99,6 +104,8 @@ class TextEncoder:
         if self.memo is None:
             return self._embed(texts)
         todo = list(dict.fromkeys(text for text in texts if text not in self.memo))
+        if len(self.memo) + len(todo) > MEMO_LIMIT:
+            self.memo.clear()
         if todo:
             self.memo.update(zip(todo, self._embed(todo)))
         if not texts:
@@ -126,15 +133,17 @@ def text_encoder(column: dict[str, Any]) -> TextEncoder:
     return _encoders[key]
 
 
+def attach(column: dict[str, Any], folder: Path, threads: int | None = None, memo: bool = False) -> dict[str, Any]:
+    """A text column pointed at an encoder folder (runtime keys, '_'-prefixed, never written: see persistable)."""
+    return {**column, "_encoder_dir": str(Path(folder).resolve()), "_threads": threads, "_memo": memo}
+
+
 def with_encoder(preprocessing: dict[str, Any], folder: Path, threads: int | None = None,
                  memo: bool = False) -> dict[str, Any]:
-    """The preprocessing with its text columns pointed at an encoder folder (runtime keys, '_'-prefixed,
-    never written: see persistable)."""
+    """The preprocessing with its text columns attached to an encoder folder."""
     if not preprocessing.get("text"):
         return preprocessing
-    text = [{**column, "_encoder_dir": str(Path(folder).resolve()), "_threads": threads, "_memo": memo}
-            for column in preprocessing["text"]]
-    return {**preprocessing, "text": text}
+    return {**preprocessing, "text": [attach(column, folder, threads, memo) for column in preprocessing["text"]]}
 
 
 def persistable(preprocessing: dict[str, Any]) -> dict[str, Any]:

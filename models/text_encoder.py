@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ENCODER_NAME = "all-MiniLM-L6-v2"
-ENCODER_FILE = "encoder.onnx"
-TOKENIZER_FILE = "tokenizer.json"
+from maas.bundle import ENCODER_FILE, ENCODER_NAME, TOKENIZER_FILE
+
 ENCODER_INFO_FILE = "encoder.json"
 EMBEDDING_DIM = 384
 ONNX_OPSET = 17

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
-from maas.bundle import as_texts, text_encoder, transform, with_encoder
+from maas.bundle import ENCODER_NAME, as_texts, attach, text_encoder, transform
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -23,7 +23,6 @@ from maas.run_context import StageTimer, run_logger
 from maas.tables import listing, read_table_file
 
 BUILTIN_TARGET = "target"
-ENCODER_NAME = "all-MiniLM-L6-v2"  # models/text_encoder.py (imported there only when a table has text)
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
 
 
@@ -375,16 +374,13 @@ def split_rows(
     )
 
 
-def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), texts: list[str] = (),
-                      data: DataConfig | None = None, encoder_dir: Path | None = None) -> dict[str, Any]:
-    """Imputation and scaling for numerics, categories for one-hot, embedding scales for text: from
-    training rows only. `coerce` marks the numeric columns that were text with stray strings in
+def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) -> dict[str, Any]:
+    """Imputation and scaling for numerics, categories for one-hot: from training rows only (text
+    columns: fit_text_scales). `coerce` marks the numeric columns that were text with stray strings in
     training: serving reads such a string as a missing value there too, and refuses it elsewhere."""
     numeric, categorical = [], []
     for name in x_train.columns:
         column = x_train[name]
-        if name in texts:
-            continue
         if pd.api.types.is_numeric_dtype(column):
             median = float(column.median()) if column.notna().any() else 0.0
             filled = column.fillna(median)
@@ -396,24 +392,14 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), te
             fill = str(present.mode().iloc[0]) if not present.empty else ""
             categories = sorted(set(present) | {fill})
             categorical.append({"name": name, "fill": fill, "categories": categories})
-    preprocessing = {"numeric": numeric, "categorical": categorical}
-    if texts:
-        data = data or DataConfig()
-        if encoder_dir is None:
-            from models.text_encoder import cached_encoder
-
-            encoder_dir = cached_encoder(encoders_home(), data.text_encoder_precision)
-        preprocessing = fit_text_scales(x_train, texts, preprocessing, data, encoder_dir)
-    return preprocessing
+    return {"numeric": numeric, "categorical": categorical}
 
 
 def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, fingerprint: str, seed: int,
-                        notes: list[str]) -> Path | None:
+                        notes: list[str]) -> Path:
     """The exported encoder the text columns are read with: the pretrained one, or (with
     data.text_finetune_epochs) one fine-tuned on the training rows of the first text column, early-
     stopped on the validation rows; exported once per table and settings. The test rows are not read."""
-    if not texts:
-        return None
     from models.text_encoder import FineTuning, cached_encoder, export_encoder, export_once, fine_tune
 
     if data.text_finetune_epochs == 0:
@@ -436,6 +422,13 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
     return folder
 
 
+def text_column(name: str, data: DataConfig, mean: list[float], scale: list[float]) -> dict[str, Any]:
+    """A text column's entry in the preprocessing: how it is read and its embedding's scales."""
+    return {"name": name, "fill": "", "max_length": data.text_max_length,
+            "encoder": f"{ENCODER_NAME}{' fine-tuned' if data.text_finetune_epochs else ''}",
+            "precision": data.text_encoder_precision, "mean": mean, "scale": scale}
+
+
 def text_placeholders(texts: list[str], data: DataConfig) -> list[dict[str, Any]]:
     """Text columns as a preflight describes them: the embedding's width, nothing embedded."""
     if not texts:
@@ -443,28 +436,20 @@ def text_placeholders(texts: list[str], data: DataConfig) -> list[dict[str, Any]
     from models.text_encoder import EMBEDDING_DIM, pretrained_dir
 
     pretrained_dir()  # the package is installed, or one line says which to install
-    return [{"name": name, "fill": "", "max_length": data.text_max_length, "encoder": ENCODER_NAME,
-             "precision": data.text_encoder_precision, "mean": [0.0] * EMBEDDING_DIM, "scale": [1.0] * EMBEDDING_DIM}
-            for name in texts]
+    return [text_column(name, data, [0.0] * EMBEDDING_DIM, [1.0] * EMBEDDING_DIM) for name in texts]
 
 
-def fit_text_scales(x_train: pd.DataFrame, texts: list[str], preprocessing: dict[str, Any], data: DataConfig,
-                    folder: Path) -> dict[str, Any]:
+def fit_text_scales(x_train: pd.DataFrame, texts: list[str], data: DataConfig, folder: Path) -> list[dict[str, Any]]:
     """Each text column's embedding mean and scale on the training rows, the encoder in `folder`
     attached (memoising embeddings for the splits that follow)."""
-    fine_tuned = data.text_finetune_epochs > 0
     columns = []
     for name in texts:
-        column = {"name": name, "fill": "", "max_length": data.text_max_length,
-                  "encoder": f"{ENCODER_NAME}{' fine-tuned' if fine_tuned else ''}",
-                  "precision": data.text_encoder_precision, "mean": [], "scale": []}
-        attached = with_encoder({"numeric": [], "categorical": [], "text": [column]}, folder, memo=True)["text"][0]
-        embedding = text_encoder(attached).embed(as_texts(x_train[name].tolist())).astype(np.float64)
+        encoder = text_encoder(attach(text_column(name, data, [], []), folder, memo=True))
+        embedding = encoder.embed(as_texts(x_train[name].tolist())).astype(np.float64)
         scale = embedding.std(axis=0)
-        column.update(mean=embedding.mean(axis=0).round(7).tolist(),
-                      scale=np.where(scale > 1e-6, scale, 1.0).round(7).tolist())
-        columns.append(column)
-    return with_encoder({**preprocessing, "text": columns}, folder, memo=True)
+        columns.append(attach(text_column(name, data, embedding.mean(axis=0).round(7).tolist(),
+                                          np.where(scale > 1e-6, scale, 1.0).round(7).tolist()), folder, memo=True))
+    return columns
 
 
 def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
@@ -500,12 +485,10 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
-    if fit_text:
-        encoder_dir = text_encoder_folder(splits, texts, data, fingerprint, seed, notes)
-        preprocessing = fit_preprocessing(splits.x_train, coerced, texts, data, encoder_dir)
-    else:
-        preprocessing = {**fit_preprocessing(splits.x_train.drop(columns=texts), coerced),
-                         "text": text_placeholders(texts, data)}
+    preprocessing = fit_preprocessing(splits.x_train.drop(columns=texts), coerced)
+    if texts:
+        preprocessing["text"] = (fit_text_scales(splits.x_train, texts, data, text_encoder_folder(
+            splits, texts, data, fingerprint, seed, notes)) if fit_text else text_placeholders(texts, data))
     return PreparedData(
         splits=splits,
         labels=labels,

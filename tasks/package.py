@@ -21,7 +21,6 @@ from prefect.cache_policies import NO_CACHE
 from maas.config import ServingConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home, use_embedded_bentoml_home
-from maas.bundle import ENCODER_DIR
 from maas.registered import ModelRef, download_bundle
 from maas.run_context import RunContext
 
@@ -57,11 +56,7 @@ def package_model(client, ref: ModelRef, what: str = "--model") -> PackagedModel
                   "alias": ref.alias or "", "variant": found.tags.get("variant", "")}
         with bentoml.models.create(bento_model_name(ref.name), labels=labels,
                                    metadata={"source": f"models:/{ref.name}/{ref.version}"}) as model:
-            for item in bundle.iterdir():
-                if item.is_file():
-                    shutil.copy2(item, Path(model.path) / item.name)
-                elif item.name == ENCODER_DIR:  # a text model's tokenizer and encoder graph
-                    shutil.copytree(item, Path(model.path) / item.name)
+            shutil.copytree(bundle, model.path, dirs_exist_ok=True)  # a text model's encoder/ included
     stored = bentoml.models.get(model.tag)  # the files move into the store when the block ends
     return PackagedModel(str(stored.tag), Path(stored.path), ref)
 
