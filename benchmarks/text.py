@@ -3,6 +3,7 @@
 
 - TF-IDF (1-2 grams) + logistic regression, the classic baseline;
 - the frozen all-MiniLM-L6-v2 encoder (fp32, then int8) + logistic regression;
+- MiniLM fine-tuned (the teacher) and students distilled from it, each in ONNX fp32 and int8;
 - what `maas run --dataset sentiment` registers at the default budget (the families compared on the
   int8 encoder's embeddings and the source column), run as a user runs it.
 
@@ -10,7 +11,8 @@ Every row reads the text and the source column; C of each logistic regression is
 validation split. Latency: in-process, one thread, from raw rows to probabilities (p50 / p99 at
 batch 1 and 32); rows/s at batch 32. Sizes: what serving loads (for maas: the graph + the encoder).
 
-Run: .venv/bin/python benchmarks/text.py   (writes results/text.*; about 15 minutes)
+Run: .venv/bin/python benchmarks/text.py [STUDENT_LAYERS ...]   (default 3; writes results/text.*;
+about 30 minutes with AVX-512, 50 on an AVX2-only CPU)
 """
 
 from __future__ import annotations
@@ -145,88 +147,66 @@ def maas_row(splits, scratch: Path) -> dict:
             "stages_s": summary["stage_seconds"], **speed(bundle.predict_proba, splits.x_test)}
 
 
-def finetuned_rows(splits, epochs: int = 2, batch: int = 32) -> list[dict]:
-    """MiniLM fine-tuned with a linear head on [embedding, source one-hot] (AdamW, encoder lr 3e-5,
-    head 1e-3, linear decay; the epoch best on validation kept), then the same encoder exported to
-    ONNX fp32 and dynamic int8 with the head in numpy. A measurement for the teacher the pipeline
-    does not build yet."""
+def finetuned_rows(splits, student_layers: tuple[int, ...] = (3,), epochs: int = 2) -> list[dict]:
+    """The teacher: MiniLM fine-tuned with a linear head on [embedding, source one-hot]
+    (models.text_encoder.fine_tune: AdamW, encoder lr 3e-5, head 1e-3, linear decay, the epoch best
+    on validation kept). The students: distilled from it (models.text_encoder.distil) keeping
+    `student_layers` layers, served with the teacher's head. Each exported to ONNX fp32 and dynamic
+    int8, the head in numpy; the pipeline builds the same with --set data.text_finetune_epochs=2."""
     import numpy as np
     import torch
     from sklearn.metrics import f1_score
     from sklearn.preprocessing import OneHotEncoder
 
     from maas.bundle import TextEncoder
-    from models.text_encoder import export_encoder, load_encoder
+    from models.text_encoder import Distillation, FineTuning, distil, export_encoder, fine_tune
 
-    torch.manual_seed(0)
     torch.set_num_threads(2)
-    encoder = load_encoder()
     source = OneHotEncoder(handle_unknown="ignore", sparse_output=False).fit(splits.x_train[["source"]])
-    n_classes = int(splits.y_train.max()) + 1
-    head = torch.nn.Linear(384 + source.transform(splits.x_train[["source"]].head(1)).shape[1], n_classes)
-    from tokenizers import Tokenizer
-
-    from models.text_encoder import pretrained_dir
-
-    tokenizer = Tokenizer.from_file(str(pretrained_dir() / "tokenizer.json"))
-    tokenizer.enable_truncation(128)
-    tokenizer.enable_padding()
-
-    def forward(rows, train: bool):
-        encoded = tokenizer.encode_batch(rows.text.fillna("").tolist())
-        ids = torch.tensor([e.ids for e in encoded])
-        mask = torch.tensor([e.attention_mask for e in encoded])
-        extra = torch.tensor(source.transform(rows[["source"]]), dtype=torch.float32)
-        encoder.train(train)
-        return head(torch.cat([encoder(ids, mask), extra], 1))
-
-    def predict(rows):
-        with torch.no_grad():
-            return torch.cat([torch.softmax(forward(rows.iloc[i:i + 128], False), 1)
-                              for i in range(0, len(rows), 128)]).numpy()
-
-    steps = epochs * ((len(splits.y_train) + batch - 1) // batch)
-    optimizer = torch.optim.AdamW([{"params": encoder.parameters(), "lr": 3e-5}, {"params": head.parameters(), "lr": 1e-3}],
-                                  weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
-    started, best, best_state = time.perf_counter(), -1.0, None
-    y_train = torch.as_tensor(splits.y_train)
-    shuffles = np.random.default_rng(0)
-    for _ in range(epochs):
-        order = shuffles.permutation(len(splits.y_train))
-        for start in range(0, len(order), batch):
-            chosen = order[start:start + batch]
-            loss = torch.nn.functional.cross_entropy(forward(splits.x_train.iloc[chosen], True), y_train[chosen])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        score = f1_score(splits.y_val, predict(splits.x_val).argmax(1), average="macro")
-        if score > best:
-            best = score
-            best_state = ({k: v.clone() for k, v in encoder.state_dict().items()},
-                          {k: v.clone() for k, v in head.state_dict().items()})
-    encoder.load_state_dict(best_state[0])
-    head.load_state_dict(best_state[1])
-    seconds = time.perf_counter() - started
+    texts = {name: rows.text.fillna("").tolist() for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
+    extra = {name: source.transform(rows[["source"]]).astype(np.float32)
+             for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
+    teacher = fine_tune(texts["train"], splits.y_train, texts["val"], splits.y_val, FineTuning(epochs=epochs),
+                        extra["train"], extra["val"])
+    print(f"teacher: validation F1 {teacher.val_f1:.4f}, {teacher.seconds:.0f} s", flush=True)
+    models = {"fine-tuned MiniLM (teacher, 6 layers)": (teacher, f"{epochs} epochs fine-tuned")}
+    for layers in student_layers:
+        student = distil(teacher, texts["train"], texts["val"], splits.y_val, Distillation(layers=layers, epochs=epochs),
+                         extra["train"], extra["val"])
+        print(f"student {layers}: validation F1 {student.val_f1:.4f}, {student.seconds:.0f} s", flush=True)
+        models[f"distilled student, {layers} layers"] = (student, f"{epochs} epochs distilled from the teacher")
     rows = []
-    with torch.no_grad():
-        weight, bias = head.weight.numpy().T.astype(np.float64), head.bias.numpy().astype(np.float64)
-    for precision in ("fp32", "int8"):
-        with tempfile.TemporaryDirectory() as scratch:
-            folder = export_encoder(Path(scratch), precision, encoder)
-            served = TextEncoder(folder, 128, threads=1)
-            size = (folder / "encoder.onnx").stat().st_size
+    for name, (model, how) in models.items():
+        with torch.no_grad():
+            weight, bias = model.head.weight.numpy().T.astype(np.float64), model.head.bias.numpy().astype(np.float64)
+        for precision in ("fp32", "int8"):
+            with tempfile.TemporaryDirectory() as scratch:
+                folder = export_encoder(Path(scratch), precision, model.encoder)
+                served = TextEncoder(folder, 128, threads=1)
+                size = (folder / "encoder.onnx").stat().st_size
 
-            def predict_served(rows, served=served):
-                features = np.hstack([served.embed(rows.text.fillna("").tolist()), source.transform(rows[["source"]])])
-                return features @ weight + bias
+                def predict_served(rows, served=served, weight=weight, bias=bias):
+                    features = np.hstack([served.embed(rows.text.fillna("").tolist()), source.transform(rows[["source"]])])
+                    return features @ weight + bias
 
-            f1 = f1_score(splits.y_test, predict_served(splits.x_test).argmax(1), average="macro")
-            rows.append({"name": f"fine-tuned MiniLM {precision} (ONNX)", "f1_macro": f1, "size_bytes": size,
-                         "train_s": seconds, "note": f"{epochs} epochs, best validation F1 {best:.4f}; benchmark only, "
-                                                      "not yet a pipeline family", **speed(predict_served, splits.x_test)})
+                f1 = f1_score(splits.y_test, predict_served(splits.x_test).argmax(1), average="macro")
+                rows.append({"name": f"{name} {precision} (ONNX)", "f1_macro": f1, "size_bytes": size,
+                             "train_s": model.seconds, "note": f"{how}, validation F1 {model.val_f1:.4f} (torch fp32)",
+                             **speed(predict_served, splits.x_test)})
+                print(rows[-1]["name"], flush=True)
     return rows
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """Each ONNX row against the teacher in fp32: speed at batch 32, size, and test F1 in points."""
+    teacher = next(row for row in rows if row["name"].startswith("fine-tuned") and "fp32" in row["name"])
+    lines = ["", "Against the fine-tuned teacher in fp32:", ""]
+    for row in rows:
+        if "(ONNX)" in row["name"] and row is not teacher:
+            lines.append(f"- {row['name']}: {row['rows_per_s_b32'] / teacher['rows_per_s_b32']:.2f}x rows/s at batch 32, "
+                         f"{teacher['size_bytes'] / row['size_bytes']:.1f}x smaller, "
+                         f"{100 * (row['f1_macro'] - teacher['f1_macro']):+.2f} points of test macro F1")
+    return lines
 
 
 def render(report: dict) -> str:
@@ -241,8 +221,7 @@ def render(report: dict) -> str:
                      f"{row['rows_per_s_b32']:.0f} | {row['train_s']:.0f} | {row['note']} |")
     stages = next(row["stages_s"] for row in report["rows_measured"] if "stages_s" in row)
     lines += ["", "maas run's stages (seconds of compute): " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in stages.items())]
-    lines += ["", "Not built yet in the pipeline: the fine-tuned MiniLM teacher (measured here by the benchmark alone), "
-                  "and the distilled student (issue 16)."]
+    lines += ratios(report["rows_measured"])
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +244,7 @@ def main() -> None:
             for measure in (tfidf_row, lambda s: frozen_row(s, "fp32"), lambda s: frozen_row(s, "int8")):
                 report["rows_measured"].append(measure(splits))
                 print(report["rows_measured"][-1]["name"], flush=True)
-        report["rows_measured"].extend(finetuned_rows(splits))
+        report["rows_measured"].extend(finetuned_rows(splits, tuple(int(layers) for layers in sys.argv[1:]) or (3,)))
     report["rows_measured"] = report["rows_measured"][1:] + report["rows_measured"][:1]
     write_results("text", report, render)
 

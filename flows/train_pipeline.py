@@ -15,7 +15,7 @@ from maas.prefect_fixes import end_flow_runs_promptly
 from maas.run_context import RunContext, StageTimer, open_run, write_dict
 from maas.tracking import flatten, redact_passwords
 from tasks.compress import compress_task
-from tasks.data import PreparedData, prepare_data_task
+from tasks.data import PreparedData, budgeted_data, prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.package import package_task
 from tasks.recovery import recover_task
@@ -34,7 +34,7 @@ def train_pipeline(config: RunConfig) -> TrainSummary:
     # Recovery: runs, flow runs and versions a crashed run left RUNNING or half-made are settled first.
     recover_task(timer)
     # Data: load, validate, split, fit preprocessing; before any MLflow run, so bad input leaves nothing behind.
-    prepared = prepare_data_task(config.data, config.seed, timer)
+    prepared = prepare_data_task(budgeted_data(config.data, budget), config.seed, timer)
     with open_run(config.experiment_name, None, {"maas.dataset": config.data.short_name}, timer, background=True) as ctx:
         ctx.budget = budget
         record_start(ctx, config, prepared)

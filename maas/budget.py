@@ -2,7 +2,8 @@
 stages whose cost grows with the data by a stated rule: each stage gets its share of what is left
 when it starts, in proportion to its weight among itself and the stages still to come, so time an
 earlier stage did not use passes on. Each stage turns its allotment into its own limit (the study's
-timeout, the families' time budget, the training's and the fine-tuning's max_seconds) and says what
+timeout, the families' time budget, the training's and the fine-tuning's max_seconds, the text
+encoder's fine-tuning and distillation) and says what
 it cut. Data, evaluation, registry and packaging are not budgeted: they are seconds.
 """
 
@@ -13,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 DEFAULT_BUDGET_S = 540.0  # 9 minutes: a 200,000-row, 20-column table ran in ~500 s on 2 cores; the built-ins take < 2
-SHARES = {"tune": 0.40, "compare": 0.30, "train": 0.15, "compress": 0.15}  # of the run's budget, in stage order
+# Of the run's budget, in stage order. "text" (fine-tuning and distilling the text encoder) runs only
+# when asked (data.text_finetune_epochs); otherwise the later stages share the whole budget as before.
+SHARES = {"text": 0.45, "tune": 0.40, "compare": 0.30, "train": 0.15, "compress": 0.15}
 UNITS = {"s": 1, "m": 60, "h": 3600}
 
 

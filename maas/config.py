@@ -45,7 +45,15 @@ class DataConfig(Section):
     text_finetune_epochs: int = Field(0, ge=0, le=20, description="0: the pretrained encoder as it is; N: first "
                                       "fine-tuned N epochs on the training rows' texts and labels (a linear head, the "
                                       "epoch best on validation kept); on sentiment 2 epochs took F1 from 0.69 to 0.76")
-    text_finetune_max_s: float = Field(1800, gt=0, description="fine-tuning stops after the epoch running at this time")
+    text_finetune_max_s: float = Field(1800, gt=0, description="fine-tuning, and then distillation, each shorten their "
+                                       "schedule to end within this; under a run budget (budget.time_s) at most half "
+                                       "the 'text' stage's share each")
+    text_student_layers: int = Field(3, ge=0, le=5, description="with fine-tuning: a student keeping this many of "
+                                     "the 6 layers, distilled from the fine-tuned encoder (as many epochs), serves "
+                                     "when its validation F1 is within text_student_tolerance (about 2x faster at 3); "
+                                     "0: the fine-tuned encoder serves")
+    text_student_tolerance: float = Field(0.01, ge=0, le=0.2, description="validation macro F1 the student may "
+                                          "lose against the fine-tuned encoder and still serve")
     extra_paths: list[str] = Field(
         default_factory=list,
         description="CSV/Parquet files of more rows (same columns and target), appended before the split; "
@@ -152,7 +160,9 @@ class TuningConfig(Section):
     enabled: bool = True
     n_trials: int | None = Field(20, ge=1, description="finished trials the study should hold")
     timeout_s: float | None = Field(None, gt=0)
-    n_jobs: int = Field(1, ge=1, le=64, description="parallel trials (threads)")
+    n_jobs: int = Field(1, ge=1, le=64, description="parallel trials (threads; GIL-bound: 1.33x on 2 cores)")
+    workers: int = Field(1, ge=1, le=64, description="processes running trials of the study: the run's own and "
+                         "workers-1 started beside it, each with cores/workers threads (tasks/tune_workers.py)")
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     objectives: list[Literal["f1_macro", "size", "latency"]] = Field(
@@ -185,6 +195,8 @@ class TuningConfig(Section):
     def _budget_and_objectives(self) -> TuningConfig:
         if self.n_trials is None and self.timeout_s is None:
             raise ValueError("set n_trials, timeout_s or both")
+        if self.n_jobs > 1 and self.workers > 1:
+            raise ValueError("set n_jobs (threads) or workers (processes), not both")
         if self.objectives[0] != "f1_macro" or len(set(self.objectives)) != len(self.objectives):
             raise ValueError("objectives start with f1_macro, then optionally size and/or latency, once each")
         return self

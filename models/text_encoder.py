@@ -30,6 +30,7 @@ from maas.bundle import ENCODER_FILE, ENCODER_NAME, TOKENIZER_FILE
 
 ENCODER_INFO_FILE = "encoder.json"
 EMBEDDING_DIM = 384
+PRETRAINED_LAYERS = 6
 ONNX_OPSET = 17
 
 
@@ -72,11 +73,15 @@ def load_encoder() -> MeanPooledEncoder:
     return MeanPooledEncoder(AutoModel.from_pretrained(str(folder))).eval()
 
 
+def encoder_layers(encoder: MeanPooledEncoder) -> int:
+    return len(encoder.transformer.encoder.layer)
+
+
 def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | None = None) -> Path:
     """encoder.onnx (fp32, or int8 weights), tokenizer.json and encoder.json into `folder`: the
     pretrained encoder, or `encoder` (one fine-tuned from it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    encoder = (encoder or load_encoder()).eval()
+    fine_tuned, encoder = encoder is not None, (encoder or load_encoder()).cpu().eval()
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2204, 102, 0]])
     mask = (ids != 0).long()
     fp32_path = folder / ("encoder-fp32.onnx" if precision == "int8" else ENCODER_FILE)
@@ -101,8 +106,17 @@ def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | No
         fp32_path.unlink()
     shutil.copyfile(pretrained_dir() / TOKENIZER_FILE, folder / TOKENIZER_FILE)
     (folder / ENCODER_INFO_FILE).write_text(json.dumps({"name": ENCODER_NAME, "precision": precision,
-                                                        "dim": EMBEDDING_DIM}))
+                                                        "dim": EMBEDDING_DIM, "layers": encoder_layers(encoder),
+                                                        "fine_tuned": fine_tuned}))
     return folder
+
+
+def describe_encoder(folder: Path) -> str:
+    """What an exported encoder is, in words: 'all-MiniLM-L6-v2 fine-tuned, distilled to 3 layers'."""
+    info = json.loads((folder / ENCODER_INFO_FILE).read_text())
+    layers = info.get("layers", PRETRAINED_LAYERS)
+    return (ENCODER_NAME + (" fine-tuned" if info.get("fine_tuned") else "")
+            + (f", distilled to {layers} layers" if layers < PRETRAINED_LAYERS else ""))
 
 
 def cached_encoder(root: Path, precision: str) -> Path:
@@ -143,55 +157,218 @@ class FineTuning:
     seed: int = 0
 
 
-def fine_tune(texts_train: list[str], y_train, texts_val: list[str], y_val, settings: FineTuning
-              ) -> tuple[MeanPooledEncoder, float, int]:
-    """The pretrained encoder fine-tuned on labelled texts: (encoder, best validation macro F1, epochs run)."""
+@dataclass(frozen=True)
+class Distillation:
+    """How the student is made: `layers` of the teacher's transformer layers kept (spread from the
+    first to the last), then trained on the training texts to give the teacher's embedding (MSE) and,
+    through the teacher's frozen head, its softened class probabilities (KL at `temperature`). Half
+    the layers embed about twice as fast; the labels are not read, only the teacher's outputs."""
+
+    layers: int = 3
+    epochs: int = 2
+    lr: float = 1e-4
+    temperature: float = 2.0
+    batch_size: int = 32
+    max_length: int = 128
+    max_seconds: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class Tuned:
+    """An encoder trained with a linear head on [embedding, extra features]: what fine_tune and
+    distil return. `val_f1`: the head's validation macro F1 on this encoder (torch, fp32)."""
+
+    encoder: MeanPooledEncoder
+    head: torch.nn.Linear
+    val_f1: float
+    epochs_run: float  # fractional when max_seconds cut the schedule short
+    seconds: float
+
+    def logits(self, texts: list[str], tokenizer, extra=None) -> torch.Tensor:
+        return self.head(_with_extra(self.encoder(*_tokens(tokenizer, texts)), extra))
+
+
+def text_tokenizer(max_length: int):
+    """The model's tokenizer, truncating at max_length and padding each batch to its longest text."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(pretrained_dir() / TOKENIZER_FILE))
+    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_padding()
+    return tokenizer
+
+
+def training_device() -> torch.device:
+    """CUDA when present (fine-tuning and distillation); export and serving stay on the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tokens(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded, device = tokenizer.encode_batch(texts), training_device()
+    return (torch.tensor([item.ids for item in encoded], device=device),
+            torch.tensor([item.attention_mask for item in encoded], device=device))
+
+
+def _with_extra(embedding: torch.Tensor, extra) -> torch.Tensor:
+    if extra is None:
+        return embedding
+    return torch.cat([embedding, torch.as_tensor(extra, dtype=embedding.dtype, device=embedding.device)], 1)
+
+
+def _rows(extra, index):
+    return None if extra is None else extra[index]
+
+
+def validation_f1(model: Tuned, tokenizer, texts_val: list[str], y_val, extra_val=None) -> float:
+    """Macro F1 of the model's head on the validation texts (batches of 128, no gradient)."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    model.encoder.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model.logits(texts_val[start:start + 128], tokenizer,
+                                            _rows(extra_val, slice(start, start + 128))).argmax(1)
+                               for start in range(0, len(texts_val), 128)])
+    return float(f1_score(np.asarray(y_val), predicted.cpu().numpy(), average="macro"))
+
+
+RATE_PROBE_STEPS = 8  # steps timed before a max_seconds schedule is sized
+VALIDATION_RESERVE = 0.15  # of max_seconds, left for the validation passes
+
+
+def _train_epochs(model: Tuned, parameters: list[dict], n_rows: int, settings, loss_of, evaluate) -> Tuned:
+    """AdamW with a linear decay over settings.epochs of shuffled batches, validated after each epoch
+    and at the end, the best weights kept. With settings.max_seconds the steps are first timed and the
+    schedule shortened to what that time allows, so the learning rate still decays to zero when the
+    time is up (a cut mid-epoch is still a finished schedule, not an interrupted one)."""
     import time
 
     import numpy as np
-    from sklearn.metrics import f1_score
-    from tokenizers import Tokenizer
 
-    torch.manual_seed(settings.seed)
-    tokenizer = Tokenizer.from_file(str(pretrained_dir() / TOKENIZER_FILE))
-    tokenizer.enable_truncation(settings.max_length)
-    tokenizer.enable_padding()
-    encoder = load_encoder()
-    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
-    head = torch.nn.Linear(EMBEDDING_DIM, int(max(y_train.max(), y_val.max())) + 1)
-
-    def logits(texts: list[str]) -> torch.Tensor:
-        encoded = tokenizer.encode_batch(texts)
-        ids = torch.tensor([item.ids for item in encoded])
-        return head(encoder(ids, torch.tensor([item.attention_mask for item in encoded])))
-
-    def val_f1() -> float:
-        encoder.eval()
-        with torch.no_grad():
-            predicted = torch.cat([logits(texts_val[start:start + 128]).argmax(1) for start in range(0, len(texts_val), 128)])
-        return float(f1_score(y_val, predicted.numpy(), average="macro"))
-
-    steps = settings.epochs * -(-len(texts_train) // settings.batch_size)
-    optimizer = torch.optim.AdamW([{"params": encoder.parameters(), "lr": settings.encoder_lr},
-                                   {"params": head.parameters(), "lr": settings.head_lr}], weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
-    shuffles, labels = np.random.default_rng(settings.seed), torch.as_tensor(y_train)
-    started, best, best_state, epochs_run = time.monotonic(), -1.0, None, 0
-    for _ in range(settings.epochs):
-        order = shuffles.permutation(len(texts_train))
-        encoder.train()
-        for start in range(0, len(order), settings.batch_size):
-            batch = order[start:start + settings.batch_size]
-            loss = torch.nn.functional.cross_entropy(logits([texts_train[index] for index in batch]), labels[batch])
+    per_epoch = -(-n_rows // settings.batch_size)
+    plan = {"steps": settings.epochs * per_epoch}
+    optimizer = torch.optim.AdamW(parameters, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / plan["steps"]))
+    shuffles = np.random.default_rng(settings.seed)
+    started, best_state, step = time.monotonic(), None, 0
+    while step < plan["steps"]:
+        order = shuffles.permutation(n_rows)
+        model.encoder.train()
+        for start in range(0, n_rows, settings.batch_size):
+            loss = loss_of(order[start:start + settings.batch_size])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-        epochs_run += 1
-        score = val_f1()
-        if score > best:
-            best, best_state = score, {key: value.clone() for key, value in encoder.state_dict().items()}
-        if settings.max_seconds is not None and time.monotonic() - started > settings.max_seconds:
-            break
-    encoder.load_state_dict(best_state)
-    return encoder.eval(), best, epochs_run
+            step += 1
+            if step == RATE_PROBE_STEPS and settings.max_seconds is not None:
+                affordable = step / (time.monotonic() - started) * settings.max_seconds * (1 - VALIDATION_RESERVE)
+                plan["steps"] = max(step, min(plan["steps"], int(affordable)))
+            if step >= plan["steps"]:
+                break
+        model.epochs_run = step / per_epoch
+        score = evaluate()
+        if score > model.val_f1:
+            model.val_f1 = score
+            best_state = ({key: value.clone() for key, value in model.encoder.state_dict().items()},
+                          {key: value.clone() for key, value in model.head.state_dict().items()})
+    if best_state is not None:
+        model.encoder.load_state_dict(best_state[0])
+        model.head.load_state_dict(best_state[1])
+    model.encoder.eval()
+    model.seconds = time.monotonic() - started
+    return model
+
+
+def fine_tune(texts_train: list[str], y_train, texts_val: list[str], y_val, settings: FineTuning,
+              extra_train=None, extra_val=None) -> Tuned:
+    """The pretrained encoder fine-tuned on labelled texts with a linear head on [embedding, extra]
+    (extra: float features of the same rows, e.g. a one-hot column, or None)."""
+    import numpy as np
+
+    torch.manual_seed(settings.seed)
+    tokenizer = text_tokenizer(settings.max_length)
+    y_train = np.asarray(y_train)
+    width = EMBEDDING_DIM + (0 if extra_train is None else np.asarray(extra_train).shape[1])
+    device = training_device()
+    head = torch.nn.Linear(width, int(max(y_train.max(), np.max(y_val))) + 1).to(device)
+    model = Tuned(load_encoder().to(device), head, -1.0, 0, 0.0)
+    labels = torch.as_tensor(y_train.astype(np.int64), device=device)
+
+    def loss_of(batch):
+        return torch.nn.functional.cross_entropy(
+            model.logits([texts_train[index] for index in batch], tokenizer, _rows(extra_train, batch)), labels[batch])
+
+    return _train_epochs(model, [{"params": model.encoder.parameters(), "lr": settings.encoder_lr},
+                                 {"params": head.parameters(), "lr": settings.head_lr}], len(texts_train), settings,
+                         loss_of, lambda: validation_f1(model, tokenizer, texts_val, y_val, extra_val))
+
+
+def student_of(teacher: MeanPooledEncoder, layers: int) -> MeanPooledEncoder:
+    """A copy of the teacher keeping `layers` of its transformer layers, spread from the first to
+    the last (the last one shapes the embedding most), with its embeddings and pooling."""
+    import copy
+
+    import numpy as np
+
+    student = copy.deepcopy(teacher)
+    blocks = student.transformer.encoder.layer
+    keep = sorted({int(round(index)) for index in np.linspace(0, len(blocks) - 1, layers)})
+    student.transformer.encoder.layer = torch.nn.ModuleList([blocks[index] for index in keep])
+    student.transformer.config.num_hidden_layers = len(keep)
+    return student
+
+
+def distil(teacher: Tuned, texts_train: list[str], texts_val: list[str], y_val, settings: Distillation,
+           extra_train=None, extra_val=None) -> Tuned:
+    """A smaller encoder trained on the teacher's outputs over the training texts (see Distillation),
+    served with the teacher's head; returned with that head's validation F1 on it."""
+    import numpy as np
+
+    torch.manual_seed(settings.seed)
+    tokenizer = text_tokenizer(settings.max_length)
+    teacher.encoder.eval()
+    order = np.argsort([len(text) for text in texts_train])  # batches of like lengths pad little
+    targets = torch.zeros(len(texts_train), EMBEDDING_DIM, device=training_device())
+    with torch.no_grad():
+        for start in range(0, len(order), 128):
+            chosen = order[start:start + 128]
+            targets[chosen] = teacher.encoder(*_tokens(tokenizer, [texts_train[index] for index in chosen]))
+        soft = torch.softmax(teacher.head(_with_extra(targets, extra_train)) / settings.temperature, 1)
+    head = torch.nn.Linear(teacher.head.in_features, teacher.head.out_features).to(training_device())
+    head.load_state_dict(teacher.head.state_dict())
+    head.requires_grad_(False)
+    model = Tuned(student_of(teacher.encoder, settings.layers), head, -1.0, 0, 0.0)
+
+    def loss_of(batch):
+        embedding = model.encoder(*_tokens(tokenizer, [texts_train[index] for index in batch]))
+        log_probs = torch.log_softmax(head(_with_extra(embedding, _rows(extra_train, batch))) / settings.temperature, 1)
+        matched = torch.nn.functional.mse_loss(embedding, targets[batch]) * EMBEDDING_DIM
+        return matched + torch.nn.functional.kl_div(log_probs, soft[batch], reduction="batchmean") * settings.temperature ** 2
+
+    return _train_epochs(model, [{"params": model.encoder.parameters(), "lr": settings.lr}], len(texts_train),
+                         settings, loss_of, lambda: validation_f1(model, tokenizer, texts_val, y_val, extra_val))
+
+
+def served_variant(candidates: dict[str, Tuned], texts_val: list[str], y_val, precision: str, tolerance: float,
+                   max_length: int, scratch: Path) -> tuple[str, Path, dict[str, float]]:
+    """Each candidate exported at the served precision and scored through its head on the validation
+    texts as serving embeds them (one text per call, onnxruntime); the one with the fewest layers
+    within `tolerance` of the best is served: (its name, its exported folder, every candidate's F1)."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from maas.bundle import TextEncoder
+
+    scores, folders = {}, {}
+    for name, model in candidates.items():
+        folders[name] = export_encoder(scratch / name, precision, model.encoder)
+        embedding = TextEncoder(folders[name], max_length).embed(texts_val)
+        with torch.no_grad():
+            logits = model.head.cpu()(torch.as_tensor(embedding)).numpy()
+        scores[name] = float(f1_score(np.asarray(y_val), logits.argmax(1), average="macro"))
+    best = max(scores.values())
+    chosen = min((name for name in candidates if scores[name] >= best - tolerance),
+                 key=lambda name: encoder_layers(candidates[name].encoder))
+    return chosen, folders[chosen], scores

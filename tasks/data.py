@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
+from maas.budget import Budget
 from maas.bundle import ENCODER_NAME, as_texts, attach, text_encoder, transform
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
@@ -399,33 +401,47 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
                         notes: list[str]) -> Path:
     """The exported encoder the text columns are read with: the pretrained one, or (with
     data.text_finetune_epochs) one fine-tuned on the training rows of the first text column, early-
-    stopped on the validation rows; exported once per table and settings. The test rows are not read."""
-    from models.text_encoder import FineTuning, cached_encoder, export_encoder, export_once, fine_tune
+    stopped on the validation rows, and (with data.text_student_layers) a student distilled from it,
+    served instead when its validation F1 is within data.text_student_tolerance. Exported once per
+    table and settings. The test rows are not read."""
+    from models.text_encoder import (Distillation, FineTuning, cached_encoder, distil, export_once, fine_tune,
+                                     served_variant)
 
     if data.text_finetune_epochs == 0:
         return cached_encoder(encoders_home(), data.text_encoder_precision)
-    settings = FineTuning(epochs=data.text_finetune_epochs, max_length=data.text_max_length,
-                          max_seconds=data.text_finetune_max_s, seed=seed)
+    tuning = FineTuning(epochs=data.text_finetune_epochs, max_length=data.text_max_length,
+                        max_seconds=data.text_finetune_max_s, seed=seed)
+    distillation = Distillation(layers=data.text_student_layers, epochs=data.text_finetune_epochs,
+                                max_length=data.text_max_length, max_seconds=data.text_finetune_max_s, seed=seed)
+    settings = f"{tuning}|{distillation if data.text_student_layers else ''}|{data.text_student_tolerance}"
     digest = hashlib.sha256(f"{fingerprint}|{texts[0]}|{settings}|{data.text_encoder_precision}".encode()).hexdigest()[:12]
-    outcome = {}
+    texts_train, texts_val = as_texts(splits.x_train[texts[0]].tolist()), as_texts(splits.x_val[texts[0]].tolist())
+    said: list[str] = []
 
     def write(folder: Path) -> None:
-        encoder, outcome["val_f1"], outcome["epochs"] = fine_tune(
-            as_texts(splits.x_train[texts[0]].tolist()), splits.y_train, as_texts(splits.x_val[texts[0]].tolist()),
-            splits.y_val, settings)
-        export_encoder(folder, data.text_encoder_precision, encoder)
+        candidates = {"teacher": fine_tune(texts_train, splits.y_train, texts_val, splits.y_val, tuning)}
+        if data.text_student_layers:
+            candidates["student"] = distil(candidates["teacher"], texts_train, texts_val, splits.y_val, distillation)
+        chosen, exported, scores = served_variant(candidates, texts_val, splits.y_val, data.text_encoder_precision,
+                                                  data.text_student_tolerance, data.text_max_length, folder / "variants")
+        for name, model in candidates.items():
+            said.append(f"{name} {model.epochs_run:.2f} epoch(s) in {model.seconds:.0f} s, validation macro F1 "
+                        f"{scores[name]:.4f} ({data.text_encoder_precision}, its linear head)")
+        said.append(f"serving the {chosen}")
+        for item in exported.iterdir():
+            item.rename(folder / item.name)
+        shutil.rmtree(folder / "variants")
 
     folder = export_once(encoders_home() / f"{ENCODER_NAME}-{data.text_encoder_precision}-finetuned-{digest}", write)
     notes.append(f"text encoder fine-tuned on column '{texts[0]}': " + (
-        f"{outcome['epochs']} epoch(s), validation macro F1 {outcome['val_f1']:.4f} (its own linear head)" if outcome
-        else f"reused from an earlier run ({folder.name})"))
+        "; ".join(said) if said else f"reused from an earlier run ({folder.name})"))
     return folder
 
 
-def text_column(name: str, data: DataConfig, mean: list[float], scale: list[float]) -> dict[str, Any]:
+def text_column(name: str, data: DataConfig, mean: list[float], scale: list[float],
+                encoder: str = ENCODER_NAME) -> dict[str, Any]:
     """A text column's entry in the preprocessing: how it is read and its embedding's scales."""
-    return {"name": name, "fill": "", "max_length": data.text_max_length,
-            "encoder": f"{ENCODER_NAME}{' fine-tuned' if data.text_finetune_epochs else ''}",
+    return {"name": name, "fill": "", "max_length": data.text_max_length, "encoder": encoder,
             "precision": data.text_encoder_precision, "mean": mean, "scale": scale}
 
 
@@ -442,13 +458,16 @@ def text_placeholders(texts: list[str], data: DataConfig) -> list[dict[str, Any]
 def fit_text_scales(x_train: pd.DataFrame, texts: list[str], data: DataConfig, folder: Path) -> list[dict[str, Any]]:
     """Each text column's embedding mean and scale on the training rows, the encoder in `folder`
     attached (memoising embeddings for the splits that follow)."""
-    columns = []
+    from models.text_encoder import describe_encoder
+
+    columns, described = [], describe_encoder(folder)
     for name in texts:
         encoder = text_encoder(attach(text_column(name, data, [], []), folder, memo=True))
         embedding = encoder.embed(as_texts(x_train[name].tolist())).astype(np.float64)
         scale = embedding.std(axis=0)
         columns.append(attach(text_column(name, data, embedding.mean(axis=0).round(7).tolist(),
-                                          np.where(scale > 1e-6, scale, 1.0).round(7).tolist()), folder, memo=True))
+                                          np.where(scale > 1e-6, scale, 1.0).round(7).tolist(), described),
+                              folder, memo=True))
     return columns
 
 
@@ -520,6 +539,16 @@ def report_data(prepared: PreparedData) -> None:
 
 @task(name="prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_input_error,
       timeout_seconds=600, cache_policy=NO_CACHE)
+def budgeted_data(data: DataConfig, budget: Budget) -> DataConfig:
+    """Fine-tuning the text encoder, then distilling it, under the run's budget: the 'text' stage's
+    allotment (maas/budget.py), halved between the two, floored to 10 s so that the same budget names
+    the same exported encoder on a re-run."""
+    if data.text_finetune_epochs == 0 or budget.time_s is None:
+        return data
+    share = budget.allot("text") / (2 if data.text_student_layers else 1)
+    return data.model_copy(update={"text_finetune_max_s": min(data.text_finetune_max_s, max(10.0, share // 10 * 10))})
+
+
 def prepare_data_task(data: DataConfig, seed: int, timer: StageTimer) -> PreparedData:
     """Before any MLflow run exists (bad input leaves nothing behind); recorded once the run opens."""
     prepared = timer.run("data", prepare_data, data, seed)

@@ -36,6 +36,22 @@ def test_each_stage_gets_its_share_of_what_is_left_and_unused_time_passes_on():
     assert budget.allot("compress") == 1.0  # overrun: each later stage still gets a second, and says what it cut
 
 
+
+def test_text_fine_tuning_takes_the_text_share_only_when_asked_and_halves_it_with_a_student():
+    from maas.config import DataConfig
+    from tasks.data import budgeted_data
+
+    frozen = DataConfig()
+    assert budgeted_data(frozen, Budget(540.0)) is frozen  # no fine-tuning: the text share is not taken
+    budget = Budget(540.0)
+    tuned = budgeted_data(DataConfig(text_finetune_epochs=2), budget)
+    share = 540 * SHARES["text"] / sum(SHARES.values())
+    assert tuned.text_finetune_max_s == (share / 2) // 10 * 10  # fine-tuning, then distilling: half each
+    assert budgeted_data(DataConfig(text_finetune_epochs=2, text_student_layers=0), Budget(540.0)).text_finetune_max_s \
+        == share // 10 * 10
+    assert budget.allot("tune") == pytest.approx(540 * SHARES["tune"] / (sum(SHARES.values()) - SHARES["text"]), abs=1)
+    assert budgeted_data(DataConfig(text_finetune_epochs=2), Budget(None)).text_finetune_max_s == 1800
+
 def test_training_stops_at_its_allotment_and_keeps_its_best_epoch():
     config = quick_config("digits", "model.families=[network]")
     prepared = prepare_data(config.data, config.seed)

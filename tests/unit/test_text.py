@@ -5,14 +5,16 @@ bundle and through the service's request reader."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from deployments.request_reader import BadRequest, RequestReader
-from maas.bundle import ModelBundle, TextEncoder, feature_count, transform
+from maas.bundle import ENCODER_FILE, TOKENIZER_FILE, ModelBundle, TextEncoder, feature_count, transform
 from maas.config import load_config
 from maas.errors import MaasInputError
 from maas.paths import encoders_home
@@ -154,12 +156,13 @@ def test_drift_watches_a_text_columns_length_vocabulary_and_embedding(tickets):
 def test_an_encoder_fine_tuned_on_the_training_rows_is_exported_once_and_served_by_the_bundle(tmp_path):
     path, target = write_messy("tickets", tmp_path)
     config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target,
-                         overrides=["data.text_finetune_epochs=1"])
+                         overrides=["data.text_finetune_epochs=1", "data.text_student_layers=0"])
     prepared = prepare_data(config.data, config.seed)
     (note,) = [note for note in prepared.notes if "fine-tuned" in note]
-    assert "1 epoch(s), validation macro F1" in note
+    assert "teacher 1.00 epoch(s)" in note and "validation macro F1" in note and "serving the teacher" in note
     column = prepared.preprocessing["text"][0]
     assert "finetuned" in column["_encoder_dir"] and column["encoder"].endswith("fine-tuned")
+    assert json.loads((Path(column["_encoder_dir"]) / ENCODER_INFO_FILE).read_text())["layers"] == 6
     sample = prepared.splits.x_val["message"].dropna().head(20).tolist()
     pretrained = TextEncoder(cached_encoder(encoders_home(), "int8"), 128).embed(sample)
     tuned = TextEncoder(Path(column["_encoder_dir"]), 128).embed(sample)
@@ -186,3 +189,54 @@ def test_the_preflight_validates_a_text_table_without_reading_the_text(tmp_path,
     checked = prepare_data(config.data, config.seed, fit_text=False)
     assert {"name": "message", "type": "text"} in checked.input_schema
     assert feature_count(checked.preprocessing) == 1 + 3 + 384  # the width the network spec needs
+
+
+def test_a_student_distilled_from_the_fine_tuned_encoder_serves_when_it_keeps_the_teachers_validation_score(tmp_path):
+    path, target = write_messy("tickets", tmp_path)
+    config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target,
+                         overrides=["data.text_finetune_epochs=1", "data.text_student_layers=2",
+                                    "data.text_student_tolerance=0.2"])
+    prepared = prepare_data(config.data, config.seed)
+    (note,) = [note for note in prepared.notes if "fine-tuned" in note]
+    scores = {name: float(score) for name, score in re.findall(r"(teacher|student) [0-9.]+ epoch\(s\) in \d+ s, "
+                                                                 r"validation macro F1 ([0-9.]+)", note)}
+    assert set(scores) == {"teacher", "student"}, note
+    served = "student" if scores["student"] >= max(scores.values()) - 0.2 else "teacher"
+    assert f"serving the {served}" in note
+    folder = Path(prepared.preprocessing["text"][0]["_encoder_dir"])
+    assert json.loads((folder / ENCODER_INFO_FILE).read_text())["layers"] == (2 if served == "student" else 6)
+    assert sorted(path.name for path in folder.iterdir()) == sorted([ENCODER_FILE, TOKENIZER_FILE, ENCODER_INFO_FILE])
+    if served == "student":
+        assert prepared.preprocessing["text"][0]["encoder"].endswith("fine-tuned, distilled to 2 layers")
+    arrays = prepared.arrays  # the families read the served encoder's embeddings; the bundle serves it
+    spec = ClassicSpec("linear", arrays.x_train.shape[1], len(prepared.labels), {"C": 1.0})
+    model = fit_classic(spec, arrays.x_train, arrays.y_train, config.seed)
+    bundle = ModelBundle.load(write_bundle(tmp_path / "bundle", model, spec, prepared), threads=1)
+    np.testing.assert_allclose(bundle.predict_proba(prepared.splits.x_test),
+                               model.predict_proba(transform(prepared.splits.x_test, prepared.preprocessing)), atol=1e-5)
+
+
+def test_the_student_keeps_the_teachers_first_and_last_layers_and_its_embedding_width():
+    from models.text_encoder import encoder_layers, student_of
+
+    teacher = load_encoder()
+    student = student_of(teacher, 3)
+    assert encoder_layers(student) == 3 and encoder_layers(teacher) == 6
+    kept = [block.attention.self.query.weight for block in student.transformer.encoder.layer]
+    originals = [block.attention.self.query.weight for block in teacher.transformer.encoder.layer]
+    for kept_weight, index in zip(kept, (0, 2, 5)):  # np.linspace(0, 5, 3) rounded: 0, 2 (2.5 rounds to even), 5
+        assert torch.equal(kept_weight, originals[index]) and kept_weight is not originals[index]
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    assert student(ids, torch.ones_like(ids)).shape == (1, 384)
+
+
+def test_a_time_limit_shortens_the_schedule_to_what_it_affords_and_still_validates():
+    from models.text_encoder import FineTuning, fine_tune
+
+    frame = pd.read_csv(SENTIMENT_FILE).sample(700, random_state=3)
+    codes = frame["sentiment"].astype("category").cat.codes.to_numpy()
+    texts = frame["text"].fillna("").tolist()
+    tuned = fine_tune(texts[:600], codes[:600], texts[600:], codes[600:], FineTuning(epochs=3, max_seconds=0.5))
+    # 3 x 19 steps planned; the 8 steps that time the rate already pass 0.5 s on a CPU, so the schedule ends there
+    assert tuned.epochs_run == pytest.approx(8 / 19)
+    assert 0 <= tuned.val_f1 <= 1
