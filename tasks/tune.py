@@ -36,6 +36,7 @@ from maas.tracking import redact_url as redacted  # the storage URL without its 
 from maas.run_context import RunContext, run_logger, write_child_run, write_dict
 from tasks.data import PreparedData
 from tasks.recovery import TRIAL_OWNER_ATTR, fail_trials_of_dead_owners
+from tasks.tune_workers import TuningWorkers, trials_one_at_a_time
 from tasks.train import EpochRecord, TrainingSettings, epoch_series, spec_for_data, train_on_data
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -192,16 +193,15 @@ class TrialTracker:
     def __init__(self, ctx: RunContext, study_name: str):
         self.ctx, self.study_name = ctx, study_name
 
-    def finish(self, trial: optuna.Trial, params: dict[str, Any], state: str, metrics: dict[str, float],
+    def finish(self, number: int, note: str, params: dict[str, Any], state: str, metrics: dict[str, float],
                history: list[EpochRecord]) -> None:
         with self.ctx.timer.recording("tune"):
-            note = trial.user_attrs.get("note", "")
-            tags = {"optuna.study": self.study_name, "optuna.trial_number": str(trial.number), "optuna.state": state,
+            tags = {"optuna.study": self.study_name, "optuna.trial_number": str(number), "optuna.state": state,
                     **({"optuna.note": note[:500]} if note else {})}
             series = [(step, {name: values[name] for name in ("train/loss", "val/loss", "val/f1_macro")})
                       for step, values in epoch_series(history)]
             figures = {"params": params, "metrics": metrics, "series": series}
-            self.ctx.defer(write_child_run, self.ctx.ref, f"trial-{trial.number}", tags, figures, (),
+            self.ctx.defer(write_child_run, self.ctx.ref, f"trial-{number}", tags, figures, (),
                            "FAILED" if state == "failed" else "FINISHED")
 
 
@@ -271,7 +271,8 @@ class Objective:
             trial.set_user_attr("epochs", len(history))
             if self.tracker:
                 final = {OBJECTIVE_METRICS[name]: value for name, value in zip(self.tuning.objectives, values)} if values else {}
-                self.tracker.finish(trial, params, state, {**final, "epochs": len(history)}, history)
+                self.tracker.finish(trial.number, trial.user_attrs.get("note", ""), params, state,
+                                    {**final, "epochs": len(history)}, history)
 
 
 class TrialClock:
@@ -393,7 +394,7 @@ def summarise(study: optuna.Study, tuning: TuningConfig, n_val: int) -> TuningRe
         n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
         epochs_total=sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
-        reproducible=tuning.n_jobs == 1,
+        reproducible=tuning.n_jobs == 1 and tuning.workers == 1,
         pareto_front=[{"trial": t.number, "values": list(t.values), "params": t.params} for t in front],
         top_trials=[{"trial": t.number, **{name: round(v, 5) for name, v in zip(tuning.objectives, t.values)},
                      "epochs": t.user_attrs.get("epochs"), **t.params} for t in ranked],
@@ -420,9 +421,12 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     finished_before = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     clock = TrialClock(None if tuning.n_trials is None else tuning.n_trials - finished_before, deadline)
     threads = torch.get_num_threads()
-    if tuning.n_jobs > 1:  # parallel trials share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tuning.n_jobs))
+    if tuning.n_jobs > 1 or tuning.workers > 1:  # parallel trials share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(tuning.n_jobs, tuning.workers)))
     try:
+        if tuning.workers > 1:
+            trials_in_processes(study, objective, tuning, study_name, seed, deadline, [guard, clock])
+            return summarise(study, tuning, len(objective.prepared.splits.y_val))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             while True:
@@ -449,12 +453,39 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     return summarise(study, tuning, len(objective.prepared.splits.y_val))
 
 
+def trials_in_processes(study: optuna.Study, objective: Objective, tuning: TuningConfig, study_name: str, seed: int,
+                        deadline: float, callbacks: list) -> None:
+    """tuning.workers processes on the study (tasks/tune_workers.py): this one, which also takes the
+    enqueued trials, writes every trial's child run and settles the trials of a worker that died."""
+    wall_deadline = time.time() + (deadline - time.perf_counter()) if not math.isinf(deadline) else math.inf
+    same_study = tuning.model_copy(update={"storage": storage_url(tuning)})  # not re-derived from the worker's home
+    workers = TuningWorkers(objective.prepared, objective.settings, same_study, seed, study_name, wall_deadline)
+    guard = callbacks[0]
+
+    def between() -> None:
+        workers.drain(objective.tracker)
+        if workers.dead():
+            recovered = fail_trials_of_dead_owners(study, tuning.max_retry)
+            if recovered:
+                run_logger().warning("tuning: a worker died (%s); its trial(s) %s failed and re-queued",
+                                     ", ".join(workers.dead()), ", ".join(recovered))
+
+    try:
+        trials_one_at_a_time(study, objective, tuning.n_trials, wall_deadline, callbacks, take_waiting=True,
+                             between=between, stop=lambda: guard.streak >= guard.limit)
+    finally:
+        dead = workers.close(objective.tracker, study)
+    if dead:
+        run_logger().warning("tuning: worker process(es) ended abnormally: %s", ", ".join(dead))
+
+
 def tune(prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfig, seed: int, study_name: str,
          tracker: TrialTracker | None = None) -> TuningResult:
     """The tuning stage: an Optuna study over the family's search space, starting from `settings`."""
-    if tuning.n_jobs > 1:
-        run_logger().warning("tuning.n_jobs=%d: trials run in parallel, so the sampler's seed no longer fixes "
-                             "which trials run; results are not reproducible run to run", tuning.n_jobs)
+    if tuning.n_jobs > 1 or tuning.workers > 1:
+        run_logger().warning("tuning.%s: trials run in parallel, so the sampler's seed no longer fixes which trials "
+                             "run; results are not reproducible run to run",
+                             f"n_jobs={tuning.n_jobs}" if tuning.n_jobs > 1 else f"workers={tuning.workers}")
     trial_data = prepared.with_training_sample(tuning.sample_rows, seed)
     if trial_data is not prepared:  # trial cost stops growing with the table; the final training uses every row
         run_logger().info("trials train on a stratified sample of %d of the %d training rows "

@@ -217,3 +217,83 @@ def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
     result = run_study(Objective(wine, TrainingSettings(ModelConfig(), crippled), config, seed=0), config, "crippled", seed=0)
     assert result.baseline_value is not None and result.best_values[0] > result.baseline_value
     assert result.use_tuned, result.decision
+
+
+@STUDY
+def test_trials_in_two_processes_fill_the_budget_once_and_each_is_a_child_run(wine, maas_home, caplog, tmp_path):
+    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=150, patience=150),
+                                  caplog, tmp_path)  # 150 epochs: seconds a trial, past a worker's start
+
+
+@STUDY
+@pytest.mark.team
+def test_trials_in_two_processes_share_one_study_on_postgresql(wine, maas_home, caplog, tmp_path, postgres_database):
+    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=150, patience=150,
+                                               storage=postgres_database), caplog, tmp_path)
+
+
+def two_processes_share_the_study(wine, config: TuningConfig, caplog, tmp_path) -> None:
+    import os
+
+    client = mlflow_client()
+    experiment_id = ensure_experiment(client, "processes")
+    with parent_run(client, experiment_id, "parent", {}) as parent_id:
+        tracker = tracked(client, experiment_id, parent_id, "processes", tmp_path)
+        result = run_study(objective(wine, config, tracker), config, "processes", 0)
+    trials = optuna.load_study(study_name="processes", storage=open_storage_of(config)).trials
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 8 and len(trials) == 8  # none lost, none extra
+    assert len({t.user_attrs["maas.owner"] for t in trials}) == 2  # both processes trained trials
+    assert os.getpid() in {json_pid(t) for t in trials}
+    assert trials[0].user_attrs.get(BASELINE_ATTR) and json_pid(trials[0]) == os.getpid()  # enqueued: the run's own
+    assert "database is locked" not in caplog.text and not result.reproducible
+    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(int(child.data.tags["optuna.trial_number"]) for child in children) == list(range(8))
+
+
+@STUDY
+def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_reaches_its_budget(wine, maas_home,
+                                                                                                   caplog):
+    import os
+    import signal
+    import threading
+    import time
+
+    config = tuning(n_trials=6, workers=2, pruner="none", max_epochs=150, patience=150)  # seconds per trial
+    killed = {}
+    study = optuna.create_study(study_name="killed", storage=open_storage_of(config), direction="maximize")
+
+    def kill_the_worker_mid_trial():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                pid = json_pid(trial)
+                if pid and pid != os.getpid():
+                    time.sleep(0.5)  # into its epochs
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(pid=pid, trial=trial.number)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_worker_mid_trial)
+    killer.start()
+    result = run_study(objective(wine, config), config, "killed", 0)
+    killer.join()
+    assert killed, "no worker trial was seen running"
+    trials = optuna.load_study(study_name="killed", storage=open_storage_of(config)).trials
+    assert trials[killed["trial"]].state == TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == killed["trial"] and t.state == TrialState.COMPLETE for t in trials)
+    assert result.n_complete + result.n_pruned == 6
+    assert f"exit {-signal.SIGKILL}" in caplog.text and "failed and re-queued" in caplog.text
+
+
+def open_storage_of(config: TuningConfig):
+    from tasks.tune import open_storage
+
+    return open_storage(config)
+
+
+def json_pid(trial) -> int | None:
+    import json
+
+    owner = trial.user_attrs.get("maas.owner")
+    return int(json.loads(owner)["maas.pid"]) if owner else None
