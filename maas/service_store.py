@@ -1,13 +1,18 @@
-"""API keys, usage metering, the prediction log and the monitor's state: one SQLite file under MAAS_HOME.
+"""API keys, usage metering, the prediction log and the monitor's state: one SQLite file under
+MAAS_HOME, or (MAAS_STORE_URL=postgresql://...) one PostgreSQL database that every service replica,
+the CLI and the monitor share, so usage is summed across hosts and the monitor reads every
+replica's predictions.
 
 Keys are stored as SHA-256 hashes; the plain key is shown once, when it is created. The service
-reads and writes this file from a background thread, never on a request's hot path.
+reads and writes the store from a background thread, never on a request's hot path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import secrets
 import sqlite3
 import time
@@ -49,13 +54,71 @@ def store_path() -> Path:
     return maas_home() / "service.db"
 
 
-def connect(path: Path | None = None) -> sqlite3.Connection:
+STORE_URL_ENV = "MAAS_STORE_URL"
+
+
+def connect(path: Path | None = None):
+    """The store: `path`, else MAAS_STORE_URL (a PostgreSQL URL), else service.db under MAAS_HOME.
+    Either answers the sqlite3 calls this module makes (execute, executemany, `with` as a transaction)."""
+    url = os.environ.get(STORE_URL_ENV) if path is None else None
+    if url:
+        return PostgresStore(url)
     path = path or store_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")  # readers (maas usage) never block the service
     connection.executescript(SCHEMA)
     return connection
+
+
+class PostgresStore:
+    """The same store on PostgreSQL, behind the slice of sqlite3's Connection this module uses: `?`
+    placeholders become `%s`; REAL columns (epoch seconds) become DOUBLE PRECISION, since PostgreSQL's
+    REAL is 4 bytes and would round a timestamp to minutes; counters become BIGINT; and SQLite's
+    BEGIN IMMEDIATE (take the write lock first) becomes a transaction that locks meter_journals, so two
+    replicas applying one journal still see each other's offset."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        from maas.errors import MaasInputError
+        from maas.tracking import redact_url
+
+        try:
+            self.connection = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True,
+                                              connect_timeout=10)
+        except psycopg.Error as exc:
+            raise MaasInputError(f"{STORE_URL_ENV}: cannot reach {redact_url(url)} ({exc.__class__.__name__})") from None
+        schema = SCHEMA.replace(" REAL", " DOUBLE PRECISION").replace("INTEGER", "BIGINT")
+        with self.connection.transaction():
+            self.connection.execute("SELECT pg_advisory_xact_lock(7215)")  # two replicas creating it at once
+            for statement in filter(str.strip, schema.split(";")):
+                self.connection.execute(statement)
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return re.sub(r"\?", "%s", sql)
+
+    def execute(self, sql: str, params: tuple = ()):
+        if sql == "BEGIN IMMEDIATE":
+            self.connection.execute("BEGIN")
+            return self.connection.execute("LOCK TABLE meter_journals IN SHARE ROW EXCLUSIVE MODE")
+        return self.connection.execute(self._sql(sql), params)
+
+    def executemany(self, sql: str, rows) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.executemany(self._sql(sql), list(rows))
+
+    def __enter__(self):
+        self._transaction = self.connection.transaction()
+        self._transaction.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self._transaction.__exit__(*exc_info)
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 def hash_key(key: str) -> str:
@@ -117,7 +180,8 @@ def record_usage(connection: sqlite3.Connection, month: str, counts: dict[str, t
 def add_usage(connection: sqlite3.Connection, month: str, counts: dict[str, tuple[int, int, int]]) -> None:
     connection.executemany(
         "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, month) DO UPDATE SET "
-        "requests = requests + excluded.requests, rows = rows + excluded.rows, errors = errors + excluded.errors",
+        "requests = usage.requests + excluded.requests, rows = usage.rows + excluded.rows, "
+        "errors = usage.errors + excluded.errors",
         [(key_id, month, *values) for key_id, values in counts.items()],
     )
 

@@ -108,6 +108,7 @@ def maas_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "maas-home"
     monkeypatch.setenv("MAAS_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MAAS_STORE_URL", raising=False)  # the embedded store, unless a test shares one
     return home
 
 
