@@ -98,3 +98,43 @@ def test_the_study_lives_in_postgresql_and_a_second_run_resumes_it(postgres_data
     states = [trial.state for trial in optuna.load_study(study_name="maas-wine", storage=postgres_database).trials]
     assert len(states) == 5 and all(state == optuna.trial.TrialState.COMPLETE for state in states)
     assert not (maas_home / "optuna.db").exists()  # nothing of the study in the local store
+
+
+def test_the_monitor_checks_and_rolls_back_through_the_tracking_server(tracking_server, prefect_server, maas_home,
+                                                                       tmp_path, monkeypatch):
+    import psycopg
+
+    from flows.monitor import monitor
+    from flows.train_pipeline import train_pipeline
+    from maas.tracking import mlflow_client
+    from tasks.data import prepare_data
+    from tests.integration.test_monitor_flow import QUICK, log_as_service, served_model
+
+    url, _, database = tracking_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MAAS_STORE_URL", database)  # the prediction log in PostgreSQL too: nothing local
+    weak = train_pipeline(quick_config("breast_cancer", *QUICK, "tuning.enabled=false", "train.max_epochs=1",
+                                       "model.hidden_sizes=[1]", "train.lr=0.0003", "model.family=mlp")).to_dict()
+    config = quick_config("breast_cancer", *QUICK)
+    strong = train_pipeline(config).to_dict()
+    assert (weak["model_version"], strong["model_version"], strong["alias"]) == ("1", "2", "champion"), strong["gate"]
+    from maas.service_store import connect
+
+    rows = prepare_data(config.data, config.seed).splits.x_test
+    ids = log_as_service(connect(), config, rows, version="2")
+    labels_path = tmp_path / "labels.csv"  # ground truth the old champion matches: v2 is worse live
+    pd.DataFrame({"request_id": ids, "label": served_model(config, "1").predict(rows)["label"]}).to_csv(labels_path,
+                                                                                                      index=False)
+    watched = config.model_copy(update={"monitoring": config.monitoring.model_copy(
+        update={"labels_path": str(labels_path), "rollback_margin": 0.0, "retrain": False})})
+    summary = monitor(watched).to_dict()
+    assert summary["rollback"]["roll_back"], summary["rollback"]
+    client = mlflow_client()
+    assert str(client.get_model_version_by_alias(config.model_name, "champion").version) == "1"
+    with psycopg.connect(database.replace("+psycopg", "")) as connection:  # the check's run and the alias, on the server
+        assert connection.execute("select count(*) from runs where name like 'check-%' and status = 'FINISHED'"
+                                  ).fetchone()[0] >= 1
+        assert connection.execute("select version from registered_model_aliases where alias = 'champion'"
+                                  ).fetchone()[0] == 1
+        assert connection.execute("select count(*) from predictions").fetchone()[0] == len(rows)
+    assert not (maas_home / "mlflow.db").exists() and not (maas_home / "service.db").exists()
