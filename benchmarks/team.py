@@ -1,12 +1,18 @@
-"""Team mode, measured: trials of one Optuna study in 2 worker processes against 1 process, and against
-2 threads (tuning.n_jobs, the GIL-bound alternative), same study size, on real study storage.
+"""Team mode, measured on this machine's PostgreSQL and Redis, in one run:
 
-Each arm runs the same study (the default config's network search space on breast_cancer, 16
-trials, no pruning so that every trial trains its epochs) from empty storage; trials per second
-counts the whole study, worker start-up included. Arms alternate, and the medians are reported.
---storage takes a PostgreSQL admin URL: each run then gets its own database, created and dropped.
+- tuning: trials of one Optuna study in 2 worker processes against 1 process, and against 2 threads
+  (tuning.n_jobs, the GIL-bound alternative). Each arm runs the same study (the default config's
+  network search space on breast_cancer, --trials trials, no pruning so that every trial trains its
+  epochs) from empty storage; trials per second over the whole study, worker start-up included;
+  arms alternate, medians reported. --storage: a PostgreSQL admin URL (each study its own
+  database), default SQLite files.
+- replicas: the service as 2 replicas (one worker each; limits in Redis, the store in PostgreSQL)
+  against 1, at concurrency 32 with one-row requests (the client splits its connections between
+  the replicas, as a load balancer would); then a 10 s burst at both with a 50-a-minute key.
+- the stack: `maas run` on breast_cancer against a tracking server and a Prefect server, both on
+  PostgreSQL, against the embedded default, stage by stage.
 
-Usage: python benchmarks/team.py [--rounds 3] [--trials 16] [--storage postgresql://postgres@127.0.0.1:5432/postgres]
+Usage: python benchmarks/team.py [--rounds 3] [--trials 16] [--storage ADMIN_URL] [--skip tuning replicas stack]
 Writes benchmarks/results/team.{json,md}.
 """
 
@@ -24,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # serving.py's own imports
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 from benchmarks.common import machine, measured_on, now, write_results  # noqa: E402
 
@@ -31,8 +40,8 @@ ARMS = {"1 process": {}, "2 worker processes": {"workers": 2}, "2 threads (n_job
 
 
 @contextmanager
-def study_storage(admin_url: str | None, home: Path):
-    """A fresh storage URL: a new SQLite file, or a new PostgreSQL database dropped afterwards."""
+def fresh_database(admin_url: str | None, home: Path):
+    """A fresh database URL: a new SQLite file, or a new PostgreSQL database dropped afterwards."""
     if admin_url is None:
         yield f"sqlite:///{home / f'optuna-{uuid.uuid4().hex[:8]}.db'}"
         return
@@ -60,13 +69,7 @@ def timed_study(prepared, config, changes: dict, storage: str) -> dict:
             "trials_per_s": (result.n_complete + result.n_pruned) / seconds, "epochs": result.epochs_total}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--storage", default=None, help="a PostgreSQL admin URL; default: SQLite files")
-    args = parser.parse_args()
-
+def tuning_section(args) -> dict:
     import optuna
 
     from maas.config import load_config
@@ -81,29 +84,210 @@ def main() -> None:
         os.environ["MAAS_HOME"] = home
         for round_index in range(args.rounds):
             for arm, changes in ARMS.items():
-                with study_storage(args.storage, Path(home)) as storage:
+                with fresh_database(args.storage, Path(home)) as storage:
                     runs[arm].append(timed_study(prepared, config, changes, storage))
                 print(round_index, arm, {key: round(value, 3) for key, value in runs[arm][-1].items()}, flush=True)
-    report = {"measured_at": now(), "machine": machine(), "trials": args.trials, "rounds": args.rounds,
-              "storage": "PostgreSQL" if args.storage else "SQLite", "runs": runs,
-              "median_trials_per_s": {arm: statistics.median(run["trials_per_s"] for run in arm_runs)
-                                      for arm, arm_runs in runs.items()}}
+    return {"trials": args.trials, "rounds": args.rounds, "storage": "PostgreSQL" if args.storage else "SQLite",
+            "runs": runs, "median_trials_per_s": {arm: statistics.median(run["trials_per_s"] for run in arm_runs)
+                                                  for arm, arm_runs in runs.items()}}
+
+
+def replicas_section(seconds: float) -> dict:
+    """One replica against two, then the burst; each replica a `bentoml serve` of the service."""
+    import asyncio
+    import json
+
+    from sklearn.datasets import load_breast_cancer
+
+    from maas.config import ServingConfig
+    from maas.service_store import connect, create_key
+    from serving import free_port, load, start, train_bundle
+
+    rows = json.loads(load_breast_cancer(as_frame=True).data.head(1).to_json(orient="records"))
+    payload = json.dumps({"rows": rows}).encode()
+    result = {}
+    with tempfile.TemporaryDirectory() as folder, fresh_database(ADMIN_URL, Path(folder)) as store_url:
+        home = Path(folder)
+        os.environ.update(MAAS_HOME=str(home / "trainer"), MAAS_STORE_URL=store_url)
+        bundle = train_bundle(home)
+        store = connect()
+        _, fast_key = create_key(store, "bench", "fast")
+        _, slow_key = create_key(store, "burst", "slow")
+        prefix = f"maas-bench-{uuid.uuid4().hex[:8]}:"
+        serving = ServingConfig(workers=1, limits_backend="redis", redis_url=REDIS_URL, limits_prefix=prefix, tiers={
+            "fast": {"requests_per_minute": 10**9, "monthly_rows": 10**12},
+            "slow": {"requests_per_minute": 50, "monthly_rows": 10**12}})
+
+        def replica(index: int):
+            port = free_port()
+            env = dict(os.environ, MAAS_HOME=str(home / f"host-{index}"), BENTOML_HOME=str(home / "bentoml"),
+                       BENTOML_DO_NOT_TRACK="true", MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
+                       MAAS_SERVING_CONFIG=serving.model_dump_json(), PYTHONPATH=str(ROOT))
+            process, _ = start([sys.executable, "-m", "bentoml", "serve", "deployments.service:MaasService", "--port",
+                                str(port), "--host", "127.0.0.1"], env, port, ROOT, home / f"replica-{index}.log")
+            return process, f"http://127.0.0.1:{port}/predict"
+
+        async def against(urls: list[str], key: str, concurrency: int, duration: float) -> dict:
+            headers = {"X-API-Key": key, "content-type": "application/json"}
+            parts = await asyncio.gather(*(load(url, payload, headers, concurrency // len(urls), duration, 10**9)
+                                           for url in urls))
+            ok = sum(part["ok"] for part in parts)
+            return {"rows_per_s": sum(part["requests_per_s"] for part in parts), "ok": ok,
+                    "p99_ms": max(part["p99_ms"] for part in parts if part["p99_ms"] is not None),
+                    "statuses": [part["statuses"] for part in parts], "dropped": sum(part["dropped"] for part in parts)}
+
+        processes = []
+        try:
+            first = replica(1)
+            processes.append(first[0])
+            result["1 replica"] = asyncio.run(against([first[1]], fast_key, 32, seconds))
+            second = replica(2)
+            processes.append(second[0])
+            result["2 replicas"] = asyncio.run(against([first[1], second[1]], fast_key, 32, seconds))
+            started = time.perf_counter()
+            burst = asyncio.run(against([first[1], second[1]], slow_key, 32, 10.0))
+            elapsed = time.perf_counter() - started
+            result["burst"] = {"admitted": burst["ok"], "seconds": elapsed,
+                               "allowed": 50 + int(elapsed * 50 / 60), "statuses": burst["statuses"]}
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=60)
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL)
+            for name in client.scan_iter(f"{prefix}*"):
+                client.delete(name)
+            os.environ.pop("MAAS_STORE_URL", None)
+    print("replicas", {name: value for name, value in result.items()}, flush=True)
+    return result
+
+
+def maas_run(env: dict, summary: Path) -> dict:
+    import json
+    import subprocess
+
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "maas", "run", "--dataset", "breast_cancer", "--summary", str(summary)],
+                   env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return {"wall_s": time.perf_counter() - started, "stages_s": json.loads(summary.read_text())["stage_seconds"]}
+
+
+def wait_up(url: str, timeout_s: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer in {timeout_s:.0f} s")
+
+
+def stack_section() -> dict:
+    """`maas run` embedded (SQLite, Prefect's temporary server) against the team stack (tracking
+    server and Prefect server on PostgreSQL), the servers started beforehand."""
+    import signal
+    import subprocess
+
+    from serving import free_port, start
+
+    result = {}
+    with tempfile.TemporaryDirectory() as folder, fresh_database(ADMIN_URL, Path(folder)) as mlflow_db, \
+            fresh_database(ADMIN_URL, Path(folder)) as prefect_db:
+        home = Path(folder)
+        base = {key: value for key, value in os.environ.items()
+                if not key.startswith(("PREFECT_API", "MLFLOW_TRACKING", "MAAS_STORE"))}
+        result["embedded"] = maas_run(dict(base, MAAS_HOME=str(home / "embedded")), home / "embedded.json")
+        tracking_port, prefect_port = free_port(), free_port()
+        tracking = subprocess.Popen([sys.executable, "-m", "maas", "tracking-server", "--backend-store-uri", mlflow_db,
+                                     "--artifacts-destination", str(home / "artifacts"), "--port", str(tracking_port),
+                                     "--workers", "1"], cwd=ROOT, stdout=(home / "tracking.log").open("w"),
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        prefect_env = dict(base, PREFECT_HOME=str(home / "prefect-home"), PREFECT_UI_ENABLED="false",
+                           PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                           PREFECT_API_DATABASE_CONNECTION_URL=prefect_db.replace("+psycopg", "+asyncpg"))
+        prefect = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                                    str(prefect_port)], env=prefect_env, stdout=(home / "prefect.log").open("w"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            for url in (f"http://127.0.0.1:{tracking_port}/health", f"http://127.0.0.1:{prefect_port}/api/health"):
+                wait_up(url)
+            team_env = dict(base, MAAS_HOME=str(home / "team"), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{tracking_port}",
+                            PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api")
+            result["team"] = maas_run(team_env, home / "team.json")
+        finally:
+            for server in (tracking, prefect):
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=60)
+    print("stack", result, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per replicas cell")
+    parser.add_argument("--storage", default=None, help="a PostgreSQL admin URL; default: SQLite files")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tuning", "replicas", "stack"])
+    args = parser.parse_args()
+    report = {"measured_at": now(), "machine": machine()}
+    if "tuning" not in args.skip:
+        report["tuning"] = tuning_section(args)
+    if "replicas" not in args.skip:
+        report["replicas"] = replicas_section(args.seconds)
+    if "stack" not in args.skip:
+        report["stack"] = stack_section()
     write_results("team", report, render)
 
 
 def render(report: dict) -> str:
-    medians = report["median_trials_per_s"]
-    one = medians["1 process"]
-    lines = ["# Team mode", "", measured_on(report), "",
-             f"## Tuning across processes ({report['storage']} study storage)", "",
-             f"breast_cancer, the default network search space, {report['trials']} trials a study without pruning, "
-             f"{report['rounds']} alternating rounds; trials/s over the whole study, worker start-up included.", "",
-             "| arm | median trials/s | against 1 process | runs (s) | failed trials |", "|---|---|---|---|---|"]
-    for arm, runs in report["runs"].items():
-        lines.append(f"| {arm} | {medians[arm]:.3f} | {medians[arm] / one:.2f}x | "
-                     f"{', '.join(format(run['seconds'], '.1f') for run in runs)} | {sum(run['failed'] for run in runs)} |")
-    lines += ["", "Every study reached its trial count exactly (none lost, none run twice): "
-              + str(all(run["trials"] == report["trials"] for runs in report["runs"].values() for run in runs)) + "."]
+    lines = ["# Team mode", "", measured_on(report)]
+    tuning = report.get("tuning")
+    if tuning:
+        medians = tuning["median_trials_per_s"]
+        one = medians["1 process"]
+        lines += ["", f"## Tuning across processes ({tuning['storage']} study storage)", "",
+                  f"breast_cancer, the default network search space, {tuning['trials']} trials a study without pruning, "
+                  f"{tuning['rounds']} alternating rounds; trials/s over the whole study, worker start-up included.", "",
+                  "| arm | median trials/s | against 1 process | runs (s) | failed trials |", "|---|---|---|---|---|"]
+        for arm, runs in tuning["runs"].items():
+            lines.append(f"| {arm} | {medians[arm]:.3f} | {medians[arm] / one:.2f}x | "
+                         f"{', '.join(format(run['seconds'], '.1f') for run in runs)} | "
+                         f"{sum(run['failed'] for run in runs)} |")
+        exact = all(run["trials"] == tuning["trials"] for runs in tuning["runs"].values() for run in runs)
+        lines += ["", f"Every study reached its trial count exactly (none lost, none run twice): {exact}."]
+    replicas = report.get("replicas")
+    if replicas:
+        one = replicas["1 replica"]["rows_per_s"]
+        lines += ["", "## Service replicas (Redis limits, PostgreSQL store)", "",
+                  "One-row requests at concurrency 32, the client's connections split between the replicas; each "
+                  "replica one worker. Client and replicas share the 2 cores.", "",
+                  "| replicas | rows/s | against 1 | p99 ms | dropped |", "|---|---|---|---|---|"]
+        for name in ("1 replica", "2 replicas"):
+            cell = replicas[name]
+            lines.append(f"| {name} | {cell['rows_per_s']:,.0f} | {cell['rows_per_s'] / one:.2f}x | "
+                         f"{cell['p99_ms']:.1f} | {cell['dropped']} |")
+        burst = replicas["burst"]
+        lines += ["", f"Burst: {burst['seconds']:.1f} s at both replicas (concurrency 32) with a key of 50 requests a "
+                      f"minute: {burst['admitted']} admitted, against {burst['allowed']} allowed (the bucket's 50 and "
+                      f"the tokens refilled meanwhile); over by {max(0, burst['admitted'] - burst['allowed'])}."]
+    stack = report.get("stack")
+    if stack:
+        embedded, team = stack["embedded"], stack["team"]
+        lines += ["", "## A training run on the team stack", "",
+                  "`maas run --dataset breast_cancer` (default config) embedded (SQLite, Prefect's temporary server) "
+                  "against a `maas tracking-server` and a `prefect server` on PostgreSQL, started beforehand.", "",
+                  "| stage | embedded s | team stack s | difference s |", "|---|---|---|---|"]
+        for stage in embedded["stages_s"]:
+            a, b = embedded["stages_s"][stage], team["stages_s"].get(stage, 0.0)
+            lines.append(f"| {stage} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+        lines.append(f"| wall (the command) | {embedded['wall_s']:.1f} | {team['wall_s']:.1f} | "
+                     f"{team['wall_s'] - embedded['wall_s']:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
