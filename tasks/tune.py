@@ -36,7 +36,7 @@ from maas.tracking import redact_url as redacted  # the storage URL without its 
 from maas.run_context import RunContext, run_logger, write_child_run, write_dict
 from tasks.data import PreparedData
 from tasks.recovery import TRIAL_OWNER_ATTR, fail_trials_of_dead_owners
-from tasks.tune_workers import TuningWorkers, trials_one_at_a_time
+from tasks.tune_workers import StudyJob, TuningWorkers, trials_one_at_a_time
 from tasks.train import EpochRecord, TrainingSettings, epoch_series, spec_for_data, train_on_data
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -425,7 +425,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(tuning.n_jobs, tuning.workers)))
     try:
         if tuning.workers > 1:
-            trials_in_processes(study, objective, tuning, study_name, seed, deadline, [guard, clock])
+            trials_in_processes(study, objective, study_name, deadline, [guard, clock])
             return summarise(study, tuning, len(objective.prepared.splits.y_val))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -453,14 +453,15 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     return summarise(study, tuning, len(objective.prepared.splits.y_val))
 
 
-def trials_in_processes(study: optuna.Study, objective: Objective, tuning: TuningConfig, study_name: str, seed: int,
-                        deadline: float, callbacks: list) -> None:
+def trials_in_processes(study: optuna.Study, objective: Objective, study_name: str, deadline: float,
+                        callbacks: list) -> None:
     """tuning.workers processes on the study (tasks/tune_workers.py): this one, which also takes the
     enqueued trials, writes every trial's child run and settles the trials of a worker that died."""
+    tuning = objective.tuning
     wall_deadline = time.time() + (deadline - time.perf_counter()) if not math.isinf(deadline) else math.inf
     same_study = tuning.model_copy(update={"storage": storage_url(tuning)})  # not re-derived from the worker's home
-    workers = TuningWorkers(objective.prepared, objective.settings, same_study, seed, study_name, wall_deadline)
-    guard = callbacks[0]
+    workers = TuningWorkers(StudyJob(objective.prepared, objective.settings, same_study, objective.seed, study_name,
+                                     wall_deadline))
 
     def between() -> None:
         workers.drain(objective.tracker)
@@ -471,8 +472,7 @@ def trials_in_processes(study: optuna.Study, objective: Objective, tuning: Tunin
                                      ", ".join(workers.dead()), ", ".join(recovered))
 
     try:
-        trials_one_at_a_time(study, objective, tuning.n_trials, wall_deadline, callbacks, take_waiting=True,
-                             between=between, stop=lambda: guard.streak >= guard.limit)
+        trials_one_at_a_time(study, objective, wall_deadline, callbacks, take_waiting=True, between=between)
     finally:
         dead = workers.close(objective.tracker, study)
     if dead:

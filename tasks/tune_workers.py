@@ -22,6 +22,8 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import optuna
 import torch
@@ -43,14 +45,19 @@ def next_trial_allowed(study: optuna.Study, n_trials: int | None, take_waiting: 
     return take_waiting or not states[TrialState.WAITING]
 
 
-def trials_one_at_a_time(study: optuna.Study, objective, n_trials: int | None, deadline: float, callbacks: list,
-                         take_waiting: bool, between: Callable[[], None] = lambda: None,
-                         stop: Callable[[], bool] = lambda: False) -> None:
-    """Run trials of `study` one by one until it holds n_trials finished ones, `deadline` (time.time())
-    passes or `stop()` says so; `between()` after each trial and each wait."""
+def trials_one_at_a_time(study: optuna.Study, objective, deadline: float, callbacks: list, take_waiting: bool,
+                         between: Callable[[], None] = lambda: None) -> None:
+    """Run trials of `study` one by one until it holds objective.tuning.n_trials finished ones,
+    `deadline` (time.time()) passes or a failure guard among `callbacks` has seen too many failures
+    in a row; `between()` after each trial and each wait."""
+    n_trials = objective.tuning.n_trials
+
+    def failing() -> bool:
+        return any(getattr(callback, "streak", 0) >= getattr(callback, "limit", math.inf) for callback in callbacks)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        while time.time() < deadline and not stop():
+        while time.time() < deadline and not failing():
             allowed = next_trial_allowed(study, n_trials, take_waiting)
             if allowed is None:
                 return
@@ -60,6 +67,19 @@ def trials_one_at_a_time(study: optuna.Study, objective, n_trials: int | None, d
             else:
                 time.sleep(WAIT_S)
             between()
+
+
+@dataclass
+class StudyJob:
+    """What a worker process needs to join the run's study: the trials' data and settings, the study
+    (tuning.storage resolved to the run's), and when to stop (time.time())."""
+
+    prepared: Any
+    settings: Any
+    tuning: Any
+    seed: int
+    study_name: str
+    deadline: float
 
 
 class QueueTracker:
@@ -72,33 +92,31 @@ class QueueTracker:
         self.records.put(record)
 
 
-def worker_main(index: int, prepared, settings, tuning, seed: int, study_name: str, deadline: float, records) -> None:
-    """A worker process: the parent's study loaded from its storage, trials until the budget is met."""
+def worker_main(index: int, job: StudyJob, records) -> None:
+    """A worker process: the run's study loaded from its storage, trials until the budget is met."""
     from tasks.tune import FailureGuard, Objective, make_pruner, make_sampler, open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tuning.workers))
-    objective = Objective(prepared, settings, tuning, seed, QueueTracker(records))
-    study = optuna.load_study(study_name=study_name, storage=open_storage(tuning), pruner=make_pruner(tuning),
-                              sampler=make_sampler(tuning, objective.family, seed + 1000 * index))
-    guard = FailureGuard(tuning.max_failures)
-    trials_one_at_a_time(study, objective, tuning.n_trials, deadline, [guard], take_waiting=False,
-                         stop=lambda: guard.streak >= guard.limit)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.tuning.workers))
+    objective = Objective(job.prepared, job.settings, job.tuning, job.seed, QueueTracker(records))
+    study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.tuning),
+                              pruner=make_pruner(job.tuning),
+                              sampler=make_sampler(job.tuning, objective.family, job.seed + 1000 * index))
+    trials_one_at_a_time(study, objective, job.deadline, [FailureGuard(job.tuning.max_failures)], take_waiting=False)
 
 
 class TuningWorkers:
     """tuning.workers - 1 worker processes (spawned: a forked torch is unsafe) on the study, and the
     queue their trial records come back on."""
 
-    def __init__(self, prepared, settings, tuning, seed: int, study_name: str, deadline: float):
+    def __init__(self, job: StudyJob):
         context = multiprocessing.get_context("spawn")
         self.records = context.Queue()
         self.stopped: set[int] = set()  # workers close() stopped because they trained nothing
-        prepared.arrays  # computed once here (text embedded, features built), not again in each worker
+        job.prepared.arrays  # computed once here (text embedded, features built), not again in each worker
         self.processes = [context.Process(target=worker_main, name=f"maas-tune-worker-{index}", daemon=True,
-                                          args=(index, prepared, settings, tuning, seed, study_name, deadline,
-                                                self.records))
-                          for index in range(1, tuning.workers)]
+                                          args=(index, job, self.records))
+                          for index in range(1, job.tuning.workers)]
         for process in self.processes:
             process.start()
 

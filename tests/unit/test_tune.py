@@ -221,14 +221,14 @@ def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
 
 @STUDY
 def test_trials_in_two_processes_fill_the_budget_once_and_each_is_a_child_run(wine, maas_home, caplog, tmp_path):
-    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=150, patience=150),
-                                  caplog, tmp_path)  # 150 epochs: seconds a trial, past a worker's start
+    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300),
+                                  caplog, tmp_path)  # 300 epochs: seconds a trial, past a worker's start (~10 s under load)
 
 
 @STUDY
 @pytest.mark.team
 def test_trials_in_two_processes_share_one_study_on_postgresql(wine, maas_home, caplog, tmp_path, postgres_database):
-    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=150, patience=150,
+    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300,
                                                storage=postgres_database), caplog, tmp_path)
 
 
@@ -258,7 +258,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_
     import threading
     import time
 
-    config = tuning(n_trials=6, workers=2, pruner="none", max_epochs=150, patience=150)  # seconds per trial
+    config = tuning(n_trials=6, workers=2, pruner="none", max_epochs=300, patience=300)  # seconds per trial
     killed = {}
     study = optuna.create_study(study_name="killed", storage=open_storage_of(config), direction="maximize")
 
