@@ -92,6 +92,8 @@ def save_study_plots(study, objectives: list[str], folder: Path) -> list[Path]:
     saved = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        # a parameter every trial gave the same value (a sample-limited or short study): matplotlib widens the axis
+        warnings.filterwarnings("ignore", message="Attempting to set identical low and high ylims")
         for name, draw in plots.items():
             try:
                 axes = draw()
