@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import sqlite3
 import time
@@ -97,7 +96,7 @@ class PostgresStore:
 
     @staticmethod
     def _sql(sql: str) -> str:
-        return re.sub(r"\?", "%s", sql)
+        return sql.replace("?", "%s")  # the store's SQL has no literal '?'
 
     def execute(self, sql: str, params: tuple = ()):
         if sql == "BEGIN IMMEDIATE":

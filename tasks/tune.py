@@ -465,11 +465,12 @@ def trials_in_processes(study: optuna.Study, objective: Objective, study_name: s
 
     def between() -> None:
         workers.drain(objective.tracker)
-        if workers.dead():
+        dead = workers.dead()
+        if dead:
             recovered = fail_trials_of_dead_owners(study, tuning.max_retry)
             if recovered:
                 run_logger().warning("tuning: a worker died (%s); its trial(s) %s failed and re-queued",
-                                     ", ".join(workers.dead()), ", ".join(recovered))
+                                     ", ".join(dead), ", ".join(recovered))
 
     try:
         trials_one_at_a_time(study, objective, wall_deadline, callbacks, take_waiting=True, between=between)
