@@ -238,7 +238,8 @@ def main() -> None:
         report["compute"] = compute_ceiling(bundle, rows, args.seconds)
 
         from maas.config import ServingConfig
-        from maas.service_store import connect, create_key
+        from maas.api_keys import create_key
+        from maas.service_store import connect
 
         _, key = create_key(connect(home / "service.db"), "bench", "pro")
 

@@ -100,7 +100,8 @@ def replicas_section(seconds: float) -> dict:
     from sklearn.datasets import load_breast_cancer
 
     from maas.config import ServingConfig
-    from maas.service_store import connect, create_key
+    from maas.api_keys import create_key
+    from maas.service_store import connect
     from serving import free_port, load, start, train_bundle
 
     rows = json.loads(load_breast_cancer(as_frame=True).data.head(1).to_json(orient="records"))

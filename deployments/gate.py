@@ -10,6 +10,8 @@ needs a running server: tests drive it in-process as an ASGI app.
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
 from urllib.parse import quote
 from dataclasses import dataclass, field
@@ -27,11 +29,17 @@ from deployments.request_reader import BadRequest, RequestReader, read_body
 from maas.bundle import ModelBundle
 from maas.config import ServingConfig
 from maas.paths import maas_home
-from maas.service_store import connect, current_month, hash_key, rows_used
+from maas.privacy import redactor_for
+from deployments.admin_api import ApiError, answer_async, needed_scope
+from maas.api_keys import SCOPE_MEANING, SCOPES, Grant, hash_key, key_grant, well_formed
+from maas.service_store import connect, current_month, rows_used
 
 PREDICT_PATH = "/predict"
 METADATA_PATH = "/metadata"
+METRICS_PATH = "/metrics"
 ANONYMOUS = "anonymous"
+MAX_REMEMBERED_MISSES = 10_000  # past this many unknown keys in a second, the rest wait for the reload
+ANONYMOUS_GRANT = Grant(ANONYMOUS, "", frozenset(SCOPES), None, "")
 
 
 class ServedModel(NamedTuple):
@@ -108,10 +116,13 @@ class ServiceGate:
 
         registry = metrics_registry or REGISTRY
         self.app, self.settings = app, settings
-        self.meter = Meter(settings.prediction_log_sample, gauges=ProcessGauges(registry))
-        rows_connection = connect()  # the meter's belongs to its thread
+        self.meter = Meter(settings.prediction_log_sample, gauges=ProcessGauges(registry),
+                           redactor=redactor_for(settings.privacy))
+        self.store = connect()  # the meter's belongs to its thread
+        self.missed: set[str] = set()  # unknown secrets since the meter's last reload of the keys
+        self.missed_for: dict | None = None
         self.limits = open_limits(settings, maas_home() / "run",
-                                  lambda key_id, month: rows_used(rows_connection, month).get(key_id, 0))
+                                  lambda key_id, month: rows_used(self.store, month).get(key_id, 0))
         self.batch_rows = Histogram("maas_batch_rows", "rows per model call (adaptive batching)", registry=registry,
                                     buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
         self.answered = Counter("maas_predictions", "requests answered 200, by the model version that answered",
@@ -135,48 +146,133 @@ class ServiceGate:
         return await self.handle(scope, receive, send, self.app)
 
     async def handle(self, scope, receive, send, passthrough):
-        if scope["type"] == "http" and scope["path"] == METADATA_PATH and scope["method"] == "GET":
-            return await reply(send, 200, self.metadata())
-        if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
+        if scope["type"] != "http":
             return await passthrough(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path == PREDICT_PATH and method == "POST":
+            return await self.predict(scope, receive, send)
+        scopes = self.scopes_for(path)
+        if scopes:
+            grant, refusal = self.authorize(scope, scopes)
+            if refusal:
+                return await reply(send, *refusal)
+            if needed_scope(path):
+                return await self.manage(scope, receive, send, grant)
+        if path == METADATA_PATH and method == "GET":
+            return await reply(send, 200, self.metadata())
+        return await passthrough(scope, receive, send)
+
+    async def manage(self, scope, receive, send, grant: Grant):
+        """A management call (deployments/admin_api.py) from a key holding its scope."""
+        try:
+            body = await read_body(receive, {}, self.settings.max_request_bytes)
+            status, payload = await answer_async(scope["method"], scope["path"],
+                                                 scope.get("query_string", b"").decode("latin-1"), body, grant, self.settings)
+        except BadRequest as refused:
+            status, payload = refused.status, {"error": refused.message}
+        except ApiError as refused:
+            status, payload = refused.status, {"error": refused.message}
+        return await reply(send, status, payload)
+
+    def scopes_for(self, path: str) -> tuple[str, ...]:
+        """The scopes a key needs for a path other than /predict (any one of them), or () when the
+        path answers anyone: health checks, docs, and what serving.public_endpoints lists."""
+        if path in self.settings.public_endpoints:
+            return ()
+        if path == METADATA_PATH:
+            return ("predict", "admin")
+        if path == METRICS_PATH:
+            return ("read:usage", "admin")
+        management = needed_scope(path)
+        return (management, "admin") if management else ()
+
+    def authorize(self, scope, scopes: tuple[str, ...]) -> tuple[Grant | None, tuple[int, dict] | None]:
+        """(the key's grant, None), or (None, (status, error)): 401 for a missing, malformed, unknown,
+        expired or rotated-out key, 403 for a key without any of `scopes`. With serving.auth off
+        there are no keys: every caller is anonymous, and management over HTTP is off."""
+        if not self.settings.auth:
+            if needed_scope(scope["path"]):
+                return None, (403, {"error": "serving.auth is false: no keys, so no management over HTTP"})
+            return ANONYMOUS_GRANT, None
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        key_id, tier, tier_name = ANONYMOUS, None, None
+        presented = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not presented:
+            return None, (401, {"error": "missing API key (header X-API-Key, or Authorization: Bearer)"})
+        if not well_formed(presented):
+            return None, (401, {"error": "malformed API key: expected maas_ and 38 letters or digits (checksum failed)"})
+        grant = self.lookup(hash_key(presented))
+        if grant is None:
+            return None, (401, {"error": "unknown or revoked API key"})
+        now = time.time()
+        refusals = [grant.refusal(needed, now) for needed in scopes]
+        if all(refusals):
+            status, message = refusals[0]
+            return None, (status, {"error": message})
+        return grant, None
+
+    async def predict(self, scope, receive, send):
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        key_id, tier, tier_name, limit_headers = ANONYMOUS, None, None, {}
         answering = self.answering  # one set of models for the whole request, even across a swap
         default_label = answering.models.default.label
         if self.settings.auth:
-            presented = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-            found = self.meter.keys.get(hash_key(presented)) if presented else None
-            if found is None:
-                return await reply(send, 401, {"error": "missing or invalid API key (header X-API-Key)"})
-            key_id, tier_name = found
+            grant, refusal = self.authorize(scope, ("predict",))
+            if refusal:
+                return await reply(send, *refusal)
+            key_id, tier_name = grant.key_id, grant.tier
             tier = self.settings.tiers.get(tier_name)
             if tier is None:
                 return await reply(send, 403, {"error": f"key {key_id} has tier '{tier_name}', which this service does not offer"})
-            wait = self.limits.take(key_id, tier.requests_per_minute)
-            if wait:
+            taken = self.limits.take(key_id, tier.requests_per_minute)
+            limit_headers = rate_limit_headers(tier_name, tier.requests_per_minute, taken)
+            if taken.wait:
                 self.meter.record(key_id, 0, 429, default_label)
                 return await reply(send, 429, {"error": f"rate limit of tier '{tier_name}': "
                                                f"{tier.requests_per_minute} requests per minute"},
-                                   {"retry-after": str(max(1, round(wait)))})
+                                   {"retry-after": str(max(1, round(taken.wait))), **limit_headers})
         try:
             body = await read_body(receive, headers, self.settings.max_request_bytes)
             logged, columns, ignored = answering.reader.read(body, self.settings.max_rows_per_request)
         except BadRequest as refused:
             self.meter.record(key_id, 0, refused.status, default_label)
-            return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})})
+            return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})},
+                               limit_headers)
         if tier is not None and not self.limits.reserve_rows(key_id, columns.n_rows, tier.monthly_rows, current_month()):
             self.meter.record(key_id, 0, 429, default_label)
             return await reply(send, 429, {"error": f"monthly quota of tier '{tier_name}' "
                                            f"({tier.monthly_rows} rows) used up"},
-                               {"retry-after": str(seconds_to_next_month())})
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+                               {"retry-after": str(seconds_to_next_month()), **limit_headers})
+        chosen_id = headers.get("x-request-id", "")[:128]  # the caller's: a retry with it is billed once
+        request_id = chosen_id or uuid.uuid4().hex
         model = answering.models.for_tier(tier_name)
         probabilities = await answering.batcher(tier_name).probabilities(columns)
         answer = orjson.dumps(predictions(model.bundle, probabilities))
         extra = {"x-maas-ignored-columns": ignored_columns_header(ignored)} if ignored else {}
-        self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer)  # metered, then answered
+        self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer,
+                          bool(chosen_id))  # metered, then answered
         self.answered.labels(model.label).inc()
-        await send_json(send, 200, answer, {"x-request-id": request_id, "x-maas-model": model.label, **extra})
+        await send_json(send, 200, answer, {"x-request-id": request_id, "x-maas-model": model.label, **extra,
+                                            **limit_headers})
+
+    def lookup(self, secret_hash: str) -> Grant | None:
+        """A secret's grant from the keys the meter thread reloads every second. One it has not seen
+        (a key created or rotated a moment ago) is looked up in the store, so a new key works at once;
+        a miss is remembered until the next reload, so unknown keys cost one lookup each per second.
+        Only well-formed keys (the checksum holds) get this far."""
+        keys = self.meter.keys
+        grant = keys.get(secret_hash)
+        if grant is not None:
+            return grant
+        if keys is not self.missed_for:
+            self.missed, self.missed_for = set(), keys
+        if secret_hash in self.missed or len(self.missed) > MAX_REMEMBERED_MISSES:
+            return None
+        grant = key_grant(self.store, secret_hash)
+        if grant is None:
+            self.missed.add(secret_hash)
+        else:
+            keys[secret_hash] = grant
+        return grant
 
     def metadata(self) -> dict:
         """GET /metadata: the model behind this service, its test metrics and input schema."""
@@ -190,8 +286,11 @@ class ServiceGate:
                 # text columns: the encoder, and the token count past which a text is truncated
                 **({"text_columns": meta["text"]} if meta.get("text") else {}),
                 "auth": settings.auth, "max_rows_per_request": settings.max_rows_per_request,
-                "tiers": {name: {**tier.model_dump(), "served_by": self.models.for_tier(name).label}
-                          for name, tier in settings.tiers.items()}}
+                # a price is a decimal string ("0.25"), so it reads back exactly
+                "tiers": {name: {**tier.model_dump(mode="json"), "served_by": self.models.for_tier(name).label}
+                          for name, tier in settings.tiers.items()},
+                "key_scopes": SCOPE_MEANING, "public_endpoints": settings.public_endpoints,
+                "request_id": "X-Request-Id: a retry with the same id is answered again but billed once"}
 
 
 def ignored_columns_header(columns: list[str]) -> str:
@@ -199,6 +298,16 @@ def ignored_columns_header(columns: list[str]) -> str:
     percent-encoded, since a header is latin-1, may not start or end with a space (h11 closed the
     connection on a column named ' '), and a column name may be any text."""
     return ", ".join(quote(column, safe="!\"#$&'()*+-./:;<=>?@[\\]^_`{|}~") for column in columns)
+
+
+def rate_limit_headers(tier: str, per_minute: int, taken) -> dict[str, str]:
+    """The key's request budget on every /predict answer: x-ratelimit-* as OpenAI and GitHub send
+    them, and the IETF draft's RateLimit-Policy / RateLimit. Reset: seconds until the bucket is full."""
+    remaining = int(taken.remaining)
+    reset = max(0, math.ceil((per_minute - taken.remaining) * 60 / per_minute))
+    return {"x-ratelimit-limit": str(per_minute), "x-ratelimit-remaining": str(remaining),
+            "x-ratelimit-reset": str(reset), "ratelimit-policy": f'"{tier}";q={per_minute};w=60',
+            "ratelimit": f'"{tier}";r={remaining};t={reset}'}
 
 
 async def reply(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:

@@ -18,7 +18,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 # key id (utf-8, zero-padded), tokens, last refill (CLOCK_MONOTONIC, shared by the host's
 # processes), rows this month, month as yyyymm
@@ -30,11 +30,19 @@ class LimitsFull(RuntimeError):
     pass
 
 
+class Taken(NamedTuple):
+    """A rate-limit check: the seconds to wait (0: the request may go, its token is spent) and the
+    tokens left in the key's bucket after it."""
+
+    wait: float
+    remaining: float
+
+
 class SharedLimits:
     def __init__(self, path: Path, rows_so_far: Callable[[str, str], int], capacity: int = CAPACITY):
         """rows_so_far(key_id, month "YYYY-MM"): the rows already metered for a key this month."""
         self.rows_so_far, self.capacity = rows_so_far, capacity
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         size = SLOT.size * capacity
         with self.locked():
@@ -60,8 +68,8 @@ class SharedLimits:
                 return offset, fields
         raise LimitsFull(f"more than {self.capacity} API keys in use")
 
-    def take(self, key_id: str, per_minute: int) -> float:
-        """0 if the key may make a request now (and the token is spent), else the seconds to wait."""
+    def take(self, key_id: str, per_minute: int) -> Taken:
+        """wait 0 if the key may make a request now (and the token is spent), else the seconds to wait."""
         now = time.monotonic()
         with self.locked():
             offset, (name, tokens, last, rows, month) = self._slot(key_id)
@@ -72,7 +80,7 @@ class SharedLimits:
             else:
                 tokens -= 1
             SLOT.pack_into(self.map, offset, name, tokens, now, rows, month)
-        return wait
+        return Taken(wait, tokens)
 
     def reserve_rows(self, key_id: str, rows: int, monthly_rows: int, month: str) -> bool:
         """Count `rows` against the key's monthly quota if they fit; False (nothing counted) if not."""

@@ -14,7 +14,8 @@ from pathlib import Path
 import orjson
 
 from maas.processes import process_owner
-from maas.service_store import JOURNAL_SUFFIX, active_keys, apply_journals, connect, meter_folder
+from maas.api_keys import key_grants
+from maas.service_store import JOURNAL_SUFFIX, apply_journals, connect, meter_folder
 
 
 class ProcessGauges:
@@ -55,7 +56,7 @@ class MeterJournal:
         self.prefix = f"{owner['maas.host']}~{owner['maas.pid']}~{owner['maas.process_started']}"
         self.lock = threading.Lock()
         self.sequence = 0
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path, self.fd = self._open()
 
     def _open(self) -> tuple[Path, int]:
@@ -84,20 +85,26 @@ class Meter:
     brought into the service store by one background thread every `flush_every_s`, which also
     reloads the keys (a revocation takes effect within a flush) and refreshes the gauges."""
 
-    def __init__(self, sample: float, flush_every_s: float = 1.0, gauges: ProcessGauges | None = None):
-        self.sample, self.flush_every_s, self.gauges = sample, flush_every_s, gauges
+    def __init__(self, sample: float, flush_every_s: float = 1.0, gauges: ProcessGauges | None = None,
+                 redactor=None):
+        """redactor: a maas.privacy.LogRedactor that logged request bodies pass through first."""
+        self.sample, self.flush_every_s, self.gauges, self.redactor = sample, flush_every_s, gauges, redactor
         self.connection = connect()
         self.journal = MeterJournal(meter_folder())
-        self.keys = active_keys(self.connection)
+        self.keys = key_grants(self.connection)
         threading.Thread(target=self._run, name="maas-meter", daemon=True).start()
 
     def record(self, key_id: str, rows: int, status: int, model_label: str, request_id: str = "",
-               request: bytes = b"", response: bytes = b"") -> None:
+               request: bytes = b"", response: bytes = b"", caller_chose_id: bool = False) -> None:
         """One request about to be answered: its usage, and (for a sample of the successful ones) its
-        log entry. Call it before sending the answer."""
+        log entry, its inputs under the privacy policies. Call it before sending the answer.
+        caller_chose_id: the request id is the caller's X-Request-Id, so a retry is billed once."""
         record = {"k": key_id, "r": rows, "s": status, "t": time.time(), "m": model_label, "i": request_id}
+        if caller_chose_id:
+            record["c"] = 1
         if status < 400 and random.random() < self.sample:
-            record["q"], record["a"] = request.decode(), response.decode()
+            logged = self.redactor.body(request) if self.redactor is not None else request
+            record["q"], record["a"] = logged.decode(), response.decode()
         self.journal.append(orjson.dumps(record) + b"\n")
 
     def _run(self) -> None:
@@ -111,6 +118,6 @@ class Meter:
     def flush(self) -> None:
         self.journal.sync_and_rotate()  # a rotated-out journal of ours is applied and removed below
         apply_journals(self.connection, self.journal.folder, self.journal.path, self.journal.prefix)
-        self.keys = active_keys(self.connection)  # revocations take effect within a flush interval
+        self.keys = key_grants(self.connection)  # revocations and expiries take effect within a flush interval
         if self.gauges is not None:
             self.gauges.update()

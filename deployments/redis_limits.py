@@ -23,6 +23,8 @@ import logging
 import time
 from typing import Callable
 
+from deployments.limits import Taken
+
 logger = logging.getLogger("maas")
 
 TAKE_TOKEN = """
@@ -44,7 +46,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'last', tostring(now))
 redis.call('EXPIRE', KEYS[1], 120)
-return tostring(wait)
+return tostring(wait) .. ' ' .. tostring(tokens)
 """
 
 RESERVE_ROWS = """
@@ -79,13 +81,14 @@ class RedisLimits:
         self._take = self.client.register_script(TAKE_TOKEN)
         self._reserve = self.client.register_script(RESERVE_ROWS)
 
-    def take(self, key_id: str, per_minute: int) -> float:
-        """0 if the key may make a request now (and the token is spent), else the seconds to wait."""
+    def take(self, key_id: str, per_minute: int) -> Taken:
+        """wait 0 if the key may make a request now (and the token is spent), else the seconds to wait."""
         try:
-            return float(self._take(keys=[f"{self.prefix}bucket:{key_id}"], args=[per_minute]))
+            wait, tokens = self._take(keys=[f"{self.prefix}bucket:{key_id}"], args=[per_minute]).split()
+            return Taken(float(wait), float(tokens))
         except self._errors as error:
             self._unreachable(error)
-            return 0.0
+            return Taken(0.0, float(per_minute))
 
     def reserve_rows(self, key_id: str, rows: int, monthly_rows: int, month: str) -> bool:
         """Count `rows` against the key's monthly quota if they fit; False (nothing counted) if not."""

@@ -17,7 +17,7 @@ DEFAULT_BUDGET_S = 540.0  # 9 minutes: a 200,000-row, 20-column table ran in ~50
 # Of the run's budget, in stage order. "text" (fine-tuning and distilling the text encoder) runs only
 # when asked (data.text_finetune_epochs); otherwise the later stages share the whole budget as before.
 SHARES = {"text": 0.45, "tune": 0.40, "compare": 0.30, "train": 0.15, "compress": 0.15}
-UNITS = {"s": 1, "m": 60, "h": 3600}
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
 def rows_for_budget(sample_rows: int | None, time_s: float | None) -> int | None:
@@ -30,10 +30,10 @@ def rows_for_budget(sample_rows: int | None, time_s: float | None) -> int | None
 
 
 def parse_duration(text: str) -> float:
-    """'600', '90s', '10m', '1.5h' -> seconds; ValueError naming the text otherwise."""
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    """'600', '90s', '10m', '1.5h', '30d' -> seconds; ValueError naming the text otherwise."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not found or float(found.group(1)) <= 0:
-        raise ValueError(f"'{text}' is not a duration (examples: 600, 90s, 10m, 1.5h)")
+        raise ValueError(f"'{text}' is not a duration (examples: 600, 90s, 10m, 1.5h, 30d)")
     return float(found.group(1)) * UNITS[found.group(2) or "s"]
 
 

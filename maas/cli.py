@@ -1,5 +1,5 @@
 """The `maas` command line: train (`run`), look at the results (`ui`), serve (`serve`, `keys`, `usage`),
-watch and retrain (`monitor`, `schedule`)."""
+watch and retrain (`monitor`, `schedule`), govern (`promote`, `rollback`, `audit`, `purge`, `bill`)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,19 @@ SERVE_EXAMPLES = """examples:
 
 KEYS_EXAMPLES = """examples:
   maas keys create alice --tier pro     # prints the key once; only its hash is stored
+  maas keys create ops --scope admin --scope read:usage --expires 90d
   maas keys list
-  maas keys revoke 1a2b3c4d
+  maas keys rotate 1a2b3c4d --grace 2h  # a new secret now; the old one works 2 more hours
+  maas keys revoke 1a2b3c4d --reason "laptop lost"
+"""
+
+GOVERNANCE_EXAMPLES = """examples:
+  maas promote maas-wine 3 --reason "better on the March data"   # @champion -> v3, audited
+  maas rollback maas-wine                      # @champion back to the version v3 replaced
+  maas audit                                   # who changed what: keys, aliases, retrains, purges
+  maas audit verify                            # recompute the hash chain; prints the head to keep elsewhere
+  maas purge --older-than 30d                  # delete logged inputs; usage and bills stay
+  maas bill --month 2026-12 --out invoices/    # per-key invoices (JSON, CSV, HTML)
 """
 
 MONITOR_EXAMPLES = """examples:
@@ -146,9 +157,46 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="who the key is for")
     create.add_argument("--tier", default="free", help="a tier in serving.tiers (default: free)")
     create.add_argument("--config", metavar="FILE", help="YAML preset whose serving.tiers to check against")
-    key_commands.add_parser("list", help="every key: id, name, tier, created, revoked")
+    create.add_argument("--scope", dest="scopes", action="append", metavar="SCOPE",
+                        help="predict (default), read:usage, admin (repeatable)")
+    create.add_argument("--expires", metavar="DURATION", help="the key stops working after this long (90d, 12h)")
+    key_commands.add_parser("list", help="every key: id, name, tier, scopes, state, expiry")
     revoke = key_commands.add_parser("revoke", help="revoke a key by id (takes effect within a second)")
     revoke.add_argument("key_id")
+    revoke.add_argument("--reason", default="", help="written to the audit trail")
+    rotate = key_commands.add_parser("rotate", help="a new secret for a key, the old one kept for a grace period")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace", metavar="DURATION", help="how long the old secret keeps working "
+                        "(default: serving.key_rotation_grace_s, 24h)")
+    rotate.add_argument("--config", metavar="FILE", help="YAML preset whose serving section to use")
+
+    governance = dict(epilog=GOVERNANCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    promote = commands.add_parser("promote", help="point an alias (default: champion) at a version, audited",
+                                  **governance)
+    promote.add_argument("name", help="registered model, e.g. maas-wine")
+    promote.add_argument("version")
+    rollback = commands.add_parser("rollback", help="move an alias back to the version its current one replaced",
+                                   **governance)
+    rollback.add_argument("name", help="registered model, e.g. maas-wine")
+    for command in (promote, rollback):
+        command.add_argument("--alias", default="champion")
+        command.add_argument("--reason", default="", help="written to the audit trail")
+    audit = commands.add_parser("audit", help="the audit trail: list it, or verify its hash chain", **governance)
+    audit.add_argument("action", nargs="?", choices=["list", "verify"], default="list")
+    audit.add_argument("--filter", metavar="ACTION", help="only actions starting with this (key, alias, retrain, log)")
+    audit.add_argument("--limit", type=int, metavar="N", help="the last N entries")
+    audit.add_argument("--expect-head", metavar="HASH", help="verify: a head an earlier verify printed must be on the chain")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    purge = commands.add_parser("purge", help="delete logged inputs past the retention period (usage stays)",
+                                **governance)
+    purge.add_argument("--older-than", metavar="DURATION", help="default: serving.privacy.retention_days")
+    purge.add_argument("--config", metavar="FILE", help="YAML preset whose serving section to use")
+    bill = commands.add_parser("bill", help="per-key invoices for a month, from metered usage and tier prices",
+                               **governance)
+    bill.add_argument("--month", required=True, metavar="YYYY-MM")
+    bill.add_argument("--config", metavar="FILE", help="YAML preset whose serving.tiers (prices) to use")
+    bill.add_argument("--json", action="store_true", help="the invoices as JSON on stdout")
+    bill.add_argument("--out", metavar="DIR", help="also write invoices-YYYY-MM.{json,csv,html} there")
 
     monitor = commands.add_parser(
         "monitor", help="one check of the served model: drift, live quality, health, alerts", epilog=MONITOR_EXAMPLES,
@@ -274,6 +322,9 @@ def command_serve(args: argparse.Namespace) -> int:
         path = getattr(serving.tls, field)
         if path is not None and not Path(path).is_file():
             raise MaasInputError(f"serving.tls.{field}: no file at {path}")
+    from maas.privacy import redactor_for
+
+    redactor_for(serving.privacy)  # a privacy policy whose secret is missing stops here, not in each worker
     if serving.limits_backend == "redis":
         from deployments.redis_limits import check_reachable
 
@@ -300,27 +351,143 @@ def command_serve(args: argparse.Namespace) -> int:
     return supervise(command, environment, cwd=str(project_root()), on_tick=follower.tick)
 
 
+def duration_argument(flag: str, text: str) -> float:
+    from maas.budget import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise MaasInputError(f"{flag} {error}") from None
+
+
 def command_keys(args: argparse.Namespace) -> int:
-    from maas.service_store import connect, create_key, list_keys, revoke_key
+    import time
+
+    from maas.api_keys import create_key, iso, list_keys, parse_scopes, revoke_key, rotate_key
+    from maas.config import load_config
+    from maas.service_store import connect
 
     connection = connect()
     if args.key_command == "create":
-        from maas.config import load_config
-
         tiers = load_config(args.config).serving.tiers
         if args.tier not in tiers:
             raise MaasInputError(f"--tier '{args.tier}': not a tier in serving.tiers ({', '.join(tiers)})")
-        key, plain = create_key(connection, args.name, args.tier)
-        print(f"key {key.key_id} for {key.name}, tier {key.tier}:\n{plain}\n"
+        scopes = parse_scopes(args.scopes)
+        expires = time.time() + duration_argument("--expires", args.expires) if args.expires else None
+        key, plain = create_key(connection, args.name, args.tier, scopes, expires)
+        print(f"key {key.key_id} for {key.name}, tier {key.tier}, scopes {', '.join(scopes)}"
+              f"{', expires ' + iso(expires) if expires else ''}:\n{plain}\n"
               "Store it now: only its hash is kept. Send it as header X-API-Key.")
     elif args.key_command == "list":
-        print(f"{'id':<10}{'name':<20}{'tier':<8}{'created':<27}revoked")
+        print(f"{'id':<10}{'name':<20}{'tier':<8}{'scopes':<26}{'state':<9}{'secrets':<9}{'created':<27}expires")
         for key in list_keys(connection):
-            print(f"{key.key_id:<10}{key.name:<20}{key.tier:<8}{key.created_at:<27}{key.revoked_at or '-'}")
-    elif not revoke_key(connection, args.key_id):
+            print(f"{key.key_id:<10}{key.name:<20}{key.tier:<8}{','.join(key.scopes):<26}{key.state:<9}"
+                  f"{key.secrets:<9}{iso(key.created_at):<27}{iso(key.expires_at)}")
+    elif args.key_command == "rotate":
+        grace = (duration_argument("--grace", args.grace) if args.grace
+                 else load_config(args.config).serving.key_rotation_grace_s)
+        plain = rotate_key(connection, args.key_id, grace)
+        if plain is None:
+            raise MaasInputError(f"key '{args.key_id}': no such active key (see maas keys list)")
+        print(f"new secret for key {args.key_id} (works now):\n{plain}\n"
+              f"The old secret keeps working until {iso(time.time() + grace)}. Store the new one now: only its hash is kept.")
+    elif not revoke_key(connection, args.key_id, args.reason):
         raise MaasInputError(f"key '{args.key_id}': no such active key (see maas keys list)")
     else:
         print(f"revoked {args.key_id}")
+    return 0
+
+
+def command_promote(args: argparse.Namespace) -> int:
+    from maas.registered import promote
+    from maas.tracking import mlflow_client
+
+    before = promote(mlflow_client(), args.name, args.version, args.alias, args.reason)
+    print(f"{args.name}@{args.alias}: {'v' + before if before else 'unset'} -> v{args.version} (audited; a running "
+          "`maas serve` follows within serving.reload_interval_s)")
+    return 0
+
+
+def command_rollback(args: argparse.Namespace) -> int:
+    from maas.registered import rollback
+    from maas.tracking import mlflow_client
+
+    current, previous = rollback(mlflow_client(), args.name, args.alias, args.reason)
+    print(f"{args.name}@{args.alias}: v{current} -> v{previous} (rolled back, audited)")
+    return 0
+
+
+def command_audit(args: argparse.Namespace) -> int:
+    from maas import audit
+    from maas.service_store import connect
+
+    connection = connect()
+    if args.action == "verify":
+        verdict = audit.verify(connection, args.expect_head)
+        if args.json:
+            print(json.dumps({"intact": verdict.intact, "entries": verdict.entries, "head": verdict.head,
+                              "problems": verdict.problems}, indent=1))
+        else:
+            for problem in verdict.problems:
+                print(f"audit: {problem}", file=sys.stderr)
+            print(f"{'intact' if verdict.intact else 'TAMPERED'}: {verdict.entries} entries, head {verdict.head or '-'}")
+        return 0 if verdict.intact else EXIT_FAILED
+    found = audit.entries(connection, args.filter, args.limit)
+    if args.json:
+        print(json.dumps([entry.as_dict() for entry in found], indent=1))
+        return 0
+    def shown(value) -> str:
+        return "-" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+    for entry in found:
+        row = entry.as_dict()
+        print(f"{row['seq']:>5} {row['time']} {entry.actor:<28} {entry.action:<15} {entry.target:<24} "
+              f"{shown(entry.before)} -> {shown(entry.after)}" + (f"  ({entry.reason})" if entry.reason else ""))
+    return 0
+
+
+def command_purge(args: argparse.Namespace) -> int:
+    from maas.config import load_config
+    from maas.privacy import purge_predictions
+    from maas.service_store import apply_journals, connect, meter_folder
+
+    if args.older_than:
+        days = duration_argument("--older-than", args.older_than) / 86_400
+    else:
+        days = load_config(args.config).serving.privacy.retention_days
+        if days is None:
+            raise MaasInputError("no retention period: pass --older-than (e.g. 30d) or set serving.privacy.retention_days")
+    connection = connect()
+    apply_journals(connection, meter_folder())  # what gone workers journaled is purged by the same rule
+    purged = purge_predictions(connection, days)
+    print(f"purged {purged} logged request(s) older than {days:g} days; usage counts are kept")
+    return 0
+
+
+def command_bill(args: argparse.Namespace) -> int:
+    from maas.billing import invoices_csv, invoices_html, monthly_invoices
+    from maas.config import load_config
+    from maas.service_store import apply_journals, connect, meter_folder
+
+    tiers = load_config(args.config).serving.tiers
+    connection = connect()
+    apply_journals(connection, meter_folder())
+    invoices = monthly_invoices(connection, args.month, tiers)
+    as_json = json.dumps([line.as_json() for line in invoices], indent=1)
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for suffix, text in (("json", as_json), ("csv", invoices_csv(invoices)), ("html", invoices_html(invoices))):
+            (folder / f"invoices-{args.month}.{suffix}").write_text(text)
+    if args.json:
+        print(as_json)
+        return 0
+    print(f"{'key':<10}{'name':<20}{'tier':<8}{'rows':>12}{'billable':>12}{'base':>10}{'usage':>10}{'total':>11}")
+    for line in invoices:
+        print(f"{line.key_id:<10}{line.name:<20}{line.tier:<8}{line.rows:>12}{line.billable_rows:>12}"
+              f"{line.monthly_base:>10}{line.usage_charge:>10}{line.total:>11} {line.currency}")
+    if args.out:
+        print(f"invoices written to {args.out}/invoices-{args.month}.json, .csv, .html")
     return 0
 
 
@@ -429,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_defaults()
     handlers = {"run": command_run, "ui": command_ui, "tracking-server": command_tracking_server,
-                "serve": command_serve, "keys": command_keys,
+                "serve": command_serve, "keys": command_keys, "promote": command_promote,
+                "rollback": command_rollback, "audit": command_audit, "purge": command_purge, "bill": command_bill,
                 "usage": command_usage, "monitor": command_monitor, "schedule": command_schedule}
     try:
         return handlers[args.command](args)

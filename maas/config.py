@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -282,11 +283,22 @@ class RegistryConfig(Section):
         return self
 
 
+class PriceConfig(Section):
+    """What a tier costs a key per month: a base price, the rows it includes, and a price per 1,000
+    rows past those. Decimal, so a bill is exact to the cent."""
+
+    monthly_base: Decimal = Field(Decimal("0"), ge=0, description="per key and month, even with no use")
+    included_rows: int = Field(0, ge=0, description="rows in the base price")
+    per_1k_rows: Decimal = Field(Decimal("0"), ge=0, description="per 1,000 rows past included_rows")
+    currency: str = Field("USD", pattern="^[A-Z]{3}$")
+
+
 class TierConfig(Section):
-    """One service level: how fast and how much a key of this tier may call."""
+    """One service level: how fast and how much a key of this tier may call, and its price."""
 
     requests_per_minute: int = Field(..., ge=1)
     monthly_rows: int = Field(..., ge=1)
+    price: PriceConfig = Field(default_factory=PriceConfig)
     model: str | None = Field(None, description="alias (or NAME@ALIAS, NAME/VERSION) this tier is served from, "
                                                 "e.g. challenger; default: the service's model")
 
@@ -306,6 +318,29 @@ class TLSConfig(Section):
     @property
     def enabled(self) -> bool:
         return self.certfile is not None
+
+
+class PrivacyConfig(Section):
+    """What the prediction log keeps of callers' inputs (Presidio's anonymizers, per column), applied
+    before a row is written; and how long logged inputs are kept."""
+
+    columns: dict[str, Literal["keep", "drop", "hash", "mask", "encrypt"]] = Field(
+        default_factory=dict, description="column -> keep | drop | hash (HMAC-SHA256 with a secret salt) | "
+        "mask (all but the last 4 characters) | encrypt (Fernet, with a key from the environment)")
+    default: Literal["keep", "drop", "hash", "mask", "encrypt"] = Field("keep", description="policy of a column "
+                                                                        "not named in columns")
+    hash_salt_env: str = Field("MAAS_LOG_HASH_SALT", description="environment variable holding the hash policy's salt")
+    encryption_key_env: str = Field("MAAS_LOG_ENCRYPTION_KEY", description="environment variable holding the "
+                                    "encrypt policy's Fernet key (cryptography.fernet.Fernet.generate_key())")
+    retention_days: float | None = Field(None, gt=0, description="logged inputs older than this are purged by the "
+                                         "monitoring flow (and `maas purge`); usage counts stay")
+
+    def policy(self, column: str) -> str:
+        return self.columns.get(column, self.default)
+
+    @property
+    def active(self) -> bool:
+        return self.default != "keep" or any(policy != "keep" for policy in self.columns.values())
 
 
 class ServingConfig(Section):
@@ -337,13 +372,21 @@ class ServingConfig(Section):
     limits_prefix: str = Field("maas:limits:", min_length=1, description="limits_backend redis: the key prefix, one per "
                                "service whose replicas share limits")
     tls: TLSConfig = Field(default_factory=TLSConfig)
+    public_endpoints: list[Literal["/metadata", "/metrics"]] = Field(
+        ["/metadata", "/metrics"], description="answered without a key; leave one out and it needs a key "
+        "(/metadata: scope predict, /metrics: read:usage or admin). Health checks are always public")
+    key_rotation_grace_s: float = Field(86_400, ge=0, description="maas keys rotate: how long the old secret keeps "
+                                        "working next to the new one")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     keep_alive_s: int = Field(75, ge=1, description="maas serve: an idle keep-alive connection is closed after this "
                               "many seconds; longer than clients keep theirs (httpx 5 s, nginx upstreams 60 s), so the "
                               "server never closes a connection as a client reuses it (a reset, not an answer)")
     prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests logged for monitoring")
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {
         "free": TierConfig(requests_per_minute=60, monthly_rows=100_000),
-        "pro": TierConfig(requests_per_minute=6000, monthly_rows=100_000_000),
+        "pro": TierConfig(requests_per_minute=6000, monthly_rows=100_000_000,
+                          price=PriceConfig(monthly_base=Decimal("49.00"), included_rows=1_000_000,
+                                            per_1k_rows=Decimal("0.02"))),
     })
 
 

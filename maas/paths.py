@@ -11,7 +11,7 @@ DEFAULT_HOME = ".maas"
 def maas_home() -> Path:
     """The state folder (MAAS_HOME, default ./.maas), created on first use, never at import."""
     home = Path(os.environ.get("MAAS_HOME", DEFAULT_HOME)).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the prediction log and key hashes: owner-only
     return home
 
 

@@ -84,3 +84,48 @@ def alias_version(client, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+REPLACED_TAG = "replaced_champion_version"  # on a version: the one its alias pointed at before; a rollback's target
+
+
+def move_alias(client, target: ModelRef, action: str, reason: str, actor: str | None = None) -> str | None:
+    """Point target.alias at target.version, write who did it and why to the audit trail (action:
+    alias.promote, alias.rollback, alias.register), and return the version the alias left (None if new)."""
+    from maas import audit
+    from maas.service_store import connect
+
+    before = alias_version(client, target.name, target.alias)
+    client.set_registered_model_alias(target.name, target.alias, target.version)
+    connection = connect()
+    try:
+        audit.append(connection, action, f"{target.name}@{target.alias}", f"v{before}" if before else None,
+                     f"v{target.version}", reason, actor)
+    finally:
+        connection.close()
+    return before
+
+
+def promote(client, name: str, version: str, alias: str, reason: str) -> str | None:
+    """`maas promote`: a person points an alias at a version; the version it replaces is what a
+    later `maas rollback` returns to."""
+    ref, _ = ModelRef(name, version=version).resolve(client, "version")
+    before = alias_version(client, name, alias)
+    if before == ref.version:
+        raise MaasInputError(f"{name}@{alias} already points at v{ref.version}")
+    if before:
+        client.set_model_version_tag(name, ref.version, REPLACED_TAG, before)
+    return move_alias(client, replace(ref, alias=alias), "alias.promote", reason or "by hand")
+
+
+def rollback(client, name: str, alias: str, reason: str) -> tuple[str, str]:
+    """`maas rollback`: the alias back to the version its current one replaced. (from, to)."""
+    current, found = ModelRef(name, alias).resolve(client, "model")
+    previous = found.tags.get(REPLACED_TAG)
+    if not previous:
+        raise MaasInputError(f"{name}@{alias} (v{current.version}) replaced no earlier version: nothing to roll back "
+                             f"to (use maas promote {name} VERSION)")
+    ModelRef(name, version=previous).resolve(client, "replaced version")
+    client.set_model_version_tag(name, current.version, "rolled_back", (reason or "by hand")[:500])
+    move_alias(client, ModelRef(name, alias, previous), "alias.rollback", reason or "by hand")
+    return current.version, previous

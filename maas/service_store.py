@@ -3,31 +3,42 @@ MAAS_HOME, or (MAAS_STORE_URL=postgresql://...) one PostgreSQL database that eve
 the CLI and the monitor share, so usage is summed across hosts and the monitor reads every
 replica's predictions.
 
-Keys are stored as SHA-256 hashes; the plain key is shown once, when it is created. The service
-reads and writes the store from a background thread, never on a request's hot path.
+Keys (maas/api_keys.py) are stored as SHA-256 hashes; the plain key is shown once, when it is
+created. The audit trail (maas/audit.py) lives here too. The service reads and writes the store from
+a background thread, never on a request's hot path. The file and its folder are the owner's only:
+the prediction log holds callers' inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import sqlite3
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from maas.paths import maas_home
 
-KEY_PREFIX = "maas_"
 JOURNAL_SUFFIX = ".journal"  # a service worker's meter journal (deployments/metering.py)
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, name TEXT NOT NULL, tier TEXT NOT NULL,
-    created_at TEXT NOT NULL, revoked_at TEXT
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY, name TEXT NOT NULL, tier TEXT NOT NULL, scopes TEXT NOT NULL,
+    created_at REAL NOT NULL, expires_at REAL, revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS key_secrets (
+    secret_hash TEXT PRIMARY KEY, key_id TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,
+    before TEXT NOT NULL, after TEXT NOT NULL, reason TEXT NOT NULL, previous_hash TEXT NOT NULL,
+    entry_hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, entry_hash TEXT NOT NULL);
+INSERT INTO audit_head VALUES (1, 0, '') ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS billed_requests (
+    key_id TEXT NOT NULL, request_id TEXT NOT NULL, logged_at REAL NOT NULL, PRIMARY KEY (key_id, request_id)
 );
 CREATE TABLE IF NOT EXISTS usage (
     key_id TEXT NOT NULL, month TEXT NOT NULL, requests INTEGER NOT NULL DEFAULT 0,
@@ -63,7 +74,8 @@ def connect(path: Path | None = None):
     if url:
         return PostgresStore(url)
     path = path or store_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives its -wal/-shm files the same mode
     connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")  # readers (maas usage) never block the service
     connection.executescript(SCHEMA)
@@ -88,6 +100,7 @@ class PostgresStore:
                                               connect_timeout=10)
         except psycopg.Error as exc:
             raise MaasInputError(f"{STORE_URL_ENV}: cannot reach {redact_url(url)} ({exc.__class__.__name__})") from None
+        self._transactions: list = []
         schema = SCHEMA.replace(" REAL", " DOUBLE PRECISION").replace("INTEGER", "BIGINT")
         with self.connection.transaction():
             self.connection.execute("SELECT pg_advisory_xact_lock(7215)")  # two replicas creating it at once
@@ -109,61 +122,20 @@ class PostgresStore:
             cursor.executemany(self._sql(sql), list(rows))
 
     def __enter__(self):
-        self._transaction = self.connection.transaction()
-        self._transaction.__enter__()
+        transaction = self.connection.transaction()  # nested: a savepoint inside the caller's
+        transaction.__enter__()
+        self._transactions.append(transaction)
         return self
 
     def __exit__(self, *exc_info):
-        return self._transaction.__exit__(*exc_info)
+        return self._transactions.pop().__exit__(*exc_info)
 
     def close(self) -> None:
         self.connection.close()
 
 
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 def current_month(now: float | None = None) -> str:
     return datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y-%m")
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    key_id: str
-    name: str
-    tier: str
-    created_at: str
-    revoked_at: str | None
-
-
-def create_key(connection: sqlite3.Connection, name: str, tier: str) -> tuple[ApiKey, str]:
-    """A new key; returns its record and the plain key, which is not stored anywhere."""
-    plain = KEY_PREFIX + secrets.token_urlsafe(24)
-    key_id = secrets.token_hex(4)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with connection:
-        connection.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)",
-                           (key_id, hash_key(plain), name, tier, created))
-    return ApiKey(key_id, name, tier, created, None), plain
-
-
-def revoke_key(connection: sqlite3.Connection, key_id: str) -> bool:
-    with connection:
-        cursor = connection.execute("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
-                                    (datetime.now(timezone.utc).isoformat(timespec="seconds"), key_id))
-    return cursor.rowcount == 1
-
-
-def list_keys(connection: sqlite3.Connection) -> list[ApiKey]:
-    rows = connection.execute("SELECT key_id, name, tier, created_at, revoked_at FROM api_keys ORDER BY created_at")
-    return [ApiKey(*row) for row in rows]
-
-
-def active_keys(connection: sqlite3.Connection) -> dict[str, tuple[str, str]]:
-    """key hash -> (key id, tier) of every key not revoked."""
-    rows = connection.execute("SELECT key_hash, key_id, tier FROM api_keys WHERE revoked_at IS NULL")
-    return {key_hash: (key_id, tier) for key_hash, key_id, tier in rows}
 
 
 def rows_used(connection: sqlite3.Connection, month: str) -> dict[str, int]:
@@ -192,7 +164,8 @@ def apply_journal(connection: sqlite3.Connection, path: Path, finished: bool) ->
     journal (its worker rotated it or died) is deleted once applied. Returns the requests applied.
 
     Each line is a JSON record {"k": key id, "r": rows, "s": status, "t": time, "m": model label,
-    "i": request id, "q": logged request body, "a": logged answer} ("q"/"a" only when sampled)."""
+    "i": request id, "c": 1 when the caller chose the id, "q": logged request body, "a": logged
+    answer} ("q"/"a" only when sampled)."""
     import orjson
 
     name = path.name
@@ -213,7 +186,7 @@ def apply_journal(connection: sqlite3.Connection, path: Path, finished: bool) ->
             record = orjson.loads(line)
             total = counts.setdefault((current_month(record["t"]), record["k"]), [0, 0, 0])
             total[0] += 1
-            total[1] += record["r"] if record["s"] < 400 else 0
+            total[1] += record["r"] if record["s"] < 400 and not already_billed(connection, record) else 0
             total[2] += record["s"] >= 400
             if record.get("q") is not None:
                 entries.append((record["i"], record["t"], record["k"], record["m"], record["s"], record["q"], record["a"]))
@@ -230,6 +203,16 @@ def apply_journal(connection: sqlite3.Connection, path: Path, finished: bool) ->
     if finished and len(complete) == len(data):
         path.unlink(missing_ok=True)  # its offset row stays: a few bytes per finished journal
     return sum(total[0] for total in counts.values())
+
+
+def already_billed(connection, record: dict) -> bool:
+    """A successful request whose caller-chosen X-Request-Id this key was billed for before: a retry,
+    whose rows are not counted again. Ids the service made up are unique, so they are not stored."""
+    if not record.get("c"):
+        return False
+    cursor = connection.execute("INSERT INTO billed_requests VALUES (?, ?, ?) ON CONFLICT (key_id, request_id) "
+                                "DO NOTHING", (record["k"], record["i"], record["t"]))
+    return cursor.rowcount == 0
 
 
 def journal_writer_gone(path: Path) -> bool:
@@ -258,7 +241,7 @@ def meter_folder() -> Path:
 
 def usage_report(connection: sqlite3.Connection, month: str | None = None) -> list[dict]:
     query = ("SELECT u.key_id, COALESCE(k.name, u.key_id), COALESCE(k.tier, '-'), u.month, u.requests, u.rows, "
-             "u.errors FROM usage u LEFT JOIN api_keys k ON k.key_id = u.key_id")
+             "u.errors FROM usage u LEFT JOIN keys k ON k.key_id = u.key_id")
     rows = connection.execute(query + (" WHERE u.month = ?" if month else "") + " ORDER BY u.month, u.key_id",
                               (month,) if month else ())
     return [dict(zip(("key_id", "name", "tier", "month", "requests", "rows", "errors"), row)) for row in rows]

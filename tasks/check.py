@@ -20,7 +20,8 @@ from maas.bundle import ModelBundle
 from maas.config import MonitoringConfig, RunConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home
-from maas.registered import ModelRef, download_bundle
+from maas.privacy import purge_predictions
+from maas.registered import REPLACED_TAG, ModelRef, download_bundle
 from maas.run_context import RunContext, open_run
 from maas.tracking import mlflow_client
 from maas.service_store import apply_journals, connect, last_check, meter_folder, save_check
@@ -60,7 +61,7 @@ def resolve_watched(client, config: RunConfig, scratch: Path) -> WatchedModel:
     if drift_reference is None:
         raise MaasInputError(f"{ref.name} version {ref.version} has no drift reference in its bundle "
                              "(registered before monitoring existed); retrain it with `maas run`")
-    return WatchedModel(ref, ModelBundle.load(bundle_dir), drift_reference, found.tags.get("replaced_champion_version"))
+    return WatchedModel(ref, ModelBundle.load(bundle_dir), drift_reference, found.tags.get(REPLACED_TAG))
 
 
 class Check:
@@ -91,6 +92,13 @@ class Check:
         """The rows of the quality window."""
         return self.window.logged_after(self.quality_start)
 
+    @property
+    def hidden_inputs(self) -> list[str]:
+        """The model's input columns the prediction log does not keep in clear (serving.privacy):
+        logged rows cannot be re-scored or trained on then."""
+        columns = [column["name"] for column in self.watched.bundle.metadata["input_schema"]]
+        return [column for column in columns if self.config.serving.privacy.policy(column) != "keep"]
+
     @cached_property
     def labelled(self) -> pd.DataFrame | None:
         """The recent rows whose ground truth arrived (monitoring.labels_path), or None without labels."""
@@ -118,3 +126,7 @@ def open_check(config: RunConfig) -> Iterator[Check]:
             check = Check(ctx, config, watched, connection, at)
             yield check
             save_check(connection, watched.ref.name, at, check.counters)
+            retention = config.serving.privacy.retention_days
+            if retention:  # logged inputs past serving.privacy.retention_days go; usage and bills stay
+                purged = purge_predictions(connection, retention, actor="monitoring flow")
+                ctx.logger.info("purged %d logged request(s) older than %g days", purged, retention)

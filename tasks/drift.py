@@ -29,7 +29,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from maas.config import DriftConfig
+from maas.config import DriftConfig, PrivacyConfig
 from maas.run_context import RunContext, write_file
 
 if TYPE_CHECKING:
@@ -275,10 +275,18 @@ def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any
     return path
 
 
+def kept_reference(reference: dict[str, Any], privacy: PrivacyConfig) -> dict[str, Any]:
+    """The reference of the columns the prediction log keeps in clear (serving.privacy): a dropped,
+    hashed, masked or encrypted column cannot be compared with its training values."""
+    return {**reference, **{kind: {name: spec for name, spec in reference.get(kind, {}).items()
+                                   if privacy.policy(name) == "keep"} for kind in ("numeric", "categorical", "text")}}
+
+
 def check_drift(check: Check) -> DriftReport:
     """The rows logged since the last check against the reference sealed in the watched bundle."""
     logged = check.logged
-    return measure_drift(logged.inputs, logged.meta["predicted"], check.watched.reference, check.monitoring.drift,
+    reference = kept_reference(check.watched.reference, check.config.serving.privacy)
+    return measure_drift(logged.inputs, logged.meta["predicted"], reference, check.monitoring.drift,
                          check.watched.bundle.preprocessing)
 
 

@@ -15,7 +15,7 @@ from sklearn import metrics as skm
 
 from maas.bundle import ModelBundle
 from maas.config import MonitoringConfig
-from maas.registered import ModelRef, download_bundle
+from maas.registered import ModelRef, download_bundle, move_alias
 from maas.run_context import RunContext
 
 if TYPE_CHECKING:
@@ -125,6 +125,10 @@ def check_rollback(check: Check) -> RollbackDecision | None:
     monitoring, watched, labelled = check.monitoring, check.watched, check.labelled
     if labelled is None or not monitoring.rollback or not watched.ref.alias:
         return None
+    hidden = check.hidden_inputs
+    if hidden:
+        return RollbackDecision(False, f"not judged: the prediction log keeps {', '.join(hidden)} under a privacy "
+                                       "policy, so the replaced version cannot re-score the rows", None, None)
     mine = labelled[labelled["version"] == watched.ref.version]
     new_f1 = old_f1 = None
     replaced = ModelRef(watched.ref.name, version=watched.replaced_version) if watched.replaced_version else None
@@ -137,7 +141,8 @@ def check_rollback(check: Check) -> RollbackDecision | None:
     decision = rollback_decision(watched.ref.version, watched.replaced_version, new_f1, old_f1, len(mine), monitoring)
     if decision.roll_back:
         client = check.ctx.client
-        client.set_registered_model_alias(watched.ref.name, watched.ref.alias, watched.replaced_version)
+        move_alias(client, ModelRef(watched.ref.name, watched.ref.alias, watched.replaced_version), "alias.rollback",
+                   decision.reason, "monitoring flow")
         client.set_model_version_tag(watched.ref.name, watched.ref.version, "rolled_back", decision.reason[:500])
         decision = replace(decision, action=f"@{watched.ref.alias} rolled back to v{watched.replaced_version}")
     return decision

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from maas import bundle as bundle_module
 from maas.config import RegistryConfig, RunConfig, SelectionConfig
 from maas.paths import project_root
-from maas.registered import ModelRef, alias_version, download_bundle
+from maas.registered import REPLACED_TAG, ModelRef, alias_version, download_bundle, move_alias
 from maas.run_context import RunContext
 from tasks.compress import Variant
 from tasks.data import DataSplits, PreparedData
@@ -289,8 +289,10 @@ def register_version(client, model_info, target: ModelRef, run_id: str, tags: di
         name, source=model_info.model_uri, run_id=run_id, tags={**tags, REGISTRATION_TAG: "pending"},
         description=description, model_id=model_info.model_id,
     )
-    try:
-        client.set_registered_model_alias(name, alias, version.version)
+    try:  # the gate's decision, in the audit trail with the run as its actor
+        action = "alias.promote" if tags.get("gate") == "promoted" else "alias.register"
+        move_alias(client, ModelRef(name, alias, str(version.version)), action, tags.get("gate_reason", ""),
+                   f"training run {run_id}")
     except Exception:
         client.delete_model_version(name, version.version)
         raise
@@ -339,7 +341,7 @@ def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: Ru
     tags = {**version_tags(manifest, metrics), "variant": variant, "gate": "promoted" if gate.promoted else "held",
             "gate_reason": gate.reason[:500]}
     if gate.promoted and gate.champion_version:
-        tags["replaced_champion_version"] = gate.champion_version  # what a rollback returns to
+        tags[REPLACED_TAG] = gate.champion_version  # what a rollback returns to
     version = register_version(ctx.client, model_info, ModelRef(name, gate.alias), ctx.run_id, tags, description)
     return RegisteredVersion(name, version, gate.alias, variant, metrics, gate)
 

@@ -13,9 +13,11 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from maas import audit
 from maas.config import RunConfig
 from maas.paths import maas_home
 from maas.run_context import RunContext
+from maas.service_store import connect
 from tasks.alerts import AlertOutcome
 from tasks.prediction_log import LoggedRows
 from tasks.quality import RollbackDecision
@@ -61,8 +63,14 @@ def trigger_retrain(config: RunConfig, reasons: list[str], extra_rows: Path | No
     except ObjectNotFound:
         return RetrainRequest(f"wanted ({'; '.join(reasons)}) but deployment '{config.train_deployment}' is not "
                               "registered: start `maas schedule`", None)
-    return RetrainRequest(f"triggered {config.train_deployment} flow run {flow_run.name} ({'; '.join(reasons)})",
-                          str(flow_run.id), str(extra_rows) if extra_rows else None)
+    status = f"triggered {config.train_deployment} flow run {flow_run.name} ({'; '.join(reasons)})"
+    connection = connect()
+    try:
+        audit.append(connection, "retrain.trigger", config.train_deployment, None, f"flow run {flow_run.name}",
+                     "; ".join(reasons)[:1000], "monitoring flow")
+    finally:
+        connection.close()
+    return RetrainRequest(status, str(flow_run.id), str(extra_rows) if extra_rows else None)
 
 
 def maybe_retrain(check: Check, alerts: AlertOutcome, rollback: RollbackDecision | None) -> RetrainRequest | None:
@@ -72,7 +80,8 @@ def maybe_retrain(check: Check, alerts: AlertOutcome, rollback: RollbackDecision
         return None
     labelled = check.labelled
     extra = (labelled_rows_file(check.recent, labelled, check.watched.bundle.metadata["target"])
-             if check.monitoring.append_labelled and labelled is not None and len(labelled) else None)
+             if check.monitoring.append_labelled and labelled is not None and len(labelled) and not check.hidden_inputs
+             else None)  # rows whose inputs the log keeps hashed or dropped are no training data
     return trigger_retrain(check.config, reasons, extra)
 
 

@@ -17,7 +17,8 @@ import httpx
 import psutil
 import pytest
 
-from maas.service_store import connect, create_key, read_predictions, usage_report
+from maas.api_keys import create_key
+from maas.service_store import connect, read_predictions, usage_report
 from maas.tracking import mlflow_client
 from tests.conftest import PROJECT_ROOT, free_port, module_home, quick_config, wait_until_up
 

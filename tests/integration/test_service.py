@@ -14,7 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
-from maas.service_store import connect, create_key, read_predictions, usage_report
+from maas import audit
+from maas.api_keys import create_key, rotate_key
+from maas.service_store import connect, read_predictions, usage_report
 from tests.conftest import free_port, module_home, quick_config, wait_until_up
 
 pytestmark = pytest.mark.slow
@@ -169,14 +171,21 @@ def test_oversized_requests_get_413(service):
     assert response.status_code == 413 and "exceeds" in response.json()["error"]
 
 
-def test_missing_invalid_and_revoked_keys_get_401(service):
+def test_missing_invalid_rotated_and_revoked_keys_get_401(service):
     base, home, _, rows, _, _ = service
     assert predict(base, rows[:1]).status_code == 401
-    assert predict(base, rows[:1], "maas_not-a-real-key").status_code == 401
+    assert "malformed" in predict(base, rows[:1], "maas_not-a-real-key").json()["error"]
     connection = connect(home / "service.db")
-    key_record, key = create_key(connection, "short-lived", "pro")
-    time.sleep(1.5)  # the service reloads keys every second
+    key_record, old_secret = create_key(connection, "short-lived", "pro")
+    answered = predict(base, rows[:1], old_secret)  # at once: an unknown well-formed key is looked up
+    assert answered.status_code == 200 and answered.headers["x-ratelimit-limit"] == "100000"
+    assert int(answered.headers["x-ratelimit-remaining"]) == 99_999
+    registrations = [(entry.action, entry.after, entry.actor.split(" ")[:2]) for entry in audit.entries(connection, "alias")]
+    assert registrations == [("alias.promote", "v1", ["training", "run"]), ("alias.register", "v2", ["training", "run"])]
+    key = rotate_key(connection, key_record.key_id, grace_s=0)
     assert predict(base, rows[:1], key).status_code == 200
+    time.sleep(1.5)  # the service reloads keys every second: the old secret's grace of 0 s is over
+    assert "rotated out" in predict(base, rows[:1], old_secret).json()["error"]
     env = dict(os.environ, MAAS_HOME=str(home))
     done = subprocess.run([sys.executable, "-m", "maas", "keys", "revoke", key_record.key_id], env=env,
                           capture_output=True, text=True)

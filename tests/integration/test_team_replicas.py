@@ -65,7 +65,8 @@ def test_two_replicas_share_one_bucket_and_one_usage_store(prefect_server, maas_
     from flows.train_pipeline import train_pipeline
     from sklearn.datasets import load_wine
 
-    from maas.service_store import connect, create_key, usage_report
+    from maas.api_keys import create_key
+    from maas.service_store import connect, usage_report
     from maas.paths import tracking_uri
     from tasks.prediction_log import read_logged_rows
 

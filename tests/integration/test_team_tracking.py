@@ -41,7 +41,8 @@ def test_a_run_registers_gates_and_serves_through_the_tracking_server(tracking_s
     import psycopg
 
     from flows.train_pipeline import train_pipeline
-    from maas.service_store import connect, create_key
+    from maas.api_keys import create_key
+    from maas.service_store import connect
     from maas.tracking import mlflow_client
 
     url, artifacts, database = tracking_server

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maas.service_store import connect, create_key
+from maas.api_keys import create_key
+from maas.service_store import connect
 from tests.conftest import free_port, module_home, quick_config, wait_until_up
 from tests.tables import write_messy
 

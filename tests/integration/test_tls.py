@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from maas.service_store import connect, create_key
+from maas.api_keys import create_key
+from maas.service_store import connect
 from tests.conftest import PROJECT_ROOT, free_port, quick_config
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,8 @@ from deployments.gate import ServedModel, ServedModels, ServiceGate
 from deployments.request_reader import BadRequest, RequestReader
 from maas.bundle import ModelBundle
 from maas.config import ServingConfig, TierConfig
-from maas.service_store import connect, create_key, usage_report
+from maas.api_keys import create_key
+from maas.service_store import connect, usage_report
 from tasks.data import prepare_data
 from tasks.export import write_bundle
 from tasks.train import TrainingSettings, train_on_data

@@ -14,7 +14,7 @@ def no_rows_yet(key_id: str, month: str) -> int:
 
 def hammer(path, key_id, per_minute, attempts, results):
     limits = SharedLimits(path, no_rows_yet, capacity=64)
-    results.put(sum(limits.take(key_id, per_minute) == 0 for _ in range(attempts)))
+    results.put(sum(limits.take(key_id, per_minute).wait == 0 for _ in range(attempts)))
 
 
 def reserve(path, attempts, results):
@@ -54,6 +54,7 @@ def test_the_quota_starts_from_the_metered_rows_and_resets_with_the_month(tmp_pa
 
 def test_a_key_waits_for_its_next_token(tmp_path):
     limits = SharedLimits(tmp_path / "limits.bin", no_rows_yet, capacity=64)
-    assert [limits.take("k1", 2) for _ in range(2)] == [0, 0]
-    assert 25 < limits.take("k1", 2) <= 30  # 2 per minute: the next token in ~30 s
-    assert limits.take("other", 2) == 0
+    first, second = limits.take("k1", 2), limits.take("k1", 2)
+    assert (first.wait, second.wait) == (0, 0) and round(first.remaining) == 1 and round(second.remaining) == 0
+    assert 25 < limits.take("k1", 2).wait <= 30  # 2 per minute: the next token in ~30 s
+    assert limits.take("other", 2) == (0, 1)

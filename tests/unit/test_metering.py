@@ -9,11 +9,15 @@ import threading
 import orjson
 
 from deployments.metering import Meter, MeterJournal
-from maas.service_store import apply_journals, connect, create_key, meter_folder, read_predictions, usage_report
+from maas.api_keys import create_key
+from maas.service_store import apply_journals, connect, meter_folder, read_predictions, usage_report
 
 
-def record(key_id: str, rows: int = 2, status: int = 200, logged: bool = False) -> bytes:
-    entry = {"k": key_id, "r": rows, "s": status, "t": 1_800_000_000.0, "m": "m/1@champion", "i": f"r{rows}"}
+def record(key_id: str, rows: int = 2, status: int = 200, logged: bool = False, request_id: str | None = None) -> bytes:
+    """A journal line; request_id: the caller's X-Request-Id (a retry with it is billed once)."""
+    entry = {"k": key_id, "r": rows, "s": status, "t": 1_800_000_000.0, "m": "m/1@champion", "i": request_id or f"r{rows}"}
+    if request_id:
+        entry["c"] = 1
     if logged:
         entry.update(q='{"rows": []}', a="[]")
     return orjson.dumps(entry) + b"\n"

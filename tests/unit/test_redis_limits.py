@@ -36,7 +36,7 @@ def prefix():
 
 def hammer(prefix, per_minute, attempts, results):
     limits = RedisLimits(REDIS_URL, prefix, no_rows_yet)
-    results.put(sum(limits.take("k1", per_minute) == 0 for _ in range(attempts)))
+    results.put(sum(limits.take("k1", per_minute).wait == 0 for _ in range(attempts)))
 
 
 def reserve(prefix, attempts, results):
@@ -66,15 +66,16 @@ def test_the_quota_starts_from_the_metered_rows_and_resets_with_the_month(prefix
 
 def test_a_key_waits_for_its_next_token(prefix):
     limits = RedisLimits(REDIS_URL, prefix, no_rows_yet)
-    assert [limits.take("k1", 2) for _ in range(2)] == [0, 0]
-    assert 25 < limits.take("k1", 2) <= 30  # 2 per minute: the next token in ~30 s
-    assert limits.take("other", 2) == 0
+    first, second = limits.take("k1", 2), limits.take("k1", 2)
+    assert (first.wait, second.wait) == (0, 0) and round(first.remaining) == 1 and round(second.remaining) == 0
+    assert 25 < limits.take("k1", 2).wait <= 30  # 2 per minute: the next token in ~30 s
+    assert limits.take("other", 2) == (0, 1)
 
 
 def test_an_unreachable_redis_lets_requests_through_and_says_so(caplog):
     limits = RedisLimits("redis://127.0.0.1:1/0", "maas-test-nowhere:", no_rows_yet)  # nothing listens on port 1
     with caplog.at_level("WARNING", logger="maas"):
-        assert limits.take("k1", 1) == 0 and limits.take("k1", 1) == 0
+        assert limits.take("k1", 1).wait == 0 and limits.take("k1", 1).wait == 0
         assert limits.reserve_rows("k1", 10, 1, "2026-11")
     warnings = [record for record in caplog.records if "tier limits not enforced" in record.message]
     assert len(warnings) == 1  # once per 10 s, not once per request
@@ -83,7 +84,8 @@ def test_an_unreachable_redis_lets_requests_through_and_says_so(caplog):
 
 
 def test_two_gates_on_the_redis_backend_are_one_tier_limit(wine, maas_home, prefix):
-    from maas.service_store import connect, create_key
+    from maas.api_keys import create_key
+    from maas.service_store import connect
     from tests.unit.test_gate import call, gate_for
 
     bundle, rows = wine

@@ -10,11 +10,13 @@ import threading
 
 import pytest
 
+from maas import audit
+from maas.api_keys import create_key, hash_key, key_grant, key_grants, list_keys, revoke_key, rotate_key
 from maas.errors import MaasInputError
+from maas.privacy import purge_predictions
 from maas.service_store import (
-    apply_journals, close_incident, connect, create_key, last_check, list_keys, log_predictions, open_incident,
-    open_incidents,
-    read_predictions, revoke_key, rows_used, save_check, usage_report,
+    apply_journals, close_incident, connect, last_check, log_predictions, open_incident, open_incidents,
+    read_predictions, rows_used, save_check, usage_report,
 )
 from tasks.prediction_log import read_logged_rows
 from tests.unit.test_metering import record
@@ -74,6 +76,29 @@ def test_keys_checks_and_incidents_work_on_postgresql(shared_store):
                              '[{"label": "yes"}]'), ("r2", 1_800_000_001.0, key.key_id, "other/1", 200, '{"rows": []}', "[]")])
     logged = read_logged_rows(store, "m", 1_800_000_000.0, 1_800_000_000.5)  # what the monitor reads: this model's
     assert logged.inputs.to_dict("records") == [{"x": 1.5}] and logged.meta["predicted"].tolist() == ["yes"]
+
+
+def test_keys_rotation_audit_and_billed_retries_on_postgresql(shared_store, tmp_path):
+    store = connect()
+    key, first = create_key(store, "team", "pro", ("predict", "read:usage"))
+    second = rotate_key(store, key.key_id, grace_s=60)
+    grants = key_grants(store)
+    assert grants[hash_key(first)].ending == "rotated out" and grants[hash_key(second)].ends_at is None
+    assert key_grant(store, hash_key(second)).scopes == {"predict", "read:usage"}
+    writers = [connect() for _ in range(3)]  # three replicas writing the trail at once: one chain
+    threads = [threading.Thread(target=lambda c=c: [audit.append(c, "test.write", "x", n, n + 1) for n in range(20)])
+               for c in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    verdict = audit.verify(store)
+    assert verdict.intact and verdict.entries == 62, verdict.problems  # + key.create, key.rotate
+    retried = record("a", 4, request_id="order-1") * 2 + record("a", 1)  # a retry with the caller's id: billed once
+    assert apply_journals(store, dead_journal(tmp_path, "999993", retried)) == 3
+    assert usage_report(store)[0]["rows"] == 5
+    log_predictions(store, [("r1", 1_000.0, "a", "m/1", 200, '{"rows": []}', "[]")])
+    assert purge_predictions(store, 1) == 1 and read_predictions(store) == [] and usage_report(store)[0]["rows"] == 5
 
 
 def test_an_unreachable_store_is_one_line_without_its_password(maas_home, monkeypatch):

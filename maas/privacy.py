@@ -1,0 +1,108 @@
+"""Privacy of what the prediction log keeps: per-column policies applied to a request's rows before
+they are written anywhere (the service's journal included), and the retention purge.
+
+Policies, after Microsoft Presidio's anonymizers: keep; drop; hash (HMAC-SHA256 under a secret salt,
+so equal values still match each other but a dictionary of likely values cannot be hashed to find
+them without the salt); mask (all but the last 4 characters); encrypt (Fernet, whose key only the
+owner holds). Secrets come from the environment, never from the config file or MLflow params.
+The monitor measures drift on the kept columns only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+
+import orjson
+
+from maas.config import PrivacyConfig
+from maas.errors import MaasInputError
+
+HASH_PREFIX, ENCRYPTED_PREFIX = "hmac:", "fernet:"
+MASK_KEEP = 4
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+class LogRedactor:
+    """Applies a PrivacyConfig to request bodies ({"rows": [...]}) on their way to the log."""
+
+    def __init__(self, privacy: PrivacyConfig, environ: dict[str, str] | None = None):
+        environ = os.environ if environ is None else environ
+        self.privacy = privacy
+        self.columns = dict(privacy.columns)
+        used = set(self.columns.values()) | {privacy.default}
+        self.salt = self._secret(environ, privacy.hash_salt_env, "hash").encode() if "hash" in used else b""
+        self.fernet = None
+        if "encrypt" in used:
+            from cryptography.fernet import Fernet
+
+            key = self._secret(environ, privacy.encryption_key_env, "encrypt")
+            try:
+                self.fernet = Fernet(key)
+            except ValueError:
+                raise MaasInputError(f"${privacy.encryption_key_env}: not a Fernet key (32 url-safe base64-encoded "
+                                     "bytes: cryptography.fernet.Fernet.generate_key())") from None
+
+    @staticmethod
+    def _secret(environ, name: str, policy: str) -> str:
+        value = environ.get(name, "")
+        if len(value) < 16:
+            raise MaasInputError(f"serving.privacy: the '{policy}' policy needs a secret of 16+ characters in "
+                                 f"${name} ({'unset' if not value else 'too short'})")
+        return value
+
+    def value(self, policy: str, value):
+        if value is None or policy == "keep":
+            return value
+        if policy == "hash":
+            return HASH_PREFIX + hmac.new(self.salt, _text(value).encode(), hashlib.sha256).hexdigest()[:32]
+        if policy == "mask":
+            text = _text(value)
+            hidden = len(text) if len(text) <= MASK_KEEP else len(text) - MASK_KEEP
+            return "*" * hidden + text[hidden:]
+        return ENCRYPTED_PREFIX + self.fernet.encrypt(orjson.dumps(value)).decode()
+
+    def row(self, row: dict) -> dict:
+        policy_of, default = self.columns.get, self.privacy.default
+        kept = {}
+        for column, value in row.items():
+            policy = policy_of(column, default)
+            if policy != "drop":
+                kept[column] = self.value(policy, value)
+        return kept
+
+    def body(self, body: bytes) -> bytes:
+        """The logged request body with every row's columns under their policy."""
+        rows = orjson.loads(body)["rows"]
+        return orjson.dumps({"rows": [self.row(row) if isinstance(row, dict) else row for row in rows]})
+
+    def decrypt(self, token: str):
+        """An encrypted value back, for the owner of the key (e.g. to answer a subject access request)."""
+        return orjson.loads(self.fernet.decrypt(token.removeprefix(ENCRYPTED_PREFIX).encode()))
+
+
+def redactor_for(privacy: PrivacyConfig) -> LogRedactor | None:
+    return LogRedactor(privacy) if privacy.active else None
+
+
+def kept_columns(privacy: PrivacyConfig, columns) -> list[str]:
+    """The columns the log holds in clear: what drift and a rollback's re-scoring can read."""
+    return [column for column in columns if privacy.policy(column) == "keep"]
+
+
+def purge_predictions(connection, retention_days: float, now: float | None = None, actor: str | None = None) -> int:
+    """Delete logged inputs older than the retention period; usage (and so bills) stays. Audited."""
+    from maas import audit
+
+    cutoff = (now or time.time()) - retention_days * 86_400
+    with connection:
+        purged = connection.execute("DELETE FROM predictions WHERE logged_at < ?", (cutoff,)).rowcount
+        if purged:
+            audit.append(connection, "log.purge", "prediction log", f"{purged} logged request(s) older than "
+                         f"{retention_days:g} days", "deleted", f"retention {retention_days:g} days", actor)
+    return purged
