@@ -16,7 +16,10 @@ bounded by --seconds and --max-requests. The client shares the 2 cores with the 
 server pays the same client cost. Then a 60 s run at concurrency 32 on the service (5xx and
 dropped requests counted), and the service's cold start (command to /readyz).
 
-Usage: python benchmarks/serving.py [--seconds 6] [--soak-seconds 60]
+Then what security costs: TLS, a privacy policy on the prediction log, and API keys with their
+rate-limit headers, each against the service as shipped, in alternating runs.
+
+Usage: python benchmarks/serving.py [--seconds 6] [--soak-seconds 60] [--only security]
 Writes benchmarks/results/serving.{json,md}.
 """
 
@@ -49,7 +52,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(command: list[str], env: dict, port: int, cwd: Path, log: Path) -> tuple[subprocess.Popen, float]:
+def start(command: list[str], env: dict, port: int, cwd: Path, log: Path, scheme: str = "http"
+          ) -> tuple[subprocess.Popen, float]:
     import httpx
 
     started = time.perf_counter()
@@ -58,7 +62,7 @@ def start(command: list[str], env: dict, port: int, cwd: Path, log: Path) -> tup
         if process.poll() is not None:
             raise RuntimeError(f"{command[:4]} exited with {process.returncode}; see {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{scheme}://127.0.0.1:{port}/readyz", timeout=1, verify=False).status_code == 200:
                 return process, time.perf_counter() - started
         except httpx.HTTPError:
             pass
@@ -82,6 +86,12 @@ async def load(url: str, payload: bytes | list[bytes], headers: dict, concurrenc
     gc.collect()
     gc.freeze()
     parts = urlsplit(url)
+    tls = None
+    if parts.scheme == "https":  # the benchmark's own self-signed certificate: encrypt, do not verify
+        import ssl
+
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     requests = [(f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}"
                  f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -95,7 +105,7 @@ async def load(url: str, payload: bytes | list[bytes], headers: dict, concurrenc
         # Clients arrive a few ms apart. A burst of simultaneous connects would all land on one
         # BentoML worker: each accepts up to 100 pending connections per wakeup.
         await asyncio.sleep(index * 0.005)
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port, ssl=tls)
         try:
             while time.perf_counter() < deadline and sent < max_requests:
                 sent += 1
@@ -115,13 +125,13 @@ async def load(url: str, payload: bytes | list[bytes], headers: dict, concurrenc
                 except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
                     dropped += 1
                     writer.close()
-                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port, ssl=tls)
                     continue
                 statuses[status] = statuses.get(status, 0) + 1
                 latencies.append((time.perf_counter() - started) * 1000)
                 if close:
                     writer.close()
-                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port, ssl=tls)
         finally:
             writer.close()
 
@@ -223,6 +233,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20000, help="per load cell")
     parser.add_argument("--soak-seconds", type=float, default=60.0)
     parser.add_argument("--ablation-pairs", type=int, default=2, help="alternating default/changed pairs per setting")
+    parser.add_argument("--only", choices=["security"], help="measure this section alone; the rest of serving.json stays")
     args = parser.parse_args()
 
     from sklearn.datasets import load_breast_cancer
@@ -260,9 +271,11 @@ def main() -> None:
             command, server_env, cwd, headers = server
             port = free_port()
             port_args = ["--port", str(port), "--host", "127.0.0.1"]
-            process, cold_start = start([sys.executable, *command, *port_args], server_env, port, cwd, home / f"{name}.log")
+            scheme = "https" if '"certfile":"' in server_env.get("MAAS_SERVING_CONFIG", "") else "http"
+            process, cold_start = start([sys.executable, *command, *port_args], server_env, port, cwd,
+                                        home / f"{name}.log", scheme)
             cells = {"cold_start_s": cold_start}
-            url = f"http://127.0.0.1:{port}/predict"
+            url = f"{scheme}://127.0.0.1:{port}/predict"
             headers = {**headers, "content-type": "application/json"}
             try:
                 for size, concurrency in sizes_and_concurrency:
@@ -280,6 +293,14 @@ def main() -> None:
                 process.wait(timeout=60)
             return cells
 
+        report["security"] = security_costs(service, measure, home, args.ablation_pairs)
+        if args.only == "security":
+            previous = json.loads((HERE / "results" / "serving.json").read_text())
+            report = {**previous, "security": report["security"],
+                      "security_measured": {"at": report["measured_at"], "machine": report["machine"]}}
+            report["targets"] = targets(report)
+            write_results("serving", report, render)
+            return
         text_bundle, text_rows = train_text_bundle(home)
         report["text"] = {"compute": text_ceiling(text_bundle, text_rows, args.seconds)}
         text_service = service()
@@ -303,6 +324,38 @@ def main() -> None:
     write_results("serving", report, render)
 
 
+SECURITY_VARIANTS = ("tls", "privacy", "no keys")
+PRIVACY_POLICY = {"columns": {"mean radius": "hash", "mean texture": "hash", "mean perimeter": "mask",
+                              "mean area": "encrypt", "mean smoothness": "drop"}, "default": "keep"}
+
+
+def security_costs(service, measure, home: Path, pairs: int) -> dict:
+    """One-row rows/s of the service as shipped (http, keys with rate-limit headers, no privacy
+    policy) against TLS, a privacy policy on every logged request (2 hashed columns, 1 masked,
+    1 encrypted, 1 dropped; prediction_log_sample 1.0), and keys off: alternating pairs, medians."""
+    from cryptography.fernet import Fernet
+
+    from maas.tls import self_signed
+
+    certfile, keyfile = self_signed(home)
+    changed = {"tls": {"tls": {"certfile": certfile, "keyfile": keyfile}}, "privacy": {"privacy": PRIVACY_POLICY},
+               "no keys": {"auth": False}}
+    secrets = {"MAAS_LOG_HASH_SALT": "benchmark-salt-0123456789", "MAAS_LOG_ENCRYPTION_KEY": Fernet.generate_key().decode()}
+    runs = {variant: [] for variant in ("default", *SECURITY_VARIANTS)}
+    for _ in range(pairs):
+        for variant in runs:
+            server = service(**changed.get(variant, {}))
+            server[1].update(secrets)
+            runs[variant].append(measure(f"security {variant}", server, [(1, 1), (1, 32)]))
+    return runs
+
+
+def security_medians(runs: dict, cell: str, field: str) -> dict[str, float]:
+    import numpy as np
+
+    return {variant: float(np.median([run[cell][field] for run in variant_runs])) for variant, variant_runs in runs.items()}
+
+
 def targets(report: dict) -> dict:
     service, noop, flask = (report["cells"][name] for name in ("service", "noop", "flask"))
     ceiling = min(report["compute"]["rows_per_s"], noop["c32_r1"]["rows_per_s"])
@@ -318,6 +371,11 @@ def targets(report: dict) -> dict:
         checks["text, c32 one text per request: rows/s >= 80% of the bundle's in-process rows/s"] = (
             text["cells"]["c32_r1"]["rows_per_s"] / text["compute"]["rows_per_s"])
         checks["text, c32 one text per request: p99 ms (<= 100)"] = text["cells"]["c32_r1"]["p99_ms"]
+    security = report.get("security")
+    if security:
+        rows = security_medians(security, "c32_r1", "rows_per_s")
+        checks["TLS: c32 one-row rows/s vs plain http (>= 0.85)"] = rows["tls"] / rows["default"]
+        checks["privacy policy on: c32 one-row rows/s vs off (>= 0.85)"] = rows["privacy"] / rows["default"]
     soak = report.get("soak")
     if soak:
         checks["60 s soak: 5xx"] = sum(count for status, count in soak["statuses"].items() if int(status) >= 500)
@@ -363,6 +421,21 @@ def render(report: dict) -> str:
             lines.append(f"| {setting} | {median('default', 'c32_r1', 'rows_per_s'):,.0f} / {median('changed', 'c32_r1', 'rows_per_s'):,.0f} | "
                          f"{median('default', 'c32_r1', 'p99_ms'):.1f} / {median('changed', 'c32_r1', 'p99_ms'):.1f} | "
                          f"{median('default', 'c32_r64', 'rows_per_s'):,.0f} / {median('changed', 'c32_r64', 'rows_per_s'):,.0f} |")
+    if report.get("security"):
+        security = report["security"]
+        measured = report.get("security_measured")
+        lines += ["", "## Security costs: TLS, the privacy policy, keys (one-row requests, medians of alternating runs)", "",
+                  (f"Measured {measured['at']} on {measured['machine']['cpu']}, {measured['machine']['cores']} cores "
+                   "(`--only security`; the sections above are from their own run). " if measured else "") +
+                  "Default: the service as shipped (http, API key checked, rate-limit headers, no privacy policy). "
+                  f"tls: serving.tls with a self-signed P-256 certificate (the client keeps its connections). privacy: "
+                  f"{PRIVACY_POLICY['columns']} on every logged request. no keys: serving.auth=false (no key check, no headers).", "",
+                  "| variant | rows/s c1 | rows/s c32 | vs default c32 | p99 ms c32 |", "|---|---|---|---|---|"]
+        c1, c32, p99 = (security_medians(security, cell, field) for cell, field in
+                        (("c1_r1", "rows_per_s"), ("c32_r1", "rows_per_s"), ("c32_r1", "p99_ms")))
+        for variant in c32:
+            lines.append(f"| {variant} | {c1[variant]:,.0f} | {c32[variant]:,.0f} | {c32[variant] / c32['default']:.2f}x | "
+                         f"{p99[variant]:.1f} |")
     lines += ["", "Cold start (command to /readyz): " + ", ".join(
         f"{name} {cells['cold_start_s']:.1f} s" for name, cells in report["cells"].items()) + "."]
     if report.get("soak"):

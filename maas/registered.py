@@ -106,7 +106,7 @@ def move_alias(client, target: ModelRef, action: str, reason: str, actor: str | 
     return before
 
 
-def promote(client, name: str, version: str, alias: str, reason: str) -> str | None:
+def promote(client, name: str, version: str, alias: str, reason: str, actor: str | None = None) -> str | None:
     """`maas promote`: a person points an alias at a version; the version it replaces is what a
     later `maas rollback` returns to."""
     ref, _ = ModelRef(name, version=version).resolve(client, "version")
@@ -115,10 +115,10 @@ def promote(client, name: str, version: str, alias: str, reason: str) -> str | N
         raise MaasInputError(f"{name}@{alias} already points at v{ref.version}")
     if before:
         client.set_model_version_tag(name, ref.version, REPLACED_TAG, before)
-    return move_alias(client, replace(ref, alias=alias), "alias.promote", reason or "by hand")
+    return move_alias(client, replace(ref, alias=alias), "alias.promote", reason or "by hand", actor)
 
 
-def rollback(client, name: str, alias: str, reason: str) -> tuple[str, str]:
+def rollback(client, name: str, alias: str, reason: str, actor: str | None = None) -> tuple[str, str]:
     """`maas rollback`: the alias back to the version its current one replaced. (from, to)."""
     current, found = ModelRef(name, alias).resolve(client, "model")
     previous = found.tags.get(REPLACED_TAG)
@@ -127,5 +127,5 @@ def rollback(client, name: str, alias: str, reason: str) -> tuple[str, str]:
                              f"to (use maas promote {name} VERSION)")
     ModelRef(name, version=previous).resolve(client, "replaced version")
     client.set_model_version_tag(name, current.version, "rolled_back", (reason or "by hand")[:500])
-    move_alias(client, ModelRef(name, alias, previous), "alias.rollback", reason or "by hand")
+    move_alias(client, ModelRef(name, alias, previous), "alias.rollback", reason or "by hand", actor)
     return current.version, previous

@@ -3,8 +3,6 @@ TLS with the certificate as the trust root, and a plain-HTTP request gets no ans
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import ssl
@@ -17,32 +15,10 @@ import pytest
 
 from maas.api_keys import create_key
 from maas.service_store import connect
+from maas.tls import self_signed
 from tests.conftest import PROJECT_ROOT, free_port, quick_config
 
 pytestmark = pytest.mark.slow
-
-
-def self_signed(folder) -> tuple[str, str]:
-    """(certificate, key) PEM files for 127.0.0.1, valid for a day."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-                   .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
 
 
 def test_the_service_answers_over_https_and_not_over_plain_http(prefect_server, maas_home, tmp_path):

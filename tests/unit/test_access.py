@@ -194,3 +194,57 @@ def test_a_bill_over_known_requests_is_exact_to_the_cent_and_retries_are_billed_
     assert billed[buyer.key_id]["total"] == "10.10" and billed[idle.key_id]["total"] == "9.99"
     assert {path.suffix for path in (maas_home / "bills").iterdir()} == {".json", ".csv", ".html"}
     assert "10.10 USD" in (maas_home / "bills" / f"invoices-{month}.html").read_text()
+
+
+def test_fuzzed_management_calls_never_get_a_5xx(wine, maas_home):
+    """Any JSON, any path under /admin/, any query: 4xx with a message or an answer, never a 5xx."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    _, admin = create_key(connect(), "ops", "pro", ("admin", "read:usage"))
+    gate = gate_for(wine[0])
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                             max_leaves=8)
+    bodies = st.fixed_dictionaries({}, optional={
+        "name": documents, "tier": documents, "scopes": documents, "expires_in_days": documents, "grace_s": documents,
+        "reason": documents, "model": documents, "version": documents, "alias": documents}) | documents
+    paths = st.sampled_from(["/admin/keys", "/admin/keys/x/rotate", "/admin/keys/x/revoke", "/admin/audit", "/admin/bill",
+                             "/usage", "/admin/audit/verify", "/admin/", "/admin/promote", "/admin/rollback"]) | st.text(
+        "abcxyz0189-_./%~", max_size=15).map(lambda tail: "/admin/" + tail)
+    statuses = []
+
+    @given(method=st.sampled_from(["GET", "POST", "DELETE"]), path=paths, body=bodies,
+           query=st.sampled_from(["", "month=2026-13", "month=x", "limit=-1", "limit=5", "month=2026-12"]))
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(method, path, body, query):
+        (answer,) = call(gate, [(method, path, {"content": json.dumps(body), "params": query,
+                                                "headers": {"X-API-Key": admin}})])
+        statuses.append(answer.status_code)
+        assert answer.status_code < 500 and (answer.status_code < 400 or answer.json()["error"]), (path, body, answer.text)
+
+    check()
+    assert {200, 201} & set(statuses) and {400, 404} <= set(statuses)
+
+
+def test_aliases_move_over_http_with_the_admin_key_as_actor(wine, maas_home, tmp_path):
+    from maas.tracking import mlflow_client
+
+    client = mlflow_client()
+    client.create_registered_model("maas-demo")
+    for _ in range(2):
+        client.create_model_version("maas-demo", source=str(tmp_path))
+    client.set_registered_model_alias("maas-demo", "champion", "1")
+    admin_key, admin = create_key(connect(), "ops", "pro", ("admin",))
+    _, caller = create_key(connect(), "caller", "pro")
+    gate, as_admin = gate_for(wine[0]), {"X-API-Key": admin}
+    promoted, refused, missing = call(gate, [
+        ("POST", "/admin/promote", {"json": {"model": "maas-demo", "version": 2, "reason": "A/B won"}, "headers": as_admin}),
+        ("POST", "/admin/rollback", {"json": {"model": "maas-demo"}, "headers": {"X-API-Key": caller}}),
+        ("POST", "/admin/promote", {"json": {"model": "maas-nothing", "version": "1"}, "headers": as_admin})])
+    assert promoted.status_code == 200 and promoted.json() == {"alias": "maas-demo@champion", "before": "v1", "after": "v2"}
+    assert refused.status_code == 403 and missing.status_code == 409
+    (rolled,) = call(gate, [("POST", "/admin/rollback", {"json": {"model": "maas-demo", "reason": "worse live"},
+                                                          "headers": as_admin})])
+    assert rolled.json()["after"] == "v1" and str(client.get_model_version_by_alias("maas-demo", "champion").version) == "1"
+    moves = [(entry.actor, entry.action, entry.after) for entry in audit.entries(connect(), "alias")]
+    assert moves == [(f"key {admin_key.key_id}", "alias.promote", "v2"), (f"key {admin_key.key_id}", "alias.rollback", "v1")]
