@@ -73,3 +73,22 @@ def test_prediction_shift_shows_in_prediction_psi():
     flipped = pd.Series([prepared.labels[0]] * len(x_test))
     assert measure_drift(x_test, predicted, reference, DriftConfig()).prediction_psi < 0.01
     assert measure_drift(x_test, flipped, reference, DriftConfig()).prediction_psi > 0.2
+
+
+def test_drift_is_measured_on_the_columns_the_log_keeps_in_clear():
+    """A hashed or dropped column (serving.privacy) is not compared with its training values: it
+    would read as 100% missing or all-unseen and raise a false alarm."""
+    from maas.config import PrivacyConfig
+    from maas.privacy import LogRedactor
+    from tasks.drift import kept_reference
+
+    prepared, reference, predicted = reference_and_test(0)
+    x_test = prepared.splits.x_test
+    privacy = PrivacyConfig(columns={"mean radius": "hash", "mean texture": "drop", "mean area": "mask"})
+    redactor = LogRedactor(privacy, {"MAAS_LOG_HASH_SALT": "s" * 16})
+    logged = pd.DataFrame([redactor.row(row) for row in x_test.to_dict("records")])
+    naive = measure_drift(logged, predicted, reference, DriftConfig())
+    assert {"mean radius", "mean texture", "mean area"} <= set(naive.drifted_features)  # the false alarm
+    kept = measure_drift(logged, predicted, kept_reference(reference, privacy), DriftConfig())
+    names = {feature.name for feature in kept.features}
+    assert names == set(x_test.columns) - {"mean radius", "mean texture", "mean area"} and kept.drifted_features == []
