@@ -58,7 +58,7 @@ def well_formed(key: str) -> bool:
     if len(key) != KEY_LENGTH or not key.startswith(KEY_PREFIX):
         return False
     body = key[len(KEY_PREFIX):]
-    if any(char not in BASE62 for char in body):
+    if not (body.isascii() and body.isalnum()):  # base62 is ASCII letters and digits (and this is C, not a loop)
         return False
     return secrets.compare_digest(_checksum(body[:RANDOM_CHARS]), body[RANDOM_CHARS:])
 

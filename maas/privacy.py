@@ -35,6 +35,7 @@ class LogRedactor:
         environ = os.environ if environ is None else environ
         self.privacy = privacy
         self.columns = dict(privacy.columns)
+        self.changed = [(column, policy) for column, policy in self.columns.items() if policy != "keep"]
         used = set(self.columns.values()) | {privacy.default}
         self.salt = self._secret(environ, privacy.hash_salt_env, "hash").encode() if "hash" in used else b""
         self.fernet = None
@@ -68,13 +69,18 @@ class LogRedactor:
         return ENCRYPTED_PREFIX + self.fernet.encrypt(orjson.dumps(value)).decode()
 
     def row(self, row: dict) -> dict:
+        if self.privacy.default == "keep":  # the usual case: touch only the named columns
+            kept = dict(row)
+            for column, policy in self.changed:
+                if column in kept:
+                    if policy == "drop":
+                        del kept[column]
+                    else:
+                        kept[column] = self.value(policy, kept[column])
+            return kept
         policy_of, default = self.columns.get, self.privacy.default
-        kept = {}
-        for column, value in row.items():
-            policy = policy_of(column, default)
-            if policy != "drop":
-                kept[column] = self.value(policy, value)
-        return kept
+        return {column: self.value(policy_of(column, default), value) for column, value in row.items()
+                if policy_of(column, default) != "drop"}
 
     def body(self, body: bytes) -> bytes:
         """The logged request body with every row's columns under their policy."""

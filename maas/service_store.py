@@ -134,8 +134,21 @@ class PostgresStore:
         self.connection.close()
 
 
+_MONTH = ["", 0.0, 0.0]  # the last month asked for, and its start and end (epoch seconds)
+
+
 def current_month(now: float | None = None) -> str:
-    return datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y-%m")
+    """YYYY-MM (UTC) of `now`; asked on every request and every journal line, so the month last
+    asked for is kept with its bounds instead of formatting a date each time."""
+    now = now or time.time()
+    month, start, end = _MONTH
+    if start <= now < end:
+        return month
+    moment = datetime.fromtimestamp(now, timezone.utc)
+    first = datetime(moment.year, moment.month, 1, tzinfo=timezone.utc)
+    following = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=timezone.utc)
+    _MONTH[:] = [moment.strftime("%Y-%m"), first.timestamp(), following.timestamp()]
+    return _MONTH[0]
 
 
 def rows_used(connection: sqlite3.Connection, month: str) -> dict[str, int]:

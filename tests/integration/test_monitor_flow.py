@@ -192,6 +192,29 @@ def test_a_new_champion_worse_live_than_the_one_it_replaced_is_rolled_back(regis
     client = mlflow_client()
     assert str(client.get_model_version_by_alias(config.model_name, "champion").version) == "1"
     assert "rolled_back" in client.get_model_version(config.model_name, "2").tags
+    from maas import audit
+
+    last = audit.entries(fresh_log, "alias.rollback")[-1]
+    assert (last.actor, last.before, last.after) == ("monitoring flow", "v2", "v1") and "live F1" in last.reason
+
+
+def test_the_monitor_purges_logged_inputs_past_their_retention(registry, fresh_log):
+    from flows.monitor import monitor
+    from maas import audit
+    from maas.service_store import read_predictions
+
+    home, config, prepared = registry
+    old = log_as_service(fresh_log, config, prepared.splits.x_test.head(10))
+    with fresh_log:
+        fresh_log.executemany("UPDATE predictions SET logged_at = logged_at - 40 * 86400 WHERE request_id = ?",
+                              [(request_id,) for request_id in old])
+    recent = log_as_service(fresh_log, config, prepared.splits.x_test.head(5))
+    kept = config.model_copy(update={"serving": config.serving.model_copy(update={
+        "privacy": config.serving.privacy.model_copy(update={"retention_days": 30})})})
+    monitor(kept)
+    assert [entry["request_id"] for entry in read_predictions(fresh_log)] == recent
+    purge = audit.entries(fresh_log, "log.purge")[-1]
+    assert purge.actor == "monitoring flow" and purge.before.startswith("10 logged request(s)")
 
 
 def test_maas_schedule_serves_cron_deployments_and_a_drift_retrain_completes(registry, fresh_log, prefect_server):
