@@ -11,6 +11,7 @@ the prediction log holds callers' inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -75,7 +76,12 @@ def connect(path: Path | None = None):
         return PostgresStore(url)
     path = path or store_path()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives its -wal/-shm files the same mode
+    if not path.exists():  # created owner-only; SQLite gives its -wal/-shm files the same mode
+        # Never open-and-close a database file this process already has open: closing any descriptor
+        # of a file drops every POSIX lock the process holds on it, the other connections' included
+        # (SQLite's own warning), and the service's meter then failed with "disk I/O error".
+        with contextlib.suppress(FileExistsError):  # another process made it a moment ago
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")  # readers (maas usage) never block the service
     connection.executescript(SCHEMA)

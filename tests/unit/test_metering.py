@@ -74,3 +74,21 @@ def test_a_full_journal_is_rotated_and_the_finished_one_removed(maas_home, monke
     meter.record("k", 1, 200, "m/1")
     meter.flush()
     assert usage_report(connect())[0]["requests"] == 6
+
+
+def test_opening_the_store_twice_in_a_process_keeps_it_working_when_another_process_closes_it(maas_home):
+    """Closing any descriptor of a file drops all of a process's POSIX locks on it: an open-and-close
+    of service.db by a second connect() let another process's close delete the WAL under the first
+    connection ("disk I/O error"), and the service's meter stopped bringing usage in."""
+    import subprocess
+    import sys
+
+    first = connect()
+    with first:
+        first.execute("INSERT INTO meter_journals VALUES ('a', 1)")
+    second = connect()
+    subprocess.run([sys.executable, "-c", "from maas.service_store import connect; connect().close()"], check=True)
+    with first:
+        first.execute("INSERT INTO meter_journals VALUES ('b', 2)")
+    assert second.execute("SELECT COUNT(*) FROM meter_journals").fetchone() == (2,)
+    assert connect().execute("SELECT COUNT(*) FROM meter_journals").fetchone() == (2,)
