@@ -53,8 +53,15 @@ def new_secret() -> str:
     return KEY_PREFIX + random_part + _checksum(random_part)
 
 
+LEGACY_LENGTH = len(KEY_PREFIX) + 32  # maas_ + token_urlsafe(24): keys issued before this format
+
+
 def well_formed(key: str) -> bool:
-    """The prefix, the length, the alphabet and the checksum: no lookup, no timing to learn from."""
+    """The prefix, the length, the alphabet and the checksum: no lookup, no timing to learn from.
+    A key issued before the checksum (maas_ + 32 URL-safe characters) passes on its shape alone,
+    so its holder is not locked out by an upgrade; `maas keys rotate` gives it the new format."""
+    if len(key) == LEGACY_LENGTH and key.startswith(KEY_PREFIX):
+        return key[len(KEY_PREFIX):].replace("-", "").replace("_", "").isalnum() and key.isascii()
     if len(key) != KEY_LENGTH or not key.startswith(KEY_PREFIX):
         return False
     body = key[len(KEY_PREFIX):]

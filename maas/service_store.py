@@ -85,7 +85,26 @@ def connect(path: Path | None = None):
     connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
     connection.execute("PRAGMA journal_mode=WAL")  # readers (maas usage) never block the service
     connection.executescript(SCHEMA)
+    if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'api_keys'").fetchone():
+        with connection:
+            migrate_keys_before_scopes(connection)
     return connection
+
+
+def migrate_keys_before_scopes(connection) -> None:
+    """A store from before scopes and rotation kept one hash per key in `api_keys`: its keys move to
+    `keys` / `key_secrets` with scope predict and keep working (their format has no checksum: see
+    maas/api_keys.py), and the old table is renamed, so this runs once."""
+    def epoch(text: str | None) -> float | None:
+        return datetime.fromisoformat(text).timestamp() if text else None
+
+    rows = connection.execute("SELECT key_id, key_hash, name, tier, created_at, revoked_at FROM api_keys").fetchall()
+    for key_id, key_hash, name, tier, created, revoked in rows:
+        connection.execute("INSERT INTO keys VALUES (?, ?, ?, 'predict', ?, NULL, ?) ON CONFLICT (key_id) DO NOTHING",
+                           (key_id, name, tier, epoch(created), epoch(revoked)))
+        connection.execute("INSERT INTO key_secrets VALUES (?, ?, ?, NULL) ON CONFLICT (secret_hash) DO NOTHING",
+                           (key_hash, key_id, epoch(created)))
+    connection.execute("ALTER TABLE api_keys RENAME TO api_keys_before_scopes")
 
 
 class PostgresStore:
@@ -112,6 +131,8 @@ class PostgresStore:
             self.connection.execute("SELECT pg_advisory_xact_lock(7215)")  # two replicas creating it at once
             for statement in filter(str.strip, schema.split(";")):
                 self.connection.execute(statement)
+            if self.connection.execute("SELECT to_regclass('api_keys')").fetchone()[0]:
+                migrate_keys_before_scopes(self)
 
     @staticmethod
     def _sql(sql: str) -> str:

@@ -248,3 +248,32 @@ def test_aliases_move_over_http_with_the_admin_key_as_actor(wine, maas_home, tmp
     assert rolled.json()["after"] == "v1" and str(client.get_model_version_by_alias("maas-demo", "champion").version) == "1"
     moves = [(entry.actor, entry.action, entry.after) for entry in audit.entries(connect(), "alias")]
     assert moves == [(f"key {admin_key.key_id}", "alias.promote", "v2"), (f"key {admin_key.key_id}", "alias.rollback", "v1")]
+
+
+def test_keys_issued_before_scopes_keep_working_after_the_upgrade(wine, maas_home):
+    """A store from before scopes and rotation: its keys move to the new tables on first open, keep
+    working with scope predict, and rotation gives them the checksummed format."""
+    import secrets
+    import sqlite3
+
+    from maas.api_keys import hash_key, list_keys
+
+    legacy = "maas_" + secrets.token_urlsafe(24)
+    maas_home.mkdir(parents=True)
+    old = sqlite3.connect(maas_home / "service.db")
+    old.execute("CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, name TEXT NOT NULL, "
+                "tier TEXT NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT)")
+    old.executemany("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)", [
+        ("0a0b0c0d", hash_key(legacy), "early", "pro", "2026-10-01T08:00:00+00:00", None),
+        ("0e0f1011", hash_key("maas_" + secrets.token_urlsafe(24)), "gone", "pro", "2026-10-01T08:00:00+00:00",
+         "2026-11-01T08:00:00+00:00")])
+    old.commit()
+    old.close()
+    store = connect()
+    assert [(key.key_id, key.scopes, key.state) for key in list_keys(store)] == [
+        ("0a0b0c0d", ("predict",), "active"), ("0e0f1011", ("predict",), "revoked")]
+    assert connect().execute("SELECT COUNT(*) FROM keys").fetchone() == (2,)  # migrated once
+    gate = gate_for(wine[0])
+    assert predict(gate, legacy, wine[1][:1]).status_code == 200
+    fresh = rotate_key(store, "0a0b0c0d", grace_s=0)
+    assert well_formed(fresh) and len(fresh) == KEY_LENGTH and predict(gate, fresh, wine[1][:1]).status_code == 200

@@ -101,6 +101,18 @@ def test_keys_rotation_audit_and_billed_retries_on_postgresql(shared_store, tmp_
     assert purge_predictions(store, 1) == 1 and read_predictions(store) == [] and usage_report(store)[0]["rows"] == 5
 
 
+def test_keys_from_before_scopes_move_over_on_postgresql(shared_store):
+    import psycopg
+
+    with psycopg.connect(shared_store.replace("+psycopg", ""), autocommit=True) as old:
+        old.execute("CREATE TABLE api_keys (key_id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, name TEXT NOT NULL, "
+                    "tier TEXT NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT)")
+        old.execute("INSERT INTO api_keys VALUES ('0a0b0c0d', 'h', 'early', 'pro', '2026-10-01T08:00:00+00:00', NULL)")
+    store = connect()
+    assert [(key.key_id, key.scopes, key.state) for key in list_keys(store)] == [("0a0b0c0d", ("predict",), "active")]
+    assert key_grant(connect(), "h").key_id == "0a0b0c0d"
+
+
 def test_an_unreachable_store_is_one_line_without_its_password(maas_home, monkeypatch):
     monkeypatch.setenv("MAAS_STORE_URL", "postgresql://maas:hunter2@127.0.0.1:1/nowhere")
     with pytest.raises(MaasInputError, match=r"MAAS_STORE_URL: cannot reach .*127\.0\.0\.1:1") as raised:
