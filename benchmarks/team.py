@@ -19,6 +19,7 @@ Writes benchmarks/results/team.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -237,13 +238,29 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["tuning", "replicas", "stack"])
     args = parser.parse_args()
     report = {"measured_at": now(), "machine": machine()}
+    previous_path = ROOT / "benchmarks" / "results" / "team.json"
+    if args.skip and previous_path.is_file():  # a skipped section keeps its figures from the run that made them
+        previous = json.loads(previous_path.read_text())
+        for section in args.skip:
+            if section in previous:
+                report[section] = {**previous[section], "measured_at": previous[section].get(
+                    "measured_at", previous["measured_at"])}
     if "tuning" not in args.skip:
         report["tuning"] = tuning_section(args)
     if "replicas" not in args.skip:
         report["replicas"] = replicas_section(args.seconds)
     if "stack" not in args.skip:
         report["stack"] = stack_section()
+    for section in ("tuning", "replicas", "stack"):
+        if section not in args.skip and section in report:
+            report[section]["measured_at"] = report["measured_at"]
     write_results("team", report, render)
+
+
+def section_date(report: dict, section: dict) -> list[str]:
+    """A line naming when a section was measured, where that differs from the report's run."""
+    at = section.get("measured_at")
+    return [f"Measured {at} (a separate run).", ""] if at and at != report["measured_at"] else []
 
 
 def render(report: dict) -> str:
@@ -252,7 +269,7 @@ def render(report: dict) -> str:
     if tuning:
         medians = tuning["median_trials_per_s"]
         one = medians["1 process"]
-        lines += ["", f"## Tuning across processes ({tuning['storage']} study storage)", "",
+        lines += ["", f"## Tuning across processes ({tuning['storage']} study storage)", "", *section_date(report, tuning),
                   f"breast_cancer, the default network search space, {tuning['trials']} trials a study without pruning, "
                   f"{tuning['rounds']} alternating rounds; trials/s over the whole study, worker start-up included.", "",
                   "| arm | median trials/s | against 1 process | runs (s) | failed trials |", "|---|---|---|---|---|"]
@@ -265,7 +282,7 @@ def render(report: dict) -> str:
     replicas = report.get("replicas")
     if replicas:
         one = replicas["1 replica"]["rows_per_s"]
-        lines += ["", "## Service replicas (Redis limits, PostgreSQL store)", "",
+        lines += ["", "## Service replicas (Redis limits, PostgreSQL store)", "", *section_date(report, replicas),
                   "One-row requests at concurrency 32, the client's connections split between the replicas; each "
                   "replica one worker. Client and replicas share the 2 cores.", "",
                   "| replicas | rows/s | against 1 | p99 ms | dropped |", "|---|---|---|---|---|"]
@@ -280,7 +297,7 @@ def render(report: dict) -> str:
     stack = report.get("stack")
     if stack:
         embedded, team = stack["embedded"], stack["team"]
-        lines += ["", "## A training run on the team stack", "",
+        lines += ["", "## A training run on the team stack", "", *section_date(report, stack),
                   "`maas run --dataset breast_cancer` (default config) embedded (SQLite, Prefect's temporary server) "
                   "against a `maas tracking-server` and a `prefect server` on PostgreSQL, started beforehand.", "",
                   "| stage | embedded s | team stack s | difference s |", "|---|---|---|---|"]
