@@ -118,6 +118,7 @@ class ServiceGate:
         self.app, self.settings = app, settings
         self.meter = Meter(settings.prediction_log_sample, gauges=ProcessGauges(registry),
                            redactor=redactor_for(settings.privacy))
+        self.security_headers = SECURITY_HEADERS + ([HSTS] if settings.tls.enabled else [])
         self.store = connect()  # the meter's belongs to its thread
         self.missed: set[str] = set()  # unknown secrets since the meter's last reload of the keys
         self.missed_for: dict | None = None
@@ -148,6 +149,7 @@ class ServiceGate:
     async def handle(self, scope, receive, send, passthrough):
         if scope["type"] != "http":
             return await passthrough(scope, receive, send)
+        send = with_security_headers(send, self.security_headers)
         path, method = scope["path"], scope["method"]
         if path == PREDICT_PATH and method == "POST":
             return await self.predict(scope, receive, send)
@@ -298,6 +300,25 @@ def ignored_columns_header(columns: list[str]) -> str:
     percent-encoded, since a header is latin-1, may not start or end with a space (h11 closed the
     connection on a column named ' '), and a column name may be any text."""
     return ", ".join(quote(column, safe="!\"#$&'()*+-./:;<=>?@[\\]^_`{|}~") for column in columns)
+
+
+# On every answer, the gate's and BentoML's: no MIME sniffing of a JSON answer, no cache keeping a
+# prediction or a key, and on HTTPS, browsers told to stay on HTTPS for a year (OWASP's API set).
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
+def with_security_headers(send, headers: list[tuple[bytes, bytes]]):
+    """`send`, adding `headers` to the response's start unless the app set them itself."""
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            present = {name.lower() for name, _ in message.get("headers", [])}
+            added = [header for header in headers if header[0] not in present]
+            if added:
+                message = {**message, "headers": [*message.get("headers", []), *added]}
+        await send(message)
+
+    return sending
 
 
 def rate_limit_headers(tier: str, per_minute: int, taken) -> dict[str, str]:

@@ -49,6 +49,7 @@ def test_the_service_answers_over_https_and_not_over_plain_http(prefect_server, 
             rows = json.loads(load_wine(as_frame=True).data.head(3).to_json(orient="records"))
             answer = client.post(f"{base}/predict", json={"rows": rows}, headers={"X-API-Key": key})
             assert answer.status_code == 200 and len(answer.json()) == 3
+            assert answer.headers["strict-transport-security"] == "max-age=31536000"  # stay on HTTPS
         assert f"on https://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
         with pytest.raises(httpx.HTTPError):  # the port speaks TLS only
             httpx.post(f"http://127.0.0.1:{port}/predict", json={"rows": rows}, headers={"X-API-Key": key}, timeout=5)

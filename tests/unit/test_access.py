@@ -81,6 +81,18 @@ def test_every_predict_answer_carries_its_rate_limit(wine, maas_home):
     assert first.headers["ratelimit-policy"] == '"free";q=2;w=60' and first.headers["ratelimit"].startswith('"free";r=1;t=')
 
 
+def test_every_answer_carries_the_security_headers_and_hsts_on_https(wine, maas_home):
+    from maas.config import TLSConfig
+
+    plain = call(gate_for(wine[0], auth=False), [("POST", "/predict", {"json": {"rows": wine[1][:1]}}),
+                                                 ("GET", "/docs", {}), ("POST", "/predict", {"json": {}})])
+    assert all(answer.headers["x-content-type-options"] == "nosniff" and answer.headers["cache-control"] == "no-store"
+               and "strict-transport-security" not in answer.headers for answer in plain)
+    (secure,) = call(gate_for(wine[0], auth=False, tls=TLSConfig(certfile="c.pem", keyfile="k.pem")),
+                     [("GET", "/metadata", {})])
+    assert secure.headers["strict-transport-security"] == "max-age=31536000"
+
+
 def test_metadata_and_metrics_can_require_a_key(wine, maas_home):
     store = connect()
     _, caller = create_key(store, "caller", "pro")
