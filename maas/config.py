@@ -326,12 +326,12 @@ class PrivacyConfig(Section):
 
     columns: dict[str, Literal["keep", "drop", "hash", "mask", "encrypt"]] = Field(
         default_factory=dict, description="column -> keep | drop | hash (HMAC-SHA256 with a secret salt) | "
-        "mask (all but the last 4 characters) | encrypt (Fernet, with a key from the environment)")
+        "mask (all but the last 4 characters) | encrypt (AES-256-GCM, with a key from the environment)")
     default: Literal["keep", "drop", "hash", "mask", "encrypt"] = Field("keep", description="policy of a column "
                                                                         "not named in columns")
     hash_salt_env: str = Field("MAAS_LOG_HASH_SALT", description="environment variable holding the hash policy's salt")
     encryption_key_env: str = Field("MAAS_LOG_ENCRYPTION_KEY", description="environment variable holding the "
-                                    "encrypt policy's Fernet key (cryptography.fernet.Fernet.generate_key())")
+                                    "encrypt policy's key: 32 url-safe base64 bytes (cryptography.fernet.Fernet.generate_key())")
     retention_days: float | None = Field(None, gt=0, description="logged inputs older than this are purged by the "
                                          "monitoring flow (and `maas purge`); usage counts stay")
 
