@@ -356,6 +356,8 @@ def security_costs(service, measure, home: Path, pairs: int) -> dict:
     policy) against TLS, a privacy policy on every logged request (2 hashed columns, 1 masked,
     1 encrypted, 1 dropped; prediction_log_sample 1.0), and keys off: `pairs` rounds of all four in a
     shuffled order, medians. The load client shares the cores, so TLS is paid on both ends here."""
+    import random
+
     from cryptography.fernet import Fernet
 
     from maas.tls import self_signed
@@ -364,8 +366,6 @@ def security_costs(service, measure, home: Path, pairs: int) -> dict:
     changed = {"tls": {"tls": {"certfile": certfile, "keyfile": keyfile}}, "privacy": {"privacy": PRIVACY_POLICY},
                "no keys": {"auth": False}}
     secrets = {"MAAS_LOG_HASH_SALT": "benchmark-salt-0123456789", "MAAS_LOG_ENCRYPTION_KEY": Fernet.generate_key().decode()}
-    import random
-
     runs = {variant: [] for variant in ("default", *SECURITY_VARIANTS)}
     order = random.Random(0)
     for _ in range(pairs):
@@ -376,7 +376,8 @@ def security_costs(service, measure, home: Path, pairs: int) -> dict:
     return runs
 
 
-def security_medians(runs: dict, cell: str, field: str) -> dict[str, float]:
+def medians(runs: dict, cell: str, field: str) -> dict[str, float]:
+    """{variant: runs} -> each variant's median of one cell's field."""
     import numpy as np
 
     return {variant: float(np.median([run[cell][field] for run in variant_runs])) for variant, variant_runs in runs.items()}
@@ -424,8 +425,6 @@ def targets(report: dict) -> dict:
 
 
 def render(report: dict) -> str:
-    import numpy as np
-
     lines = ["# Serving on loopback", "", measured_on(report) + " Client and server share the machine.", "",
              f"Compute ceiling (bundle in-process, 64 raw rows per call): {report['compute']['rows_per_s']:,.0f} rows/s "
              f"({report['compute']['ms_per_64_rows']:.2f} ms per 64 rows).", "",
@@ -456,11 +455,10 @@ def render(report: dict) -> str:
                   "| setting | one-row rows/s default / changed | one-row p99 ms default / changed | 64-row rows/s default / changed |",
                   "|---|---|---|---|"]
         for setting, runs in report["ablations"].items():
-            def median(variant, cell, field):
-                return float(np.median([run[cell][field] for run in runs[variant]]))
-            lines.append(f"| {setting} | {median('default', 'c32_r1', 'rows_per_s'):,.0f} / {median('changed', 'c32_r1', 'rows_per_s'):,.0f} | "
-                         f"{median('default', 'c32_r1', 'p99_ms'):.1f} / {median('changed', 'c32_r1', 'p99_ms'):.1f} | "
-                         f"{median('default', 'c32_r64', 'rows_per_s'):,.0f} / {median('changed', 'c32_r64', 'rows_per_s'):,.0f} |")
+            rows, p99, wide = (medians(runs, cell, field) for cell, field in
+                               (("c32_r1", "rows_per_s"), ("c32_r1", "p99_ms"), ("c32_r64", "rows_per_s")))
+            lines.append(f"| {setting} | {rows['default']:,.0f} / {rows['changed']:,.0f} | "
+                         f"{p99['default']:.1f} / {p99['changed']:.1f} | {wide['default']:,.0f} / {wide['changed']:,.0f} |")
     if report.get("security"):
         security = report["security"]
         measured = report.get("security_measured")
@@ -476,9 +474,9 @@ def render(report: dict) -> str:
         rounds = len(security["default"])
         with_cpu = "server_cpu_ms_per_request" in security["default"][0]["c32_r1"]
         ratios = round_ratios(security, "c32_r1", "rows_per_s")
-        cpu = security_medians(security, "c32_r1", "server_cpu_ms_per_request") if with_cpu else {}
+        cpu = medians(security, "c32_r1", "server_cpu_ms_per_request") if with_cpu else {}
         cpu_ratios = round_ratios(security, "c32_r1", "server_cpu_ms_per_request") if with_cpu else {}
-        c1, c32, p99 = (security_medians(security, cell, field) for cell, field in
+        c1, c32, p99 = (medians(security, cell, field) for cell, field in
                         (("c1_r1", "rows_per_s"), ("c32_r1", "rows_per_s"), ("c32_r1", "p99_ms")))
         for variant in c32:
             lines.append(f"| {variant} | {c1[variant]:,.0f} | {c32[variant]:,.0f} | {ratios[variant]:.2f}x | "

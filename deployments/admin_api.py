@@ -30,11 +30,11 @@ from urllib.parse import parse_qs
 import orjson
 
 from maas import audit
-from maas.api_keys import Grant, create_key, iso, list_keys, parse_scopes, revoke_key, rotate_key
-from maas.billing import monthly_invoices
+from maas.api_keys import Grant, create_key, list_keys, parse_scopes, revoke_key, rotate_key
+from maas.billing import billing_period, monthly_invoices
 from maas.config import ServingConfig
 from maas.errors import MaasInputError
-from maas.service_store import connect, current_month, usage_report
+from maas.service_store import connect, current_month, iso, usage_report
 
 USAGE_PATH = "/usage"
 ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -147,10 +147,8 @@ def _move_alias(action: str, body: dict, actor: str) -> dict:
 
 def _month(query: dict) -> str:
     month = query.get("month", [current_month()])[0]
-    from maas.billing import month_bounds
-
     try:
-        month_bounds(month)
+        billing_period(month)
     except MaasInputError:
         raise ApiError(400, f"month '{month}': expected YYYY-MM") from None
     return month

@@ -32,7 +32,7 @@ from maas.paths import maas_home
 from maas.privacy import redactor_for
 from deployments.admin_api import ApiError, answer_async, needed_scope
 from maas.api_keys import SCOPE_MEANING, SCOPES, Grant, hash_key, key_grant, well_formed
-from maas.service_store import connect, current_month, rows_used
+from maas.service_store import connect, current_month, month_bounds, rows_used
 
 PREDICT_PATH = "/predict"
 METADATA_PATH = "/metadata"
@@ -80,9 +80,8 @@ def predictions(bundle: ModelBundle, probabilities: np.ndarray) -> list[dict]:
 
 
 def seconds_to_next_month() -> int:
-    now = datetime.now(timezone.utc)
-    start = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=timezone.utc)
-    return int((start - now).total_seconds()) + 1
+    now = time.time()
+    return int(month_bounds(datetime.fromtimestamp(now, timezone.utc))[1] - now) + 1
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ class ServiceGate:
             return await self.predict(scope, receive, send)
         scopes = self.scopes_for(path)
         if scopes:
-            grant, refusal = self.authorize(scope, scopes)
+            grant, refusal = self.authorize(request_headers(scope), path, scopes)
             if refusal:
                 return await reply(send, *refusal)
             if needed_scope(path):
@@ -170,9 +169,7 @@ class ServiceGate:
             body = await read_body(receive, {}, self.settings.max_request_bytes)
             status, payload = await answer_async(scope["method"], scope["path"],
                                                  scope.get("query_string", b"").decode("latin-1"), body, grant, self.settings)
-        except BadRequest as refused:
-            status, payload = refused.status, {"error": refused.message}
-        except ApiError as refused:
+        except (BadRequest, ApiError) as refused:
             status, payload = refused.status, {"error": refused.message}
         return await reply(send, status, payload)
 
@@ -188,15 +185,15 @@ class ServiceGate:
         management = needed_scope(path)
         return (management, "admin") if management else ()
 
-    def authorize(self, scope, scopes: tuple[str, ...]) -> tuple[Grant | None, tuple[int, dict] | None]:
+    def authorize(self, headers: dict[str, str], path: str, scopes: tuple[str, ...]
+                  ) -> tuple[Grant | None, tuple[int, dict] | None]:
         """(the key's grant, None), or (None, (status, error)): 401 for a missing, malformed, unknown,
         expired or rotated-out key, 403 for a key without any of `scopes`. With serving.auth off
         there are no keys: every caller is anonymous, and management over HTTP is off."""
         if not self.settings.auth:
-            if needed_scope(scope["path"]):
+            if needed_scope(path):
                 return None, (403, {"error": "serving.auth is false: no keys, so no management over HTTP"})
             return ANONYMOUS_GRANT, None
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         presented = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not presented:
             return None, (401, {"error": "missing API key (header X-API-Key, or Authorization: Bearer)"})
@@ -213,12 +210,12 @@ class ServiceGate:
         return grant, None
 
     async def predict(self, scope, receive, send):
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        headers = request_headers(scope)
         key_id, tier, tier_name, limit_headers = ANONYMOUS, None, None, {}
         answering = self.answering  # one set of models for the whole request, even across a swap
         default_label = answering.models.default.label
         if self.settings.auth:
-            grant, refusal = self.authorize(scope, ("predict",))
+            grant, refusal = self.authorize(headers, PREDICT_PATH, ("predict",))
             if refusal:
                 return await reply(send, *refusal)
             key_id, tier_name = grant.key_id, grant.tier
@@ -293,6 +290,11 @@ class ServiceGate:
                           for name, tier in settings.tiers.items()},
                 "key_scopes": SCOPE_MEANING, "public_endpoints": settings.public_endpoints,
                 "request_id": "X-Request-Id: a retry with the same id is answered again but billed once"}
+
+
+def request_headers(scope) -> dict[str, str]:
+    """The request's headers, names in lower case, read once per request."""
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
 
 
 def ignored_columns_header(columns: list[str]) -> str:

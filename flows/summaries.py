@@ -9,7 +9,7 @@ from typing import Any
 from maas.config import RunConfig
 from maas.run_context import RunContext
 from tasks.alerts import AlertOutcome
-from tasks.check import iso
+from maas.service_store import iso
 from tasks.drift import DriftReport
 from tasks.health import HealthReport
 from tasks.quality import QualityReport, RollbackDecision

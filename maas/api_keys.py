@@ -19,9 +19,9 @@ import string
 import time
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from maas import audit
+from maas.service_store import iso
 
 KEY_PREFIX = "maas_"
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -72,10 +72,6 @@ def well_formed(key: str) -> bool:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def iso(epoch: float | None) -> str:
-    return "-" if epoch is None else datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
 
 def parse_scopes(scopes: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

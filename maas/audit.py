@@ -45,7 +45,7 @@ class Entry:
         return [self.seq, self.at, self.actor, self.action, self.target, self.before, self.after, self.reason]
 
     def as_dict(self) -> dict:
-        from maas.api_keys import iso
+        from maas.service_store import iso
 
         return {"seq": self.seq, "time": iso(self.at), "actor": self.actor, "action": self.action,
                 "target": self.target, "before": self.before, "after": self.after, "reason": self.reason,

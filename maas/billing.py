@@ -18,6 +18,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from maas.config import TierConfig
 from maas.errors import MaasInputError
+from maas.service_store import month_bounds
 
 CENT = Decimal("0.01")
 
@@ -42,14 +43,12 @@ class Invoice:
         return {name: str(value) if isinstance(value, Decimal) else value for name, value in asdict(self).items()}
 
 
-def month_bounds(month: str) -> tuple[float, float]:
-    """Epoch seconds of the month's first instant and of the next month's (UTC)."""
+def billing_period(month: str) -> tuple[float, float]:
+    """Epoch seconds of the month's first instant and of the next month's (UTC), from YYYY-MM."""
     try:
-        start = datetime.strptime(month, "%Y-%m").replace(tzinfo=timezone.utc)
+        return month_bounds(datetime.strptime(month, "%Y-%m").replace(tzinfo=timezone.utc))
     except ValueError:
         raise MaasInputError(f"--month '{month}': expected YYYY-MM, e.g. 2026-12") from None
-    following = datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=timezone.utc)
-    return start.timestamp(), following.timestamp()
 
 
 def invoice(month: str, key: tuple[str, str, str], usage: tuple[int, int], tier: TierConfig) -> Invoice:
@@ -66,7 +65,7 @@ def invoice(month: str, key: tuple[str, str, str], usage: tuple[int, int], tier:
 def monthly_invoices(connection, month: str, tiers: dict[str, TierConfig]) -> list[Invoice]:
     """An invoice for every key that was live in the month (created before its end, not revoked
     before its start) or that has usage in it."""
-    start, end = month_bounds(month)
+    start, end = billing_period(month)
     keys = connection.execute("SELECT key_id, name, tier FROM keys WHERE created_at < ? AND (revoked_at IS NULL "
                               "OR revoked_at >= ?) ORDER BY created_at", (end, start)).fetchall()
     used = {row[0]: (row[1], row[2]) for row in connection.execute(

@@ -257,12 +257,7 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
 
 def command_run(args: argparse.Namespace) -> int:
     if args.budget is not None:
-        from maas.budget import parse_duration
-
-        try:
-            args.overrides = [*args.overrides, f"budget.time_s={parse_duration(args.budget)}"]
-        except ValueError as error:
-            raise MaasInputError(f"--budget: {error}") from None
+        args.overrides = [*args.overrides, f"budget.time_s={duration_argument('--budget', args.budget)}"]
 
     def training_flow():
         from flows.train_pipeline import train_pipeline
@@ -357,15 +352,15 @@ def duration_argument(flag: str, text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as error:
-        raise MaasInputError(f"{flag} {error}") from None
+        raise MaasInputError(f"{flag}: {error}") from None
 
 
 def command_keys(args: argparse.Namespace) -> int:
     import time
 
-    from maas.api_keys import create_key, iso, list_keys, parse_scopes, revoke_key, rotate_key
+    from maas.api_keys import create_key, list_keys, parse_scopes, revoke_key, rotate_key
     from maas.config import load_config
-    from maas.service_store import connect
+    from maas.service_store import connect, iso
 
     connection = connect()
     if args.key_command == "create":
@@ -449,7 +444,7 @@ def command_audit(args: argparse.Namespace) -> int:
 def command_purge(args: argparse.Namespace) -> int:
     from maas.config import load_config
     from maas.privacy import purge_predictions
-    from maas.service_store import apply_journals, connect, meter_folder
+    from maas.service_store import connect_settled
 
     if args.older_than:
         days = duration_argument("--older-than", args.older_than) / 86_400
@@ -457,9 +452,7 @@ def command_purge(args: argparse.Namespace) -> int:
         days = load_config(args.config).serving.privacy.retention_days
         if days is None:
             raise MaasInputError("no retention period: pass --older-than (e.g. 30d) or set serving.privacy.retention_days")
-    connection = connect()
-    apply_journals(connection, meter_folder())  # what gone workers journaled is purged by the same rule
-    purged = purge_predictions(connection, days)
+    purged = purge_predictions(connect_settled(), days)  # what gone workers journaled goes by the same rule
     print(f"purged {purged} logged request(s) older than {days:g} days; usage counts are kept")
     return 0
 
@@ -467,12 +460,10 @@ def command_purge(args: argparse.Namespace) -> int:
 def command_bill(args: argparse.Namespace) -> int:
     from maas.billing import invoices_csv, invoices_html, monthly_invoices
     from maas.config import load_config
-    from maas.service_store import apply_journals, connect, meter_folder
+    from maas.service_store import connect_settled
 
     tiers = load_config(args.config).serving.tiers
-    connection = connect()
-    apply_journals(connection, meter_folder())
-    invoices = monthly_invoices(connection, args.month, tiers)
+    invoices = monthly_invoices(connect_settled(), args.month, tiers)
     as_json = json.dumps([line.as_json() for line in invoices], indent=1)
     if args.out:
         folder = Path(args.out)
@@ -492,11 +483,9 @@ def command_bill(args: argparse.Namespace) -> int:
 
 
 def command_usage(args: argparse.Namespace) -> int:
-    from maas.service_store import apply_journals, connect, meter_folder, usage_report
+    from maas.service_store import connect_settled, usage_report
 
-    connection = connect()
-    apply_journals(connection, meter_folder())  # what workers that are gone journaled but did not bring in
-    report = usage_report(connection, args.month)
+    report = usage_report(connect_settled(), args.month)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0

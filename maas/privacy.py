@@ -109,11 +109,6 @@ def redactor_for(privacy: PrivacyConfig) -> LogRedactor | None:
     return LogRedactor(privacy) if privacy.active else None
 
 
-def kept_columns(privacy: PrivacyConfig, columns) -> list[str]:
-    """The columns the log holds in clear: what drift and a rollback's re-scoring can read."""
-    return [column for column in columns if privacy.policy(column) == "keep"]
-
-
 def purge_predictions(connection, retention_days: float, now: float | None = None, actor: str | None = None) -> int:
     """Delete logged inputs older than the retention period; usage (and so bills) stays. Audited."""
     from maas import audit

@@ -89,13 +89,13 @@ def alias_version(client, name: str, alias: str) -> str | None:
 REPLACED_TAG = "replaced_champion_version"  # on a version: the one its alias pointed at before; a rollback's target
 
 
-def move_alias(client, target: ModelRef, action: str, reason: str, actor: str | None = None) -> str | None:
-    """Point target.alias at target.version, write who did it and why to the audit trail (action:
-    alias.promote, alias.rollback, alias.register), and return the version the alias left (None if new)."""
+def move_alias(client, target: ModelRef, before: str | None, action: str, reason: str, actor: str | None = None) -> None:
+    """Point target.alias at target.version and write who did it and why to the audit trail (action:
+    alias.promote, alias.rollback, alias.register). `before`: the version the alias leaves (None if
+    new), which each caller already holds."""
     from maas import audit
     from maas.service_store import connect
 
-    before = alias_version(client, target.name, target.alias)
     client.set_registered_model_alias(target.name, target.alias, target.version)
     connection = connect()
     try:
@@ -103,7 +103,6 @@ def move_alias(client, target: ModelRef, action: str, reason: str, actor: str | 
                      f"v{target.version}", reason, actor)
     finally:
         connection.close()
-    return before
 
 
 def promote(client, name: str, version: str, alias: str, reason: str, actor: str | None = None) -> str | None:
@@ -115,7 +114,8 @@ def promote(client, name: str, version: str, alias: str, reason: str, actor: str
         raise MaasInputError(f"{name}@{alias} already points at v{ref.version}")
     if before:
         client.set_model_version_tag(name, ref.version, REPLACED_TAG, before)
-    return move_alias(client, replace(ref, alias=alias), "alias.promote", reason or "by hand", actor)
+    move_alias(client, replace(ref, alias=alias), before, "alias.promote", reason or "by hand", actor)
+    return before
 
 
 def rollback(client, name: str, alias: str, reason: str, actor: str | None = None) -> tuple[str, str]:
@@ -127,5 +127,5 @@ def rollback(client, name: str, alias: str, reason: str, actor: str | None = Non
                              f"to (use maas promote {name} VERSION)")
     ModelRef(name, version=previous).resolve(client, "replaced version")
     client.set_model_version_tag(name, current.version, "rolled_back", (reason or "by hand")[:500])
-    move_alias(client, ModelRef(name, alias, previous), "alias.rollback", reason or "by hand", actor)
+    move_alias(client, ModelRef(name, alias, previous), current.version, "alias.rollback", reason or "by hand", actor)
     return current.version, previous

@@ -172,10 +172,20 @@ def current_month(now: float | None = None) -> str:
     if start <= now < end:
         return month
     moment = datetime.fromtimestamp(now, timezone.utc)
+    _MONTH[:] = [moment.strftime("%Y-%m"), *month_bounds(moment)]
+    return _MONTH[0]
+
+
+def month_bounds(moment: datetime) -> tuple[float, float]:
+    """Epoch seconds of the first instant of `moment`'s month (UTC) and of the next month's."""
     first = datetime(moment.year, moment.month, 1, tzinfo=timezone.utc)
     following = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=timezone.utc)
-    _MONTH[:] = [moment.strftime("%Y-%m"), first.timestamp(), following.timestamp()]
-    return _MONTH[0]
+    return first.timestamp(), following.timestamp()
+
+
+def iso(epoch: float | None) -> str:
+    """An epoch time as the store's CLI and JSON show it (UTC, to the second); '-' for none."""
+    return "-" if epoch is None else datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
 
 def rows_used(connection: sqlite3.Connection, month: str) -> dict[str, int]:
@@ -277,6 +287,14 @@ def apply_journals(connection: sqlite3.Connection, folder: Path, own_path: Path 
 
 def meter_folder() -> Path:
     return maas_home() / "run" / "meter"
+
+
+def connect_settled():
+    """The store with what service workers that are gone journaled brought in: what `maas usage`,
+    `maas bill`, `maas purge` and the monitor read (live workers bring in their own each second)."""
+    connection = connect()
+    apply_journals(connection, meter_folder())
+    return connection
 
 
 def usage_report(connection: sqlite3.Connection, month: str | None = None) -> list[dict]:

@@ -24,7 +24,7 @@ from maas.privacy import purge_predictions
 from maas.registered import REPLACED_TAG, ModelRef, download_bundle
 from maas.run_context import RunContext, open_run
 from maas.tracking import mlflow_client
-from maas.service_store import apply_journals, connect, last_check, meter_folder, save_check
+from maas.service_store import connect_settled, last_check, save_check
 from tasks.drift import read_reference
 from tasks.prediction_log import LoggedRows, read_ground_truth, read_logged_rows, with_ground_truth
 
@@ -107,16 +107,11 @@ class Check:
         return with_ground_truth(self.recent, read_ground_truth(self.monitoring.labels_path))
 
 
-def iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
-
-
 @contextmanager
 def open_check(config: RunConfig) -> Iterator[Check]:
     """A check of the watched model over the log since the last one, as an MLflow run in the
     monitoring experiment; the check's end (and its service scrape) is saved for the next one."""
-    connection = connect()
-    apply_journals(connection, meter_folder())  # requests journaled by service workers that are gone
+    connection = connect_settled()  # with the requests journaled by service workers that are gone
     at = time.time()
     name = f"check-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     with tempfile.TemporaryDirectory(dir=maas_home(), prefix="monitor-") as scratch:

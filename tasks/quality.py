@@ -141,8 +141,8 @@ def check_rollback(check: Check) -> RollbackDecision | None:
     decision = rollback_decision(watched.ref.version, watched.replaced_version, new_f1, old_f1, len(mine), monitoring)
     if decision.roll_back:
         client = check.ctx.client
-        move_alias(client, ModelRef(watched.ref.name, watched.ref.alias, watched.replaced_version), "alias.rollback",
-                   decision.reason, "monitoring flow")
+        move_alias(client, ModelRef(watched.ref.name, watched.ref.alias, watched.replaced_version), watched.ref.version,
+                   "alias.rollback", decision.reason, "monitoring flow")
         client.set_model_version_tag(watched.ref.name, watched.ref.version, "rolled_back", decision.reason[:500])
         decision = replace(decision, action=f"@{watched.ref.alias} rolled back to v{watched.replaced_version}")
     return decision

@@ -291,8 +291,8 @@ def register_version(client, model_info, target: ModelRef, run_id: str, tags: di
     )
     try:  # the gate's decision, in the audit trail with the run as its actor
         action = "alias.promote" if tags.get("gate") == "promoted" else "alias.register"
-        move_alias(client, ModelRef(name, alias, str(version.version)), action, tags.get("gate_reason", ""),
-                   f"training run {run_id}")
+        move_alias(client, ModelRef(name, alias, str(version.version)), alias_version(client, name, alias), action,
+                   tags.get("gate_reason", ""), f"training run {run_id}")
     except Exception:
         client.delete_model_version(name, version.version)
         raise
