@@ -222,7 +222,7 @@ def test_fuzzed_management_calls_never_get_a_5xx(wine, maas_home):
         "reason": documents, "model": documents, "version": documents, "alias": documents}) | documents
     paths = st.sampled_from(["/admin/keys", "/admin/keys/x/rotate", "/admin/keys/x/revoke", "/admin/audit", "/admin/bill",
                              "/usage", "/admin/audit/verify", "/admin/", "/admin/promote", "/admin/rollback"]) | st.text(
-        "abcxyz0189-_./%~", max_size=15).map(lambda tail: "/admin/" + tail)
+        "abcxyz0189-_/~", max_size=15).map(lambda tail: "/admin/" + tail)  # no '.' or '%': httpx resolves "/admin/.." to "/"
     statuses = []
 
     @given(method=st.sampled_from(["GET", "POST", "DELETE"]), path=paths, body=bodies,
