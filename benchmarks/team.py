@@ -1,18 +1,21 @@
 """Team mode, measured on this machine's PostgreSQL and Redis, in one run:
 
-- tuning: trials of one Optuna study in 2 worker processes against 1 process, and against 2 threads
-  (tuning.n_jobs, the GIL-bound alternative). Each arm runs the same study (the default config's
-  network search space on breast_cancer, --trials trials, no pruning so that every trial trains its
-  epochs) from empty storage; trials per second over the whole study, worker start-up included;
-  arms alternate, medians reported. --storage: a PostgreSQL admin URL (each study its own
-  database), default SQLite files.
+- run_tuning: the tune stage of `maas run` (default config, --run-trials trials, no pruning) with
+  tuning.workers 1 and 2; trials per second of the stage, as the run's summary times it.
+- tuning: trials of one Optuna study in 2 worker processes (started ahead, as the flow starts them,
+  or at the study) against 1 process, and against 2 threads (tuning.n_jobs, the GIL-bound
+  alternative). Each arm runs the same study (the default config's network search space on
+  breast_cancer, --trials trials, no pruning so that every trial trains its epochs) from empty
+  storage; trials per second over the whole study; arms alternate, medians reported. --storage: a
+  PostgreSQL admin URL (each study its own database), default SQLite files.
 - replicas: the service as 2 replicas (one worker each; limits in Redis, the store in PostgreSQL)
   against 1, at concurrency 32 with one-row requests (the client splits its connections between
   the replicas, as a load balancer would); then a 10 s burst at both with a 50-a-minute key.
 - the stack: `maas run` on breast_cancer against a tracking server and a Prefect server, both on
   PostgreSQL, against the embedded default, stage by stage.
 
-Usage: python benchmarks/team.py [--rounds 3] [--trials 16] [--storage ADMIN_URL] [--skip tuning replicas stack]
+Usage: python benchmarks/team.py [--rounds 3] [--trials 16] [--run-trials 20] [--storage ADMIN_URL]
+       [--skip run_tuning tuning replicas stack]
 Writes benchmarks/results/team.{json,md}.
 """
 
@@ -37,7 +40,9 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 from benchmarks.common import machine, measured_on, now, write_results  # noqa: E402
 
-ARMS = {"1 process": {}, "2 worker processes": {"workers": 2}, "2 threads (n_jobs)": {"n_jobs": 2}}
+AHEAD_S = 12.0  # a `maas run` starts its tuning workers about 14 s before its tune stage here
+ARMS = {"1 process": {}, "2 worker processes, started ahead": {"workers": 2},
+        "2 worker processes, started at the study": {"workers": 2}, "2 threads (n_jobs)": {"n_jobs": 2}}
 
 
 @contextmanager
@@ -57,17 +62,24 @@ def fresh_database(admin_url: str | None, home: Path):
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def timed_study(prepared, config, changes: dict, storage: str) -> dict:
+def timed_study(prepared, config, arm: str, storage: str) -> dict:
     from tasks.train import TrainingSettings
     from tasks.tune import Objective, run_study
+    from tasks.tune_workers import start_ahead
 
-    tuning = config.tuning.model_copy(update={**changes, "storage": storage, "pruner": "none"})
+    changes = ARMS[arm]
+    if "started ahead" in arm:  # as the flow does: their imports run before the study, not in it
+        start_ahead(changes["workers"] - 1)
+        time.sleep(AHEAD_S)
+    tuning = config.tuning.model_copy(update={**changes, "storage": storage, "pruner": "none",
+                                              "patience": config.tuning.max_epochs})  # every trial its epochs
     started = time.perf_counter()
     result = run_study(Objective(prepared, TrainingSettings(config.model, config.train), tuning, config.seed),
                        tuning, "bench", config.seed)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "trials": result.n_complete + result.n_pruned, "failed": result.n_failed,
-            "trials_per_s": (result.n_complete + result.n_pruned) / seconds, "epochs": result.epochs_total}
+            "trials_per_s": (result.n_complete + result.n_pruned) / seconds, "epochs": result.epochs_total,
+            "epochs_per_s": result.epochs_total / seconds}
 
 
 def tuning_section(args) -> dict:
@@ -84,13 +96,15 @@ def tuning_section(args) -> dict:
     with tempfile.TemporaryDirectory() as home:
         os.environ["MAAS_HOME"] = home
         for round_index in range(args.rounds):
-            for arm, changes in ARMS.items():
+            for arm in ARMS:
                 with fresh_database(args.storage, Path(home)) as storage:
-                    runs[arm].append(timed_study(prepared, config, changes, storage))
+                    runs[arm].append(timed_study(prepared, config, arm, storage))
                 print(round_index, arm, {key: round(value, 3) for key, value in runs[arm][-1].items()}, flush=True)
     return {"trials": args.trials, "rounds": args.rounds, "storage": "PostgreSQL" if args.storage else "SQLite",
             "runs": runs, "median_trials_per_s": {arm: statistics.median(run["trials_per_s"] for run in arm_runs)
-                                                  for arm, arm_runs in runs.items()}}
+                                                  for arm, arm_runs in runs.items()},
+            "median_epochs_per_s": {arm: statistics.median(run["epochs_per_s"] for run in arm_runs)
+                                    for arm, arm_runs in runs.items()}}
 
 
 def replicas_section(seconds: float) -> dict:
@@ -165,14 +179,53 @@ def replicas_section(seconds: float) -> dict:
     return result
 
 
-def maas_run(env: dict, summary: Path) -> dict:
+def maas_run(env: dict, summary: Path, overrides: tuple[str, ...] = ()) -> dict:
     import json
     import subprocess
 
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "maas", "run", "--dataset", "breast_cancer", "--summary", str(summary)],
+    subprocess.run([sys.executable, "-m", "maas", "run", "--dataset", "breast_cancer", "--summary", str(summary),
+                    *(part for override in overrides for part in ("--set", override))],
                    env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"wall_s": time.perf_counter() - started, "stages_s": json.loads(summary.read_text())["stage_seconds"]}
+    written = json.loads(summary.read_text())
+    return {"wall_s": time.perf_counter() - started, "stages_s": written["stage_seconds"],
+            "tuning": {key: written.get("tuning", {}).get(key)
+                       for key in ("n_complete", "n_pruned", "n_failed", "epochs_total")}}
+
+
+SECTIONS = ("run_tuning", "tuning", "replicas", "stack")
+RUN_ARMS = {"1 process": "tuning.workers=1", "2 worker processes": "tuning.workers=2"}
+
+
+def run_tuning_section(args) -> dict:
+    """The tune stage of `maas run` (default config, no pruning: every trial trains its epochs) with 1
+    and 2 processes: the workers start with the run, so their imports overlap its start."""
+    from maas.config import load_config
+
+    max_epochs = load_config(ROOT / "configs" / "default.yaml").tuning.max_epochs  # patience: every trial its epochs
+    runs = {arm: [] for arm in RUN_ARMS}
+    with tempfile.TemporaryDirectory() as folder:
+        base = {key: value for key, value in os.environ.items()
+                if not key.startswith(("PREFECT_API", "MLFLOW_TRACKING", "MAAS_STORE"))}
+        for round_index in range(args.rounds):
+            for arm, override in RUN_ARMS.items():
+                home = Path(folder) / f"{round_index}-{arm.split()[0]}"
+                run = maas_run(dict(base, MAAS_HOME=str(home)), home.with_suffix(".json"),
+                               (override, "tuning.pruner=none", f"tuning.patience={max_epochs}",
+                                f"tuning.n_trials={args.run_trials}"))
+                finished = (run["tuning"]["n_complete"] or 0) + (run["tuning"]["n_pruned"] or 0)
+                seconds = run["stages_s"]["tune"]
+                runs[arm].append({**run, "trials": finished, "seconds": seconds, "failed": run["tuning"]["n_failed"] or 0,
+                                  "trials_per_s": finished / seconds, "epochs_per_s": run["tuning"]["epochs_total"] / seconds})
+                print("run", round_index, arm, round(runs[arm][-1]["trials_per_s"], 3), round(run["wall_s"], 1),
+                      flush=True)
+    return {"trials": args.run_trials, "rounds": args.rounds, "runs": runs,
+            "median_trials_per_s": {arm: statistics.median(run["trials_per_s"] for run in arm_runs)
+                                    for arm, arm_runs in runs.items()},
+            "median_epochs_per_s": {arm: statistics.median(run["epochs_per_s"] for run in arm_runs)
+                                    for arm, arm_runs in runs.items()},
+            "median_wall_s": {arm: statistics.median(run["wall_s"] for run in arm_runs)
+                              for arm, arm_runs in runs.items()}}
 
 
 def wait_up(url: str, timeout_s: float = 180) -> None:
@@ -233,9 +286,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--run-trials", type=int, default=20, help="the study of the maas run arms (default config's)")
     parser.add_argument("--seconds", type=float, default=6.0, help="per replicas cell")
     parser.add_argument("--storage", default=None, help="a PostgreSQL admin URL; default: SQLite files")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tuning", "replicas", "stack"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
     args = parser.parse_args()
     report = {"measured_at": now(), "machine": machine()}
     previous_path = ROOT / "benchmarks" / "results" / "team.json"
@@ -245,13 +299,15 @@ def main() -> None:
             if section in previous:
                 report[section] = {**previous[section], "measured_at": previous[section].get(
                     "measured_at", previous["measured_at"])}
+    if "run_tuning" not in args.skip:
+        report["run_tuning"] = run_tuning_section(args)
     if "tuning" not in args.skip:
         report["tuning"] = tuning_section(args)
     if "replicas" not in args.skip:
         report["replicas"] = replicas_section(args.seconds)
     if "stack" not in args.skip:
         report["stack"] = stack_section()
-    for section in ("tuning", "replicas", "stack"):
+    for section in SECTIONS:
         if section not in args.skip and section in report:
             report[section]["measured_at"] = report["measured_at"]
     write_results("team", report, render)
@@ -263,22 +319,44 @@ def section_date(report: dict, section: dict) -> list[str]:
     return [f"Measured {at} (a separate run).", ""] if at and at != report["measured_at"] else []
 
 
+def tuning_table(section: dict, seconds_header: str) -> list[str]:
+    """Each arm's median trials/s and epochs/s against the 1-process arm, its runs' seconds, its failed
+    trials; then whether every study reached its trial count exactly."""
+    trials, epochs = section["median_trials_per_s"], section["median_epochs_per_s"]
+    lines = [f"| arm | median trials/s | against 1 process | median epochs/s | against 1 process | {seconds_header} "
+             "| failed trials |", "|---|---|---|---|---|---|---|"]
+    for arm, runs in section["runs"].items():
+        lines.append(f"| {arm} | {trials[arm]:.3f} | {trials[arm] / trials['1 process']:.2f}x | {epochs[arm]:.1f} | "
+                     f"{epochs[arm] / epochs['1 process']:.2f}x | {', '.join(format(run['seconds'], '.1f') for run in runs)} "
+                     f"| {sum(run['failed'] for run in runs)} |")
+    exact = all(run["trials"] == section["trials"] for runs in section["runs"].values() for run in runs)
+    return lines + ["", f"Every study reached its trial count exactly (none lost, none run twice): {exact}."]
+
+
 def render(report: dict) -> str:
     lines = ["# Team mode", "", measured_on(report)]
+    in_runs = report.get("run_tuning")
+    if in_runs:
+        lines += ["", "## Tuning in `maas run`", "", *section_date(report, in_runs),
+                  f"`maas run --dataset breast_cancer --set tuning.pruner=none --set tuning.patience=60 --set "
+                  f"tuning.n_trials={in_runs['trials']}` "
+                  f"with tuning.workers 1 and 2, {in_runs['rounds']} alternating rounds; trials/s of the tune stage as "
+                  "the run's summary times it (the study, each trial's MLflow child run, the study's plots). The "
+                  "run's MLflow recorder process and Prefect's server share the 2 cores with the trials.", "",
+                  *tuning_table(in_runs, "tune stage (s)"),
+                  "", "Median wall of the whole command: " + ", ".join(
+                      f"{arm} {seconds:.1f} s" for arm, seconds in in_runs["median_wall_s"].items()) + "."]
     tuning = report.get("tuning")
     if tuning:
-        medians = tuning["median_trials_per_s"]
-        one = medians["1 process"]
         lines += ["", f"## Tuning across processes ({tuning['storage']} study storage)", "", *section_date(report, tuning),
                   f"breast_cancer, the default network search space, {tuning['trials']} trials a study without pruning, "
-                  f"{tuning['rounds']} alternating rounds; trials/s over the whole study, worker start-up included.", "",
-                  "| arm | median trials/s | against 1 process | runs (s) | failed trials |", "|---|---|---|---|---|"]
-        for arm, runs in tuning["runs"].items():
-            lines.append(f"| {arm} | {medians[arm]:.3f} | {medians[arm] / one:.2f}x | "
-                         f"{', '.join(format(run['seconds'], '.1f') for run in runs)} | "
-                         f"{sum(run['failed'] for run in runs)} |")
-        exact = all(run["trials"] == tuning["trials"] for runs in tuning["runs"].values() for run in runs)
-        lines += ["", f"Every study reached its trial count exactly (none lost, none run twice): {exact}."]
+                  f"{tuning['rounds']} alternating rounds, in one process that prepared the data once; every trial trains all "
+                  f"its epochs (patience = max_epochs), but parallel trials are sampled differently, so epochs/s is the "
+                  f"like-for-like rate; trials/s over the whole "
+                  f"study, the study's storage created in it. Workers started ahead are started {AHEAD_S:.0f} s before the "
+                  "study, as `maas run` starts them with the run; started at the study, their start-up (spawn, imports) is "
+                  "inside it.", "",
+                  *tuning_table(tuning, "runs (s)")]
     replicas = report.get("replicas")
     if replicas:
         one = replicas["1 replica"]["rows_per_s"]

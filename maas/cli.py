@@ -24,6 +24,14 @@ RUN_EXAMPLES = """examples:
   maas run --dataset big.parquet --target y --budget 10m   # tuning, families, training, compression in 10 minutes
 """
 
+TUNE_WORKER_EXAMPLES = """examples:
+  # the run, with a study storage every host reaches:
+  maas run --dataset data.csv --target y --set tuning.remote_workers=true \
+      --set tuning.storage=postgresql+psycopg://maas@db-host/optuna
+  # on each other host (same data at the same path, MLFLOW_TRACKING_URI naming the run's tracking server):
+  maas tune-worker --dataset data.csv --target y --set tuning.storage=postgresql+psycopg://maas@db-host/optuna
+"""
+
 UI_EXAMPLES = """examples:
   maas ui                 # http://127.0.0.1:5000 on the store in $MAAS_HOME (default ./.maas)
   maas ui --port 5001
@@ -121,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(run, "breast_cancer, digits, wine, or a CSV/Parquet file", "train.lr=0.001")
     run.add_argument("--summary", metavar="FILE", help="write the run summary as JSON")
     run.add_argument("--budget", metavar="DURATION", help="the run's time budget (600, 90s, 10m, 1.5h): budget.time_s")
+
+    worker = commands.add_parser(
+        "tune-worker", help="run trials of a run's Optuna study from this host (team set-up)",
+        epilog=TUNE_WORKER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Join the study of a run started with tuning.remote_workers=true: the same config as the run "
+                    "(its data must be the run's), trials until the study holds its budget, then exit.")
+    add_config_arguments(worker, "the run's dataset: a built-in name or the same file", "tuning.storage=URL")
+    worker.add_argument("--study", metavar="NAME", help="the study (default: tuning.study_name, else the experiment name)")
+    worker.add_argument("--wait", metavar="DURATION", default="10m", help="how long to wait for the run to open it")
 
     ui = commands.add_parser(
         "ui", help="the MLflow UI on the current store", epilog=UI_EXAMPLES,
@@ -241,7 +258,7 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
 
     config = load_config(args.config, args.dataset, args.target, args.overrides)
     check(config)
-    flow_function = load_flow()  # imported late: Prefect's import costs seconds that bad input should not
+    flow_function = load_flow(config)  # imported late: Prefect's import costs seconds that bad input should not
     try:
         summary = flow_function(config)
     except MaasInputError:
@@ -259,12 +276,30 @@ def command_run(args: argparse.Namespace) -> int:
     if args.budget is not None:
         args.overrides = [*args.overrides, f"budget.time_s={duration_argument('--budget', args.budget)}"]
 
-    def training_flow():
+    def training_flow(config):
+        from tasks.families import tunes_network
+        from tasks.tune_workers import start_ahead
+
+        if tunes_network(config):  # tuning workers import while the flow is imported and Prefect's server starts
+            start_ahead(config.tuning.workers - 1)
         from flows.train_pipeline import train_pipeline
 
         return train_pipeline
 
     return run_flow(args, preflight, training_flow, "training")
+
+
+def command_tune_worker(args: argparse.Namespace) -> int:
+    from maas.config import load_config
+
+    wait_s = duration_argument("--wait", args.wait)
+    config = load_config(args.config, args.dataset, args.target, args.overrides)
+    from tasks.tune_workers import remote_worker  # torch and Optuna: once the arguments are known good
+
+    study = args.study or config.tuning.study_name or config.experiment_name
+    trained = remote_worker(config, study, wait_s, lambda line: print(f"maas tune-worker: {line}", flush=True))
+    print(f"maas tune-worker: study '{study}' holds its budget; {trained} trial(s) trained here")
+    return 0
 
 
 def command_ui(args: argparse.Namespace) -> int:
@@ -515,7 +550,7 @@ def monitor_preflight(config) -> None:
 
 
 def command_monitor(args: argparse.Namespace) -> int:
-    def monitoring_flow():
+    def monitoring_flow(config):
         from flows.monitor import monitor
 
         return monitor
@@ -584,8 +619,8 @@ def local_prefect_server():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_defaults()
-    handlers = {"run": command_run, "ui": command_ui, "tracking-server": command_tracking_server,
-                "serve": command_serve, "keys": command_keys, "promote": command_promote,
+    handlers = {"run": command_run, "tune-worker": command_tune_worker, "ui": command_ui,
+                "tracking-server": command_tracking_server, "serve": command_serve, "keys": command_keys, "promote": command_promote,
                 "rollback": command_rollback, "audit": command_audit, "purge": command_purge, "bill": command_bill,
                 "usage": command_usage, "monitor": command_monitor, "schedule": command_schedule}
     try:

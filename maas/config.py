@@ -164,6 +164,8 @@ class TuningConfig(Section):
     n_jobs: int = Field(1, ge=1, le=64, description="parallel trials (threads; GIL-bound: 1.33x on 2 cores)")
     workers: int = Field(1, ge=1, le=64, description="processes running trials of the study: the run's own and "
                          "workers-1 started beside it, each with cores/workers threads (tasks/tune_workers.py)")
+    remote_workers: bool = Field(False, description="`maas tune-worker` processes on other hosts may join the study "
+                                 "(with a storage they reach, e.g. PostgreSQL); the run waits for their trials")
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     objectives: list[Literal["f1_macro", "size", "latency"]] = Field(
@@ -196,8 +198,8 @@ class TuningConfig(Section):
     def _budget_and_objectives(self) -> TuningConfig:
         if self.n_trials is None and self.timeout_s is None:
             raise ValueError("set n_trials, timeout_s or both")
-        if self.n_jobs > 1 and self.workers > 1:
-            raise ValueError("set n_jobs (threads) or workers (processes), not both")
+        if self.n_jobs > 1 and (self.workers > 1 or self.remote_workers):
+            raise ValueError("set n_jobs (threads) or workers / remote_workers (processes), not both")
         if self.objectives[0] != "f1_macro" or len(set(self.objectives)) != len(self.objectives):
             raise ValueError("objectives start with f1_macro, then optionally size and/or latency, once each")
         return self

@@ -18,11 +18,14 @@ import math
 import multiprocessing
 import os
 import queue as queues
+import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -92,10 +95,22 @@ class QueueTracker:
         self.records.put(record)
 
 
-def worker_main(index: int, job: StudyJob, records) -> None:
-    """A worker process: the run's study loaded from its storage, trials until the budget is met."""
+def warm_up() -> None:
+    """What a first trial would pay before its first epoch: torch's optimizer imports torch._dynamo on
+    its first use (2.4 s here)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight])
+    weight.sum().backward()
+    optimizer.step()
+
+
+def worker_main(index: int, jobs, records) -> None:
+    """A worker process: imports first (seconds, overlapping the run's start when started ahead), then
+    the study its job names, loaded from its storage, trials until the budget is met."""
     from tasks.tune import FailureGuard, Objective, make_pruner, make_sampler, open_storage
 
+    warm_up()
+    job = jobs.get()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.tuning.workers))
     objective = Objective(job.prepared, job.settings, job.tuning, job.seed, QueueTracker(records))
@@ -106,19 +121,31 @@ def worker_main(index: int, job: StudyJob, records) -> None:
 
 
 class TuningWorkers:
-    """tuning.workers - 1 worker processes (spawned: a forked torch is unsafe) on the study, and the
-    queue their trial records come back on."""
+    """`count` worker processes (spawned: a forked torch is unsafe), the queue their study job goes out
+    on and the queue their trial records come back on. Started ahead of the study (start_ahead), a
+    worker's imports (about 6 s here) overlap the run's start instead of the study's first trials."""
 
-    def __init__(self, job: StudyJob):
+    def __init__(self, count: int):
         context = multiprocessing.get_context("spawn")
-        self.records = context.Queue()
+        self.jobs, self.records = context.Queue(), context.Queue()
         self.stopped: set[int] = set()  # workers close() stopped because they trained nothing
-        job.prepared.arrays  # computed once here (text embedded, features built), not again in each worker
         self.processes = [context.Process(target=worker_main, name=f"maas-tune-worker-{index}", daemon=True,
-                                          args=(index, job, self.records))
-                          for index in range(1, job.tuning.workers)]
+                                          args=(index, self.jobs, self.records))
+                          for index in range(1, count + 1)]
         for process in self.processes:
             process.start()
+
+    def begin(self, job: StudyJob) -> None:
+        """Hand every worker the study."""
+        job.prepared.arrays  # computed once here (text embedded, features built), not again in each worker
+        for _ in self.processes:
+            self.jobs.put(job)
+
+    def stop(self) -> None:
+        """End workers that never got a study (still importing, or waiting for it)."""
+        for process in self.processes:
+            process.terminate()
+            process.join()
 
     def drain(self, tracker) -> None:
         """Hand every trial record received so far to the run's tracker."""
@@ -160,3 +187,138 @@ class TuningWorkers:
                 process.join()
         self.drain(tracker)
         return self.dead()
+
+
+_started_ahead: TuningWorkers | None = None  # at most one set, taken by the run's study
+
+
+def start_ahead(count: int) -> None:
+    """Start `count` workers now, before the study, so that their imports run while the run starts
+    (the CLI's imports, Prefect's server, the data stage); the study takes them (for_study)."""
+    global _started_ahead
+    if count > 0 and _started_ahead is None:
+        _started_ahead = TuningWorkers(count)
+
+
+def stop_ahead() -> None:
+    """End workers started ahead that no study took (the run failed or skipped tuning)."""
+    global _started_ahead
+    workers, _started_ahead = _started_ahead, None
+    if workers is not None:
+        workers.stop()
+
+
+@contextmanager
+def workers_ahead(count: int) -> Iterator[None]:
+    """`count` workers started ahead (or kept, if the CLI started them) for the length of a run; the
+    ones no study took end with it."""
+    if count > 0:
+        start_ahead(count)
+    else:
+        stop_ahead()
+    try:
+        yield
+    finally:
+        stop_ahead()
+
+
+def for_study(job: StudyJob) -> TuningWorkers:
+    """The workers started ahead, if they fit the study, else new ones; each given the study."""
+    global _started_ahead
+    workers, _started_ahead = _started_ahead, None
+    wanted = job.tuning.workers - 1
+    if workers is not None and (len(workers.processes) != wanted or workers.dead()):
+        workers.stop()
+        workers = None
+    workers = workers or TuningWorkers(wanted)
+    workers.begin(job)
+    return workers
+
+
+# --- workers on other hosts (`maas tune-worker`) ---------------------------------------------------
+
+JOB_ATTR = "maas.job"  # the study's user attribute a run with tuning.remote_workers publishes
+
+
+def publish_job(study: optuna.Study, job: StudyJob, parent) -> None:
+    """What a `maas tune-worker` elsewhere needs besides its own copy of the data: the trials' settings,
+    the run's (budgeted) tuning without its storage URL (a password stays out of the database), the
+    data's fingerprint to check its copy against, the deadline and the MLflow parent run."""
+    study.set_user_attr(JOB_ATTR, {
+        "model": job.settings.model.model_dump(mode="json"), "train": job.settings.train.model_dump(mode="json"),
+        "tuning": job.tuning.model_dump(mode="json", exclude={"storage"}), "seed": job.seed,
+        "deadline": None if math.isinf(job.deadline) else job.deadline, "data": trial_data_digest(job.prepared),
+        "parent": list(parent) if parent else None})
+
+
+def trial_data_digest(prepared) -> str:
+    """The exact arrays trials train and validate on: a worker's copy must equal the run's (same file,
+    seed, split and sample), or its trials would be scored on other rows."""
+    import hashlib
+
+    arrays = prepared.arrays
+    digest = hashlib.sha256()
+    for array in (arrays.x_train, arrays.y_train, arrays.x_val, arrays.y_val):
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def published_job(storage, study_name: str, wait_s: float, say: Callable[[str], None]) -> tuple[optuna.Study, dict]:
+    """The study and its run's job, once a run with tuning.remote_workers has published it."""
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            if JOB_ATTR in study.user_attrs:
+                return study, study.user_attrs[JOB_ATTR]
+        except KeyError:  # no such study yet
+            pass
+        if time.monotonic() >= deadline:
+            from maas.errors import MaasInputError
+
+            raise MaasInputError(f"tune-worker: no run published study '{study_name}' in {wait_s:.0f} s "
+                                 "(is tuning.remote_workers true in the run, and tuning.storage the same?)")
+        if not said:
+            say(f"waiting for a run to open study '{study_name}'")
+            said = True
+        time.sleep(WAIT_S * 4)
+
+
+def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], None]) -> int:
+    """`maas tune-worker`: this host's copy of the run's data (checked against the run's fingerprint),
+    trials of the run's study until it holds its budget, each trial's child run written under the run's
+    parent (MLFLOW_TRACKING_URI must name the run's tracking server). Returns the trials it trained."""
+    from maas.config import ModelConfig, TrainConfig, TuningConfig
+    from maas.errors import MaasInputError
+    from maas.run_context import RunContext
+    from maas.tracking import mlflow_client
+    from tasks.data import prepare_data
+    from tasks.train import TrainingSettings
+    from tasks.tune import FailureGuard, Objective, TrialTracker, make_pruner, make_sampler, open_storage
+
+    storage = open_storage(config.tuning)
+    study, job = published_job(storage, study_name, wait_s, say)
+    tuning = TuningConfig(**job["tuning"], storage=config.tuning.storage)
+    prepared = prepare_data(config.data, job["seed"]).sealed()  # the run's seed: its split
+    trial_data = prepared.with_training_sample(tuning.sample_rows, job["seed"])
+    if trial_data_digest(trial_data) != job["data"]:
+        raise MaasInputError(f"tune-worker: the data here ({prepared.source}) does not give the run's training and "
+                             "validation rows: give the run's dataset, target and data settings")
+    tracker = None
+    if job["parent"]:
+        run_id, experiment_id = job["parent"]
+        context = RunContext(client=mlflow_client(), run_id=run_id, experiment_id=experiment_id,
+                             scratch=Path(tempfile.gettempdir()))  # trials write no files
+        tracker = TrialTracker(context, study_name)
+    objective = Objective(trial_data, TrainingSettings(ModelConfig(**job["model"]), TrainConfig(**job["train"])),
+                          tuning, job["seed"], tracker)
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(tuning),
+                              sampler=make_sampler(tuning, objective.family, job["seed"] + os.getpid()))
+    say(f"joined study '{study_name}': {len(trial_data.splits.y_train)} training rows a trial, "
+        f"{tuning.n_trials} trials in all")
+    deadline = job["deadline"] if job["deadline"] is not None else math.inf
+    trials_one_at_a_time(study, objective, deadline, [FailureGuard(tuning.max_failures)], take_waiting=False)
+    from tasks.recovery import TRIAL_OWNER_ATTR
+
+    return sum(trial.user_attrs.get(TRIAL_OWNER_ATTR) == objective.owner for trial in study.get_trials(deepcopy=False))

@@ -81,7 +81,8 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_every_command_has_help_with_examples(capsys):
-    for command in ("run", "ui", "serve", "keys", "monitor", "schedule", "promote", "rollback", "audit", "purge", "bill"):
+    for command in ("run", "tune-worker", "ui", "tracking-server", "serve", "keys", "monitor", "schedule", "promote",
+                    "rollback", "audit", "purge", "bill"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

@@ -221,8 +221,26 @@ def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
 
 @STUDY
 def test_trials_in_two_processes_fill_the_budget_once_and_each_is_a_child_run(wine, maas_home, caplog, tmp_path):
-    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300),
-                                  caplog, tmp_path)  # 300 epochs: seconds a trial, past a worker's start (~10 s under load)
+    from tasks import tune_workers
+
+    with tune_workers.workers_ahead(1):  # as the flow starts them, before its data stage
+        ahead = {process.pid for process in tune_workers._started_ahead.processes}
+        trainers = two_processes_share_the_study(
+            wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300), caplog, tmp_path)
+        assert tune_workers._started_ahead is None  # the study took them
+    assert ahead < trainers  # the worker started ahead trained, not a new one
+
+
+def test_workers_started_ahead_end_with_the_run_when_no_study_takes_them():
+    from tasks import tune_workers
+
+    with pytest.raises(RuntimeError), tune_workers.workers_ahead(1):
+        processes = list(tune_workers._started_ahead.processes)
+        assert all(process.is_alive() for process in processes)
+        raise RuntimeError("the data stage failed")
+    assert tune_workers._started_ahead is None and not any(process.is_alive() for process in processes)
+    with tune_workers.workers_ahead(0):  # workers=1, or no network to tune: none started
+        assert tune_workers._started_ahead is None
 
 
 @STUDY
@@ -232,7 +250,8 @@ def test_trials_in_two_processes_share_one_study_on_postgresql(wine, maas_home, 
                                                storage=postgres_database), caplog, tmp_path)
 
 
-def two_processes_share_the_study(wine, config: TuningConfig, caplog, tmp_path) -> None:
+def two_processes_share_the_study(wine, config: TuningConfig, caplog, tmp_path) -> set[int]:
+    """The PIDs that trained the study's trials."""
     import os
 
     client = mlflow_client()
@@ -248,6 +267,7 @@ def two_processes_share_the_study(wine, config: TuningConfig, caplog, tmp_path) 
     assert "database is locked" not in caplog.text and not result.reproducible
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     assert sorted(int(child.data.tags["optuna.trial_number"]) for child in children) == list(range(8))
+    return {json_pid(t) for t in trials}
 
 
 @STUDY
@@ -297,3 +317,60 @@ def json_pid(trial) -> int | None:
 
     owner = trial.user_attrs.get("maas.owner")
     return int(json.loads(owner)["maas.pid"]) if owner else None
+
+
+@STUDY
+def test_a_tune_worker_started_elsewhere_joins_the_runs_study_and_writes_its_trials_child_runs(wine, maas_home,
+                                                                                                tmp_path):
+    """`maas tune-worker` as another host runs it: its own process and copy of the data, the study
+    found by name in the shared storage, its trials' child runs written under the run's parent."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    storage = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
+    command = [sys.executable, "-m", "maas", "tune-worker", "--dataset", "wine", "--study", "remote", "--set", "seed=0",
+               "--set", f"tuning.storage={storage}", "--wait", "120"]
+    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2], env=dict(os.environ))
+    try:
+        assert "waiting for a run to open study 'remote'" in worker.stdout.readline()
+        config = tuning(n_trials=8, remote_workers=True, pruner="none", max_epochs=300, patience=300, storage=storage)
+        client = mlflow_client()
+        experiment_id = ensure_experiment(client, "remote")
+        with parent_run(client, experiment_id, "parent", {}) as parent_id:
+            result = run_study(objective(wine, config, tracked(client, experiment_id, parent_id, "remote", tmp_path)),
+                               config, "remote", 0)
+        out, err = worker.communicate(timeout=120)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    trials = optuna.load_study(study_name="remote", storage=storage).trials
+    by_worker = [t.number for t in trials if json_pid(t) == worker.pid]
+    assert by_worker and f"{len(by_worker)} trial(s) trained here" in out
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 8 == result.n_complete and len(trials) == 8
+    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(int(child.data.tags["optuna.trial_number"]) for child in children) == list(range(8))
+    assert "ERROR" not in err and "Traceback" not in err
+
+
+def test_a_tune_worker_refuses_data_that_is_not_the_runs(wine, maas_home, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tasks.tune_workers import StudyJob, publish_job
+
+    storage = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
+    config = tuning(n_trials=2, remote_workers=True, storage=storage)
+    study = optuna.create_study(study_name="remote", storage=open_storage_of(config), direction="maximize")
+    publish_job(study, StudyJob(wine, DEFAULTS, config, 0, "remote", float("inf")), None)
+    assert "password" not in json.dumps(study.user_attrs) and "storage" not in study.user_attrs["maas.job"]["tuning"]
+    done = subprocess.run([sys.executable, "-m", "maas", "tune-worker", "--dataset", "wine", "--study", "remote",
+                           "--set", "seed=0", "--set", "data.val_fraction=0.3", "--set", f"tuning.storage={storage}"],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr  # one line, no traceback
+    assert lines[0].startswith("maas: error: tune-worker: the data here (") and lines[0].endswith(
+        "does not give the run's training and validation rows: give the run's dataset, target and data settings")
