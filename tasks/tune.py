@@ -36,10 +36,11 @@ from maas.tracking import redact_url as redacted  # the storage URL without its 
 from maas.run_context import RunContext, run_logger, write_child_run, write_dict
 from tasks.data import PreparedData
 from tasks.recovery import TRIAL_OWNER_ATTR, fail_trials_of_dead_owners
-from tasks.tune_workers import StudyJob, for_study, publish_job, trials_one_at_a_time
+from tasks.tune_workers import (
+    SURPLUS_ATTR, StudyJob, for_study, over_budget, publish_job, spends_budget, trials_one_at_a_time,
+)
 from tasks.train import EpochRecord, TrainingSettings, epoch_series, spec_for_data, train_on_data
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 DIRECTIONS = {"f1_macro": "maximize", "size": "minimize", "latency": "minimize"}
 OBJECTIVE_METRICS = {"f1_macro": "objective/val_f1_macro", "size": "objective/size_bytes", "latency": "objective/latency_ms_b1"}
 
@@ -253,6 +254,10 @@ class Objective:
         # Who trains this trial: if we die, the next run fails it at once (tasks/recovery.py), not
         # after Optuna's heartbeat grace period.
         trial.set_user_attr(TRIAL_OWNER_ATTR, self.owner)
+        if (self.tuning.workers > 1 or self.tuning.remote_workers) and over_budget(trial, self.tuning.n_trials):
+            # pruned, not failed: no traceback in the log, and TPE skips a trial that has no params
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise optuna.TrialPruned("surplus: another process took the study's last trial first")
         params = suggest_hyperparameters(trial, self.family, self.tuning)
         settings = apply_hyperparameters(self.settings, params)
         settings = TrainingSettings(settings.model, settings.train.model_copy(
@@ -411,7 +416,7 @@ def summarise(study: optuna.Study, tuning: TuningConfig, n_val: int) -> TuningRe
         best_values=list(best.values),
         best_trial=best.number,
         n_complete=len(complete),
-        n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        n_pruned=sum(t.state == TrialState.PRUNED and spends_budget(t) for t in trials),
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
         epochs_total=sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
         reproducible=tuning.n_jobs == 1 and tuning.workers == 1 and not tuning.remote_workers,
@@ -438,7 +443,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
                             user_attrs={BASELINE_ATTR: True})
     deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
     guard = FailureGuard(tuning.max_failures)
-    finished_before = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    finished_before = sum(spends_budget(t) for t in study.get_trials(deepcopy=False))
     clock = TrialClock(None if tuning.n_trials is None else tuning.n_trials - finished_before, deadline)
     threads = torch.get_num_threads()
     if tuning.n_jobs > 1 or tuning.workers > 1:  # parallel trials share the cores instead of oversubscribing them
@@ -451,7 +456,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             while True:
                 trials = study.get_trials(deepcopy=False)
-                finished = sum(t.state in FINISHED for t in trials)
+                finished = sum(spends_budget(t) for t in trials)
                 remaining = None if tuning.n_trials is None else tuning.n_trials - finished
                 time_left = deadline - time.perf_counter()
                 if (remaining is not None and remaining <= 0) or time_left <= 0 or guard.streak >= guard.limit:

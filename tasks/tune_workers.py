@@ -36,11 +36,31 @@ WAIT_S = 0.5  # between looks at the study while other processes' trials run
 JOIN_GRACE_S = 600  # a worker's trial running at the deadline is let finish, up to this
 
 
+SURPLUS_ATTR = "maas.surplus"  # a trial that yielded its slot: started after the budget was claimed
+
+
+def spends_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """A finished trial that counts toward tuning.n_trials (a surplus one does not)."""
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and not trial.user_attrs.get(SURPLUS_ATTR)
+
+
+def over_budget(trial: optuna.Trial, n_trials: int | None) -> bool:
+    """Whether a trial just started is one too many. Two processes can each see one slot left and
+    each start a trial (seeing and starting are not one step); the later-numbered one yields, before
+    it trains. Earlier trials that hold a slot: waiting, running, or finished, not failed or surplus."""
+    if n_trials is None:
+        return False
+    earlier = [other for other in trial.study.get_trials(deepcopy=False) if other.number < trial.number]
+    holding = sum(other.state in (TrialState.WAITING, TrialState.RUNNING) or spends_budget(other) for other in earlier)
+    return holding >= n_trials
+
+
 def next_trial_allowed(study: optuna.Study, n_trials: int | None, take_waiting: bool) -> bool | None:
     """True: start a trial now; False: wait (others' trials would fill the budget, or a waiting trial
     is the run's process's to take); None: the study holds its n_trials finished trials."""
-    states = Counter(trial.state for trial in study.get_trials(deepcopy=False))
-    finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(trial.state for trial in trials)
+    finished = sum(spends_budget(trial) for trial in trials)
     if n_trials is not None and finished >= n_trials:
         return None
     if n_trials is not None and finished + states[TrialState.RUNNING] >= n_trials:
@@ -264,14 +284,14 @@ def trial_data_digest(prepared) -> str:
     return digest.hexdigest()
 
 
-def published_job(storage, study_name: str, wait_s: float, say: Callable[[str], None]) -> tuple[optuna.Study, dict]:
-    """The study and its run's job, once a run with tuning.remote_workers has published it."""
+def published_job(storage, study_name: str, wait_s: float, say: Callable[[str], None]) -> dict:
+    """The study's job, once a run with tuning.remote_workers has published it."""
     deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
             if JOB_ATTR in study.user_attrs:
-                return study, study.user_attrs[JOB_ATTR]
+                return study.user_attrs[JOB_ATTR]
         except KeyError:  # no such study yet
             pass
         if time.monotonic() >= deadline:
@@ -286,7 +306,7 @@ def published_job(storage, study_name: str, wait_s: float, say: Callable[[str], 
 
 
 def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], None]) -> int:
-    """`maas tune-worker`: this host's copy of the run's data (checked against the run's fingerprint),
+    """`maas tune-worker`: this host's copy of the run's data (checked against the run's rows),
     trials of the run's study until it holds its budget, each trial's child run written under the run's
     parent (MLFLOW_TRACKING_URI must name the run's tracking server). Returns the trials it trained."""
     from maas.config import ModelConfig, TrainConfig, TuningConfig
@@ -294,12 +314,13 @@ def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], N
     from maas.run_context import RunContext
     from maas.tracking import mlflow_client
     from tasks.data import prepare_data
+    from tasks.recovery import TRIAL_OWNER_ATTR
     from tasks.train import TrainingSettings
     from tasks.tune import FailureGuard, Objective, TrialTracker, make_pruner, make_sampler, open_storage
 
-    storage = open_storage(config.tuning)
-    study, job = published_job(storage, study_name, wait_s, say)
+    job = published_job(open_storage(config.tuning), study_name, wait_s, say)
     tuning = TuningConfig(**job["tuning"], storage=config.tuning.storage)
+    storage = open_storage(tuning)  # the run's heartbeat settings, which its stale-trial check assumes
     prepared = prepare_data(config.data, job["seed"]).sealed()  # the run's seed: its split
     trial_data = prepared.with_training_sample(tuning.sample_rows, job["seed"])
     if trial_data_digest(trial_data) != job["data"]:
@@ -319,6 +340,4 @@ def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], N
         f"{tuning.n_trials} trials in all")
     deadline = job["deadline"] if job["deadline"] is not None else math.inf
     trials_one_at_a_time(study, objective, deadline, [FailureGuard(tuning.max_failures)], take_waiting=False)
-    from tasks.recovery import TRIAL_OWNER_ATTR
-
     return sum(trial.user_attrs.get(TRIAL_OWNER_ATTR) == objective.owner for trial in study.get_trials(deepcopy=False))

@@ -12,6 +12,7 @@ from maas.run_context import RunContext
 from maas.tracking import ensure_experiment, mlflow_client, parent_run
 from tasks.data import prepare_data
 from tasks.train import TrainingSettings
+from tasks.tune_workers import SURPLUS_ATTR, over_budget, spends_budget
 from tasks.tune import (
     BASELINE_ATTR, Objective, TrialTracker, apply_hyperparameters, grid_space, pick_pareto_trial, redacted,
     run_study, tuned_or_default,
@@ -231,6 +232,19 @@ def test_trials_in_two_processes_fill_the_budget_once_and_each_is_a_child_run(wi
     assert ahead < trainers  # the worker started ahead trained, not a new one
 
 
+def test_of_two_trials_started_for_the_last_slot_the_later_numbered_yields():
+    study = optuna.create_study()
+    first, second, third = study.ask(), study.ask(), study.ask()  # two processes both saw one slot left
+    assert not over_budget(first, 2) and not over_budget(second, 2) and over_budget(third, 2)
+    assert not over_budget(third, None)  # no trial budget (timeout only): never surplus
+    study.tell(first, state=TrialState.FAIL)  # a failed trial gives its slot back
+    assert not over_budget(third, 2)
+    study.tell(second, 0.9)
+    third.set_user_attr(SURPLUS_ATTR, True)
+    study.tell(third, state=TrialState.PRUNED)
+    assert [spends_budget(t) for t in study.trials] == [False, True, False]
+
+
 def test_workers_started_ahead_end_with_the_run_when_no_study_takes_them():
     from tasks import tune_workers
 
@@ -260,13 +274,14 @@ def two_processes_share_the_study(wine, config: TuningConfig, caplog, tmp_path) 
         tracker = tracked(client, experiment_id, parent_id, "processes", tmp_path)
         result = run_study(objective(wine, config, tracker), config, "processes", 0)
     trials = optuna.load_study(study_name="processes", storage=open_storage_of(config)).trials
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 8 and len(trials) == 8  # none lost, none extra
+    assert spent_exactly(trials, 8)
     assert len({t.user_attrs["maas.owner"] for t in trials}) == 2  # both processes trained trials
     assert os.getpid() in {json_pid(t) for t in trials}
     assert trials[0].user_attrs.get(BASELINE_ATTR) and json_pid(trials[0]) == os.getpid()  # enqueued: the run's own
     assert "database is locked" not in caplog.text and not result.reproducible
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(int(child.data.tags["optuna.trial_number"]) for child in children) == list(range(8))
+    assert sorted(int(child.data.tags["optuna.trial_number"]) for child in children) == [
+        t.number for t in trials if spends_budget(t)]  # each trial once, from whichever process trained it
     return {json_pid(t) for t in trials}
 
 
@@ -306,6 +321,14 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_
     assert f"exit {-signal.SIGKILL}" in caplog.text and "failed and re-queued" in caplog.text
 
 
+def spent_exactly(trials, n_trials: int) -> bool:
+    """The study's budget spent exactly: n_trials complete, none lost, none extra; a trial that two
+    processes' race made one too many yielded before it trained (surplus, no params, no epochs)."""
+    surplus = [t for t in trials if t.user_attrs.get(SURPLUS_ATTR)]
+    assert all(t.state == TrialState.PRUNED and not t.params and not t.user_attrs.get("epochs") for t in surplus)
+    return [t.state for t in trials].count(TrialState.COMPLETE) == n_trials == len(trials) - len(surplus)
+
+
 def open_storage_of(config: TuningConfig):
     from tasks.tune import open_storage
 
@@ -319,23 +342,30 @@ def json_pid(trial) -> int | None:
     return int(json.loads(owner)["maas.pid"]) if owner else None
 
 
-@STUDY
-def test_a_tune_worker_started_elsewhere_joins_the_runs_study_and_writes_its_trials_child_runs(wine, maas_home,
-                                                                                                tmp_path):
-    """`maas tune-worker` as another host runs it: its own process and copy of the data, the study
-    found by name in the shared storage, its trials' child runs written under the run's parent."""
+def tune_worker(storage: str, study: str):
+    """`maas tune-worker` as another host runs it: its own process and copy of the data; returned once
+    it waits for the run."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    storage = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
-    command = [sys.executable, "-m", "maas", "tune-worker", "--dataset", "wine", "--study", "remote", "--set", "seed=0",
-               "--set", f"tuning.storage={storage}", "--wait", "120"]
-    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    worker = subprocess.Popen([sys.executable, "-m", "maas", "tune-worker", "--dataset", "wine", "--study", study,
+                               "--set", "seed=0", "--set", f"tuning.storage={storage}", "--wait", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[2], env=dict(os.environ))
+    line = worker.stdout.readline()
+    if f"waiting for a run to open study '{study}'" not in line:
+        worker.kill()
+        raise AssertionError(line + worker.stderr.read())
+    return worker
+
+
+def a_remote_worker_shares_the_study(wine, storage: str, tmp_path) -> None:
+    """The run's study found by name in the shared storage; the worker's trials' child runs written
+    by the worker under the run's parent."""
+    worker = tune_worker(storage, "remote")
     try:
-        assert "waiting for a run to open study 'remote'" in worker.stdout.readline()
         config = tuning(n_trials=8, remote_workers=True, pruner="none", max_epochs=300, patience=300, storage=storage)
         client = mlflow_client()
         experiment_id = ensure_experiment(client, "remote")
@@ -346,13 +376,73 @@ def test_a_tune_worker_started_elsewhere_joins_the_runs_study_and_writes_its_tri
     finally:
         worker.kill()
     assert worker.returncode == 0, err
-    trials = optuna.load_study(study_name="remote", storage=storage).trials
+    trials = optuna.load_study(study_name="remote", storage=open_storage_of(config)).trials
     by_worker = [t.number for t in trials if json_pid(t) == worker.pid]
     assert by_worker and f"{len(by_worker)} trial(s) trained here" in out
-    assert [t.state for t in trials].count(TrialState.COMPLETE) == 8 == result.n_complete and len(trials) == 8
+    assert spent_exactly(trials, 8) and result.n_complete == 8
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(int(child.data.tags["optuna.trial_number"]) for child in children) == list(range(8))
+    assert sorted(int(child.data.tags["optuna.trial_number"]) for child in children) == [
+        t.number for t in trials if spends_budget(t)]  # each trial once, from whichever process trained it
     assert "ERROR" not in err and "Traceback" not in err
+
+
+@STUDY
+def test_a_tune_worker_started_elsewhere_joins_the_runs_study_and_writes_its_trials_child_runs(wine, maas_home,
+                                                                                                tmp_path):
+    a_remote_worker_shares_the_study(wine, f"sqlite:///{tmp_path / 'shared-optuna.db'}", tmp_path)
+
+
+@STUDY
+@pytest.mark.team
+def test_a_tune_worker_joins_a_study_on_postgresql(wine, maas_home, tmp_path, postgres_database):
+    a_remote_worker_shares_the_study(wine, postgres_database, tmp_path)
+
+
+@STUDY
+def test_a_tune_worker_killed_mid_trial_has_its_trial_failed_by_heartbeat_and_rerun(wine, maas_home, tmp_path,
+                                                                                    caplog):
+    """A remote worker's death shows only as its trial's silent heartbeat (its PID means nothing
+    here): the run fails the trial, re-queues it and still reaches its budget."""
+    import os
+    import signal
+    import threading
+    import time
+
+    storage = f"sqlite:///{tmp_path / 'shared-optuna.db'}"
+    config = tuning(n_trials=6, remote_workers=True, pruner="none", max_epochs=300, patience=300, storage=storage,
+                    **CRASH)
+    worker = tune_worker(storage, "killed")  # the run's heartbeat settings reach it with the study
+    killed = {}
+
+    def kill_the_worker_mid_trial():
+        study, deadline = None, time.time() + 120
+        while time.time() < deadline and not killed:
+            try:
+                study = study or optuna.load_study(study_name="killed", storage=open_storage_of(config))
+            except KeyError:
+                time.sleep(0.2)
+                continue
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if json_pid(trial) == worker.pid:
+                    time.sleep(0.5)  # into its epochs
+                    os.kill(worker.pid, signal.SIGKILL)
+                    killed.update(trial=trial.number)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_worker_mid_trial)
+    killer.start()
+    try:
+        result = run_study(objective(wine, config), config, "killed", 0)
+    finally:
+        killer.join()
+        worker.kill()
+        worker.wait()
+    assert killed, "no trial of the worker was seen running"
+    trials = optuna.load_study(study_name="killed", storage=open_storage_of(config)).trials
+    assert trials[killed["trial"]].state == TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == killed["trial"] and t.state == TrialState.COMPLETE for t in trials)
+    assert result.n_complete + result.n_pruned == 6
 
 
 def test_a_tune_worker_refuses_data_that_is_not_the_runs(wine, maas_home, tmp_path):
