@@ -248,6 +248,9 @@ class Objective:
         self.n_features = prepared.arrays.x_train.shape[1]
         self.family = spec_for_data(settings.model, prepared).family
         self.single_objective = len(tuning.objectives) == 1
+        # Optuna stores each report as a commit (milliseconds each, a third of a short epoch): only a
+        # pruner reads them; each trial's curves are on its child run either way.
+        self.reports = self.single_objective and tuning.pruner != "none"
         self.owner = json.dumps(process_owner())
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -266,7 +269,7 @@ class Objective:
 
         def report(record: EpochRecord) -> None:
             history.append(record)
-            if self.single_objective:
+            if self.reports:
                 trial.report(record.val_f1_macro, record.epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")

@@ -32,7 +32,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-WAIT_S = 0.5  # between looks at the study while other processes' trials run
+WAIT_S = 0.1  # between looks at the study while other processes' trials run (0.5 cost a worker ~4% of a short study)
 JOIN_GRACE_S = 600  # a worker's trial running at the deadline is let finish, up to this
 
 
@@ -302,7 +302,7 @@ def published_job(storage, study_name: str, wait_s: float, say: Callable[[str], 
         if not said:
             say(f"waiting for a run to open study '{study_name}'")
             said = True
-        time.sleep(WAIT_S * 4)
+        time.sleep(1.0)
 
 
 def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], None]) -> int:

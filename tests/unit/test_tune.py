@@ -314,11 +314,16 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_
     result = run_study(objective(wine, config), config, "killed", 0)
     killer.join()
     assert killed, "no worker trial was seen running"
-    trials = optuna.load_study(study_name="killed", storage=open_storage_of(config)).trials
-    assert trials[killed["trial"]].state == TrialState.FAIL
-    assert any(t.system_attrs.get("failed_trial") == killed["trial"] and t.state == TrialState.COMPLETE for t in trials)
-    assert result.n_complete + result.n_pruned == 6
+    assert_failed_and_rerun(config, killed["trial"], result)
     assert f"exit {-signal.SIGKILL}" in caplog.text and "failed and re-queued" in caplog.text
+
+
+def assert_failed_and_rerun(config: TuningConfig, number: int, result) -> None:
+    """Study 'killed': the killed worker's trial failed, re-run to completion, the budget of 6 reached."""
+    trials = optuna.load_study(study_name="killed", storage=open_storage_of(config)).trials
+    assert trials[number].state == TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == number and t.state == TrialState.COMPLETE for t in trials)
+    assert result.n_complete + result.n_pruned == 6
 
 
 def spent_exactly(trials, n_trials: int) -> bool:
@@ -439,10 +444,7 @@ def test_a_tune_worker_killed_mid_trial_has_its_trial_failed_by_heartbeat_and_re
         worker.kill()
         worker.wait()
     assert killed, "no trial of the worker was seen running"
-    trials = optuna.load_study(study_name="killed", storage=open_storage_of(config)).trials
-    assert trials[killed["trial"]].state == TrialState.FAIL
-    assert any(t.system_attrs.get("failed_trial") == killed["trial"] and t.state == TrialState.COMPLETE for t in trials)
-    assert result.n_complete + result.n_pruned == 6
+    assert_failed_and_rerun(config, killed["trial"], result)
 
 
 def test_a_tune_worker_refuses_data_that_is_not_the_runs(wine, maas_home, tmp_path):
