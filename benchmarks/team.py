@@ -351,8 +351,8 @@ def render(report: dict) -> str:
         lines += ["", f"## Tuning across processes ({tuning['storage']} study storage)", "", *section_date(report, tuning),
                   f"breast_cancer, the default network search space, {tuning['trials']} trials a study without pruning, "
                   f"{tuning['rounds']} alternating rounds, in one process that prepared the data once; every trial trains all "
-                  f"its epochs (patience = max_epochs), but parallel trials are sampled differently, so epochs/s is the "
-                  f"like-for-like rate; trials/s over the whole "
+                  f"its epochs (patience = max_epochs), so trials differ only in the settings sampled, and epochs/s "
+                  f"checks trials/s; both over the whole "
                   f"study, the study's storage created in it. Workers started ahead are started {AHEAD_S:.0f} s before the "
                   "study, as `maas run` starts them with the run; started at the study, their start-up (spawn, imports) is "
                   "inside it.", "",
