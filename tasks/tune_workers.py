@@ -124,12 +124,13 @@ def warm_up() -> None:
     optimizer.step()
 
 
-def worker_main(index: int, jobs, records) -> None:
+def worker_main(index: int, jobs, records, warm) -> None:
     """A worker process: imports first (seconds, overlapping the run's start when started ahead), then
     the study its job names, loaded from its storage, trials until the budget is met."""
     from tasks.tune import FailureGuard, Objective, make_pruner, make_sampler, open_storage
 
     warm_up()
+    warm.release()
     job = jobs.get()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.tuning.workers))
@@ -148,12 +149,18 @@ class TuningWorkers:
     def __init__(self, count: int):
         context = multiprocessing.get_context("spawn")
         self.jobs, self.records = context.Queue(), context.Queue()
+        self.warm = context.Semaphore(0)  # released by each worker once imported and warmed up
         self.stopped: set[int] = set()  # workers close() stopped because they trained nothing
         self.processes = [context.Process(target=worker_main, name=f"maas-tune-worker-{index}", daemon=True,
-                                          args=(index, self.jobs, self.records))
+                                          args=(index, self.jobs, self.records, self.warm))
                           for index in range(1, count + 1)]
         for process in self.processes:
             process.start()
+
+    def wait_warm(self, timeout_s: float) -> bool:
+        """Whether every worker is ready for a study within timeout_s (tests: trials on both sides)."""
+        deadline = time.monotonic() + timeout_s
+        return all(self.warm.acquire(timeout=max(0.0, deadline - time.monotonic())) for _ in self.processes)
 
     def begin(self, job: StudyJob) -> None:
         """Hand every worker the study."""
@@ -318,6 +325,7 @@ def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], N
     from tasks.train import TrainingSettings
     from tasks.tune import FailureGuard, Objective, TrialTracker, make_pruner, make_sampler, open_storage
 
+    warm_up()  # before the run opens its study, not in this worker's first trial
     job = published_job(open_storage(config.tuning), study_name, wait_s, say)
     tuning = TuningConfig(**job["tuning"], storage=config.tuning.storage)
     storage = open_storage(tuning)  # the run's heartbeat settings, which its stale-trial check assumes

@@ -12,6 +12,7 @@ from maas.run_context import RunContext
 from maas.tracking import ensure_experiment, mlflow_client, parent_run
 from tasks.data import prepare_data
 from tasks.train import TrainingSettings
+from tasks import tune_workers
 from tasks.tune_workers import SURPLUS_ATTR, over_budget, spends_budget
 from tasks.tune import (
     BASELINE_ATTR, Objective, TrialTracker, apply_hyperparameters, grid_space, pick_pareto_trial, redacted,
@@ -222,10 +223,9 @@ def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
 
 @STUDY
 def test_trials_in_two_processes_fill_the_budget_once_and_each_is_a_child_run(wine, maas_home, caplog, tmp_path):
-    from tasks import tune_workers
-
     with tune_workers.workers_ahead(1):  # as the flow starts them, before its data stage
         ahead = {process.pid for process in tune_workers._started_ahead.processes}
+        assert tune_workers._started_ahead.wait_warm(180)  # else the run's process may train every trial alone
         trainers = two_processes_share_the_study(
             wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300), caplog, tmp_path)
         assert tune_workers._started_ahead is None  # the study took them
@@ -246,8 +246,6 @@ def test_of_two_trials_started_for_the_last_slot_the_later_numbered_yields():
 
 
 def test_workers_started_ahead_end_with_the_run_when_no_study_takes_them():
-    from tasks import tune_workers
-
     with pytest.raises(RuntimeError), tune_workers.workers_ahead(1):
         processes = list(tune_workers._started_ahead.processes)
         assert all(process.is_alive() for process in processes)
@@ -260,8 +258,10 @@ def test_workers_started_ahead_end_with_the_run_when_no_study_takes_them():
 @STUDY
 @pytest.mark.team
 def test_trials_in_two_processes_share_one_study_on_postgresql(wine, maas_home, caplog, tmp_path, postgres_database):
-    two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300,
-                                               storage=postgres_database), caplog, tmp_path)
+    with tune_workers.workers_ahead(1):
+        assert tune_workers._started_ahead.wait_warm(180)
+        two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300,
+                                                   storage=postgres_database), caplog, tmp_path)
 
 
 def two_processes_share_the_study(wine, config: TuningConfig, caplog, tmp_path) -> set[int]:
@@ -310,8 +310,10 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_
             time.sleep(0.1)
 
     killer = threading.Thread(target=kill_the_worker_mid_trial)
-    killer.start()
-    result = run_study(objective(wine, config), config, "killed", 0)
+    with tune_workers.workers_ahead(1):
+        assert tune_workers._started_ahead.wait_warm(180)  # a cold worker could find the trials all taken
+        killer.start()
+        result = run_study(objective(wine, config), config, "killed", 0)
     killer.join()
     assert killed, "no worker trial was seen running"
     assert_failed_and_rerun(config, killed["trial"], result)
