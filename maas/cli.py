@@ -277,11 +277,10 @@ def command_run(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, f"budget.time_s={duration_argument('--budget', args.budget)}"]
 
     def training_flow(config):
-        from tasks.families import tunes_network
+        from tasks.families import tuning_workers_to_start
         from tasks.tune_workers import start_ahead
 
-        if tunes_network(config):  # tuning workers import while the flow is imported and Prefect's server starts
-            start_ahead(config.tuning.workers - 1)
+        start_ahead(tuning_workers_to_start(config))  # they import while the flow is imported and Prefect starts
         from flows.train_pipeline import train_pipeline
 
         return train_pipeline

@@ -194,11 +194,17 @@ class TuningConfig(Section):
     mlp: MLPSearchSpace = Field(default_factory=MLPSearchSpace)
     cnn: CNNSearchSpace = Field(default_factory=CNNSearchSpace)
 
+    @property
+    def in_processes(self) -> bool:
+        """Trials of the study run in more than one process (tuning.workers, maas tune-worker), which
+        coordinate through the study's storage."""
+        return self.workers > 1 or self.remote_workers
+
     @model_validator(mode="after")
     def _budget_and_objectives(self) -> TuningConfig:
         if self.n_trials is None and self.timeout_s is None:
             raise ValueError("set n_trials, timeout_s or both")
-        if self.n_jobs > 1 and (self.workers > 1 or self.remote_workers):
+        if self.n_jobs > 1 and self.in_processes:
             raise ValueError("set n_jobs (threads) or workers / remote_workers (processes), not both")
         if self.objectives[0] != "f1_macro" or len(set(self.objectives)) != len(self.objectives):
             raise ValueError("objectives start with f1_macro, then optionally size and/or latency, once each")

@@ -56,6 +56,12 @@ def tunes_network(config: RunConfig) -> bool:
     return config.tuning.enabled and "network" in candidate_families(config.model)
 
 
+def tuning_workers_to_start(config: RunConfig) -> int:
+    """Worker processes the run starts beside its own for the study (tuning.workers - 1), none when
+    it tunes no network."""
+    return config.tuning.workers - 1 if tunes_network(config) else 0
+
+
 # --- folds -----------------------------------------------------------------------------------------
 
 

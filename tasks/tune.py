@@ -257,7 +257,7 @@ class Objective:
         # Who trains this trial: if we die, the next run fails it at once (tasks/recovery.py), not
         # after Optuna's heartbeat grace period.
         trial.set_user_attr(TRIAL_OWNER_ATTR, self.owner)
-        if (self.tuning.workers > 1 or self.tuning.remote_workers) and over_budget(trial, self.tuning.n_trials):
+        if self.tuning.in_processes and over_budget(trial, self.tuning.n_trials):
             # pruned, not failed: no traceback in the log, and TPE skips a trial that has no params
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise optuna.TrialPruned("surplus: another process took the study's last trial first")
@@ -422,7 +422,7 @@ def summarise(study: optuna.Study, tuning: TuningConfig, n_val: int) -> TuningRe
         n_pruned=sum(t.state == TrialState.PRUNED and spends_budget(t) for t in trials),
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
         epochs_total=sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
-        reproducible=tuning.n_jobs == 1 and tuning.workers == 1 and not tuning.remote_workers,
+        reproducible=tuning.n_jobs == 1 and not tuning.in_processes,
         pareto_front=[{"trial": t.number, "values": list(t.values), "params": t.params} for t in front],
         top_trials=[{"trial": t.number, **{name: round(v, 5) for name, v in zip(tuning.objectives, t.values)},
                      "epochs": t.user_attrs.get("epochs"), **t.params} for t in ranked],
@@ -452,7 +452,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     if tuning.n_jobs > 1 or tuning.workers > 1:  # parallel trials share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(tuning.n_jobs, tuning.workers)))
     try:
-        if tuning.workers > 1 or tuning.remote_workers:
+        if tuning.in_processes:
             trials_in_processes(study, objective, study_name, deadline, [guard, clock])
             return summarise(study, tuning, len(objective.prepared.splits.y_val))
         with warnings.catch_warnings():
@@ -515,7 +515,7 @@ def trials_in_processes(study: optuna.Study, objective: Objective, study_name: s
 def tune(prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfig, seed: int, study_name: str,
          tracker: TrialTracker | None = None) -> TuningResult:
     """The tuning stage: an Optuna study over the family's search space, starting from `settings`."""
-    if tuning.n_jobs > 1 or tuning.workers > 1 or tuning.remote_workers:
+    if tuning.n_jobs > 1 or tuning.in_processes:
         run_logger().warning("tuning.%s: trials run in parallel, so the sampler's seed no longer fixes which trials "
                              "run; results are not reproducible run to run",
                              f"n_jobs={tuning.n_jobs}" if tuning.n_jobs > 1 else

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -223,9 +225,8 @@ def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
 
 @STUDY
 def test_trials_in_two_processes_fill_the_budget_once_and_each_is_a_child_run(wine, maas_home, caplog, tmp_path):
-    with tune_workers.workers_ahead(1):  # as the flow starts them, before its data stage
+    with warm_worker_ahead():  # as the flow starts them, before its data stage
         ahead = {process.pid for process in tune_workers._started_ahead.processes}
-        assert tune_workers._started_ahead.wait_warm(180)  # else the run's process may train every trial alone
         trainers = two_processes_share_the_study(
             wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300), caplog, tmp_path)
         assert tune_workers._started_ahead is None  # the study took them
@@ -258,10 +259,18 @@ def test_workers_started_ahead_end_with_the_run_when_no_study_takes_them():
 @STUDY
 @pytest.mark.team
 def test_trials_in_two_processes_share_one_study_on_postgresql(wine, maas_home, caplog, tmp_path, postgres_database):
-    with tune_workers.workers_ahead(1):
-        assert tune_workers._started_ahead.wait_warm(180)
+    with warm_worker_ahead():
         two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300,
                                                    storage=postgres_database), caplog, tmp_path)
+
+
+@contextmanager
+def warm_worker_ahead():
+    """One worker started ahead, as the flow starts it, and ready: a cold one (imports take seconds
+    under load) could find every trial taken by the run's process."""
+    with tune_workers.workers_ahead(1):
+        assert tune_workers._started_ahead.wait_warm(180)
+        yield
 
 
 def two_processes_share_the_study(wine, config: TuningConfig, caplog, tmp_path) -> set[int]:
@@ -310,8 +319,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_
             time.sleep(0.1)
 
     killer = threading.Thread(target=kill_the_worker_mid_trial)
-    with tune_workers.workers_ahead(1):
-        assert tune_workers._started_ahead.wait_warm(180)  # a cold worker could find the trials all taken
+    with warm_worker_ahead():
         killer.start()
         result = run_study(objective(wine, config), config, "killed", 0)
     killer.join()
