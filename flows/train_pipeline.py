@@ -32,7 +32,7 @@ end_flow_runs_promptly()
 def train_pipeline(config: RunConfig) -> TrainSummary:
     """recover → data → tune → families → train (or fit) → compress → evaluate → select → report → register → package"""
     # Tuning worker processes (tuning.workers > 1) start now: their imports overlap the stages before the study.
-    with workers_ahead(tuning_workers_to_start(config)):
+    with workers_ahead(tuning_workers_to_start(config), config.tuning):
         return train_stages(config)
 
 

@@ -280,7 +280,7 @@ def command_run(args: argparse.Namespace) -> int:
         from tasks.families import tuning_workers_to_start
         from tasks.tune_workers import start_ahead
 
-        start_ahead(tuning_workers_to_start(config))  # they import while the flow is imported and Prefect starts
+        start_ahead(tuning_workers_to_start(config), config.tuning)  # they import while the flow is imported and Prefect starts
         from flows.train_pipeline import train_pipeline
 
         return train_pipeline

@@ -135,6 +135,14 @@ def storage_url(tuning: TuningConfig) -> str:
     return tuning.storage or f"sqlite:///{maas_home() / 'optuna.db'}"
 
 
+def same_storage(one: TuningConfig, other: TuningConfig) -> bool:
+    """Whether a storage opened for `one` serves `other`: the same URL and heartbeat settings."""
+    def key(tuning: TuningConfig) -> tuple:
+        return storage_url(tuning), tuning.heartbeat_interval_s, tuning.grace_period_s, tuning.max_retry
+
+    return key(one) == key(other)
+
+
 def open_storage(tuning: TuningConfig) -> optuna.storages.RDBStorage:
     url = storage_url(tuning)
     # SQLite serialises writers; parallel trials wait for the lock instead of failing on it.

@@ -124,18 +124,27 @@ def warm_up() -> None:
     optimizer.step()
 
 
-def worker_main(index: int, jobs, records, warm) -> None:
-    """A worker process: imports first (seconds, overlapping the run's start when started ahead), then
-    the study its job names, loaded from its storage, trials until the budget is met."""
-    from tasks.tune import FailureGuard, Objective, make_pruner, make_sampler, open_storage
+def worker_main(index: int, jobs, records, warm, storage_tuning) -> None:
+    """A worker process: imports first (seconds, overlapping the run's start when started ahead), and
+    the study storage opened when the run named it (`storage_tuning`); then the study its job names,
+    loaded from that storage, trials until the budget is met."""
+    from tasks.tune import FailureGuard, Objective, make_pruner, make_sampler, open_storage, same_storage
 
     warm_up()
+    storage = None
+    if storage_tuning is not None:
+        try:  # a fresh process's first open costs ~0.5 s here (SQLAlchemy's engine, the schema check)
+            storage = open_storage(storage_tuning)
+        except Exception:  # noqa: BLE001 - the run's process opens it too, and says what is wrong in one line
+            storage = None
     warm.release()
     job = jobs.get()
+    if storage is None or not same_storage(storage_tuning, job.tuning):
+        storage = open_storage(job.tuning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.tuning.workers))
     objective = Objective(job.prepared, job.settings, job.tuning, job.seed, QueueTracker(records))
-    study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.tuning),
+    study = optuna.load_study(study_name=job.study_name, storage=storage,
                               pruner=make_pruner(job.tuning),
                               sampler=make_sampler(job.tuning, objective.family, job.seed + 1000 * index))
     trials_one_at_a_time(study, objective, job.deadline, [FailureGuard(job.tuning.max_failures)], take_waiting=False)
@@ -146,13 +155,13 @@ class TuningWorkers:
     on and the queue their trial records come back on. Started ahead of the study (start_ahead), a
     worker's imports (about 6 s here) overlap the run's start instead of the study's first trials."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, storage_tuning=None):
         context = multiprocessing.get_context("spawn")
         self.jobs, self.records = context.Queue(), context.Queue()
-        self.warm = context.Semaphore(0)  # released by each worker once imported and warmed up
+        self.warm = context.Semaphore(0)  # released by each worker once imported, warmed up and its storage open
         self.stopped: set[int] = set()  # workers close() stopped because they trained nothing
         self.processes = [context.Process(target=worker_main, name=f"maas-tune-worker-{index}", daemon=True,
-                                          args=(index, self.jobs, self.records, self.warm))
+                                          args=(index, self.jobs, self.records, self.warm, storage_tuning))
                           for index in range(1, count + 1)]
         for process in self.processes:
             process.start()
@@ -219,12 +228,28 @@ class TuningWorkers:
 _started_ahead: TuningWorkers | None = None  # at most one set, taken by the run's study
 
 
-def start_ahead(count: int) -> None:
+def start_ahead(count: int, tuning=None) -> None:
     """Start `count` workers now, before the study, so that their imports run while the run starts
-    (the CLI's imports, Prefect's server, the data stage); the study takes them (for_study)."""
+    (the CLI's imports, Prefect's server, the data stage); the study takes them (for_study). Given the
+    run's `tuning`, its study storage is made ready here first (the schema, on a first run: 1.3 s on
+    SQLite here), and each worker opens it while it waits: two processes creating one schema at once
+    could collide."""
     global _started_ahead
     if count > 0 and _started_ahead is None:
-        _started_ahead = TuningWorkers(count)
+        _started_ahead = TuningWorkers(count, ready_storage(tuning) if tuning is not None else None)
+
+
+def ready_storage(tuning):
+    """`tuning` with its storage resolved to a URL (the workers' home must not re-derive it) once it
+    opens here; None when it does not: the study says why, in one line, when it opens it."""
+    from tasks.tune import open_storage, storage_url
+
+    resolved = tuning.model_copy(update={"storage": storage_url(tuning)})
+    try:
+        open_storage(resolved).engine.dispose()
+    except Exception:  # noqa: BLE001 - reported by the study's own open
+        return None
+    return resolved
 
 
 def stop_ahead() -> None:
@@ -236,11 +261,11 @@ def stop_ahead() -> None:
 
 
 @contextmanager
-def workers_ahead(count: int) -> Iterator[None]:
+def workers_ahead(count: int, tuning=None) -> Iterator[None]:
     """`count` workers started ahead (or kept, if the CLI started them) for the length of a run; the
     ones no study took end with it."""
     if count > 0:
-        start_ahead(count)
+        start_ahead(count, tuning)
     else:
         stop_ahead()
     try:

@@ -225,10 +225,14 @@ def test_bad_configured_settings_are_replaced_by_tuning(wine, maas_home):
 
 @STUDY
 def test_trials_in_two_processes_fill_the_budget_once_and_each_is_a_child_run(wine, maas_home, caplog, tmp_path):
-    with warm_worker_ahead():  # as the flow starts them, before its data stage
+    import sqlite3
+
+    config = tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300)
+    with warm_worker_ahead(config):  # as the flow starts them, before its data stage
         ahead = {process.pid for process in tune_workers._started_ahead.processes}
-        trainers = two_processes_share_the_study(
-            wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300), caplog, tmp_path)
+        with sqlite3.connect(maas_home / "optuna.db") as made:  # the storage made ready before any study
+            assert made.execute("SELECT count(*) FROM studies").fetchone() == (0,)
+        trainers = two_processes_share_the_study(wine, config, caplog, tmp_path)
         assert tune_workers._started_ahead is None  # the study took them
     assert ahead < trainers  # the worker started ahead trained, not a new one
 
@@ -259,16 +263,17 @@ def test_workers_started_ahead_end_with_the_run_when_no_study_takes_them():
 @STUDY
 @pytest.mark.team
 def test_trials_in_two_processes_share_one_study_on_postgresql(wine, maas_home, caplog, tmp_path, postgres_database):
-    with warm_worker_ahead():
-        two_processes_share_the_study(wine, tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300,
-                                                   storage=postgres_database), caplog, tmp_path)
+    config = tuning(n_trials=8, workers=2, pruner="none", max_epochs=300, patience=300, storage=postgres_database)
+    with warm_worker_ahead(config):
+        two_processes_share_the_study(wine, config, caplog, tmp_path)
 
 
 @contextmanager
-def warm_worker_ahead():
-    """One worker started ahead, as the flow starts it, and ready: a cold one (imports take seconds
-    under load) could find every trial taken by the run's process."""
-    with tune_workers.workers_ahead(1):
+def warm_worker_ahead(config: TuningConfig):
+    """One worker started ahead, as the flow starts it (the run's study storage made ready and open
+    in the worker), and ready: a cold one (imports take seconds under load) could find every trial
+    taken by the run's process."""
+    with tune_workers.workers_ahead(1, config):
         assert tune_workers._started_ahead.wait_warm(180)
         yield
 
@@ -319,7 +324,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_
             time.sleep(0.1)
 
     killer = threading.Thread(target=kill_the_worker_mid_trial)
-    with warm_worker_ahead():
+    with warm_worker_ahead(config):
         killer.start()
         result = run_study(objective(wine, config), config, "killed", 0)
     killer.join()
