@@ -100,7 +100,11 @@ def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | No
         level = root.level
         root.setLevel(max(level, logging.ERROR))  # its 'consider pre-processing' hint, logged on the root logger
         try:
-            quantize_dynamic(str(fp32_path), str(folder / ENCODER_FILE), weight_type=QuantType.QInt8, per_channel=True)
+            # Weights only: with MatMulConstBOnly the attention's activation x activation products stay
+            # fp32 instead of quantizing both sides on every call. On an AVX512-VNNI EPYC that took the
+            # 6-layer encoder from 2.3x to 2.5-2.7x fp32's texts/s at the same cosine to fp32 (0.992).
+            quantize_dynamic(str(fp32_path), str(folder / ENCODER_FILE), weight_type=QuantType.QInt8, per_channel=True,
+                             extra_options={"MatMulConstBOnly": True})
         finally:
             root.setLevel(level)  # left raised, it hid every later warning in the process
         fp32_path.unlink()
