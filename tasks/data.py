@@ -404,8 +404,8 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
     stopped on the validation rows, and (with data.text_student_layers) a student distilled from it,
     served instead when its validation F1 is within data.text_student_tolerance. Exported once per
     table and settings. The test rows are not read."""
-    from models.text_encoder import (Distillation, FineTuning, cached_encoder, distil, export_once, fine_tune,
-                                     served_variant)
+    from models.text_encoder import (Distillation, FineTuning, LabelledTexts, cached_encoder, distil, export_once,
+                                     fine_tune, served_variant)
 
     if data.text_finetune_epochs == 0:
         return cached_encoder(encoders_home(), data.text_encoder_precision)
@@ -422,11 +422,12 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
         candidates = {"teacher": fine_tune(texts_train, splits.y_train, texts_val, splits.y_val, tuning)}
         if data.text_student_layers:
             candidates["student"] = distil(candidates["teacher"], texts_train, texts_val, splits.y_val, distillation)
-        chosen, exported, scores = served_variant(candidates, texts_val, splits.y_val, data.text_encoder_precision,
-                                                  data.text_student_tolerance, data.text_max_length, folder / "variants")
+        chosen, exported, scores = served_variant(
+            candidates, LabelledTexts(texts_train, splits.y_train, texts_val, splits.y_val), data.text_encoder_precision,
+            data.text_student_tolerance, data.text_max_length, folder / "variants")
         for name, model in candidates.items():
             said.append(f"{name} {model.epochs_run:.2f} epoch(s) in {model.seconds:.0f} s, validation macro F1 "
-                        f"{scores[name]:.4f} ({data.text_encoder_precision}, its linear head)")
+                        f"{scores[name]:.4f} ({data.text_encoder_precision}, a linear head refitted on its embeddings)")
         said.append(f"serving the {chosen}")
         for item in exported.iterdir():
             item.rename(folder / item.name)

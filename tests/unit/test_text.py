@@ -240,3 +240,30 @@ def test_a_time_limit_shortens_the_schedule_to_what_it_affords_and_still_validat
     # 3 x 19 steps planned; the 8 steps that time the rate already pass 0.5 s on a CPU, so the schedule ends there
     assert tuned.epochs_run == pytest.approx(8 / 19)
     assert 0 <= tuned.val_f1 <= 1
+
+
+def test_each_encoder_variant_is_scored_through_a_head_refitted_on_its_own_served_embeddings(tmp_path):
+    """The served choice reads what the families will be fitted on, the variant's own int8 embeddings,
+    not the torch head it was trained with: heads of zeros (one class for every text) still score
+    each encoder as well as its embedding separates the classes."""
+    from models.text_encoder import LabelledTexts, Tuned, served_variant, student_of
+
+    good = ["a wonderful, excellent {} that I loved", "great {}, really delightful", "the {} was superb and fun"]
+    bad = ["an awful, terrible {} that I hated", "horrible {}, really dreadful", "the {} was broken and boring"]
+    things = ["film", "meal", "hotel", "phone", "concert", "book", "game", "trip"]
+    texts = [template.format(thing) for thing in things for template in good + bad]
+    labels = [label for _ in things for label in [1, 1, 1, 0, 0, 0]]
+    split = LabelledTexts(texts[:30], labels[:30], texts[30:], labels[30:])
+    teacher = load_encoder()
+
+    def zero_head() -> torch.nn.Linear:
+        head = torch.nn.Linear(384, 2)
+        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+        return head
+
+    candidates = {"teacher": Tuned(teacher, zero_head(), 0.0, 1, 0.0),
+                  "student": Tuned(student_of(teacher, 2), zero_head(), 0.0, 1, 0.0)}
+    chosen, folder, scores = served_variant(candidates, split, "int8", 0.2, 32, tmp_path)
+    assert scores["teacher"] >= 0.9, scores  # a zero head would predict one class: macro F1 0.33
+    assert chosen == ("student" if scores["student"] >= scores["teacher"] - 0.2 else "teacher")
+    assert (folder / ENCODER_FILE).is_file()
