@@ -615,9 +615,24 @@ def local_prefect_server():
         server.stop()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a container stopping), raised where the process is, as Ctrl-C
+    is: what the command started is stopped and closed on the way out (Prefect's temporary server,
+    the MLflow run, marked KILLED). Python's default for SIGTERM exits at once and left Prefect's
+    server running, orphaned."""
+
+
+def raise_terminated(_signal_number, _frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
     quiet_defaults()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a host program's own handler stays
+        signal.signal(signal.SIGTERM, raise_terminated)
     handlers = {"run": command_run, "tune-worker": command_tune_worker, "ui": command_ui,
                 "tracking-server": command_tracking_server, "serve": command_serve, "keys": command_keys, "promote": command_promote,
                 "rollback": command_rollback, "audit": command_audit, "purge": command_purge, "bill": command_bill,
@@ -627,9 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     except MaasInputError as error:
         print(f"maas: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("maas: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print("maas: terminated" if terminated else "maas: interrupted", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -129,6 +129,43 @@ def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):
     assert not (tmp_path / "mlruns").exists()  # artifacts stay under MAAS_HOME
 
 
+def test_a_run_stopped_by_sigterm_stops_what_it_started_and_leaves_no_run_running(tmp_path, maas_home):
+    """SIGTERM (a scheduler, a container stopping) mid-run: one line, exit 143, Prefect's temporary
+    server and every other child gone, the MLflow run KILLED, not left RUNNING."""
+    import signal
+    import time
+
+    import psutil
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env.update(MAAS_HOME=str(maas_home), PREFECT_HOME=str(tmp_path / "prefect"), PYTHONUNBUFFERED="1")
+    run = subprocess.Popen([sys.executable, "-m", "maas", "run", "--dataset", "wine", "--set", "tuning.n_trials=50"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        for line in run.stdout:  # until the study runs: Prefect's server, the recorder and the MLflow run are up
+            lines.append(line)
+            if "tune: starting at" in line:
+                break
+        children = psutil.Process(run.pid).children(recursive=True)
+        assert children, "".join(lines)
+        run.send_signal(signal.SIGTERM)
+        rest = run.communicate(timeout=120)[0]  # Python's default SIGTERM left it hanging here
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    output = "".join(lines) + rest
+    assert run.returncode == 143, output[-3000:]
+    assert "maas: terminated" in rest.splitlines() and "Traceback" not in output, output[-3000:]
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [child.cmdline() for child in alive]
+    client = mlflow_client()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and {r.info.status for r in runs} <= {"KILLED", "FAILED", "FINISHED"}, [r.info.status for r in runs]
+    assert any(r.info.status == "KILLED" for r in runs)
+
+
 def test_maas_ui_shows_the_parent_run_and_the_registered_model(trained):
     home, _, summary = trained
     port = free_port()
