@@ -25,16 +25,27 @@ def machine() -> dict:
     import torch
 
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_kib / 2**20, 1),
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_kib / 2**20, 1), "int8": int8_instructions(),
         "cuda": torch.cuda.is_available(), "python": platform.python_version(),
         **{name: metadata.version(name) for name in ("torch", "prefect", "mlflow", "onnxruntime")},
     }
 
 
+def int8_instructions() -> str:
+    """The CPU's int8 dot-product instructions, which decide what int8 inference gains: 'AVX512-VNNI,
+    AMX', or 'none (AVX2 only)'. The same model name ('AMD EPYC') has come both with and without."""
+    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), []))
+    found = [name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX"))
+             if flag in flags]
+    return ", ".join(found) or "none (AVX2 only)"
+
+
 def measured_on(report: dict) -> str:
     """One sentence: when and on what the figures were taken."""
     m = report["machine"]
-    return (f"Measured {report['measured_at']} on {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+    int8 = f", int8 instructions: {m['int8']}" if "int8" in m else ""
+    return (f"Measured {report['measured_at']} on {m['cpu']}{int8}, {m['cores']} cores, {m['memory_gib']} GiB, "
             f"CUDA {m['cuda']}; Python {m['python']}, torch {m['torch']}, prefect {m['prefect']}, "
             f"mlflow {m['mlflow']}, onnxruntime {m['onnxruntime']}.")
 
