@@ -631,8 +631,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet_defaults()
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a host program's own handler stays
-        signal.signal(signal.SIGTERM, raise_terminated)
+    # Only the commands that run one flow and end: `maas schedule`'s Prefect runner handles SIGTERM
+    # itself, and with this handler its shutdown hung past 60 s on Ctrl-C.
+    if args.command in ("run", "monitor") and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)  # a host program's own handler stays
     handlers = {"run": command_run, "tune-worker": command_tune_worker, "ui": command_ui,
                 "tracking-server": command_tracking_server, "serve": command_serve, "keys": command_keys, "promote": command_promote,
                 "rollback": command_rollback, "audit": command_audit, "purge": command_purge, "bill": command_bill,
