@@ -175,6 +175,15 @@ def flow_run_artifacts(flow_run_id: str) -> dict:
     return {artifact.key: artifact for artifact in found}
 
 
+def interruptible() -> None:
+    """A child's Ctrl-C as in a terminal (Popen's preexec_fn): a runner that started the tests in the
+    background (`nohup ... &`) hands its children SIGINT ignored, and a test's SIGINT then never
+    reached `maas schedule`."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     import socket
 

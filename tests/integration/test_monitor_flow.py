@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import PROJECT_ROOT, module_home, quick_config
+from tests.conftest import PROJECT_ROOT, interruptible, module_home, quick_config
 
 pytestmark = pytest.mark.slow
 
@@ -230,7 +230,7 @@ def test_maas_schedule_serves_cron_deployments_and_a_drift_retrain_completes(reg
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "maas", "schedule", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"),
          *[arg for setting in QUICK for arg in ("--set", setting)], "--set", "schedule.monitor_cron=*/30 * * * *"],
-        env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=interruptible)
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 120
@@ -285,7 +285,7 @@ def test_prefects_own_cli_lists_what_maas_schedule_serves(registry, tmp_path):
         scheduler = subprocess.Popen(
             [sys.executable, "-m", "maas", "schedule", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"),
              *[arg for setting in QUICK for arg in ("--set", setting)]],
-            env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 300
         while "Prefect API " not in log_path.read_text():
