@@ -66,13 +66,13 @@ def fresh_database(admin_url: str | None, home: Path):
 
 def timed_study(prepared, config, arm: str, storage: str) -> dict:
     from tasks.train import TrainingSettings
-    from tasks.tune import Objective, open_storage, run_study
+    from tasks.tune import Objective, ready_storage, run_study
     from tasks.tune_workers import start_ahead
 
     changes = ARMS[arm]
     tuning = config.tuning.model_copy(update={**changes, "storage": storage, "pruner": "none",
                                               "patience": config.tuning.max_epochs})  # every trial its epochs
-    open_storage(tuning).engine.dispose()  # the schema exists, as after a first run, for every arm
+    ready_storage(tuning)  # the schema exists, as after a first run, for every arm
     if "started ahead" in arm:  # as the flow does: their imports run before the study, not in it
         start_ahead(changes["workers"] - 1, tuning)
         time.sleep(AHEAD_S)
@@ -207,10 +207,10 @@ def ready_study_storage(home: Path) -> None:
     """MAAS_HOME `home` with its study storage's schema made, as after a first run (the runs of both
     arms time their studies, not the one-off schema)."""
     from maas.config import TuningConfig
-    from tasks.tune import open_storage
+    from tasks.tune import ready_storage
 
     home.mkdir(parents=True)
-    open_storage(TuningConfig(storage=f"sqlite:///{home / 'optuna.db'}")).engine.dispose()
+    ready_storage(TuningConfig(storage=f"sqlite:///{home / 'optuna.db'}"))
 
 
 def run_tuning_section(args) -> dict:

@@ -22,8 +22,8 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 

@@ -14,6 +14,7 @@ MLflow child run, as it does its own trials.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -133,10 +134,8 @@ def worker_main(index: int, jobs, records, warm, storage_tuning) -> None:
     warm_up()
     storage = None
     if storage_tuning is not None:
-        try:  # a fresh process's first open costs ~0.5 s here (SQLAlchemy's engine, the schema check)
-            storage = open_storage(storage_tuning)
-        except Exception:  # noqa: BLE001 - the run's process opens it too, and says what is wrong in one line
-            storage = None
+        with contextlib.suppress(Exception):  # the run's process opens it too, and says what is wrong in one line
+            storage = open_storage(storage_tuning)  # a fresh process's first open: ~0.5 s here
     warm.release()
     job = jobs.get()
     if storage is None or not same_storage(storage_tuning, job.tuning):
@@ -236,20 +235,20 @@ def start_ahead(count: int, tuning=None) -> None:
     could collide."""
     global _started_ahead
     if count > 0 and _started_ahead is None:
-        _started_ahead = TuningWorkers(count, ready_storage(tuning) if tuning is not None else None)
+        _started_ahead = TuningWorkers(count, storage_made_ready(tuning))
 
 
-def ready_storage(tuning):
-    """`tuning` with its storage resolved to a URL (the workers' home must not re-derive it) once it
-    opens here; None when it does not: the study says why, in one line, when it opens it."""
-    from tasks.tune import open_storage, storage_url
+def storage_made_ready(tuning):
+    """The run's tuning with its storage ready (tasks.tune.ready_storage), or None: no tuning given,
+    or a storage that does not open, which the study then reports in one line."""
+    from tasks.tune import ready_storage
 
-    resolved = tuning.model_copy(update={"storage": storage_url(tuning)})
+    if tuning is None:
+        return None
     try:
-        open_storage(resolved).engine.dispose()
+        return ready_storage(tuning)
     except Exception:  # noqa: BLE001 - reported by the study's own open
         return None
-    return resolved
 
 
 def stop_ahead() -> None:
