@@ -19,7 +19,7 @@ dropped requests counted), and the service's cold start (command to /readyz).
 Then what security costs: TLS, a privacy policy on the prediction log, and API keys with their
 rate-limit headers, each against the service as shipped, in alternating runs.
 
-Usage: python benchmarks/serving.py [--seconds 6] [--soak-seconds 60] [--only security]
+Usage: python benchmarks/serving.py [--seconds 6] [--soak-seconds 60] [--only security|text]
 Writes benchmarks/results/serving.{json,md}.
 """
 
@@ -247,13 +247,32 @@ def train_bundle(home: Path) -> Path:
     return bundle
 
 
+def with_previous_sections(report: dict, section: str) -> dict:
+    """serving.json as last written, with `section` replaced by this run's and stamped with when and
+    on what it was measured (--only)."""
+    previous = json.loads((HERE / "results" / "serving.json").read_text())
+    merged = {**previous, section: report[section],
+              f"{section}_measured": {"at": report["measured_at"], "machine": report["machine"]}}
+    merged["targets"] = targets(merged)
+    return merged
+
+
+def separately_measured(report: dict, section: str) -> str:
+    """'Measured ... (`--only SECTION`; ...). ' for a section measured on its own, else ''."""
+    measured = report.get(f"{section}_measured")
+    if not measured:
+        return ""
+    return (f"Measured {measured['at']} on {measured['machine']['cpu']}, {measured['machine']['cores']} cores "
+            f"(`--only {section}`; the sections above are from their own run). ")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="per load cell")
     parser.add_argument("--max-requests", type=int, default=20000, help="per load cell")
     parser.add_argument("--soak-seconds", type=float, default=60.0)
     parser.add_argument("--ablation-pairs", type=int, default=2, help="alternating default/changed pairs per setting")
-    parser.add_argument("--only", choices=["security"], help="measure this section alone; the rest of serving.json stays")
+    parser.add_argument("--only", choices=["security", "text"], help="measure this section alone; the rest of serving.json stays")
     args = parser.parse_args()
 
     from sklearn.datasets import load_breast_cancer
@@ -315,13 +334,10 @@ def main() -> None:
                 process.wait(timeout=60)
             return cells
 
-        report["security"] = security_costs(service, measure, home, args.ablation_pairs)
+        if args.only != "text":
+            report["security"] = security_costs(service, measure, home, args.ablation_pairs)
         if args.only == "security":
-            previous = json.loads((HERE / "results" / "serving.json").read_text())
-            report = {**previous, "security": report["security"],
-                      "security_measured": {"at": report["measured_at"], "machine": report["machine"]}}
-            report["targets"] = targets(report)
-            write_results("serving", report, render)
+            write_results("serving", with_previous_sections(report, "security"), render)
             return
         text_bundle, text_rows = train_text_bundle(home)
         report["text"] = {"compute": text_ceiling(text_bundle, text_rows, args.seconds)}
@@ -329,6 +345,9 @@ def main() -> None:
         text_service[1].update(MAAS_BUNDLE_DIR=str(text_bundle), MAAS_MODEL_LABEL="bench-text/1")
         report["text"]["cells"] = measure("text service", text_service, [(1, 1), (1, 8), (1, 32)],
                                           payloads=[json.dumps({"rows": [row]}).encode() for row in text_rows])
+        if args.only == "text":
+            write_results("serving", with_previous_sections(report, "text"), render)
+            return
 
         every_cell = [(size, concurrency) for size in ROWS_PER_REQUEST for concurrency in CONCURRENCY]
         for name, server in servers.items():
@@ -441,7 +460,7 @@ def render(report: dict) -> str:
     if report.get("text"):
         text = report["text"]
         lines += ["", "## Text: one sentence per request", "",
-                  "The built-in sentiment set (2,000 rows for training; requests carry distinct test rows: the text "
+                  separately_measured(report, "text") + "The built-in sentiment set (2,000 rows for training; requests carry distinct test rows: the text "
                   "and its source column), the default int8 MiniLM encoder and a logistic regression. Compute "
                   f"ceiling: the bundle in {text['compute']['processes']} processes at once, one thread each, 32 rows a "
                   f"call (each text embedded alone): {text['compute']['rows_per_s']:,.0f} rows/s.", "",
@@ -461,10 +480,8 @@ def render(report: dict) -> str:
                          f"{p99['default']:.1f} / {p99['changed']:.1f} | {wide['default']:,.0f} / {wide['changed']:,.0f} |")
     if report.get("security"):
         security = report["security"]
-        measured = report.get("security_measured")
         lines += ["", "## Security costs: TLS, the privacy policy, keys (one-row requests, medians of alternating runs)", "",
-                  (f"Measured {measured['at']} on {measured['machine']['cpu']}, {measured['machine']['cores']} cores "
-                   "(`--only security`; the sections above are from their own run). " if measured else "") +
+                  separately_measured(report, "security") +
                   "Default: the service as shipped (http, API key checked, rate-limit headers, no privacy policy). "
                   f"tls: serving.tls with a self-signed P-256 certificate (the client keeps its connections, and, on the "
                   f"same 2 cores, pays its own side of TLS too). privacy: "

@@ -243,17 +243,23 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    from threadpoolctl import threadpool_limits
-
+def sentiment_splits():
+    """The built-in sentiment set split as `maas run --dataset sentiment` splits it: (splits, the
+    default config, the number of rows)."""
     from maas.config import load_config
-    from tasks.data import load_builtin, split_rows, encode_target
+    from tasks.data import encode_target, load_builtin, split_rows
 
     config = load_config(ROOT / "configs" / "default.yaml", dataset="sentiment")
     table = load_builtin("sentiment")
     codes, _ = encode_target(table.frame[table.target], table.target, config.data)
-    splits = split_rows(table.frame.drop(columns=[table.target]), codes, config.data, config.seed)
-    report = {"measured_at": now(), "machine": machine(), "rows": len(table.frame), "n_train": len(splits.y_train),
+    return split_rows(table.frame.drop(columns=[table.target]), codes, config.data, config.seed), config, len(table.frame)
+
+
+def main() -> None:
+    from threadpoolctl import threadpool_limits
+
+    splits, _, n_rows = sentiment_splits()
+    report = {"measured_at": now(), "machine": machine(), "rows": n_rows, "n_train": len(splits.y_train),
               "n_val": len(splits.y_val), "n_test": len(splits.y_test), "rows_measured": []}
     with tempfile.TemporaryDirectory() as scratch:
         report["rows_measured"].append(maas_row(splits, Path(scratch)))

@@ -46,6 +46,16 @@ class DataConfig(Section):
     text_finetune_epochs: int = Field(0, ge=0, le=20, description="0: the pretrained encoder as it is; N: first "
                                       "fine-tuned N epochs on the training rows' texts and labels (a linear head, the "
                                       "epoch best on validation kept); on sentiment 2 epochs took F1 from 0.69 to 0.76")
+    text_finetune_lr: float = Field(3e-5, gt=0, le=1e-2, description="the encoder's learning rate when fine-tuned "
+                                    "(AdamW, decaying linearly to 0; the head's is 1e-3)")
+    text_search_trials: int = Field(0, ge=0, le=100, description="0: the text settings as configured; N: frozen "
+                                    "or fine-tuned, the learning rate, the epochs and the max length searched in N "
+                                    "trials on a sample of the texts (the configured ones tried first), the best "
+                                    "then used")
+    text_search_max_s: float = Field(600, ge=10, description="the text search ends within this; under a run budget "
+                                     "at most a third of the 'text' stage's share")
+    text_search_texts: int = Field(2000, ge=20, description="training texts each trial of the text search reads "
+                                   "(and half as many validation texts it is scored on)")
     text_finetune_max_s: float = Field(1800, gt=0, description="fine-tuning, and then distillation, each shorten their "
                                        "schedule to end within this; under a run budget (budget.time_s) at most half "
                                        "the 'text' stage's share each")

@@ -225,6 +225,21 @@ def _rows(extra, index):
     return None if extra is None else extra[index]
 
 
+def embeddings(encoder: MeanPooledEncoder, tokenizer, texts: list[str]) -> torch.Tensor:
+    """The encoder's embeddings of the texts, in eval mode without gradient, in batches of 128 texts
+    of like lengths (sorted, so a batch pads little), returned in the texts' order."""
+    import numpy as np
+
+    encoder.eval()
+    order = np.argsort([len(text) for text in texts])
+    out = torch.zeros(len(texts), EMBEDDING_DIM, device=training_device())
+    with torch.no_grad():
+        for start in range(0, len(order), 128):
+            chosen = order[start:start + 128]
+            out[chosen] = encoder(*_tokens(tokenizer, [texts[index] for index in chosen]))
+    return out
+
+
 def validation_f1(model: Tuned, tokenizer, texts_val: list[str], y_val, extra_val=None) -> float:
     """Macro F1 of the model's head on the validation texts (batches of 128, no gradient)."""
     import numpy as np
@@ -329,17 +344,10 @@ def distil(teacher: Tuned, texts_train: list[str], texts_val: list[str], y_val, 
            extra_train=None, extra_val=None) -> Tuned:
     """A smaller encoder trained on the teacher's outputs over the training texts (see Distillation),
     served with the teacher's head; returned with that head's validation F1 on it."""
-    import numpy as np
-
     torch.manual_seed(settings.seed)
     tokenizer = text_tokenizer(settings.max_length)
-    teacher.encoder.eval()
-    order = np.argsort([len(text) for text in texts_train])  # batches of like lengths pad little
-    targets = torch.zeros(len(texts_train), EMBEDDING_DIM, device=training_device())
+    targets = embeddings(teacher.encoder, tokenizer, texts_train)
     with torch.no_grad():
-        for start in range(0, len(order), 128):
-            chosen = order[start:start + 128]
-            targets[chosen] = teacher.encoder(*_tokens(tokenizer, [texts_train[index] for index in chosen]))
         soft = torch.softmax(teacher.head(_with_extra(targets, extra_train)) / settings.temperature, 1)
     head = torch.nn.Linear(teacher.head.in_features, teacher.head.out_features).to(training_device())
     head.load_state_dict(teacher.head.state_dict())

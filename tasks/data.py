@@ -138,6 +138,9 @@ class PreparedData:
             "data.n_val": len(self.splits.x_val),
             "data.n_test": len(self.splits.x_test),
             "data.dropped_columns": ",".join(self.dropped_columns) or "-",
+            # how each text column is read, as used (a text search may have chosen other than configured)
+            **{f"text.{column['name']}.{key}": column[key] for column in self.preprocessing.get("text", [])
+               for key in ("encoder", "max_length")},
         }
 
 
@@ -397,6 +400,40 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) ->
     return {"numeric": numeric, "categorical": categorical}
 
 
+def labelled_texts(splits: DataSplits, column: str):
+    """A text column's training and validation texts with their labels: what the encoder is
+    searched, fine-tuned and chosen on (the test rows never)."""
+    from models.text_encoder import LabelledTexts
+
+    return LabelledTexts(as_texts(splits.x_train[column].tolist()), splits.y_train,
+                         as_texts(splits.x_val[column].tolist()), splits.y_val)
+
+
+def searched_text_settings(splits: DataSplits, texts: list[str], data: DataConfig, fingerprint: str, seed: int,
+                           notes: list[str]) -> DataConfig:
+    """`data` with its text settings (fine-tuned or not, learning rate, epochs, max length) replaced
+    by the best of data.text_search_trials trials on the first text column (models/text_search.py),
+    the configured settings tried first. The trials go to a journal beside the exported encoders, so a
+    re-run on the same table and settings takes the same choice without a trial."""
+    if not data.text_search_trials:
+        return data
+    from models.text_encoder import FineTuning
+    from models.text_search import FINE_TUNED, TextSearch, search_text_settings
+
+    search = TextSearch(trials=data.text_search_trials, max_seconds=data.text_search_max_s,
+                        train_texts=data.text_search_texts, val_texts=max(10, data.text_search_texts // 2),
+                        defaults=FineTuning(epochs=max(1, data.text_finetune_epochs), encoder_lr=data.text_finetune_lr,
+                                            max_length=data.text_max_length), seed=seed)
+    digest = hashlib.sha256(f"{fingerprint}|{texts[0]}|{search}".encode()).hexdigest()[:12]
+    choice = search_text_settings(labelled_texts(splits, texts[0]), search,
+                                  encoders_home() / f"text-search-{digest}.journal")
+    notes.append(f"text settings searched on column '{texts[0]}': {choice.describe()}")
+    fine_tuned = choice.mode == FINE_TUNED
+    return data.model_copy(update={"text_max_length": choice.max_length,
+                                   "text_finetune_epochs": choice.epochs if fine_tuned else 0,
+                                   "text_finetune_lr": choice.encoder_lr if fine_tuned else data.text_finetune_lr})
+
+
 def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, fingerprint: str, seed: int,
                         notes: list[str]) -> Path:
     """The exported encoder the text columns are read with: the pretrained one, or (with
@@ -404,27 +441,26 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
     stopped on the validation rows, and (with data.text_student_layers) a student distilled from it,
     served instead when its validation F1 is within data.text_student_tolerance. Exported once per
     table and settings. The test rows are not read."""
-    from models.text_encoder import (Distillation, FineTuning, LabelledTexts, cached_encoder, distil, export_once,
-                                     fine_tune, served_variant)
+    from models.text_encoder import Distillation, FineTuning, cached_encoder, distil, export_once, fine_tune, served_variant
 
     if data.text_finetune_epochs == 0:
         return cached_encoder(encoders_home(), data.text_encoder_precision)
-    tuning = FineTuning(epochs=data.text_finetune_epochs, max_length=data.text_max_length,
-                        max_seconds=data.text_finetune_max_s, seed=seed)
+    tuning = FineTuning(epochs=data.text_finetune_epochs, encoder_lr=data.text_finetune_lr,
+                        max_length=data.text_max_length, max_seconds=data.text_finetune_max_s, seed=seed)
     distillation = Distillation(layers=data.text_student_layers, epochs=data.text_finetune_epochs,
                                 max_length=data.text_max_length, max_seconds=data.text_finetune_max_s, seed=seed)
     settings = f"{tuning}|{distillation if data.text_student_layers else ''}|{data.text_student_tolerance}"
     digest = hashlib.sha256(f"{fingerprint}|{texts[0]}|{settings}|{data.text_encoder_precision}".encode()).hexdigest()[:12]
-    texts_train, texts_val = as_texts(splits.x_train[texts[0]].tolist()), as_texts(splits.x_val[texts[0]].tolist())
+    labelled = labelled_texts(splits, texts[0])
     said: list[str] = []
 
     def write(folder: Path) -> None:
-        candidates = {"teacher": fine_tune(texts_train, splits.y_train, texts_val, splits.y_val, tuning)}
+        candidates = {"teacher": fine_tune(labelled.train, labelled.y_train, labelled.val, labelled.y_val, tuning)}
         if data.text_student_layers:
-            candidates["student"] = distil(candidates["teacher"], texts_train, texts_val, splits.y_val, distillation)
-        chosen, exported, scores = served_variant(
-            candidates, LabelledTexts(texts_train, splits.y_train, texts_val, splits.y_val), data.text_encoder_precision,
-            data.text_student_tolerance, data.text_max_length, folder / "variants")
+            candidates["student"] = distil(candidates["teacher"], labelled.train, labelled.val, labelled.y_val,
+                                           distillation)
+        chosen, exported, scores = served_variant(candidates, labelled, data.text_encoder_precision,
+                                                  data.text_student_tolerance, data.text_max_length, folder / "variants")
         for name, model in candidates.items():
             said.append(f"{name} {model.epochs_run:.2f} epoch(s) in {model.seconds:.0f} s, validation macro F1 "
                         f"{scores[name]:.4f} ({data.text_encoder_precision}, a linear head refitted on its embeddings)")
@@ -506,9 +542,12 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
     preprocessing = fit_preprocessing(splits.x_train.drop(columns=texts), coerced)
-    if texts:
-        preprocessing["text"] = (fit_text_scales(splits.x_train, texts, data, text_encoder_folder(
-            splits, texts, data, fingerprint, seed, notes)) if fit_text else text_placeholders(texts, data))
+    if texts and fit_text:
+        data = searched_text_settings(splits, texts, data, fingerprint, seed, notes)
+        preprocessing["text"] = fit_text_scales(splits.x_train, texts, data,
+                                                text_encoder_folder(splits, texts, data, fingerprint, seed, notes))
+    elif texts:
+        preprocessing["text"] = text_placeholders(texts, data)
     return PreparedData(
         splits=splits,
         labels=labels,
@@ -541,13 +580,18 @@ def report_data(prepared: PreparedData) -> None:
 @task(name="prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_input_error,
       timeout_seconds=600, cache_policy=NO_CACHE)
 def budgeted_data(data: DataConfig, budget: Budget) -> DataConfig:
-    """Fine-tuning the text encoder, then distilling it, under the run's budget: the 'text' stage's
-    allotment (maas/budget.py), halved between the two, floored to 10 s so that the same budget names
-    the same exported encoder on a re-run."""
-    if data.text_finetune_epochs == 0 or budget.time_s is None:
+    """Searching the text settings, fine-tuning the text encoder, then distilling it, under the run's
+    budget: the 'text' stage's allotment (maas/budget.py) in equal parts for those that run, floored
+    to 10 s so that the same budget names the same search and exported encoder on a re-run. Time the
+    search's choice does not use (a frozen encoder) passes on to the later stages."""
+    searching = data.text_search_trials > 0
+    if (data.text_finetune_epochs == 0 and not searching) or budget.time_s is None:
         return data
-    share = budget.allot("text") / (2 if data.text_student_layers else 1)
-    return data.model_copy(update={"text_finetune_max_s": min(data.text_finetune_max_s, max(10.0, share // 10 * 10))})
+    part = max(10.0, budget.allot("text") / (searching + 1 + bool(data.text_student_layers)) // 10 * 10)
+    update = {"text_finetune_max_s": min(data.text_finetune_max_s, part)}
+    if searching:
+        update["text_search_max_s"] = min(data.text_search_max_s, part)
+    return data.model_copy(update=update)
 
 
 def prepare_data_task(data: DataConfig, seed: int, timer: StageTimer) -> PreparedData:

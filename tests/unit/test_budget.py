@@ -51,6 +51,8 @@ def test_text_fine_tuning_takes_the_text_share_only_when_asked_and_halves_it_wit
         == share // 10 * 10
     assert budget.allot("tune") == pytest.approx(540 * SHARES["tune"] / (sum(SHARES.values()) - SHARES["text"]), abs=1)
     assert budgeted_data(DataConfig(text_finetune_epochs=2), Budget(None)).text_finetune_max_s == 1800
+    searched = budgeted_data(DataConfig(text_search_trials=4), Budget(540.0))  # search, fine-tune, distil: a third each
+    assert searched.text_search_max_s == searched.text_finetune_max_s == (share / 3) // 10 * 10
 
 def test_training_stops_at_its_allotment_and_keeps_its_best_epoch():
     config = quick_config("digits", "model.families=[network]")

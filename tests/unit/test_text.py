@@ -267,3 +267,48 @@ def test_each_encoder_variant_is_scored_through_a_head_refitted_on_its_own_serve
     assert scores["teacher"] >= 0.9, scores  # a zero head would predict one class: macro F1 0.33
     assert chosen == ("student" if scores["student"] >= scores["teacher"] - 0.2 else "teacher")
     assert (folder / ENCODER_FILE).is_file()
+
+
+def test_the_text_search_tries_the_configured_settings_first_keeps_the_best_and_resumes_from_its_journal(tmp_path):
+    from models.text_encoder import FineTuning, LabelledTexts
+    from models.text_search import FINE_TUNED, FROZEN, TextSearch, search_text_settings, searched_trials
+
+    frame = pd.read_csv(SENTIMENT_FILE).sample(200, random_state=5)
+    codes = frame["sentiment"].astype("category").cat.codes.to_numpy()
+    texts = frame["text"].fillna("").tolist()
+    labelled = LabelledTexts(texts[:150], codes[:150], texts[150:], codes[150:])
+    search = TextSearch(trials=3, max_seconds=120, train_texts=100, val_texts=40, max_lengths=(32, 64),
+                        defaults=FineTuning(epochs=1, encoder_lr=5e-5, max_length=64))
+    journal = tmp_path / "search.journal"
+    choice = search_text_settings(labelled, search, journal)
+
+    finished = searched_trials(journal)
+    assert len(finished) == 3 == choice.trials
+    assert finished[0].params == {"mode": FROZEN, "max_length": 64}  # the configured settings, frozen and fine-tuned
+    assert finished[1].params == {"mode": FINE_TUNED, "max_length": 64, "encoder_lr": 5e-5, "epochs": 1}
+    best = max(finished, key=lambda trial: trial.value)
+    assert choice.val_f1 == best.value and choice.mode == best.params["mode"]
+    assert choice.max_length == best.params["max_length"] and 0 < choice.val_f1 <= 1
+    assert all(0 < trial.value <= 1 for trial in finished)
+    assert len({tuple(sorted(trial.params.items())) for trial in finished}) == 3  # a repeat is not a trial
+
+    again = search_text_settings(labelled, search, journal)  # a re-run takes the finished search's choice
+    assert (again.mode, again.max_length, again.val_f1, again.trials) == (choice.mode, choice.max_length, choice.val_f1, 3)
+    assert [trial.number for trial in searched_trials(journal)] == [trial.number for trial in finished]
+
+
+def test_a_run_with_the_text_search_reads_its_text_with_the_settings_it_chose(tmp_path):
+    path, target = write_messy("tickets", tmp_path)
+    config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target,
+                         overrides=["data.text_search_trials=2", "data.text_search_texts=60",
+                                    "data.text_student_layers=0", "data.text_max_length=64"])
+    prepared = prepare_data(config.data, config.seed)
+    (note,) = [note for note in prepared.notes if note.startswith("text settings searched on column 'message'")]
+    found = re.search(r"(frozen|fine-tuned) encoder, max length (\d+)", note)
+    assert found, note
+    column = prepared.preprocessing["text"][0]
+    assert column["max_length"] == int(found.group(2)) == 64  # both trials read the configured 64 tokens
+    assert ("finetuned" in column["_encoder_dir"]) == (found.group(1) == "fine-tuned")
+    assert any("fine-tuned on column" in item for item in prepared.notes) == (found.group(1) == "fine-tuned")
+    params = prepared.summary_params()  # MLflow params: the settings as used
+    assert params["text.message.max_length"] == 64 and params["text.message.encoder"] == column["encoder"]
