@@ -422,7 +422,7 @@ def searched_text_settings(splits: DataSplits, texts: list[str], data: DataConfi
 
     search = TextSearch(trials=data.text_search_trials, max_seconds=data.text_search_max_s,
                         train_texts=data.text_search_texts, val_texts=max(10, data.text_search_texts // 2),
-                        defaults=FineTuning(epochs=max(1, data.text_finetune_epochs), encoder_lr=data.text_finetune_lr,
+                        defaults=FineTuning(epochs=data.text_finetune_epochs or FineTuning.epochs, encoder_lr=data.text_finetune_lr,
                                             max_length=data.text_max_length), seed=seed)
     digest = hashlib.sha256(f"{fingerprint}|{texts[0]}|{search}".encode()).hexdigest()[:12]
     choice = search_text_settings(labelled_texts(splits, texts[0]), search,
