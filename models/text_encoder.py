@@ -380,6 +380,19 @@ class LabelledTexts:
     y_val: Any
 
 
+def refitted_head_f1(x_train, y_train, x_val, y_val) -> float:
+    """Validation macro F1 of a standardized logistic regression fitted on the training embeddings:
+    how an encoder is scored by what it embeds, whatever head it was trained with."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, y_train)
+    return float(f1_score(np.asarray(y_val), head.predict(x_val), average="macro"))
+
+
 def served_variant(candidates: dict[str, Tuned], texts: LabelledTexts, precision: str, tolerance: float,
                    max_length: int, scratch: Path) -> tuple[str, Path, dict[str, float]]:
     """Each candidate exported at the served precision and scored on the validation texts through a
@@ -390,10 +403,6 @@ def served_variant(candidates: dict[str, Tuned], texts: LabelledTexts, precision
     (benchmarks/results/text.md). The one with the fewest layers within `tolerance` of the best is
     served: (its name, its exported folder, every candidate's F1)."""
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     from maas.bundle import TextEncoder
 
@@ -403,8 +412,7 @@ def served_variant(candidates: dict[str, Tuned], texts: LabelledTexts, precision
     for name, model in candidates.items():
         folders[name] = export_encoder(scratch / name, precision, model.encoder)
         served = TextEncoder(folders[name], max_length)
-        head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(served.embed(fit_texts), fit_labels)
-        scores[name] = float(f1_score(np.asarray(texts.y_val), head.predict(served.embed(texts.val)), average="macro"))
+        scores[name] = refitted_head_f1(served.embed(fit_texts), fit_labels, served.embed(texts.val), texts.y_val)
     best = max(scores.values())
     chosen = min((name for name in candidates if scores[name] >= best - tolerance),
                  key=lambda name: encoder_layers(candidates[name].encoder))

@@ -90,27 +90,24 @@ def sampled(texts: LabelledTexts, search: TextSearch) -> LabelledTexts:
 def refitted_f1(encoder: MeanPooledEncoder, texts: LabelledTexts, max_length: int) -> float:
     """Validation macro F1 of a logistic regression fitted on the encoder's embeddings of the
     training texts (torch, fp32, batches of like lengths)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from models.text_encoder import embeddings, text_tokenizer
+    from models.text_encoder import embeddings, refitted_head_f1, text_tokenizer
 
     tokenizer = text_tokenizer(max_length)
-    train = embeddings(encoder, tokenizer, texts.train).cpu().numpy()
-    val = embeddings(encoder, tokenizer, texts.val).cpu().numpy()
-    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train, texts.y_train)
-    return float(f1_score(texts.y_val, head.predict(val), average="macro"))
+    return refitted_head_f1(embeddings(encoder, tokenizer, texts.train).cpu().numpy(), texts.y_train,
+                            embeddings(encoder, tokenizer, texts.val).cpu().numpy(), texts.y_val)
 
 
 class TextObjective:
-    """One trial: the frozen encoder scored (its score cached per max length, it never changes), or
-    the encoder fine-tuned on the sample within its share of the time left, then scored."""
+    """One trial: the frozen encoder scored, or the encoder fine-tuned on the sample within its share
+    of the time left (search_text_settings starts a trial only with MIN_TRIAL_S left), then scored."""
 
     def __init__(self, texts: LabelledTexts, search: TextSearch, deadline: float):
         self.texts, self.search, self.deadline = texts, search, deadline
         self.scoring_s = 0.0  # what scoring an encoder took (the first frozen trial): kept out of a trial's fine-tuning
+
+    def seconds_left(self) -> float:
+        """Of the search's time, what a trial may still train for: scoring comes after it."""
+        return self.deadline - time.monotonic() - self.scoring_s
 
     def __call__(self, trial) -> float:
         import optuna
@@ -118,9 +115,6 @@ class TextObjective:
         from models.text_encoder import fine_tune, load_encoder
 
         settings = search_space(trial, self.search)
-        left = self.deadline - time.monotonic() - self.scoring_s
-        if left < MIN_TRIAL_S:
-            raise optuna.TrialPruned(f"{left:.0f} s left of the text search")
         for earlier in finished_trials(trial.study):
             if earlier.params == trial.params:  # TPE re-proposes the frozen encoder's few settings: no new trial
                 raise optuna.TrialPruned(f"the settings of trial {earlier.number}")
@@ -131,7 +125,7 @@ class TextObjective:
             return score
         tuned = fine_tune(self.texts.train, self.texts.y_train, self.texts.val, self.texts.y_val, FineTuning(
             epochs=settings["epochs"], encoder_lr=settings["encoder_lr"], max_length=settings["max_length"],
-            max_seconds=min(self.search.max_seconds * TRIAL_SHARE, left), seed=self.search.seed))
+            max_seconds=min(self.search.max_seconds * TRIAL_SHARE, self.seconds_left()), seed=self.search.seed))
         trial.set_user_attr("epochs_run", tuned.epochs_run)
         return refitted_f1(tuned.encoder, self.texts, settings["max_length"])
 
@@ -177,10 +171,9 @@ def search_text_settings(texts: LabelledTexts, search: TextSearch, journal: Path
     if not study.user_attrs.get("done"):
         objective = TextObjective(sampled(texts, search), search, started + search.max_seconds)
         for _ in range(MAX_PROPOSALS * search.trials):  # repeats are pruned and do not count
-            left = started + search.max_seconds - time.monotonic()
-            if len(finished_trials(study)) >= search.trials or left - objective.scoring_s < MIN_TRIAL_S:
+            if len(finished_trials(study)) >= search.trials or objective.seconds_left() < MIN_TRIAL_S:
                 break
-            study.optimize(objective, n_trials=1, timeout=left)
+            study.optimize(objective, n_trials=1)
         study.set_user_attr("done", True)  # a re-run takes this choice as it is (and so reuses its export)
     return choice_of(study, time.monotonic() - started)
 
