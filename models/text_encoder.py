@@ -16,6 +16,7 @@ ones lost 3 points of F1 in the issue's measurement).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,6 +79,20 @@ def encoder_layers(encoder: MeanPooledEncoder) -> int:
     return len(encoder.transformer.encoder.layer)
 
 
+@contextlib.contextmanager
+def eager_attention(encoder: MeanPooledEncoder):
+    """Export the attention as plain MatMul/Softmax: transformers' default SDPA path traces into
+    IsNaN/Where guards that ran on every call, 10% of the int8 encoder's time (int8 2.56x -> 2.72x
+    fp32's texts/s one text per call, one thread; fp32 unchanged; same outputs). Torch training
+    keeps SDPA: the setting is put back after the export."""
+    before = encoder.transformer.config._attn_implementation
+    encoder.transformer.set_attn_implementation("eager")
+    try:
+        yield encoder
+    finally:
+        encoder.transformer.set_attn_implementation(before)
+
+
 def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | None = None) -> Path:
     """encoder.onnx (fp32, or int8 weights), tokenizer.json and encoder.json into `folder`: the
     pretrained encoder, or `encoder` (one fine-tuned from it)."""
@@ -86,7 +101,7 @@ def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | No
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2204, 102, 0]])
     mask = (ids != 0).long()
     fp32_path = folder / ("encoder-fp32.onnx" if precision == "int8" else ENCODER_FILE)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), eager_attention(encoder):
         warnings.simplefilter("ignore")  # the tracer's notes on transformers' Python control flow (shapes stay dynamic)
         torch.onnx.export(encoder, (ids, mask), str(fp32_path), input_names=["input_ids", "attention_mask"],
                           output_names=["embedding"], opset_version=ONNX_OPSET, dynamo=False,
