@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ class FineTuning:
     head_lr: float = 1e-3
     batch_size: int = 32
     max_length: int = 128
-    max_seconds: float | None = None  # stop after the epoch running when this much time has passed
+    max_seconds: float | None = None  # the schedule sized to end within this time, validation included
     seed: int = 0
 
 
@@ -194,7 +194,7 @@ class Distillation:
     temperature: float = 2.0
     batch_size: int = 32
     max_length: int = 128
-    max_seconds: float | None = None
+    max_seconds: float | None = None  # as FineTuning's, the teacher's pass over the training texts included
     seed: int = 0
 
 
@@ -271,25 +271,53 @@ def validation_f1(model: Tuned, tokenizer, texts_val: list[str], y_val, extra_va
     return float(f1_score(np.asarray(y_val), predicted.cpu().numpy(), average="macro"))
 
 
-RATE_PROBE_STEPS = 8  # steps timed before a max_seconds schedule is sized
-VALIDATION_RESERVE = 0.15  # of max_seconds, left for the validation passes
+RATE_PROBE_STEPS = 8  # a max_seconds schedule is re-sized every this many steps
+VALIDATION_RESERVE = 0.15  # of max_seconds, kept for the validation passes until the first one is timed
+
+
+@dataclass
+class _Clock:
+    """Where a max_seconds schedule stands: the time spent training and validating so far. The
+    schedule is re-sized along the way, not once from its first steps: in a 1 h run a distillation
+    sized from its first 8 steps took 514 s of its 370 (the rate then is not the rate later: the
+    VM's speed drifts by tens of percent within minutes, and batches' lengths vary)."""
+
+    max_seconds: float
+    started: float
+    validating_s: float = 0.0
+    validations: int = 0
+
+    def affordable_steps(self, step: int, planned: int, current: int, per_epoch: int, now: float) -> int:
+        """The schedule's length in steps (at most `planned`, the epochs' steps) that ends within
+        max_seconds at the training rate so far, validation passes included: the final one, and one
+        per epoch ending before the `current` plan's end."""
+        training_s = now - self.started - self.validating_s
+        if self.validations:
+            passes_left = 1 + max(0, (current - 1) // per_epoch - step // per_epoch)
+            reserve = self.validating_s / self.validations * passes_left
+        else:
+            reserve = self.max_seconds * VALIDATION_RESERVE
+        seconds_left = self.max_seconds - (now - self.started) - reserve
+        return max(step, min(planned, step + int(step / max(training_s, 1e-9) * max(0.0, seconds_left))))
 
 
 def _train_epochs(model: Tuned, parameters: list[dict], n_rows: int, settings, loss_of, evaluate) -> Tuned:
     """AdamW with a linear decay over settings.epochs of shuffled batches, validated after each epoch
-    and at the end, the best weights kept. With settings.max_seconds the steps are first timed and the
-    schedule shortened to what that time allows, so the learning rate still decays to zero when the
-    time is up (a cut mid-epoch is still a finished schedule, not an interrupted one)."""
+    and at the end, the best weights kept. With settings.max_seconds the schedule is shortened to what
+    that time allows (re-sized every RATE_PROBE_STEPS steps), so the learning rate still decays to zero
+    when the time is up (a cut mid-epoch is still a finished schedule, not an interrupted one)."""
     import time
 
     import numpy as np
 
     per_epoch = -(-n_rows // settings.batch_size)
-    plan = {"steps": settings.epochs * per_epoch}
+    epochs_steps = settings.epochs * per_epoch
+    plan = {"steps": epochs_steps}
     optimizer = torch.optim.AdamW(parameters, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / plan["steps"]))
     shuffles = np.random.default_rng(settings.seed)
     started, best_state, step = time.monotonic(), None, 0
+    clock = _Clock(settings.max_seconds, started) if settings.max_seconds is not None else None
     while step < plan["steps"]:
         order = shuffles.permutation(n_rows)
         model.encoder.train()
@@ -300,13 +328,16 @@ def _train_epochs(model: Tuned, parameters: list[dict], n_rows: int, settings, l
             optimizer.step()
             schedule.step()
             step += 1
-            if step == RATE_PROBE_STEPS and settings.max_seconds is not None:
-                affordable = step / (time.monotonic() - started) * settings.max_seconds * (1 - VALIDATION_RESERVE)
-                plan["steps"] = max(step, min(plan["steps"], int(affordable)))
+            if clock is not None and step % RATE_PROBE_STEPS == 0:
+                plan["steps"] = clock.affordable_steps(step, epochs_steps, plan["steps"], per_epoch, time.monotonic())
             if step >= plan["steps"]:
                 break
         model.epochs_run = step / per_epoch
+        validation_started = time.monotonic()
         score = evaluate()
+        if clock is not None:
+            clock.validating_s += time.monotonic() - validation_started
+            clock.validations += 1
         if score > model.val_f1:
             model.val_f1 = score
             best_state = ({key: value.clone() for key, value in model.encoder.state_dict().items()},
@@ -362,9 +393,14 @@ def distil(teacher: Tuned, texts_train: list[str], texts_val: list[str], y_val, 
            extra_train=None, extra_val=None) -> Tuned:
     """A smaller encoder trained on the teacher's outputs over the training texts (see Distillation),
     served with the teacher's head; returned with that head's validation F1 on it."""
+    import time
+
     torch.manual_seed(settings.seed)
+    started = time.monotonic()
     tokenizer = text_tokenizer(settings.max_length)
     targets = embeddings(teacher.encoder, tokenizer, texts_train)
+    if settings.max_seconds is not None:  # the teacher's pass over the training texts is part of the time
+        settings = replace(settings, max_seconds=max(1.0, settings.max_seconds - (time.monotonic() - started)))
     with torch.no_grad():
         soft = torch.softmax(teacher.head(_with_extra(targets, extra_train)) / settings.temperature, 1)
     head = torch.nn.Linear(teacher.head.in_features, teacher.head.out_features).to(training_device())

@@ -242,6 +242,28 @@ def test_a_time_limit_shortens_the_schedule_to_what_it_affords_and_still_validat
     assert 0 <= tuned.val_f1 <= 1
 
 
+def test_a_timed_schedule_ends_within_its_time_when_the_steps_slow_down_after_the_first_ones():
+    """Steps 4x slower after the first 8 (a VM slowing down, longer batches): a schedule sized once
+    from those 8 would run ~3.4 s of its 1 s; re-sized along the way it ends in time, validated."""
+    import time
+
+    from models.text_encoder import RATE_PROBE_STEPS, FineTuning, Tuned, _train_epochs
+
+    encoder, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    calls = []
+
+    def loss_of(batch):
+        calls.append(len(batch))
+        time.sleep(0.002 if len(calls) <= RATE_PROBE_STEPS else 0.008)
+        return (encoder.weight ** 2).sum()
+
+    tuned = _train_epochs(Tuned(encoder, head, -1.0, 0, 0.0), [{"params": encoder.parameters(), "lr": 1e-3}],
+                          32 * 2000, FineTuning(epochs=1, max_seconds=1.0), loss_of, lambda: 0.5)
+    assert tuned.seconds <= 1.0
+    assert 50 < len(calls) < 2000 and tuned.epochs_run == pytest.approx(len(calls) / 2000)
+    assert tuned.val_f1 == 0.5
+
+
 def test_each_encoder_variant_is_scored_through_a_head_refitted_on_its_own_served_embeddings(tmp_path):
     """The served choice reads what the families will be fitted on, the variant's own int8 embeddings,
     not the torch head it was trained with: heads of zeros (one class for every text) still score
