@@ -167,17 +167,30 @@ def crash_flow_runs(killed: list, prefect_states: dict[str, str], recovery: Reco
 # --- Optuna trials ---------------------------------------------------------------------------------
 
 
-def fail_trials_of_dead_owners(study, max_retry: int) -> list[str]:
-    """The study's RUNNING trials whose owner (the objective's `maas.owner` attribute) is gone: FAIL,
-    then re-queued as Optuna's heartbeat callback would. Returns '<study> #<number>' of each."""
+def fail_trials_of_dead_owners(study, max_retry: int, unowned_after_s: float | None = None) -> list[str]:
+    """The study's RUNNING trials whose owner (the objective's `maas.owner` attribute) is gone, and
+    with `unowned_after_s`, those started longer ago that never got an owner: FAIL, then re-queued as
+    Optuna's heartbeat callback would. Returns '<study> #<number>' of each.
+
+    A worker killed between Optuna creating its trial and the objective's first line leaves a
+    trial with no owner and no heartbeat row, which Optuna's stale-trial check skips: the run
+    waited on it forever (seen once in CI, a test's SIGKILL landing in that window)."""
+    import datetime
+
     import optuna
     from optuna.trial import TrialState
 
     failed = []
     storage = study._storage
+    now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         raw_owner = trial.user_attrs.get(TRIAL_OWNER_ATTR)
-        if not raw_owner or not owner_is_gone(json.loads(raw_owner)):
+        if raw_owner:
+            gone = owner_is_gone(json.loads(raw_owner))
+        else:
+            gone = (unowned_after_s is not None and trial.datetime_start is not None
+                    and (now - trial.datetime_start).total_seconds() > unowned_after_s)
+        if not gone:
             continue
         if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):  # False: settled by another process
             with warnings.catch_warnings():  # "experimental" in Optuna; the same callback its heartbeat uses

@@ -502,6 +502,11 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     return summarise(study, tuning, len(objective.prepared.splits.y_val))
 
 
+def heartbeat_grace_s(tuning: TuningConfig) -> float:
+    """How long a RUNNING trial may go without a sign of life (Optuna's grace period)."""
+    return tuning.grace_period_s or 2 * tuning.heartbeat_interval_s
+
+
 def trials_in_processes(study: optuna.Study, objective: Objective, study_name: str, deadline: float,
                         callbacks: list) -> None:
     """tuning.workers processes on the study (tasks/tune_workers.py): this one, which also takes the
@@ -519,11 +524,11 @@ def trials_in_processes(study: optuna.Study, objective: Objective, study_name: s
         if tuning.remote_workers:  # a remote worker's death shows only as its trial's missing heartbeat
             optuna.storages.fail_stale_trials(study)
         dead = workers.dead()
-        if dead:
-            recovered = fail_trials_of_dead_owners(study, tuning.max_retry)
+        if dead or tuning.remote_workers:  # a remote worker killed before its trial's owner was set
+            recovered = fail_trials_of_dead_owners(study, tuning.max_retry, heartbeat_grace_s(tuning))
             if recovered:
                 run_logger().warning("tuning: a worker died (%s); its trial(s) %s failed and re-queued",
-                                     ", ".join(dead), ", ".join(recovered))
+                                     ", ".join(dead) or "a remote worker", ", ".join(recovered))
 
     try:
         trials_one_at_a_time(study, objective, wall_deadline, callbacks, take_waiting=True, between=between)

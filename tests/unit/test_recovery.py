@@ -68,3 +68,20 @@ def test_a_trial_of_a_dead_process_is_failed_and_requeued(maas_home):
     states = [trial.state for trial in study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING]
     assert study.get_trials()[2].params == dead_trial.params  # the retry trains the same settings
+
+
+def test_a_trial_that_never_got_an_owner_is_failed_and_requeued_after_the_grace_period(maas_home):
+    """A worker killed between Optuna creating its trial and the objective's first line: no owner,
+    no heartbeat row, so Optuna's stale check skips it; past the grace period it is failed and retried."""
+    import time
+
+    maas_home.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{maas_home}/optuna.db", study_name="s")
+    orphan = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1)})
+    time.sleep(0.05)
+    assert fail_trials_of_dead_owners(study, max_retry=1) == []  # without a grace period: left alone
+    assert fail_trials_of_dead_owners(study, max_retry=1, unowned_after_s=60) == []  # still within it
+    assert fail_trials_of_dead_owners(study, max_retry=1, unowned_after_s=0.01) == [f"s #{orphan.number}"]
+    states = [trial.state for trial in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.get_trials()[1].params == orphan.params

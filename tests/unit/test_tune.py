@@ -334,10 +334,14 @@ def test_a_worker_killed_mid_trial_has_its_trial_failed_and_rerun_and_the_study_
 
 
 def assert_failed_and_rerun(config: TuningConfig, number: int, result) -> None:
-    """Study 'killed': the killed worker's trial failed, re-run to completion, the budget of 6 reached."""
+    """Study 'killed': the killed worker's trial failed, re-run to completion, the budget of 6 reached.
+    `number`: the trial seen running before the kill; the worker may have finished it and started the
+    next by the time the kill landed (before that one had an owner or a heartbeat, once: a case the
+    run now settles after the grace period), so the failed trial is that one or a later one."""
     trials = optuna.load_study(study_name="killed", storage=open_storage_of(config)).trials
-    assert trials[number].state == TrialState.FAIL
-    assert any(t.system_attrs.get("failed_trial") == number and t.state == TrialState.COMPLETE for t in trials)
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0] >= number
+    assert any(t.system_attrs.get("failed_trial") == failed[0] and t.state == TrialState.COMPLETE for t in trials)
     assert result.n_complete + result.n_pruned == 6
 
 
@@ -445,6 +449,8 @@ def test_a_tune_worker_killed_mid_trial_has_its_trial_failed_by_heartbeat_and_re
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if json_pid(trial) == worker.pid:
                     time.sleep(0.5)  # into its epochs
+                    if study.get_trials(deepcopy=False)[trial.number].state != TrialState.RUNNING:
+                        break  # finished meanwhile: kill during the next one, not between two
                     os.kill(worker.pid, signal.SIGKILL)
                     killed.update(trial=trial.number)
                     return
