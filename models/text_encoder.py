@@ -300,6 +300,17 @@ class _Clock:
         seconds_left = self.max_seconds - (now - self.started) - reserve
         return max(step, min(planned, step + int(step / max(training_s, 1e-9) * max(0.0, seconds_left))))
 
+    def timed(self, evaluate) -> float:
+        """evaluate(), its time counted as validating."""
+        import time
+
+        validation_started = time.monotonic()
+        try:
+            return evaluate()
+        finally:
+            self.validating_s += time.monotonic() - validation_started
+            self.validations += 1
+
 
 def _train_epochs(model: Tuned, parameters: list[dict], n_rows: int, settings, loss_of, evaluate) -> Tuned:
     """AdamW with a linear decay over settings.epochs of shuffled batches, validated after each epoch
@@ -333,11 +344,7 @@ def _train_epochs(model: Tuned, parameters: list[dict], n_rows: int, settings, l
             if step >= plan["steps"]:
                 break
         model.epochs_run = step / per_epoch
-        validation_started = time.monotonic()
-        score = evaluate()
-        if clock is not None:
-            clock.validating_s += time.monotonic() - validation_started
-            clock.validations += 1
+        score = evaluate() if clock is None else clock.timed(evaluate)
         if score > model.val_f1:
             model.val_f1 = score
             best_state = ({key: value.clone() for key, value in model.encoder.state_dict().items()},
