@@ -132,17 +132,15 @@ async def load(url: str, payload: bytes | list[bytes], headers: dict, concurrenc
                 started = time.perf_counter()
                 try:
                     writer.write(requests[sent % len(requests)])
-                    status_line = await reader.readline()
-                    length, close = 0, False
-                    while (line := await reader.readline()) not in (b"\r\n", b""):
-                        name, _, value = line.decode().partition(":")
-                        if name.lower() == "content-length":
-                            length = int(value)
-                        elif name.lower() == "connection" and "close" in value.lower():
-                            close = True
+                    # the status line and headers in one read: a read per header line cost the client
+                    # (which shares the server's cores) ~5 µs each, a dozen per answer
+                    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                    status = int(head[9:12])
+                    start = head.find(b"\r\ncontent-length:")
+                    length = int(head[start + 17:head.index(b"\r\n", start + 2)]) if start >= 0 else 0
+                    close = b"\r\nconnection: close" in head
                     await reader.readexactly(length)
-                    status = int(status_line.split()[1])
-                except (OSError, asyncio.IncompleteReadError, IndexError, ValueError):
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, IndexError, ValueError):
                     dropped += 1
                     writer.close()
                     reader, writer = await asyncio.open_connection(parts.hostname, parts.port, ssl=tls)
@@ -155,11 +153,12 @@ async def load(url: str, payload: bytes | list[bytes], headers: dict, concurrenc
         finally:
             writer.close()
 
-    started = time.perf_counter()
+    started, client_cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(index) for index in range(concurrency)))
-    wall = time.perf_counter() - started
+    wall, client_cpu = time.perf_counter() - started, time.process_time() - client_cpu
     ok = statuses.get(200, 0)
     return {"requests": sent, "ok": ok, "statuses": statuses, "dropped": dropped, "wall_s": wall,
+            "client_cpu_ms_per_request": client_cpu * 1000 / max(1, ok),
             "requests_per_s": ok / wall, "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
             "p99_ms": float(np.percentile(latencies, 99)) if latencies else None}
 
@@ -283,6 +282,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20000, help="per load cell")
     parser.add_argument("--soak-seconds", type=float, default=60.0)
     parser.add_argument("--ablation-pairs", type=int, default=2, help="alternating default/changed pairs per setting")
+    parser.add_argument("--text-rounds", type=int, default=3, help="paired ceiling / c32 rounds per text bundle")
     parser.add_argument("--only", choices=["security", "text"], help="measure this section alone; the rest of serving.json stays")
     args = parser.parse_args()
 
@@ -317,7 +317,9 @@ def main() -> None:
                       dict(env, MAAS_BUNDLE_DIR=str(bundle)), HERE, {}),
         }
         def measure(name: str, server: tuple, sizes_and_concurrency: list[tuple[int, int]], soak: bool = False,
-                    payloads: list[bytes] | None = None) -> dict:
+                    payloads: list[bytes] | None = None, ceiling_rounds=None) -> dict:
+            """ceiling_rounds: (rounds, () -> the compute ceiling's rows/s): after the cells, on the same
+            warm server, rounds of the ceiling measured and then concurrency 32 at once (cells["rounds"])."""
             command, server_env, cwd, headers = server
             port = free_port()
             port_args = ["--port", str(port), "--host", "127.0.0.1"]
@@ -328,14 +330,20 @@ def main() -> None:
             url = f"{scheme}://127.0.0.1:{port}/predict"
             headers = {**headers, "content-type": "application/json"}
             try:
-                for size, concurrency in sizes_and_concurrency:
+                def cell(size: int, concurrency: int) -> dict:
                     payload = payloads or json.dumps({"rows": rows[:size]}).encode()
                     cpu_before = server_cpu_s(process.pid)
                     result = asyncio.run(load(url, payload, headers, concurrency, args.seconds, args.max_requests))
                     result["rows_per_s"] = result["requests_per_s"] * size
                     result["server_cpu_ms_per_request"] = (server_cpu_s(process.pid) - cpu_before) * 1000 / max(1, result["ok"])
-                    cells[f"c{concurrency}_r{size}"] = result
                     print(name, size, concurrency, round(result["rows_per_s"]), result["p99_ms"], result["statuses"], flush=True)
+                    return result
+
+                for size, concurrency in sizes_and_concurrency:
+                    cells[f"c{concurrency}_r{size}"] = cell(size, concurrency)
+                if ceiling_rounds:
+                    count, ceiling = ceiling_rounds
+                    cells["rounds"] = [{"ceiling_rows_per_s": ceiling(), **cell(1, 32)} for _ in range(count)]
                 if soak and args.soak_seconds:
                     payload = json.dumps({"rows": rows[:1]}).encode()
                     report["soak"] = asyncio.run(load(url, payload, headers, 32, args.soak_seconds, 10**9))
@@ -357,8 +365,13 @@ def main() -> None:
                                                "compute": text_ceiling(text_bundle, text_rows, args.seconds)}
             text_service = service()
             text_service[1].update(MAAS_BUNDLE_DIR=str(text_bundle), MAAS_MODEL_LABEL=f"bench-{name}/1")
-            measured["cells"] = measure(f"text service, {name}", text_service, [(1, 1), (1, 8), (1, 32)],
-                                        payloads=[json.dumps({"rows": [row]}).encode() for row in text_rows])
+            payloads = [json.dumps({"rows": [row]}).encode() for row in text_rows]
+            # The machine's speed drifts by 10-20% within minutes: the share of the ceiling is read in
+            # rounds of a ceiling measured right before the (warm) service at c32, and its median reported.
+            measured["cells"] = measure(
+                f"text service, {name}", text_service, [(1, 1), (1, 8), (1, 32)], payloads=payloads,
+                ceiling_rounds=(args.text_rounds, lambda: text_ceiling(text_bundle, text_rows, args.seconds)["rows_per_s"]))
+            measured["rounds"] = measured["cells"].pop("rounds")
         if args.only == "text":
             write_results("serving", with_previous_sections(report, "text"), render)
             return
@@ -426,6 +439,13 @@ def round_ratios(runs: dict, cell: str, field: str) -> dict[str, float]:
             for variant, variant_runs in runs.items()}
 
 
+def text_share(rounds: list[dict]) -> float:
+    """The median over rounds of the service's rows/s against the ceiling measured just before it."""
+    import numpy as np
+
+    return float(np.median([cell["rows_per_s"] / cell["ceiling_rows_per_s"] for cell in rounds]))
+
+
 def targets(report: dict) -> dict:
     service, noop, flask = (report["cells"][name] for name in ("service", "noop", "flask"))
     ceiling = min(report["compute"]["rows_per_s"], noop["c32_r1"]["rows_per_s"])
@@ -437,9 +457,11 @@ def targets(report: dict) -> dict:
         "c32 64-row rows/s vs compute ceiling (>= 50%)": service["c32_r64"]["rows_per_s"] / report["compute"]["rows_per_s"],
     }
     for name, text in report.get("text", {}).items():
-        checks[f"text ({name}), c32 one text per request: rows/s >= 80% of the bundle's in-process rows/s"] = (
-            text["cells"]["c32_r1"]["rows_per_s"] / text["compute"]["rows_per_s"])
-        checks[f"text ({name}), c32 one text per request: p99 ms (<= 100)"] = text["cells"]["c32_r1"]["p99_ms"]
+        rounds = text.get("rounds") or [{"ceiling_rows_per_s": text["compute"]["rows_per_s"], **text["cells"]["c32_r1"]}]
+        checks[f"text ({name}), c32 one text per request: rows/s >= 80% of the bundle's in-process rows/s "
+               f"(median of {len(rounds)} paired rounds)"] = text_share(rounds)
+        checks[f"text ({name}), c32 one text per request: p99 ms (<= 100, worst round)"] = max(
+            cell["p99_ms"] for cell in [text["cells"]["c32_r1"], *rounds])
     security = report.get("security")
     if security:
         rows = round_ratios(security, "c32_r1", "rows_per_s")
@@ -486,6 +508,16 @@ def render(report: dict) -> str:
                 lines.append(f"| {name} ({text['encoder']}) | {ceiling:,.0f} | {cell[1:].split('_')[0]} | "
                              f"{c['rows_per_s']:,.0f} | {c['rows_per_s'] / ceiling:.2f} | {c['p50_ms']:.1f} | "
                              f"{c['p99_ms']:.1f} | {c['statuses']} | {c['dropped']} |")
+        lines += ["", "Paired rounds at concurrency 32: the ceiling measured, then the service, in turn.", "",
+                  "| bundle | round | ceiling rows/s | rows/s | of the ceiling | p50 ms | p99 ms | server CPU ms/request | "
+                  "client CPU ms/request | statuses |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, text in report["text"].items():
+            for index, c in enumerate(text.get("rounds", []), 1):
+                lines.append(f"| {name} | {index} | {c['ceiling_rows_per_s']:,.0f} | {c['rows_per_s']:,.0f} | "
+                             f"{c['rows_per_s'] / c['ceiling_rows_per_s']:.2f} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
+                             f"{c['server_cpu_ms_per_request']:.2f} | {c['client_cpu_ms_per_request']:.2f} | {c['statuses']} |")
+            if text.get("rounds"):
+                lines.append(f"| {name} | median | | | **{text_share(text['rounds']):.2f}** | | | | | |")
     if report.get("ablations"):
         lines += ["", "## The service's measured settings, each changed back (concurrency 32, medians of alternating runs)", "",
                   "| setting | one-row rows/s default / changed | one-row p99 ms default / changed | 64-row rows/s default / changed |",

@@ -2,7 +2,8 @@
 validation, adaptive batching, the model, metering and the prediction log) and GET /metadata.
 Everything else (docs, health, metrics) passes through to BentoML.
 
-It sits in front of BentoML's routes but inside its metrics, timeout and concurrency limit.
+/predict reaches it ahead of all BentoML's middleware (deployments/predict_first.py, which keeps
+BentoML's metrics, access log, timeout and concurrency limit); the other paths inside them.
 BentoML's own API path cost ~3 ms of CPU per request here (a no-op BentoML API peaked at ~340
 requests/s on 2 cores, an answer from the gate at ~900), more than the model itself. Nothing here
 needs a running server: tests drive it in-process as an ASGI app.

@@ -36,6 +36,7 @@ from deployments.batcher import model_probabilities
 from deployments.bentoml_fixes import cancel_bentoml_timeout_timers, freeze_startup_objects
 from deployments.follower import SERVED_MODELS_ENV, ServedModelsWatcher, parse_served_models
 from deployments.gate import PREDICT_PATH, ServiceGate, load_models, predictions
+from deployments.predict_first import PredictFirst
 from deployments.request_reader import row_model
 from maas.bundle import PREPROCESSING_FILE
 from maas.config import ServingConfig
@@ -138,9 +139,17 @@ class GateMiddleware:
         return await service.gate.handle(scope, receive, send, self.app)
 
 
+def current_gate() -> ServiceGate | None:
+    service = bentoml.get_current_service()
+    return service.gate if service is not None else None
+
+
+TIMEOUT_S, MAX_CONCURRENCY = 30, 256  # per request; requests at once in the whole service
+
 cancel_bentoml_timeout_timers()
 MaasService = bentoml.service(
-    name="maas", workers=SOURCE.settings.workers or "cpu_count", traffic={"timeout": 30, "max_concurrency": 256},
+    name="maas", workers=SOURCE.settings.workers or "cpu_count",
+    traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
     # BentoML's tracing records every span even when none is exported: opt in (serving.trace_predictions).
     tracing={"excluded_urls": [] if SOURCE.settings.trace_predictions else [PREDICT_PATH]},
     logging={"access": {"enabled": SOURCE.settings.access_log}},
@@ -149,3 +158,20 @@ MaasService = bentoml.service(
     if SOURCE.settings.tls.enabled else {},
 )(MaasService)
 MaasService.add_asgi_middleware(GateMiddleware)
+
+
+class PredictFirstService(type(MaasService)):
+    """BentoML's service whose ASGI app answers /predict ahead of BentoML's middleware stack
+    (deployments/predict_first.py). The limit is per worker, as BentoML divides it."""
+
+    __slots__ = ()
+
+    def to_asgi(self, is_main: bool = True):
+        from bentoml._internal.resource import system_resources
+
+        workers = SOURCE.settings.workers or int(system_resources()["cpu"])
+        return PredictFirst(super().to_asgi(is_main), current_gate, TIMEOUT_S,
+                            max(1, MAX_CONCURRENCY // workers), self.name)
+
+
+MaasService.__class__ = PredictFirstService

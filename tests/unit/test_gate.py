@@ -172,3 +172,73 @@ def bundle_features(bundle, columns):
     from maas.bundle import transform_arrays
 
     return transform_arrays(columns.numeric, columns.categorical, columns.n_rows, bundle.preprocessing)
+
+
+# deployments/predict_first.py: /predict ahead of BentoML's middleware stack, with what it gave /predict
+
+
+def front_of(gate, timeout_s: float = 30, max_concurrency: int = 128):
+    from deployments.predict_first import PredictFirst
+
+    return PredictFirst(not_found, lambda: gate, timeout_s, max_concurrency, "maas")
+
+
+def answered(front, status: int) -> float:
+    """Requests counted under BentoML's request_total for /predict with `status`."""
+    (family,) = front.metrics.total.collect()
+    return sum(sample.value for sample in family.samples if sample.name.endswith("_total")
+               and sample.labels["endpoint"] == "/predict" and sample.labels["http_response_code"] == str(status))
+
+
+def test_predict_is_answered_first_with_bentomls_metrics_and_access_log_and_the_rest_passes_through(wine, maas_home, caplog):
+    import logging
+
+    bundle, rows = wine
+    front = front_of(gate_for(bundle, auth=False))
+    with caplog.at_level(logging.INFO, logger="bentoml.access"):
+        predicted, wrong_method, metadata = call(front, [("POST", "/predict", {"json": {"rows": rows[:2]}}),
+                                                         ("GET", "/predict", {}), ("GET", "/metadata", {})])
+    assert predicted.status_code == 200 and len(predicted.json()) == 2
+    assert predicted.headers["x-content-type-options"] == "nosniff"
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert metadata.status_code == 404 and metadata.text == "passed through"  # BentoML's stack, then the gate
+    assert answered(front, 200) == 1 and answered(front, 405) == 1
+    lines = [record.getMessage() for record in caplog.records if record.name == "bentoml.access"]
+    assert any("method=POST,path=/predict" in line and "status=200" in line for line in lines), lines
+
+
+def test_predict_goes_through_bentoml_before_the_instance_exists_and_while_spans_are_asked_for(wine, maas_home):
+    from deployments.predict_first import PredictFirst
+
+    bundle, rows = wine
+    for front in (PredictFirst(not_found, lambda: None, 30, 128, "maas"),
+                  front_of(gate_for(bundle, auth=False, trace_predictions=True))):
+        (response,) = call(front, [("POST", "/predict", {"json": {"rows": rows[:1]}})])
+        assert response.status_code == 404 and response.text == "passed through"
+
+
+def test_predict_first_keeps_bentomls_timeout_concurrency_limit_and_500_on_an_error(wine, maas_home, caplog):
+    bundle, rows = wine
+    gate = gate_for(bundle, auth=False)
+    answer = gate.predict
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(0.3)
+        await answer(scope, receive, send)
+
+    gate.predict = slow
+    body = {"json": {"rows": rows[:1]}}
+    statuses = sorted(response.status_code for response in call(front_of(gate, max_concurrency=1),
+                                                                [("POST", "/predict", body)] * 3))
+    assert statuses == [200, 429, 429]
+    (timed_out,) = call(front_of(gate, timeout_s=0.05), [("POST", "/predict", body)])
+    assert timed_out.status_code == 504 and "0.05 seconds" in timed_out.json()["error"]
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("a bug in the gate")
+
+    gate.predict = failing
+    front = front_of(gate)
+    (failed,) = call(front, [("POST", "/predict", body)])
+    assert failed.status_code == 500 and failed.json() == {"error": "internal server error"}
+    assert answered(front, 500) == 1 and "a bug in the gate" in caplog.text
