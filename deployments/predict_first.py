@@ -72,8 +72,11 @@ class PredictFirst:
         max_concurrency: requests answered at once in this worker; more are refused 429, as BentoML does."""
         self.app, self.find_gate = app, find_gate
         self.timeout_s, self.max_concurrency = timeout_s, max_concurrency
-        self.service_name = service_name
-        self.metrics: RequestMetrics | None = None
+        from bentoml._internal.context import server_context
+
+        # BentoML's worker names the Bento in server_context before it builds the app
+        self.metrics = RequestMetrics(PREDICT_PATH, server_context.bento_name or service_name,
+                                      server_context.bento_version or "not available")
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
@@ -82,11 +85,6 @@ class PredictFirst:
         gate = self.find_gate()
         if gate is None or gate.settings.trace_predictions:
             return await self.app(scope, receive, send)
-        if self.metrics is None:
-            from bentoml._internal.context import server_context
-
-            self.metrics = RequestMetrics(PREDICT_PATH, server_context.bento_name or self.service_name,
-                                          server_context.bento_version or "not available")
         await self.answer(gate, scope, receive, send)
 
     async def answer(self, gate, scope, receive, send) -> None:

@@ -133,13 +133,14 @@ class GateMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        service = bentoml.get_current_service() if scope["type"] == "http" else None
-        if service is None:
+        gate = current_gate() if scope["type"] == "http" else None
+        if gate is None:
             return await self.app(scope, receive, send)
-        return await service.gate.handle(scope, receive, send, self.app)
+        return await gate.handle(scope, receive, send, self.app)
 
 
 def current_gate() -> ServiceGate | None:
+    """The gate of this worker's service instance, or None before BentoML has made it."""
     service = bentoml.get_current_service()
     return service.gate if service is not None else None
 

@@ -167,7 +167,7 @@ def open_storage(tuning: TuningConfig) -> optuna.storages.RDBStorage:
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=tuning.heartbeat_interval_s,
-                grace_period=tuning.grace_period_s or 2 * tuning.heartbeat_interval_s,
+                grace_period=heartbeat_grace_s(tuning),
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=tuning.max_retry),
             )
     except Exception as exc:
