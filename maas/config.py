@@ -400,6 +400,10 @@ class ServingConfig(Section):
                               "many seconds; longer than clients keep theirs (httpx 5 s, nginx upstreams 60 s), so the "
                               "server never closes a connection as a client reuses it (a reset, not an answer)")
     prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests logged for monitoring")
+    prediction_log_rows_per_minute: int | None = Field(
+        6000, ge=1, description="rows of inputs each service worker logs per minute at most (bursts up to a "
+        "minute's worth are logged whole; past it, a sample); null: every sampled request. Usage and bills count "
+        "every request either way")
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {
         "free": TierConfig(requests_per_minute=60, monthly_rows=100_000),
         "pro": TierConfig(requests_per_minute=6000, monthly_rows=100_000_000,

@@ -8,7 +8,7 @@ import threading
 
 import orjson
 
-from deployments.metering import Meter, MeterJournal
+from deployments.metering import LogBudget, Meter, MeterJournal
 from maas.api_keys import create_key
 from maas.service_store import apply_journals, connect, meter_folder, read_predictions, usage_report
 
@@ -92,3 +92,26 @@ def test_opening_the_store_twice_in_a_process_keeps_it_working_when_another_proc
         first.execute("INSERT INTO meter_journals VALUES ('b', 2)")
     assert second.execute("SELECT COUNT(*) FROM meter_journals").fetchone() == (2,)
     assert connect().execute("SELECT COUNT(*) FROM meter_journals").fetchone() == (2,)
+
+
+def test_the_prediction_log_takes_a_minutes_rows_at_once_then_its_rate_whatever_the_request_size():
+    now = [0.0]
+    budget = LogBudget(600, clock=lambda: now[0])  # 10 rows a second, 600 at once
+    assert [budget.take(rows) for rows in (500, 90, 64)] == [True, True, True]  # a request may overdraw it
+    assert not budget.take(1)  # below zero: nothing, large or small, until it refills
+    now[0] += 5.6  # 56 rows back: above zero again
+    assert budget.take(1000) and not budget.take(1)
+    now[0] += 3600  # an idle hour refills a minute's worth, no more
+    assert budget.take(600) and not budget.take(1)
+    unbounded = LogBudget(None)
+    assert all(unbounded.take(10**6) for _ in range(100))
+
+
+def test_usage_counts_every_request_while_the_log_keeps_its_budget(maas_home):
+    connection = connect()
+    meter = Meter(sample=1.0, flush_every_s=3600, log_budget=LogBudget(100))
+    for index in range(5):
+        meter.record("k", 64, 200, "m/1", f"req-{index}", b'{"rows": []}', b"[]")
+    meter.flush()
+    assert usage_report(connection)[0]["rows"] == 320
+    assert [entry["request_id"] for entry in read_predictions(connection)] == ["req-0", "req-1"]
