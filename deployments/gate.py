@@ -25,7 +25,7 @@ import orjson
 
 from deployments.batcher import Batcher
 from deployments.limits import open_limits
-from deployments.metering import LogBudget, Meter, ProcessGauges
+from deployments.metering import Meter, ProcessGauges
 from deployments.request_reader import BadRequest, RequestReader, read_body
 from maas.bundle import ModelBundle
 from maas.config import ServingConfig
@@ -118,7 +118,7 @@ class ServiceGate:
         self.app, self.settings = app, settings
         self.meter = Meter(settings.prediction_log_sample, gauges=ProcessGauges(registry),
                            redactor=redactor_for(settings.privacy),
-                           log_budget=LogBudget(settings.prediction_log_rows_per_minute))
+                           log_rows_per_minute=settings.prediction_log_rows_per_minute)
         self.security_headers = SECURITY_HEADERS + ([HSTS] if settings.tls.enabled else [])
         self.store = connect()  # the meter's belongs to its thread
         self.missed: set[str] = set()  # unknown secrets since the meter's last reload of the keys

@@ -93,16 +93,14 @@ class LogBudget:
 
     def __init__(self, rows_per_minute: float | None, clock=time.monotonic):
         """rows_per_minute: None, no bound (every sampled request is logged)."""
-        self.rate = None if rows_per_minute is None else rows_per_minute / 60
-        self.capacity = rows_per_minute or 0.0
-        self.clock = clock
-        self.level, self.at = self.capacity, clock()
+        self.capacity, self.clock = rows_per_minute, clock
+        self.level, self.at = rows_per_minute or 0, clock()
 
     def take(self, rows: int) -> bool:
-        if self.rate is None:
+        if self.capacity is None:
             return True
         now = self.clock()
-        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.level = min(self.capacity, self.level + (now - self.at) * self.capacity / 60)
         self.at = now
         if self.level <= 0:
             return False
@@ -116,11 +114,11 @@ class Meter:
     reloads the keys (a revocation takes effect within a flush) and refreshes the gauges."""
 
     def __init__(self, sample: float, flush_every_s: float = 1.0, gauges: ProcessGauges | None = None,
-                 redactor=None, log_budget: LogBudget | None = None):
+                 redactor=None, log_rows_per_minute: int | None = None):
         """redactor: a maas.privacy.LogRedactor that logged request bodies pass through first.
-        log_budget: how many rows of inputs the prediction log takes (default: no bound)."""
+        log_rows_per_minute: rows of inputs the prediction log takes a minute (LogBudget; None: no bound)."""
         self.sample, self.flush_every_s, self.gauges, self.redactor = sample, flush_every_s, gauges, redactor
-        self.log_budget = log_budget or LogBudget(None)
+        self.log_budget = LogBudget(log_rows_per_minute)
         self.connection = connect()
         self.journal = MeterJournal(meter_folder())
         self.keys = key_grants(self.connection)

@@ -23,6 +23,7 @@ OpenAPI document and /docs show it). The models load in the service's constructo
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -145,12 +146,10 @@ def current_gate() -> ServiceGate | None:
     return service.gate if service is not None else None
 
 
-TIMEOUT_S, MAX_CONCURRENCY = 30, 256  # per request; requests at once in the whole service
-
 cancel_bentoml_timeout_timers()
 MaasService = bentoml.service(
     name="maas", workers=SOURCE.settings.workers or "cpu_count",
-    traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
+    traffic={"timeout": 30, "max_concurrency": 256},
     # BentoML's tracing records every span even when none is exported: opt in (serving.trace_predictions).
     tracing={"excluded_urls": [] if SOURCE.settings.trace_predictions else [PREDICT_PATH]},
     logging={"access": {"enabled": SOURCE.settings.access_log}},
@@ -163,16 +162,17 @@ MaasService.add_asgi_middleware(GateMiddleware)
 
 class PredictFirstService(type(MaasService)):
     """BentoML's service whose ASGI app answers /predict ahead of BentoML's middleware stack
-    (deployments/predict_first.py). The limit is per worker, as BentoML divides it."""
+    (deployments/predict_first.py), with the timeout and per-worker concurrency limit BentoML's
+    app factory derived from `traffic` (and any BentoML configuration over it)."""
 
     __slots__ = ()
 
     def to_asgi(self, is_main: bool = True):
-        from bentoml._internal.resource import system_resources
+        from _bentoml_impl.server.app import ServiceAppFactory
 
-        workers = SOURCE.settings.workers or int(system_resources()["cpu"])
-        return PredictFirst(super().to_asgi(is_main), current_gate, TIMEOUT_S,
-                            max(1, MAX_CONCURRENCY // workers), self.name)
+        self.inject_config()  # what BentoML's Service.to_asgi does, keeping the factory to read its limits
+        factory = ServiceAppFactory(self, is_main=is_main)
+        return PredictFirst(factory(), current_gate, factory.timeout, factory.max_concurrency or math.inf, self.name)
 
 
 MaasService.__class__ = PredictFirstService

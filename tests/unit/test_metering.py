@@ -109,7 +109,7 @@ def test_the_prediction_log_takes_a_minutes_rows_at_once_then_its_rate_whatever_
 
 def test_usage_counts_every_request_while_the_log_keeps_its_budget(maas_home):
     connection = connect()
-    meter = Meter(sample=1.0, flush_every_s=3600, log_budget=LogBudget(100))
+    meter = Meter(sample=1.0, flush_every_s=3600, log_rows_per_minute=100)
     for index in range(5):
         meter.record("k", 64, 200, "m/1", f"req-{index}", b'{"rows": []}', b"[]")
     meter.flush()
