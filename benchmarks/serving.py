@@ -9,7 +9,7 @@
 
 Then the service's measured settings, each changed back (a span per prediction, ONNX Runtime's own
 thread pool, no access log; one worker process instead of one per core; every request's inputs logged, past the
-prediction log's rows-per-minute bound), in alternating pairs with the default at concurrency 32.
+prediction log's rows-per-minute bound; uvicorn's pure-Python HTTP parser and event loop), in alternating pairs with the default at concurrency 32.
 
 Load: a minimal asyncio HTTP/1.1 client (keep-alive), concurrency 1, 8 and 32, one-row and 64-row requests, each cell
 bounded by --seconds and --max-requests. The client shares the 2 cores with the server, so every
@@ -41,8 +41,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONCURRENCY = (1, 8, 32)
 ROWS_PER_REQUEST = (1, 64)
+# uvicorn parses HTTP with httptools and runs uvloop when they import (its http/loop "auto"); this
+# ablation hides them from the service, which then runs its pure-Python fallbacks, h11 and asyncio.
+PURE_PYTHON_HTTP = "pure_python_http"
 ABLATIONS = (("trace_predictions", True), ("model_threads", 0), ("access_log", False), ("workers", 1),
-             ("prediction_log_rows_per_minute", None))
+             ("prediction_log_rows_per_minute", None), (PURE_PYTHON_HTTP, True))
 
 
 def free_port() -> int:
@@ -71,6 +74,15 @@ def server_cpu_s(pid: int) -> float:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def hiding(home: Path, modules: list[str]) -> Path:
+    """A folder that, first on PYTHONPATH, makes importing each of `modules` fail as if not installed."""
+    folder = home / "hidden-modules"
+    for module in modules:
+        (folder / module).mkdir(parents=True, exist_ok=True)
+        (folder / module / "__init__.py").write_text(f"raise ImportError('{module} hidden by benchmarks/serving.py')\n")
+    return folder
 
 
 def start(command: list[str], env: dict, port: int, cwd: Path, log: Path, scheme: str = "http"
@@ -306,9 +318,12 @@ def main() -> None:
         _, key = create_key(connect(home / "service.db"), "bench", "pro")
 
         def service(**changed) -> tuple:
+            pure_python_http = changed.pop(PURE_PYTHON_HTTP, False)
             serving = ServingConfig(tiers={"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}}, **changed)
             service_env = dict(env, MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
                                MAAS_SERVING_CONFIG=serving.model_dump_json())
+            if pure_python_http:
+                service_env["PYTHONPATH"] = f"{hiding(home, ['httptools', 'uvloop'])}{os.pathsep}{env['PYTHONPATH']}"
             return ["-m", "bentoml", "serve", "deployments.service:MaasService"], service_env, ROOT, {"X-API-Key": key}
 
         servers = {

@@ -91,6 +91,22 @@ def test_served_predictions_equal_the_registered_model(service, monkeypatch):
     print(f"cold start to /readyz: {cold_start:.1f} s")
 
 
+def test_workers_parse_http_with_httptools_on_uvloop(service):
+    """uvicorn takes its C parser and event loop only when they import (h11 and asyncio otherwise, at
+    ~1.6x the CPU per one-row request): the workers holding the port must have both loaded."""
+    import psutil
+
+    port = int(service[0].rsplit(":", 1)[1])
+    holders = {connection.pid for connection in psutil.net_connections("tcp")
+               if connection.laddr and connection.laddr.port == port and connection.status == psutil.CONN_LISTEN}
+    workers = [psutil.Process(pid) for pid in holders
+               if any("_bentoml_impl.worker" in part for part in psutil.Process(pid).cmdline())]
+    assert workers, f"no BentoML worker holds port {port}: {holders}"
+    for worker in workers:
+        loaded = " ".join(region.path for region in worker.memory_maps())
+        assert "httptools" in loaded and "uvloop" in loaded, worker.cmdline()
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda row: row.pop("mean radius"), "mean radius"),
     (lambda row: row.update({"mean texture": "soft"}), "mean texture"),
