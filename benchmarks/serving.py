@@ -315,12 +315,15 @@ def main() -> None:
         from maas.api_keys import create_key
         from maas.service_store import connect
 
-        _, key = create_key(connect(home / "service.db"), "bench", "pro")
-
         def service(**changed) -> tuple:
+            """Each server its own store (MAAS_HOME): a server stopped with its prediction log behind
+            left journal lines that the next server's meter brought in on its own CPU (privacy after
+            the default read 0.34 ms of CPU per one-row request, against 0.18 ms with its own store)."""
+            store = Path(tempfile.mkdtemp(prefix="store-", dir=home))
+            _, key = create_key(connect(store / "service.db"), "bench", "pro")
             pure_python_http = changed.pop(PURE_PYTHON_HTTP, False)
             serving = ServingConfig(tiers={"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}}, **changed)
-            service_env = dict(env, MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
+            service_env = dict(env, MAAS_HOME=str(store), MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
                                MAAS_SERVING_CONFIG=serving.model_dump_json())
             if pure_python_http:
                 service_env["PYTHONPATH"] = f"{hiding(home, ['httptools', 'uvloop'])}{os.pathsep}{env['PYTHONPATH']}"
