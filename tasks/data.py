@@ -313,6 +313,12 @@ def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.nd
         if pd.api.types.is_float_dtype(target) and np.all(np.mod(values, 1) == 0):
             values = values.astype(np.int64)
         classes = np.unique(values)
+        if values.dtype.kind == "f" and len(classes) > data.max_category_levels:
+            # a measured quantity (a price, a duration), which would otherwise fail below on its
+            # rarest "class" of one row, a message that does not say what is wrong
+            raise MaasInputError(
+                f"target '{name}' holds continuous numbers ({len(classes)} distinct values, e.g. {classes[0]:g} "
+                f"and {classes[-1]:g}): maas trains classifiers; bin the target into classes first")
         labels = [str(value) for value in classes]
         codes = np.searchsorted(classes, values)
     else:

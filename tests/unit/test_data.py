@@ -118,6 +118,8 @@ def test_unknown_category_and_missing_values_at_serving_time_do_not_crash():
         ("long.csv", ["a,b,y", "1,2,p", "1,2,p,4"], "y", "ragged rows: line 3 has 4 fields"),
         ("target.csv", ["a,b,y"] + ["1,2,p"] * 30, "z", "target column 'z' not found; columns: a, b, y"),
         ("one.csv", ["a,b,y"] + [f"{i},2,p" for i in range(30)], "y", "single class ('p')"),
+        ("continuous.csv", ["a,b,y"] + [f"{i},2,{i * 0.37 + 0.01:.3f}" for i in range(80)], "y",
+         "target 'y' holds continuous numbers (80 distinct values, e.g. 0.01 and 29.24): maas trains classifiers"),
         ("few.csv", ["a,b,y"] + [f"{i},2,p" for i in range(30)] + ["1,1,q"] * 2, "y", "class 'q' has 2 rows"),
         ("nofeat.csv", ["a,y"] + [f"1,{'pq'[i % 2]}" for i in range(30)], "y", "no usable feature columns"),
         ("notarget.csv", ["a,b,y"] + [f"{i},2," for i in range(30)], "y", "target column 'y' is empty"),
