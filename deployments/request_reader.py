@@ -17,6 +17,8 @@ import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
+from maas.bundle import column_numbers
+
 
 class Columns(NamedTuple):
     """A request's rows as arrays in the bundle's column order, ready for its preprocessing."""
@@ -59,7 +61,12 @@ def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
     are ignored, or refused when `strict`. Errors name the row and column."""
     fields: dict[str, Any] = {}
     for index, column in enumerate(preprocessing["numeric"]):
-        kind = Annotated[FiniteFloat | None, BeforeValidator(_missing_if_unreadable)] if column.get("coerce") else FiniteFloat | None
+        if column.get("date"):  # an ISO 8601 string, kept as sent; read as days (unreadable: missing) as in training
+            kind = StrictStr | None
+        elif column.get("coerce"):
+            kind = Annotated[FiniteFloat | None, BeforeValidator(_missing_if_unreadable)]
+        else:
+            kind = FiniteFloat | None
         fields[f"n{index}"] = (kind, Field(..., alias=column["name"]))
     for index, column in enumerate(preprocessing["categorical"]):
         fields[f"c{index}"] = (Annotated[str | None, BeforeValidator(_as_category)], Field(..., alias=column["name"]))
@@ -96,9 +103,11 @@ class RequestReader:
     """Reads request bodies for one bundle's preprocessing (its columns, in its order)."""
 
     def __init__(self, preprocessing: dict[str, Any], strict: bool = False):
+        self.preprocessing = preprocessing
         self.row = row_model(preprocessing, strict)
         self.request = create_model("PredictRequest", rows=(Annotated[list[self.row], Field(min_length=1)], ...))
         self.numeric = [column["name"] for column in preprocessing["numeric"]]
+        self.dates = [column for column in preprocessing["numeric"] if column.get("date")]
         self.categorical = [column["name"] for column in preprocessing["categorical"]]
         self.text = [column["name"] for column in preprocessing.get("text", [])]
         self.columns = frozenset(self.numeric + self.categorical + self.text)
@@ -108,8 +117,8 @@ class RequestReader:
     def exact_columns(self, rows: Any) -> Columns | None:
         """Columns straight from parsed JSON when every row has exactly the training columns, finite
         numbers and text where expected; None otherwise (pydantic then gives the verdict)."""
-        if type(rows) is not list or not rows:
-            return None
+        if type(rows) is not list or not rows or self.dates:
+            return None  # dates are read by pydantic and validated_columns
         try:
             numeric_values = list(map(self._numeric_of, rows)) if self.numeric else None
             categorical_values = list(map(self._categorical_of, rows)) if self.categorical else None
@@ -139,8 +148,13 @@ class RequestReader:
 
     def validated_columns(self, rows: list[dict[str, Any]]) -> Columns:
         """Columns of rows the row model accepted (None: a missing value, imputed downstream)."""
-        numeric = (np.array([[row[name] for name in self.numeric] for row in rows], dtype=np.float64)
-                   if self.numeric else None)
+        if self.dates:
+            numeric = np.column_stack([column_numbers([row[column["name"]] for row in rows], column)
+                                       for column in self.preprocessing["numeric"]])
+            refuse_unreadable_dates(rows, numeric, self.preprocessing["numeric"])
+        else:
+            numeric = (np.array([[row[name] for name in self.numeric] for row in rows], dtype=np.float64)
+                       if self.numeric else None)
         categorical = [np.array([row[name] for row in rows], dtype=object) for name in self.categorical]
         text = [[row[name] for row in rows] for name in self.text]
         return Columns(numeric, categorical, len(rows), text)
@@ -168,6 +182,19 @@ class RequestReader:
             isinstance(row, dict) for row in rows) else set()
         # as validated: "1.5" logged as 1.5, the ignored columns left out
         return Read(orjson.dumps({"rows": validated}), self.validated_columns(validated), sorted(sent - self.columns))
+
+
+def refuse_unreadable_dates(rows: list[dict[str, Any]], numbers: np.ndarray, spec: list[dict[str, Any]]) -> None:
+    """400 for a date that does not read as ISO 8601, unless training had such values too (`coerce`:
+    then it is missing, as it was there): the same rule as for numbers."""
+    for index, column in enumerate(spec):
+        if not column.get("date") or column.get("coerce"):
+            continue
+        for row_index, (row, days) in enumerate(zip(rows, numbers[:, index])):
+            value = row[column["name"]]
+            if np.isnan(days) and value is not None and value.strip():
+                raise BadRequest(400, f"row {row_index}, column '{column['name']}': not an ISO 8601 date or time "
+                                      f"('{value[:40]}'), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00")
 
 
 def refuse_too_many(rows: list, max_rows: int) -> None:

@@ -12,7 +12,9 @@ Bundle folder layout:
                         tokenizer.json (run by the `tokenizers` library), encoder.json
 
 A text column's features are its sentence embedding, standardised with means and scales fitted on
-the training rows' embeddings; they sit after the numeric and one-hot blocks.
+the training rows' embeddings; they sit after the numeric and one-hot blocks. A date column is a
+numeric column marked "date": its value is days since 1970-01-01 (UTC), read from datetimes of any
+unit or zone and from ISO 8601 strings alike.
 """
 
 from __future__ import annotations
@@ -51,6 +53,34 @@ def feature_count(preprocessing: dict[str, Any]) -> int:
     return len(preprocessing["numeric"]) + sum(
         len(c["categories"]) for c in preprocessing["categorical"]
     ) + sum(len(c["mean"]) for c in preprocessing.get("text", []))
+
+
+# --- dates -----------------------------------------------------------------------------------------
+
+EPOCH = pd.Timestamp("1970-01-01")
+
+
+def dates_as_days(values: Any) -> np.ndarray:
+    """A date column's values as days since 1970-01-01 UTC (float64; NaN where missing or unreadable).
+
+    Days, not the datetime's integer: pandas counts in ns, us or s depending on where a column came
+    from (Parquet gives us, a frame built from strings ns), so the same date read as a number
+    differed 1000x between training and serving. Strings are read as ISO 8601, what JSON clients and
+    pandas write; a zone is converted to UTC, a naive time taken as UTC; anything else is missing."""
+    series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+    if not pd.api.types.is_datetime64_any_dtype(series):
+        readable = series.map(lambda value: isinstance(value, (str, pd.Timestamp, np.datetime64)) or hasattr(value, "isoformat"))
+        series = pd.to_datetime(series.where(readable.astype(bool)), errors="coerce", utc=True, format="ISO8601")
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        series = series.dt.tz_convert("UTC").dt.tz_localize(None)
+    return ((series - EPOCH) / pd.Timedelta(days=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def column_numbers(values: Any, column: dict[str, Any]) -> np.ndarray:
+    """A numeric column's raw values as float64 (NaN: missing or unreadable): a date column as days."""
+    if column.get("date"):
+        return dates_as_days(values)
+    return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64)
 
 
 # --- text ------------------------------------------------------------------------------------------
@@ -175,8 +205,11 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> np.ndarray:
     if missing:
         raise InputSchemaError(f"missing input column(s): {', '.join(missing)}")
     numeric = None
-    if preprocessing["numeric"]:
-        columns = frame[[c["name"] for c in preprocessing["numeric"]]]
+    spec = preprocessing["numeric"]
+    if any(c.get("date") for c in spec):
+        numeric = np.column_stack([column_numbers(frame[c["name"]], c) for c in spec])
+    elif spec:
+        columns = frame[[c["name"] for c in spec]]
         try:  # fast path: already numeric (the common case, ~10x cheaper per request)
             numeric = columns.to_numpy(dtype=np.float64, copy=True)
         except (TypeError, ValueError):

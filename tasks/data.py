@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
-from maas.bundle import ENCODER_NAME, as_texts, attach, text_encoder, transform
+from maas.bundle import ENCODER_NAME, EPOCH, as_texts, attach, dates_as_days, text_encoder, transform
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -26,6 +26,9 @@ from maas.tables import listing, read_table_file
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
+# A string column is read as dates when its values start as ISO 8601 dates do. Other forms are left
+# alone: 03/12/2026 is March or December depending on the writer, and "2024" alone is a number.
+ISO_DATE_START = r"^\s*\d{4}-\d{2}-\d{2}"
 
 
 @dataclass
@@ -241,6 +244,23 @@ class Cleaned(NamedTuple):
     texts: list[str] = []  # columns read as free text
 
 
+def read_as_dates(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:
+    """A datetime column, or strings that are ISO 8601 dates but for a few stray values -> (naive
+    UTC datetimes, how many unreadable values became missing); None for any other column."""
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        return None
+    if not pd.api.types.is_datetime64_any_dtype(column):
+        present = column.dropna()
+        present = present[present.astype(str).str.strip() != ""]
+        if present.empty or not present.astype(str).str.match(ISO_DATE_START).mean() >= 1 - max_bad_fraction:
+            return None
+    days = dates_as_days(column)
+    n_bad = int(np.isnan(days).sum() - column.isna().sum() - (column.astype(str).str.strip() == "").sum())
+    if n_bad > max_bad_fraction * max(1, int(column.notna().sum())):
+        return None
+    return pd.Series(EPOCH + pd.to_timedelta(days, unit="D"), index=column.index).dt.round("us"), max(0, n_bad)
+
+
 def is_free_text(column: pd.Series, min_words: float) -> bool:
     """Sentences, not categories or codes: values of min_words words on average, mostly distinct."""
     present = column.dropna()
@@ -268,6 +288,18 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         column = features[name]
         if column.isna().all():
             dropped[name] = "all values empty"
+            continue
+        as_dates = None if name in data.text_columns else read_as_dates(column, data.max_unparsable_fraction)
+        if as_dates is not None:
+            dates, n_bad = as_dates
+            if dates.nunique(dropna=True) <= 1:
+                dropped[name] = "constant"
+                continue
+            kept[name] = dates
+            if n_bad:
+                coerced_columns.add(name)
+            unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
+            notes.append(f"column '{name}' read as dates (days since 1970-01-01{unreadable})")
             continue
         if name in data.text_columns or (not pd.api.types.is_numeric_dtype(column)
                                          and is_free_text(column, data.text_min_words)):
@@ -392,12 +424,16 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) ->
     numeric, categorical = [], []
     for name in x_train.columns:
         column = x_train[name]
-        if pd.api.types.is_numeric_dtype(column):
+        is_date = pd.api.types.is_datetime64_any_dtype(column)
+        if is_date or pd.api.types.is_numeric_dtype(column):
+            if is_date:
+                column = pd.Series(dates_as_days(column), index=column.index)
             median = float(column.median()) if column.notna().any() else 0.0
             filled = column.fillna(median)
             std = float(filled.std(ddof=0))
             numeric.append({"name": name, "fill": median, "mean": float(filled.mean()),
-                            "scale": std if std > 1e-12 else 1.0, "coerce": name in coerced})
+                            "scale": std if std > 1e-12 else 1.0, "coerce": name in coerced,
+                            **({"date": True} if is_date else {})})
         else:
             present = column.dropna().astype(str)
             fill = str(present.mode().iloc[0]) if not present.empty else ""
@@ -516,7 +552,7 @@ def fit_text_scales(x_train: pd.DataFrame, texts: list[str], data: DataConfig, f
 
 def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
     """Raw input columns the model expects and their kind, for serving and MLflow."""
-    return [{"name": c["name"], "type": "number"} for c in preprocessing["numeric"]] + [
+    return [{"name": c["name"], "type": "datetime" if c.get("date") else "number"} for c in preprocessing["numeric"]] + [
         {"name": c["name"], "type": "string"} for c in preprocessing["categorical"]
     ] + [{"name": c["name"], "type": "text"} for c in preprocessing.get("text", [])]
 

@@ -29,6 +29,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from maas.bundle import column_numbers
 from maas.config import DriftConfig, PrivacyConfig
 from maas.run_context import RunContext, write_file
 
@@ -49,12 +50,13 @@ def build_reference(
     rng = np.random.default_rng(seed)
     numeric = {}
     for column in preprocessing["numeric"]:
-        values = pd.to_numeric(x_train[column["name"]], errors="coerce").to_numpy(dtype=np.float64)
+        values = column_numbers(x_train[column["name"]], column)
         present = values[np.isfinite(values)]
         if len(present) > max_rows:
             present = rng.choice(present, max_rows, replace=False)
         numeric[column["name"]] = {"sample": np.sort(present).tolist(),
-                                   "missing_share": float(1 - np.isfinite(values).mean())}
+                                   "missing_share": float(1 - np.isfinite(values).mean()),
+                                   **({"date": True} if column.get("date") else {})}
     categorical = {}
     for column in preprocessing["categorical"]:
         raw = x_train[column["name"]]
@@ -218,7 +220,7 @@ def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str,
     features: list[FeatureDrift] = []
     if n_rows:
         for name, spec in reference["numeric"].items():
-            values = pd.to_numeric(rows[name], errors="coerce").to_numpy(dtype=np.float64) if name in rows else np.full(n_rows, np.nan)
+            values = column_numbers(rows[name], spec) if name in rows else np.full(n_rows, np.nan)
             features.append(numeric_drift(name, spec, values, n_bins, config))
         for name, spec in reference["categorical"].items():
             features.append(categorical_drift(name, spec, rows[name] if name in rows else pd.Series([None] * n_rows), config))

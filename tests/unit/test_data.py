@@ -90,6 +90,55 @@ def test_numeric_column_with_stray_strings_is_coerced_with_a_note(tmp_path):
     assert any(c["name"] == "x" for c in prepared.preprocessing["numeric"])
 
 
+def dated(n: int = 120, seed: int = 0) -> pd.DataFrame:
+    """The table with a datetime column (microseconds, as Parquet gives) and ISO date strings with a
+    stray value, as a CSV export has them."""
+    frame = table(n, seed)
+    frame["seen"] = (pd.Timestamp("2025-01-01") + pd.to_timedelta(np.arange(n) * 7, unit="h")).astype("datetime64[us]")
+    frame["opened"] = [f"2024-{1 + index % 12:02d}-{1 + index % 28:02d}" for index in range(n)]
+    frame.loc[5, "opened"] = "unknown"
+    return frame
+
+
+def test_dates_are_read_as_days_and_transform_the_same_from_any_unit_zone_or_iso_string(tmp_path):
+    path = tmp_path / "dated.parquet"
+    dated().to_parquet(path)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    schema = {c["name"]: c["type"] for c in prepared.input_schema}
+    assert schema["seen"] == "datetime" and schema["opened"] == "datetime"
+    assert "column 'seen' read as dates (days since 1970-01-01)" in prepared.notes
+    assert "column 'opened' read as dates (days since 1970-01-01, 1 unreadable value(s) as missing)" in prepared.notes
+    spec = {c["name"]: c for c in prepared.preprocessing["numeric"]}
+    assert spec["seen"]["date"] and not spec["seen"]["coerce"] and spec["opened"]["coerce"]
+    assert 20089 < spec["seen"]["mean"] < 20089 + 120 * 7 / 24  # days since 1970 of 2025-01-01 onwards
+
+    raw = pd.read_parquet(path).drop(columns=["label"]).head(20)
+    reference = transform(raw, prepared.preprocessing)
+    variants = [raw.assign(seen=raw["seen"].astype("datetime64[ns]")),
+                raw.assign(seen=raw["seen"].dt.strftime("%Y-%m-%dT%H:%M:%S")),
+                raw.assign(seen=raw["seen"].dt.tz_localize("UTC").dt.tz_convert("Asia/Tokyo")),
+                raw.assign(seen=raw["seen"].dt.tz_localize("UTC").dt.tz_convert("America/New_York").astype(str))]
+    for variant in variants:
+        np.testing.assert_allclose(transform(variant, prepared.preprocessing), reference, atol=1e-6)
+    missing = transform(raw.assign(opened="03/12/2024"), prepared.preprocessing)  # not ISO: missing, as in training
+    imputed = (spec["opened"]["fill"] - spec["opened"]["mean"]) / spec["opened"]["scale"]
+    column = [c["name"] for c in prepared.preprocessing["numeric"]].index("opened")
+    np.testing.assert_allclose(missing[:, column], imputed, atol=1e-6)
+
+
+def test_numbers_and_other_date_forms_are_not_read_as_dates(tmp_path):
+    frame = table()
+    frame["year"] = 2000 + np.arange(120) % 20
+    frame["code"] = [f"{index % 12 + 1:02d}/{index % 28 + 1:02d}/2024" for index in range(120)]
+    frame["flat_day"] = "2024-05-01"
+    path = tmp_path / "codes.csv"
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    schema = {c["name"]: c["type"] for c in prepared.input_schema}
+    assert schema["year"] == "number" and schema.get("code", "dropped") != "datetime"
+    assert prepared.dropped_columns["flat_day"] == "constant"
+
+
 def test_numeric_target_labels_sort_numerically(tmp_path):
     frame = table()
     frame["label"] = np.where(np.arange(120) % 3 == 0, 10, 2)

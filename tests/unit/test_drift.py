@@ -67,6 +67,19 @@ def test_categorical_drift_counts_unseen_and_missing_values():
     assert changed.drifted_features == ["plan"]
 
 
+def test_a_date_column_logged_as_iso_strings_is_measured_in_days_against_the_training_datetimes():
+    rng = np.random.default_rng(0)
+    seen = pd.Timestamp("2025-01-01") + pd.to_timedelta(rng.uniform(0, 90, 400), unit="D")
+    train = pd.DataFrame({"seen": pd.Series(seen).astype("datetime64[us]"), "usage": rng.normal(size=400)})
+    preprocessing = {"numeric": [{"name": "seen", "date": True}, {"name": "usage"}], "categorical": []}
+    reference = build_reference(train, preprocessing, np.zeros(400, dtype=int), ["no", "yes"], 2000, 0)
+    logged = train.assign(seen=train["seen"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))  # as a JSON client sent them
+    same = measure_drift(logged, pd.Series(["no"] * 400), reference, DriftConfig())
+    later = logged.assign(seen=(train["seen"] + pd.Timedelta(days=60)).dt.strftime("%Y-%m-%d"))
+    moved = measure_drift(later, pd.Series(["no"] * 400), reference, DriftConfig())
+    assert same.drifted_features == [] and moved.drifted_features == ["seen"]
+
+
 def test_prediction_shift_shows_in_prediction_psi():
     prepared, reference, predicted = reference_and_test(0)
     x_test = prepared.splits.x_test

@@ -115,6 +115,24 @@ def test_reader_takes_exact_rows_fast_and_lax_rows_through_pydantic(wine):
         reader.read(json.dumps({"rows": [{name: value for name, value in rows[0].items() if name != "alcohol"}]}).encode(), 8)
 
 
+def test_dates_come_as_iso_strings_and_a_bad_one_is_a_400_unless_training_had_such_values_too():
+    number = {"fill": 20000.0, "mean": 20000.0, "scale": 10.0}
+    reader = RequestReader({"numeric": [{"name": "x", **number, "coerce": False},
+                                        {"name": "seen", **number, "coerce": False, "date": True},
+                                        {"name": "opened", **number, "coerce": True, "date": True}], "categorical": []})
+    rows = [{"x": 1.5, "seen": "2025-01-02T12:00:00Z", "opened": "2025-01-01"},
+            {"x": 2, "seen": "2025-01-02T14:00:00+02:00", "opened": "someday"},
+            {"x": 3, "seen": None, "opened": None}]
+    logged, columns, _ = reader.read(json.dumps({"rows": rows}).encode(), 10)
+    np.testing.assert_allclose(columns.numeric[:2], [[1.5, 20090.5, 20089.0], [2.0, 20090.5, np.nan]])
+    assert np.isnan(columns.numeric[2, 1:]).all()  # null: missing, imputed downstream
+    assert json.loads(logged)["rows"][0]["seen"] == "2025-01-02T12:00:00Z"  # the log keeps what was sent
+    with pytest.raises(BadRequest, match=r"row 1, column 'seen': not an ISO 8601 date or time \('03/12/2025'\)"):
+        reader.read(json.dumps({"rows": [rows[0], {**rows[1], "seen": "03/12/2025"}]}).encode(), 10)
+    with pytest.raises(BadRequest, match="row 0, column 'seen': Input should be a valid string"):
+        reader.read(json.dumps({"rows": [{**rows[0], "seen": 1735689600}]}).encode(), 10)
+
+
 def test_other_paths_pass_through_and_metadata_names_the_model(wine, maas_home):
     gate = gate_for(wine[0])
     passed, metadata = call(gate, [("GET", "/docs", {}), ("GET", "/metadata", {})])
