@@ -14,6 +14,8 @@ import pandas as pd
 from maas.errors import MaasInputError
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
+# A .csv or .txt may be split by any of these: Excel writes ';' where the decimal mark is a comma.
+DELIMITERS = (",", ";", "\t", "|")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 
 
@@ -42,6 +44,21 @@ def _check_csv_rectangular(path: Path, delimiter: str) -> None:
         raise MaasInputError(f"{path}: not a text table (cannot read it as UTF-8 CSV)") from None
 
 
+def sniff_delimiter(path: Path, suffix: str) -> str:
+    """The delimiter that splits the header into the most fields; a tie goes to the suffix's own.
+    A .tsv is always tab-separated."""
+    default = CSV_SUFFIXES[suffix]
+    if suffix == ".tsv":
+        return default
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            header = handle.readline()
+    except UnicodeDecodeError:
+        return default  # reported by the rectangular check, in its words
+    fields = {delimiter: len(next(csv.reader([header], delimiter=delimiter), [])) for delimiter in DELIMITERS}
+    return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
+
+
 def read_table_file(path: Path) -> pd.DataFrame:
     """A CSV/TSV or Parquet file as a DataFrame, with one-line errors for every way it can fail."""
     if not path.exists():
@@ -59,10 +76,10 @@ def read_table_file(path: Path) -> pd.DataFrame:
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
     else:
-        delimiter = CSV_SUFFIXES[suffix]
+        delimiter = sniff_delimiter(path, suffix)
         _check_csv_rectangular(path, delimiter)
-        try:
-            frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig")
+        try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
+            frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig", decimal="," if delimiter == ";" else ".")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise MaasInputError(f"{path}: not a readable CSV table ({first_line})") from None

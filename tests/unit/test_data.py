@@ -139,6 +139,21 @@ def test_numbers_and_other_date_forms_are_not_read_as_dates(tmp_path):
     assert prepared.dropped_columns["flat_day"] == "constant"
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_a_csv_split_by_another_delimiter_is_read_and_semicolon_files_take_decimal_commas(tmp_path, delimiter):
+    frame = table()
+    path = tmp_path / "sep.csv"
+    rows = [delimiter.join(["x", "colour", "label"])]
+    for x, colour, label in zip(frame["x"], frame["colour"], frame["label"]):
+        number = f"{x:.3f}".replace(".", ",") if delimiter == ";" else f"{x:.3f}"
+        rows.append(delimiter.join([number, colour, label]))
+    write_csv(path, rows)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert {c["name"]: c["type"] for c in prepared.input_schema} == {"x": "number", "colour": "string"}
+    assert prepared.preprocessing["numeric"][0]["scale"] == pytest.approx(frame["x"].std(ddof=0), rel=0.05)
+    assert not any("coerced" in note for note in prepared.notes)
+
+
 def test_numeric_target_labels_sort_numerically(tmp_path):
     frame = table()
     frame["label"] = np.where(np.arange(120) % 3 == 0, 10, 2)
