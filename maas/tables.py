@@ -5,6 +5,7 @@ Training data, extra labelled rows and the monitor's ground-truth labels all com
 
 from __future__ import annotations
 
+import codecs
 import csv
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,10 +27,29 @@ def listing(names: Iterable, limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _check_csv_rectangular(path: Path, delimiter: str) -> None:
+def text_encoding(path: Path) -> str:
+    """UTF-8 (with or without a byte-order mark), else Windows-1252, which Excel writes its "CSV"
+    in on Windows (the UTF-8 kind is a separate choice there); a file with NUL bytes, or one that
+    neither decodes, is not a text table."""
+    for encoding in ("utf-8-sig", "cp1252"):
+        decoder = codecs.getincrementaldecoder(encoding)()
+        try:
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    if b"\x00" in chunk:
+                        raise MaasInputError(f"{path}: not a text table (it holds NUL bytes)")
+                    decoder.decode(chunk)
+                decoder.decode(b"", final=True)
+            return encoding
+        except UnicodeDecodeError:
+            continue
+    raise MaasInputError(f"{path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
+
+
+def _check_csv_rectangular(path: Path, delimiter: str, encoding: str) -> None:
     """Fail on ragged rows, which pandas would silently pad with NaN when a row is short."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        with path.open(newline="", encoding=encoding) as handle:
             reader = csv.reader(handle, delimiter=delimiter)
             header = next(reader, None)
             if not header or not any(cell.strip() for cell in header):
@@ -40,21 +60,18 @@ def _check_csv_rectangular(path: Path, delimiter: str) -> None:
                         f"{path}: ragged rows: line {reader.line_num} has {len(row)} fields, "
                         f"the header has {len(header)}"
                     )
-    except (UnicodeDecodeError, csv.Error):
-        raise MaasInputError(f"{path}: not a text table (cannot read it as UTF-8 CSV)") from None
+    except csv.Error:
+        raise MaasInputError(f"{path}: not a text table (cannot read it as CSV)") from None
 
 
-def sniff_delimiter(path: Path, suffix: str) -> str:
+def sniff_delimiter(path: Path, suffix: str, encoding: str) -> str:
     """The delimiter that splits the header into the most fields; a tie goes to the suffix's own.
     A .tsv is always tab-separated."""
     default = CSV_SUFFIXES[suffix]
     if suffix == ".tsv":
         return default
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            header = handle.readline()
-    except UnicodeDecodeError:
-        return default  # reported by the rectangular check, in its words
+    with path.open(newline="", encoding=encoding) as handle:
+        header = handle.readline()
     fields = {delimiter: len(next(csv.reader([header], delimiter=delimiter), [])) for delimiter in DELIMITERS}
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
@@ -76,10 +93,11 @@ def read_table_file(path: Path) -> pd.DataFrame:
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
     else:
-        delimiter = sniff_delimiter(path, suffix)
-        _check_csv_rectangular(path, delimiter)
+        encoding = text_encoding(path)
+        delimiter = sniff_delimiter(path, suffix, encoding)
+        _check_csv_rectangular(path, delimiter, encoding)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
-            frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig", decimal="," if delimiter == ";" else ".")
+            frame = pd.read_csv(path, sep=delimiter, encoding=encoding, decimal="," if delimiter == ";" else ".")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise MaasInputError(f"{path}: not a readable CSV table ({first_line})") from None

@@ -202,6 +202,16 @@ def test_bad_files_fail_with_one_line_naming_the_problem(tmp_path, name, rows, t
     assert "\n" not in str(error.value)
 
 
+def test_an_excel_csv_in_windows_1252_is_read_with_its_accents(tmp_path):
+    path = tmp_path / "excel.csv"
+    lines = ["montant;ville;y"] + [f"{index},5;{'Zürich' if index % 2 else 'Genève'};{'oui' if index % 3 else 'non'}"
+                                   for index in range(60)]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("cp1252"))
+    prepared = prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+    assert prepared.preprocessing["categorical"][0]["categories"] == ["Genève", "Zürich"]
+    assert prepared.preprocessing["numeric"][0]["name"] == "montant"
+
+
 def test_binary_file_is_not_a_table(tmp_path):
     path = tmp_path / "image.csv"
     path.write_bytes(bytes(range(256)) * 4)
