@@ -14,7 +14,8 @@ Bundle folder layout:
 A text column's features are its sentence embedding, standardised with means and scales fitted on
 the training rows' embeddings; they sit after the numeric and one-hot blocks. A date column is a
 numeric column marked "date": its value is days since 1970-01-01 (UTC), read from datetimes of any
-unit or zone and from ISO 8601 strings alike.
+unit or zone and from ISO 8601 strings alike; its calendar parts that varied in training (month,
+day of month, day of week, hour) follow the numeric block, standardised like it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def required_columns(preprocessing: dict[str, Any]) -> list[str]:
 
 def feature_count(preprocessing: dict[str, Any]) -> int:
     """Width of the matrix `transform` produces (numeric columns + one-hot slots + embeddings)."""
-    return len(preprocessing["numeric"]) + sum(
+    return len(preprocessing["numeric"]) + sum(len(c.get("parts", [])) for c in preprocessing["numeric"]) + sum(
         len(c["categories"]) for c in preprocessing["categorical"]
     ) + sum(len(c["mean"]) for c in preprocessing.get("text", []))
 
@@ -74,6 +75,24 @@ def dates_as_days(values: Any) -> np.ndarray:
     if isinstance(series.dtype, pd.DatetimeTZDtype):
         series = series.dt.tz_convert("UTC").dt.tz_localize(None)
     return ((series - EPOCH) / pd.Timedelta(days=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+DATE_PARTS = ("month", "dayofmonth", "dayofweek", "hour")
+
+
+def date_parts(days: np.ndarray, parts: list[str]) -> np.ndarray:
+    """Calendar parts of days since 1970-01-01 (imputed: no NaN), a column each: what a trend in
+    days does not show a model (weekdays, months, paydays, the hour). Monday is 0, hours are
+    fractional."""
+    whole = np.floor(days)
+    calendar = whole.astype(np.int64).astype("datetime64[D]")
+    months = calendar.astype("datetime64[M]")
+    values = {"month": lambda: months.astype(np.int64) % 12 + 1,
+              "dayofmonth": lambda: (calendar - months.astype("datetime64[D]")).astype(np.int64) + 1,
+              "dayofweek": lambda: (whole + 3) % 7,  # 1970-01-01 was a Thursday
+              "hour": lambda: (days - whole) * 24}
+    return np.column_stack([values[part]().astype(np.float64) for part in parts]) if parts else \
+        np.zeros((len(days), 0))
 
 
 def column_numbers(values: Any, column: dict[str, Any]) -> np.ndarray:
@@ -242,6 +261,11 @@ def transform_arrays(
         scale = np.array([c["scale"] for c in spec])
         values = np.where(np.isnan(values), fill, values)
         blocks.append((values - mean) / scale)
+        for index, column in enumerate(spec):  # a date's calendar parts, from its (imputed) days
+            if column.get("parts"):
+                parts = column["parts"]
+                raw = date_parts(values[:, index], [part["part"] for part in parts])
+                blocks.append((raw - np.array([part["mean"] for part in parts])) / np.array([part["scale"] for part in parts]))
     for column, values in zip(preprocessing["categorical"], categorical):
         as_text = np.where(pd.isna(values), column["fill"], values).astype(object)
         categories = np.array(column["categories"], dtype=object)

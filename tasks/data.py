@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
-from maas.bundle import ENCODER_NAME, EPOCH, as_texts, attach, dates_as_days, text_encoder, transform
+from maas.bundle import DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_parts, dates_as_days, text_encoder, transform
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -299,7 +299,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             if n_bad:
                 coerced_columns.add(name)
             unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
-            notes.append(f"column '{name}' read as dates (days since 1970-01-01{unreadable})")
+            notes.append(f"column '{name}' read as dates (days since 1970-01-01 and calendar parts{unreadable})")
             continue
         if name in data.text_columns or (not pd.api.types.is_numeric_dtype(column)
                                          and is_free_text(column, data.text_min_words)):
@@ -417,6 +417,14 @@ def split_rows(
     )
 
 
+def fit_date_parts(days: np.ndarray) -> list[dict[str, Any]]:
+    """The calendar parts of a date column that vary on the training rows, with their scaling."""
+    values = date_parts(days, list(DATE_PARTS))
+    means, scales = values.mean(axis=0), values.std(axis=0)
+    return [{"part": part, "mean": float(mean), "scale": float(scale)}
+            for part, mean, scale in zip(DATE_PARTS, means, scales) if scale > 1e-9]
+
+
 def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) -> dict[str, Any]:
     """Imputation and scaling for numerics, categories for one-hot: from training rows only (text
     columns: fit_text_scales). `coerce` marks the numeric columns that were text with stray strings in
@@ -433,7 +441,7 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) ->
             std = float(filled.std(ddof=0))
             numeric.append({"name": name, "fill": median, "mean": float(filled.mean()),
                             "scale": std if std > 1e-12 else 1.0, "coerce": name in coerced,
-                            **({"date": True} if is_date else {})})
+                            **({"date": True, "parts": fit_date_parts(filled.to_numpy())} if is_date else {})})
         else:
             present = column.dropna().astype(str)
             fill = str(present.mode().iloc[0]) if not present.empty else ""

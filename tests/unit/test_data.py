@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maas.bundle import transform
+from maas.bundle import date_parts, dates_as_days, feature_count, transform
 from maas.config import DataConfig
 from maas.errors import MaasInputError
 from tasks.data import fit_preprocessing, prepare_data
@@ -106,11 +106,15 @@ def test_dates_are_read_as_days_and_transform_the_same_from_any_unit_zone_or_iso
     prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
     schema = {c["name"]: c["type"] for c in prepared.input_schema}
     assert schema["seen"] == "datetime" and schema["opened"] == "datetime"
-    assert "column 'seen' read as dates (days since 1970-01-01)" in prepared.notes
-    assert "column 'opened' read as dates (days since 1970-01-01, 1 unreadable value(s) as missing)" in prepared.notes
+    assert "column 'seen' read as dates (days since 1970-01-01 and calendar parts)" in prepared.notes
+    assert ("column 'opened' read as dates (days since 1970-01-01 and calendar parts, 1 unreadable value(s) "
+            "as missing)") in prepared.notes
     spec = {c["name"]: c for c in prepared.preprocessing["numeric"]}
     assert spec["seen"]["date"] and not spec["seen"]["coerce"] and spec["opened"]["coerce"]
     assert 20089 < spec["seen"]["mean"] < 20089 + 120 * 7 / 24  # days since 1970 of 2025-01-01 onwards
+    assert [part["part"] for part in spec["seen"]["parts"]] == ["month", "dayofmonth", "dayofweek", "hour"]
+    assert [part["part"] for part in spec["opened"]["parts"]] == ["month", "dayofmonth", "dayofweek"]  # no times
+    assert prepared.arrays.x_train.shape[1] == feature_count(prepared.preprocessing) == 3 + 4 + 3 + 3
 
     raw = pd.read_parquet(path).drop(columns=["label"]).head(20)
     reference = transform(raw, prepared.preprocessing)
@@ -124,6 +128,12 @@ def test_dates_are_read_as_days_and_transform_the_same_from_any_unit_zone_or_iso
     imputed = (spec["opened"]["fill"] - spec["opened"]["mean"]) / spec["opened"]["scale"]
     column = [c["name"] for c in prepared.preprocessing["numeric"]].index("opened")
     np.testing.assert_allclose(missing[:, column], imputed, atol=1e-6)
+
+
+def test_calendar_parts_of_dates_before_and_after_1970():
+    days = dates_as_days(["2025-01-01", "2024-02-29T18:30:00", "1969-12-31T23:00:00", "2026-12-04T00:00:00+01:00"])
+    parts = date_parts(days, ["month", "dayofmonth", "dayofweek", "hour"])
+    np.testing.assert_allclose(parts, [[1, 1, 2, 0], [2, 29, 3, 18.5], [12, 31, 2, 23], [12, 3, 3, 23]])  # Monday 0
 
 
 def test_numbers_and_other_date_forms_are_not_read_as_dates(tmp_path):
