@@ -237,6 +237,13 @@ def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> tuple[
     return pd.to_numeric(column, errors="coerce").astype(np.float64), n_bad
 
 
+def holds_nested_values(column: pd.Series) -> bool:
+    """Lists, arrays or mappings in the cells (Parquet keeps them): no single value a model reads."""
+    if column.dtype != object:
+        return False
+    return any(isinstance(value, (list, tuple, dict, set, np.ndarray)) for value in column.dropna().iloc[:1000])
+
+
 class Cleaned(NamedTuple):
     features: pd.DataFrame
     dropped: dict[str, str]  # column -> why it was dropped
@@ -288,6 +295,9 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         column = features[name]
         if column.isna().all():
             dropped[name] = "all values empty"
+            continue
+        if holds_nested_values(column):
+            dropped[name] = "holds lists or mappings, not single values"
             continue
         as_dates = None if name in data.text_columns else read_as_dates(column, data.max_unparsable_fraction)
         if as_dates is not None:
@@ -375,7 +385,9 @@ def fingerprint_table(frame: pd.DataFrame) -> str:
     """Content hash of the table as loaded (values, column names and dtypes), order-sensitive."""
     digest = hashlib.sha256()
     digest.update("|".join(f"{name}:{dtype}" for name, dtype in frame.dtypes.items()).encode())
-    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    nested = [name for name in frame.columns if holds_nested_values(frame[name])]
+    hashable = frame.assign(**{name: frame[name].astype(str) for name in nested}) if nested else frame
+    digest.update(pd.util.hash_pandas_object(hashable, index=False).to_numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -585,6 +597,8 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
         notes.append(f"{int(missing_target.sum())} row(s) without a target value dropped")
         frame = frame.loc[~missing_target]
         target = target.loc[~missing_target]
+    if holds_nested_values(target):
+        raise MaasInputError(f"{table.source}: target column '{table.target}' holds lists or mappings, not class labels")
     codes, labels = encode_target(target, table.target, data)
     features, dropped, coerced, texts = clean_features(
         frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None

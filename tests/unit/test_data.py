@@ -164,6 +164,17 @@ def test_a_csv_split_by_another_delimiter_is_read_and_semicolon_files_take_decim
     assert not any("coerced" in note for note in prepared.notes)
 
 
+def test_a_parquet_column_of_lists_is_dropped_by_name_and_a_target_of_lists_refused(tmp_path):
+    frame = table()
+    frame["tags"] = [["a", "b"][: index % 3] for index in range(120)]
+    path = tmp_path / "nested.parquet"
+    frame.to_parquet(path)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert prepared.dropped_columns["tags"] == "holds lists or mappings, not single values"
+    with pytest.raises(MaasInputError, match="target column 'tags' holds lists or mappings"):
+        prepare_data(DataConfig(dataset=str(path), target="tags"), seed=0)
+
+
 def test_numeric_target_labels_sort_numerically(tmp_path):
     frame = table()
     frame["label"] = np.where(np.arange(120) % 3 == 0, 10, 2)
