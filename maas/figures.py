@@ -94,6 +94,9 @@ def save_study_plots(study, objectives: list[str], folder: Path) -> list[Path]:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # a parameter every trial gave the same value (a sample-limited or short study): matplotlib widens the axis
         warnings.filterwarnings("ignore", message="Attempting to set identical low and high ylims")
+        # PED-ANOVA when the best trials and the rest hold the same trials (all scored alike): the
+        # importances come out equal, which the plot shows
+        warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
         for name, draw in plots.items():
             try:
                 axes = draw()
