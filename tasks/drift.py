@@ -264,8 +264,10 @@ def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any
                       f"{len(report.features)} features drifted (red)")
     axes[0].legend(loc="upper right")
     for axis, feature in zip(axes[1:], worst):
-        sample = np.asarray(reference["numeric"][feature.name]["sample"])
-        current = pd.to_numeric(rows[feature.name], errors="coerce").dropna().to_numpy()
+        spec = reference["numeric"][feature.name]
+        sample = np.asarray(spec["sample"])
+        current = column_numbers(rows[feature.name], spec)  # a date in days, as the reference holds it
+        current = current[np.isfinite(current)]
         bins = np.histogram_bin_edges(np.concatenate([sample, current]), bins=30)
         axis.hist(sample, bins=bins, density=True, alpha=0.55, label="training reference")
         axis.hist(current, bins=bins, density=True, alpha=0.55, label="logged")
