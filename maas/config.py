@@ -29,7 +29,9 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     min_rows_per_class: int = Field(10, ge=3)
-    max_category_levels: int = Field(50, ge=2, description="more levels: dropped as ID-like")
+    max_category_levels: int = Field(50, ge=2, description="a category keeps this many of its most frequent "
+                                     "training values, the rest read as one unknown value; with more distinct "
+                                     "values than half the rows it is dropped as ID-like")
     max_unparsable_fraction: float = Field(
         0.05, ge=0, lt=0.5, description="stray strings a numeric column may hold (coerced to NaN)"
     )

@@ -26,6 +26,9 @@ from maas.tables import listing, read_table_file
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
+# A string column with more distinct values than this share of rows names rows (emails, titles), not
+# groups of them; below it, a many-valued category (cities, products) keeps its most frequent values.
+MOSTLY_DISTINCT = 0.5
 # A string column is read as dates when its values start as ISO 8601 dates do. Other forms are left
 # alone: 03/12/2026 is March or December depending on the writer, and "2024" alone is a number.
 ISO_DATE_START = r"^\s*\d{4}-\d{2}-\d{2}"
@@ -337,9 +340,12 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             and not pd.api.types.is_float_dtype(column)
         ):
             dropped[name] = "unique per row (ID-like)"
-        elif not is_numeric and n_unique > data.max_category_levels:
-            dropped[name] = f"{n_unique} categories (> data.max_category_levels={data.max_category_levels})"
+        elif not is_numeric and n_unique > max(data.max_category_levels, MOSTLY_DISTINCT * n_rows):
+            dropped[name] = f"{n_unique} distinct values in {n_rows} rows (ID-like)"
         else:
+            if not is_numeric and n_unique > data.max_category_levels:
+                notes.append(f"column '{name}': {n_unique} categories; the {data.max_category_levels} most frequent "
+                             "in training are kept, the rest read as one unknown category (data.max_category_levels)")
             kept[name] = column.astype(np.float64) if is_numeric else column.astype(object)
     for name, reason in dropped.items():
         notes.append(f"column '{name}' dropped: {reason}")
@@ -437,7 +443,7 @@ def fit_date_parts(days: np.ndarray) -> list[dict[str, Any]]:
             for part, mean, scale in zip(DATE_PARTS, means, scales) if scale > 1e-9]
 
 
-def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) -> dict[str, Any]:
+def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), max_levels: int = 50) -> dict[str, Any]:
     """Imputation and scaling for numerics, categories for one-hot: from training rows only (text
     columns: fit_text_scales). `coerce` marks the numeric columns that were text with stray strings in
     training: serving reads such a string as a missing value there too, and refuses it elsewhere."""
@@ -457,7 +463,9 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset()) ->
         else:
             present = column.dropna().astype(str)
             fill = str(present.mode().iloc[0]) if not present.empty else ""
-            categories = sorted(set(present) | {fill})
+            # the most frequent values; the rest read as all zeros, as a category first seen at serving does
+            kept = present.value_counts().index[:max_levels] if present.nunique() > max_levels else present
+            categories = sorted(set(kept) | {fill})
             categorical.append({"name": name, "fill": fill, "categories": categories})
     return {"numeric": numeric, "categorical": categorical}
 
@@ -605,7 +613,7 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
-    preprocessing = fit_preprocessing(splits.x_train.drop(columns=texts), coerced)
+    preprocessing = fit_preprocessing(splits.x_train.drop(columns=texts), coerced, data.max_category_levels)
     if texts and fit_text:
         data = searched_text_settings(splits, texts, data, fingerprint, seed, notes)
         preprocessing["text"] = fit_text_scales(splits.x_train, texts, data,

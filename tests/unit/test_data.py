@@ -175,6 +175,27 @@ def test_a_parquet_column_of_lists_is_dropped_by_name_and_a_target_of_lists_refu
         prepare_data(DataConfig(dataset=str(path), target="tags"), seed=0)
 
 
+def test_a_many_valued_category_keeps_its_most_frequent_values_and_a_mostly_distinct_one_is_dropped(tmp_path):
+    rng = np.random.default_rng(0)
+    frame = table(600)
+    frame["city"] = [f"city{int(index)}" for index in rng.zipf(1.3, 600) % 150]
+    frame["email"] = [f"user{index}@example.org" for index in range(550)] + ["shared@example.org"] * 50
+    path = tmp_path / "cities.csv"
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label", max_category_levels=20), seed=0)
+    assert prepared.dropped_columns["email"] == "551 distinct values in 600 rows (ID-like)"
+    n_cities = frame["city"].nunique()
+    assert (f"column 'city': {n_cities} categories; the 20 most frequent in training are kept, the rest read as one "
+            "unknown category (data.max_category_levels)") in prepared.notes
+    city = next(c for c in prepared.preprocessing["categorical"] if c["name"] == "city")
+    counts = prepared.splits.x_train["city"].value_counts()
+    assert len(city["categories"]) == 20 and set(city["categories"]) == set(counts.index[:20])
+    rare = counts.index[-1]
+    encoded = transform(pd.DataFrame({"x": [0.0, 0.0], "colour": ["red"] * 2, "city": [rare, "never-seen"]}),
+                        prepared.preprocessing)
+    assert (encoded[0] == encoded[1]).all()  # a rare training value reads as a value first seen at serving
+
+
 def test_numeric_target_labels_sort_numerically(tmp_path):
     frame = table()
     frame["label"] = np.where(np.arange(120) % 3 == 0, 10, 2)
