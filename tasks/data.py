@@ -328,8 +328,13 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                 column, n_bad = coerced
                 coerced_columns.add(name)
                 notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
-        n_unique = column.nunique(dropna=True)
         is_numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        if is_numeric and pd.api.types.is_float_dtype(column):
+            infinite = np.isinf(column.to_numpy(dtype=np.float64))
+            if infinite.any():  # missing, as serving reads them; as numbers they made the scaling NaN
+                column = column.where(~infinite)
+                notes.append(f"column '{name}': {int(infinite.sum())} infinite value(s) read as missing")
+        n_unique = column.nunique(dropna=True)
         if keep_all and is_numeric:
             kept[name] = column.astype(np.float64)
         elif n_unique <= 1:

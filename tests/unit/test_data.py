@@ -196,6 +196,20 @@ def test_a_many_valued_category_keeps_its_most_frequent_values_and_a_mostly_dist
     assert (encoded[0] == encoded[1]).all()  # a rare training value reads as a value first seen at serving
 
 
+def test_infinite_values_are_read_as_missing_as_serving_reads_them(tmp_path):
+    frame = table()
+    frame["x"] = frame["x"].astype(object)
+    frame.loc[[3, 9], "x"] = [np.inf, -np.inf]
+    frame.loc[11, "x"] = "inf"  # a string pandas leaves as text: coerced, then the same
+    path = tmp_path / "inf.csv"
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert "column 'x': 3 infinite value(s) read as missing" in prepared.notes
+    x = next(c for c in prepared.preprocessing["numeric"] if c["name"] == "x")
+    assert all(np.isfinite([x["fill"], x["mean"], x["scale"]]))
+    assert np.isfinite(prepared.arrays.x_train).all()
+
+
 def test_numeric_target_labels_sort_numerically(tmp_path):
     frame = table()
     frame["label"] = np.where(np.arange(120) % 3 == 0, 10, 2)
