@@ -4,7 +4,8 @@ Serving accepts what training accepted: a null where training had missing values
 same way, columns training dropped or never saw are ignored (unless serving.strict_columns), and a
 category may come as a number. A request whose rows have exactly the training columns, finite
 numbers and text where text is expected becomes numpy columns directly (~2 us a row); any other
-goes through a pydantic model of one row (~10 us a row), which gives the verdict and names the field.
+goes through a pydantic model of one row (~10 us a row), which gives the verdict and names the field,
+as every request to a model with a date column does (an ISO 8601 string, read as days).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class RequestReader:
         self.row = row_model(preprocessing, strict)
         self.request = create_model("PredictRequest", rows=(Annotated[list[self.row], Field(min_length=1)], ...))
         self.numeric = [column["name"] for column in preprocessing["numeric"]]
-        self.dates = [column for column in preprocessing["numeric"] if column.get("date")]
+        self.has_dates = any(column.get("date") for column in preprocessing["numeric"])
         self.categorical = [column["name"] for column in preprocessing["categorical"]]
         self.text = [column["name"] for column in preprocessing.get("text", [])]
         self.columns = frozenset(self.numeric + self.categorical + self.text)
@@ -117,7 +118,7 @@ class RequestReader:
     def exact_columns(self, rows: Any) -> Columns | None:
         """Columns straight from parsed JSON when every row has exactly the training columns, finite
         numbers and text where expected; None otherwise (pydantic then gives the verdict)."""
-        if type(rows) is not list or not rows or self.dates:
+        if type(rows) is not list or not rows or self.has_dates:
             return None  # dates are read by pydantic and validated_columns
         try:
             numeric_values = list(map(self._numeric_of, rows)) if self.numeric else None
@@ -148,7 +149,7 @@ class RequestReader:
 
     def validated_columns(self, rows: list[dict[str, Any]]) -> Columns:
         """Columns of rows the row model accepted (None: a missing value, imputed downstream)."""
-        if self.dates:
+        if self.has_dates:
             numeric = np.column_stack([column_numbers([row[column["name"]] for row in rows], column)
                                        for column in self.preprocessing["numeric"]])
             refuse_unreadable_dates(rows, numeric, self.preprocessing["numeric"])

@@ -265,10 +265,11 @@ def read_as_dates(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series
         if present.empty or not present.astype(str).str.match(ISO_DATE_START).mean() >= 1 - max_bad_fraction:
             return None
     days = dates_as_days(column)
-    n_bad = int(np.isnan(days).sum() - column.isna().sum() - (column.astype(str).str.strip() == "").sum())
-    if n_bad > max_bad_fraction * max(1, int(column.notna().sum())):
+    empty = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
+    n_bad = int((np.isnan(days) & ~empty).sum())
+    if n_bad > max_bad_fraction * max(1, int((~empty).sum())):
         return None
-    return pd.Series(EPOCH + pd.to_timedelta(days, unit="D"), index=column.index).dt.round("us"), max(0, n_bad)
+    return pd.Series(EPOCH + pd.to_timedelta(days, unit="D"), index=column.index).dt.round("us"), n_bad
 
 
 def is_free_text(column: pd.Series, min_words: float) -> bool:
@@ -330,7 +331,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                 notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
         is_numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
         if is_numeric and pd.api.types.is_float_dtype(column):
-            infinite = np.isinf(column.to_numpy(dtype=np.float64))
+            infinite = np.isinf(column.to_numpy(dtype=np.float64, na_value=np.nan))
             if infinite.any():  # missing, as serving reads them; as numbers they made the scaling NaN
                 column = column.where(~infinite)
                 notes.append(f"column '{name}': {int(infinite.sum())} infinite value(s) read as missing")
