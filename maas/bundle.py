@@ -225,14 +225,13 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> np.ndarray:
         raise InputSchemaError(f"missing input column(s): {', '.join(missing)}")
     numeric = None
     spec = preprocessing["numeric"]
-    if any(c.get("date") for c in spec):
-        numeric = np.column_stack([column_numbers(frame[c["name"]], c) for c in spec])
-    elif spec:
-        columns = frame[[c["name"] for c in spec]]
+    if spec and not any(c.get("date") for c in spec):  # a datetime would pass as its integer
         try:  # fast path: already numeric (the common case, ~10x cheaper per request)
-            numeric = columns.to_numpy(dtype=np.float64, copy=True)
+            numeric = frame[[c["name"] for c in spec]].to_numpy(dtype=np.float64, copy=True)
         except (TypeError, ValueError):
-            numeric = columns.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+            pass
+    if spec and numeric is None:
+        numeric = np.column_stack([column_numbers(frame[c["name"]], c) for c in spec])
     categorical = []
     for column in preprocessing["categorical"]:
         raw = frame[column["name"]]

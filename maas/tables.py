@@ -5,9 +5,8 @@ Training data, extra labelled rows and the monitor's ground-truth labels all com
 
 from __future__ import annotations
 
-import codecs
 import csv
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -27,30 +26,24 @@ def listing(names: Iterable, limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def text_encoding(path: Path) -> str:
-    """UTF-8 (with or without a byte-order mark), else Windows-1252, which Excel writes its "CSV"
-    in on Windows (the UTF-8 kind is a separate choice there); a file with NUL bytes, or one that
-    neither decodes, is not a text table."""
-    for encoding in ("utf-8-sig", "cp1252"):
-        decoder = codecs.getincrementaldecoder(encoding)()
-        try:
-            with path.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    if b"\x00" in chunk:
-                        raise MaasInputError(f"{path}: not a text table (it holds NUL bytes)")
-                    decoder.decode(chunk)
-                decoder.decode(b"", final=True)
-            return encoding
-        except UnicodeDecodeError:
-            continue
-    raise MaasInputError(f"{path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
+# Excel writes its "CSV" on Windows in Windows-1252 (UTF-8 is a separate choice there).
+ENCODINGS = ("utf-8-sig", "cp1252")
+
+
+def _without_nul(path: Path, lines: Iterable[str]) -> Iterator[str]:
+    """The lines, refused at the first NUL character: a binary file, whatever it decodes as."""
+    for line in lines:
+        if "\x00" in line:
+            raise MaasInputError(f"{path}: not a text table (it holds NUL bytes)")
+        yield line
 
 
 def _check_csv_rectangular(path: Path, delimiter: str, encoding: str) -> None:
-    """Fail on ragged rows, which pandas would silently pad with NaN when a row is short."""
+    """Fail on ragged rows, which pandas would silently pad with NaN when a row is short (reading
+    the whole file: a UnicodeDecodeError says the encoding is wrong)."""
     try:
         with path.open(newline="", encoding=encoding) as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
+            reader = csv.reader(_without_nul(path, handle), delimiter=delimiter)
             header = next(reader, None)
             if not header or not any(cell.strip() for cell in header):
                 raise MaasInputError(f"{path}: the file is empty")
@@ -76,6 +69,18 @@ def sniff_delimiter(path: Path, suffix: str, encoding: str) -> str:
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
 
+def _csv_dialect(path: Path, suffix: str) -> tuple[str, str]:
+    """(encoding, delimiter) of a CSV, checked rectangular in the same pass: UTF-8, else Windows-1252."""
+    for encoding in ENCODINGS:
+        try:
+            delimiter = sniff_delimiter(path, suffix, encoding)
+            _check_csv_rectangular(path, delimiter, encoding)
+            return encoding, delimiter
+        except UnicodeDecodeError:
+            continue
+    raise MaasInputError(f"{path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
+
+
 def read_table_file(path: Path) -> pd.DataFrame:
     """A CSV/TSV or Parquet file as a DataFrame, with one-line errors for every way it can fail."""
     if not path.exists():
@@ -93,9 +98,7 @@ def read_table_file(path: Path) -> pd.DataFrame:
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
     else:
-        encoding = text_encoding(path)
-        delimiter = sniff_delimiter(path, suffix, encoding)
-        _check_csv_rectangular(path, delimiter, encoding)
+        encoding, delimiter = _csv_dialect(path, suffix)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
             frame = pd.read_csv(path, sep=delimiter, encoding=encoding, decimal="," if delimiter == ";" else ".")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:

@@ -227,10 +227,14 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
 # --- validation and cleaning -------------------------------------------------------------------
 
 
+def blank(column: pd.Series) -> np.ndarray:
+    """Missing or only whitespace: an empty value, not an unreadable one."""
+    return (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
+
+
 def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:
     """A text column that is numbers but for a few stray strings -> (floats, how many coerced)."""
-    present = column.dropna()
-    present = present[present.astype(str).str.strip() != ""]
+    present = column[~blank(column)]
     if present.empty:
         return None
     parsed = pd.to_numeric(present, errors="coerce")
@@ -259,13 +263,12 @@ def read_as_dates(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series
     UTC datetimes, how many unreadable values became missing); None for any other column."""
     if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
         return None
+    empty = blank(column)
     if not pd.api.types.is_datetime64_any_dtype(column):
-        present = column.dropna()
-        present = present[present.astype(str).str.strip() != ""]
-        if present.empty or not present.astype(str).str.match(ISO_DATE_START).mean() >= 1 - max_bad_fraction:
+        present = column[~empty].astype(str)
+        if present.empty or not present.str.match(ISO_DATE_START).mean() >= 1 - max_bad_fraction:
             return None
     days = dates_as_days(column)
-    empty = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
     n_bad = int((np.isnan(days) & ~empty).sum())
     if n_bad > max_bad_fraction * max(1, int((~empty).sum())):
         return None
@@ -470,8 +473,7 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), ma
             present = column.dropna().astype(str)
             fill = str(present.mode().iloc[0]) if not present.empty else ""
             # the most frequent values; the rest read as all zeros, as a category first seen at serving does
-            kept = present.value_counts().index[:max_levels] if present.nunique() > max_levels else present
-            categories = sorted(set(kept) | {fill})
+            categories = sorted(set(present.value_counts().index[:max_levels]) | {fill})
             categorical.append({"name": name, "fill": fill, "categories": categories})
     return {"numeric": numeric, "categorical": categorical}
 
