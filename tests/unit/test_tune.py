@@ -447,14 +447,14 @@ def test_a_tune_worker_killed_mid_trial_has_its_trial_failed_by_heartbeat_and_re
                 time.sleep(0.2)
                 continue
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if json_pid(trial) == worker.pid:  # the owner is written by the objective: it is training
-                    # at once: a trial of wine trains in well under a second here, and a kill that waited
-                    # half a second into it (then skipped a trial found finished) missed every one of the
-                    # worker's trials once in a CI run
+                if json_pid(trial) == worker.pid:
+                    time.sleep(0.5)  # into its epochs
+                    if study.get_trials(deepcopy=False)[trial.number].state != TrialState.RUNNING:
+                        break  # finished meanwhile: kill during the next one, not between two
                     os.kill(worker.pid, signal.SIGKILL)
                     killed.update(trial=trial.number)
                     return
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_the_worker_mid_trial)
     killer.start()
