@@ -183,7 +183,8 @@ def finetuned_rows(splits, student_layers: tuple[int, ...] = (3,), epochs: int =
     rows = []
     for name, (model, how) in models.items():
         with torch.no_grad():
-            weight, bias = model.head.weight.numpy().T.astype(np.float64), model.head.bias.numpy().astype(np.float64)
+            weight, bias = (model.head.weight.cpu().numpy().T.astype(np.float64),
+                            model.head.bias.cpu().numpy().astype(np.float64))
         for precision in ("fp32", "int8"):
             with tempfile.TemporaryDirectory() as scratch:
                 folder = export_encoder(Path(scratch), precision, model.encoder)

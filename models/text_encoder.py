@@ -97,7 +97,14 @@ def export_encoder(folder: Path, precision: str, encoder: MeanPooledEncoder | No
     """encoder.onnx (fp32, or int8 weights), tokenizer.json and encoder.json into `folder`: the
     pretrained encoder, or `encoder` (one fine-tuned from it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fine_tuned, encoder = encoder is not None, (encoder or load_encoder()).cpu().eval()
+    fine_tuned = encoder is not None
+    if encoder is None:
+        encoder = load_encoder()
+    elif device_of(encoder).type != "cpu":  # exported from a CPU copy: the caller's model stays where it trains
+        import copy
+
+        encoder = copy.deepcopy(encoder).cpu()
+    encoder.eval()
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2204, 102, 0]])
     mask = (ids != 0).long()
     fp32_path = folder / ("encoder-fp32.onnx" if precision == "int8" else ENCODER_FILE)
@@ -210,7 +217,7 @@ class Tuned:
     seconds: float
 
     def logits(self, texts: list[str], tokenizer, extra=None) -> torch.Tensor:
-        return self.head(_with_extra(self.encoder(*_tokens(tokenizer, texts)), extra))
+        return self.head(_with_extra(self.encoder(*_tokens(tokenizer, texts, device_of(self.encoder))), extra))
 
 
 def text_tokenizer(max_length: int):
@@ -228,8 +235,14 @@ def training_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _tokens(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    encoded, device = tokenizer.encode_batch(texts), training_device()
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are: its inputs go there. Not training_device(): the pretrained encoder
+    loads on the CPU, and a frozen trial on a CUDA machine once sent it CUDA tokens (a device error)."""
+    return next(module.parameters()).device
+
+
+def _tokens(tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer.encode_batch(texts)
     return (torch.tensor([item.ids for item in encoded], device=device),
             torch.tensor([item.attention_mask for item in encoded], device=device))
 
@@ -251,11 +264,12 @@ def embeddings(encoder: MeanPooledEncoder, tokenizer, texts: list[str]) -> torch
 
     encoder.eval()
     order = np.argsort([len(text) for text in texts])
-    out = torch.zeros(len(texts), EMBEDDING_DIM, device=training_device())
+    device = device_of(encoder)
+    out = torch.zeros(len(texts), EMBEDDING_DIM, device=device)
     with torch.no_grad():
         for start in range(0, len(order), 128):
             chosen = order[start:start + 128]
-            out[chosen] = encoder(*_tokens(tokenizer, [texts[index] for index in chosen]))
+            out[chosen] = encoder(*_tokens(tokenizer, [texts[index] for index in chosen], device))
     return out
 
 
@@ -410,13 +424,13 @@ def distil(teacher: Tuned, texts_train: list[str], texts_val: list[str], y_val, 
         settings = replace(settings, max_seconds=max(1.0, settings.max_seconds - (time.monotonic() - started)))
     with torch.no_grad():
         soft = torch.softmax(teacher.head(_with_extra(targets, extra_train)) / settings.temperature, 1)
-    head = torch.nn.Linear(teacher.head.in_features, teacher.head.out_features).to(training_device())
+    head = torch.nn.Linear(teacher.head.in_features, teacher.head.out_features).to(device_of(teacher.head))
     head.load_state_dict(teacher.head.state_dict())
     head.requires_grad_(False)
     model = Tuned(student_of(teacher.encoder, settings.layers), head, -1.0, 0, 0.0)
 
     def loss_of(batch):
-        embedding = model.encoder(*_tokens(tokenizer, [texts_train[index] for index in batch]))
+        embedding = model.encoder(*_tokens(tokenizer, [texts_train[index] for index in batch], device_of(model.encoder)))
         log_probs = torch.log_softmax(head(_with_extra(embedding, _rows(extra_train, batch))) / settings.temperature, 1)
         matched = torch.nn.functional.mse_loss(embedding, targets[batch]) * EMBEDDING_DIM
         return matched + torch.nn.functional.kl_div(log_probs, soft[batch], reduction="batchmean") * settings.temperature ** 2

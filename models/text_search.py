@@ -112,7 +112,7 @@ class TextObjective:
     def __call__(self, trial) -> float:
         import optuna
 
-        from models.text_encoder import fine_tune, load_encoder
+        from models.text_encoder import fine_tune, load_encoder, training_device
 
         settings = search_space(trial, self.search)
         for earlier in finished_trials(trial.study):
@@ -120,7 +120,7 @@ class TextObjective:
                 raise optuna.TrialPruned(f"the settings of trial {earlier.number}")
         if settings["mode"] == FROZEN:
             started = time.monotonic()
-            score = refitted_f1(load_encoder(), self.texts, settings["max_length"])
+            score = refitted_f1(load_encoder().to(training_device()), self.texts, settings["max_length"])
             self.scoring_s = max(self.scoring_s, time.monotonic() - started)
             return score
         tuned = fine_tune(self.texts.train, self.texts.y_train, self.texts.val, self.texts.y_val, FineTuning(

@@ -83,7 +83,7 @@ def multiply_adds_per_row(network: nn.Module, n_features: int) -> int:
     hooks = [module.register_forward_hook(count) for module in network.modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     try:
         with torch.no_grad():
-            network.eval()(torch.zeros(1, n_features))
+            network.eval()(torch.zeros(1, n_features, device=next(network.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -92,10 +92,14 @@ def multiply_adds_per_row(network: nn.Module, n_features: int) -> int:
 
 @contextmanager
 def cpu_threads(network: nn.Module, spec: NetworkSpec, train: TrainConfig, device: torch.device) -> Iterator[None]:
-    """torch's intra-op threads while this network trains: train.threads, or one for a small network."""
+    """torch's intra-op threads while this network trains: train.threads, or one for a small network.
+    Nothing to set on a GPU (the dry run there once met CPU zeros: every CUDA training failed)."""
+    if device.type != "cpu":
+        yield
+        return
     wanted = train.threads or (1 if multiply_adds_per_row(network, spec.n_features) * train.batch_size < SMALL_BATCH_MACS
                                else None)
-    if device.type != "cpu" or not wanted:
+    if not wanted:
         yield
         return
     previous = torch.get_num_threads()
