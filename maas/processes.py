@@ -58,9 +58,12 @@ def owner_is_gone(tags: dict[str, str], prefect_state: str | None = None) -> str
 
     pid, started = int(tags["maas.pid"]), float(tags["maas.process_started"])
     try:
-        if abs(psutil.Process(pid).create_time() - started) < 0.5:
-            return None
-        return f"process {pid} is gone (the PID now belongs to another program)"
+        process = psutil.Process(pid)
+        if abs(process.create_time() - started) >= 0.5:
+            return f"process {pid} is gone (the PID now belongs to another program)"
+        if process.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped by its parent: its PID still answers
+            return f"process {pid} has exited"
+        return None
     except psutil.NoSuchProcess:
         return f"process {pid} is gone"
     except psutil.AccessDenied:

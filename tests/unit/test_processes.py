@@ -80,3 +80,27 @@ def test_a_busy_port_is_refused_in_one_line_naming_the_process_holding_it():
     message = str(refused.value)
     assert f"port {port} on 127.0.0.1 is in use by PID {os.getpid()}" in message and "\n" not in message
     refuse_busy_port("127.0.0.1", port)  # free again
+
+
+def test_an_owner_that_exited_unreaped_is_gone_and_a_live_one_is_not():
+    """A killed worker its parent has not yet waited for is a zombie: its PID still answers, but no
+    trial of it will ever finish (a run once waited on such a trial for good)."""
+    from maas.processes import owner_is_gone
+
+    def tags_of(process: subprocess.Popen) -> dict[str, str]:
+        return {"maas.host": socket.gethostname(), "maas.pid": str(process.pid),
+                "maas.process_started": f"{psutil.Process(process.pid).create_time():.2f}"}
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tags = tags_of(child)
+        assert owner_is_gone(tags) is None
+        child.kill()
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert owner_is_gone(tags) == f"process {child.pid} has exited"
+    finally:
+        child.kill()
+        child.wait()
+    assert owner_is_gone(tags) == f"process {child.pid} is gone"
