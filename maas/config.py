@@ -24,7 +24,7 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Which table to learn from and how to split it."""
 
-    dataset: str = Field("breast_cancer", description="built-in name or a CSV/Parquet path")
+    dataset: str = Field("breast_cancer", description="built-in name or a table file (CSV/TSV, also compressed; Parquet; Excel)")
     target: str | None = Field(None, description="target column (built-ins: 'target')")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -85,8 +85,12 @@ class DataConfig(Section):
 
     @property
     def short_name(self) -> str:
-        """A name for experiments and registered models: the built-in name or the file's stem."""
-        return self.dataset if self.is_builtin else Path(self.dataset).stem
+        """A name for experiments and registered models: the built-in name or the file's stem, less a
+        compression's suffix too (churn.csv.gz: 'churn')."""
+        if self.is_builtin:
+            return self.dataset
+        path = Path(self.dataset)
+        return Path(path.stem).stem if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zip") else path.stem
 
 
 FamilyName = Literal["network", "mlp", "cnn", "hgb", "linear", "svm"]

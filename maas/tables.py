@@ -1,4 +1,5 @@
-"""Reading the user's tables (CSV, TSV, Parquet): one place, one-line errors for every way a file can fail.
+"""Reading the user's tables (CSV, TSV, Parquet, Excel; a CSV or TSV may come compressed): one place,
+one-line errors for every way a file can fail.
 
 Training data, extra labelled rows and the monitor's ground-truth labels all come through here.
 """
@@ -6,8 +7,12 @@ Training data, extra labelled rows and the monitor's ground-truth labels all com
 from __future__ import annotations
 
 import csv
+import io
+import zipfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 
@@ -17,6 +22,10 @@ CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
 # A .csv or .txt may be split by any of these: Excel writes ';' where the decimal mark is a comma.
 DELIMITERS = (",", ";", "\t", "|")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
+EXCEL_SUFFIXES = {".xlsx", ".xlsm"}  # the first sheet; openpyxl reads these (the 1997-2003 .xls it cannot)
+# A CSV as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
+SUPPORTED = ".csv, .tsv, .txt (each also .gz, .bz2, .xz or .zip), .parquet or .xlsx"
 
 
 def listing(names: Iterable, limit: int = 12) -> str:
@@ -42,7 +51,7 @@ def _check_csv_rectangular(path: Path, delimiter: str, encoding: str) -> None:
     """Fail on ragged rows, which pandas would silently pad with NaN when a row is short (reading
     the whole file: a UnicodeDecodeError says the encoding is wrong)."""
     try:
-        with path.open(newline="", encoding=encoding) as handle:
+        with open_text(path, encoding) as handle:
             reader = csv.reader(_without_nul(path, handle), delimiter=delimiter)
             header = next(reader, None)
             if not header or not any(cell.strip() for cell in header):
@@ -57,13 +66,55 @@ def _check_csv_rectangular(path: Path, delimiter: str, encoding: str) -> None:
         raise MaasInputError(f"{path}: not a text table (cannot read it as CSV)") from None
 
 
+def zip_member(path: Path) -> str:
+    """The one file inside a .zip (a folder entry or macOS's __MACOSX/ copies aside)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if not name.endswith("/") and not name.startswith("__MACOSX/")]
+    except (zipfile.BadZipFile, OSError):
+        raise MaasInputError(f"{path}: not a readable zip file") from None
+    if len(names) != 1:
+        raise MaasInputError(f"{path}: a zip file must hold one table; it holds {len(names)} files"
+                             + (f" ({listing(names, 5)})" if names else ""))
+    return names[0]
+
+
+def table_format(path: Path) -> tuple[str, str | None]:
+    """(the table's own suffix, its compression or None): data.csv.gz is ('.csv', 'gzip'); a .zip is
+    named by the file inside it when its own name says nothing (data.zip holding data.csv)."""
+    suffix, compression = path.suffix.lower(), COMPRESSIONS.get(path.suffix.lower())
+    if compression is None:
+        return suffix, None
+    inner = Path(path.stem).suffix.lower()
+    if compression == "zip" and inner not in CSV_SUFFIXES:
+        inner = Path(zip_member(path)).suffix.lower()
+    return inner, compression
+
+
+@contextmanager
+def open_text(path: Path, encoding: str) -> Iterator[IO[str]]:
+    """The file's text as the csv module reads it, through its compression (pandas infers the same)."""
+    import bz2
+    import gzip
+    import lzma
+
+    compression = table_format(path)[1]
+    if compression == "zip":
+        with zipfile.ZipFile(path) as archive, archive.open(zip_member(path)) as member:
+            yield io.TextIOWrapper(member, encoding=encoding, newline="")
+        return
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression)
+    with opener(path, "rt", encoding=encoding, newline="") if opener else path.open(newline="", encoding=encoding) as handle:
+        yield handle
+
+
 def sniff_delimiter(path: Path, suffix: str, encoding: str) -> str:
     """The delimiter that splits the header into the most fields; a tie goes to the suffix's own.
     A .tsv is always tab-separated."""
     default = CSV_SUFFIXES[suffix]
     if suffix == ".tsv":
         return default
-    with path.open(newline="", encoding=encoding) as handle:
+    with open_text(path, encoding) as handle:
         header = handle.readline()
     fields = {delimiter: len(next(csv.reader([header], delimiter=delimiter), [])) for delimiter in DELIMITERS}
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
@@ -78,21 +129,43 @@ def _csv_dialect(path: Path, suffix: str) -> tuple[str, str]:
             return encoding, delimiter
         except UnicodeDecodeError:
             continue
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:  # a damaged archive: gzip.BadGzipFile, lzma.LZMAError
+            raise MaasInputError(f"{path}: not a readable {table_format(path)[1]} file ({exc.__class__.__name__})") from None
     raise MaasInputError(f"{path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
 
 
+def read_excel_sheet(path: Path) -> pd.DataFrame:
+    """The workbook's first sheet as `pandas.read_excel(path)` reads it (what a user hands pyfunc),
+    less wholly empty rows and unnamed empty columns: cells once formatted and then cleared come
+    back as such, which would otherwise be rows of missing values with a missing target."""
+    try:
+        frame = pd.read_excel(path, engine="openpyxl")
+    except ImportError:
+        raise MaasInputError(f"{path}: reading Excel files needs the package openpyxl (pip install openpyxl)") from None
+    except Exception as exc:  # openpyxl and zipfile raise many types for a damaged workbook
+        raise MaasInputError(f"{path}: not a readable Excel workbook ({exc.__class__.__name__})") from None
+    unnamed = [name for name in frame.columns if str(name).startswith("Unnamed: ") and frame[name].isna().all()]
+    return frame.drop(columns=unnamed).dropna(how="all").reset_index(drop=True)
+
+
 def read_table_file(path: Path) -> pd.DataFrame:
-    """A CSV/TSV or Parquet file as a DataFrame, with one-line errors for every way it can fail."""
+    """A CSV/TSV (plain or compressed), Parquet or Excel file as a DataFrame, with one-line errors
+    for every way it can fail."""
     if not path.exists():
         raise MaasInputError(f"data file not found: {path}")
     if not path.is_file():
         raise MaasInputError(f"{path}: is not a file")
-    suffix = path.suffix.lower()
-    if suffix not in CSV_SUFFIXES and suffix not in PARQUET_SUFFIXES:
-        raise MaasInputError(f"{path}: unsupported file type '{suffix}'; use .csv, .tsv or .parquet")
     if path.stat().st_size == 0:
         raise MaasInputError(f"{path}: the file is empty")
-    if suffix in PARQUET_SUFFIXES:
+    suffix, compression = table_format(path)
+    if suffix == ".xls":
+        raise MaasInputError(f"{path}: the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv")
+    if suffix not in CSV_SUFFIXES and (compression or (suffix not in PARQUET_SUFFIXES and suffix not in EXCEL_SUFFIXES)):
+        raise MaasInputError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; "
+                             f"use {SUPPORTED}")
+    if suffix in EXCEL_SUFFIXES:
+        frame = read_excel_sheet(path)
+    elif suffix in PARQUET_SUFFIXES:
         try:
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for a damaged file
@@ -100,7 +173,8 @@ def read_table_file(path: Path) -> pd.DataFrame:
     else:
         encoding, delimiter = _csv_dialect(path, suffix)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
-            frame = pd.read_csv(path, sep=delimiter, encoding=encoding, decimal="," if delimiter == ";" else ".")
+            with open_text(path, encoding) as handle:  # a zip's one table, read past macOS's __MACOSX/ copies
+                frame = pd.read_csv(handle, sep=delimiter, decimal="," if delimiter == ";" else ".")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise MaasInputError(f"{path}: not a readable CSV table ({first_line})") from None

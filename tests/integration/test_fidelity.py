@@ -24,7 +24,7 @@ from tests.tables import write_builtin, write_messy
 
 pytestmark = pytest.mark.slow
 
-TABLES = ["breast_cancer", "digits", "wine", "churn", "loans", "churn-hgb", "loans-linear"]
+TABLES = ["breast_cancer", "digits", "wine", "churn", "loans", "churn-hgb", "loans-linear", "loans.xlsx"]
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +39,22 @@ def registered(table: str, folder, home) -> tuple[pd.DataFrame, str]:
     from flows.train_pipeline import train_pipeline
 
     table, _, family = table.partition("-")  # churn-hgb: the churn table, gradient boosting alone
+    table, _, excel = table.partition(".")  # loans.xlsx: the loans table as a workbook, its dates as date cells
     families = [f"model.family={family}", f"registry.model_name=maas-{table}-{family}"] if family else []
     if table in ("churn", "loans"):
         path, target = write_messy(table, folder)
+        if excel:
+            frame = pd.read_csv(path)
+            frame["applied_on"] = pd.to_datetime(frame["applied_on"], errors="coerce", format="mixed")
+            path = path.with_suffix(".xlsx")
+            frame.to_excel(path, index=False)
+            families.append(f"registry.model_name=maas-{table}-excel")
         config = quick_config(str(path), f"data.target={target}", "serving.build_bento=false", *families)
     else:
         path, target = write_builtin(table, folder)
         config = quick_config(table, "serving.build_bento=false")
     summary = train_pipeline(config).to_dict()
-    return pd.read_csv(path).drop(columns=[target]), summary["model_name"]
+    return (pd.read_excel(path) if excel else pd.read_csv(path)).drop(columns=[target]), summary["model_name"]
 
 
 def served_answers(name: str, frame: pd.DataFrame) -> tuple[list[dict], set[str]]:
@@ -56,7 +63,7 @@ def served_answers(name: str, frame: pd.DataFrame) -> tuple[list[dict], set[str]
     ref, _ = ModelRef(name, "champion").resolve(mlflow_client())
     bundle_dir = download_bundle(ref, tempfile.mkdtemp())
     gate = ServiceGate(None, load_models((bundle_dir, ref.label), {}, 1), ServingConfig(auth=False), CollectorRegistry())
-    records = json.loads(frame.to_json(orient="records"))  # NaN -> null, as a JSON client sends it
+    records = json.loads(frame.to_json(orient="records", date_format="iso"))  # NaN -> null, dates as ISO strings
 
     async def post_all():
         transport = httpx.ASGITransport(app=gate)

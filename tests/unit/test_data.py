@@ -243,7 +243,12 @@ def test_unknown_category_and_missing_values_at_serving_time_do_not_crash():
         ("few.csv", ["a,b,y"] + [f"{i},2,p" for i in range(30)] + ["1,1,q"] * 2, "y", "class 'q' has 2 rows"),
         ("nofeat.csv", ["a,y"] + [f"1,{'pq'[i % 2]}" for i in range(30)], "y", "no usable feature columns"),
         ("notarget.csv", ["a,b,y"] + [f"{i},2," for i in range(30)], "y", "target column 'y' is empty"),
-        ("sheet.xlsx", ["whatever"], "y", "unsupported file type '.xlsx'"),
+        ("sheet.xlsx", ["whatever"], "y", "not a readable Excel workbook (BadZipFile)"),
+        ("old.xls", ["whatever"], "y", "the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv"),
+        ("data.csv.zst", ["whatever"], "y", "unsupported file type '.csv.zst'; use .csv, .tsv, .txt (each also .gz"),
+        ("data.parquet.gz", ["whatever"], "y", "unsupported file type '.parquet.gz'"),
+        ("data.csv.gz", ["a,b,y", "1,2,p"], "y", "not a readable gzip file (BadGzipFile)"),
+        ("data.zip", ["a,b,y"], "y", "not a readable zip file"),
     ],
 )
 def test_bad_files_fail_with_one_line_naming_the_problem(tmp_path, name, rows, target, expected):
@@ -266,6 +271,76 @@ def test_an_excel_csv_in_windows_1252_is_read_with_its_accents(tmp_path):
     prepared = prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
     assert prepared.preprocessing["categorical"][0]["categories"] == ["Genève", "Zürich"]
     assert prepared.preprocessing["numeric"][0]["name"] == "montant"
+
+
+COMPRESSED = {"gz": "gzip", "bz2": "bz2", "xz": "xz", "zip": "zip"}
+
+
+@pytest.mark.parametrize("suffix", ["csv.gz", "tsv.bz2", "csv.xz", "csv.zip", "zip"])
+def test_a_compressed_table_reads_as_its_plain_file_does(tmp_path, suffix):
+    """As downloaded: data.csv.gz, or a .zip of one table named by the file inside it."""
+    from maas.tables import read_table_file
+
+    separator = "\t" if suffix.startswith("tsv") else ";"  # sniffed inside the archive too (decimal commas with ';')
+    lines = [separator.join(["montant", "ville", "y"])] + [
+        separator.join([f"{index},5" if separator == ";" else f"{index}.5", "Zürich" if index % 2 else "Genève",
+                        "oui" if index % 3 else "non"]) for index in range(60)]
+    plain = tmp_path / ("data.tsv" if suffix.startswith("tsv") else "data.csv")
+    plain.write_bytes(("\r\n".join(lines) + "\r\n").encode("cp1252"))
+    packed = tmp_path / "packed" / f"data.{suffix}"
+    packed.parent.mkdir()
+    if suffix.endswith("zip"):
+        import zipfile
+
+        with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.write(plain, plain.name)
+            archive.writestr("__MACOSX/._data.csv", b"\x00\x05")  # what macOS's Compress adds beside it
+    else:
+        pd.read_csv(plain, sep=separator, encoding="cp1252", dtype=str).to_csv(
+            packed, sep=separator, index=False, encoding="cp1252", compression=COMPRESSED[suffix.split(".")[-1]])
+    frame = read_table_file(packed)
+    pd.testing.assert_frame_equal(frame, read_table_file(plain))
+    assert frame["montant"].dtype == float and set(frame["ville"]) == {"Zürich", "Genève"}
+    assert DataConfig(dataset=str(packed)).short_name == "data"
+
+
+def test_a_zip_of_several_files_names_them(tmp_path):
+    import zipfile
+
+    path = tmp_path / "export.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("train.csv", "a,y\n1,p\n")
+        archive.writestr("test.csv", "a,y\n1,p\n")
+    with pytest.raises(MaasInputError, match=r"a zip file must hold one table; it holds 2 files \(train.csv, test.csv\)"):
+        prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+
+
+def test_an_excel_workbook_reads_its_first_sheet_as_pandas_does_less_its_empty_rows(tmp_path):
+    """Dates as dates, numbers as numbers, a second sheet ignored; rows and columns once formatted and
+    then cleared (openpyxl returns them empty) are not rows of missing values with a missing target."""
+    from openpyxl import Workbook
+
+    from maas.tables import read_table_file
+
+    book = Workbook()
+    sheet = book.active
+    sheet.append(["amount", "city", "when", "y"])
+    for index in range(40):
+        sheet.append([index * 1.5, "Lyon" if index % 2 else "Nice", pd.Timestamp("2025-01-01") + pd.Timedelta(days=index),
+                      "yes" if index % 3 else "no"])
+    sheet.cell(row=60, column=6).number_format = "0.00"  # a formatted, empty cell beyond the table
+    sheet.cell(row=60, column=6).value = None
+    sheet.cell(row=30, column=1).value = None  # a gap inside the table is a missing value, kept
+    book.create_sheet("notes").append(["not", "a", "table"])
+    path = tmp_path / "book.xlsx"
+    book.save(path)
+    frame = read_table_file(path)
+    assert list(frame.columns) == ["amount", "city", "when", "y"] and len(frame) == 40
+    assert frame["amount"].isna().sum() == 1 and str(frame["when"].dtype).startswith("datetime64")
+    pd.testing.assert_frame_equal(frame, pd.read_excel(path).dropna(how="all").drop(columns="Unnamed: 4", errors="ignore")
+                                  .loc[:, ["amount", "city", "when", "y"]])
+    prepared = prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+    assert {column["name"] for column in prepared.preprocessing["numeric"]} == {"amount", "when"}
 
 
 def test_binary_file_is_not_a_table(tmp_path):
