@@ -436,7 +436,7 @@ class MonitoringConfig(Section):
     model: str | None = Field(None, description="NAME@ALIAS to watch; default maas-<dataset>@champion")
     experiment: str | None = Field(None, description="MLflow experiment of the checks; default <experiment>-monitoring")
     drift: DriftConfig = Field(default_factory=DriftConfig)
-    labels_path: str | None = Field(None, description="CSV/Parquet ground truth: request_id, label (and row)")
+    labels_path: str | None = Field(None, description="ground truth (a table file as for training): request_id, label, row")
     quality_window_hours: float = Field(168, gt=0, description="labelled predictions this recent count for live quality")
     min_labelled_rows: int = Field(30, ge=1, description="fewer labelled rows: live quality is not judged")
     max_quality_drop: float = Field(0.05, ge=0, le=1, description="alert when live F1 is this far below test F1")

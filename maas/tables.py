@@ -1,4 +1,4 @@
-"""Reading the user's tables (CSV, TSV, Parquet, Excel; a CSV or TSV may come compressed): one place,
+"""Reading the user's tables (CSV, TSV, JSON records, Parquet, Excel; the text ones may come compressed): one place,
 one-line errors for every way a file can fail.
 
 Training data, extra labelled rows and the monitor's ground-truth labels all come through here.
@@ -22,10 +22,11 @@ CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
 # A .csv or .txt may be split by any of these: Excel writes ';' where the decimal mark is a comma.
 DELIMITERS = (",", ";", "\t", "|")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
+JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}  # an array of records, or one record per line (.json either)
 EXCEL_SUFFIXES = {".xlsx", ".xlsm"}  # the first sheet; openpyxl reads these (the 1997-2003 .xls it cannot)
 # A CSV as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
-SUPPORTED = ".csv, .tsv, .txt (each also .gz, .bz2, .xz or .zip), .parquet or .xlsx"
+SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet or .xlsx"
 
 
 def listing(names: Iterable, limit: int = 12) -> str:
@@ -86,7 +87,7 @@ def table_format(path: Path) -> tuple[str, str | None]:
     if compression is None:
         return suffix, None
     inner = Path(path.stem).suffix.lower()
-    if compression == "zip" and inner not in CSV_SUFFIXES:
+    if compression == "zip" and inner not in CSV_SUFFIXES and inner not in JSON_SUFFIXES:
         inner = Path(zip_member(path)).suffix.lower()
     return inner, compression
 
@@ -148,6 +149,28 @@ def read_excel_sheet(path: Path) -> pd.DataFrame:
     return frame.drop(columns=unnamed).dropna(how="all").reset_index(drop=True)
 
 
+def read_json_records(path: Path, lines: bool) -> pd.DataFrame:
+    """Records as `pandas.read_json(path, lines=...)` reads them (pyfunc's rows are the same): an
+    array of objects, or one object per line, which a .json file may hold too (many exports do)."""
+    try:
+        with open_text(path, "utf-8-sig") as handle:
+            try:
+                return pd.read_json(handle, lines=lines)
+            except ValueError as exc:
+                if lines or "Trailing data" not in str(exc):
+                    raise
+                handle.seek(0)
+                return pd.read_json(handle, lines=True)
+    except UnicodeDecodeError:
+        raise MaasInputError(f"{path}: not a JSON table (JSON is UTF-8)") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise MaasInputError(f"{path}: not a readable {table_format(path)[1]} file ({exc.__class__.__name__})") from None
+    except ValueError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise MaasInputError(f"{path}: not a table of JSON records (an array of objects, or one object per line): "
+                             f"{first_line}") from None
+
+
 def read_table_file(path: Path) -> pd.DataFrame:
     """A CSV/TSV (plain or compressed), Parquet or Excel file as a DataFrame, with one-line errors
     for every way it can fail."""
@@ -160,11 +183,14 @@ def read_table_file(path: Path) -> pd.DataFrame:
     suffix, compression = table_format(path)
     if suffix == ".xls":
         raise MaasInputError(f"{path}: the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv")
-    if suffix not in CSV_SUFFIXES and (compression or (suffix not in PARQUET_SUFFIXES and suffix not in EXCEL_SUFFIXES)):
+    text = suffix in CSV_SUFFIXES or suffix in JSON_SUFFIXES
+    if not text and (compression or (suffix not in PARQUET_SUFFIXES and suffix not in EXCEL_SUFFIXES)):
         raise MaasInputError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; "
                              f"use {SUPPORTED}")
     if suffix in EXCEL_SUFFIXES:
         frame = read_excel_sheet(path)
+    elif suffix in JSON_SUFFIXES:
+        frame = read_json_records(path, lines=suffix != ".json")
     elif suffix in PARQUET_SUFFIXES:
         try:
             frame = pd.read_parquet(path)

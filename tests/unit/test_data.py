@@ -245,10 +245,12 @@ def test_unknown_category_and_missing_values_at_serving_time_do_not_crash():
         ("notarget.csv", ["a,b,y"] + [f"{i},2," for i in range(30)], "y", "target column 'y' is empty"),
         ("sheet.xlsx", ["whatever"], "y", "not a readable Excel workbook (BadZipFile)"),
         ("old.xls", ["whatever"], "y", "the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv"),
-        ("data.csv.zst", ["whatever"], "y", "unsupported file type '.csv.zst'; use .csv, .tsv, .txt (each also .gz"),
+        ("data.csv.zst", ["whatever"], "y", "unsupported file type '.csv.zst'; use .csv, .tsv, .txt, .json, .jsonl (each also .gz"),
         ("data.parquet.gz", ["whatever"], "y", "unsupported file type '.parquet.gz'"),
         ("data.csv.gz", ["a,b,y", "1,2,p"], "y", "not a readable gzip file (BadGzipFile)"),
         ("data.zip", ["a,b,y"], "y", "not a readable zip file"),
+        ("one.json", ['{"a": 1, "y": "p"}'], "y", "not a table of JSON records (an array of objects, or one object per line)"),
+        ("cut.jsonl", ['{"a": 1, "y": "p"}', '{"a": 2, "y":'], "y", "not a table of JSON records"),
     ],
 )
 def test_bad_files_fail_with_one_line_naming_the_problem(tmp_path, name, rows, target, expected):
@@ -302,6 +304,29 @@ def test_a_compressed_table_reads_as_its_plain_file_does(tmp_path, suffix):
     pd.testing.assert_frame_equal(frame, read_table_file(plain))
     assert frame["montant"].dtype == float and set(frame["ville"]) == {"Zürich", "Genève"}
     assert DataConfig(dataset=str(packed)).short_name == "data"
+
+
+@pytest.mark.parametrize("name", ["records.json", "lines.jsonl", "lines.json", "lines.ndjson.gz"])
+def test_json_records_read_as_pandas_reads_them(tmp_path, name):
+    """An array of objects or one object per line (a .json export often holds the latter); a list value
+    is a nested column, dropped as Parquet's are; the rows are those `pandas.read_json` gives pyfunc."""
+    import gzip
+    import json
+
+    from maas.tables import read_table_file
+
+    records = [{"review": f"{'great' if index % 2 else 'dull'} film number {index}", "stars": index % 5 or None,
+                "seen": f"2025-0{index % 9 + 1}-1{index % 10}", "tags": ["a", "b"][:index % 3],
+                "y": "yes" if index % 2 else "no"} for index in range(60)]
+    lines = name.split(".")[0] == "lines"
+    text = "\n".join(json.dumps(record) for record in records) + "\n" if lines else json.dumps(records)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    frame = read_table_file(path)
+    pd.testing.assert_frame_equal(frame, pd.read_json(path, lines=lines))
+    prepared = prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+    assert {column["name"] for column in prepared.preprocessing["numeric"]} == {"stars", "seen"}
+    assert any("'tags'" in note and "lists or mappings" in note for note in prepared.notes), prepared.notes
 
 
 def test_a_zip_of_several_files_names_them(tmp_path):
