@@ -29,6 +29,9 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     min_rows_per_class: int = Field(10, ge=3)
+    rare_classes: Literal["drop", "error"] = Field(
+        "drop", description="a class with fewer than min_rows_per_class rows: its rows dropped with a warning "
+                            "(the model never predicts it), or the run refused; with fewer than two classes left, refused")
     max_category_levels: int = Field(50, ge=2, description="a category keeps this many of its most frequent "
                                      "training values, the rest read as one unknown value; with more distinct "
                                      "values than half the rows it is dropped as ID-like")

@@ -363,6 +363,24 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
     return Cleaned(pd.DataFrame(kept, index=features.index), dropped, coerced_columns & set(kept), texts)
 
 
+def without_rare_classes(frame: pd.DataFrame, target: pd.Series, data: DataConfig,
+                         notes: list[str]) -> tuple[pd.DataFrame, pd.Series]:
+    """The rows of classes with at least data.min_rows_per_class rows, when two or more such classes
+    remain (data.rare_classes=drop), as AutoGluon does: a class of 3 rows in a table of thousands
+    cannot be learned or tested, and refusing the table for it stopped the whole run. Otherwise the
+    table as it is, for encode_target to refuse with its one line."""
+    counts = target.value_counts()
+    rare = counts[counts < data.min_rows_per_class]
+    if rare.empty or data.rare_classes == "error" or len(counts) - len(rare) < 2:
+        return frame, target
+    kept = ~target.isin(rare.index).to_numpy()
+    shown = ", ".join(f"'{label}' ({count} row{'s' if count > 1 else ''})" for label, count in rare.head(5).items())
+    notes.append(f"{len(rare)} class(es) with fewer than {data.min_rows_per_class} rows (data.min_rows_per_class): "
+                 f"{shown}{', ...' if len(rare) > 5 else ''}; their {int((~kept).sum())} row(s) dropped, and the model "
+                 f"never predicts them (data.rare_classes=error refuses the table instead)")
+    return frame.loc[kept], target.loc[kept]
+
+
 def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.ndarray, list[str]]:
     """Class labels as strings (numeric classes in numeric order) and integer codes."""
     if pd.api.types.is_numeric_dtype(target):
@@ -615,6 +633,7 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
         target = target.loc[~missing_target]
     if holds_nested_values(target):
         raise MaasInputError(f"{table.source}: target column '{table.target}' holds lists or mappings, not class labels")
+    frame, target = without_rare_classes(frame, target, data, notes)
     codes, labels = encode_target(target, table.target, data)
     features, dropped, coerced, texts = clean_features(
         frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None

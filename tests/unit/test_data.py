@@ -368,6 +368,19 @@ def test_an_excel_workbook_reads_its_first_sheet_as_pandas_does_less_its_empty_r
     assert {column["name"] for column in prepared.preprocessing["numeric"]} == {"amount", "when"}
 
 
+def test_a_rare_class_is_dropped_with_a_note_or_refused_when_asked(tmp_path):
+    rows = ["a,b,y"] + [f"{index},{index % 7},{'pq'[index % 2]}" for index in range(80)] + ["1,1,r"] * 3 + ["2,2,s"]
+    path = write_csv(tmp_path / "rare.csv", rows)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+    assert prepared.labels == ["p", "q"]
+    assert len(prepared.splits.x_train) + len(prepared.splits.x_val) + len(prepared.splits.x_test) == 80
+    (note,) = [note for note in prepared.notes if "data.min_rows_per_class" in note]
+    assert "2 class(es) with fewer than 10 rows" in note and "'r' (3 rows), 's' (1 row)" in note
+    assert "4 row(s) dropped" in note
+    with pytest.raises(MaasInputError, match="class 's' has 1 rows; each class needs at least 10"):
+        prepare_data(DataConfig(dataset=str(path), target="y", rare_classes="error"), seed=0)
+
+
 def test_binary_file_is_not_a_table(tmp_path):
     path = tmp_path / "image.csv"
     path.write_bytes(bytes(range(256)) * 4)
