@@ -180,6 +180,23 @@ def load_builtin(name: str) -> RawTable:
     return RawTable(frame, BUILTIN_TARGET, name, image_shape)
 
 
+def missing_column_hint(name: str, columns: pd.Index) -> str:
+    """What a missing column's name may have meant: the same name in another case or spacing, a close
+    spelling, or a header that is data (every name a number: the file has no header row)."""
+    import difflib
+
+    names = [str(column) for column in columns]
+    same = [column for column in names if column.strip().casefold() == name.strip().casefold()]
+    if same:
+        return f"; did you mean '{same[0]}'?"
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    if len(names) > 1 and all(pd.notna(pd.to_numeric(column, errors="coerce")) for column in names):
+        return " (every column name is a number: the file seems to have no header row; add one)"
+    return ""
+
+
 def load_table(data: DataConfig) -> RawTable:
     """The configured dataset: a built-in by name, else a file path with a --target column."""
     if data.is_builtin:
@@ -618,9 +635,8 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     table = append_extra_rows(load_table(data), data.extra_paths)
     frame = table.frame
     if table.target not in frame.columns:
-        raise MaasInputError(
-            f"{table.source}: target column '{table.target}' not found; columns: {listing(frame.columns)}"
-        )
+        raise MaasInputError(f"{table.source}: target column '{table.target}' not found; columns: "
+                             f"{listing(frame.columns)}{missing_column_hint(table.target, frame.columns)}")
     notes: list[str] = []
     fingerprint = fingerprint_table(frame)
     target = frame[table.target]
