@@ -24,14 +24,15 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Which table to learn from and how to split it."""
 
-    dataset: str = Field("breast_cancer", description="built-in name or a table file (CSV/TSV, also compressed; Parquet; Excel)")
+    dataset: str = Field("breast_cancer",
+                         description="built-in name or a table file (CSV/TSV/JSON, also compressed; Parquet; Excel)")
     target: str | None = Field(None, description="target column (built-ins: 'target')")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     min_rows_per_class: int = Field(10, ge=3)
     rare_classes: Literal["drop", "error"] = Field(
         "drop", description="a class with fewer than min_rows_per_class rows: its rows dropped with a warning "
-                            "(the model never predicts it), or the run refused; with fewer than two classes left, refused")
+                            "(the model never predicts it), or the run refused; refused too with under two classes left")
     max_category_levels: int = Field(50, ge=2, description="a category keeps this many of its most frequent "
                                      "training values, the rest read as one unknown value; with more distinct "
                                      "values than half the rows it is dropped as ID-like")

@@ -1,5 +1,5 @@
-"""Reading the user's tables (CSV, TSV, JSON records, Parquet, Excel; the text ones may come compressed): one place,
-one-line errors for every way a file can fail.
+"""Reading the user's tables (CSV, TSV, JSON records, Parquet, Excel; the text ones may come
+compressed): one place, one-line errors for every way a file can fail.
 
 Training data, extra labelled rows and the monitor's ground-truth labels all come through here.
 """
@@ -24,7 +24,7 @@ DELIMITERS = (",", ";", "\t", "|")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}  # an array of records, or one record per line (.json either)
 EXCEL_SUFFIXES = {".xlsx", ".xlsm"}  # the first sheet; openpyxl reads these (the 1997-2003 .xls it cannot)
-# A CSV as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
+# A CSV or JSON file as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
 SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet or .xlsx"
 
@@ -105,8 +105,16 @@ def open_text(path: Path, encoding: str) -> Iterator[IO[str]]:
             yield io.TextIOWrapper(member, encoding=encoding, newline="")
         return
     opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression)
-    with opener(path, "rt", encoding=encoding, newline="") if opener else path.open(newline="", encoding=encoding) as handle:
+    handle = opener(path, "rt", encoding=encoding, newline="") if opener else path.open(newline="", encoding=encoding)
+    with handle:
         yield handle
+
+
+DAMAGED_ARCHIVE = (OSError, EOFError, zipfile.BadZipFile)  # gzip.BadGzipFile and lzma.LZMAError are OSErrors
+
+
+def damaged(path: Path, error: Exception) -> MaasInputError:
+    return MaasInputError(f"{path}: not a readable {table_format(path)[1]} file ({error.__class__.__name__})")
 
 
 def sniff_delimiter(path: Path, suffix: str, encoding: str) -> str:
@@ -130,8 +138,8 @@ def _csv_dialect(path: Path, suffix: str) -> tuple[str, str]:
             return encoding, delimiter
         except UnicodeDecodeError:
             continue
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:  # a damaged archive: gzip.BadGzipFile, lzma.LZMAError
-            raise MaasInputError(f"{path}: not a readable {table_format(path)[1]} file ({exc.__class__.__name__})") from None
+        except DAMAGED_ARCHIVE as exc:
+            raise damaged(path, exc) from None
     raise MaasInputError(f"{path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
 
 
@@ -163,8 +171,8 @@ def read_json_records(path: Path, lines: bool) -> pd.DataFrame:
                 return pd.read_json(handle, lines=True)
     except UnicodeDecodeError:
         raise MaasInputError(f"{path}: not a JSON table (JSON is UTF-8)") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise MaasInputError(f"{path}: not a readable {table_format(path)[1]} file ({exc.__class__.__name__})") from None
+    except DAMAGED_ARCHIVE as exc:
+        raise damaged(path, exc) from None
     except ValueError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise MaasInputError(f"{path}: not a table of JSON records (an array of objects, or one object per line): "
