@@ -27,6 +27,7 @@ class DataConfig(Section):
     dataset: str = Field("breast_cancer",
                          description="built-in name or a table file (CSV/TSV/JSON, also compressed; Parquet; Excel)")
     target: str | None = Field(None, description="target column (built-ins: 'target')")
+    sheet: str | int = Field(0, description="an Excel dataset's sheet: its name, or its position from 0")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     min_rows_per_class: int = Field(10, ge=3)

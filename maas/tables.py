@@ -129,28 +129,47 @@ def sniff_delimiter(path: Path, suffix: str, encoding: str) -> str:
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
 
+def _encodings_to_try(path: Path) -> tuple[str, ...]:
+    """UTF-16 when the file starts with its byte-order mark (Excel's "Unicode Text" export, tab-separated),
+    else ENCODINGS in turn."""
+    with open_text(path, "latin-1") as handle:  # every byte is one character: the first two are the mark, if any
+        start = handle.read(2)
+    return ("utf-16",) if start in ("\xff\xfe", "\xfe\xff") else ENCODINGS
+
+
 def _csv_dialect(path: Path, suffix: str) -> tuple[str, str]:
-    """(encoding, delimiter) of a CSV, checked rectangular in the same pass: UTF-8, else Windows-1252."""
-    for encoding in ENCODINGS:
-        try:
-            delimiter = sniff_delimiter(path, suffix, encoding)
-            _check_csv_rectangular(path, delimiter, encoding)
-            return encoding, delimiter
-        except UnicodeDecodeError:
-            continue
-        except DAMAGED_ARCHIVE as exc:
-            raise damaged(path, exc) from None
+    """(encoding, delimiter) of a CSV, checked rectangular in the same pass: UTF-8, else Windows-1252
+    (UTF-16 by its byte-order mark)."""
+    try:
+        for encoding in _encodings_to_try(path):
+            try:
+                delimiter = sniff_delimiter(path, suffix, encoding)
+                _check_csv_rectangular(path, delimiter, encoding)
+                return encoding, delimiter
+            except UnicodeDecodeError:
+                continue
+    except DAMAGED_ARCHIVE as exc:
+        raise damaged(path, exc) from None
     raise MaasInputError(f"{path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
 
 
-def read_excel_sheet(path: Path) -> pd.DataFrame:
-    """The workbook's first sheet as `pandas.read_excel(path)` reads it (what a user hands pyfunc),
-    less wholly empty rows and unnamed empty columns: cells once formatted and then cleared come
-    back as such, which would otherwise be rows of missing values with a missing target."""
+def read_excel_sheet(path: Path, sheet: str | int = 0) -> pd.DataFrame:
+    """The workbook's sheet (a name, or its position from 0) as `pandas.read_excel(path, sheet_name=...)`
+    reads it (what a user hands pyfunc), less wholly empty rows and unnamed empty columns: cells once
+    formatted and then cleared come back as such, which would otherwise be rows of missing values
+    with a missing target."""
     try:
-        frame = pd.read_excel(path, engine="openpyxl")
+        with pd.ExcelFile(path, engine="openpyxl") as book:
+            names = book.sheet_names
+            if isinstance(sheet, int) and not 0 <= sheet < len(names) and str(sheet) in names:
+                sheet = str(sheet)  # a sheet named 2024, which --set data.sheet=2024 reads as a number
+            if sheet not in names and not (isinstance(sheet, int) and 0 <= sheet < len(names)):
+                raise MaasInputError(f"{path}: no sheet {sheet!r} (data.sheet); its sheets: {listing(names)}")
+            frame = pd.read_excel(book, sheet_name=sheet)
     except ImportError:
         raise MaasInputError(f"{path}: reading Excel files needs the package openpyxl (pip install openpyxl)") from None
+    except MaasInputError:
+        raise
     except Exception as exc:  # openpyxl and zipfile raise many types for a damaged workbook
         raise MaasInputError(f"{path}: not a readable Excel workbook ({exc.__class__.__name__})") from None
     unnamed = [name for name in frame.columns if str(name).startswith("Unnamed: ") and frame[name].isna().all()]
@@ -179,9 +198,9 @@ def read_json_records(path: Path, lines: bool) -> pd.DataFrame:
                              f"{first_line}") from None
 
 
-def read_table_file(path: Path) -> pd.DataFrame:
-    """A CSV/TSV (plain or compressed), Parquet or Excel file as a DataFrame, with one-line errors
-    for every way it can fail."""
+def read_table_file(path: Path, sheet: str | int = 0) -> pd.DataFrame:
+    """A CSV/TSV or JSON (plain or compressed), Parquet or Excel file (its `sheet`) as a DataFrame,
+    with one-line errors for every way it can fail."""
     if not path.exists():
         raise MaasInputError(f"data file not found: {path}")
     if not path.is_file():
@@ -196,7 +215,7 @@ def read_table_file(path: Path) -> pd.DataFrame:
         raise MaasInputError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; "
                              f"use {SUPPORTED}")
     if suffix in EXCEL_SUFFIXES:
-        frame = read_excel_sheet(path)
+        frame = read_excel_sheet(path, sheet)
     elif suffix in JSON_SUFFIXES:
         frame = read_json_records(path, lines=suffix != ".json")
     elif suffix in PARQUET_SUFFIXES:

@@ -213,7 +213,7 @@ def load_table(data: DataConfig) -> RawTable:
             f"unknown dataset '{data.dataset}': not a built-in ({', '.join(BUILTIN_DATASETS)}) "
             "and no such file"
         )
-    frame = read_table_file(path)
+    frame = read_table_file(path, data.sheet)
     if data.target is None:
         raise MaasInputError(f"{path}: name the target column with --target (columns: {listing(frame.columns)})")
     return RawTable(frame, data.target, str(path))

@@ -332,6 +332,19 @@ def test_json_records_read_as_pandas_reads_them(tmp_path, name):
     assert any("'tags'" in note and "lists or mappings" in note for note in prepared.notes), prepared.notes
 
 
+def test_a_utf16_table_as_excel_exports_unicode_text_is_read(tmp_path):
+    """Excel's "Unicode Text (*.txt)": UTF-16 with its byte-order mark, tab-separated."""
+    from maas.tables import read_table_file
+
+    lines = ["montant\tville\ty"] + [f"{index}.5\t{'Zürich' if index % 2 else '東京'}\t{'oui' if index % 3 else 'non'}"
+                                      for index in range(40)]
+    path = tmp_path / "export.txt"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-16"))
+    frame = read_table_file(path)
+    assert list(frame.columns) == ["montant", "ville", "y"] and set(frame["ville"]) == {"Zürich", "東京"}
+    assert frame["montant"].dtype == float
+
+
 def test_a_zip_of_several_files_names_them(tmp_path):
     import zipfile
 
@@ -359,7 +372,9 @@ def test_an_excel_workbook_reads_its_first_sheet_as_pandas_does_less_its_empty_r
     sheet.cell(row=60, column=6).number_format = "0.00"  # a formatted, empty cell beyond the table
     sheet.cell(row=60, column=6).value = None
     sheet.cell(row=30, column=1).value = None  # a gap inside the table is a missing value, kept
-    book.create_sheet("notes").append(["not", "a", "table"])
+    notes = book.create_sheet("notes")
+    for row in (["not", "a", "table"], [1, 2, 3]):
+        notes.append(row)
     path = tmp_path / "book.xlsx"
     book.save(path)
     frame = read_table_file(path)
@@ -369,6 +384,10 @@ def test_an_excel_workbook_reads_its_first_sheet_as_pandas_does_less_its_empty_r
                                   .loc[:, ["amount", "city", "when", "y"]])
     prepared = prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
     assert {column["name"] for column in prepared.preprocessing["numeric"]} == {"amount", "when"}
+    assert read_table_file(path, "notes").columns.tolist() == ["not", "a", "table"]
+    assert read_table_file(path, 1).columns.tolist() == ["not", "a", "table"]
+    with pytest.raises(MaasInputError, match=r"book.xlsx: no sheet 'Data' \(data.sheet\); its sheets: Sheet, notes"):
+        prepare_data(DataConfig(dataset=str(path), target="y", sheet="Data"), seed=0)
 
 
 def test_a_rare_class_is_dropped_with_a_note_or_refused_when_asked(tmp_path):
