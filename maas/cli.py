@@ -22,6 +22,7 @@ RUN_EXAMPLES = """examples:
   maas run --dataset data.csv --target churned --set train.max_epochs=50
   maas run --config configs/quick.yaml --set model.hidden_sizes=[64,32]
   maas run --dataset big.parquet --target y --budget 10m   # tuning, families, training, compression in 10 minutes
+  maas run --dataset export.csv.zip --target label   # a download as it came: compressed CSV/JSON, Excel (--set data.sheet=NAME)
 """
 
 TUNE_WORKER_EXAMPLES = """examples:
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Load, validate and split the data, train, evaluate, and register the model.",
     )
-    add_config_arguments(run, "breast_cancer, digits, wine, or a CSV/Parquet file", "train.lr=0.001")
+    add_config_arguments(run, "a built-in (breast_cancer, digits, wine, sentiment) or a table file: CSV, TSV, "
+                              "JSON (also .gz, .bz2, .xz, .zip), Parquet, .xlsx", "train.lr=0.001")
     run.add_argument("--summary", metavar="FILE", help="write the run summary as JSON")
     run.add_argument("--budget", metavar="DURATION", help="the run's time budget (600, 90s, 10m, 1.5h): budget.time_s")
 
