@@ -90,12 +90,12 @@ class DataConfig(Section):
 
     @property
     def short_name(self) -> str:
-        """A name for experiments and registered models: the built-in name or the file's stem, less a
-        compression's suffix too (churn.csv.gz: 'churn')."""
+        """A name for experiments and registered models: the built-in name or the table file's name."""
         if self.is_builtin:
             return self.dataset
-        path = Path(self.dataset)
-        return Path(path.stem).stem if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zip") else path.stem
+        from maas.tables import table_name  # here, not at import: it brings pandas, which a config does not need
+
+        return table_name(Path(self.dataset))
 
 
 FamilyName = Literal["network", "mlp", "cnn", "hgb", "linear", "svm"]

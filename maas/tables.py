@@ -12,7 +12,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import pandas as pd
 
@@ -48,11 +48,12 @@ def _without_nul(path: Path, lines: Iterable[str]) -> Iterator[str]:
         yield line
 
 
-def _check_csv_rectangular(path: Path, delimiter: str, encoding: str) -> None:
+def _check_csv_rectangular(table: TableFile, delimiter: str, encoding: str) -> None:
     """Fail on ragged rows, which pandas would silently pad with NaN when a row is short (reading
     the whole file: a UnicodeDecodeError says the encoding is wrong)."""
+    path = table.path
     try:
-        with open_text(path, encoding) as handle:
+        with open_text(table, encoding) as handle:
             reader = csv.reader(_without_nul(path, handle), delimiter=delimiter)
             header = next(reader, None)
             if not header or not any(cell.strip() for cell in header):
@@ -80,77 +81,99 @@ def zip_member(path: Path) -> str:
     return names[0]
 
 
-def table_format(path: Path) -> tuple[str, str | None]:
-    """(the table's own suffix, its compression or None): data.csv.gz is ('.csv', 'gzip'); a .zip is
-    named by the file inside it when its own name says nothing (data.zip holding data.csv)."""
+class TableFile(NamedTuple):
+    """A table file with its format resolved once: its own suffix ('.csv' for data.csv.gz), its
+    compression or None, and for a .zip the one file inside."""
+
+    path: Path
+    suffix: str
+    compression: str | None = None
+    member: str | None = None
+
+
+def table_file(path: Path) -> TableFile:
+    """The file's format: data.csv.gz is ('.csv', 'gzip'); a .zip is named by the file inside it
+    when its own name says nothing (data.zip holding data.csv)."""
     suffix, compression = path.suffix.lower(), COMPRESSIONS.get(path.suffix.lower())
     if compression is None:
-        return suffix, None
+        return TableFile(path, suffix)
     inner = Path(path.stem).suffix.lower()
-    if compression == "zip" and inner not in CSV_SUFFIXES and inner not in JSON_SUFFIXES:
-        inner = Path(zip_member(path)).suffix.lower()
-    return inner, compression
+    if compression != "zip":
+        return TableFile(path, inner, compression)
+    member = zip_member(path)
+    if inner not in CSV_SUFFIXES and inner not in JSON_SUFFIXES:
+        inner = Path(member).suffix.lower()
+    return TableFile(path, inner, compression, member)
+
+
+def table_name(path: Path) -> str:
+    """The table's name: the file's stem, less a compression's suffix too (churn.csv.gz: 'churn')."""
+    return Path(path.stem).stem if path.suffix.lower() in COMPRESSIONS else path.stem
 
 
 @contextmanager
-def open_text(path: Path, encoding: str) -> Iterator[IO[str]]:
+def open_text(table: TableFile, encoding: str) -> Iterator[IO[str]]:
     """The file's text as the csv module reads it, through its compression (pandas infers the same)."""
     import bz2
     import gzip
     import lzma
 
-    compression = table_format(path)[1]
-    if compression == "zip":
-        with zipfile.ZipFile(path) as archive, archive.open(zip_member(path)) as member:
+    if table.compression == "zip":
+        with zipfile.ZipFile(table.path) as archive, archive.open(table.member) as member:
             yield io.TextIOWrapper(member, encoding=encoding, newline="")
         return
-    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression)
-    handle = opener(path, "rt", encoding=encoding, newline="") if opener else path.open(newline="", encoding=encoding)
-    with handle:
+    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(table.compression, open)
+    with opener(table.path, "rt", encoding=encoding, newline="") as handle:
         yield handle
 
 
 DAMAGED_ARCHIVE = (OSError, EOFError, zipfile.BadZipFile)  # gzip.BadGzipFile and lzma.LZMAError are OSErrors
 
 
-def damaged(path: Path, error: Exception) -> MaasInputError:
-    return MaasInputError(f"{path}: not a readable {table_format(path)[1]} file ({error.__class__.__name__})")
+def damaged(table: TableFile, error: Exception) -> MaasInputError:
+    return MaasInputError(f"{table.path}: not a readable {table.compression or 'text'} file ({error.__class__.__name__})")
 
 
-def sniff_delimiter(path: Path, suffix: str, encoding: str) -> str:
+def first_line(error: Exception) -> str:
+    """An exception's message for a one-line error: its first line, else its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else error.__class__.__name__
+
+
+def sniff_delimiter(table: TableFile, encoding: str) -> str:
     """The delimiter that splits the header into the most fields; a tie goes to the suffix's own.
     A .tsv is always tab-separated."""
-    default = CSV_SUFFIXES[suffix]
-    if suffix == ".tsv":
+    default = CSV_SUFFIXES[table.suffix]
+    if table.suffix == ".tsv":
         return default
-    with open_text(path, encoding) as handle:
+    with open_text(table, encoding) as handle:
         header = handle.readline()
     fields = {delimiter: len(next(csv.reader([header], delimiter=delimiter), [])) for delimiter in DELIMITERS}
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
 
-def _encodings_to_try(path: Path) -> tuple[str, ...]:
+def _encodings_to_try(table: TableFile) -> tuple[str, ...]:
     """UTF-16 when the file starts with its byte-order mark (Excel's "Unicode Text" export, tab-separated),
     else ENCODINGS in turn."""
-    with open_text(path, "latin-1") as handle:  # every byte is one character: the first two are the mark, if any
+    with open_text(table, "latin-1") as handle:  # every byte is one character: the first two are the mark, if any
         start = handle.read(2)
     return ("utf-16",) if start in ("\xff\xfe", "\xfe\xff") else ENCODINGS
 
 
-def _csv_dialect(path: Path, suffix: str) -> tuple[str, str]:
+def _csv_dialect(table: TableFile) -> tuple[str, str]:
     """(encoding, delimiter) of a CSV, checked rectangular in the same pass: UTF-8, else Windows-1252
     (UTF-16 by its byte-order mark)."""
     try:
-        for encoding in _encodings_to_try(path):
+        for encoding in _encodings_to_try(table):
             try:
-                delimiter = sniff_delimiter(path, suffix, encoding)
-                _check_csv_rectangular(path, delimiter, encoding)
+                delimiter = sniff_delimiter(table, encoding)
+                _check_csv_rectangular(table, delimiter, encoding)
                 return encoding, delimiter
             except UnicodeDecodeError:
                 continue
     except DAMAGED_ARCHIVE as exc:
-        raise damaged(path, exc) from None
-    raise MaasInputError(f"{path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
+        raise damaged(table, exc) from None
+    raise MaasInputError(f"{table.path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
 
 
 def read_excel_sheet(path: Path, sheet: str | int = 0) -> pd.DataFrame:
@@ -161,9 +184,10 @@ def read_excel_sheet(path: Path, sheet: str | int = 0) -> pd.DataFrame:
     try:
         with pd.ExcelFile(path, engine="openpyxl") as book:
             names = book.sheet_names
-            if isinstance(sheet, int) and not 0 <= sheet < len(names) and str(sheet) in names:
+            position = isinstance(sheet, int) and 0 <= sheet < len(names)
+            if not position and str(sheet) in names:
                 sheet = str(sheet)  # a sheet named 2024, which --set data.sheet=2024 reads as a number
-            if sheet not in names and not (isinstance(sheet, int) and 0 <= sheet < len(names)):
+            elif not position:
                 raise MaasInputError(f"{path}: no sheet {sheet!r} (data.sheet); its sheets: {listing(names)}")
             frame = pd.read_excel(book, sheet_name=sheet)
     except ImportError:
@@ -176,11 +200,12 @@ def read_excel_sheet(path: Path, sheet: str | int = 0) -> pd.DataFrame:
     return frame.drop(columns=unnamed).dropna(how="all").reset_index(drop=True)
 
 
-def read_json_records(path: Path, lines: bool) -> pd.DataFrame:
+def read_json_records(table: TableFile) -> pd.DataFrame:
     """Records as `pandas.read_json(path, lines=...)` reads them (pyfunc's rows are the same): an
-    array of objects, or one object per line, which a .json file may hold too (many exports do)."""
+    array of objects (.json), or one object per line, which a .json file may hold too (many exports do)."""
+    path, lines = table.path, table.suffix != ".json"
     try:
-        with open_text(path, "utf-8-sig") as handle:
+        with open_text(table, "utf-8-sig") as handle:
             try:
                 return pd.read_json(handle, lines=lines)
             except ValueError as exc:
@@ -191,11 +216,10 @@ def read_json_records(path: Path, lines: bool) -> pd.DataFrame:
     except UnicodeDecodeError:
         raise MaasInputError(f"{path}: not a JSON table (JSON is UTF-8)") from None
     except DAMAGED_ARCHIVE as exc:
-        raise damaged(path, exc) from None
+        raise damaged(table, exc) from None
     except ValueError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise MaasInputError(f"{path}: not a table of JSON records (an array of objects, or one object per line): "
-                             f"{first_line}") from None
+                             f"{first_line(exc)}") from None
 
 
 def read_table_file(path: Path, sheet: str | int = 0) -> pd.DataFrame:
@@ -207,30 +231,30 @@ def read_table_file(path: Path, sheet: str | int = 0) -> pd.DataFrame:
         raise MaasInputError(f"{path}: is not a file")
     if path.stat().st_size == 0:
         raise MaasInputError(f"{path}: the file is empty")
-    suffix, compression = table_format(path)
+    table = table_file(path)
+    suffix = table.suffix
     if suffix == ".xls":
         raise MaasInputError(f"{path}: the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv")
     text = suffix in CSV_SUFFIXES or suffix in JSON_SUFFIXES
-    if not text and (compression or (suffix not in PARQUET_SUFFIXES and suffix not in EXCEL_SUFFIXES)):
+    if not text and (table.compression or (suffix not in PARQUET_SUFFIXES and suffix not in EXCEL_SUFFIXES)):
         raise MaasInputError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; "
                              f"use {SUPPORTED}")
     if suffix in EXCEL_SUFFIXES:
         frame = read_excel_sheet(path, sheet)
     elif suffix in JSON_SUFFIXES:
-        frame = read_json_records(path, lines=suffix != ".json")
+        frame = read_json_records(table)
     elif suffix in PARQUET_SUFFIXES:
         try:
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
     else:
-        encoding, delimiter = _csv_dialect(path, suffix)
+        encoding, delimiter = _csv_dialect(table)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
-            with open_text(path, encoding) as handle:  # a zip's one table, read past macOS's __MACOSX/ copies
+            with open_text(table, encoding) as handle:  # a zip's one table, read past macOS's __MACOSX/ copies
                 frame = pd.read_csv(handle, sep=delimiter, decimal="," if delimiter == ";" else ".")
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise MaasInputError(f"{path}: not a readable CSV table ({first_line})") from None
+            raise MaasInputError(f"{path}: not a readable CSV table ({first_line(exc)})") from None
     if frame.shape[1] == 0:
         raise MaasInputError(f"{path}: the file has no columns")
     if frame.shape[0] == 0:

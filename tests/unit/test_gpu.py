@@ -12,9 +12,9 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from maas.config import TrainConfig
+from maas.config import ModelConfig, TrainConfig
 from tasks.data import SENTIMENT_FILE, TrainingArrays
-from tasks.train import Distillation, FineTune, train_network
+from tasks.train import Distillation, FineTune, network_spec_for, train_network
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none)")]
@@ -29,10 +29,7 @@ def arrays() -> TrainingArrays:
 
 
 def spec_of(arrays: TrainingArrays):
-    from models import NetworkSpec
-
-    return NetworkSpec(family="mlp", n_features=arrays.x_train.shape[1], n_classes=2, hidden_sizes=(64, 32),
-                       dropout=0.1, cnn_channels=(8, 16), image_shape=None)
+    return network_spec_for(ModelConfig(family="mlp", hidden_sizes=[64, 32]), arrays.x_train.shape[1], 2, None)
 
 
 def test_a_network_trains_on_cuda_and_comes_back_on_the_cpu_as_good_as_one_trained_there(arrays):
