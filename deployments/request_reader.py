@@ -18,7 +18,7 @@ import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
-from maas.bundle import column_numbers
+from maas.bundle import column_numbers, date_example, formatted_number
 
 
 class Columns(NamedTuple):
@@ -51,6 +51,26 @@ def _missing_if_unreadable(value: Any) -> Any:
     return value
 
 
+def _number_reader(column: dict[str, Any]):
+    """A numeric column whose training file wrote its numbers with currency, percent or digit-group
+    marks: such a string is read as training read it ("$1,200.50"); one that does not read is missing
+    where training had such values (`coerce`), else refused, naming the form."""
+    decimal, missing_if_unreadable = column["number_format"]["decimal"], column.get("coerce")
+    example = "1,200.50" if decimal == "." else "1.200,50"
+
+    def read(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        number = formatted_number(value, decimal)
+        if number != number:
+            if missing_if_unreadable or not value.strip():
+                return None
+            raise ValueError(f"not a number as the training file wrote them (e.g. {example}, $5, 12.5%)")
+        return number
+
+    return read
+
+
 def _as_category(value: Any) -> Any:
     """A category as training's pandas read it: true -> "True", 3 -> "3"."""
     return str(value) if isinstance(value, (bool, int, float)) else value
@@ -64,6 +84,8 @@ def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
     for index, column in enumerate(preprocessing["numeric"]):
         if column.get("date"):  # an ISO 8601 string, kept as sent; read as days (unreadable: missing) as in training
             kind = StrictStr | None
+        elif column.get("number_format"):
+            kind = Annotated[FiniteFloat | None, BeforeValidator(_number_reader(column))]
         elif column.get("coerce"):
             kind = Annotated[FiniteFloat | None, BeforeValidator(_missing_if_unreadable)]
         else:
@@ -186,16 +208,18 @@ class RequestReader:
 
 
 def refuse_unreadable_dates(rows: list[dict[str, Any]], numbers: np.ndarray, spec: list[dict[str, Any]]) -> None:
-    """400 for a date that does not read as ISO 8601, unless training had such values too (`coerce`:
-    then it is missing, as it was there): the same rule as for numbers."""
+    """400 for a date that does not read as ISO 8601 (nor in the training file's own format), unless
+    training had such values too (`coerce`: then it is missing, as it was there): the same rule as for numbers."""
     for index, column in enumerate(spec):
         if not column.get("date") or column.get("coerce"):
             continue
         for row_index, (row, days) in enumerate(zip(rows, numbers[:, index])):
             value = row[column["name"]]
             if np.isnan(days) and value is not None and value.strip():
-                raise BadRequest(400, f"row {row_index}, column '{column['name']}': not an ISO 8601 date or time "
-                                      f"('{value[:40]}'), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00")
+                written = column.get("date_format")
+                as_written = f"a date as the training file wrote them ({date_example(written)}) nor " if written else ""
+                raise BadRequest(400, f"row {row_index}, column '{column['name']}': not {as_written}an ISO 8601 "
+                                      f"date or time ('{value[:40]}'), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00")
 
 
 def refuse_too_many(rows: list, max_rows: int) -> None:

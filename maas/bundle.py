@@ -15,12 +15,17 @@ A text column's features are its sentence embedding, standardised with means and
 the training rows' embeddings; they sit after the numeric and one-hot blocks. A date column is a
 numeric column marked "date": its value is days since 1970-01-01 (UTC), read from datetimes of any
 unit or zone and from ISO 8601 strings alike; its calendar parts that varied in training (month,
-day of month, day of week, hour) follow the numeric block, standardised like it.
+day of month, day of week, hour) follow the numeric block, standardised like it. A column whose
+file wrote its numbers or dates in a local way ("$1,200.50", "12.5%", "1.200,50 €", "31.12.2026")
+keeps that way in its spec ("number_format", "date_format"), so serving reads a row of the training
+file as training read it; plain numbers and ISO 8601 dates are read there too.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +66,24 @@ def feature_count(preprocessing: dict[str, Any]) -> int:
 EPOCH = pd.Timestamp("1970-01-01")
 
 
-def dates_as_days(values: Any) -> np.ndarray:
+def dates_as_days(values: Any, date_format: str | None = None) -> np.ndarray:
     """A date column's values as days since 1970-01-01 UTC (float64; NaN where missing or unreadable).
 
     Days, not the datetime's integer: pandas counts in ns, us or s depending on where a column came
     from (Parquet gives us, a frame built from strings ns), so the same date read as a number
     differed 1000x between training and serving. Strings are read as ISO 8601, what JSON clients and
-    pandas write; a zone is converted to UTC, a naive time taken as UTC; anything else is missing."""
+    pandas write; a zone is converted to UTC, a naive time taken as UTC; anything else is missing.
+    date_format: the strftime format the training file wrote its dates in ("%d.%m.%Y"), tried first."""
     series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
     if not pd.api.types.is_datetime64_any_dtype(series):
         readable = series.map(lambda value: isinstance(value, (str, pd.Timestamp, np.datetime64)) or hasattr(value, "isoformat"))
-        series = pd.to_datetime(series.where(readable.astype(bool)), errors="coerce", utc=True, format="ISO8601")
+        series = series.where(readable.astype(bool))
+        as_iso = pd.to_datetime(series, errors="coerce", utc=True, format="ISO8601")
+        if date_format:
+            as_written = pd.to_datetime(series.map(lambda value: value.strip() if isinstance(value, str) else None),
+                                        errors="coerce", utc=True, format=date_format)
+            as_iso = as_written.fillna(as_iso)
+        series = as_iso
     if isinstance(series.dtype, pd.DatetimeTZDtype):
         series = series.dt.tz_convert("UTC").dt.tz_localize(None)
     return ((series - EPOCH) / pd.Timedelta(days=1)).to_numpy(dtype=np.float64, na_value=np.nan)
@@ -95,11 +107,68 @@ def date_parts(days: np.ndarray, parts: list[str]) -> np.ndarray:
         np.zeros((len(days), 0))
 
 
+def date_example(date_format: str | None) -> str:
+    """A date as the format writes it, for messages: 2026-03-12 09:30 in that format."""
+    return datetime(2026, 3, 12, 9, 30).strftime(date_format or "%Y-%m-%d")
+
+
 def column_numbers(values: Any, column: dict[str, Any]) -> np.ndarray:
-    """A numeric column's raw values as float64 (NaN: missing or unreadable): a date column as days."""
+    """A numeric column's raw values as float64 (NaN: missing or unreadable): a date column as days,
+    a column with a number format read in it."""
     if column.get("date"):
-        return dates_as_days(values)
+        return dates_as_days(values, column.get("date_format"))
+    if column.get("number_format"):
+        return formatted_numbers(values, column["number_format"]["decimal"])
     return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64)
+
+
+# --- numbers as a file writes them ----------------------------------------------------------------
+
+CURRENCY_SIGNS = "$€£¥₹₩₽¢"
+# before the number: currency signs, ISO 4217 codes ("USD 5"), a sign, spaces, in any order
+_LEADING = re.compile(rf"^(?:[{CURRENCY_SIGNS}]|[A-Z]{{3}}(?![A-Za-z])|[-+\u2212]|\s)+")
+# after it: a currency sign or code, a percent sign, spaces
+_TRAILING = re.compile(rf"(?:[{CURRENCY_SIGNS}%]|(?<![A-Za-z])[A-Z]{{3}}|\s)+$")
+# digit groups: by a comma, a dot, an apostrophe (Swiss) or a (narrow) no-break space or space,
+# whichever the decimal mark is not; the same mark between every group of three
+_GROUP_MARKS = {".": ",'\u00a0\u202f ", ",": ".'\u00a0\u202f "}
+_NUMBER = {decimal: re.compile(
+    rf"(?:\d{{1,3}}(?P<group>[{re.escape(marks)}])\d{{3}}(?:(?P=group)\d{{3}})*|\d+)(?:{re.escape(decimal)}\d*)?"
+    rf"|{re.escape(decimal)}\d+") for decimal, marks in _GROUP_MARKS.items()}
+
+
+def formatted_number(value: Any, decimal: str) -> float:
+    """One value of a column whose file wrote numbers with currency, percent or digit-group marks:
+    "$1,200.50" 1200.5, "(1,200)" -1200 (accounting), "12.5%" 0.125, "1.200,50 €" 1200.5 (decimal ",").
+    A number is itself; anything else (a stray word, a missing value) is NaN."""
+    if value is None or isinstance(value, bool):
+        return float("nan")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    text = str(value).strip()
+    negative = text.startswith("(") and text.endswith(")")
+    if negative:
+        text = text[1:-1]
+    leading = _LEADING.match(text)
+    if leading:
+        negative ^= (leading.group().count("-") + leading.group().count("\u2212")) % 2 == 1
+        text = text[leading.end():]
+    trailing = _TRAILING.search(text)
+    percent = False
+    if trailing:
+        percent = "%" in trailing.group()
+        text = text[:trailing.start()]
+    match = _NUMBER[decimal].fullmatch(text)
+    if match is None:
+        return float("nan")
+    group = match.group("group")
+    number = float((text.replace(group, "") if group else text).replace(decimal, "."))
+    number = -number if negative else number
+    return number / 100 if percent else number
+
+
+def formatted_numbers(values: Any, decimal: str) -> np.ndarray:
+    return np.array([formatted_number(value, decimal) for value in values], dtype=np.float64)
 
 
 # --- text ------------------------------------------------------------------------------------------
@@ -225,7 +294,8 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> np.ndarray:
         raise InputSchemaError(f"missing input column(s): {', '.join(missing)}")
     numeric = None
     spec = preprocessing["numeric"]
-    if spec and not any(c.get("date") for c in spec):  # a datetime would pass as its integer
+    # a datetime would pass as its integer, and "1.200" (decimal ",") as 1.2
+    if spec and not any(c.get("date") or c.get("number_format") for c in spec):
         try:  # fast path: already numeric (the common case, ~10x cheaper per request)
             numeric = frame[[c["name"] for c in spec]].to_numpy(dtype=np.float64, copy=True)
         except (TypeError, ValueError):

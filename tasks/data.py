@@ -16,7 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
-from maas.bundle import DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_parts, dates_as_days, text_encoder, transform
+from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_example, date_parts, dates_as_days,
+                         formatted_numbers, text_encoder, transform)
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -29,9 +30,21 @@ MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to c
 # A string column with more distinct values than this share of rows names rows (emails, titles), not
 # groups of them; below it, a many-valued category (cities, products) keeps its most frequent values.
 MOSTLY_DISTINCT = 0.5
-# A string column is read as dates when its values start as ISO 8601 dates do. Other forms are left
-# alone: 03/12/2026 is March or December depending on the writer, and "2024" alone is a number.
+# A string column is read as dates when its values start as ISO 8601 dates do, or when they all read
+# in one of the forms below (a time may follow). "2024" alone is a number. 03/12/2026 is March or
+# December depending on the writer: a column's own values decide (a 13th of a month, or a month 13,
+# tells); where none does, the column is left alone with a note, not guessed.
 ISO_DATE_START = r"^\s*\d{4}-\d{2}-\d{2}"
+DATE_FORMS = [  # (format, the same with day and month swapped, or None when the form has one reading)
+    ("%m/%d/%Y", "%d/%m/%Y"), ("%d-%m-%Y", "%m-%d-%Y"), ("%m/%d/%y", "%d/%m/%y"), ("%d-%m-%y", "%m-%d-%y"),
+    ("%d.%m.%Y", None), ("%d.%m.%y", None), ("%Y/%m/%d", None), ("%Y.%m.%d", None),
+    ("%d %b %Y", None), ("%d-%b-%Y", None), ("%d-%b-%y", None), ("%b %d, %Y", None), ("%b %d %Y", None),
+    ("%d %B %Y", None), ("%B %d, %Y", None), ("%B %d %Y", None),
+]
+DATE_TIMES = ["", " %H:%M", " %H:%M:%S", " %I:%M %p", " %I:%M:%S %p"]
+DATE_LIKE = (r"^(?:\d{1,4}[./-]\d{1,2}[./-]\d{2,4}|\d{1,2}[ -][A-Za-z]{3,9}\.?[ -]\d{2,4}|[A-Za-z]{3,9}\.? \d{1,2},? \d{4})"
+             r"(?: \d{1,2}:\d{2}(?::\d{2})?(?: ?[AaPp][Mm])?)?$")
+FORMAT_SAMPLE = 2_000  # values a column's date or number format is found on, before all are read in it
 
 
 @dataclass
@@ -273,23 +286,87 @@ class Cleaned(NamedTuple):
     dropped: dict[str, str]  # column -> why it was dropped
     coerced: set[str]  # text columns read as numbers, their stray strings as missing values
     texts: list[str] = []  # columns read as free text
+    formats: dict[str, dict[str, Any]] = {}  # column -> how its strings were read (number_format, date_format)
 
 
-def read_as_dates(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:
-    """A datetime column, or strings that are ISO 8601 dates but for a few stray values -> (naive
-    UTC datetimes, how many unreadable values became missing); None for any other column."""
+def parsed_share(values: pd.Series, date_format: str) -> float:
+    return float(pd.to_datetime(values, errors="coerce", format=date_format).notna().mean())
+
+
+def find_date_format(present: pd.Series, max_bad_fraction: float, notes: list[str], name: str) -> str | None:
+    """The one DATE_FORMS format (with a time or not) the column's strings read in, but for stray
+    values; None if none does, or if day and month could be either way round (noted)."""
+    sample = present.iloc[:FORMAT_SAMPLE].str.strip()
+    enough = 1 - max_bad_fraction
+    if sample.empty or sample.str.match(DATE_LIKE).mean() < enough:
+        return None
+    for form, swapped in DATE_FORMS:
+        for time_part in DATE_TIMES:
+            shares = {form + time_part: parsed_share(sample, form + time_part)}
+            if swapped:
+                shares[swapped + time_part] = parsed_share(sample, swapped + time_part)
+            best = max(shares, key=shares.get)
+            if shares[best] < enough:
+                continue
+            if len(set(shares.values())) < len(shares):  # every value reads either way round
+                notes.append(f"column '{name}': dates such as '{sample.iloc[0]}' read as day/month and as "
+                             "month/day alike, so they are left as text; write them as ISO 8601 (2026-03-12)")
+                return None
+            return best
+    return None
+
+
+class ReadDates(NamedTuple):
+    dates: pd.Series  # naive UTC datetimes
+    n_bad: int  # unreadable values, now missing
+    date_format: str | None  # the file's own format, when not ISO 8601
+
+
+def read_as_dates(column: pd.Series, max_bad_fraction: float, notes: list[str], name: str) -> ReadDates | None:
+    """A datetime column, or strings that are dates (ISO 8601, or one of DATE_FORMS throughout) but
+    for a few stray values; None for any other column."""
     if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
         return None
     empty = blank(column)
+    date_format = None
     if not pd.api.types.is_datetime64_any_dtype(column):
         present = column[~empty].astype(str)
-        if present.empty or not present.str.match(ISO_DATE_START).mean() >= 1 - max_bad_fraction:
+        if present.empty:
             return None
-    days = dates_as_days(column)
+        if present.str.match(ISO_DATE_START).mean() < 1 - max_bad_fraction:
+            date_format = find_date_format(present, max_bad_fraction, notes, name)
+            if date_format is None:
+                return None
+    days = dates_as_days(column, date_format)
     n_bad = int((np.isnan(days) & ~empty).sum())
     if n_bad > max_bad_fraction * max(1, int((~empty).sum())):
         return None
-    return pd.Series(EPOCH + pd.to_timedelta(days, unit="D"), index=column.index).dt.round("us"), n_bad
+    return ReadDates(pd.Series(EPOCH + pd.to_timedelta(days, unit="D"), index=column.index).dt.round("us"), n_bad,
+                     date_format)
+
+
+class ReadNumbers(NamedTuple):
+    numbers: pd.Series
+    n_bad: int
+    decimal: str
+
+
+def read_formatted_numbers(column: pd.Series, max_bad_fraction: float) -> ReadNumbers | None:
+    """Strings that are numbers written with currency, percent or digit-group marks ("$1,200.50",
+    "12.5%", "1.200,50 €"), but for stray values; the decimal mark is the one that reads more of
+    them ("." on a tie: "1,200" is twelve hundred). None when neither reads enough."""
+    present = column[~blank(column)].astype(str)
+    if present.empty:
+        return None
+    sample = present.iloc[:FORMAT_SAMPLE]
+    enough = 1 - max_bad_fraction
+    readable = {decimal: float(np.isfinite(formatted_numbers(sample, decimal)).mean()) for decimal in (".", ",")}
+    decimal = max(readable, key=lambda mark: (readable[mark], mark == "."))
+    if readable[decimal] < enough:
+        return None
+    numbers = pd.Series(formatted_numbers(column, decimal), index=column.index)
+    n_bad = int(numbers.loc[present.index].isna().sum())
+    return None if n_bad > max_bad_fraction * len(present) else ReadNumbers(numbers, n_bad, decimal)
 
 
 def is_free_text(column: pd.Series, min_words: float) -> bool:
@@ -310,6 +387,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
     dropped: dict[str, str] = {}
     coerced_columns: set[str] = set()
     texts: list[str] = []
+    formats: dict[str, dict[str, Any]] = {}
     n_rows = len(features)
     unknown = [name for name in data.text_columns if name not in features.columns]
     if unknown:
@@ -323,17 +401,20 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         if holds_nested_values(column):
             dropped[name] = "holds lists or mappings, not single values"
             continue
-        as_dates = None if name in data.text_columns else read_as_dates(column, data.max_unparsable_fraction)
+        as_dates = None if name in data.text_columns else read_as_dates(column, data.max_unparsable_fraction, notes, name)
         if as_dates is not None:
-            dates, n_bad = as_dates
+            dates, n_bad, date_format = as_dates
             if dates.nunique(dropna=True) <= 1:
                 dropped[name] = "constant"
                 continue
             kept[name] = dates
             if n_bad:
                 coerced_columns.add(name)
+            if date_format:
+                formats[name] = {"date_format": date_format}
             unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
-            notes.append(f"column '{name}' read as dates (days since 1970-01-01 and calendar parts{unreadable})")
+            written = f", written as {date_format} ({date_example(date_format)})" if date_format else ""
+            notes.append(f"column '{name}' read as dates (days since 1970-01-01 and calendar parts{written}{unreadable})")
             continue
         if name in data.text_columns or (not pd.api.types.is_numeric_dtype(column)
                                          and is_free_text(column, data.text_min_words)):
@@ -345,7 +426,17 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             coerced = None if pd.api.types.is_bool_dtype(column) else _coerce_mostly_numeric(
                 column, data.max_unparsable_fraction
             )
-            if coerced is not None:
+            formatted = None if pd.api.types.is_bool_dtype(column) or (coerced is not None and not coerced[1]) else \
+                read_formatted_numbers(column, data.max_unparsable_fraction)
+            if formatted is not None and (coerced is None or formatted.n_bad < coerced[1]):
+                column, n_bad, decimal = formatted
+                formats[name] = {"number_format": {"decimal": decimal}}
+                if n_bad:
+                    coerced_columns.add(name)
+                unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
+                notes.append(f"column '{name}' read as numbers written with currency, percent or digit-group marks "
+                             f"(decimal mark '{decimal}'{unreadable})")
+            elif coerced is not None:
                 column, n_bad = coerced
                 coerced_columns.add(name)
                 notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
@@ -377,7 +468,8 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         notes.append(f"column '{name}' dropped: {reason}")
     if not kept:
         raise MaasInputError("no usable feature columns left after dropping: " + listing(dropped))
-    return Cleaned(pd.DataFrame(kept, index=features.index), dropped, coerced_columns & set(kept), texts)
+    return Cleaned(pd.DataFrame(kept, index=features.index), dropped, coerced_columns & set(kept), texts,
+                   {name: how for name, how in formats.items() if name in kept})
 
 
 def without_rare_classes(frame: pd.DataFrame, target: pd.Series, data: DataConfig,
@@ -487,10 +579,12 @@ def fit_date_parts(days: np.ndarray) -> list[dict[str, Any]]:
             for part, mean, scale in zip(DATE_PARTS, means, scales) if scale > 1e-9]
 
 
-def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), max_levels: int = 50) -> dict[str, Any]:
+def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), max_levels: int = 50,
+                      formats: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Imputation and scaling for numerics, categories for one-hot: from training rows only (text
     columns: fit_text_scales). `coerce` marks the numeric columns that were text with stray strings in
-    training: serving reads such a string as a missing value there too, and refuses it elsewhere."""
+    training: serving reads such a string as a missing value there too, and refuses it elsewhere.
+    formats: how a column's strings were written (Cleaned.formats), kept in its spec for serving."""
     numeric, categorical = [], []
     for name in x_train.columns:
         column = x_train[name]
@@ -502,7 +596,7 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), ma
             filled = column.fillna(median)
             std = float(filled.std(ddof=0))
             numeric.append({"name": name, "fill": median, "mean": float(filled.mean()),
-                            "scale": std if std > 1e-12 else 1.0, "coerce": name in coerced,
+                            "scale": std if std > 1e-12 else 1.0, "coerce": name in coerced, **(formats or {}).get(name, {}),
                             **({"date": True, "parts": fit_date_parts(filled.to_numpy())} if is_date else {})})
         else:
             present = column.dropna().astype(str)
@@ -621,9 +715,20 @@ def fit_text_scales(x_train: pd.DataFrame, texts: list[str], data: DataConfig, f
     return columns
 
 
+def written_as(column: dict[str, Any]) -> dict[str, str]:
+    """How a numeric or date column's strings are read besides plain numbers and ISO 8601, for the schema."""
+    if column.get("date_format"):
+        return {"format": f"{column['date_format']} (e.g. {date_example(column['date_format'])}) or ISO 8601"}
+    if column.get("number_format"):
+        decimal = column["number_format"]["decimal"]
+        return {"format": f"a number, or text with currency, percent and digit-group marks, decimal mark '{decimal}'"}
+    return {}
+
+
 def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
     """Raw input columns the model expects and their kind, for serving and MLflow."""
-    return [{"name": c["name"], "type": "datetime" if c.get("date") else "number"} for c in preprocessing["numeric"]] + [
+    return [{"name": c["name"], "type": "datetime" if c.get("date") else "number", **written_as(c)}
+            for c in preprocessing["numeric"]] + [
         {"name": c["name"], "type": "string"} for c in preprocessing["categorical"]
     ] + [{"name": c["name"], "type": "text"} for c in preprocessing.get("text", [])]
 
@@ -651,12 +756,12 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
         raise MaasInputError(f"{table.source}: target column '{table.target}' holds lists or mappings, not class labels")
     frame, target = without_rare_classes(frame, target, data, notes)
     codes, labels = encode_target(target, table.target, data)
-    features, dropped, coerced, texts = clean_features(
+    features, dropped, coerced, texts, formats = clean_features(
         frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)
-    preprocessing = fit_preprocessing(splits.x_train.drop(columns=texts), coerced, data.max_category_levels)
+    preprocessing = fit_preprocessing(splits.x_train.drop(columns=texts), coerced, data.max_category_levels, formats)
     if texts and fit_text:
         data = searched_text_settings(splits, texts, data, fingerprint, seed, notes)
         preprocessing["text"] = fit_text_scales(splits.x_train, texts, data,

@@ -145,6 +145,19 @@ def write_messy(name: str, folder: Path) -> tuple[Path, str]:
     return path, target
 
 
+def written_as_a_bank_exports_it(frame: pd.DataFrame) -> pd.DataFrame:
+    """The loans table as a spreadsheet export writes it: incomes as "$52,300" (2% "n/a"), amounts
+    as "12.345,00 €" (decimal comma), application times as "03/14/2025 09:00 PM"."""
+    written = frame.copy()
+    rng = np.random.default_rng(3)
+    written["income"] = [None if value != value else f"${value:,.0f}" for value in frame["income"]]
+    written.loc[rng.random(len(frame)) < 0.02, "income"] = "n/a"
+    written["amount"] = [f"{value:,.2f}".replace(",", " ").replace(".", ",").replace(" ", ".") + " €"
+                         for value in frame["amount"]]
+    written["applied_on"] = pd.to_datetime(frame["applied_on"]).dt.strftime("%m/%d/%Y %I:%M %p")
+    return written
+
+
 def write_builtin(name: str, folder: Path) -> tuple[Path, str]:
     """A scikit-learn built-in as the CSV file a user would have (target: 'target', its class names)."""
     from tasks.data import load_builtin

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -16,15 +17,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from deployments.gate import ServiceGate, load_models
+from maas.bundle import METADATA_FILE
 from maas.config import ServingConfig
 from maas.registered import ModelRef, download_bundle
 from maas.tracking import mlflow_client
 from tests.conftest import module_home, quick_config
-from tests.tables import write_builtin, write_messy
+from tests.tables import write_builtin, write_messy, written_as_a_bank_exports_it
 
 pytestmark = pytest.mark.slow
 
-TABLES = ["breast_cancer", "digits", "wine", "churn", "loans", "churn-hgb", "loans-linear", "loans.xlsx"]
+TABLES = ["breast_cancer", "digits", "wine", "churn", "loans", "churn-hgb", "loans-linear", "loans.xlsx", "loans.written"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,10 @@ def registered(table: str, folder, home) -> tuple[pd.DataFrame, str]:
     from flows.train_pipeline import train_pipeline
 
     table, _, family = table.partition("-")  # churn-hgb: the churn table, gradient boosting alone
-    table, _, excel = table.partition(".")  # loans.xlsx: the loans table as a workbook, its dates as date cells
+    # loans.xlsx: the loans table as a workbook, its dates as date cells; loans.written: with money,
+    # decimal commas and US dates as a spreadsheet exports them
+    table, _, form = table.partition(".")
+    excel = form == "xlsx"
     families = [f"model.family={family}", f"registry.model_name=maas-{table}-{family}"] if family else []
     if table in ("churn", "loans"):
         path, target = write_messy(table, folder)
@@ -48,7 +53,10 @@ def registered(table: str, folder, home) -> tuple[pd.DataFrame, str]:
             frame["applied_on"] = pd.to_datetime(frame["applied_on"], errors="coerce", format="mixed")
             path = path.with_suffix(".xlsx")
             frame.to_excel(path, index=False)
-            families.append(f"registry.model_name=maas-{table}-excel")
+        elif form == "written":
+            written_as_a_bank_exports_it(pd.read_csv(path)).to_csv(path, index=False)
+        if form:
+            families.append(f"registry.model_name=maas-{table}-{form}")
         config = quick_config(str(path), f"data.target={target}", "serving.build_bento=false", *families)
     else:
         path, target = write_builtin(table, folder)
@@ -57,12 +65,16 @@ def registered(table: str, folder, home) -> tuple[pd.DataFrame, str]:
     return (pd.read_excel(path) if excel else pd.read_csv(path)).drop(columns=[target]), summary["model_name"]
 
 
+def champion_bundle(name: str) -> tuple[str, str]:
+    """The registered champion's bundle folder, downloaded, and its label."""
+    ref, _ = ModelRef(name, "champion").resolve(mlflow_client())
+    return download_bundle(ref, tempfile.mkdtemp()), ref.label
+
+
 def served_answers(name: str, frame: pd.DataFrame) -> tuple[list[dict], set[str]]:
     """Each row posted as JSON to the service's gate, 50 rows a request, all requests at once (so the
     batcher merges them); the answers in row order and the columns the service said it ignored."""
-    ref, _ = ModelRef(name, "champion").resolve(mlflow_client())
-    bundle_dir = download_bundle(ref, tempfile.mkdtemp())
-    gate = ServiceGate(None, load_models((bundle_dir, ref.label), {}, 1), ServingConfig(auth=False), CollectorRegistry())
+    gate = ServiceGate(None, load_models(champion_bundle(name), {}, 1), ServingConfig(auth=False), CollectorRegistry())
     records = json.loads(frame.to_json(orient="records", date_format="iso"))  # NaN -> null, dates as ISO strings
 
     async def post_all():
@@ -92,3 +104,8 @@ def test_every_row_of_the_training_table_gets_the_same_answer_served_and_through
     if table.startswith("churn"):  # the ID and the constant were dropped by training, and ignored here
         assert {"customer_id", "country"} <= ignored
         assert "signup_date" not in ignored  # read as dates, sent as the file's ISO strings
+    if table == "loans.written":  # each read in the file's own way, not dropped as text
+        assert not {"income", "amount", "applied_on"} & ignored
+        metadata = json.loads((Path(champion_bundle(name)[0]) / METADATA_FILE).read_text())
+        schema = {column["name"]: column["type"] for column in metadata["input_schema"]}
+        assert schema["income"] == schema["amount"] == "number" and schema["applied_on"] == "datetime"

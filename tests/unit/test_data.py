@@ -1,11 +1,14 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from maas.bundle import date_parts, dates_as_days, feature_count, transform
+from deployments.request_reader import BadRequest, RequestReader
+from maas.bundle import date_parts, dates_as_days, feature_count, formatted_number, transform, transform_arrays
 from maas.config import DataConfig
 from maas.errors import MaasInputError
-from tasks.data import fit_preprocessing, prepare_data
+from tasks.data import clean_features, fit_preprocessing, prepare_data
 
 
 def write_csv(path, rows: list[str]):
@@ -136,17 +139,92 @@ def test_calendar_parts_of_dates_before_and_after_1970():
     np.testing.assert_allclose(parts, [[1, 1, 2, 0], [2, 29, 3, 18.5], [12, 31, 2, 23], [12, 3, 3, 23]])  # Monday 0
 
 
-def test_numbers_and_other_date_forms_are_not_read_as_dates(tmp_path):
+def test_dates_in_a_files_own_form_are_read_in_it_and_day_month_order_is_never_guessed(tmp_path):
     frame = table()
     frame["year"] = 2000 + np.arange(120) % 20
-    frame["code"] = [f"{index % 12 + 1:02d}/{index % 28 + 1:02d}/2024" for index in range(120)]
+    frame["us_date"] = [f"{index % 12 + 1:02d}/{index % 28 + 1:02d}/2024" for index in range(120)]  # a 13th: month first
+    frame["eu_time"] = [f"{index % 28 + 1:02d}.{index % 12 + 1:02d}.2024 {index % 24:02d}:30" for index in range(120)]
+    frame["either_way"] = [f"{index % 12 + 1:02d}/{index * 5 % 12 + 1:02d}/2024" for index in range(120)]
     frame["flat_day"] = "2024-05-01"
     path = tmp_path / "codes.csv"
     frame.to_csv(path, index=False)
     prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
-    schema = {c["name"]: c["type"] for c in prepared.input_schema}
-    assert schema["year"] == "number" and schema.get("code", "dropped") != "datetime"
+    schema = {c["name"]: c for c in prepared.input_schema}
+    assert schema["year"]["type"] == "number" and schema.get("either_way", {}).get("type") != "datetime"
+    assert schema["us_date"] == {"name": "us_date", "type": "datetime", "format": "%m/%d/%Y (e.g. 03/12/2026) or ISO 8601"}
+    assert schema["eu_time"]["type"] == "datetime"
+    assert "column 'us_date' read as dates (days since 1970-01-01 and calendar parts, written as %m/%d/%Y (03/12/2026))" \
+        in prepared.notes
+    assert any(note.startswith("column 'either_way': dates such as '01/01/2024' read as day/month and as month/day alike")
+               for note in prepared.notes)
     assert prepared.dropped_columns["flat_day"] == "constant"
+    spec = {c["name"]: c for c in prepared.preprocessing["numeric"]}
+    assert spec["eu_time"]["date_format"] == "%d.%m.%Y %H:%M"
+
+    # serving reads the file's form, and ISO 8601 as JSON clients write it, to the same days
+    raw = pd.read_csv(path).drop(columns=["label"]).head(30)
+    np.testing.assert_allclose(transform(raw, prepared.preprocessing),
+                               transform(
+                                   raw.assign(us_date=pd.to_datetime(raw["us_date"], format="%m/%d/%Y").dt.strftime("%Y-%m-%d"),
+                                              eu_time=pd.to_datetime(raw["eu_time"], format="%d.%m.%Y %H:%M").astype(str)),
+                                   prepared.preprocessing), atol=1e-6)
+    row = json.loads(raw.head(1).to_json(orient="records"))[0]
+    with pytest.raises(BadRequest, match=r"row 0, column 'us_date': not a date as the training file wrote them "
+                                         r"\(03/12/2026\) nor an ISO 8601 date or time \('31/12/2024'\)"):
+        RequestReader(prepared.preprocessing).read(json.dumps({"rows": [{**row, "us_date": "31/12/2024"}]}).encode(), 1)
+    days = dates_as_days(["12/31/2024", "2024-12-31", "31/12/2024", None], "%m/%d/%Y")
+    np.testing.assert_allclose(days[:2], [20088, 20088])
+    assert np.isnan(days[2:]).all()  # not in the file's form (day first), nor ISO, nor present
+
+
+@pytest.mark.parametrize("written, decimal, number", [
+    ("$1,200.50", ".", 1200.5), ("(1,200)", ".", -1200), ("12.5%", ".", 0.125), ("-$5", ".", -5), ("$-5.5", ".", -5.5),
+    ("USD 1,000", ".", 1000), ("1'234.5", ".", 1234.5), ("1.200,50 €", ",", 1200.5), ("€ -1.200,00", ",", -1200),
+    ("1 000,5", ",", 1000.5), ("1.200", ",", 1200), (".5", ".", 0.5), ("\u22123.5%", ".", -0.035), (7, ",", 7.0),
+    ("1,2,3", ".", None), ("1,23", ".", None), ("1.5", ",", None), ("5 kg", ".", None), ("$", ".", None), ("", ".", None),
+])
+def test_a_number_written_with_currency_percent_or_group_marks_reads_as_its_value(written, decimal, number):
+    value = formatted_number(written, decimal)
+    assert (np.isnan(value) if number is None else value == pytest.approx(number))
+
+
+def test_columns_of_money_percentages_and_decimal_commas_train_as_numbers_and_serve_the_same(tmp_path):
+    rng = np.random.default_rng(4)
+    n = 200
+    revenue, growth, weight = rng.lognormal(7, 1, n), rng.normal(0, 10, n), rng.uniform(500, 5000, n)
+    frame = pd.DataFrame({
+        "revenue": [f"${value:,.2f}" if index % 9 else f"(${value:,.2f})" for index, value in enumerate(revenue)],
+        "growth": [f"{value:.1f}%" for value in growth],
+        "weight": [f"{value:,.1f} kg".replace(",", "_").replace(".", ",").replace("_", ".").replace(" kg", "")
+                   for value in weight],
+        "label": np.where(growth > 0, "up", "down"),
+    })
+    frame.loc[7, "growth"] = "unknown"  # a stray value: missing, in training and serving alike
+    path = tmp_path / "money.csv"
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    spec = {c["name"]: c for c in prepared.preprocessing["numeric"]}
+    assert set(spec) == {"revenue", "growth", "weight"} and not prepared.preprocessing["categorical"]
+    assert spec["revenue"]["number_format"] == {"decimal": "."} and not spec["revenue"]["coerce"]
+    assert spec["weight"]["number_format"] == {"decimal": ","} and spec["growth"]["coerce"]
+    assert ("column 'growth' read as numbers written with currency, percent or digit-group marks "
+            "(decimal mark '.', 1 unreadable value(s) as missing)") in prepared.notes
+    raw = pd.read_csv(path).drop(columns=["label"])
+    cleaned = clean_features(raw, DataConfig(dataset=str(path), target="label"), []).features
+    assert cleaned["growth"].abs().max() < 1 and np.isnan(cleaned.loc[7, "growth"])  # 12.5% is 0.125
+    np.testing.assert_allclose(cleaned["revenue"], np.where(np.arange(n) % 9, 1, -1) * revenue.round(2), rtol=1e-9)
+    np.testing.assert_allclose(cleaned["weight"], weight.round(1), rtol=1e-9)
+
+    as_trained = transform(cleaned, prepared.preprocessing)  # the numbers training read, through the bundle
+    np.testing.assert_allclose(transform(raw, prepared.preprocessing), as_trained, atol=1e-6)
+    reader = RequestReader(prepared.preprocessing)
+    served = reader.read(json.dumps({"rows": json.loads(raw.to_json(orient="records"))}).encode(), n).columns
+    np.testing.assert_allclose(transform_arrays(served.numeric, served.categorical, served.n_rows, prepared.preprocessing),
+                               as_trained, atol=1e-6)
+    as_numbers = reader.read(json.dumps({"rows": [{"revenue": 1200.5, "growth": "unknown", "weight": 700}]}).encode(), 1)
+    assert np.isnan(as_numbers.columns.numeric[0, 1]) and as_numbers.columns.numeric[0, 0] == 1200.5
+    with pytest.raises(BadRequest, match="row 0, column 'revenue': .*not a number as the training file wrote them"):
+        reader.read(json.dumps({"rows": [{"revenue": "lots", "growth": "1%", "weight": "1,5"}]}).encode(), 1)
 
 
 @pytest.mark.parametrize("delimiter", [";", "\t", "|"])
