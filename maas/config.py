@@ -43,6 +43,8 @@ class DataConfig(Section):
     text_columns: list[str] = Field(
         default_factory=list, description="columns read as free text (sentence embeddings of the pretrained "
                                           "encoder); others are found by text_min_words")
+    merge_label_spellings: bool = Field(True, description="target labels that differ only in case or surrounding "
+                                        "spaces ('Yes', 'yes ') are one class")
     text_min_words: float = Field(4.0, gt=0, description="a string column whose values average this many words "
                                   "and are mostly distinct is read as text, not as categories")
     text_max_length: int = Field(128, ge=8, le=512, description="tokens of a text the encoder reads; longer texts "

@@ -7,6 +7,7 @@ Training data, extra labelled rows and the monitor's ground-truth labels all com
 from __future__ import annotations
 
 import csv
+import itertools
 import io
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,8 @@ JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}  # an array of records, or one re
 EXCEL_SUFFIXES = {".xlsx", ".xlsm"}  # the first sheet; openpyxl reads these (the 1997-2003 .xls it cannot)
 # A CSV or JSON file as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
+HEADER_SEARCH_LINES = 30  # how far down a header naming the target is looked for, below a title
+SKIPPED_LINES = "maas_lines_above_header"  # frame.attrs key: lines passed over above the header
 SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet or .xlsx"
 
 
@@ -54,15 +57,18 @@ def _check_csv_rectangular(table: TableFile, delimiter: str, encoding: str) -> N
     path = table.path
     try:
         with open_text(table, encoding) as handle:
-            reader = csv.reader(_without_nul(path, handle), delimiter=delimiter)
+            reader = csv.reader(_without_nul(path, itertools.islice(handle, table.skip, None)), delimiter=delimiter)
             header = next(reader, None)
             if not header or not any(cell.strip() for cell in header):
                 raise MaasInputError(f"{path}: the file is empty")
             for row in reader:
                 if row and len(row) != len(header):
+                    title = len(row) > len(header) and reader.line_num <= HEADER_SEARCH_LINES
                     raise MaasInputError(
-                        f"{path}: ragged rows: line {reader.line_num} has {len(row)} fields, "
+                        f"{path}: ragged rows: line {reader.line_num + table.skip} has {len(row)} fields, "
                         f"the header has {len(header)}"
+                        + ("; is the first line a title? the table is read from the line that names the target "
+                           "column (--target)" if title else "")
                     )
     except csv.Error:
         raise MaasInputError(f"{path}: not a text table (cannot read it as CSV)") from None
@@ -89,6 +95,7 @@ class TableFile(NamedTuple):
     suffix: str
     compression: str | None = None
     member: str | None = None
+    skip: int = 0  # lines above the header (a report's title and date), which every read passes over
 
 
 def table_file(path: Path) -> TableFile:
@@ -147,7 +154,7 @@ def sniff_delimiter(table: TableFile, encoding: str) -> str:
     if table.suffix == ".tsv":
         return default
     with open_text(table, encoding) as handle:
-        header = handle.readline()
+        header = next(itertools.islice(handle, table.skip, None), "")
     fields = {delimiter: len(next(csv.reader([header], delimiter=delimiter), [])) for delimiter in DELIMITERS}
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
@@ -160,15 +167,29 @@ def _encodings_to_try(table: TableFile) -> tuple[str, ...]:
     return ("utf-16",) if start in ("\xff\xfe", "\xfe\xff") else ENCODINGS
 
 
-def _csv_dialect(table: TableFile) -> tuple[str, str]:
-    """(encoding, delimiter) of a CSV, checked rectangular in the same pass: UTF-8, else Windows-1252
-    (UTF-16 by its byte-order mark)."""
+def lines_above_header(table: TableFile, encoding: str, column: str | None) -> int:
+    """Lines above the first that names `column` as a field, within the first HEADER_SEARCH_LINES:
+    a report's title and date over its table. 0 when the first line names it, or none does."""
+    if not column:
+        return 0
+    with open_text(table, encoding) as handle:
+        for index, line in enumerate(itertools.islice(handle, HEADER_SEARCH_LINES)):
+            for delimiter in DELIMITERS:
+                if column in (cell.strip() for cell in next(csv.reader([line], delimiter=delimiter), [])):
+                    return index
+    return 0
+
+
+def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str, TableFile]:
+    """(encoding, delimiter, the table with its lines above the header) of a CSV, checked rectangular
+    in the same pass: UTF-8, else Windows-1252 (UTF-16 by its byte-order mark)."""
     try:
         for encoding in _encodings_to_try(table):
             try:
+                table = table._replace(skip=lines_above_header(table, encoding, column))
                 delimiter = sniff_delimiter(table, encoding)
                 _check_csv_rectangular(table, delimiter, encoding)
-                return encoding, delimiter
+                return encoding, delimiter, table
             except UnicodeDecodeError:
                 continue
     except DAMAGED_ARCHIVE as exc:
@@ -176,11 +197,12 @@ def _csv_dialect(table: TableFile) -> tuple[str, str]:
     raise MaasInputError(f"{table.path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
 
 
-def read_excel_sheet(path: Path, sheet: str | int = 0) -> pd.DataFrame:
+def read_excel_sheet(path: Path, sheet: str | int = 0, column: str | None = None) -> pd.DataFrame:
     """The workbook's sheet (a name, or its position from 0) as `pandas.read_excel(path, sheet_name=...)`
     reads it (what a user hands pyfunc), less wholly empty rows and unnamed empty columns: cells once
     formatted and then cleared come back as such, which would otherwise be rows of missing values
-    with a missing target."""
+    with a missing target. When the first row does not name `column` and a row below does (a report's
+    title above its table), that row is the header (`header=` that row; SKIPPED_LINES in attrs)."""
     try:
         with pd.ExcelFile(path, engine="openpyxl") as book:
             names = book.sheet_names
@@ -190,6 +212,12 @@ def read_excel_sheet(path: Path, sheet: str | int = 0) -> pd.DataFrame:
             elif not position:
                 raise MaasInputError(f"{path}: no sheet {sheet!r} (data.sheet); its sheets: {listing(names)}")
             frame = pd.read_excel(book, sheet_name=sheet)
+            if column and column not in frame.columns:
+                top = pd.read_excel(book, sheet_name=sheet, header=None, nrows=HEADER_SEARCH_LINES)
+                naming = [index for index, row in top.iterrows() if column in {str(cell).strip() for cell in row}]
+                if naming:
+                    frame = pd.read_excel(book, sheet_name=sheet, header=naming[0])
+                    frame.attrs[SKIPPED_LINES] = naming[0]
     except ImportError:
         raise MaasInputError(f"{path}: reading Excel files needs the package openpyxl (pip install openpyxl)") from None
     except MaasInputError:
@@ -197,7 +225,9 @@ def read_excel_sheet(path: Path, sheet: str | int = 0) -> pd.DataFrame:
     except Exception as exc:  # openpyxl and zipfile raise many types for a damaged workbook
         raise MaasInputError(f"{path}: not a readable Excel workbook ({exc.__class__.__name__})") from None
     unnamed = [name for name in frame.columns if str(name).startswith("Unnamed: ") and frame[name].isna().all()]
-    return frame.drop(columns=unnamed).dropna(how="all").reset_index(drop=True)
+    kept = frame.drop(columns=unnamed).dropna(how="all").reset_index(drop=True)
+    kept.attrs = frame.attrs
+    return kept
 
 
 def read_json_records(table: TableFile) -> pd.DataFrame:
@@ -222,9 +252,11 @@ def read_json_records(table: TableFile) -> pd.DataFrame:
                              f"{first_line(exc)}") from None
 
 
-def read_table_file(path: Path, sheet: str | int = 0) -> pd.DataFrame:
+def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None) -> pd.DataFrame:
     """A CSV/TSV or JSON (plain or compressed), Parquet or Excel file (its `sheet`) as a DataFrame,
-    with one-line errors for every way it can fail."""
+    with one-line errors for every way it can fail. column: a column the table must have (the
+    target); a CSV or sheet whose header is below a title is read from the line that names it, and
+    frame.attrs[SKIPPED_LINES] says how many lines were above it."""
     if not path.exists():
         raise MaasInputError(f"data file not found: {path}")
     if not path.is_file():
@@ -240,7 +272,7 @@ def read_table_file(path: Path, sheet: str | int = 0) -> pd.DataFrame:
         raise MaasInputError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; "
                              f"use {SUPPORTED}")
     if suffix in EXCEL_SUFFIXES:
-        frame = read_excel_sheet(path, sheet)
+        frame = read_excel_sheet(path, sheet, column)
     elif suffix in JSON_SUFFIXES:
         frame = read_json_records(table)
     elif suffix in PARQUET_SUFFIXES:
@@ -249,10 +281,12 @@ def read_table_file(path: Path, sheet: str | int = 0) -> pd.DataFrame:
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
     else:
-        encoding, delimiter = _csv_dialect(table)
+        encoding, delimiter, table = _csv_dialect(table, column)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
             with open_text(table, encoding) as handle:  # a zip's one table, read past macOS's __MACOSX/ copies
-                frame = pd.read_csv(handle, sep=delimiter, decimal="," if delimiter == ";" else ".")
+                frame = pd.read_csv(handle, sep=delimiter, decimal="," if delimiter == ";" else ".", skiprows=table.skip)
+            if table.skip:
+                frame.attrs[SKIPPED_LINES] = table.skip
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             raise MaasInputError(f"{path}: not a readable CSV table ({first_line(exc)})") from None
     if frame.shape[1] == 0:

@@ -23,7 +23,7 @@ from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
 from maas.paths import encoders_home
 from maas.run_context import StageTimer, run_logger
-from maas.tables import listing, read_table_file
+from maas.tables import SKIPPED_LINES, listing, read_table_file
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
@@ -226,7 +226,7 @@ def load_table(data: DataConfig) -> RawTable:
             f"unknown dataset '{data.dataset}': not a built-in ({', '.join(BUILTIN_DATASETS)}) "
             "and no such file"
         )
-    frame = read_table_file(path, data.sheet)
+    frame = read_table_file(path, data.sheet, data.target)
     if data.target is None:
         raise MaasInputError(f"{path}: name the target column with --target (columns: {listing(frame.columns)})")
     return RawTable(frame, data.target, str(path))
@@ -243,7 +243,7 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
     frames = [table.frame]
     for raw_path in extra_paths:
         path = Path(raw_path).expanduser()
-        extra = read_table_file(path)
+        extra = read_table_file(path, column=table.target)
         missing = [name for name in table.frame.columns if name not in extra.columns]
         unknown = [name for name in extra.columns if name not in table.frame.columns]
         if missing or unknown:
@@ -438,8 +438,9 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                              f"(decimal mark '{decimal}'{unreadable})")
             elif coerced is not None:
                 column, n_bad = coerced
-                coerced_columns.add(name)
-                notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
+                if n_bad:  # none: numbers that came as text (a footer's word made the column text, say)
+                    coerced_columns.add(name)
+                    notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
         is_numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
         if is_numeric and pd.api.types.is_float_dtype(column):
             infinite = np.isinf(column.to_numpy(dtype=np.float64, na_value=np.nan))
@@ -488,6 +489,25 @@ def without_rare_classes(frame: pd.DataFrame, target: pd.Series, data: DataConfi
                  f"{shown}{', ...' if len(rare) > 5 else ''}; their {int((~kept).sum())} row(s) dropped, and the model "
                  f"never predicts them (data.rare_classes=error refuses the table instead)")
     return frame.loc[kept], target.loc[kept]
+
+
+def merged_label_spellings(target: pd.Series, name: str, data: DataConfig, notes: list[str]) -> pd.Series:
+    """Labels that differ only in case or surrounding spaces ('Yes', 'yes', 'YES ') are one class,
+    spelt as the most frequent of them: a typed column's variants are not classes of their own
+    (data.merge_label_spellings=false keeps them apart)."""
+    if not data.merge_label_spellings or pd.api.types.is_numeric_dtype(target) or pd.api.types.is_bool_dtype(target):
+        return target
+    as_text = target.astype(str)
+    spellings: dict[str, list[str]] = {}
+    for spelling in as_text.value_counts().index:  # most frequent first
+        spellings.setdefault(spelling.strip().casefold(), []).append(spelling)
+    merged = {spelling: group[0].strip() for group in spellings.values() if len(group) > 1 for spelling in group}
+    if not merged:
+        return target
+    for group in (group for group in spellings.values() if len(group) > 1):
+        notes.append(f"target '{name}': labels {', '.join(repr(spelling) for spelling in group)} differ only in case "
+                     f"or spaces: one class, '{group[0].strip()}' (data.merge_label_spellings)")
+    return as_text.map(lambda spelling: merged.get(spelling, spelling)).where(target.notna())
 
 
 def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.ndarray, list[str]]:
@@ -743,6 +763,11 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
         raise MaasInputError(f"{table.source}: target column '{table.target}' not found; columns: "
                              f"{listing(frame.columns)}{missing_column_hint(table.target, frame.columns)}")
     notes: list[str] = []
+    skipped = frame.attrs.get(SKIPPED_LINES)
+    if skipped:  # pyfunc's rows come from the same read: say how to make it
+        how = f"header={skipped}" if Path(table.source).suffix.lower() in (".xlsx", ".xlsm") else f"skiprows={skipped}"
+        notes.append(f"{Path(table.source).name}: the {skipped} line(s) above the header naming '{table.target}' "
+                     f"skipped (a title; pandas reads the table so with {how})")
     fingerprint = fingerprint_table(frame)
     target = frame[table.target]
     missing_target = target.isna().to_numpy()
@@ -754,6 +779,7 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
         target = target.loc[~missing_target]
     if holds_nested_values(target):
         raise MaasInputError(f"{table.source}: target column '{table.target}' holds lists or mappings, not class labels")
+    target = merged_label_spellings(target, table.target, data, notes)
     frame, target = without_rare_classes(frame, target, data, notes)
     codes, labels = encode_target(target, table.target, data)
     features, dropped, coerced, texts, formats = clean_features(

@@ -77,6 +77,14 @@ def read_ground_truth(path: str | Path) -> pd.DataFrame:
     return labels.drop_duplicates(["request_id", "row"], keep="last")
 
 
+def in_model_spelling(values: pd.Series, labels: list[str]) -> pd.Series:
+    """Arriving labels spelt as the model spells them ('yes ' as 'Yes'), as training merged a label's
+    spellings (data.merge_label_spellings); one of the model's own labels is kept as it is."""
+    own = set(labels)
+    by_key = {label.strip().casefold(): label for label in labels}
+    return values.map(lambda value: value if value in own else by_key.get(str(value).strip().casefold(), value))
+
+
 def with_ground_truth(logged: LoggedRows, labels: pd.DataFrame) -> pd.DataFrame:
     """The logged rows that have a label: meta columns plus 'label' and the row's position."""
     meta = logged.meta.reset_index(names="position")

@@ -508,3 +508,64 @@ def test_file_needs_a_target_and_builtins_refuse_another(tmp_path):
         prepare_data(DataConfig(dataset=str(path)), seed=0)
     with pytest.raises(MaasInputError, match="its target column is 'target'"):
         prepare_data(DataConfig(dataset="wine", target="alcohol"), seed=0)
+
+
+@pytest.mark.parametrize("title", ["Sales report\nGenerated 2026-11-30\n\n", "Sales report,,,\nGenerated 2026-11-30,,,\n"])
+def test_a_table_under_a_report_title_is_read_from_the_line_naming_the_target(tmp_path, title):
+    """Exports put a title and a date above the table, with or without its delimiters; a footer's
+    'Total' row leaves a numeric column numbers (no row coerced: the row has no target)."""
+    frame = table(60).drop(columns="id")
+    path = tmp_path / "report.csv"
+    path.write_text(title + frame.to_csv(index=False) + "Total,,,\n")
+    skipped = title.count("\n")
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert (f"report.csv: the {skipped} line(s) above the header naming 'label' skipped (a title; pandas reads "
+            f"the table so with skiprows={skipped})") in prepared.notes
+    assert {c["name"] for c in prepared.input_schema} == {"x", "colour"}
+    assert not any("coerced" in note for note in prepared.notes), prepared.notes
+    np.testing.assert_allclose(np.sort(prepared.splits.x_train["x"]), np.sort(
+        frame["x"].to_numpy()[np.isin(frame["x"], prepared.splits.x_train["x"])]))
+    unknown = ("target column 'target' not found; columns: Sales report" if "," in title else
+               "ragged rows: line 4 has 4 fields, the header has 1; is the first line a title")
+    with pytest.raises(MaasInputError, match=unknown):
+        prepare_data(DataConfig(dataset=str(path), target="target"), seed=0)
+
+
+def test_an_excel_sheet_under_a_title_is_read_from_the_row_naming_the_target(tmp_path):
+    from openpyxl import Workbook
+
+    book = Workbook()
+    sheet = book.active
+    sheet.append(["Quarterly loans"])
+    sheet.append([])
+    sheet.append(["amount", "y"])
+    for index in range(40):
+        sheet.append([index * 1.5, "yes" if index % 3 else "no"])
+    path = tmp_path / "book.xlsx"
+    book.save(path)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="y"), seed=0)
+    assert any(note.startswith("book.xlsx: the 2 line(s) above the header naming 'y' skipped") and "header=2" in note
+               for note in prepared.notes), prepared.notes
+    assert prepared.n_rows == 40 and [c["name"] for c in prepared.input_schema] == ["amount"]
+    assert list(pd.read_excel(path, header=2).columns) == ["amount", "y"]  # what the note tells a pyfunc caller
+
+
+def test_target_labels_that_differ_only_in_case_or_spaces_are_one_class(tmp_path):
+    frame = table(200)
+    spellings = {"yes": ["yes", "Yes", "YES", "yes "], "no": ["no", " No"]}
+    frame["label"] = [spellings[label][index % len(spellings[label])] for index, label in enumerate(frame["label"])]
+    path = tmp_path / "typed.csv"
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    assert prepared.labels == ["no", "yes"]
+    assert any(note.startswith("target 'label': labels ") and "one class, 'yes'" in note for note in prepared.notes)
+    apart = prepare_data(DataConfig(dataset=str(path), target="label", merge_label_spellings=False), seed=0)
+    assert sorted(apart.labels) == sorted([" No", "YES", "Yes", "no", "yes", "yes "])
+
+
+def test_arriving_ground_truth_is_spelt_as_the_models_labels():
+    from tasks.prediction_log import in_model_spelling
+
+    arriving = pd.Series(["Yes", "yes ", "NO", "maybe", "no"])
+    assert in_model_spelling(arriving, ["No", "Yes"]).tolist() == ["Yes", "Yes", "No", "maybe", "No"]
+    assert in_model_spelling(pd.Series(["yes", "Yes"]), ["yes", "Yes"]).tolist() == ["yes", "Yes"]  # kept apart
