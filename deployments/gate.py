@@ -26,7 +26,8 @@ import orjson
 from deployments.batcher import Batcher
 from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
-from deployments.request_reader import BadRequest, RequestReader, read_body
+from deployments.request_reader import (BadRequest, RequestReader, mlflow_predictions, read_body,
+                                       rows_from_mlflow_request)
 from maas.bundle import ModelBundle
 from maas.config import ServingConfig
 from maas.paths import maas_home
@@ -36,6 +37,8 @@ from maas.api_keys import SCOPE_MEANING, SCOPES, Grant, hash_key, key_grant, wel
 from maas.service_store import connect, current_month, month_bounds, rows_used
 
 PREDICT_PATH = "/predict"
+INVOCATIONS_PATH = "/invocations"  # MLflow's scoring protocol, for clients of `mlflow models serve`
+PING_PATH = "/ping"  # MLflow's health check
 METADATA_PATH = "/metadata"
 METRICS_PATH = "/metrics"
 ANONYMOUS = "anonymous"
@@ -154,6 +157,10 @@ class ServiceGate:
         path, method = scope["path"], scope["method"]
         if path == PREDICT_PATH and method == "POST":
             return await self.predict(scope, receive, send)
+        if path == INVOCATIONS_PATH and method == "POST":
+            return await self.predict(scope, receive, send, mlflow_protocol=True)
+        if path == PING_PATH and method == "GET":
+            return await reply(send, 200, {"status": "ok"})
         scopes = self.scopes_for(path)
         if scopes:
             grant, refusal = self.authorize(request_headers(scope), path, scopes)
@@ -211,7 +218,9 @@ class ServiceGate:
             return None, (status, {"error": message})
         return grant, None
 
-    async def predict(self, scope, receive, send):
+    async def predict(self, scope, receive, send, mlflow_protocol: bool = False):
+        """POST /predict; mlflow_protocol: POST /invocations, MLflow's request and answer formats
+        around the same reading, limits, metering and model."""
         headers = request_headers(scope)
         key_id, tier, tier_name, limit_headers = ANONYMOUS, None, None, {}
         answering = self.answering  # one set of models for the whole request, even across a swap
@@ -233,6 +242,8 @@ class ServiceGate:
                                    {"retry-after": str(max(1, round(taken.wait))), **limit_headers})
         try:
             body = await read_body(receive, headers, self.settings.max_request_bytes)
+            if mlflow_protocol:
+                body = rows_from_mlflow_request(body, headers.get("content-type", ""))
             logged, columns, ignored = answering.reader.read(body, self.settings.max_rows_per_request)
         except BadRequest as refused:
             self.meter.record(key_id, 0, refused.status, default_label)
@@ -247,12 +258,14 @@ class ServiceGate:
         request_id = chosen_id or uuid.uuid4().hex
         model = answering.models.for_tier(tier_name)
         probabilities = await answering.batcher(tier_name).probabilities(columns)
-        answer = orjson.dumps(predictions(model.bundle, probabilities))
+        answered = predictions(model.bundle, probabilities)
+        answer = orjson.dumps(answered)  # the prediction log keeps /predict's form
         extra = {"x-maas-ignored-columns": ignored_columns_header(ignored)} if ignored else {}
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer,
                           bool(chosen_id))  # metered, then answered
         self.answered.labels(model.label).inc()
-        await send_json(send, 200, answer, {"x-request-id": request_id, "x-maas-model": model.label, **extra,
+        await send_json(send, 200, mlflow_predictions(answered) if mlflow_protocol else answer,
+                        {"x-request-id": request_id, "x-maas-model": model.label, **extra,
                                             **limit_headers})
 
     def lookup(self, secret_hash: str) -> Grant | None:

@@ -222,6 +222,61 @@ def refuse_unreadable_dates(rows: list[dict[str, Any]], numbers: np.ndarray, spe
                                       f"date or time ('{value[:40]}'), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00")
 
 
+MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+def rows_from_mlflow_request(body: bytes, content_type: str) -> bytes:
+    """A request in MLflow's scoring format (what `mlflow models serve` takes at /invocations) as this
+    service's {"rows": [...]}: JSON with dataframe_split ({"columns", "data"}), dataframe_records,
+    or instances / inputs (records, or {column: [values]}); or a CSV body (Content-Type text/csv)
+    with its header. The rows are then read as /predict reads them."""
+    if content_type.split(";")[0].strip().lower() == "text/csv":
+        import io
+
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(io.BytesIO(body))
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+            raise BadRequest(400, f"body: not a CSV table with a header ({str(error).splitlines()[0][:120]})") from None
+        return orjson.dumps({"rows": frame.astype(object).where(frame.notna(), None).to_dict("records")},
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest(400, "body: not JSON (MLflow's scoring format, or a CSV with Content-Type: text/csv)") from None
+    keys = [key for key in MLFLOW_KEYS if isinstance(payload, dict) and key in payload]
+    if len(keys) != 1:
+        raise BadRequest(400, f"body: expected an object with one of {', '.join(MLFLOW_KEYS)} (MLflow's scoring "
+                              f"format){'; it has ' + ', '.join(map(str, payload)) if isinstance(payload, dict) else ''}")
+    key, value = keys[0], payload[keys[0]]
+    if key == "dataframe_split":
+        if not isinstance(value, dict) or not isinstance(value.get("columns"), list) or not isinstance(value.get("data"), list):
+            raise BadRequest(400, "dataframe_split: expected {\"columns\": [names], \"data\": [[values], ...]}")
+        columns = value["columns"]
+        for index, row in enumerate(value["data"]):
+            if not isinstance(row, list) or len(row) != len(columns):
+                raise BadRequest(400, f"dataframe_split.data[{index}]: expected a list of {len(columns)} values, "
+                                      "one per column")
+        rows: Any = [dict(zip(columns, row)) for row in value["data"]]
+    elif key != "dataframe_records" and isinstance(value, dict):  # columnar: {column: [values]}
+        lengths = {len(values) if isinstance(values, list) else -1 for values in value.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise BadRequest(400, f"{key}: expected records, or {{column: [values]}} with lists of one length")
+        rows = [dict(zip(value, values)) for values in zip(*value.values())]
+    else:
+        rows = value
+    return orjson.dumps({"rows": rows})
+
+
+def mlflow_predictions(answers: list[dict]) -> bytes:
+    """The answers as `mlflow models serve` gives the model's pyfunc output: {"predictions": records}
+    with 'label' and 'proba_<label>' per row."""
+    return orjson.dumps({"predictions": [
+        {"label": answer["label"], **{f"proba_{label}": value for label, value in answer["probabilities"].items()}}
+        for answer in answers]})
+
+
 def refuse_too_many(rows: list, max_rows: int) -> None:
     if len(rows) > max_rows:
         raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")

@@ -89,6 +89,12 @@ def test_served_predictions_equal_the_registered_model(service, monkeypatch):
         for label, probability in item["probabilities"].items():
             assert probability == pytest.approx(row[f"proba_{label}"], abs=1e-6)
     print(f"cold start to /readyz: {cold_start:.1f} s")
+    # a client of `mlflow models serve`: MLflow's request and answer at /invocations, its /ping
+    invoked = httpx.post(f"{base}/invocations", json={"dataframe_split": {"columns": list(rows[0]), "data": [
+        list(row.values()) for row in rows]}}, headers={"X-API-Key": keys["pro"]}, timeout=30)
+    assert invoked.status_code == 200, invoked.text
+    assert [item["label"] for item in invoked.json()["predictions"]] == list(expected["label"])
+    assert httpx.get(f"{base}/ping", timeout=30).status_code == 200
 
 
 def test_workers_parse_http_with_httptools_on_uvloop(service):

@@ -72,6 +72,55 @@ def test_a_request_gets_the_bundles_own_predictions(wine, maas_home):
     np.testing.assert_allclose(served, expected[[f"proba_{label}" for label in bundle.labels]].to_numpy(), atol=1e-6)
 
 
+def test_mlflow_scoring_requests_at_invocations_get_the_same_answers_in_mlflows_form(wine, maas_home):
+    """A client of `mlflow models serve` (dataframe_split, dataframe_records, instances, inputs as
+    columns, a CSV body) gets what /predict gives, as pyfunc's columns under "predictions"; with
+    the same key check, metering and prediction log."""
+    import pandas as pd
+
+    bundle, rows = wine
+    gate = gate_for(bundle)
+    _, key = create_key(connect(), "mlflow client", tier="pro")
+    headers = {"x-api-key": key}
+    frame = pd.DataFrame(rows)
+    split = json.loads(frame.to_json(orient="split", index=False))
+    bodies = [{"json": {"dataframe_split": split}}, {"json": {"dataframe_records": rows}},
+              {"json": {"instances": rows}}, {"json": {"inputs": {column: frame[column].tolist() for column in frame}}},
+              {"content": frame.to_csv(index=False).encode(), "headers": {"content-type": "text/csv; charset=utf-8"}}]
+    plain, *answers = call(gate, [("POST", "/predict", {"json": {"rows": rows}, "headers": headers})] + [
+        ("POST", "/invocations", {**body, "headers": {**headers, **body.get("headers", {})}}) for body in bodies])
+    expected = [{"label": item["label"], **{f"proba_{label}": p for label, p in item["probabilities"].items()}}
+                for item in plain.json()]
+    for body, answer in zip(bodies, answers):
+        assert answer.status_code == 200, (body, answer.text)
+        predicted = answer.json()["predictions"]
+        assert [item["label"] for item in predicted] == [item["label"] for item in expected]
+        np.testing.assert_allclose([[item[f"proba_{label}"] for label in bundle.labels] for item in predicted],
+                                   [[item[f"proba_{label}"] for label in bundle.labels] for item in expected], atol=1e-6)
+    (unkeyed,) = call(gate, [("POST", "/invocations", {"json": {"dataframe_records": rows}})])
+    assert unkeyed.status_code == 401
+    (ping,) = call(gate, [("GET", "/ping", {})])
+    assert ping.status_code == 200
+    gate.meter.flush()
+    assert usage_report(connect(), month=None)[0]["rows"] == len(rows) * (1 + len(bodies))
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"rows": [{}]}, "expected an object with one of dataframe_split, dataframe_records, instances, inputs"),
+    ({"dataframe_split": {"columns": ["a"]}}, "dataframe_split: expected"),
+    ({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3]]}}, "dataframe_split.data[1]: expected a list of 2"),
+    ({"inputs": {"a": [1, 2], "b": [1]}}, "inputs: expected records, or {column: [values]} with lists of one length"),
+    ({"dataframe_records": [{"alcohol": 1.0}]}, "row 0, column"),
+    ([1, 2], "expected an object with one of"),
+])
+def test_bad_mlflow_scoring_requests_are_400_naming_the_problem(wine, maas_home, body, words):
+    gate = gate_for(wine[0], auth=False)
+    (response,) = call(gate, [("POST", "/invocations", {"json": body})])
+    assert response.status_code == 400 and words in response.json()["error"], response.text
+    (csv,) = call(gate, [("POST", "/invocations", {"content": b"\xff\xfe\x00", "headers": {"content-type": "text/csv"}})])
+    assert csv.status_code == 400 and "body: not a CSV table" in csv.json()["error"], csv.text
+
+
 def test_columns_the_model_does_not_read_are_named_in_a_header_whatever_their_names(wine, maas_home):
     bundle, rows = wine
     gate = gate_for(bundle, auth=False)
