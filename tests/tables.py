@@ -89,6 +89,16 @@ def linear_table(rows: int = 1500, seed: int = 3) -> pd.DataFrame:
     return frame
 
 
+def sparse_table(rows: int = 400, columns: int = 300, seed: int = 6) -> pd.DataFrame:
+    """Two classes by a linear rule over 3 of 300 columns: where an L1 penalty finds the few and an
+    L2 one spreads its weight over the noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (rows, columns))
+    frame = pd.DataFrame(x, columns=[f"g{index}" for index in range(columns)])
+    frame["label"] = np.where(x[:, 0] + x[:, 1] - x[:, 2] + rng.normal(0, 0.3, rows) > 0, "on", "off")
+    return frame
+
+
 def large_table(rows: int = 24_000, seed: int = 4) -> pd.DataFrame:
     """Many rows, mixed types, gaps: 24k orders, returned or kept."""
     rng = np.random.default_rng(seed)
@@ -134,7 +144,8 @@ def tickets_table(rows: int = 240, seed: int = 5) -> pd.DataFrame:
 
 
 MESSY = {"churn": (churn_table, "churned"), "tickets": (tickets_table, "urgency"), "loans": (loans_table, "defaulted"),
-         "thresholds": (thresholds_table, "label"), "linear": (linear_table, "label"), "orders": (large_table, "returned")}
+         "thresholds": (thresholds_table, "label"), "linear": (linear_table, "label"), "orders": (large_table, "returned"),
+         "sparse": (sparse_table, "label")}
 
 
 def write_messy(name: str, folder: Path) -> tuple[Path, str]:

@@ -31,15 +31,19 @@ def prepared_table(name: str, folder, *overrides: str):
     return prepare_data(config.data, config.seed), config
 
 
-@pytest.mark.parametrize("family", ["hgb", "linear", "svm", "mlp"])
-def test_each_familys_bundle_answers_raw_rows_as_its_model_does(family, tmp_path):
-    prepared, config = prepared_table("churn", tmp_path)
+@pytest.mark.parametrize("family, table, params", [("hgb", "churn", {}), ("linear", "churn", {}),
+                                                   ("linear", "churn", {"C": 0.1, "l1_ratio": 1.0}),
+                                                   ("linear", "linear", {"C": 0.5, "l1_ratio": 1.0}),
+                                                   ("svm", "churn", {}), ("mlp", "churn", {})])
+def test_each_familys_bundle_answers_raw_rows_as_its_model_does(family, table, params, tmp_path):
+    """Each family, and the sparse linear model on two classes (liblinear) and on more (saga)."""
+    prepared, config = prepared_table(table, tmp_path)
     arrays = prepared.arrays
     if family == "mlp":
         trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
         model, spec = trained.network, trained.spec
     else:
-        spec = ClassicSpec(family, arrays.x_train.shape[1], len(prepared.labels), {})
+        spec = ClassicSpec(family, arrays.x_train.shape[1], len(prepared.labels), params)
         model = fit_classic(spec, arrays.x_train, arrays.y_train, config.seed)
     bundle = ModelBundle.load(write_bundle(tmp_path / "bundle", model, spec, prepared))
     raw = prepared.splits.x_test  # raw rows, gaps and all, as pandas read them
@@ -52,6 +56,14 @@ def test_each_familys_bundle_answers_raw_rows_as_its_model_does(family, tmp_path
     else:
         expected = model.predict_proba(features)
     np.testing.assert_allclose(bundle.predict_proba(raw), expected, atol=1e-5)
+
+
+def test_the_linear_family_finds_the_few_columns_that_matter_with_an_l1_penalty(tmp_path, maas_home):
+    prepared, config = prepared_table("sparse", tmp_path, "model.families=[linear, hgb]")
+    comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "s")
+    linear = comparison.member("linear")
+    assert comparison.chosen.family == "linear" and linear.params["l1_ratio"] == 1.0, comparison.leaderboard()
+    assert linear.mean > 0.9 and linear.mean > comparison.member("hgb").mean + 0.05, comparison.leaderboard()
 
 
 def test_gradient_boosting_wins_on_thresholds_and_interactions(tmp_path, maas_home):
