@@ -355,7 +355,7 @@ def read_formatted_numbers(column: pd.Series, max_bad_fraction: float) -> ReadNu
     """Strings that are numbers written with currency, percent or digit-group marks ("$1,200.50",
     "12.5%", "1.200,50 €"), but for stray values; the decimal mark is the one that reads more of
     them ("." on a tie: "1,200" is twelve hundred). None when neither reads enough."""
-    present = column[~blank(column)].astype(str)
+    present = column[~blank(column)]  # numbers among the strings (rows appended from the prediction log) read as numbers
     if present.empty:
         return None
     sample = present.iloc[:FORMAT_SAMPLE]

@@ -569,3 +569,13 @@ def test_arriving_ground_truth_is_spelt_as_the_models_labels():
     arriving = pd.Series(["Yes", "yes ", "NO", "maybe", "no"])
     assert in_model_spelling(arriving, ["No", "Yes"]).tolist() == ["Yes", "Yes", "No", "maybe", "No"]
     assert in_model_spelling(pd.Series(["yes", "Yes"]), ["yes", "Yes"]).tolist() == ["yes", "Yes"]  # kept apart
+
+
+def test_numbers_appended_from_the_prediction_log_read_beside_the_files_written_ones():
+    """A retraining run appends logged rows (numbers, as validated) to the file's (strings with a
+    decimal comma): both read, the column keeps its form."""
+    written = [f"{value:.2f}".replace(".", ",") + " €" for value in np.linspace(1, 50, 80)]
+    column = pd.Series(written + list(np.linspace(1.5, 9.5, 20)), dtype=object)
+    cleaned = clean_features(pd.DataFrame({"price": column}), DataConfig(dataset="x.csv", target="y"), [])
+    assert cleaned.formats == {"price": {"number_format": {"decimal": ","}}} and not cleaned.coerced
+    np.testing.assert_allclose(cleaned.features["price"], np.r_[np.linspace(1, 50, 80).round(2), np.linspace(1.5, 9.5, 20)])
