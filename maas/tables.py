@@ -13,7 +13,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import pandas as pd
 
@@ -27,6 +27,7 @@ JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}  # an array of records, or one re
 EXCEL_SUFFIXES = {".xlsx", ".xlsm"}  # the first sheet; openpyxl reads these (the 1997-2003 .xls it cannot)
 # A CSV or JSON file as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
+TITLE_CELLS = 2
 HEADER_SEARCH_LINES = 30  # how far down a header naming the target is looked for, below a title
 SKIPPED_LINES = "maas_lines_above_header"  # frame.attrs key: lines passed over above the header
 SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet or .xlsx"
@@ -167,16 +168,27 @@ def _encodings_to_try(table: TableFile) -> tuple[str, ...]:
     return ("utf-16",) if start in ("\xff\xfe", "\xfe\xff") else ENCODINGS
 
 
+def is_title(cells: Iterable[Any]) -> bool:
+    """A line above a table's header: a title, a date, a blank (at most TITLE_CELLS cells filled).
+    A line with more is a header or a row, so the search for the header stops there: a mistyped
+    target that happens to be a value in some row must not make that row the header."""
+    return sum(1 for cell in cells if str(cell).strip() and str(cell) != "nan") <= TITLE_CELLS
+
+
 def lines_above_header(table: TableFile, encoding: str, column: str | None) -> int:
-    """Lines above the first that names `column` as a field, within the first HEADER_SEARCH_LINES:
-    a report's title and date over its table. 0 when the first line names it, or none does."""
+    """Lines above the first that names `column` as a field, when only title lines (is_title) come
+    before it within the first HEADER_SEARCH_LINES: a report's title and date over its table. 0 when
+    the first line names it, or none does."""
     if not column:
         return 0
     with open_text(table, encoding) as handle:
         for index, line in enumerate(itertools.islice(handle, HEADER_SEARCH_LINES)):
-            for delimiter in DELIMITERS:
-                if column in (cell.strip() for cell in next(csv.reader([line], delimiter=delimiter), [])):
-                    return index
+            split = {delimiter: [cell.strip() for cell in next(csv.reader([line], delimiter=delimiter), [])]
+                     for delimiter in DELIMITERS}
+            if any(column in cells for cells in split.values()):
+                return index
+            if not all(is_title(cells) for cells in split.values()):
+                return 0
     return 0
 
 
@@ -215,7 +227,7 @@ def read_excel_sheet(path: Path, sheet: str | int = 0, column: str | None = None
             if column and column not in frame.columns:
                 top = pd.read_excel(book, sheet_name=sheet, header=None, nrows=HEADER_SEARCH_LINES)
                 naming = [index for index, row in top.iterrows() if column in {str(cell).strip() for cell in row}]
-                if naming:
+                if naming and all(is_title(row) for _, row in top.iloc[:naming[0]].iterrows()):
                     frame = pd.read_excel(book, sheet_name=sheet, header=naming[0])
                     frame.attrs[SKIPPED_LINES] = naming[0]
     except ImportError:

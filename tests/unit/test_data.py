@@ -525,6 +525,10 @@ def test_a_table_under_a_report_title_is_read_from_the_line_naming_the_target(tm
     assert not any("coerced" in note for note in prepared.notes), prepared.notes
     np.testing.assert_allclose(np.sort(prepared.splits.x_train["x"]), np.sort(
         frame["x"].to_numpy()[np.isin(frame["x"], prepared.splits.x_train["x"])]))
+    plain = tmp_path / "plain.csv"
+    frame.to_csv(plain, index=False)  # a target mistyped as a value of some row does not make that row the header
+    with pytest.raises(MaasInputError, match="target column 'red' not found; columns: x, colour, flat, label"):
+        prepare_data(DataConfig(dataset=str(plain), target="red"), seed=0)
     unknown = ("target column 'target' not found; columns: Sales report" if "," in title else
                "ragged rows: line 4 has 4 fields, the header has 1; is the first line a title")
     with pytest.raises(MaasInputError, match=unknown):
