@@ -289,6 +289,14 @@ class Cleaned(NamedTuple):
     formats: dict[str, dict[str, Any]] = {}  # column -> how its strings were read (number_format, date_format)
 
 
+def spread_sample(values: pd.Series) -> pd.Series:
+    """Up to FORMAT_SAMPLE distinct values, spread over the column: a file sorted by date shows only
+    early-month days in its first rows, which read as day/month and as month/day alike."""
+    distinct = values.drop_duplicates()
+    return distinct.iloc[np.linspace(0, len(distinct) - 1, min(len(distinct), FORMAT_SAMPLE)).astype(int)] \
+        if len(distinct) > FORMAT_SAMPLE else distinct
+
+
 def parsed_share(values: pd.Series, date_format: str) -> float:
     return float(pd.to_datetime(values, errors="coerce", format=date_format).notna().mean())
 
@@ -296,7 +304,7 @@ def parsed_share(values: pd.Series, date_format: str) -> float:
 def find_date_format(present: pd.Series, max_bad_fraction: float, notes: list[str], name: str) -> str | None:
     """The one DATE_FORMS format (with a time or not) the column's strings read in, but for stray
     values; None if none does, or if day and month could be either way round (noted)."""
-    sample = present.iloc[:FORMAT_SAMPLE].str.strip()
+    sample = spread_sample(present.str.strip())
     enough = 1 - max_bad_fraction
     if sample.empty or sample.str.match(DATE_LIKE).mean() < enough:
         return None
@@ -358,7 +366,7 @@ def read_formatted_numbers(column: pd.Series, max_bad_fraction: float) -> ReadNu
     present = column[~blank(column)]  # numbers among the strings (rows appended from the prediction log) read as numbers
     if present.empty:
         return None
-    sample = present.iloc[:FORMAT_SAMPLE]
+    sample = spread_sample(present)
     enough = 1 - max_bad_fraction
     readable = {decimal: float(np.isfinite(formatted_numbers(sample, decimal)).mean()) for decimal in (".", ",")}
     decimal = max(readable, key=lambda mark: (readable[mark], mark == "."))

@@ -8,7 +8,7 @@ from deployments.request_reader import BadRequest, RequestReader
 from maas.bundle import date_parts, dates_as_days, feature_count, formatted_number, transform, transform_arrays
 from maas.config import DataConfig
 from maas.errors import MaasInputError
-from tasks.data import clean_features, fit_preprocessing, prepare_data
+from tasks.data import clean_features, find_date_format, fit_preprocessing, prepare_data
 
 
 def write_csv(path, rows: list[str]):
@@ -172,6 +172,9 @@ def test_dates_in_a_files_own_form_are_read_in_it_and_day_month_order_is_never_g
     with pytest.raises(BadRequest, match=r"row 0, column 'us_date': not a date as the training file wrote them "
                                          r"\(03/12/2026\) nor an ISO 8601 date or time \('31/12/2024'\)"):
         RequestReader(prepared.preprocessing).read(json.dumps({"rows": [{**row, "us_date": "31/12/2024"}]}).encode(), 1)
+    # a file sorted by date, 300 rows a day: its first 2,000 rows are all early in the month
+    sorted_days = pd.Series(np.repeat(pd.date_range("2024-01-01", periods=40), 300).strftime("%d/%m/%Y"))
+    assert find_date_format(sorted_days, 0.05, [], "day") == "%d/%m/%Y"
     days = dates_as_days(["12/31/2024", "2024-12-31", "31/12/2024", None], "%m/%d/%Y")
     np.testing.assert_allclose(days[:2], [20088, 20088])
     assert np.isnan(days[2:]).all()  # not in the file's form (day first), nor ISO, nor present
