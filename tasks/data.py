@@ -430,6 +430,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             texts.append(name)
             notes.append(f"column '{name}' read as free text ({ENCODER_NAME} sentence embeddings)")
             continue
+        integers_from_text = False  # whole numbers that came as text: judged as pandas' integers are, below
         if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
             coerced = None if pd.api.types.is_bool_dtype(column) else _coerce_mostly_numeric(
                 column, data.max_unparsable_fraction
@@ -446,6 +447,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                              f"(decimal mark '{decimal}'{unreadable})")
             elif coerced is not None:
                 column, n_bad = coerced
+                integers_from_text = bool((column.dropna() % 1 == 0).all())
                 if n_bad:  # none: numbers that came as text (a footer's word made the column text, say)
                     coerced_columns.add(name)
                     notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
@@ -463,7 +465,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         elif (
             n_unique == n_rows
             and n_rows >= MIN_ROWS_FOR_ID_CHECK
-            and not pd.api.types.is_float_dtype(column)
+            and (not pd.api.types.is_float_dtype(column) or integers_from_text)
         ):
             dropped[name] = "unique per row (ID-like)"
         elif not is_numeric and n_unique > max(data.max_category_levels, MOSTLY_DISTINCT * n_rows):

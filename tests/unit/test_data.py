@@ -513,27 +513,28 @@ def test_file_needs_a_target_and_builtins_refuse_another(tmp_path):
         prepare_data(DataConfig(dataset="wine", target="alcohol"), seed=0)
 
 
-@pytest.mark.parametrize("title", ["Sales report\nGenerated 2026-11-30\n\n", "Sales report,,,\nGenerated 2026-11-30,,,\n"])
+@pytest.mark.parametrize("title", ["Sales report\nGenerated 2026-11-30\n\n", "Sales report,,,,\nGenerated 2026-11-30,,,,\n"])
 def test_a_table_under_a_report_title_is_read_from_the_line_naming_the_target(tmp_path, title):
     """Exports put a title and a date above the table, with or without its delimiters; a footer's
     'Total' row leaves a numeric column numbers (no row coerced: the row has no target)."""
-    frame = table(60).drop(columns="id")
+    frame = table(60)
     path = tmp_path / "report.csv"
-    path.write_text(title + frame.to_csv(index=False) + "Total,,,\n")
+    path.write_text(title + frame.to_csv(index=False) + "Total,,,,\n")  # 'Total' makes the id column text
     skipped = title.count("\n")
     prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
     assert (f"report.csv: the {skipped} line(s) above the header naming 'label' skipped (a title; pandas reads "
             f"the table so with skiprows={skipped})") in prepared.notes
     assert {c["name"] for c in prepared.input_schema} == {"x", "colour"}
+    assert prepared.dropped_columns["id"] == "unique per row (ID-like)"  # as if pandas had read it as integers
     assert not any("coerced" in note for note in prepared.notes), prepared.notes
     np.testing.assert_allclose(np.sort(prepared.splits.x_train["x"]), np.sort(
         frame["x"].to_numpy()[np.isin(frame["x"], prepared.splits.x_train["x"])]))
     plain = tmp_path / "plain.csv"
     frame.to_csv(plain, index=False)  # a target mistyped as a value of some row does not make that row the header
-    with pytest.raises(MaasInputError, match="target column 'red' not found; columns: x, colour, flat, label"):
+    with pytest.raises(MaasInputError, match="target column 'red' not found; columns: id, x, colour, flat, label"):
         prepare_data(DataConfig(dataset=str(plain), target="red"), seed=0)
     unknown = ("target column 'target' not found; columns: Sales report" if "," in title else
-               "ragged rows: line 4 has 4 fields, the header has 1; is the first line a title")
+               "ragged rows: line 4 has 5 fields, the header has 1; is the first line a title")
     with pytest.raises(MaasInputError, match=unknown):
         prepare_data(DataConfig(dataset=str(path), target="target"), seed=0)
 
