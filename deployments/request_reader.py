@@ -198,7 +198,7 @@ class RequestReader:
         try:
             request = self.request.model_validate_json(body)
         except ValidationError as error:
-            raise bad_rows(error) from None
+            raise bad_rows(error, rows) from None
         validated = [row.model_dump(by_alias=True) for row in request.rows]
         refuse_too_many(validated, max_rows)  # a body orjson could not read (e.g. a 100-digit integer) is counted here
         sent = set().union(*(row.keys() for row in rows)) if isinstance(rows, list) and all(
@@ -282,18 +282,34 @@ def refuse_too_many(rows: list, max_rows: int) -> None:
         raise BadRequest(413, f"{len(rows)} rows in one request; the limit is {max_rows}")
 
 
-def bad_rows(error: ValidationError) -> BadRequest:
-    """400 naming the first problem in one line ("row 2, column 'x': ..."), every problem in detail."""
+def bad_rows(error: ValidationError, rows: Any = None) -> BadRequest:
+    """400 naming the first problem in one line ("row 2, column 'x': ..."), every problem in detail.
+    A missing column the row has under another case or spacing ('Mean Radius ') is named too."""
     detail = [{"loc": list(item["loc"]), "msg": item["msg"], "type": item["type"]}
               for item in error.errors(include_url=False, include_input=False)]
     first = detail[0]
     loc = first["loc"]
     if len(loc) >= 3 and loc[0] == "rows":
         where = f"row {loc[1]}, column '{loc[2]}'"
+        near = near_key(rows, loc[1], loc[2]) if first["type"] == "missing" else None
+        if near is not None:
+            first = {**first, "msg": f"{first['msg']} (the row has '{near}': column names match exactly)"}
     else:
         where = ".".join(map(str, loc)) or "body"
     more = f" (and {len(detail) - 1} more)" if len(detail) > 1 else ""
     return BadRequest(400, f"{where}: {first['msg']}{more}", detail)
+
+
+def near_key(rows: Any, index: Any, column: Any) -> str | None:
+    """A key of rows[index] that is `column` but for case and surrounding spaces, if any."""
+    try:
+        row = rows[index]
+    except (TypeError, IndexError, KeyError):
+        return None
+    if not isinstance(row, dict) or not isinstance(column, str):
+        return None
+    wanted = column.strip().casefold()
+    return next((key for key in row if isinstance(key, str) and key != column and key.strip().casefold() == wanted), None)
 
 
 async def read_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:

@@ -136,6 +136,8 @@ def test_columns_the_model_does_not_read_are_named_in_a_header_whatever_their_na
     ({"rows": []}, 400, "at least 1"),
     ({"rows": [{"alcohol": 1.0}]}, 400, "row 0, column"),
     ({"nope": 1}, 400, "rows"),
+    ({"rows": [{"Alcohol ": 1.0}]}, 400, "row 0, column 'alcohol': Field required (the row has 'Alcohol ': column names "
+                                          "match exactly)"),
 ])
 def test_bad_bodies_are_4xx_naming_the_problem(wine, maas_home, body, status, words):
     gate = gate_for(wine[0], auth=False)
