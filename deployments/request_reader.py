@@ -18,7 +18,7 @@ import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
-from maas.bundle import column_numbers, date_example, formatted_number
+from maas.bundle import PROBABILITY_PREFIX, column_numbers, date_example, formatted_number
 
 
 class Columns(NamedTuple):
@@ -273,7 +273,7 @@ def mlflow_predictions(answers: list[dict]) -> bytes:
     """The answers as `mlflow models serve` gives the model's pyfunc output: {"predictions": records}
     with 'label' and 'proba_<label>' per row."""
     return orjson.dumps({"predictions": [
-        {"label": answer["label"], **{f"proba_{label}": value for label, value in answer["probabilities"].items()}}
+        {"label": answer["label"], **{f"{PROBABILITY_PREFIX}{label}": value for label, value in answer["probabilities"].items()}}
         for answer in answers]})
 
 

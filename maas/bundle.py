@@ -41,6 +41,7 @@ MEMO_LIMIT = 200_000  # texts a training process remembers; a long-lived worker 
 PREPROCESSING_FILE = "preprocessing.json"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
+PROBABILITY_PREFIX = "proba_"  # pyfunc's output column of each class: proba_<label>
 
 
 class InputSchemaError(ValueError):
@@ -395,7 +396,7 @@ class ModelBundle:
         """One row per input row: 'label' and one 'proba_<label>' column per class."""
         probabilities = self.predict_proba(frame)
         result = pd.DataFrame(
-            probabilities, columns=[f"proba_{label}" for label in self.labels], index=frame.index
+            probabilities, columns=[f"{PROBABILITY_PREFIX}{label}" for label in self.labels], index=frame.index
         )
         result.insert(0, "label", np.asarray(self.labels, dtype=object)[probabilities.argmax(1)])
         return result

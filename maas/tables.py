@@ -175,21 +175,26 @@ def is_title(cells: Iterable[Any]) -> bool:
     return sum(1 for cell in cells if str(cell).strip() and str(cell) != "nan") <= TITLE_CELLS
 
 
+def header_index(rows: Iterable[list[list[str]]], column: str) -> int:
+    """The position of the first row that names `column`, when only title rows (is_title) come before
+    it within the first HEADER_SEARCH_LINES: a report's title and date over its table; 0 when the first
+    row names it, or none does. Each row comes as its candidate splittings into cells (a CSV line by
+    each delimiter, a sheet's row as it is)."""
+    for index, splittings in enumerate(itertools.islice(rows, HEADER_SEARCH_LINES)):
+        if any(column in cells for cells in splittings):
+            return index
+        if not all(is_title(cells) for cells in splittings):
+            return 0
+    return 0
+
+
 def lines_above_header(table: TableFile, encoding: str, column: str | None) -> int:
-    """Lines above the first that names `column` as a field, when only title lines (is_title) come
-    before it within the first HEADER_SEARCH_LINES: a report's title and date over its table. 0 when
-    the first line names it, or none does."""
+    """A CSV's lines above the one naming `column` (header_index)."""
     if not column:
         return 0
     with open_text(table, encoding) as handle:
-        for index, line in enumerate(itertools.islice(handle, HEADER_SEARCH_LINES)):
-            split = {delimiter: [cell.strip() for cell in next(csv.reader([line], delimiter=delimiter), [])]
-                     for delimiter in DELIMITERS}
-            if any(column in cells for cells in split.values()):
-                return index
-            if not all(is_title(cells) for cells in split.values()):
-                return 0
-    return 0
+        return header_index(([[cell.strip() for cell in next(csv.reader([line], delimiter=delimiter), [])]
+                              for delimiter in DELIMITERS] for line in handle), column)
 
 
 def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str, TableFile]:
@@ -226,10 +231,10 @@ def read_excel_sheet(path: Path, sheet: str | int = 0, column: str | None = None
             frame = pd.read_excel(book, sheet_name=sheet)
             if column and column not in frame.columns:
                 top = pd.read_excel(book, sheet_name=sheet, header=None, nrows=HEADER_SEARCH_LINES)
-                naming = [index for index, row in top.iterrows() if column in {str(cell).strip() for cell in row}]
-                if naming and all(is_title(row) for _, row in top.iloc[:naming[0]].iterrows()):
-                    frame = pd.read_excel(book, sheet_name=sheet, header=naming[0])
-                    frame.attrs[SKIPPED_LINES] = naming[0]
+                above = header_index(([[str(cell).strip() for cell in row]] for _, row in top.iterrows()), column)
+                if above:
+                    frame = pd.read_excel(book, sheet_name=sheet, header=above)
+                    frame.attrs[SKIPPED_LINES] = above
     except ImportError:
         raise MaasInputError(f"{path}: reading Excel files needs the package openpyxl (pip install openpyxl)") from None
     except MaasInputError:

@@ -293,8 +293,9 @@ def spread_sample(values: pd.Series) -> pd.Series:
     """Up to FORMAT_SAMPLE distinct values, spread over the column: a file sorted by date shows only
     early-month days in its first rows, which read as day/month and as month/day alike."""
     distinct = values.drop_duplicates()
-    return distinct.iloc[np.linspace(0, len(distinct) - 1, min(len(distinct), FORMAT_SAMPLE)).astype(int)] \
-        if len(distinct) > FORMAT_SAMPLE else distinct
+    if len(distinct) <= FORMAT_SAMPLE:
+        return distinct
+    return distinct.iloc[np.linspace(0, len(distinct) - 1, FORMAT_SAMPLE).astype(int)]
 
 
 def parsed_share(values: pd.Series, date_format: str) -> float:
