@@ -151,11 +151,16 @@ def log_leaderboard(client, run_id: str, rows: list[dict[str, Any]], folder: Pat
         client.log_table(run_id, pd.DataFrame(rows), "families/leaderboard.json")
 
 
+# The split name of validation figures of a model fitted on those rows (a scikit-learn family's final
+# fit on train + validation): in MLflow as `val_in_sample/f1_macro`, never beside a network's `val/`.
+IN_SAMPLE = "val_in_sample"
+SPLIT_WORDS = {"test": "the test split", "val": "the validation split", IN_SAMPLE: "the validation split, in-sample"}
+
+
 def write_variant_run(client, parent: RunRef, name: str, figures: dict[str, Any], confusion: np.ndarray,
-                      labels: list[str], png: Path) -> None:
-    """A variant's child run with its figures and confusion matrix."""
-    split = "test" if "test/accuracy" in figures["metrics"] else "val"
-    title = f"{name} on the {'test' if split == 'test' else 'validation'} split: accuracy {figures['metrics'][f'{split}/accuracy']:.3f}"
+                      labels: list[str], png: Path, split: str = "val") -> None:
+    """A variant's child run with its figures and confusion matrix (`split`: the prefix of its metrics)."""
+    title = f"{name} on {SPLIT_WORDS[split]}: accuracy {figures['metrics'][f'{split}/accuracy']:.3f}"
     plot_confusion_matrix(confusion, labels, png, title)
     write_child_run(client, parent, f"variant-{name}", {"maas.variant": name}, figures, [(png, "evaluation")])
 

@@ -51,6 +51,9 @@ class Variant:
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     network: nn.Module | None = None  # the torch network it was exported from (None for int8)
+    # fitted on the validation rows too (a scikit-learn family's final fit): its validation figures
+    # are in-sample, so they are reported apart and never set beside a network's
+    saw_validation: bool = False
 
 
 @dataclass

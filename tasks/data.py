@@ -378,13 +378,32 @@ def read_formatted_numbers(column: pd.Series, max_bad_fraction: float) -> ReadNu
     return None if n_bad > max_bad_fraction * len(present) else ReadNumbers(numbers, n_bad, decimal)
 
 
+def mean_words(column: pd.Series) -> float:
+    """Words per value, on average over the values present; 0 for a column that is not strings."""
+    present = column.dropna()
+    if present.empty or not all(isinstance(value, str) for value in present.iloc[:1000]):
+        return 0.0
+    return float(present.astype(str).str.split().str.len().mean())
+
+
 def is_free_text(column: pd.Series, min_words: float) -> bool:
     """Sentences, not categories or codes: values of min_words words on average, mostly distinct."""
     present = column.dropna()
-    if present.empty or not all(isinstance(value, str) for value in present.iloc[:1000]):
-        return False
-    words = present.astype(str).str.split().str.len()
-    return float(words.mean()) >= min_words and present.nunique() >= 0.5 * len(present)
+    return mean_words(column) >= min_words and present.nunique() >= 0.5 * len(present)
+
+
+# Phrases of a few words each (titles, subjects), mostly distinct, are dropped as ID-like below
+# `data.text_min_words`; the note on such a column says how to read it as text instead.
+PHRASE_WORDS = 2.0
+
+
+def as_text_hint(column: pd.Series, name: str) -> str:
+    """For an ID-like column of phrases: how to have it read as text; else ''."""
+    words = mean_words(column)
+    if words < PHRASE_WORDS:
+        return ""
+    return (f"; its values are phrases of {words:.1f} words on average: to read it as text, "
+            f"name it in data.text_columns (--set 'data.text_columns=[{name}]')")
 
 
 def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], keep_all: bool = False) -> Cleaned:
@@ -468,9 +487,9 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             and n_rows >= MIN_ROWS_FOR_ID_CHECK
             and (not pd.api.types.is_float_dtype(column) or integers_from_text)
         ):
-            dropped[name] = "unique per row (ID-like)"
+            dropped[name] = "unique per row (ID-like)" + as_text_hint(column, name)
         elif not is_numeric and n_unique > max(data.max_category_levels, MOSTLY_DISTINCT * n_rows):
-            dropped[name] = f"{n_unique} distinct values in {n_rows} rows (ID-like)"
+            dropped[name] = f"{n_unique} distinct values in {n_rows} rows (ID-like)" + as_text_hint(column, name)
         else:
             if not is_numeric and n_unique > data.max_category_levels:
                 notes.append(f"column '{name}': {n_unique} categories; the {data.max_category_levels} most frequent "

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
 from maas.bundle import MODEL_FILE, ModelBundle, transform
-from maas.figures import log_variant_comparison, write_variant_run
+from maas.figures import IN_SAMPLE, log_variant_comparison, write_variant_run
 from maas.run_context import RunContext, write_child_run
 from tasks.compress import FailedVariant, Variant, Variants
 from tasks.data import DataSplits
@@ -45,6 +45,7 @@ class Evaluation:
     graph_latency: dict[int, Latency] = field(default_factory=dict)  # batch size -> graph-only timing
     probabilities: np.ndarray | None = None
     split: str = "test"  # where the metrics were measured: "val" chooses the variant, "test" reports it
+    # (IN_SAMPLE: validation rows the model was fitted on)
 
     def figures(self) -> dict[str, float]:
         """Flat metric names for MLflow and the summary."""
@@ -164,6 +165,11 @@ class VariantRow:
     compressed_ratio_vs_fp32: float = 1.0
     f1_drop_points_vs_fp32: float = 0.0
     accuracy_drop_points_vs_fp32: float = 0.0
+    split: str = "val"  # IN_SAMPLE: the figures are on rows the variant was fitted on
+
+    @property
+    def in_sample(self) -> bool:
+        return self.split == IN_SAMPLE
 
     @property
     def f1_macro(self) -> float:
@@ -204,6 +210,7 @@ def variant_row(variant, evaluation: Evaluation, reference: Evaluation) -> Varia
         compressed_ratio_vs_fp32=round(reference.compressed_bytes / evaluation.compressed_bytes, 3),
         f1_drop_points_vs_fp32=round(100 * (reference.metrics["f1_macro"] - evaluation.metrics["f1_macro"]), 3),
         accuracy_drop_points_vs_fp32=round(100 * (reference.metrics["accuracy"] - evaluation.metrics["accuracy"]), 3),
+        split=evaluation.split,
     )
 
 
@@ -223,7 +230,8 @@ class VariantTable:
         lines = ["  variant      F1      size  ms@64  speed  smaller"]
         for row in self.rows:
             lines.append(f"  {row.name:<10} {row.f1_macro:.4f} {row.size_bytes / 1024:6.0f}K "
-                         f"{row.p50_ms_b64:6.3f}  x{row.speedup_b64_vs_fp32:.2f}  x{row.size_ratio_vs_fp32:.2f}")
+                         f"{row.p50_ms_b64:6.3f}  x{row.speedup_b64_vs_fp32:.2f}  x{row.size_ratio_vs_fp32:.2f}"
+                         + ("  (F1 in-sample: fitted on these rows)" if row.in_sample else ""))
         return "\n".join(lines)
 
 
@@ -245,7 +253,8 @@ def evaluate_variants(variants: Variants, x_val: pd.DataFrame, y_val: np.ndarray
     failed = list(variants.failed)
     for variant in variants.built:
         try:
-            evaluation = evaluate_bundle(variant.bundle_dir, x_val, y_val, threads, split="val")
+            evaluation = evaluate_bundle(variant.bundle_dir, x_val, y_val, threads,
+                                         split=IN_SAMPLE if variant.saw_validation else "val")
         except Exception as error:
             if variant.name == "fp32":
                 raise
@@ -273,12 +282,13 @@ def record_evaluation(ctx: RunContext, scores: Scores) -> None:
                    "metrics": {**evaluation.figures(), "parameters": variant.parameters,
                                "nonzero_parameters": variant.nonzero_parameters,
                                "agreement_with_fp32": row.agreement_with_fp32}}
-        ctx.defer(write_variant_run, ctx.ref, variant.name, figures, evaluation.confusion, evaluation.labels, png)
+        ctx.defer(write_variant_run, ctx.ref, variant.name, figures, evaluation.confusion, evaluation.labels, png,
+                  evaluation.split)
     ctx.defer(log_variant_comparison, ctx.run_id, scores.table.flat(), folder)
     for row in scores.table.rows:
-        ctx.logger.info("variant %-10s F1 %.4f  %8d bytes  %7.3f ms @64  x%.2f speed  x%.2f smaller",
+        ctx.logger.info("variant %-10s F1 %.4f  %8d bytes  %7.3f ms @64  x%.2f speed  x%.2f smaller%s",
                         row.name, row.f1_macro, row.size_bytes, row.p50_ms_b64, row.speedup_b64_vs_fp32,
-                        row.size_ratio_vs_fp32)
+                        row.size_ratio_vs_fp32, "  (F1 in-sample: fitted on the validation rows)" if row.in_sample else "")
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------

@@ -379,7 +379,7 @@ def fit_chosen_family(prepared: PreparedData, comparison: Comparison, seed: int,
         size = classic_size(model)
     bundle = write_bundle(folder / "fp32", model, spec, prepared)
     return Variants([Variant("fp32", bundle, spec, size, size, {"family": spec.family},
-                             time.perf_counter() - started)], [])
+                             time.perf_counter() - started, saw_validation=True)], [])
 
 
 def final_graph(prepared: PreparedData, member: FamilyScore, settings: TrainingSettings | None, seed: int

@@ -91,6 +91,11 @@ def select_variant(rows: list[VariantRow], selection: SelectionConfig) -> Select
         winner = min(close, key=lambda row: (row.size_bytes, -row.f1_macro))
         why = (f"smallest ({winner.size_bytes:,} bytes) of {len(close)} variant(s) within "
                f"{selection.tolerance:.3f} F1 of the best ({best_f1:.4f}); F1 {winner.f1_macro:.4f}")
+    if len(pool) == 1:
+        why = f"the only variant; F1 {winner.f1_macro:.4f}"
+    if winner.in_sample:
+        why += (" on rows it was fitted on (in-sample: the family's cross-validated F1 is the fair figure, "
+                "and the test split reports it)")
     if not limited:
         why += "; no variant met the latency/size limits, so they were not applied"
     return Selection(winner.name, f"{winner.name}: {why}", bool(limited))

@@ -71,7 +71,7 @@ def test_each_variant_is_a_child_run_with_its_figures(trained):
     for variant in summary["variants"]:
         child = by_name[variant["name"]]
         assert child.info.status == "FINISHED"
-        assert child.data.metrics["val/f1_macro"] == pytest.approx(variant["metrics"]["f1_macro"], abs=1e-4)
+        assert child.data.metrics[f"{variant['split']}/f1_macro"] == pytest.approx(variant["metrics"]["f1_macro"], abs=1e-4)
         assert not any(key.startswith("test/") for key in child.data.metrics)  # only the chosen one sees the test split
         assert child.data.metrics["size/model_bytes"] == variant["size_bytes"]
         assert {"latency/p50_ms_b64", "latency/p99_ms_b1", "throughput/rows_per_s_b64"} <= set(child.data.metrics)

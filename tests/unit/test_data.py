@@ -265,6 +265,14 @@ def test_a_many_valued_category_keeps_its_most_frequent_values_and_a_mostly_dist
     frame.to_csv(path, index=False)
     prepared = prepare_data(DataConfig(dataset=str(path), target="label", max_category_levels=20), seed=0)
     assert prepared.dropped_columns["email"] == "551 distinct values in 600 rows (ID-like)"
+    # mostly distinct phrases of a few words (titles) are dropped too, with how to read them as text
+    frame["Order title"] = [f"{rng.choice(['red', 'blue'])} shoes {index}" for index in range(600)]
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label", max_category_levels=20), seed=0)
+    assert prepared.dropped_columns["Order title"] == (
+        "unique per row (ID-like); its values are phrases of 3.0 words on average: to read it as text, "
+        "name it in data.text_columns (--set 'data.text_columns=[Order title]')")
+    assert prepared.dropped_columns["email"] == "551 distinct values in 600 rows (ID-like)"
     n_cities = frame["city"].nunique()
     assert (f"column 'city': {n_cities} categories; the 20 most frequent in training are kept, the rest read as one "
             "unknown category (data.max_category_levels)") in prepared.notes

@@ -10,6 +10,7 @@ import pytest
 from maas.bundle import ModelBundle, transform
 from maas.config import load_config
 from maas.errors import MaasInputError
+from maas.figures import IN_SAMPLE
 from models.classic import SVM_CLIP, ClassicSpec, fit_classic
 from tasks.data import SealedSplit, SealedSplitRead, prepare_data
 from tasks.evaluate import evaluate_variants
@@ -88,8 +89,12 @@ def test_no_stage_that_chooses_reads_the_test_split(tmp_path, maas_home):
     sealed = prepared.sealed()
     comparison = compare_families(sealed, config, TrainingSettings(config.model, config.train), "s")
     variants = fit_chosen_family(sealed, comparison, config.seed, tmp_path / "variants")
-    winner = choose_winner(evaluate_variants(variants, sealed.splits.x_val, sealed.splits.y_val), config.selection)
-    assert winner.evaluation.split == "val"
+    scores = evaluate_variants(variants, sealed.splits.x_val, sealed.splits.y_val)
+    winner = choose_winner(scores, config.selection)
+    # the family was fitted on the validation rows too: its figures there are in-sample, and say so
+    assert winner.evaluation.split == IN_SAMPLE and "val_in_sample/f1_macro" in winner.evaluation.figures()
+    assert "in-sample" in winner.selection.reason and "in-sample" in scores.table.render()
+    assert scores.table.flat()[0]["split"] == IN_SAMPLE
     for use in (len, np.asarray, lambda split: split.to_numpy(), lambda split: split[0], pd.DataFrame):
         with pytest.raises(SealedSplitRead):
             use(sealed.splits.x_test)
