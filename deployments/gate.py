@@ -26,8 +26,8 @@ import orjson
 from deployments.batcher import Batcher
 from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
-from deployments.request_reader import (BadRequest, RequestReader, mlflow_predictions, read_body,
-                                       rows_from_mlflow_request)
+from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body,
+                                       rows_from_csv, rows_from_mlflow_request)
 from maas.bundle import ModelBundle
 from maas.config import ServingConfig
 from maas.paths import maas_home
@@ -243,12 +243,14 @@ class ServiceGate:
         try:
             body = await read_body(receive, headers, self.settings.max_request_bytes)
             if mlflow_protocol:
-                body = rows_from_mlflow_request(body, headers.get("content-type", ""))
+                body = rows_from_mlflow_request(body, headers.get("content-type", ""), answering.reader.text)
+            elif is_csv(headers.get("content-type", "")):
+                body = rows_from_csv(body, answering.reader.text)
             logged, columns, ignored = answering.reader.read(body, self.settings.max_rows_per_request)
         except BadRequest as refused:
             self.meter.record(key_id, 0, refused.status, default_label)
             return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})},
-                               limit_headers)
+                               {**refused.headers, **limit_headers})
         if tier is not None and not self.limits.reserve_rows(key_id, columns.n_rows, tier.monthly_rows, current_month()):
             self.meter.record(key_id, 0, 429, default_label)
             return await reply(send, 429, {"error": f"monthly quota of tier '{tier_name}' "

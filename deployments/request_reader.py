@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import zlib
 from typing import Annotated, Any, NamedTuple
 
 import numpy as np
@@ -31,11 +32,12 @@ class Columns(NamedTuple):
 
 
 class BadRequest(Exception):
-    """A request the service refuses: the status and a message naming the row and field."""
+    """A request the service refuses: the status and a message naming the row and field (and headers
+    the answer carries, e.g. Accept-Encoding with a 415)."""
 
-    def __init__(self, status: int, message: str, detail: list | None = None):
+    def __init__(self, status: int, message: str, detail: list | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.detail = status, message, detail
+        self.status, self.message, self.detail, self.headers = status, message, detail, headers or {}
 
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -185,11 +187,20 @@ class RequestReader:
     def read(self, body: bytes, max_rows: int) -> Read:
         """The request as the prediction log keeps it ({"rows": [...]}), its columns, and the columns it
         sent that the model does not read; BadRequest (400/413) names what is wrong. A request that
-        passes the exact check is logged as received."""
+        passes the exact check is logged as received. A bare list of rows (what pandas'
+        `to_json(orient="records")` writes) is read as {"rows": that list}."""
         try:
-            rows = orjson.loads(body).get("rows")
-        except (orjson.JSONDecodeError, AttributeError):
-            rows = None
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            payload = None
+        if type(payload) is list:
+            rows, body = payload, b'{"rows":' + body + b"}"
+        else:
+            rows = payload.get("rows") if type(payload) is dict else None
+            if rows is None and type(payload) is dict and self.columns & payload.keys():
+                keys = ", ".join(repr(key) for key in list(payload)[:3]) + (", ..." if len(payload) > 3 else "")
+                raise BadRequest(400, f'body: expected {{"rows": [row, ...]}}; this body looks like one row (it has '
+                                      f'{keys}): send {{"rows": [that row]}}')
         if isinstance(rows, list):
             refuse_too_many(rows, max_rows)
         columns = self.exact_columns(rows)
@@ -225,22 +236,32 @@ def refuse_unreadable_dates(rows: list[dict[str, Any]], numbers: np.ndarray, spe
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
-def rows_from_mlflow_request(body: bytes, content_type: str) -> bytes:
+def is_csv(content_type: str) -> bool:
+    return content_type.split(";")[0].strip().lower() == "text/csv"
+
+
+def rows_from_csv(body: bytes, text_columns: list[str]) -> bytes:
+    """A CSV body with its header as {"rows": [...]}, read as pandas read the training file (empty:
+    null), except that a text column stays text where its values look like numbers."""
+    import io
+
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.BytesIO(body), dtype={name: str for name in text_columns})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise BadRequest(400, f"body: not a CSV table with a header ({str(error).splitlines()[0][:120]})") from None
+    return orjson.dumps({"rows": frame.astype(object).where(frame.notna(), None).to_dict("records")},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def rows_from_mlflow_request(body: bytes, content_type: str, text_columns: list[str]) -> bytes:
     """A request in MLflow's scoring format (what `mlflow models serve` takes at /invocations) as this
     service's {"rows": [...]}: JSON with dataframe_split ({"columns", "data"}), dataframe_records,
     or instances / inputs (records, or {column: [values]}); or a CSV body (Content-Type text/csv)
     with its header. The rows are then read as /predict reads them."""
-    if content_type.split(";")[0].strip().lower() == "text/csv":
-        import io
-
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(io.BytesIO(body))
-        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
-            raise BadRequest(400, f"body: not a CSV table with a header ({str(error).splitlines()[0][:120]})") from None
-        return orjson.dumps({"rows": frame.astype(object).where(frame.notna(), None).to_dict("records")},
-                            option=orjson.OPT_SERIALIZE_NUMPY)
+    if is_csv(content_type):
+        return rows_from_csv(body, text_columns)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -314,7 +335,53 @@ def near_key(rows: Any, index: Any, column: Any) -> str | None:
 
 async def read_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to be larger than max_bytes
-    (BentoML 1.4 has no request-size limit of its own)."""
+    (BentoML 1.4 has no request-size limit of its own), decompressed and in UTF-8 (`decoded`)."""
+    return decoded(await received_body(receive, headers, max_bytes), headers, max_bytes)
+
+
+CONTENT_CODINGS = {"gzip": 16 + 15, "x-gzip": 16 + 15, "deflate": 15}  # zlib's wbits: gzip header, zlib header
+UTF8_NAMES = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+NOT_ROWS_TYPES = ("application/x-www-form-urlencoded", "multipart/", "application/xml", "text/xml")
+
+
+def decoded(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
+    """The body as the readers take it: a gzip or deflate Content-Encoding undone (at most max_bytes
+    once decompressed: 413 past that), text in a declared charset other than UTF-8 re-encoded.
+    A coding or charset not known here is a 415, as is a form or XML body; a body that does not
+    decode, a 400. Both name the header."""
+    coding = headers.get("content-encoding", "").strip().lower()
+    if coding and coding != "identity":
+        wbits = CONTENT_CODINGS.get(coding)
+        if wbits is None:
+            raise BadRequest(415, f"Content-Encoding '{coding[:40]}' is not supported: send the body as is, "
+                                  "gzip or deflate", headers={"accept-encoding": "gzip, deflate"})
+        inflater = zlib.decompressobj(wbits)
+        try:
+            body = inflater.decompress(body, max_bytes + 1)
+        except zlib.error as error:
+            raise BadRequest(400, f"body: not {coding} data, as Content-Encoding says ({error})") from None
+        if len(body) > max_bytes:
+            raise BadRequest(413, f"request body exceeds {max_bytes} bytes once decompressed")
+        if not inflater.eof:
+            raise BadRequest(400, f"body: truncated {coding} data (Content-Encoding: {coding})")
+    content_type = headers.get("content-type", "").lower()
+    if content_type.startswith(NOT_ROWS_TYPES):
+        raise BadRequest(415, f"Content-Type '{content_type.split(';')[0][:60]}': send rows as JSON "
+                              "(application/json)")
+    charset = content_type.partition("charset=")[2].split(";")[0].strip().strip('"')
+    if charset and charset not in UTF8_NAMES:
+        try:
+            body = body.decode(charset).encode()
+        except LookupError:
+            raise BadRequest(415, f"Content-Type charset '{charset[:40]}' is not known: send UTF-8") from None
+        except UnicodeDecodeError as error:
+            raise BadRequest(400, f"body: not {charset} text, as Content-Type says ({error.reason} at byte "
+                                  f"{error.start})") from None
+    return body
+
+
+async def received_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:
+    """The body's bytes as they came, refused with 413 as soon as they pass max_bytes."""
     declared = headers.get("content-length") or "0"
     if not declared.isdigit():
         raise BadRequest(400, f"Content-Length '{declared[:40]}' is not a number of bytes")

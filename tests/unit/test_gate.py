@@ -10,6 +10,7 @@ from urllib.parse import unquote
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -143,6 +144,44 @@ def test_bad_bodies_are_4xx_naming_the_problem(wine, maas_home, body, status, wo
     gate = gate_for(wine[0], auth=False)
     (response,) = call(gate, [("POST", "/predict", {"json": body})])
     assert response.status_code == status and words in response.json()["error"], response.text
+
+
+def test_bodies_as_clients_send_them_compressed_in_another_charset_as_csv_or_a_bare_list(wine, maas_home):
+    """gzip / deflate bodies, a declared charset, a CSV, pandas' records list: each the same answer as
+    plain JSON; what cannot be read is a 4xx naming the header or the shape to send."""
+    import gzip
+    import zlib
+
+    bundle, rows = wine
+    plain = json.dumps({"rows": rows}).encode()
+    as_csv = pd.DataFrame(rows).to_csv(index=False).encode()
+    bomb = gzip.compress(b'{"rows": [' + b" " * 2_000_000 + b"]}")
+    sent = [
+        ({"content": gzip.compress(plain), "headers": {"content-encoding": "gzip"}}, 200, ""),
+        ({"content": zlib.compress(plain), "headers": {"content-encoding": "deflate"}}, 200, ""),
+        ({"content": plain.decode().encode("utf-16"), "headers": {"content-type": "application/json; charset=utf-16"}}, 200, ""),
+        ({"content": as_csv, "headers": {"content-type": "text/csv"}}, 200, ""),
+        ({"content": json.dumps(rows).encode()}, 200, ""),  # df.to_json(orient="records")
+        ({"content": plain, "headers": {"content-encoding": "br"}}, 415, "Content-Encoding 'br' is not supported"),
+        ({"content": bomb, "headers": {"content-encoding": "gzip"}}, 413, "once decompressed"),
+        ({"content": gzip.compress(plain)[:-9], "headers": {"content-encoding": "gzip"}}, 400, "truncated gzip"),
+        ({"content": b"not gzip", "headers": {"content-encoding": "gzip"}}, 400, "not gzip data"),
+        ({"content": b"a=1", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, "send rows as JSON"),
+        ({"content": plain, "headers": {"content-type": "application/json; charset=klingon"}}, 415, "charset 'klingon'"),
+        ({"json": rows[0]}, 400, 'expected {"rows": [row, ...]}; this body looks like one row'),
+    ]
+    responses = call(gate_for(bundle, auth=False, max_request_bytes=1_000_000),
+                     [("POST", "/predict", kwargs) for kwargs, _, _ in sent])
+    expected = call(gate_for(bundle, auth=False), [("POST", "/predict", {"content": plain})])[0].json()
+    for (kwargs, status, words), response in zip(sent, responses):
+        assert response.status_code == status, (kwargs.get("headers"), response.text)
+        if status == 200:
+            assert [item["label"] for item in response.json()] == [item["label"] for item in expected]
+            np.testing.assert_allclose([list(item["probabilities"].values()) for item in response.json()],
+                                       [list(item["probabilities"].values()) for item in expected], atol=1e-6)
+        else:
+            assert words in response.json()["error"] and "\n" not in response.json()["error"], response.text
+    assert responses[5].headers["accept-encoding"] == "gzip, deflate"
 
 
 def test_reader_takes_exact_rows_fast_and_lax_rows_through_pydantic(wine):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from deployments.request_reader import BadRequest, RequestReader
+from deployments.request_reader import BadRequest, RequestReader, rows_from_csv
 from maas.bundle import ENCODER_FILE, TOKENIZER_FILE, ModelBundle, TextEncoder, feature_count, transform
 from maas.config import load_config
 from maas.errors import MaasInputError
@@ -128,6 +128,9 @@ def test_the_request_reader_takes_text_and_names_a_non_string_text(tickets):
         with pytest.raises(BadRequest) as refused:
             reader.read(json.dumps({"rows": [rows[0], {**rows[1], "message": bad}]}).encode(), 100)
         assert refused.value.status == 400 and refused.value.message.startswith("row 1, column 'message'")
+    # a CSV body keeps a text column text where its values look like numbers, as the training file did
+    csv = rows_from_csv(b"order_value,channel,message\n12.5,chat,5\n,email,\n", reader.text)
+    assert reader.read(csv, 100).columns.text == [["5", None]]
 
 
 def test_drift_watches_a_text_columns_length_vocabulary_and_embedding(tickets):
