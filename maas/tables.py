@@ -23,6 +23,7 @@ CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
 # A .csv or .txt may be split by any of these: Excel writes ';' where the decimal mark is a comma.
 DELIMITERS = (",", ";", "\t", "|")
 PARQUET_SUFFIXES = {".parquet", ".pq"}
+ARROW_SUFFIXES = {".feather", ".arrow", ".ipc"}  # Arrow IPC files (pandas' to_feather), read by pyarrow as Parquet is
 JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}  # an array of records, or one record per line (.json either)
 EXCEL_SUFFIXES = {".xlsx", ".xlsm"}  # the first sheet; openpyxl reads these (the 1997-2003 .xls it cannot)
 # A CSV or JSON file as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
@@ -30,7 +31,7 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
 TITLE_CELLS = 2
 HEADER_SEARCH_LINES = 30  # how far down a header naming the target is looked for, below a title
 SKIPPED_LINES = "maas_lines_above_header"  # frame.attrs key: lines passed over above the header
-SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet or .xlsx"
+SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet, .feather or .xlsx"
 
 
 def listing(names: Iterable, limit: int = 12) -> str:
@@ -270,7 +271,7 @@ def read_json_records(table: TableFile) -> pd.DataFrame:
 
 
 def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None) -> pd.DataFrame:
-    """A CSV/TSV or JSON (plain or compressed), Parquet or Excel file (its `sheet`) as a DataFrame,
+    """A CSV/TSV or JSON (plain or compressed), Parquet, Feather or Excel file (its `sheet`) as a DataFrame,
     with one-line errors for every way it can fail. column: a column the table must have (the
     target); a CSV or sheet whose header is below a title is read from the line that names it, and
     frame.attrs[SKIPPED_LINES] says how many lines were above it."""
@@ -285,7 +286,8 @@ def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None)
     if suffix == ".xls":
         raise MaasInputError(f"{path}: the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv")
     text = suffix in CSV_SUFFIXES or suffix in JSON_SUFFIXES
-    if not text and (table.compression or (suffix not in PARQUET_SUFFIXES and suffix not in EXCEL_SUFFIXES)):
+    binary = PARQUET_SUFFIXES | ARROW_SUFFIXES | EXCEL_SUFFIXES
+    if not text and (table.compression or suffix not in binary):
         raise MaasInputError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; "
                              f"use {SUPPORTED}")
     if suffix in EXCEL_SUFFIXES:
@@ -297,6 +299,11 @@ def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None)
             frame = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
+    elif suffix in ARROW_SUFFIXES:
+        try:
+            frame = pd.read_feather(path)
+        except Exception as exc:  # pyarrow raises many types for a damaged file
+            raise MaasInputError(f"{path}: not a readable Feather (Arrow IPC) file ({exc.__class__.__name__})") from None
     else:
         encoding, delimiter, table = _csv_dialect(table, column)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so

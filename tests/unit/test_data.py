@@ -75,9 +75,11 @@ def test_file_dataset_drops_unusable_columns_and_encodes_string_target(tmp_path)
     assert any("'id' dropped" in note for note in prepared.notes)
 
 
-def test_parquet_dataset(tmp_path):
-    path = tmp_path / "t.parquet"
-    table().to_parquet(path)
+@pytest.mark.parametrize("suffix", [".parquet", ".feather"])
+def test_parquet_and_feather_datasets(tmp_path, suffix):
+    path = tmp_path / f"t{suffix}"
+    frame = table()
+    frame.to_parquet(path) if suffix == ".parquet" else frame.to_feather(path)
     prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
     assert prepared.n_rows == 120
 
@@ -339,6 +341,7 @@ def test_unknown_category_and_missing_values_at_serving_time_do_not_crash():
         ("old.xls", ["whatever"], "y", "the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv"),
         ("data.csv.zst", ["whatever"], "y", "unsupported file type '.csv.zst'; use .csv, .tsv, .txt, .json, .jsonl (each also .gz"),
         ("data.parquet.gz", ["whatever"], "y", "unsupported file type '.parquet.gz'"),
+        ("data.feather", ["whatever"], "y", "not a readable Feather (Arrow IPC) file"),
         ("data.csv.gz", ["a,b,y", "1,2,p"], "y", "not a readable gzip file (BadGzipFile)"),
         ("data.zip", ["a,b,y"], "y", "not a readable zip file"),
         ("one.json", ['{"a": 1, "y": "p"}'], "y", "not a table of JSON records (an array of objects, or one object per line)"),
