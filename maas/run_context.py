@@ -20,7 +20,8 @@ from maas.budget import Budget
 from maas.paths import maas_home, tracking_uri
 from maas.processes import process_owner
 from maas.recorder import Recorder
-from maas.tracking import MLFLOW_PARAM_MAX, ensure_experiment, metric_entities, mlflow_client, parent_run, run_url
+from maas.tracking import (MLFLOW_PARAM_MAX, ensure_experiment, metric_entities, mlflow_client, mlflow_key, parent_run,
+                           run_url)
 
 T = TypeVar("T")
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description on its MLflow UI page
@@ -129,7 +130,7 @@ def write_batch(client, run_id: str, metrics: Mapping[str, float] | None = None,
 
     metric_list = metric_entities(metrics or {}) + [
         entry for step, values in series for entry in metric_entities(values, step)]
-    param_list = [Param(key, str(value)[:MLFLOW_PARAM_MAX]) for key, value in (params or {}).items()]
+    param_list = [Param(mlflow_key(key), str(value)[:MLFLOW_PARAM_MAX]) for key, value in (params or {}).items()]
     tag_list = [RunTag(key, str(value)[:MAX_TAG]) for key, value in (tags or {}).items()]
     first = True
     while first or metric_list or param_list:

@@ -100,12 +100,24 @@ def redact_passwords(params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: redact_url(value) if isinstance(value, str) else value for name, value in params.items()}
 
 
+MLFLOW_KEY_MAX = 250
+NOT_IN_MLFLOW_KEYS = re.compile(r"[^/\w.\- :]")
+
+
+def mlflow_key(name: str) -> str:
+    """A metric or param name MLflow accepts: a column's name goes into some ("drift/psi/Price ($)"),
+    and MLflow refuses the whole batch for one character outside letters, digits, `_-. :/` or a
+    path-like part ('', '.', '..'): those become '_'."""
+    parts = NOT_IN_MLFLOW_KEYS.sub("_", name).split("/")
+    return "/".join("_" if part in ("", ".", "..") else part for part in parts)[:MLFLOW_KEY_MAX]
+
+
 def metric_entities(metrics: Mapping[str, float], step: int = 0) -> list:
-    """MLflow Metric objects for one step, stamped now, for log_batch."""
+    """MLflow Metric objects for one step, stamped now, for log_batch (names made ones MLflow takes)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    return [Metric(mlflow_key(key), float(value), now, step) for key, value in metrics.items()]
 
 
 def ui_base_url() -> str:

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from maas.run_context import RunContext, StageTimer
-from maas.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment, flatten, mlflow_client, parent_run
+from maas.tracking import (EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment, flatten, mlflow_client, mlflow_key,
+                           parent_run)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,23 @@ def test_record_writes_series_params_and_tags_past_mlflows_batch_limits(client, 
     assert len(run.data.params) == 150 and run.data.metrics["final"] == 1.0 and len(run.data.tags["t"]) == 5000
     assert sorted(m.step for m in client.get_metric_history(run_id, "b")) == list(range(1, 401))
     assert run.data.tags["mlflow.note.content"] == "what happened"
+
+
+def test_column_names_in_metric_and_param_names_are_made_ones_mlflow_takes(client, tmp_path):
+    """A drift figure per column ("drift/psi/Price ($)", "drift/psi/message [tokens]") and a privacy
+    rule per column in the flattened config: one name MLflow refuses used to fail the whole batch."""
+    experiment_id = ensure_experiment(client, "names")
+    names = ["Price ($)", "message [tokens]", "rate%", "a/b", "x/", "..", "Température", "#items, total"]
+    with parent_run(client, experiment_id, "n", {}) as run_id:
+        RunContext(client, run_id, experiment_id, tmp_path).record(
+            metrics={f"drift/psi/{name}": float(index) for index, name in enumerate(names)},
+            params={f"serving.privacy.columns.{name}": "hash" for name in names})
+    run = client.get_run(run_id)
+    assert run.data.metrics["drift/psi/Price ___"] == 0.0 and run.data.metrics["drift/psi/message _tokens_"] == 1.0
+    assert run.data.metrics["drift/psi/a/b"] == 3.0 and run.data.metrics["drift/psi/x/_"] == 4.0
+    assert run.data.metrics["drift/psi/Température"] == 6.0 and len(run.data.metrics) == len(names)
+    assert run.data.params["serving.privacy.columns.Price ___"] == "hash" and len(run.data.params) == len(names)
+    assert mlflow_key("x" * 400) == "x" * 250
 
 
 def test_stage_timer_keeps_recording_apart_from_compute():
