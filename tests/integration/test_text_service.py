@@ -16,7 +16,7 @@ import pytest
 
 from maas.api_keys import create_key
 from maas.service_store import connect
-from tests.conftest import free_port, module_home, quick_config, wait_until_up
+from tests.conftest import PROJECT_ROOT, free_port, module_home, quick_config, wait_until_up
 from tests.tables import write_messy
 
 pytestmark = pytest.mark.slow
@@ -80,3 +80,24 @@ def test_bad_text_gets_4xx_naming_the_row_and_column(text_service):
     metadata = httpx.get(f"{base}/metadata", timeout=10).json()
     assert metadata["text_columns"]["message"]["max_length_tokens"] == 128
     assert {"name": "message", "type": "text"} in metadata["input_schema"]
+
+
+def test_the_monitor_checks_a_text_model_on_what_the_service_logged(text_service, tmp_path, capsys):
+    """The served requests' text reaches the drift check (tokens, unknown share, embedding) and its
+    figures are logged to MLflow: a text column's figure names held brackets MLflow refused."""
+    from maas.cli import main
+    from maas.tracking import mlflow_client
+
+    base, key, table, summary = text_service
+    rows = json.loads(table.drop(columns=["urgency"]).to_json(orient="records"))
+    for start in range(0, len(rows), 40):
+        answer = httpx.post(f"{base}/predict", json={"rows": rows[start:start + 40]}, headers={"X-API-Key": key}, timeout=30)
+        assert answer.status_code == 200, answer.text
+    path = tmp_path / "check.json"
+    exit_code = main(["monitor", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"), "--summary", str(path),
+                      "--set", f"monitoring.model={summary['model_name']}@champion", "--set", "monitoring.retrain=false"])
+    captured = capsys.readouterr()
+    assert exit_code == 0 and "Traceback" not in captured.out + captured.err, captured.err[-2000:]
+    check = json.loads(path.read_text())
+    run = mlflow_client().get_run(check["mlflow_run_id"])
+    assert {"drift/psi/message _tokens_", "drift/psi/message _unknown share_"} <= set(run.data.metrics), run.data.metrics
