@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -130,10 +131,6 @@ class TrainSummary:
     def render(self) -> str:
         """What `maas run` prints: the outcome, the test figures, and where to look next."""
         registered, chosen = self.registered, self.winner.table[self.winner.selection.variant]
-        champion = f"{registered.name}@{self.config.registry.champion_alias}"
-        serve = f"  serve  maas serve --model {registered.name}@{registered.alias}"
-        if self.bento:
-            serve += f"\n         or BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')} bentoml serve {self.bento}"
         return "\n".join([
             "", self.outcome(),
             "  test   " + "  ".join(f"{name} {value:.4f}" for name, value in registered.test_metrics.items()),
@@ -141,9 +138,21 @@ class TrainSummary:
             f"  MLflow run {self.mlflow_run_id} in experiment '{self.config.experiment_name}'",
             f"         {self.mlflow_run_url}   (start the UI with: maas ui)",
             f"  load   mlflow.pyfunc.load_model(\"{registered.ref.uri}\")",
-            serve,
-            f"  watch  maas monitor --set monitoring.model={champion}   (on a schedule: maas schedule)",
+            *next_commands(registered.name, registered.alias, self.config.registry.champion_alias, self.bento,
+                           os.environ.get("BENTOML_HOME")),
         ])
+
+
+def next_commands(model: str, alias: str, champion_alias: str, bento: str | None, bentoml_home: str | None) -> list[str]:
+    """The serve and watch commands `maas run` prints, quoted to paste into a shell: a file named
+    'My data (2024).csv' names its model with spaces and parentheses."""
+    lines = [f"  serve  maas serve --model {shlex.quote(f'{model}@{alias}')}"]
+    if bento:
+        lines.append(f"         or BENTOML_HOME={shlex.quote(bentoml_home) if bentoml_home else '~/bentoml'} "
+                     f"bentoml serve {bento}")
+    lines.append(f"  watch  maas monitor --set {shlex.quote(f'monitoring.model={model}@{champion_alias}')}"
+                 "   (on a schedule: maas schedule)")
+    return lines
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,19 @@ def test_gate_promotes_only_past_min_improvement():
 def test_a_champion_that_cannot_score_the_data_is_kept():
     decision = gate_decision(0.99, ("2", None), REGISTRY)
     assert decision.alias == "challenger" and "cannot score" in decision.reason
+
+
+def test_the_commands_maas_run_prints_paste_into_a_shell_whatever_the_models_name():
+    """A file named 'My Reviews (2024).csv' names its model with spaces and parentheses."""
+    import shlex
+
+    from flows.summaries import next_commands
+    from maas.cli import build_parser
+
+    serve, bento, watch = next_commands("maas-My Reviews (2024)", "champion", "champion", "maas:abc", "/tmp/my home")
+    arguments = build_parser().parse_args(shlex.split(serve.split("  serve  maas ")[1]))
+    assert arguments.model == "maas-My Reviews (2024)@champion"
+    assert shlex.split(bento.strip())[1] == "BENTOML_HOME=/tmp/my home"
+    arguments = build_parser().parse_args(shlex.split(watch.split("  watch  maas ")[1].split("   (")[0]))
+    assert arguments.overrides == ["monitoring.model=maas-My Reviews (2024)@champion"]
+    assert next_commands("maas-wine", "challenger", "champion", None, None)[0] == "  serve  maas serve --model maas-wine@challenger"
