@@ -749,7 +749,21 @@ def text_placeholders(texts: list[str], data: DataConfig) -> list[dict[str, Any]
     return [text_column(name, data, [0.0] * EMBEDDING_DIM, [1.0] * EMBEDDING_DIM) for name in texts]
 
 
-def fit_text_scales(x_train: pd.DataFrame, texts: list[str], data: DataConfig, folder: Path) -> list[dict[str, Any]]:
+# A text column whose tokens the encoder's (English WordPiece) vocabulary mostly does not know
+# (Chinese, Thai, ...) embeds as [UNK]s: said in a warning, since the column then carries little.
+UNKNOWN_TOKENS_WARNING = 0.2
+UNKNOWN_TOKENS_SAMPLE = 2_000  # training texts the share is taken on
+
+
+def unknown_token_share(encoder, texts: list[str]) -> float:
+    """Of all the tokens in `texts`, the share the vocabulary does not know."""
+    lengths, unknown = encoder.token_stats(texts)
+    total = lengths.sum()
+    return float(np.nansum(unknown * lengths) / total) if total else 0.0
+
+
+def fit_text_scales(x_train: pd.DataFrame, texts: list[str], data: DataConfig, folder: Path,
+                    notes: list[str]) -> list[dict[str, Any]]:
     """Each text column's embedding mean and scale on the training rows, the encoder in `folder`
     attached (memoising embeddings for the splits that follow)."""
     from models.text_encoder import describe_encoder
@@ -757,7 +771,12 @@ def fit_text_scales(x_train: pd.DataFrame, texts: list[str], data: DataConfig, f
     columns, described = [], describe_encoder(folder)
     for name in texts:
         encoder = text_encoder(attach(text_column(name, data, [], []), folder, memo=True))
-        embedding = encoder.embed(as_texts(x_train[name].tolist())).astype(np.float64)
+        values = as_texts(x_train[name].tolist())
+        unknown = unknown_token_share(encoder, values[:UNKNOWN_TOKENS_SAMPLE])
+        if unknown > UNKNOWN_TOKENS_WARNING:
+            notes.append(f"column '{name}': {unknown:.0%} of its tokens are unknown to {ENCODER_NAME}'s English "
+                         "vocabulary ([UNK]), so its embeddings carry little of this text (another language or script?)")
+        embedding = encoder.embed(values).astype(np.float64)
         scale = embedding.std(axis=0)
         columns.append(attach(text_column(name, data, embedding.mean(axis=0).round(7).tolist(),
                                           np.where(scale > 1e-6, scale, 1.0).round(7).tolist(), described),
@@ -821,7 +840,7 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     if texts and fit_text:
         data = searched_text_settings(splits, texts, data, fingerprint, seed, notes)
         preprocessing["text"] = fit_text_scales(splits.x_train, texts, data,
-                                                text_encoder_folder(splits, texts, data, fingerprint, seed, notes))
+                                                text_encoder_folder(splits, texts, data, fingerprint, seed, notes), notes)
     elif texts:
         preprocessing["text"] = text_placeholders(texts, data)
     return PreparedData(

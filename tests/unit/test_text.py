@@ -97,6 +97,22 @@ def test_a_table_of_text_numbers_and_categories_is_prepared_with_the_text_kept(t
     assert prepared.arrays.x_train.shape[1] == 1 + 3 + 384
 
 
+def test_text_the_encoders_vocabulary_does_not_know_is_said_in_a_warning(tickets, tmp_path):
+    prepared, _ = tickets
+    assert not any("unknown to" in note for note in prepared.notes)  # English tickets
+    rng = np.random.default_rng(0)
+    phrases = ["这个产品非常好用", "质量太差了，不推荐", "物流很快，包装完好", "客服态度不好"]
+    frame = pd.DataFrame({"review": [f"{rng.choice(phrases)} {index}" for index in range(80)],
+                          "label": ["a", "b"] * 40})
+    path = tmp_path / "reviews_zh.csv"
+    frame.to_csv(path, index=False)
+    config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target="label",
+                         overrides=["data.text_columns=[review]"])
+    notes = prepare_data(config.data, config.seed).notes
+    assert any(note.startswith("column 'review': ") and "% of its tokens are unknown to all-MiniLM-L6-v2" in note
+               for note in notes), notes
+
+
 def test_a_text_bundle_answers_raw_rows_as_its_model_does(tickets, tmp_path):
     prepared, config = tickets
     arrays = prepared.arrays
