@@ -19,6 +19,7 @@ the test split. A check compares the rows logged since the last one with it:
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -194,7 +195,10 @@ def numeric_drift(name: str, reference: dict[str, Any], values: np.ndarray, n_bi
                          reference["missing_share"])
     score = psi(expected, numeric_shares(values, edges))
     present = values[np.isfinite(values)]
-    statistic, pvalue = (ks_2samp(sample, present) if len(present) else (1.0, 0.0))
+    with warnings.catch_warnings():  # scipy falls back to the asymptotic p-value by itself; its warning
+        # reached the user's `maas monitor` output as a RuntimeWarning on tied values
+        warnings.filterwarnings("ignore", message="ks_2samp: Exact calculation unsuccessful", category=RuntimeWarning)
+        statistic, pvalue = (ks_2samp(sample, present) if len(present) else (1.0, 0.0))
     return FeatureDrift(name, "numeric", score, float(statistic), float(pvalue),
                         bool(score > config.psi_threshold and pvalue < config.ks_alpha),
                         float(sample.mean()), float(present.mean()) if len(present) else None)
