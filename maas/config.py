@@ -97,7 +97,8 @@ class DataConfig(Section):
             return self.dataset
         from maas.tables import table_name  # here, not at import: it brings pandas, which a config does not need
 
-        return table_name(Path(self.dataset))
+        # a file 'R&D sales: v2.csv' names its model 'maas-R-D sales- v2', one MLflow and Prefect take
+        return NAME_BANNED.sub("-", table_name(Path(self.dataset)))
 
 
 FamilyName = Literal["network", "mlp", "cnn", "hgb", "linear", "svm"]
@@ -296,6 +297,11 @@ def _check_alias(alias: str) -> str:
     return alias
 
 
+# Characters a name may not hold: MLflow's registered models refuse '/' and ':', Prefect's
+# deployments (named after the model) '/', '%', '&', '<' and '>'.
+NAME_BANNED = re.compile(r"[/:%&<>]")
+
+
 class RegistryConfig(Section):
     """Where the winner is registered, and the gate it must pass to become champion."""
 
@@ -304,6 +310,13 @@ class RegistryConfig(Section):
     challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     gate_metric: Literal["f1_macro", "accuracy", "roc_auc", "precision_macro", "recall_macro"] = "f1_macro"
     min_improvement: float = Field(0.0, ge=0, le=1, description="the challenger must beat the champion by more")
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name.strip() or NAME_BANNED.search(name)):
+            raise ValueError("a model name may not be empty nor hold / : % & < > (MLflow's and Prefect's names refuse them)")
+        return name
 
     @model_validator(mode="after")
     def _aliases(self) -> RegistryConfig:

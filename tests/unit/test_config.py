@@ -31,6 +31,8 @@ def test_names_default_to_dataset():
     config = load_config(dataset="/data/churn.csv", target="y")
     assert config.experiment_name == "maas-churn"
     assert config.model_name == "maas-churn"
+    # a file name holding what MLflow's model names or Prefect's deployment names refuse
+    assert load_config(dataset="/data/R&D sales: v2 <50%>.csv", target="y").model_name == "maas-R-D sales- v2 -50--"
 
 
 def test_parse_override_reads_yaml_values():
@@ -59,6 +61,7 @@ def test_a_value_that_is_not_yaml_is_taken_as_text():
         (["novalue"], "expected key=value"),
         (["schedule.train_cron=every monday"], "schedule.train_cron: not a five-field cron"),
         (["monitoring.drift.psi_threshold=0"], "monitoring.drift.psi_threshold"),
+        (["registry.model_name=team/churn"], "registry.model_name: a model name may not be empty nor hold / : % & < >"),
     ],
 )
 def test_bad_values_name_the_field_in_one_line(overrides, expected):
