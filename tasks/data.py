@@ -696,9 +696,11 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
     """The exported encoder the text columns are read with: the pretrained one, or (with
     data.text_finetune_epochs) one fine-tuned on the training rows of the first text column, early-
     stopped on the validation rows, and (with data.text_student_layers) a student distilled from it,
-    served instead when its validation F1 is within data.text_student_tolerance. Exported once per
-    table and settings. The test rows are not read."""
-    from models.text_encoder import Distillation, FineTuning, cached_encoder, distil, export_once, fine_tune, served_variant
+    served instead when its validation F1 is within data.text_student_tolerance; the pretrained one
+    when fine-tuning did not beat it there. Exported once per table and settings. The test rows are
+    not read."""
+    from models.text_encoder import (PRETRAINED, Distillation, FineTuning, cached_encoder, distil, export_once, fine_tune,
+                                     served_variant)
 
     if data.text_finetune_epochs == 0:
         return cached_encoder(encoders_home(), data.text_encoder_precision)
@@ -706,7 +708,7 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
                         max_length=data.text_max_length, max_seconds=data.text_finetune_max_s, seed=seed)
     distillation = Distillation(layers=data.text_student_layers, epochs=data.text_finetune_epochs,
                                 max_length=data.text_max_length, max_seconds=data.text_finetune_max_s, seed=seed)
-    settings = f"{tuning}|{distillation if data.text_student_layers else ''}|{data.text_student_tolerance}"
+    settings = f"{tuning}|{distillation if data.text_student_layers else ''}|{data.text_student_tolerance}|pretrained"
     digest = hashlib.sha256(f"{fingerprint}|{texts[0]}|{settings}|{data.text_encoder_precision}".encode()).hexdigest()[:12]
     labelled = labelled_texts(splits, texts[0])
     said: list[str] = []
@@ -717,11 +719,14 @@ def text_encoder_folder(splits: DataSplits, texts: list[str], data: DataConfig, 
             candidates["student"] = distil(candidates["teacher"], labelled.train, labelled.val, labelled.y_val,
                                            distillation)
         chosen, exported, scores = served_variant(candidates, labelled, data.text_encoder_precision,
-                                                  data.text_student_tolerance, data.text_max_length, folder / "variants")
+                                                  data.text_student_tolerance, data.text_max_length, folder / "variants",
+                                                  pretrained=cached_encoder(encoders_home(), data.text_encoder_precision))
         for name, model in candidates.items():
             said.append(f"{name} {model.epochs_run:.2f} epoch(s) in {model.seconds:.0f} s, validation macro F1 "
                         f"{scores[name]:.4f} ({data.text_encoder_precision}, a linear head refitted on its embeddings)")
-        said.append(f"serving the {chosen}")
+        said.append(f"the pretrained encoder as shipped {scores[PRETRAINED]:.4f}")
+        said.append(f"serving the {chosen}" + (": fine-tuning did not beat it on the validation texts"
+                                               if chosen == PRETRAINED else ""))
         for item in exported.iterdir():
             item.rename(folder / item.name)
         shutil.rmtree(folder / "variants")

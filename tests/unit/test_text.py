@@ -19,7 +19,7 @@ from maas.config import load_config
 from maas.errors import MaasInputError
 from maas.paths import encoders_home
 from models.classic import ClassicSpec, fit_classic
-from models.text_encoder import ENCODER_INFO_FILE, cached_encoder, load_encoder, pretrained_dir
+from models.text_encoder import ENCODER_INFO_FILE, cached_encoder, describe_encoder, load_encoder, pretrained_dir
 from tasks.data import SENTIMENT_FILE, is_free_text, prepare_data
 from tasks.export import write_bundle
 from tests.conftest import PROJECT_ROOT, quick_config
@@ -285,18 +285,25 @@ def test_a_timed_schedule_ends_within_its_time_when_the_steps_slow_down_after_th
     assert tuned.val_f1 == 0.5
 
 
-def test_each_encoder_variant_is_scored_through_a_head_refitted_on_its_own_served_embeddings(tmp_path):
-    """The served choice reads what the families will be fitted on, the variant's own int8 embeddings,
-    not the torch head it was trained with: heads of zeros (one class for every text) still score
-    each encoder as well as its embedding separates the classes."""
-    from models.text_encoder import LabelledTexts, Tuned, served_variant, student_of
+def toy_reviews():
+    """48 short reviews, good or bad: 30 to fit a head on, 18 to score it."""
+    from models.text_encoder import LabelledTexts
 
     good = ["a wonderful, excellent {} that I loved", "great {}, really delightful", "the {} was superb and fun"]
     bad = ["an awful, terrible {} that I hated", "horrible {}, really dreadful", "the {} was broken and boring"]
     things = ["film", "meal", "hotel", "phone", "concert", "book", "game", "trip"]
     texts = [template.format(thing) for thing in things for template in good + bad]
     labels = [label for _ in things for label in [1, 1, 1, 0, 0, 0]]
-    split = LabelledTexts(texts[:30], labels[:30], texts[30:], labels[30:])
+    return LabelledTexts(texts[:30], labels[:30], texts[30:], labels[30:])
+
+
+def test_each_encoder_variant_is_scored_through_a_head_refitted_on_its_own_served_embeddings(tmp_path):
+    """The served choice reads what the families will be fitted on, the variant's own int8 embeddings,
+    not the torch head it was trained with: heads of zeros (one class for every text) still score
+    each encoder as well as its embedding separates the classes."""
+    from models.text_encoder import Tuned, served_variant, student_of
+
+    split = toy_reviews()
     teacher = load_encoder()
 
     def zero_head() -> torch.nn.Linear:
@@ -310,6 +317,26 @@ def test_each_encoder_variant_is_scored_through_a_head_refitted_on_its_own_serve
     assert scores["teacher"] >= 0.9, scores  # a zero head would predict one class: macro F1 0.33
     assert chosen == ("student" if scores["student"] >= scores["teacher"] - 0.2 else "teacher")
     assert (folder / ENCODER_FILE).is_file()
+
+
+def test_the_pretrained_encoder_is_served_when_fine_tuning_made_it_worse(tmp_path):
+    """A fine-tuning that damaged the encoder (here: its layer norms zeroed, so every text embeds
+    alike) is scored beside the encoder as shipped, which is then served."""
+    from models.text_encoder import PRETRAINED, Tuned, served_variant, student_of
+
+    split = toy_reviews()
+    damaged = load_encoder()
+    with torch.no_grad():
+        for module in damaged.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.zero_(), module.bias.zero_()
+    head = torch.nn.Linear(384, 2)
+    candidates = {"teacher": Tuned(damaged, head, 0.0, 1, 0.0), "student": Tuned(student_of(damaged, 2), head, 0.0, 1, 0.0)}
+    chosen, folder, scores = served_variant(candidates, split, "int8", 0.01, 32, tmp_path / "variants",
+                                            pretrained=cached_encoder(tmp_path / "encoders", "int8"))
+    assert scores[PRETRAINED] >= 0.9 and scores[PRETRAINED] > max(scores["teacher"], scores["student"]) + 0.01, scores
+    assert chosen == PRETRAINED and describe_encoder(folder) == "all-MiniLM-L6-v2"
+    assert (tmp_path / "encoders").is_dir() and any((tmp_path / "encoders").iterdir())  # the cache is copied, not moved
 
 
 def test_the_text_search_tries_the_configured_settings_first_keeps_the_best_and_resumes_from_its_journal(tmp_path):
