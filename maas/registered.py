@@ -7,6 +7,7 @@ Serving, packaging, the promotion gate and the monitor all name models this way.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def rollback(client, name: str, alias: str, reason: str, actor: str | None = Non
     previous = found.tags.get(REPLACED_TAG)
     if not previous:
         raise MaasInputError(f"{name}@{alias} (v{current.version}) replaced no earlier version: nothing to roll back "
-                             f"to (use maas promote {name} VERSION)")
+                             f"to (use maas promote {shlex.quote(name)} VERSION)")
     ModelRef(name, version=previous).resolve(client, "replaced version")
     client.set_model_version_tag(name, current.version, "rolled_back", (reason or "by hand")[:500])
     move_alias(client, ModelRef(name, alias, previous), current.version, "alias.rollback", reason or "by hand", actor)
