@@ -357,7 +357,13 @@ def decoded(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
                                   "gzip or deflate", headers={"accept-encoding": "gzip, deflate"})
         inflater = zlib.decompressobj(wbits)
         try:
-            body = inflater.decompress(body, max_bytes + 1)
+            try:
+                body = inflater.decompress(body, max_bytes + 1)
+            except zlib.error:
+                if coding != "deflate":
+                    raise
+                inflater = zlib.decompressobj(-15)  # a raw deflate stream, as some clients send for 'deflate'
+                body = inflater.decompress(body, max_bytes + 1)
         except zlib.error as error:
             raise BadRequest(400, f"body: not {coding} data, as Content-Encoding says ({error})") from None
         if len(body) > max_bytes:
@@ -367,7 +373,7 @@ def decoded(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
     content_type = headers.get("content-type", "").lower()
     if content_type.startswith(NOT_ROWS_TYPES):
         raise BadRequest(415, f"Content-Type '{content_type.split(';')[0][:60]}': send rows as JSON "
-                              "(application/json)")
+                              "(application/json) or CSV (text/csv)")
     charset = content_type.partition("charset=")[2].split(";")[0].strip().strip('"')
     if charset and charset not in UTF8_NAMES:
         try:

@@ -141,6 +141,9 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
 # --- every variant, side by side -------------------------------------------------------------------
 
 
+IN_SAMPLE_NOTE = "(F1 in-sample: fitted on the validation rows)"
+
+
 @dataclass(frozen=True)
 class VariantRow:
     """One variant's line of the comparison: test quality, size, speed as served, and each as a ratio
@@ -231,7 +234,7 @@ class VariantTable:
         for row in self.rows:
             lines.append(f"  {row.name:<10} {row.f1_macro:.4f} {row.size_bytes / 1024:6.0f}K "
                          f"{row.p50_ms_b64:6.3f}  x{row.speedup_b64_vs_fp32:.2f}  x{row.size_ratio_vs_fp32:.2f}"
-                         + ("  (F1 in-sample: fitted on these rows)" if row.in_sample else ""))
+                         + (f"  {IN_SAMPLE_NOTE}" if row.in_sample else ""))
         return "\n".join(lines)
 
 
@@ -288,7 +291,7 @@ def record_evaluation(ctx: RunContext, scores: Scores) -> None:
     for row in scores.table.rows:
         ctx.logger.info("variant %-10s F1 %.4f  %8d bytes  %7.3f ms @64  x%.2f speed  x%.2f smaller%s",
                         row.name, row.f1_macro, row.size_bytes, row.p50_ms_b64, row.speedup_b64_vs_fp32,
-                        row.size_ratio_vs_fp32, "  (F1 in-sample: fitted on the validation rows)" if row.in_sample else "")
+                        row.size_ratio_vs_fp32, f"  {IN_SAMPLE_NOTE}" if row.in_sample else "")
 
 
 # --- Prefect wrapper -------------------------------------------------------------------------------

@@ -159,6 +159,7 @@ def test_bodies_as_clients_send_them_compressed_in_another_charset_as_csv_or_a_b
     sent = [
         ({"content": gzip.compress(plain), "headers": {"content-encoding": "gzip"}}, 200, ""),
         ({"content": zlib.compress(plain), "headers": {"content-encoding": "deflate"}}, 200, ""),
+        ({"content": zlib.compress(plain, wbits=-15), "headers": {"content-encoding": "deflate"}}, 200, ""),  # raw
         ({"content": plain.decode().encode("utf-16"), "headers": {"content-type": "application/json; charset=utf-16"}}, 200, ""),
         ({"content": as_csv, "headers": {"content-type": "text/csv"}}, 200, ""),
         ({"content": json.dumps(rows).encode()}, 200, ""),  # df.to_json(orient="records")
@@ -181,7 +182,7 @@ def test_bodies_as_clients_send_them_compressed_in_another_charset_as_csv_or_a_b
                                        [list(item["probabilities"].values()) for item in expected], atol=1e-6)
         else:
             assert words in response.json()["error"] and "\n" not in response.json()["error"], response.text
-    assert responses[5].headers["accept-encoding"] == "gzip, deflate"
+    assert responses[6].headers["accept-encoding"] == "gzip, deflate"
 
 
 def test_reader_takes_exact_rows_fast_and_lax_rows_through_pydantic(wine):
