@@ -22,8 +22,9 @@ from maas.errors import MaasInputError
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
 # A .csv or .txt may be split by any of these: Excel writes ';' where the decimal mark is a comma.
 DELIMITERS = (",", ";", "\t", "|")
-PARQUET_SUFFIXES = {".parquet", ".pq"}
-ARROW_SUFFIXES = {".feather", ".arrow", ".ipc"}  # Arrow IPC files (pandas' to_feather), read by pyarrow as Parquet is
+# Columnar files pyarrow reads, by suffix: the reader and the format's name for a one-line error.
+PARQUET, FEATHER = (pd.read_parquet, "Parquet"), (pd.read_feather, "Feather (Arrow IPC)")  # the second: to_feather
+COLUMNAR_FILES = {".parquet": PARQUET, ".pq": PARQUET, ".feather": FEATHER, ".arrow": FEATHER, ".ipc": FEATHER}
 JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}  # an array of records, or one record per line (.json either)
 EXCEL_SUFFIXES = {".xlsx", ".xlsm"}  # the first sheet; openpyxl reads these (the 1997-2003 .xls it cannot)
 # A CSV or JSON file as downloaded: data.csv.gz, or a .zip holding one table (as Kaggle and many portals serve them).
@@ -286,24 +287,19 @@ def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None)
     if suffix == ".xls":
         raise MaasInputError(f"{path}: the Excel 97-2003 format (.xls) is not read; save it as .xlsx or .csv")
     text = suffix in CSV_SUFFIXES or suffix in JSON_SUFFIXES
-    binary = PARQUET_SUFFIXES | ARROW_SUFFIXES | EXCEL_SUFFIXES
-    if not text and (table.compression or suffix not in binary):
+    if not text and (table.compression or (suffix not in COLUMNAR_FILES and suffix not in EXCEL_SUFFIXES)):
         raise MaasInputError(f"{path}: unsupported file type '{''.join(path.suffixes[-2:]) or path.name}'; "
                              f"use {SUPPORTED}")
     if suffix in EXCEL_SUFFIXES:
         frame = read_excel_sheet(path, sheet, column)
     elif suffix in JSON_SUFFIXES:
         frame = read_json_records(table)
-    elif suffix in PARQUET_SUFFIXES:
+    elif suffix in COLUMNAR_FILES:
+        reader, format_name = COLUMNAR_FILES[suffix]
         try:
-            frame = pd.read_parquet(path)
+            frame = reader(path)
         except Exception as exc:  # pyarrow raises many types for a damaged file
-            raise MaasInputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__})") from None
-    elif suffix in ARROW_SUFFIXES:
-        try:
-            frame = pd.read_feather(path)
-        except Exception as exc:  # pyarrow raises many types for a damaged file
-            raise MaasInputError(f"{path}: not a readable Feather (Arrow IPC) file ({exc.__class__.__name__})") from None
+            raise MaasInputError(f"{path}: not a readable {format_name} file ({exc.__class__.__name__})") from None
     else:
         encoding, delimiter, table = _csv_dialect(table, column)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so

@@ -489,13 +489,14 @@ def served_variant(candidates: dict[str, Tuned], texts: LabelledTexts, precision
     for name, model in candidates.items():
         folders[name] = export_encoder(scratch / name, precision, model.encoder)
         layers[name] = encoder_layers(model.encoder)
-    if pretrained is not None:
-        folders[PRETRAINED] = shutil.copytree(pretrained, scratch / PRETRAINED)
-        layers[PRETRAINED] = PRETRAINED_LAYERS
+    if pretrained is not None:  # scored where it is cached; copied only if served
+        folders[PRETRAINED], layers[PRETRAINED] = pretrained, PRETRAINED_LAYERS
     for name, folder in folders.items():
         served = TextEncoder(folder, max_length)
         scores[name] = refitted_head_f1(served.embed(fit_texts), fit_labels, served.embed(texts.val), texts.y_val)
     best = max(scores.values())
     chosen = min((name for name in folders if scores[name] >= best - tolerance),
                  key=lambda name: (layers[name], -scores[name]))
+    if chosen == PRETRAINED:  # the caller moves the served folder's files: the cache's stay
+        return chosen, shutil.copytree(pretrained, scratch / PRETRAINED), scores
     return chosen, folders[chosen], scores
