@@ -28,7 +28,7 @@ from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
 from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body,
                                        rows_from_csv, rows_from_mlflow_request)
-from maas.bundle import ModelBundle
+from maas.bundle import ModelBundle, unknown_categories
 from maas.config import ServingConfig
 from maas.paths import maas_home
 from maas.privacy import redactor_for
@@ -262,7 +262,10 @@ class ServiceGate:
         probabilities = await answering.batcher(tier_name).probabilities(columns)
         answered = predictions(model.bundle, probabilities)
         answer = orjson.dumps(answered)  # the prediction log keeps /predict's form
-        extra = {"x-maas-ignored-columns": ignored_columns_header(ignored)} if ignored else {}
+        extra = {"x-maas-ignored-columns": header_list(ignored)} if ignored else {}
+        unknown = unknown_categories(columns.categorical, answering.reader.preprocessing)
+        if unknown:
+            extra["x-maas-unknown-categories"] = header_list(list(unknown))
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer,
                           bool(chosen_id))  # metered, then answered
         self.answered.labels(model.label).inc()
@@ -299,6 +302,8 @@ class ServiceGate:
                 # columns of the training file the model does not read; any other unknown column is ignored too
                 "ignored_columns": meta.get("dropped_columns", {}), "strict_columns": settings.strict_columns,
                 "missing_values": "null is a missing value, imputed as in training",
+                "unknown_categories": "a value a categorical column's model has no category for reads as an unknown "
+                                      "category; the answer's X-Maas-Unknown-Categories header names such columns",
                 # text columns: the encoder, and the token count past which a text is truncated
                 **({"text_columns": meta["text"]} if meta.get("text") else {}),
                 "auth": settings.auth, "max_rows_per_request": settings.max_rows_per_request,
@@ -314,7 +319,7 @@ def request_headers(scope) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
 
 
-def ignored_columns_header(columns: list[str]) -> str:
+def header_list(columns: list[str]) -> str:
     """Column names, comma-separated; a space, comma, '%' or anything outside printable ASCII is
     percent-encoded, since a header is latin-1, may not start or end with a space (h11 closed the
     connection on a column named ' '), and a column name may be any text."""

@@ -24,6 +24,7 @@ file as training read it; plain numbers and ISO 8601 dates are read there too.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import datetime
 from pathlib import Path
@@ -172,6 +173,44 @@ def formatted_numbers(values: Any, decimal: str) -> np.ndarray:
     return np.array([formatted_number(value, decimal) for value in values], dtype=np.float64)
 
 
+# --- categories ------------------------------------------------------------------------------------
+
+# A column training's pandas read as True / False (its categories are "True" and "False") comes from
+# clients spelled many ways: JSON true, "true", "TRUE" (as Excel writes it, and pandas reads as
+# True), 1, "yes". Each reads as the category it means, as a pydantic bool field would take it:
+# before, "TRUE" or 1 was a category the model had never seen, and the answer silently ignored it.
+BOOLEAN_SPELLINGS = {**dict.fromkeys(("true", "t", "yes", "y", "on", "1", "1.0"), "True"),
+                     **dict.fromkeys(("false", "f", "no", "n", "off", "0", "0.0"), "False")}
+BOOLEAN_CATEGORIES = frozenset(("True", "False"))
+
+
+def is_boolean(column: dict[str, Any]) -> bool:
+    return len(column["categories"]) <= 2 and BOOLEAN_CATEGORIES.issuperset(column["categories"])
+
+
+def as_categories(values: np.ndarray, column: dict[str, Any]) -> np.ndarray:
+    """A categorical column's values as text (None: missing) as its categories are written: a
+    True / False column's other spellings of true and false as "True" and "False"."""
+    if not is_boolean(column):
+        return values
+    return np.array([BOOLEAN_SPELLINGS.get(value.strip().lower(), value) if isinstance(value, str) else value
+                     for value in values], dtype=object)
+
+
+def unknown_categories(categorical: list[np.ndarray], preprocessing: dict[str, Any]) -> dict[str, str]:
+    """Per categorical column with a value (not missing) that is none of the model's categories, the
+    first such value: it reads as all zeros, as a category the model never saw (or kept) does. What
+    a client needs to know when a typo or a new spelling quietly changed its answer."""
+    unknown = {}
+    for column, values in zip(preprocessing["categorical"], categorical):
+        known = set(column["categories"])
+        for value in as_categories(values, column):
+            if value is not None and value not in known:
+                unknown[column["name"]] = value
+                break
+    return unknown
+
+
 # --- text ------------------------------------------------------------------------------------------
 
 
@@ -303,14 +342,20 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> np.ndarray:
             pass
     if spec and numeric is None:
         numeric = np.column_stack([column_numbers(frame[c["name"]], c) for c in spec])
+    texts = [as_texts(frame[column["name"]].tolist()) for column in preprocessing.get("text", [])]
+    return transform_arrays(numeric, categorical_texts(frame, preprocessing), len(frame), preprocessing, texts)
+
+
+def categorical_texts(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> list[np.ndarray]:
+    """Each categorical column's values as text, as training's pandas wrote them (True -> "True",
+    3 -> "3"); None where missing."""
     categorical = []
     for column in preprocessing["categorical"]:
         raw = frame[column["name"]]
         as_text = raw.astype(str).to_numpy(dtype=object, copy=True)
         as_text[raw.isna().to_numpy()] = None
         categorical.append(as_text)
-    texts = [as_texts(frame[column["name"]].tolist()) for column in preprocessing.get("text", [])]
-    return transform_arrays(numeric, categorical, len(frame), preprocessing, texts)
+    return categorical
 
 
 def transform_arrays(
@@ -337,7 +382,7 @@ def transform_arrays(
                 raw = date_parts(values[:, index], [part["part"] for part in parts])
                 blocks.append((raw - np.array([part["mean"] for part in parts])) / np.array([part["scale"] for part in parts]))
     for column, values in zip(preprocessing["categorical"], categorical):
-        as_text = np.where(pd.isna(values), column["fill"], values).astype(object)
+        as_text = np.where(pd.isna(values), column["fill"], as_categories(values, column)).astype(object)
         categories = np.array(column["categories"], dtype=object)
         blocks.append((as_text[:, None] == categories[None, :]).astype(np.float64))
     for column, values in zip(preprocessing.get("text", []), texts or []):
@@ -393,7 +438,14 @@ class ModelBundle:
         return self.predict_features(transform(frame, self.preprocessing))
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """One row per input row: 'label' and one 'proba_<label>' column per class."""
+        """One row per input row: 'label' and one 'proba_<label>' column per class. A warning names
+        the columns holding values the model has no category for (they read as an unknown category)."""
+        if set(required_columns(self.preprocessing)) <= set(frame.columns):
+            unknown = unknown_categories(categorical_texts(frame, self.preprocessing), self.preprocessing)
+            if unknown:
+                logging.getLogger("maas").warning(
+                    "values the model has no category for, read as an unknown category: %s",
+                    ", ".join(f"column '{name}' (e.g. '{value[:40]}')" for name, value in unknown.items()))
         probabilities = self.predict_proba(frame)
         result = pd.DataFrame(
             probabilities, columns=[f"{PROBABILITY_PREFIX}{label}" for label in self.labels], index=frame.index

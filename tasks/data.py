@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
 from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_example, date_parts, dates_as_days,
-                         formatted_numbers, text_encoder, transform)
+                         formatted_numbers, is_boolean, text_encoder, transform)
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -281,6 +281,15 @@ def holds_nested_values(column: pd.Series) -> bool:
     return any(isinstance(value, (list, tuple, dict, set, np.ndarray)) for value in column.dropna().iloc[:1000])
 
 
+def holds_true_false(column: pd.Series) -> bool:
+    """True / False values: a bool column, or one with gaps, which pandas reads as objects. Both are
+    categories "True" and "False" (serving reads "TRUE", 1, "yes" as them); before, a gap made the
+    column numbers, where a client's "TRUE" was refused and the pyfunc read it as missing."""
+    if pd.api.types.is_bool_dtype(column):
+        return True
+    return column.dtype == object and all(isinstance(value, (bool, np.bool_)) for value in column.dropna())
+
+
 class Cleaned(NamedTuple):
     features: pd.DataFrame
     dropped: dict[str, str]  # column -> why it was dropped
@@ -451,11 +460,10 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             notes.append(f"column '{name}' read as free text ({ENCODER_NAME} sentence embeddings)")
             continue
         integers_from_text = False  # whole numbers that came as text: judged as pandas' integers are, below
-        if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
-            coerced = None if pd.api.types.is_bool_dtype(column) else _coerce_mostly_numeric(
-                column, data.max_unparsable_fraction
-            )
-            formatted = None if pd.api.types.is_bool_dtype(column) or (coerced is not None and not coerced[1]) else \
+        boolean = holds_true_false(column)
+        if not pd.api.types.is_numeric_dtype(column) or boolean:
+            coerced = None if boolean else _coerce_mostly_numeric(column, data.max_unparsable_fraction)
+            formatted = None if boolean or (coerced is not None and not coerced[1]) else \
                 read_formatted_numbers(column, data.max_unparsable_fraction)
             if formatted is not None and (coerced is None or formatted.n_bad < coerced[1]):
                 column, n_bad, decimal = formatted
@@ -471,7 +479,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                 if n_bad:  # none: numbers that came as text (a footer's word made the column text, say)
                     coerced_columns.add(name)
                     notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
-        is_numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        is_numeric = pd.api.types.is_numeric_dtype(column) and not boolean
         if is_numeric and pd.api.types.is_float_dtype(column):
             infinite = np.isinf(column.to_numpy(dtype=np.float64, na_value=np.nan))
             if infinite.any():  # missing, as serving reads them; as numbers they made the scaling NaN
@@ -804,7 +812,7 @@ def input_schema(preprocessing: dict[str, Any]) -> list[dict[str, str]]:
     """Raw input columns the model expects and their kind, for serving and MLflow."""
     return [{"name": c["name"], "type": "datetime" if c.get("date") else "number", **written_as(c)}
             for c in preprocessing["numeric"]] + [
-        {"name": c["name"], "type": "string"} for c in preprocessing["categorical"]
+        {"name": c["name"], "type": "boolean" if is_boolean(c) else "string"} for c in preprocessing["categorical"]
     ] + [{"name": c["name"], "type": "text"} for c in preprocessing.get("text", [])]
 
 

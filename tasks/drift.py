@@ -30,7 +30,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from maas.bundle import column_numbers
+from maas.bundle import as_categories, column_numbers
 from maas.config import DriftConfig, PrivacyConfig
 from maas.run_context import RunContext, write_file
 
@@ -206,7 +206,8 @@ def numeric_drift(name: str, reference: dict[str, Any], values: np.ndarray, n_bi
 
 def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, config: DriftConfig) -> FeatureDrift:
     known = list(reference["shares"])
-    text = values.astype(str).where(values.notna(), MISSING)
+    spelled = as_categories(values.astype(str).to_numpy(dtype=object), {"categories": [k for k in known if k != MISSING]})
+    text = pd.Series(spelled, index=values.index).where(values.notna(), MISSING)
     text = text.where(text.isin(known), OTHER)
     current = text.value_counts(normalize=True)
     expected = [reference["shares"][category] for category in known] + [0.0]

@@ -67,6 +67,16 @@ def test_categorical_drift_counts_unseen_and_missing_values():
     assert changed.drifted_features == ["plan"]
 
 
+def test_a_true_false_column_logged_in_other_spellings_has_not_drifted():
+    train = pd.DataFrame({"owner": [True] * 60 + [False] * 40, "usage": np.linspace(0, 1, 100)})
+    preprocessing = {"numeric": [{"name": "usage"}], "categorical": [{"name": "owner"}]}
+    reference = build_reference(train, preprocessing, np.zeros(100, dtype=int), ["no", "yes"], 2000, 0)
+    logged = train.assign(owner=["true", "TRUE", 1, "yes"] * 15 + ["false", 0, "No", False] * 10)
+    report = measure_drift(logged, pd.Series(["no"] * 100), reference, DriftConfig())
+    assert report.drifted_features == []
+    assert next(feature for feature in report.features if feature.name == "owner").psi < 1e-6
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # scipy's KS fallback warning stays out of `maas monitor`
 def test_a_date_column_logged_as_iso_strings_is_measured_in_days_against_the_training_datetimes():
     rng = np.random.default_rng(0)

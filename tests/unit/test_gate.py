@@ -25,6 +25,7 @@ from tasks.data import prepare_data
 from tasks.export import write_bundle
 from tasks.train import TrainingSettings, train_on_data
 from tests.conftest import quick_config
+from tests.tables import write_messy
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,20 @@ def wine(tmp_path_factory):
     folder = write_bundle(tmp_path_factory.mktemp("bundle"), trained.network, trained.spec, prepared)
     rows = json.loads(prepared.splits.x_test.head(8).to_json(orient="records"))
     return ModelBundle.load(folder, 1), rows
+
+
+@pytest.fixture(scope="module")
+def loans(tmp_path_factory):
+    """A quickly trained model of the loans table (a True/False column with gaps, categories) as a
+    bundle, and a few raw rows as JSON-ready dicts."""
+    folder = tmp_path_factory.mktemp("loans")
+    path, target = write_messy("loans", folder)
+    config = quick_config(str(path), f"data.target={target}", "train.max_epochs=3")
+    prepared = prepare_data(config.data, config.seed)
+    trained = train_on_data(prepared, TrainingSettings(config.model, config.train), config.seed)
+    bundle = write_bundle(folder / "bundle", trained.network, trained.spec, prepared)
+    rows = json.loads(prepared.splits.x_test.head(6).to_json(orient="records", date_format="iso"))
+    return ModelBundle.load(bundle, 1), rows
 
 
 async def not_found(scope, receive, send):
@@ -131,6 +146,27 @@ def test_columns_the_model_does_not_read_are_named_in_a_header_whatever_their_na
     assert with_extra.status_code == 200 and with_extra.json() == plain.json()
     assert "x-maas-ignored-columns" not in plain.headers
     assert [unquote(name) for name in with_extra.headers["x-maas-ignored-columns"].split(", ")] == sorted(extra)
+
+
+def test_a_true_false_column_takes_every_spelling_and_values_without_a_category_are_named(loans, maas_home, caplog):
+    bundle, rows = loans
+    # with gaps, pandas read the column as objects, which were numbers (0/1) before: "TRUE" was a 400
+    assert {column["name"]: column["type"] for column in bundle.metadata["input_schema"]}["homeowner"] == "boolean"
+    known = [{**row, "homeowner": True, "employment": "employed", "purpose": "car"} for row in rows]
+    spelled = [{**row, "homeowner": spelling} for row, spelling in zip(known, ["true", "TRUE", " yes", 1, 1.0, "on"])]
+    new_values = [{**known[0], "employment": "Employed", "purpose": "boat"}, known[1]]
+    plain, other, unknown = call(gate_for(bundle, auth=False), [("POST", "/predict", {"json": {"rows": rows}})
+                                                                 for rows in (known, spelled, new_values)])
+    assert plain.status_code == other.status_code == unknown.status_code == 200
+    assert other.json() == plain.json()  # "TRUE" and 1 were categories the model never saw
+    assert "x-maas-unknown-categories" not in plain.headers and "x-maas-unknown-categories" not in other.headers
+    assert unknown.headers["x-maas-unknown-categories"] == "employment, purpose"
+    np.testing.assert_allclose(bundle.predict_proba(pd.DataFrame(spelled)), bundle.predict_proba(pd.DataFrame(known)))
+    with caplog.at_level("WARNING", logger="maas"):
+        bundle.predict(pd.DataFrame(known))
+        assert caplog.text == ""
+        bundle.predict(pd.DataFrame(new_values))
+    assert "column 'employment' (e.g. 'Employed'), column 'purpose' (e.g. 'boat')" in caplog.text
 
 
 @pytest.mark.parametrize("body, status, words", [
