@@ -11,6 +11,7 @@ as every request to a model with a date column does (an ISO 8601 string, read as
 from __future__ import annotations
 
 import itertools
+import json
 import operator
 import zlib
 from typing import Annotated, Any, NamedTuple
@@ -73,6 +74,20 @@ def _number_reader(column: dict[str, Any]):
     return read
 
 
+def _nan_as_missing(value: Any) -> Any:
+    """NaN is pandas' missing value, and Python's json writes it as a bare NaN: what a client that
+    posts `df.to_dict("records")` with `requests` sends for a gap. It is missing, as null is."""
+    return None if isinstance(value, float) and value != value else value
+
+
+def _date_value(value: Any) -> Any:
+    """A date column's value as sent: an ISO 8601 string or a Unix time (pandas' `to_json` writes
+    dates as milliseconds by default); read as days by column_numbers."""
+    if value is None or isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise ValueError("expected an ISO 8601 date or time (a string) or a Unix time (a number)")
+
+
 def _as_category(value: Any) -> Any:
     """A category as training's pandas read it: true -> "True", 3 -> "3"."""
     return str(value) if isinstance(value, (bool, int, float)) else value
@@ -84,19 +99,20 @@ def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
     are ignored, or refused when `strict`. Errors name the row and column."""
     fields: dict[str, Any] = {}
     for index, column in enumerate(preprocessing["numeric"]):
-        if column.get("date"):  # an ISO 8601 string, kept as sent; read as days (unreadable: missing) as in training
-            kind = StrictStr | None
+        if column.get("date"):  # an ISO 8601 string or Unix time, kept as sent; read as days as in training
+            kind = Annotated[Any, BeforeValidator(_date_value)]
         elif column.get("number_format"):
             kind = Annotated[FiniteFloat | None, BeforeValidator(_number_reader(column))]
         elif column.get("coerce"):
             kind = Annotated[FiniteFloat | None, BeforeValidator(_missing_if_unreadable)]
         else:
             kind = FiniteFloat | None
-        fields[f"n{index}"] = (kind, Field(..., alias=column["name"]))
+        fields[f"n{index}"] = (Annotated[kind, BeforeValidator(_nan_as_missing)], Field(..., alias=column["name"]))
     for index, column in enumerate(preprocessing["categorical"]):
-        fields[f"c{index}"] = (Annotated[str | None, BeforeValidator(_as_category)], Field(..., alias=column["name"]))
+        fields[f"c{index}"] = (Annotated[str | None, BeforeValidator(_as_category), BeforeValidator(_nan_as_missing)],
+                               Field(..., alias=column["name"]))
     for index, column in enumerate(preprocessing.get("text", [])):  # a text must be a string (or null): no coercion
-        fields[f"t{index}"] = (StrictStr | None, Field(..., alias=column["name"]))
+        fields[f"t{index}"] = (Annotated[StrictStr | None, BeforeValidator(_nan_as_missing)], Field(..., alias=column["name"]))
     return create_model("Row", __config__=ConfigDict(extra="forbid" if strict else "ignore", populate_by_name=False),
                         **fields)
 
@@ -189,10 +205,7 @@ class RequestReader:
         sent that the model does not read; BadRequest (400/413) names what is wrong. A request that
         passes the exact check is logged as received. A bare list of rows (what pandas'
         `to_json(orient="records")` writes) is read as {"rows": that list}."""
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            payload = None
+        payload, _ = loads_json(body)
         if type(payload) is list:
             rows, body = payload, b'{"rows":' + body + b"}"
         else:
@@ -226,11 +239,12 @@ def refuse_unreadable_dates(rows: list[dict[str, Any]], numbers: np.ndarray, spe
             continue
         for row_index, (row, days) in enumerate(zip(rows, numbers[:, index])):
             value = row[column["name"]]
-            if np.isnan(days) and value is not None and value.strip():
+            if np.isnan(days) and value is not None and str(value).strip():
                 written = column.get("date_format")
                 as_written = f"a date as the training file wrote them ({date_example(written)}) nor " if written else ""
                 raise BadRequest(400, f"row {row_index}, column '{column['name']}': not {as_written}an ISO 8601 "
-                                      f"date or time ('{value[:40]}'), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00")
+                                      f"date or time ('{str(value)[:40]}'), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00, "
+                                      "nor Unix time")
 
 
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -262,10 +276,9 @@ def rows_from_mlflow_request(body: bytes, content_type: str, text_columns: list[
     with its header. The rows are then read as /predict reads them."""
     if is_csv(content_type):
         return rows_from_csv(body, text_columns)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadRequest(400, "body: not JSON (MLflow's scoring format, or a CSV with Content-Type: text/csv)") from None
+    payload, strict = loads_json(body)
+    if payload is None:
+        raise BadRequest(400, "body: not JSON (MLflow's scoring format, or a CSV with Content-Type: text/csv)")
     keys = [key for key in MLFLOW_KEYS if isinstance(payload, dict) and key in payload]
     if len(keys) != 1:
         raise BadRequest(400, f"body: expected an object with one of {', '.join(MLFLOW_KEYS)} (MLflow's scoring "
@@ -287,7 +300,22 @@ def rows_from_mlflow_request(body: bytes, content_type: str, text_columns: list[
         rows = [dict(zip(value, values)) for values in zip(*value.values())]
     else:
         rows = value
-    return orjson.dumps({"rows": rows})
+    # orjson writes NaN and Infinity as null; json keeps them for the row model (NaN missing, Infinity a 400)
+    return orjson.dumps({"rows": rows}) if strict else json.dumps({"rows": rows}).encode()
+
+
+def loads_json(body: bytes) -> tuple[Any, bool]:
+    """The parsed body (None: not JSON) and whether it was strict JSON. orjson refuses the bare NaN
+    and Infinity that Python's json writes, as `requests.post(json=...)` does for a pandas gap:
+    such a body is read by json, and the row model takes NaN as missing and refuses Infinity."""
+    try:
+        return orjson.loads(body), True
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body), False
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None, False
 
 
 def mlflow_predictions(answers: list[dict]) -> bytes:

@@ -75,8 +75,18 @@ def dates_as_days(values: Any, date_format: str | None = None) -> np.ndarray:
     from (Parquet gives us, a frame built from strings ns), so the same date read as a number
     differed 1000x between training and serving. Strings are read as ISO 8601, what JSON clients and
     pandas write; a zone is converted to UTC, a naive time taken as UTC; anything else is missing.
-    date_format: the strftime format the training file wrote its dates in ("%d.%m.%Y"), tried first."""
+    date_format: the strftime format the training file wrote its dates in ("%d.%m.%Y"), tried first.
+    A number is Unix time (unix_days)."""
     series = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return unix_days(series.to_numpy(dtype=np.float64, na_value=np.nan))
+    numbers = None
+    if series.dtype == object:
+        is_number = series.map(lambda value: isinstance(value, (int, float, np.integer, np.floating))
+                               and not isinstance(value, (bool, np.bool_))).to_numpy(dtype=bool)
+        if is_number.any():
+            numbers = np.full(len(series), np.nan)
+            numbers[is_number] = unix_days(series[is_number].to_numpy(dtype=np.float64))
     if not pd.api.types.is_datetime64_any_dtype(series):
         readable = series.map(lambda value: isinstance(value, (str, pd.Timestamp, np.datetime64)) or hasattr(value, "isoformat"))
         series = series.where(readable.astype(bool))
@@ -88,7 +98,25 @@ def dates_as_days(values: Any, date_format: str | None = None) -> np.ndarray:
         series = as_iso
     if isinstance(series.dtype, pd.DatetimeTZDtype):
         series = series.dt.tz_convert("UTC").dt.tz_localize(None)
-    return ((series - EPOCH) / pd.Timedelta(days=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+    days = ((series - EPOCH) / pd.Timedelta(days=1)).to_numpy(dtype=np.float64, na_value=np.nan)
+    return days if numbers is None else np.where(np.isnan(numbers), days, numbers)
+
+
+# pydantic's rule for a number given as a datetime: above 2e10 it counts milliseconds (what pandas'
+# to_json writes by default, and JavaScript's Date), else seconds
+UNIX_MILLISECONDS_ABOVE = 2e10
+MAX_UNIX_SECONDS = 9.2e9  # pandas' Timestamp range (years 1677 to 2262); beyond it: unreadable
+# Nearer 0 (1966-10 to 1973-03 in seconds) a number is more likely a count than a Unix time: an
+# Excel serial day (45000) among a workbook's date cells, which training read as missing, not 1970.
+MIN_UNIX_SECONDS = 1e8
+
+
+def unix_days(numbers: np.ndarray) -> np.ndarray:
+    """Unix times (seconds, or milliseconds by pydantic's rule) as days since 1970-01-01; NaN where
+    out of range."""
+    seconds = np.where(np.abs(numbers) > UNIX_MILLISECONDS_ABOVE, numbers / 1000, numbers)
+    readable = (np.abs(seconds) <= MAX_UNIX_SECONDS) & (np.abs(numbers) >= MIN_UNIX_SECONDS)
+    return np.where(readable, seconds / 86400, np.nan)
 
 
 DATE_PARTS = ("month", "dayofmonth", "dayofweek", "hour")

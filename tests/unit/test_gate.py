@@ -256,8 +256,44 @@ def test_dates_come_as_iso_strings_and_a_bad_one_is_a_400_unless_training_had_su
     assert json.loads(logged)["rows"][0]["seen"] == "2025-01-02T12:00:00Z"  # the log keeps what was sent
     with pytest.raises(BadRequest, match=r"row 1, column 'seen': not an ISO 8601 date or time \('03/12/2025'\)"):
         reader.read(json.dumps({"rows": [rows[0], {**rows[1], "seen": "03/12/2025"}]}).encode(), 10)
-    with pytest.raises(BadRequest, match="row 0, column 'seen': Input should be a valid string"):
-        reader.read(json.dumps({"rows": [{**rows[0], "seen": 1735689600}]}).encode(), 10)
+    # a number is Unix time: seconds, or milliseconds (pandas' to_json) past 2e10, as pydantic reads them
+    for unix_time in (1735732800, 1735732800000, 1735732800.0):
+        _, columns, _ = reader.read(json.dumps({"rows": [{**rows[0], "seen": unix_time}]}).encode(), 10)
+        assert columns.numeric[0, 1] == 20089.5
+    for unreadable in (45000, 1e30):  # a count (an Excel serial day), out of range
+        with pytest.raises(BadRequest, match=r"row 0, column 'seen': not an ISO 8601 date or time .*nor Unix time"):
+            reader.read(json.dumps({"rows": [{**rows[0], "seen": unreadable}]}).encode(), 10)
+    with pytest.raises(BadRequest, match="row 0, column 'seen': .*expected an ISO 8601 date or time .* or a Unix time"):
+        reader.read(json.dumps({"rows": [{**rows[0], "seen": True}]}).encode(), 10)
+
+
+def test_nan_as_pythons_json_writes_a_pandas_gap_is_a_missing_value_and_dates_may_come_as_unix_time(loans, maas_home):
+    bundle, rows = loans
+    gaps = {"income": None, "employment": None, "homeowner": None}
+    with_null = [{**row, **gaps} for row in rows]
+    with_nan = json.dumps({"rows": [{**row, **dict.fromkeys(gaps, float("nan"))} for row in rows]})
+    assert "NaN" in with_nan  # what requests.post(json=...) sends for df.to_dict("records") with gaps
+    split = pd.DataFrame(with_null).astype(object).fillna(float("nan")).to_dict(orient="split", index=False)
+    as_unix = [{**row, "applied_on": int(pd.Timestamp(row["applied_on"]).timestamp() * 1000)} for row in rows]
+    as_json = {"headers": {"content-type": "application/json"}}
+    null, nan, nan_list, nan_mlflow, null_mlflow, iso, unix, infinite = call(gate_for(bundle, auth=False), [
+        ("POST", "/predict", {"json": {"rows": with_null}}),
+        ("POST", "/predict", {"content": with_nan, **as_json}),
+        ("POST", "/predict", {"content": json.dumps(json.loads(with_nan)["rows"]), **as_json}),
+        ("POST", "/invocations", {"content": json.dumps({"dataframe_split": split}), **as_json}),
+        ("POST", "/invocations", {"json": {"dataframe_records": with_null}}),
+        ("POST", "/predict", {"json": {"rows": rows}}), ("POST", "/predict", {"json": {"rows": as_unix}}),
+        ("POST", "/invocations", {"content": json.dumps({"dataframe_records": [{**rows[0], "income": float("inf")}]}),
+                                  **as_json})])
+    assert {null.status_code, nan.status_code, nan_list.status_code, nan_mlflow.status_code, iso.status_code,
+            unix.status_code} == {200}, nan.text
+    assert nan.json() == nan_list.json() == null.json() and nan_mlflow.json() == null_mlflow.json()
+    assert unix.json() == iso.json()
+    assert infinite.status_code == 400 and "row 0, column 'income': Input should be a finite number" in infinite.text
+    # the pyfunc's reading: a date column of Unix milliseconds, as pd.read_json leaves an unnamed one
+    frame = pd.DataFrame(rows)
+    np.testing.assert_allclose(bundle.predict_proba(frame.assign(applied_on=[row["applied_on"] for row in as_unix])),
+                               bundle.predict_proba(frame), atol=1e-6)
 
 
 def test_other_paths_pass_through_and_metadata_names_the_model(wine, maas_home):
