@@ -74,6 +74,19 @@ def test_gradient_boosting_wins_on_thresholds_and_interactions(tmp_path, maas_ho
     assert comparison.chosen.family == "hgb" and scores["hgb"] > scores["mlp"] + 0.05, comparison.leaderboard()
 
 
+def test_the_best_trials_folds_are_the_leaderboards_and_are_not_fitted_again(tmp_path, maas_home, monkeypatch):
+    from tasks import families
+
+    prepared, config = prepared_table("churn", tmp_path, "model.families=[hgb]", "selection.family_trials=3")
+    fitted = []
+    fit_fold = families.fit_classic_fold
+    monkeypatch.setattr(families, "fit_classic_fold", lambda *args, **kwargs: fitted.append(1) or fit_fold(*args, **kwargs))
+    comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "b")
+    hgb = comparison.member("hgb")
+    assert len(hgb.fold_f1) == comparison.folds * comparison.repeats == len(hgb.fold_probabilities)
+    assert len(fitted) == 3 * len(hgb.fold_f1)  # the three trials' folds; none a second time for the leaderboard
+
+
 def test_the_linear_model_is_kept_where_it_is_enough(tmp_path, maas_home):
     prepared, config = prepared_table("linear", tmp_path)
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "l")
