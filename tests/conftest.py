@@ -44,6 +44,7 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session, exitstatus):
     """Fail the run if a test left a process or a listening port behind (servers, their workers)."""
+    stop_temporary_prefect_servers()
     before = session.config.stash.get(PROCESSES_BEFORE, None)
     if before is None:
         return
@@ -70,6 +71,15 @@ def pytest_sessionfinish(session, exitstatus):
         for line in lines:
             reporter.write_line(line)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def stop_temporary_prefect_servers() -> None:
+    """The temporary servers flows started without a server URL, stopped now: Prefect stops them at
+    exit, when its log line goes to pytest's closed capture file ('--- Logging error ---' and a
+    traceback after the summary). Its instances table is private: if it moves, exit stops them."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    for server in list(getattr(getattr(server_module, "SubprocessASGIServer", None), "_instances", {}).values()):
+        server.stop()
 
 
 def processes_left_behind(before: frozenset) -> list:
