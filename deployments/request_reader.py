@@ -313,9 +313,15 @@ def loads_json(body: bytes) -> tuple[Any, bool]:
     except orjson.JSONDecodeError:
         pass
     try:
-        return json.loads(body), False
+        payload = json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None, False
+    try:  # json takes a lone surrogate escape ("\ud800"), which is no text: the tokenizer and the log failed on it
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest(400, "body: a string holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff), "
+                              "which is not text") from None
+    return payload, False
 
 
 def mlflow_predictions(answers: list[dict]) -> bytes:

@@ -169,6 +169,18 @@ def test_a_true_false_column_takes_every_spelling_and_values_without_a_category_
     assert "column 'employment' (e.g. 'Employed'), column 'purpose' (e.g. 'boat')" in caplog.text
 
 
+def test_a_lone_surrogate_escape_in_a_string_is_a_400_not_a_failure(loans, maas_home):
+    bundle, rows = loans
+    row = json.dumps({**rows[0], "employment": "PLACEHOLDER"}).replace("PLACEHOLDER", "em\\ud800ployed")
+    answers = call(gate_for(bundle, auth=False), [
+        ("POST", "/predict", {"content": f'{{"rows": [{row}]}}', "headers": {"content-type": "application/json"}}),
+        ("POST", "/predict", {"content": f"[{row}]", "headers": {"content-type": "application/json"}}),
+        ("POST", "/invocations", {"content": f'{{"dataframe_records": [{row}]}}',
+                                  "headers": {"content-type": "application/json"}})])
+    assert [answer.status_code for answer in answers] == [400] * 3
+    assert all("lone UTF-16 surrogate" in answer.json()["error"] for answer in answers)
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"rows": []}, 400, "at least 1"),
     ({"rows": [{"alcohol": 1.0}]}, 400, "row 0, column"),
