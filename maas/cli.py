@@ -410,6 +410,9 @@ def command_keys(args: argparse.Namespace) -> int:
               f"{', expires ' + iso(expires) if expires else ''}:\n{plain}\n"
               "Store it now: only its hash is kept. Send it as header X-API-Key.")
     elif args.key_command == "list":
+        if not list_keys(connection):
+            print("no keys yet: maas keys create NAME --tier TIER")
+            return 0
         print(f"{'id':<10}{'name':<20}{'tier':<8}{'scopes':<26}{'state':<9}{'secrets':<9}{'created':<27}expires")
         for key in list_keys(connection):
             print(f"{key.key_id:<10}{key.name:<20}{key.tier:<8}{','.join(key.scopes):<26}{key.state:<9}"
@@ -433,6 +436,7 @@ def command_promote(args: argparse.Namespace) -> int:
     from maas.registered import promote
     from maas.tracking import mlflow_client
 
+    require_trained_store(f"{args.name}/{args.version}")
     before = promote(mlflow_client(), args.name, args.version, args.alias, args.reason)
     print(f"{args.name}@{args.alias}: {'v' + before if before else 'unset'} -> v{args.version} (audited; a running "
           "`maas serve` follows within serving.reload_interval_s)")
@@ -443,6 +447,7 @@ def command_rollback(args: argparse.Namespace) -> int:
     from maas.registered import rollback
     from maas.tracking import mlflow_client
 
+    require_trained_store(f"{args.name}@{args.alias}")
     current, previous = rollback(mlflow_client(), args.name, args.alias, args.reason)
     print(f"{args.name}@{args.alias}: v{current} -> v{previous} (rolled back, audited)")
     return 0
@@ -467,6 +472,8 @@ def command_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([entry.as_dict() for entry in found], indent=1))
         return 0
+    if not found:
+        print(f"no audit entries{f' for actions starting with {args.filter!r}' if args.filter else ''} yet")
     def shown(value) -> str:
         return "-" if value is None else value if isinstance(value, str) else json.dumps(value)
 
@@ -509,6 +516,9 @@ def command_bill(args: argparse.Namespace) -> int:
     if args.json:
         print(as_json)
         return 0
+    if not invoices:
+        print(f"no invoices for {args.month}: no key was active or metered in it")
+        return 0
     print(f"{'key':<10}{'name':<20}{'tier':<8}{'rows':>12}{'billable':>12}{'base':>10}{'usage':>10}{'total':>11}")
     for line in invoices:
         print(f"{line.key_id:<10}{line.name:<20}{line.tier:<8}{line.rows:>12}{line.billable_rows:>12}"
@@ -525,6 +535,9 @@ def command_usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
+    if not report:
+        print(f"no requests metered{f' in {args.month}' if args.month else ''} yet")
+        return 0
     print(f"{'month':<9}{'key':<10}{'name':<20}{'tier':<8}{'requests':>10}{'rows':>12}{'errors':>8}")
     for row in report:
         print(f"{row['month']:<9}{row['key_id']:<10}{row['name']:<20}{row['tier']:<8}"
@@ -532,18 +545,25 @@ def command_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_trained_store(what: str) -> None:
+    """One line where no model was trained in this home yet, before MLflow makes an empty store
+    there (with its INFO lines) only to say the model is not in it."""
+    from maas.paths import is_embedded_store, maas_home
+
+    if is_embedded_store() and not (maas_home() / "mlflow.db").is_file():
+        raise MaasInputError(f"{what}: no MLflow store in {maas_home()} yet (train a model with `maas run`)")
+
+
 def monitor_preflight(config) -> None:
     """Bad input (no such model, a missing labels file) as one line before any flow run starts."""
     import tempfile
 
-    from maas.paths import is_embedded_store, maas_home
+    from maas.paths import maas_home
     from maas.tracking import mlflow_client
     from tasks.check import resolve_watched, watched_reference
     from tasks.prediction_log import read_ground_truth
 
-    if is_embedded_store() and not (maas_home() / "mlflow.db").is_file():
-        raise MaasInputError(f"monitoring.model '{watched_reference(config)}': no MLflow store in {maas_home()} yet "
-                             "(train a model with `maas run`)")
+    require_trained_store(f"monitoring.model '{watched_reference(config)}'")
     with tempfile.TemporaryDirectory(dir=maas_home(), prefix="preflight-") as scratch:
         resolve_watched(mlflow_client(), config, Path(scratch))
     if config.monitoring.labels_path:

@@ -105,6 +105,20 @@ def test_monitor_without_a_model_is_one_line_and_leaves_no_run(store_exists, arg
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def test_a_new_home_answers_each_governance_command_in_a_line(maas_home, capsys):
+    for arguments, expected in ((["usage"], "no requests metered yet"), (["audit"], "no audit entries yet"),
+                                (["keys", "list"], "no keys yet: maas keys create NAME --tier TIER"),
+                                (["bill", "--month", "2026-11"], "no invoices for 2026-11")):
+        assert main(arguments) == 0
+        assert capsys.readouterr().out.startswith(expected), arguments
+    for arguments, expected in ((["promote", "maas-wine", "3"], "maas-wine/3: no MLflow store in"),
+                                (["rollback", "maas-wine"], "maas-wine@champion: no MLflow store in")):
+        assert main(arguments) == 2
+        captured = capsys.readouterr()
+        assert len(captured.err.strip().splitlines()) == 1 and expected in captured.err, captured.err
+    assert not (maas_home / "mlflow.db").exists()  # no empty store made only to say the model is not in it
+
+
 def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):
     """The user's path: a subprocess, Prefect's own temporary server, a clean log."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
