@@ -15,7 +15,8 @@ from models.classic import SVM_CLIP, ClassicSpec, fit_classic
 from tasks.data import SealedSplit, SealedSplitRead, prepare_data
 from tasks.evaluate import evaluate_variants
 from tasks.export import write_bundle
-from tasks.families import candidate_families, compare_families, families_for_rows, fit_chosen_family
+from tasks.families import (FamilyScore, candidate_families, choose_family, compare_families, families_for_rows,
+                            fit_chosen_family)
 from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
 from tests.conftest import PROJECT_ROOT, quick_config
@@ -85,6 +86,18 @@ def test_the_best_trials_folds_are_the_leaderboards_and_are_not_fitted_again(tmp
     hgb = comparison.member("hgb")
     assert len(hgb.fold_f1) == comparison.folds * comparison.repeats == len(hgb.fold_probabilities)
     assert len(fitted) == 3 * len(hgb.fold_f1)  # the three trials' folds; none a second time for the leaderboard
+
+
+def test_means_equal_as_the_leaderboard_prints_them_are_a_tie_the_simpler_family_takes():
+    def score(family: str, mean: float) -> FamilyScore:
+        return FamilyScore(family, None, {}, [mean - 0.01, mean + 0.01], 0.0)
+
+    chosen, reason = choose_family([score("ensemble", 0.67712), score("hgb", 0.67708), score("mlp", 0.6749)], 0.0)
+    assert chosen.family == "hgb" and reason.startswith("hgb: tied with ensemble at cross-validated macro F1 0.6771")
+    chosen, reason = choose_family([score("ensemble", 0.6773), score("hgb", 0.6771)], 0.0)
+    assert chosen.family == "ensemble" and "best cross-validated macro F1 0.6773" in reason
+    chosen, _ = choose_family([score("ensemble", 0.6773), score("hgb", 0.6771)], 0.001)
+    assert chosen.family == "hgb"
 
 
 def test_the_linear_model_is_kept_where_it_is_enough(tmp_path, maas_home):
