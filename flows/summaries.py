@@ -195,6 +195,10 @@ class CheckSummary:
                  f"  drift    {len(drift.drifted_features)} of {len(drift.features)} features drifted"
                  + ("" if drift.judged else " (too few rows to judge)")
                  + (f": {', '.join(drift.drifted_features[:6])}" if drift.drifted_features else "")]
+        unseen = ["{}: {}".format(feature.name, ", ".join(f"'{value[:30]}' {share:.1%}" for value, share in feature.unseen.items()))
+                  for feature in drift.features if feature.unseen]
+        if unseen:  # values training never had, read as an unknown category: a typo, a new product, a renamed code
+            lines.append(f"  unseen   {'; '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}")
         if self.quality is not None:
             quality = self.quality
             lines.append(f"  quality  live F1 {quality.metrics['f1_macro']:.4f} on {quality.n_labelled} labelled rows "

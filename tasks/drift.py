@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 REFERENCE_FILE = "reference.json"
 MISSING = "(missing)"
 OTHER = "(other)"
+UNSEEN_SHOWN = 5  # unseen values named per categorical feature
 EPSILON = 1e-4  # share given to an empty bin, so a bin seen on one side only scores high, not infinite
 
 
@@ -147,6 +148,9 @@ class FeatureDrift:
     drifted: bool
     reference_mean: float | None = None
     current_mean: float | None = None
+    # a categorical feature's values training never had (or kept), most frequent first: value -> share
+    # of the logged rows. What a PSI over "(other)" does not say: which new value arrived.
+    unseen: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -208,12 +212,14 @@ def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, c
     known = list(reference["shares"])
     spelled = as_categories(values.astype(str).to_numpy(dtype=object), {"categories": [k for k in known if k != MISSING]})
     text = pd.Series(spelled, index=values.index).where(values.notna(), MISSING)
+    new = text[~text.isin(known) & (text != MISSING)]
+    unseen = {str(value): count / len(text) for value, count in new.value_counts().head(UNSEEN_SHOWN).items()}
     text = text.where(text.isin(known), OTHER)
     current = text.value_counts(normalize=True)
     expected = [reference["shares"][category] for category in known] + [0.0]
     actual = [float(current.get(category, 0.0)) for category in [*known, OTHER]]
     score = psi(expected, actual)
-    return FeatureDrift(name, "categorical", score, None, None, bool(score > config.psi_threshold))
+    return FeatureDrift(name, "categorical", score, None, None, bool(score > config.psi_threshold), unseen=unseen)
 
 
 def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str, Any], config: DriftConfig,

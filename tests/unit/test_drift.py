@@ -65,6 +65,15 @@ def test_categorical_drift_counts_unseen_and_missing_values():
     changed = measure_drift(new_plans, pd.Series(["no"] * 100), reference, DriftConfig())
     assert same.drifted_features == []
     assert changed.drifted_features == ["plan"]
+    assert [feature.unseen for feature in same.features if feature.kind == "categorical"] == [{}]
+    plan = next(feature for feature in changed.features if feature.name == "plan")
+    assert plan.unseen == {"enterprise": 0.5}  # the value that arrived, not the missing ones
+    from flows.summaries import CheckSummary
+    from tasks.alerts import AlertOutcome
+
+    printed = CheckSummary("m/1@champion", 0.0, 0.0, None, "r", "url", changed, None, None, None, AlertOutcome({}),
+                           None).render()
+    assert "  unseen   plan: 'enterprise' 50.0%" in printed
 
 
 def test_a_true_false_column_logged_in_other_spellings_has_not_drifted():
