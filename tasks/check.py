@@ -37,6 +37,7 @@ class WatchedModel:
     bundle: ModelBundle
     reference: dict[str, Any]
     replaced_version: str | None  # the champion it replaced, what a rollback returns to
+    run_id: str | None = None  # the training run, whose manifest.json holds the config it was trained with
 
     @property
     def label(self) -> str:
@@ -61,7 +62,7 @@ def resolve_watched(client, config: RunConfig, scratch: Path) -> WatchedModel:
     if drift_reference is None:
         raise MaasInputError(f"{ref.name} version {ref.version} has no drift reference in its bundle "
                              "(registered before monitoring existed); retrain it with `maas run`")
-    return WatchedModel(ref, ModelBundle.load(bundle_dir), drift_reference, found.tags.get(REPLACED_TAG))
+    return WatchedModel(ref, ModelBundle.load(bundle_dir), drift_reference, found.tags.get(REPLACED_TAG), found.run_id)
 
 
 class Check:

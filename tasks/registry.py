@@ -36,6 +36,7 @@ from tasks.tune import TuningResult
 ENTRY_FILE = Path(__file__).resolve().parent.parent / "maas" / "mlflow_model.py"
 LOCK_FILE_NAME = "requirements.lock"
 RUNTIME_PACKAGES = ("mlflow", "onnxruntime", "tokenizers", "numpy", "pandas")  # tokenizers: text columns
+MANIFEST = "manifest.json"  # the training run's artifact: how the version was made, its full config included
 MANIFEST_PACKAGES = ("torch", "prefect", "mlflow", "optuna", "onnxruntime", "scikit-learn", "pandas", "numpy")
 
 
@@ -337,7 +338,7 @@ def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: Ru
     write_reference(bundle_dir, build_reference(  # what the monitoring flow measures drift against
         splits.x_train, prepared.preprocessing, winner.evaluation.probabilities.argmax(1), prepared.labels,
         config.monitoring.drift.reference_rows, config.seed))
-    ctx.client.log_text(ctx.run_id, manifest_json(manifest), "manifest.json")
+    ctx.client.log_text(ctx.run_id, manifest_json(manifest), MANIFEST)
     model_info = log_bundle_model(ctx.client, ctx.run_id, bundle_dir, splits.x_test.head(5))
     description = (
         f"{variant}: test f1_macro {metrics['f1_macro']:.4f}, accuracy {metrics['accuracy']:.4f}; "

@@ -3,6 +3,8 @@ still decides what the new version becomes. Labelled production rows can join it
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -21,6 +24,7 @@ from maas.service_store import connect
 from tasks.alerts import AlertOutcome
 from tasks.prediction_log import LoggedRows
 from tasks.quality import RollbackDecision
+from tasks.registry import MANIFEST
 
 if TYPE_CHECKING:
     from tasks.check import Check
@@ -46,6 +50,32 @@ def labelled_rows_file(window: LoggedRows, labelled: pd.DataFrame, target: str) 
     return path
 
 
+def training_config(check: Check) -> RunConfig | None:
+    """The config the watched model is retrained with: this monitor's own where it watches its own
+    model; else the one the watched version was trained with, from its run's manifest.json. With
+    `--set monitoring.model=maas-orders@champion` and no --config, the monitor's config is the
+    default's, and the retrain trained breast_cancer under the orders model's name. None: no
+    readable manifest."""
+    config = check.config
+    if check.watched.ref.name == config.model_name:
+        return config
+    if check.watched.run_id is None:
+        return None
+    from pydantic import ValidationError
+
+    from maas.tracking import mlflow_client
+
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            manifest = Path(mlflow_client().download_artifacts(check.watched.run_id, MANIFEST, scratch)).read_text()
+        trained = RunConfig.model_validate(json.loads(manifest)["config"])
+    except (OSError, MlflowException, ValueError, KeyError, ValidationError):  # a JSONDecodeError is a ValueError
+        return None
+    if config.monitoring.retrain_deployment:  # named for this monitor: it stays the one run
+        trained.monitoring.retrain_deployment = config.monitoring.retrain_deployment
+    return trained
+
+
 def trigger_retrain(config: RunConfig, reasons: list[str], extra_rows: Path | None) -> RetrainRequest:
     """A run of the training deployment, started and left to run (it outlives this check)."""
     from prefect.deployments import run_deployment
@@ -55,18 +85,17 @@ def trigger_retrain(config: RunConfig, reasons: list[str], extra_rows: Path | No
     if extra_rows is not None:
         retrain_config = config.model_copy(deep=True)
         retrain_config.data.extra_paths = [*config.data.extra_paths, str(extra_rows)]
+    deployment = config.train_deployment
     try:
-        flow_run = run_deployment(
-            config.train_deployment, parameters={"config": retrain_config.model_dump(mode="json")}, timeout=0,
-            tags=["maas", "retrain"], as_subflow=False,
-        )
+        flow_run = run_deployment(deployment, parameters={"config": retrain_config.model_dump(mode="json")}, timeout=0,
+                                  tags=["maas", "retrain"], as_subflow=False)
     except ObjectNotFound:
-        return RetrainRequest(f"wanted ({'; '.join(reasons)}) but deployment '{config.train_deployment}' is not "
+        return RetrainRequest(f"wanted ({'; '.join(reasons)}) but deployment '{deployment}' is not "
                               "registered: start `maas schedule`", None)
-    status = f"triggered {config.train_deployment} flow run {flow_run.name} ({'; '.join(reasons)})"
+    status = f"triggered {deployment} flow run {flow_run.name} ({'; '.join(reasons)})"
     connection = connect()
     try:
-        audit.append(connection, "retrain.trigger", config.train_deployment, None, f"flow run {flow_run.name}",
+        audit.append(connection, "retrain.trigger", deployment, None, f"flow run {flow_run.name}",
                      "; ".join(reasons)[:1000], "monitoring flow")
     finally:
         connection.close()
@@ -82,7 +111,12 @@ def maybe_retrain(check: Check, alerts: AlertOutcome, rollback: RollbackDecision
     extra = (labelled_rows_file(check.recent, labelled, check.watched.bundle.metadata["target"])
              if check.monitoring.append_labelled and labelled is not None and len(labelled) and not check.hidden_inputs
              else None)  # rows whose inputs the log keeps hashed or dropped are no training data
-    return trigger_retrain(check.config, reasons, extra)
+    config = training_config(check)
+    if config is None:
+        return RetrainRequest(f"wanted ({'; '.join(reasons)}) but {check.watched.ref.name} was not trained with this "
+                              "monitor's config and its run has no readable manifest.json: pass its config (--config)",
+                              None)
+    return trigger_retrain(config, reasons, extra)
 
 
 def record_retrain(ctx: RunContext, request: RetrainRequest | None) -> None:

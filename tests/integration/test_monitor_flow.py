@@ -155,6 +155,26 @@ def test_drift_alerts_once_per_incident_through_the_notification_block(registry,
     assert second["drift"]["drifted_features"] and second["alerts"] == [] and len(webhook.received) == 1
 
 
+def test_a_monitor_watching_another_model_retrains_it_with_the_config_it_was_trained_with(registry, fresh_log,
+                                                                                          tmp_path):
+    from types import SimpleNamespace
+
+    from maas.tracking import mlflow_client
+    from tasks.check import resolve_watched
+    from tasks.retrain import training_config
+
+    home, config, prepared = registry
+    # `maas monitor --set monitoring.model=...` with no --config: the monitor's own data section is another table's
+    other = quick_config("wine", *QUICK, f"monitoring.model={config.model_name}@champion")
+    watched = resolve_watched(mlflow_client(), other, tmp_path)
+    trained = training_config(SimpleNamespace(config=other, watched=watched))
+    assert trained.data.dataset == "breast_cancer" and trained.model_dump() == config.model_dump()
+    assert trained.train_deployment == f"maas-train/{config.model_name}-train" != other.train_deployment
+    named = other.model_copy(update={"monitoring": other.monitoring.model_copy(update={"retrain_deployment": "a/b"})})
+    assert training_config(SimpleNamespace(config=named, watched=watched)).train_deployment == "a/b"
+    assert training_config(SimpleNamespace(config=config, watched=watched)) is config  # its own model: its own config
+
+
 def test_decayed_labels_raise_a_quality_alert(registry, fresh_log, tmp_path):
     from flows.monitor import monitor
 
