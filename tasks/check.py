@@ -110,6 +110,15 @@ class Check:
         return labelled
 
 
+def monitoring_experiment(config: RunConfig, watched_name: str) -> str:
+    """Where a check is recorded: the config's monitoring experiment for its own model; for a model
+    it names with monitoring.model alone, that model's (maas-orders-monitoring), not the default
+    config's breast_cancer one."""
+    if config.monitoring.experiment or watched_name == config.model_name:
+        return config.monitoring_experiment
+    return f"{watched_name}-monitoring"
+
+
 @contextmanager
 def open_check(config: RunConfig) -> Iterator[Check]:
     """A check of the watched model over the log since the last one, as an MLflow run in the
@@ -120,7 +129,7 @@ def open_check(config: RunConfig) -> Iterator[Check]:
     with tempfile.TemporaryDirectory(dir=maas_home(), prefix="monitor-") as scratch:
         watched = resolve_watched(mlflow_client(), config, Path(scratch))  # before the run: bad input leaves none
         tags = {"maas.check": "monitor", "maas.model": watched.ref.name, "maas.model_version": watched.ref.version}
-        with open_run(config.monitoring_experiment, name, tags) as ctx:
+        with open_run(monitoring_experiment(config, watched.ref.name), name, tags) as ctx:
             check = Check(ctx, config, watched, connection, at)
             yield check
             save_check(connection, watched.ref.name, at, check.counters)

@@ -155,12 +155,12 @@ def test_drift_alerts_once_per_incident_through_the_notification_block(registry,
     assert second["drift"]["drifted_features"] and second["alerts"] == [] and len(webhook.received) == 1
 
 
-def test_a_monitor_watching_another_model_retrains_it_with_the_config_it_was_trained_with(registry, fresh_log,
+def test_a_monitor_watching_another_model_records_and_retrains_it_as_its_own_config_would(registry, fresh_log,
                                                                                           tmp_path):
     from types import SimpleNamespace
 
     from maas.tracking import mlflow_client
-    from tasks.check import resolve_watched
+    from tasks.check import monitoring_experiment, resolve_watched
     from tasks.retrain import training_config
 
     home, config, prepared = registry
@@ -173,6 +173,8 @@ def test_a_monitor_watching_another_model_retrains_it_with_the_config_it_was_tra
     named = other.model_copy(update={"monitoring": other.monitoring.model_copy(update={"retrain_deployment": "a/b"})})
     assert training_config(SimpleNamespace(config=named, watched=watched)).train_deployment == "a/b"
     assert training_config(SimpleNamespace(config=config, watched=watched)) is config  # its own model: its own config
+    assert monitoring_experiment(other, watched.ref.name) == f"{config.model_name}-monitoring" == \
+        monitoring_experiment(config, watched.ref.name)  # its checks are recorded beside its own, not wine's
 
 
 def test_decayed_labels_raise_a_quality_alert(registry, fresh_log, tmp_path):
