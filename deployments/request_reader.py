@@ -3,7 +3,8 @@
 Serving accepts what training accepted: a null where training had missing values is imputed the
 same way, columns training dropped or never saw are ignored (unless serving.strict_columns), and a
 category may come as a number. A request whose rows have exactly the training columns, finite
-numbers and text where text is expected becomes numpy columns directly (~2 us a row); any other
+numbers, text where text is expected (a category may be a boolean or null) becomes numpy columns
+directly (~2 us a row); any other
 goes through a pydantic model of one row (~10 us a row), which gives the verdict and names the field,
 as every request to a model with a date column does (an ISO 8601 string, read as days).
 """
@@ -125,6 +126,22 @@ def _string_columns(values_by_row: list[tuple] | None) -> list[tuple] | None:
     return None if any(type(value) is not str for values in columns for value in values) else columns
 
 
+def _category_columns(values_by_row: list[tuple] | None) -> list[tuple] | None:
+    """Per-column tuples of categories when every value is a string, a boolean (read as training's
+    pandas wrote it: true -> "True") or null (missing); None otherwise. A JSON true, or a gap, sent
+    the whole request through pydantic: 5 and 3.3 us a row against 0.6."""
+    if values_by_row is None:
+        return []
+    columns = []
+    for values in zip(*values_by_row):
+        if any(type(value) is not str for value in values):
+            if any(value is not None and type(value) is not str and type(value) is not bool for value in values):
+                return None
+            values = tuple(str(value) if type(value) is bool else value for value in values)
+        columns.append(values)
+    return columns
+
+
 def _tuple_getter(names: list[str]):
     """row -> tuple of its values for these columns (operator.itemgetter, always a tuple)."""
     if len(names) == 1:
@@ -180,7 +197,7 @@ class RequestReader:
             if not np.isfinite(numeric).all():
                 return None
             numeric = numeric.reshape(len(rows), len(self.numeric))
-        categorical = _string_columns(categorical_values)
+        categorical = _category_columns(categorical_values)
         text = _string_columns(text_values)
         if categorical is None or text is None:
             return None  # a number, null or list where text is expected: pydantic gives the verdict

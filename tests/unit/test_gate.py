@@ -254,6 +254,21 @@ def test_reader_takes_exact_rows_fast_and_lax_rows_through_pydantic(wine):
         reader.read(json.dumps({"rows": [{name: value for name, value in rows[0].items() if name != "alcohol"}]}).encode(), 8)
 
 
+def test_booleans_and_nulls_in_categories_take_the_fast_path_and_read_as_pydantic_reads_them():
+    reader = RequestReader({"numeric": [{"name": "x", "fill": 0.0, "mean": 0.0, "scale": 1.0, "coerce": False}],
+                            "categorical": [{"name": "owner", "fill": "True", "categories": ["False", "True"]},
+                                            {"name": "plan", "fill": "basic", "categories": ["basic", "pro"]}]})
+    rows = [{"x": 1.5, "owner": True, "plan": "pro"}, {"x": 2.0, "owner": False, "plan": None},
+            {"x": 3.0, "owner": None, "plan": "basic"}]
+    body = json.dumps({"rows": rows}).encode()
+    logged, fast, _ = reader.read(body, 10)
+    assert logged is body  # the exact path: logged as received
+    _, through_pydantic, _ = reader.read(json.dumps({"rows": [{**row, "x": str(row["x"])} for row in rows]}).encode(), 10)
+    for ours, theirs in zip(fast.categorical, through_pydantic.categorical):
+        assert ours.tolist() == theirs.tolist()
+    assert fast.categorical[0].tolist() == ["True", "False", None] and fast.categorical[1].tolist() == ["pro", None, "basic"]
+
+
 def test_dates_come_as_iso_strings_and_a_bad_one_is_a_400_unless_training_had_such_values_too():
     number = {"fill": 20000.0, "mean": 20000.0, "scale": 10.0}
     reader = RequestReader({"numeric": [{"name": "x", **number, "coerce": False},
