@@ -263,7 +263,8 @@ class ServiceGate:
         answered = predictions(model.bundle, probabilities)
         answer = orjson.dumps(answered)  # the prediction log keeps /predict's form
         extra = {"x-maas-ignored-columns": header_list(ignored)} if ignored else {}
-        unknown = unknown_categories(columns.categorical, answering.reader.preprocessing)
+        reader = answering.reader
+        unknown = unknown_categories(columns.categorical, reader.preprocessing, reader.category_sets)
         if unknown:
             extra["x-maas-unknown-categories"] = header_list(list(unknown))
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer,

@@ -21,7 +21,7 @@ import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
-from maas.bundle import PROBABILITY_PREFIX, column_numbers, date_example, formatted_number
+from maas.bundle import PROBABILITY_PREFIX, category_sets, column_numbers, date_example, formatted_number
 
 
 class Columns(NamedTuple):
@@ -168,6 +168,7 @@ class RequestReader:
         self.has_dates = any(column.get("date") for column in preprocessing["numeric"])
         self.categorical = [column["name"] for column in preprocessing["categorical"]]
         self.text = [column["name"] for column in preprocessing.get("text", [])]
+        self.category_sets = category_sets(preprocessing)  # once, not per request (unknown_categories)
         self.columns = frozenset(self.numeric + self.categorical + self.text)
         self._numeric_of, self._categorical_of = _tuple_getter(self.numeric), _tuple_getter(self.categorical)
         self._text_of = _tuple_getter(self.text)

@@ -225,13 +225,19 @@ def as_categories(values: np.ndarray, column: dict[str, Any]) -> np.ndarray:
                      for value in values], dtype=object)
 
 
-def unknown_categories(categorical: list[np.ndarray], preprocessing: dict[str, Any]) -> dict[str, str]:
+def category_sets(preprocessing: dict[str, Any]) -> list[frozenset[str]]:
+    """Each categorical column's categories as a set, for unknown_categories (the service keeps them)."""
+    return [frozenset(column["categories"]) for column in preprocessing["categorical"]]
+
+
+def unknown_categories(categorical: list[np.ndarray], preprocessing: dict[str, Any],
+                       known_sets: list[frozenset[str]] | None = None) -> dict[str, str]:
     """Per categorical column with a value (not missing) that is none of the model's categories, the
     first such value: it reads as all zeros, as a category the model never saw (or kept) does. What
     a client needs to know when a typo or a new spelling quietly changed its answer."""
     unknown = {}
-    for column, values in zip(preprocessing["categorical"], categorical):
-        known = set(column["categories"])
+    for column, values, known in zip(preprocessing["categorical"], categorical,
+                                     known_sets or category_sets(preprocessing)):
         for value in as_categories(values, column):
             if value is not None and value not in known:
                 unknown[column["name"]] = value
@@ -351,11 +357,13 @@ def text_features(texts: list[str], column: dict[str, Any]) -> np.ndarray:
     return (embedding - np.asarray(column["mean"])) / np.asarray(column["scale"])
 
 
-def transform(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> np.ndarray:
+def transform(frame: pd.DataFrame, preprocessing: dict[str, Any], categorical: list[np.ndarray] | None = None
+              ) -> np.ndarray:
     """Raw rows -> float32 features: impute, standardise numerics, one-hot categoricals.
 
     Unknown categories become all-zero one-hot rows rather than an error, so a new value at
-    serving time degrades gracefully instead of failing the request.
+    serving time degrades gracefully instead of failing the request. categorical: the frame's
+    categorical_texts, where the caller has read them already.
     """
     missing = [name for name in required_columns(preprocessing) if name not in frame.columns]
     if missing:
@@ -371,7 +379,9 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> np.ndarray:
     if spec and numeric is None:
         numeric = np.column_stack([column_numbers(frame[c["name"]], c) for c in spec])
     texts = [as_texts(frame[column["name"]].tolist()) for column in preprocessing.get("text", [])]
-    return transform_arrays(numeric, categorical_texts(frame, preprocessing), len(frame), preprocessing, texts)
+    if categorical is None:
+        categorical = categorical_texts(frame, preprocessing)
+    return transform_arrays(numeric, categorical, len(frame), preprocessing, texts)
 
 
 def categorical_texts(frame: pd.DataFrame, preprocessing: dict[str, Any]) -> list[np.ndarray]:
@@ -468,13 +478,15 @@ class ModelBundle:
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One row per input row: 'label' and one 'proba_<label>' column per class. A warning names
         the columns holding values the model has no category for (they read as an unknown category)."""
+        categorical = None  # missing columns: transform names them
         if set(required_columns(self.preprocessing)) <= set(frame.columns):
-            unknown = unknown_categories(categorical_texts(frame, self.preprocessing), self.preprocessing)
+            categorical = categorical_texts(frame, self.preprocessing)
+            unknown = unknown_categories(categorical, self.preprocessing)
             if unknown:
                 logging.getLogger("maas").warning(
                     "values the model has no category for, read as an unknown category: %s",
                     ", ".join(f"column '{name}' (e.g. '{value[:40]}')" for name, value in unknown.items()))
-        probabilities = self.predict_proba(frame)
+        probabilities = self.predict_features(transform(frame, self.preprocessing, categorical))
         result = pd.DataFrame(
             probabilities, columns=[f"{PROBABILITY_PREFIX}{label}" for label in self.labels], index=frame.index
         )

@@ -410,11 +410,12 @@ def command_keys(args: argparse.Namespace) -> int:
               f"{', expires ' + iso(expires) if expires else ''}:\n{plain}\n"
               "Store it now: only its hash is kept. Send it as header X-API-Key.")
     elif args.key_command == "list":
-        if not list_keys(connection):
+        keys = list_keys(connection)
+        if not keys:
             print("no keys yet: maas keys create NAME --tier TIER")
             return 0
         print(f"{'id':<10}{'name':<20}{'tier':<8}{'scopes':<26}{'state':<9}{'secrets':<9}{'created':<27}expires")
-        for key in list_keys(connection):
+        for key in keys:
             print(f"{key.key_id:<10}{key.name:<20}{key.tier:<8}{','.join(key.scopes):<26}{key.state:<9}"
                   f"{key.secrets:<9}{iso(key.created_at):<27}{iso(key.expires_at)}")
     elif args.key_command == "rotate":
