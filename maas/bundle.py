@@ -357,6 +357,14 @@ def text_features(texts: list[str], column: dict[str, Any]) -> np.ndarray:
     return (embedding - np.asarray(column["mean"])) / np.asarray(column["scale"])
 
 
+def near_columns(missing: list[str], columns: pd.Index) -> str:
+    """What the frame has instead of the missing columns, but for case and surrounding spaces: a
+    file read without skipinitialspace=True that training read with it (" workclass")."""
+    present = {str(column).strip().casefold(): column for column in columns}
+    near = [f"'{present[name.strip().casefold()]}'" for name in missing if name.strip().casefold() in present]
+    return f" (the rows have {', '.join(near[:5])}: column names match exactly)" if near else ""
+
+
 def transform(frame: pd.DataFrame, preprocessing: dict[str, Any], categorical: list[np.ndarray] | None = None
               ) -> np.ndarray:
     """Raw rows -> float32 features: impute, standardise numerics, one-hot categoricals.
@@ -367,7 +375,7 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any], categorical: l
     """
     missing = [name for name in required_columns(preprocessing) if name not in frame.columns]
     if missing:
-        raise InputSchemaError(f"missing input column(s): {', '.join(missing)}")
+        raise InputSchemaError(f"missing input column(s): {', '.join(missing)}{near_columns(missing, frame.columns)}")
     numeric = None
     spec = preprocessing["numeric"]
     # a datetime would pass as its integer, and "1.200" (decimal ",") as 1.2

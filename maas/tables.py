@@ -19,7 +19,8 @@ import pandas as pd
 
 from maas.errors import MaasInputError
 
-CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
+# .data/.dat: the UCI repository's files (adult.data), comma-separated; their delimiter is sniffed as a .csv's is.
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ",", ".data": ",", ".dat": ","}
 # A .csv or .txt may be split by any of these: Excel writes ';' where the decimal mark is a comma.
 DELIMITERS = (",", ";", "\t", "|")
 # Columnar files pyarrow reads, by suffix: the reader and the format's name for a one-line error.
@@ -32,7 +33,8 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip"}
 TITLE_CELLS = 2
 HEADER_SEARCH_LINES = 30  # how far down a header naming the target is looked for, below a title
 SKIPPED_LINES = "maas_lines_above_header"  # frame.attrs key: lines passed over above the header
-SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet, .feather or .xlsx"
+SPACED_FIELDS = "maas_skipinitialspace"  # frame.attrs key: fields follow "a, b" and were read with skipinitialspace
+SUPPORTED = ".csv, .tsv, .txt, .data, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet, .feather or .xlsx"
 
 
 def listing(names: Iterable, limit: int = 12) -> str:
@@ -60,7 +62,8 @@ def _check_csv_rectangular(table: TableFile, delimiter: str, encoding: str) -> N
     path = table.path
     try:
         with open_text(table, encoding) as handle:
-            reader = csv.reader(_without_nul(path, itertools.islice(handle, table.skip, None)), delimiter=delimiter)
+            reader = csv.reader(_without_nul(path, itertools.islice(handle, table.skip, None)), delimiter=delimiter,
+                                skipinitialspace=table.spaced)  # `x, "a, b"` is two fields only so
             header = next(reader, None)
             if not header or not any(cell.strip() for cell in header):
                 raise MaasInputError(f"{path}: the file is empty")
@@ -99,6 +102,7 @@ class TableFile(NamedTuple):
     compression: str | None = None
     member: str | None = None
     skip: int = 0  # lines above the header (a report's title and date), which every read passes over
+    spaced: bool = False  # every field of the header after the first starts with a space ("age, workclass")
 
 
 def table_file(path: Path) -> TableFile:
@@ -162,6 +166,18 @@ def sniff_delimiter(table: TableFile, encoding: str) -> str:
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
 
+def fields_follow_spaces(table: TableFile, encoding: str, delimiter: str) -> bool:
+    """Whether the header's delimiters are each followed by a space, as in UCI's adult.data
+    ("age, workclass, ..."; its values too: " Private"). pandas would keep the spaces, in the
+    column names and in every category, so `--target income` would not be found and a client
+    sending "Private" would send a value training never saw: such a file is read with
+    skipinitialspace=True, which only drops the spaces right after a delimiter."""
+    with open_text(table, encoding) as handle:
+        header = next(itertools.islice(handle, table.skip, None), "").rstrip("\r\n")
+    fields = next(csv.reader([header], delimiter=delimiter), [])
+    return len(fields) > 1 and all(field[:1] == " " and field.strip() for field in fields[1:])
+
+
 def _encodings_to_try(table: TableFile) -> tuple[str, ...]:
     """UTF-16 when the file starts with its byte-order mark (Excel's "Unicode Text" export, tab-separated),
     else ENCODINGS in turn."""
@@ -207,6 +223,7 @@ def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str,
             try:
                 table = table._replace(skip=lines_above_header(table, encoding, column))
                 delimiter = sniff_delimiter(table, encoding)
+                table = table._replace(spaced=fields_follow_spaces(table, encoding, delimiter))
                 _check_csv_rectangular(table, delimiter, encoding)
                 return encoding, delimiter, table
             except UnicodeDecodeError:
@@ -304,9 +321,12 @@ def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None)
         encoding, delimiter, table = _csv_dialect(table, column)
         try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
             with open_text(table, encoding) as handle:  # a zip's one table, read past macOS's __MACOSX/ copies
-                frame = pd.read_csv(handle, sep=delimiter, decimal="," if delimiter == ";" else ".", skiprows=table.skip)
+                frame = pd.read_csv(handle, sep=delimiter, decimal="," if delimiter == ";" else ".", skiprows=table.skip,
+                                    skipinitialspace=table.spaced)
             if table.skip:
                 frame.attrs[SKIPPED_LINES] = table.skip
+            if table.spaced:
+                frame.attrs[SPACED_FIELDS] = True
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             raise MaasInputError(f"{path}: not a readable CSV table ({first_line(exc)})") from None
     if frame.shape[1] == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -23,7 +24,7 @@ from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
 from maas.paths import encoders_home
 from maas.run_context import StageTimer, run_logger
-from maas.tables import SKIPPED_LINES, listing, read_table_file
+from maas.tables import SKIPPED_LINES, SPACED_FIELDS, listing, read_table_file
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
@@ -193,12 +194,12 @@ def load_builtin(name: str) -> RawTable:
     return RawTable(frame, BUILTIN_TARGET, name, image_shape)
 
 
-def missing_column_hint(name: str, columns: pd.Index) -> str:
+def missing_column_hint(name: str, frame: pd.DataFrame) -> str:
     """What a missing column's name may have meant: the same name in another case or spacing, a close
     spelling, or a header that is data (every name a number: the file has no header row)."""
     import difflib
 
-    names = [str(column) for column in columns]
+    names = [str(column) for column in frame.columns]
     same = [column for column in names if column.strip().casefold() == name.strip().casefold()]
     if same:
         return f"; did you mean '{same[0]}'?"
@@ -207,7 +208,28 @@ def missing_column_hint(name: str, columns: pd.Index) -> str:
         return f"; did you mean '{close[0]}'?"
     if len(names) > 1 and all(pd.notna(pd.to_numeric(column, errors="coerce")) for column in names):
         return " (every column name is a number: the file seems to have no header row; add one)"
+    if header_is_data(frame):
+        return " (the column names look like values of their columns: the file seems to have no header row; add one)"
     return ""
+
+
+def header_is_data(frame: pd.DataFrame) -> bool:
+    """Whether the names pandas took from the first line are a row of data, as in a headerless
+    UCI file (`39, State-gov, 77516, ...`): most names are numbers in a numeric column or values found
+    in their own column (pandas suffixes a repeated one: '<=50K.1')."""
+    if frame.shape[1] < 2:
+        return False
+    sample = frame.head(1000)
+    looks_like_data = 0
+    for position, name in enumerate(frame.columns):
+        column = sample.iloc[:, position]
+        name = str(name).strip()
+        if pd.api.types.is_numeric_dtype(column) and pd.notna(pd.to_numeric(name, errors="coerce")):
+            looks_like_data += 1
+        elif not pd.api.types.is_numeric_dtype(column):
+            values = set(column.dropna().astype(str).str.strip())
+            looks_like_data += name in values or re.sub(r"\.\d+$", "", name) in values
+    return looks_like_data * 2 > frame.shape[1]
 
 
 def load_table(data: DataConfig) -> RawTable:
@@ -824,13 +846,16 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     frame = table.frame
     if table.target not in frame.columns:
         raise MaasInputError(f"{table.source}: target column '{table.target}' not found; columns: "
-                             f"{listing(frame.columns)}{missing_column_hint(table.target, frame.columns)}")
+                             f"{listing(frame.columns)}{missing_column_hint(table.target, frame)}")
     notes: list[str] = []
     skipped = frame.attrs.get(SKIPPED_LINES)
     if skipped:  # pyfunc's rows come from the same read: say how to make it
         how = f"header={skipped}" if Path(table.source).suffix.lower() in (".xlsx", ".xlsm") else f"skiprows={skipped}"
         notes.append(f"{Path(table.source).name}: the {skipped} line(s) above the header naming '{table.target}' "
                      f"skipped (a title; pandas reads the table so with {how})")
+    if frame.attrs.get(SPACED_FIELDS):
+        notes.append(f"{Path(table.source).name}: a space follows each delimiter ('a, b'): read without it in names "
+                     f"and values (pandas reads the table so with skipinitialspace=True)")
     fingerprint = fingerprint_table(frame)
     target = frame[table.target]
     missing_target = target.isna().to_numpy()
