@@ -25,11 +25,18 @@ CONTRACT_KEYS = frozenset({"mlflow_run_id", "experiment", "model_name", "model_v
 
 def render_leaderboard(rows: list[dict[str, Any]]) -> str:
     """The families as `maas run` prints them, best first."""
-    lines = [f"  {'family':<8}{'CV macro F1':>20}{'folds':>7}{'fit s':>8}{'bytes':>10}{'ms @64':>9}"]
+    cuts = any(row.get("decision_threshold") is not None for row in rows)  # two classes, a tuned threshold
+    lines = [f"  {'family':<8}{'CV macro F1':>20}{'folds':>7}{'fit s':>8}{'bytes':>10}{'ms @64':>9}"
+             + (f"{'threshold':>11}" if cuts else "")]
     for row in rows:
+        threshold = row.get("decision_threshold")
         lines.append(f"{'*' if row['selected'] else ' '} {row['family']:<8}"
                      f"{row['cv_f1_macro_mean']:>12.4f} ± {row['cv_f1_macro_sd']:.4f}{row['folds']:>7}"
-                     f"{row['fit_s']:>8.2f}{row['size_bytes']:>10}{row['p50_ms_b64']:>9.3f}")
+                     f"{row['fit_s']:>8.2f}{row['size_bytes']:>10}{row['p50_ms_b64']:>9.3f}"
+                     + (f"{'argmax' if threshold is None else f'{threshold:.3f}':>11}" if cuts else ""))
+    if cuts:
+        lines.append("  threshold: the second class is answered when its probability reaches it "
+                     "(tuned by cross-validation where it raised macro F1)")
     return "\n".join(lines)
 
 
@@ -93,6 +100,7 @@ class TrainSummary:
             "variants": [row.summary() for row in self.winner.table.rows],
             "family": comparison.chosen.family if comparison else None,
             "family_selection": comparison.reason if comparison else None,
+            "decision_threshold": comparison.chosen.threshold if comparison else None,  # None: the likelier class
             "leaderboard": comparison.leaderboard() if comparison else [],
             "bento": self.bento,
             "tuning": None if tuning is None else {

@@ -438,6 +438,15 @@ def transform_arrays(
     return np.hstack(blocks).astype(np.float32)
 
 
+def decide(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Each row's class index: the most probable class, or on two classes the second when its
+    probability reaches `threshold` (the bundle's decision_threshold, chosen by cross-validation where
+    it raises macro F1: on a rare positive class argmax may never name it)."""
+    if threshold is None or probabilities.shape[1] != 2:
+        return probabilities.argmax(1)
+    return (probabilities[:, 1] >= threshold).astype(np.int64)
+
+
 class ModelBundle:
     """A loaded bundle: raw rows in, labels and class probabilities out."""
 
@@ -461,6 +470,7 @@ class ModelBundle:
         self.preprocessing = preprocessing
         self.metadata = metadata
         self.labels: list[str] = list(metadata["labels"])
+        self.decision_threshold: float | None = metadata.get("decision_threshold")  # two classes: see decide
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None) -> ModelBundle:
@@ -480,6 +490,10 @@ class ModelBundle:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return self.session.run(self.output_names, {self.input_name: features})[0]
 
+    def labels_of(self, probabilities: np.ndarray) -> np.ndarray:
+        """The label each row of probabilities is answered with (decide, at the bundle's threshold)."""
+        return np.asarray(self.labels, dtype=object)[decide(probabilities, self.decision_threshold)]
+
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         return self.predict_features(transform(frame, self.preprocessing))
 
@@ -498,5 +512,5 @@ class ModelBundle:
         result = pd.DataFrame(
             probabilities, columns=[f"{PROBABILITY_PREFIX}{label}" for label in self.labels], index=frame.index
         )
-        result.insert(0, "label", np.asarray(self.labels, dtype=object)[probabilities.argmax(1)])
+        result.insert(0, "label", self.labels_of(probabilities))
         return result

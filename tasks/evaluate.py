@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
-from maas.bundle import MODEL_FILE, ModelBundle, transform
+from maas.bundle import MODEL_FILE, ModelBundle, decide, transform
 from maas.figures import IN_SAMPLE, log_variant_comparison, write_variant_run
 from maas.run_context import RunContext, write_child_run
 from tasks.compress import FailedVariant, Variant, Variants
@@ -46,6 +46,11 @@ class Evaluation:
     probabilities: np.ndarray | None = None
     split: str = "test"  # where the metrics were measured: "val" chooses the variant, "test" reports it
     # (IN_SAMPLE: validation rows the model was fitted on)
+    threshold: float | None = None  # the bundle's decision_threshold (two classes), which its labels follow
+
+    def predicted(self) -> np.ndarray:
+        """The class index the bundle answers each row with."""
+        return decide(self.probabilities, self.threshold)
 
     def figures(self) -> dict[str, float]:
         """Flat metric names for MLflow and the summary."""
@@ -58,10 +63,12 @@ class Evaluation:
         return figures
 
 
-def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro precision / recall / F1 and ROC-AUC (one-vs-rest macro for multiclass)."""
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: float | None = None
+                           ) -> dict[str, float]:
+    """Accuracy, macro precision / recall / F1 of the labels answered (at `threshold`: decide) and
+    ROC-AUC (one-vs-rest macro for multiclass)."""
     n_classes = probabilities.shape[1]
-    predicted = probabilities.argmax(1)
+    predicted = decide(probabilities, threshold)
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
         y_true, predicted, labels=np.arange(n_classes), average="macro", zero_division=0
     )
@@ -118,14 +125,14 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
     None: one per core) and score it on raw rows of `split`, timing it as it would serve."""
     bundle = ModelBundle.load(bundle_dir, threads)
     probabilities = bundle.predict_proba(x_test)
-    predicted = probabilities.argmax(1)
+    predicted = decide(probabilities, bundle.decision_threshold)
     confusion = skm.confusion_matrix(y_test, predicted, labels=np.arange(len(bundle.labels)))
     p50, p99 = single_row_latency_ms(bundle, x_test)
     features = transform(x_test, bundle.preprocessing)
     timings = {batch: graph_latency(bundle, features, batch) for batch in batches}
     graph_bytes = (Path(bundle_dir) / MODEL_FILE).read_bytes()
     return Evaluation(
-        metrics=classification_metrics(y_test, probabilities),
+        metrics=classification_metrics(y_test, probabilities, bundle.decision_threshold),
         confusion=confusion,
         labels=bundle.labels,
         size_bytes=len(graph_bytes),
@@ -135,6 +142,7 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
         graph_latency=timings,
         probabilities=probabilities,
         split=split,
+        threshold=bundle.decision_threshold,
     )
 
 
@@ -195,7 +203,7 @@ def variant_row(variant, evaluation: Evaluation, reference: Evaluation) -> Varia
     """A variant's line, with its ratios taken against the fp32 reference."""
     b1, b64 = evaluation.graph_latency[1], evaluation.graph_latency[64]
     ref64 = reference.graph_latency[64]
-    agreement = (evaluation.probabilities.argmax(1) == reference.probabilities.argmax(1)).mean()
+    agreement = (evaluation.predicted() == reference.predicted()).mean()
     return VariantRow(
         name=variant.name,
         metrics={name: round(value, 4) for name, value in evaluation.metrics.items()},

@@ -98,7 +98,7 @@ def rollback_decision(champion_version: str, replaced_version: str | None, new_f
 
 def predicted_labels(bundle, rows: pd.DataFrame) -> np.ndarray:
     """Another version's labels for the same raw rows (for the rollback comparison)."""
-    return np.asarray(bundle.labels, dtype=object)[bundle.predict_proba(rows).argmax(1)]
+    return bundle.labels_of(bundle.predict_proba(rows))
 
 
 # --- in a check -------------------------------------------------------------------------------------

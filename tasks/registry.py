@@ -336,7 +336,7 @@ def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: Ru
     manifest = build_manifest(config, prepared.fingerprint, ctx, tuning.best_params if tuning and tuning.use_tuned else None)
     update_metadata(bundle_dir, metrics=metrics, manifest=manifest, variant=variant)
     write_reference(bundle_dir, build_reference(  # what the monitoring flow measures drift against
-        splits.x_train, prepared.preprocessing, winner.evaluation.probabilities.argmax(1), prepared.labels,
+        splits.x_train, prepared.preprocessing, winner.evaluation.predicted(), prepared.labels,
         config.monitoring.drift.reference_rows, config.seed))
     ctx.client.log_text(ctx.run_id, manifest_json(manifest), MANIFEST)
     model_info = log_bundle_model(ctx.client, ctx.run_id, bundle_dir, splits.x_test.head(5))

@@ -143,7 +143,23 @@ def tickets_table(rows: int = 240, seed: int = 5) -> pd.DataFrame:
     return frame
 
 
-MESSY = {"churn": (churn_table, "churned"), "tickets": (tickets_table, "urgency"), "loans": (loans_table, "defaulted"),
+def rare_table(rows: int = 3000, seed: int = 7) -> pd.DataFrame:
+    """Card payments, ~4% of them fraud: weak signals in amount, hour, country, merchant and account
+    age, so the likelier class is nearly always "no" and argmax all but never names a fraud."""
+    rng = np.random.default_rng(seed)
+    amount = rng.lognormal(3, 1.2, rows).round(2)
+    hour = rng.integers(0, 24, rows)
+    country = rng.choice(["US", "GB", "DE", "NG", "BR", "IN"], rows, p=[0.5, 0.15, 0.15, 0.05, 0.1, 0.05])
+    merchant = rng.choice(["grocery", "travel", "electronics", "gaming", "fuel"], rows)
+    age_days = rng.integers(1, 3000, rows)
+    risk = (-4.4 + 0.9 * (np.log(amount) > 4.5) + 1.2 * (hour < 5) + 1.3 * (country == "NG")
+            + 1.0 * (merchant == "gaming") + 0.8 * (age_days < 60) + rng.normal(0, 0.5, rows))
+    fraud = rng.random(rows) < 1 / (1 + np.exp(-risk))
+    return pd.DataFrame({"amount": amount, "hour": hour, "country": country, "merchant": merchant,
+                         "account_age_days": age_days, "fraud": np.where(fraud, "yes", "no")})
+
+
+MESSY = {"churn": (churn_table, "churned"), "rare": (rare_table, "fraud"), "tickets": (tickets_table, "urgency"), "loans": (loans_table, "defaulted"),
          "thresholds": (thresholds_table, "label"), "linear": (linear_table, "label"), "orders": (large_table, "returned"),
          "sparse": (sparse_table, "label")}
 
