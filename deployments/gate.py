@@ -80,7 +80,7 @@ def load_models(default: tuple[str | Path, str], tiers: dict[str, tuple[str | Pa
 def predictions(bundle: ModelBundle, probabilities: np.ndarray) -> list[dict]:
     labels = bundle.labels
     return [{"label": labels[winner], "probabilities": dict(zip(labels, row))}
-            for winner, row in zip(decide(probabilities, bundle.decision_threshold).tolist(), probabilities.tolist())]
+            for winner, row in zip(decide(probabilities, bundle.decision).tolist(), probabilities.tolist())]
 
 
 def seconds_to_next_month() -> int:
@@ -300,8 +300,9 @@ class ServiceGate:
         meta = default.bundle.metadata
         return {"model": default.label, "variant": meta.get("variant"), "labels": meta["labels"],
                 "test_metrics": meta.get("metrics", {}), "input_schema": meta["input_schema"],
-                # two classes: the second is answered when its probability reaches this (null: the likelier class)
-                "decision_threshold": meta.get("decision_threshold"),
+                # how probabilities become the label: null, the likelier class; {"threshold": t}, the second
+                # class from probability t on; {"class_weights": [...]}, the likelier after weighting
+                "decision": meta.get("decision"),
                 # columns of the training file the model does not read; any other unknown column is ignored too
                 "ignored_columns": meta.get("dropped_columns", {}), "strict_columns": settings.strict_columns,
                 "missing_values": "null is a missing value, imputed as in training",

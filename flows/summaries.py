@@ -10,6 +10,7 @@ from typing import Any
 from maas.config import RunConfig
 from maas.run_context import RunContext
 from tasks.alerts import AlertOutcome
+from tasks.decision import describe
 from maas.service_store import iso
 from tasks.drift import DriftReport
 from tasks.health import HealthReport
@@ -23,20 +24,19 @@ CONTRACT_KEYS = frozenset({"mlflow_run_id", "experiment", "model_name", "model_v
                            "variants", "bento"})
 
 
-def render_leaderboard(rows: list[dict[str, Any]]) -> str:
+def render_leaderboard(rows: list[dict[str, Any]], labels: list[str] | None = None) -> str:
     """The families as `maas run` prints them, best first."""
-    cuts = any(row.get("decision_threshold") is not None for row in rows)  # two classes, a tuned threshold
+    tuned = any(row.get("decision") for row in rows)  # a rare class: a tuned decision rule
     lines = [f"  {'family':<8}{'CV macro F1':>20}{'folds':>7}{'fit s':>8}{'bytes':>10}{'ms @64':>9}"
-             + (f"{'threshold':>11}" if cuts else "")]
+             + ("  decision" if tuned else "")]
     for row in rows:
-        threshold = row.get("decision_threshold")
         lines.append(f"{'*' if row['selected'] else ' '} {row['family']:<8}"
                      f"{row['cv_f1_macro_mean']:>12.4f} ± {row['cv_f1_macro_sd']:.4f}{row['folds']:>7}"
                      f"{row['fit_s']:>8.2f}{row['size_bytes']:>10}{row['p50_ms_b64']:>9.3f}"
-                     + (f"{'argmax' if threshold is None else f'{threshold:.3f}':>11}" if cuts else ""))
-    if cuts:
-        lines.append("  threshold: the second class is answered when its probability reaches it "
-                     "(tuned by cross-validation where it raised macro F1)")
+                     + (f"  {describe(row.get('decision'), labels)}" if tuned else ""))
+    if tuned:
+        lines.append("  decision: how probabilities become the label, tuned by cross-validation where it raised "
+                     "macro F1 (argmax: the likelier class)")
     return "\n".join(lines)
 
 
@@ -100,7 +100,7 @@ class TrainSummary:
             "variants": [row.summary() for row in self.winner.table.rows],
             "family": comparison.chosen.family if comparison else None,
             "family_selection": comparison.reason if comparison else None,
-            "decision_threshold": comparison.chosen.threshold if comparison else None,  # None: the likelier class
+            "decision": comparison.chosen.decision if comparison else None,  # None: the likelier class (argmax)
             "leaderboard": comparison.leaderboard() if comparison else [],
             "bento": self.bento,
             "tuning": None if tuning is None else {
@@ -119,7 +119,7 @@ class TrainSummary:
     def outcome(self) -> str:
         """The variant table, the selection and the gate's verdict: what happened, in a few lines."""
         registered, comparison = self.registered, self.winner.comparison
-        families = [] if comparison is None else [render_leaderboard(comparison.leaderboard()), "",
+        families = [] if comparison is None else [render_leaderboard(comparison.leaderboard(), self.winner.evaluation.labels), "",
                                                    f"Family: {comparison.reason}", ""]
         return "\n".join([
             *families,

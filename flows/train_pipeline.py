@@ -19,7 +19,7 @@ from tasks.data import PreparedData, budgeted_data, prepare_data_task
 from tasks.evaluate import evaluate_task
 from tasks.package import package_task
 from tasks.recovery import recover_task
-from tasks.families import (compare_task, fit_family_task, set_decision_threshold, tunes_network,
+from tasks.families import (compare_task, fit_family_task, set_decision, tunes_network,
                             tuning_workers_to_start)
 from tasks.registry import register_task, report_task, select_task
 from tasks.train import train_task
@@ -60,8 +60,8 @@ def train_stages(config: RunConfig) -> TrainSummary:
             variants = compress_task(ctx, trained, choosing, config.compression, settings.train, config.seed)
         else:  # a scikit-learn family, fitted on train + validation: one variant
             variants = fit_family_task(ctx, choosing, comparison, config.seed)
-        # Two classes: every variant answers at the family's cross-validated decision threshold, if it has one.
-        set_decision_threshold(variants, comparison.chosen.threshold)
+        # Every variant answers by the family's cross-validated decision rule, where it has one (a rare class).
+        set_decision(variants, comparison.chosen.decision)
         # Evaluation: every variant's bundle on the validation split, timed as it would serve.
         scores = evaluate_task(ctx, variants, choosing.splits, config.serving.model_threads)
         # Selection: the policy picks the variant on validation figures; then its one look at the test split.

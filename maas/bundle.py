@@ -438,13 +438,16 @@ def transform_arrays(
     return np.hstack(blocks).astype(np.float32)
 
 
-def decide(probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """Each row's class index: the most probable class, or on two classes the second when its
-    probability reaches `threshold` (the bundle's decision_threshold, chosen by cross-validation where
-    it raises macro F1: on a rare positive class argmax may never name it)."""
-    if threshold is None or probabilities.shape[1] != 2:
+def decide(probabilities: np.ndarray, decision: dict[str, Any] | None = None) -> np.ndarray:
+    """Each row's class index under the bundle's decision (metadata["decision"], tuned by
+    cross-validation where it raised macro F1; tasks/decision.py): on two classes {"threshold": t},
+    the second class from probability t on; on more {"class_weights": [...]}, the argmax of the
+    probabilities times the weights; none: the likelier class. A rare class is seldom the likelier."""
+    if not decision:
         return probabilities.argmax(1)
-    return (probabilities[:, 1] >= threshold).astype(np.int64)
+    if "threshold" in decision:
+        return (probabilities[:, 1] >= decision["threshold"]).astype(np.int64)
+    return (probabilities * np.asarray(decision["class_weights"])).argmax(1)
 
 
 class ModelBundle:
@@ -470,7 +473,7 @@ class ModelBundle:
         self.preprocessing = preprocessing
         self.metadata = metadata
         self.labels: list[str] = list(metadata["labels"])
-        self.decision_threshold: float | None = metadata.get("decision_threshold")  # two classes: see decide
+        self.decision: dict[str, Any] | None = metadata.get("decision")  # a tuned decision rule: see decide
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None) -> ModelBundle:
@@ -491,8 +494,8 @@ class ModelBundle:
         return self.session.run(self.output_names, {self.input_name: features})[0]
 
     def labels_of(self, probabilities: np.ndarray) -> np.ndarray:
-        """The label each row of probabilities is answered with (decide, at the bundle's threshold)."""
-        return np.asarray(self.labels, dtype=object)[decide(probabilities, self.decision_threshold)]
+        """The label each row of probabilities is answered with (decide, by the bundle's decision)."""
+        return np.asarray(self.labels, dtype=object)[decide(probabilities, self.decision)]
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         return self.predict_features(transform(frame, self.preprocessing))

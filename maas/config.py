@@ -288,8 +288,9 @@ class SelectionConfig(Section):
                                  "compared rows (its fit grows with the square of the rows)")
     family_tolerance: float = Field(0.0, ge=0, le=1, description="CV macro F1 a simpler family may give up "
                                     "(linear, then hgb, then the network)")
-    decision_threshold: bool = Field(True, description="two classes: a family answers the second class from a "
-                                     "tuned probability cut when, cross-fitted, it raises CV macro F1 by 0.005 or more")
+    tune_decision: bool = Field(True, description="answer by a tuned decision (two classes: a cut on the second "
+                                "class's probability; unequal classes: a weight per class) where, cross-fitted, it "
+                                "raises a family's CV macro F1 by 0.005 or more; off: the likelier class")
 
 
 def _check_alias(alias: str) -> str:

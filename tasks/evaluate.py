@@ -46,11 +46,11 @@ class Evaluation:
     probabilities: np.ndarray | None = None
     split: str = "test"  # where the metrics were measured: "val" chooses the variant, "test" reports it
     # (IN_SAMPLE: validation rows the model was fitted on)
-    threshold: float | None = None  # the bundle's decision_threshold (two classes), which its labels follow
+    decision: dict | None = None  # the bundle's decision rule (maas.bundle.decide), which its labels follow
 
     def predicted(self) -> np.ndarray:
         """The class index the bundle answers each row with."""
-        return decide(self.probabilities, self.threshold)
+        return decide(self.probabilities, self.decision)
 
     def figures(self) -> dict[str, float]:
         """Flat metric names for MLflow and the summary."""
@@ -63,12 +63,12 @@ class Evaluation:
         return figures
 
 
-def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, threshold: float | None = None
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, decision: dict | None = None
                            ) -> dict[str, float]:
-    """Accuracy, macro precision / recall / F1 of the labels answered (at `threshold`: decide) and
+    """Accuracy, macro precision / recall / F1 of the labels answered (by `decision`: decide) and
     ROC-AUC (one-vs-rest macro for multiclass)."""
     n_classes = probabilities.shape[1]
-    predicted = decide(probabilities, threshold)
+    predicted = decide(probabilities, decision)
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
         y_true, predicted, labels=np.arange(n_classes), average="macro", zero_division=0
     )
@@ -125,14 +125,14 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
     None: one per core) and score it on raw rows of `split`, timing it as it would serve."""
     bundle = ModelBundle.load(bundle_dir, threads)
     probabilities = bundle.predict_proba(x_test)
-    predicted = decide(probabilities, bundle.decision_threshold)
+    predicted = decide(probabilities, bundle.decision)
     confusion = skm.confusion_matrix(y_test, predicted, labels=np.arange(len(bundle.labels)))
     p50, p99 = single_row_latency_ms(bundle, x_test)
     features = transform(x_test, bundle.preprocessing)
     timings = {batch: graph_latency(bundle, features, batch) for batch in batches}
     graph_bytes = (Path(bundle_dir) / MODEL_FILE).read_bytes()
     return Evaluation(
-        metrics=classification_metrics(y_test, probabilities, bundle.decision_threshold),
+        metrics=classification_metrics(y_test, probabilities, bundle.decision),
         confusion=confusion,
         labels=bundle.labels,
         size_bytes=len(graph_bytes),
@@ -142,7 +142,7 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
         graph_latency=timings,
         probabilities=probabilities,
         split=split,
-        threshold=bundle.decision_threshold,
+        decision=bundle.decision,
     )
 
 

@@ -36,6 +36,7 @@ from models.classic import ClassicSpec, classic_size, export_classic_onnx, fit_c
 from models.ensemble import EnsembleSpec, average_probabilities, merge_averaging
 from tasks.compress import Variant, Variants
 from tasks.data import PreparedData, TrainingArrays, stratified_sample, stratify_by
+from tasks.decision import best_decision, cross_fitted_scores, describe, searches_decision
 from tasks.evaluate import classification_metrics
 from tasks.export import export_onnx, update_metadata, write_bundle
 from tasks.train import TrainingSettings, progress_logger, spec_for_data, train_network, train_on_data, within_budget
@@ -43,11 +44,10 @@ from tasks.tune import open_storage
 
 SIMPLICITY = {"linear": 0, "hgb": 1, "svm": 2, "mlp": 3, "cnn": 3, "ensemble": 4}  # ties go to the simpler family
 LEADERBOARD_DIGITS = 4  # CV means are shown (and compared for ties) to 4 decimals
-# Macro F1 a tuned decision threshold must add, fold by fold cross-fitted, to be kept: on balanced
-# tables (breast_cancer) the cross-fitted threshold cost 0.1-0.6 point; on a 2%-positive table argmax
-# never named the rare class (0.495) and the threshold reached 0.547-0.549 (LR, HGB).
-THRESHOLD_MIN_GAIN = 0.005
-THRESHOLD_CANDIDATES = 199  # quantiles of the positive class's probability tried as cuts
+# Macro F1 a tuned decision (tasks/decision.py) must add, cross-fitted, to be kept: on balanced
+# tables (breast_cancer) a cross-fitted cut cost 0.1-0.6 point; on a 2%-positive table argmax never
+# named the rare class (0.495) and the cut reached 0.547-0.549 (LR, HGB).
+DECISION_MIN_GAIN = 0.005
 NETWORK_NAMES = ("network", "mlp", "cnn")
 
 
@@ -178,7 +178,7 @@ class FamilyScore:
     trials: int = 0
     note: str = ""
     fold_probabilities: list[np.ndarray] = field(default_factory=list, repr=False)
-    threshold: float | None = None  # two classes: the decision threshold its fold_f1 were scored at (decide)
+    decision: dict | None = None  # the decision rule its fold_f1 were scored by (maas.bundle.decide); None: argmax
 
     @property
     def mean(self) -> float:
@@ -193,7 +193,7 @@ class FamilyScore:
                 "cv_f1_macro_sd": round(self.sd, LEADERBOARD_DIGITS),
                 "folds": len(self.fold_f1), "fit_s": round(self.fit_seconds, 3), "size_bytes": self.size_bytes,
                 "p50_ms_b64": round(self.p50_ms_b64, 4), "trials": self.trials, "note": self.note,
-                "decision_threshold": None if self.threshold is None else round(self.threshold, 4)}
+                "decision": self.decision}
 
 
 @dataclass
@@ -207,6 +207,7 @@ class Comparison:
     repeats: int = 1
     settings: TrainingSettings | None = None  # the network's, for an ensemble's network member
     left_out: str = ""  # candidates the table's size ruled out, and why
+    labels: list[str] = field(default_factory=list)  # the classes, as a decision rule names them
 
     @property
     def is_network(self) -> bool:
@@ -363,67 +364,32 @@ def vote_score(members: list[FamilyScore], folds: Folds) -> FamilyScore:
                        sum(member.p50_ms_b64 for member in members), 0, note, probabilities)
 
 
-# --- the decision threshold (two classes) ------------------------------------------------------------
+# --- the decision rule ---------------------------------------------------------------------------------
 
 
-def best_threshold(y: np.ndarray, positive: np.ndarray) -> float:
-    """The cut on the second class's probability that maximises macro F1 on these rows; among equal
-    ones, the nearest to 0.5 (argmax's own cut)."""
-    candidates = np.unique(np.append(np.quantile(positive, np.linspace(0.005, 0.995, THRESHOLD_CANDIDATES)), 0.5))
-    predicted = positive[:, None] >= candidates[None, :]
-    actual = (y == 1)[:, None]
-    true_pos = (predicted & actual).sum(0)
-    false_pos = (predicted & ~actual).sum(0)
-    false_neg = (~predicted & actual).sum(0)
-    true_neg = len(y) - true_pos - false_pos - false_neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1_pos = np.nan_to_num(2 * true_pos / (2 * true_pos + false_pos + false_neg))
-        f1_neg = np.nan_to_num(2 * true_neg / (2 * true_neg + false_pos + false_neg))
-    macro = (f1_pos + f1_neg) / 2
-    best = np.flatnonzero(macro >= macro.max() - 1e-12)
-    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
-
-
-def cross_fitted_threshold_scores(folds: Folds, probabilities: list[np.ndarray]) -> list[float]:
-    """Each fold's macro F1 at the threshold the other folds of its repeat choose from their held-out
-    rows: the fold's own labels never set its cut. A fold alone in its repeat (the time budget cut
-    the repeat short) keeps argmax."""
-    outs = [out_rows for _, out_rows in folds.splits[:len(probabilities)]]
-    scores = []
-    for index, held in enumerate(probabilities):
-        repeat = index // folds.folds
-        siblings = [other for other in range(repeat * folds.folds, min(len(probabilities), (repeat + 1) * folds.folds))
-                    if other != index]
-        threshold = None
-        if siblings:
-            threshold = best_threshold(np.concatenate([folds.y[outs[other]] for other in siblings]),
-                                       np.concatenate([probabilities[other][:, 1] for other in siblings]))
-        scores.append(classification_metrics(folds.y[outs[index]], held, threshold)["f1_macro"])
-    return scores
-
-
-def with_decision_threshold(score: FamilyScore, folds: Folds) -> FamilyScore:
-    """On two classes: the family scored at a tuned decision threshold when that raises its
-    cross-fitted CV macro F1 by THRESHOLD_MIN_GAIN or more; its threshold is then the best cut on
-    every held-out row of its folds. Otherwise the family as it was (argmax)."""
-    if int(folds.y.max()) != 1 or len(score.fold_probabilities) < 2:
-        return score
-    crossed = cross_fitted_threshold_scores(folds, score.fold_probabilities)
-    if np.mean(crossed) < score.mean + THRESHOLD_MIN_GAIN:
+def with_tuned_decision(score: FamilyScore, folds: Folds, labels: list[str] | None = None) -> FamilyScore:
+    """The family answered by a tuned decision (tasks/decision.py: a cut on two classes, class
+    weights on unequal ones) when that raises its cross-fitted CV macro F1 by DECISION_MIN_GAIN or
+    more; the decision is then the best on every held-out row of its folds. Otherwise as it was (argmax)."""
+    n_classes = int(folds.y.max()) + 1
+    if len(score.fold_probabilities) < 2 or not searches_decision(folds.y, n_classes):
         return score
     outs = [out_rows for _, out_rows in folds.splits[:len(score.fold_probabilities)]]
-    threshold = best_threshold(np.concatenate([folds.y[rows] for rows in outs]),
-                               np.concatenate([held[:, 1] for held in score.fold_probabilities]))
-    note = "; ".join(filter(None, [score.note, f"decision threshold {threshold:.3f} (argmax: {score.mean:.4f})"]))
-    return replace(score, fold_f1=crossed, threshold=threshold, note=note)
+    crossed = cross_fitted_scores(folds.y, outs, score.fold_probabilities, folds.folds,
+                                  lambda y, held, decision: classification_metrics(y, held, decision)["f1_macro"])
+    if np.mean(crossed) < score.mean + DECISION_MIN_GAIN:
+        return score
+    decision = best_decision(np.concatenate([folds.y[rows] for rows in outs]), np.concatenate(score.fold_probabilities))
+    note = "; ".join(filter(None, [score.note, f"decision {describe(decision, labels)} (argmax: {score.mean:.4f})"]))
+    return replace(score, fold_f1=crossed, decision=decision, note=note)
 
 
-def set_decision_threshold(variants: Variants, threshold: float | None) -> None:
-    """Write the chosen family's threshold into every variant's bundle, which then answers by it
+def set_decision(variants: Variants, decision: dict | None) -> None:
+    """Write the chosen family's decision into every variant's bundle, which then answers by it
     (ModelBundle.labels_of, the gate, the pyfunc) and is evaluated by it."""
-    if threshold is not None:
+    if decision:
         for variant in variants.built:
-            update_metadata(variant.bundle_dir, decision_threshold=threshold)
+            update_metadata(variant.bundle_dir, decision=decision)
 
 
 def choose_family(scores: list[FamilyScore], tolerance: float) -> tuple[FamilyScore, str]:
@@ -453,11 +419,11 @@ def compare_families(prepared: PreparedData, config: RunConfig, settings: Traini
     scores = [score_family(family, prepared, config, settings, folds, study_name) for family in families]
     if config.selection.ensemble and len(scores) > 1:
         scores.append(vote_score(scores, folds))
-    if config.selection.decision_threshold:
-        scores = [with_decision_threshold(score, folds) for score in scores]
+    if config.selection.tune_decision:
+        scores = [with_tuned_decision(score, folds, prepared.labels) for score in scores]
     scores.sort(key=lambda score: -score.mean)
     chosen, reason = choose_family(scores, config.selection.family_tolerance)
-    return Comparison(scores, chosen, reason, folds.folds, folds.repeats, settings, left_out)
+    return Comparison(scores, chosen, reason, folds.folds, folds.repeats, settings, left_out, prepared.labels)
 
 
 def fit_chosen_family(prepared: PreparedData, comparison: Comparison, seed: int, folder: Path) -> Variants:
@@ -515,9 +481,8 @@ def record_comparison(ctx: RunContext, comparison: Comparison) -> None:
                                "cv/folds": len(score.fold_f1), "fit_s": score.fit_seconds,
                                "size/model_bytes": score.size_bytes, "latency/p50_ms_b64": score.p50_ms_b64}}
         ctx.defer(write_child_run, ctx.ref, f"family-{score.family}", {"maas.family": score.family}, figures, ())
-    threshold = comparison.chosen.threshold
     ctx.record(tags={"maas.family": comparison.chosen.family, "maas.family_selection": comparison.reason},
-               params={"family.decision_threshold": "argmax" if threshold is None else round(threshold, 4)},
+               params={"family.decision": describe(comparison.chosen.decision, comparison.labels)},
                metrics={"cv/f1_macro_mean": comparison.chosen.mean, "cv/f1_macro_sd": comparison.chosen.sd})
     ctx.defer(log_leaderboard, ctx.run_id, rows, ctx.scratch_dir("families"))
     ctx.artifacts.table("families", rows, f"Families by {comparison.folds}-fold CV x{comparison.repeats} "

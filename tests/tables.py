@@ -159,7 +159,21 @@ def rare_table(rows: int = 3000, seed: int = 7) -> pd.DataFrame:
                          "account_age_days": age_days, "fraud": np.where(fraud, "yes", "no")})
 
 
-MESSY = {"churn": (churn_table, "churned"), "rare": (rare_table, "fraud"), "tickets": (tickets_table, "urgency"), "loans": (loans_table, "defaulted"),
+def defects_table(rows: int = 4000, seed: int = 3) -> pd.DataFrame:
+    """Parts inspected: six measurements and a site; 86% fine, 9.5% scratched, 4.5% cracked, each
+    defect a weak linear signal in two measurements, so argmax rarely names one."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (rows, 6))
+    logits = np.column_stack([np.zeros(rows), -2.6 + 0.9 * x[:, 0] + 0.6 * x[:, 1], -3.4 + 0.9 * x[:, 2] - 0.7 * x[:, 3]])
+    chance = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    kind = (rng.random(rows)[:, None] > chance.cumsum(1)).sum(1)
+    frame = pd.DataFrame(x.round(3), columns=[f"m{index}" for index in range(6)])
+    frame["site"] = rng.choice(["a", "b", "c"], rows)
+    frame["defect"] = np.array(["none", "scratch", "crack"])[kind]
+    return frame
+
+
+MESSY = {"churn": (churn_table, "churned"), "rare": (rare_table, "fraud"), "defects": (defects_table, "defect"), "tickets": (tickets_table, "urgency"), "loans": (loans_table, "defaulted"),
          "thresholds": (thresholds_table, "label"), "linear": (linear_table, "label"), "orders": (large_table, "returned"),
          "sparse": (sparse_table, "label")}
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.model_selection import StratifiedKFold
 
-from maas.bundle import ModelBundle, transform
+from maas.bundle import ModelBundle, decide, transform
 from maas.config import load_config
 from maas.errors import MaasInputError
 from maas.figures import IN_SAMPLE
@@ -15,9 +16,9 @@ from models.classic import SVM_CLIP, ClassicSpec, fit_classic
 from tasks.data import SealedSplit, SealedSplitRead, prepare_data
 from tasks.evaluate import classification_metrics, evaluate_bundle, evaluate_variants
 from tasks.export import write_bundle
-from tasks.families import (FamilyScore, Folds, best_threshold, candidate_families, choose_family, compare_families,
-                            cross_fitted_threshold_scores, families_for_rows, fit_chosen_family, set_decision_threshold,
-                            with_decision_threshold)
+from tasks.decision import best_cut
+from tasks.families import (FamilyScore, Folds, candidate_families, choose_family, compare_families, families_for_rows,
+                            fit_chosen_family, set_decision, with_tuned_decision)
 from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
 from tests.conftest import PROJECT_ROOT, quick_config
@@ -156,37 +157,57 @@ def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_
     np.testing.assert_allclose(bundle.predict_proba(prepared.splits.x_test), np.mean(members, axis=0), atol=1e-5)
 
 
-def test_the_decision_threshold_is_the_cut_with_the_best_macro_f1_and_a_folds_own_labels_never_set_it():
+def test_the_decision_is_the_one_with_the_best_macro_f1_and_a_folds_own_labels_never_set_it():
     y = np.array([0] * 8 + [1] * 2)
     positive = np.array([0.01, 0.02, 0.05, 0.1, 0.1, 0.2, 0.25, 0.3, 0.28, 0.4])
-    cut = best_threshold(y, positive)
+    cut = best_cut(y, positive)
     assert 0.25 < cut <= 0.28, cut  # both 1s and one 0 (0.3) above it: macro F1 0.867, the best there is
-    assert best_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 0.5  # argmax's cut already best
+    assert best_cut(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 0.5  # argmax's cut already best
     rng = np.random.default_rng(0)
     y = (rng.random(400) < 0.1).astype(int)
     splits = [(np.setdiff1d(np.arange(400), rows), rows) for rows in np.array_split(rng.permutation(400), 4)]
     folds = Folds(np.zeros((400, 1)), y, splits, 4, 1)
     probabilities = [np.column_stack([1 - p, p]) for p in (0.3 * y[out] + rng.uniform(0, 0.35, len(out))
                                                            for _, out in splits)]
-    scores = cross_fitted_threshold_scores(folds, probabilities)
-    flipped = folds.y.copy()
-    flipped[splits[0][1]] = 1 - flipped[splits[0][1]]  # fold 0's own labels, turned over
-    cut = best_threshold(np.concatenate([y[out] for _, out in splits[1:]]),
-                         np.concatenate([held[:, 1] for held in probabilities[1:]]))
-    assert scores[0] == classification_metrics(y[splits[0][1]], probabilities[0], cut)["f1_macro"]
-    assert cross_fitted_threshold_scores(Folds(folds.x, flipped, splits, 4, 1), probabilities)[1:] != scores[1:]
     score = FamilyScore("hgb", None, {}, [0.47] * 4, 0.0, fold_probabilities=probabilities)
-    tuned = with_decision_threshold(score, folds)
-    assert tuned.threshold is not None and tuned.fold_f1 == scores and tuned.mean > 0.9
-    assert "decision threshold" in tuned.note and tuned.row()["decision_threshold"] == round(tuned.threshold, 4)
+    tuned = with_tuned_decision(score, folds)
+    cut = best_cut(np.concatenate([y[out] for _, out in splits[1:]]),
+                   np.concatenate([held[:, 1] for held in probabilities[1:]]))
+    assert tuned.fold_f1[0] == classification_metrics(y[splits[0][1]], probabilities[0], {"threshold": cut})["f1_macro"]
+    flipped = y.copy()
+    flipped[splits[0][1]] = 1 - flipped[splits[0][1]]  # fold 0's own labels, turned over: the others' cuts move
+    assert with_tuned_decision(score, Folds(folds.x, flipped, splits, 4, 1)).fold_f1[1:] != tuned.fold_f1[1:]
+    assert tuned.mean > 0.9 and set(tuned.decision) == {"threshold"} and tuned.row()["decision"] == tuned.decision
+    assert "decision P(second class) >= " in tuned.note and "decision P(yes) >= " in with_tuned_decision(
+        score, folds, ["no", "yes"]).note and "(argmax: 0.4700)" in tuned.note
     separable = [np.column_stack([1 - p, p]) for p in (0.9 * y[out] + 0.05 for _, out in splits)]
     plain = FamilyScore("hgb", None, {}, [1.0] * 4, 0.0, fold_probabilities=separable)
-    assert with_decision_threshold(plain, folds) is plain  # no gain: argmax stays
-    many = Folds(folds.x, np.where(y == 1, 2, y), splits, 4, 1)  # three classes' labels: no threshold
-    assert with_decision_threshold(score, many) is score
+    assert with_tuned_decision(plain, folds) is plain  # no gain: argmax stays
 
 
-def test_a_rare_class_is_answered_at_the_threshold_the_folds_chose(tmp_path, maas_home):
+def test_unequal_classes_get_class_weights_and_equal_ones_are_left_to_argmax():
+    """Three classes of 86 / 9.5 / 4.5%: weak signals leave argmax naming the large one nearly always."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (3000, 4))
+    logits = np.column_stack([np.zeros(3000), -2.6 + 0.9 * x[:, 0] + 0.6 * x[:, 1], -3.4 + 0.9 * x[:, 2] - 0.7 * x[:, 3]])
+    truth = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=row) for row in truth])
+    splits = list(StratifiedKFold(5, shuffle=True, random_state=0).split(x, y))
+    folds = Folds(x, y, splits, 5, 1)
+    held = [truth[out] for _, out in splits]  # the true probabilities, as a perfectly calibrated model's
+    argmax = [classification_metrics(y[out], probabilities)["f1_macro"] for (_, out), probabilities in zip(splits, held)]
+    tuned = with_tuned_decision(FamilyScore("linear", None, {}, argmax, 0.0, fold_probabilities=held), folds)
+    weights = tuned.decision["class_weights"]
+    assert weights[0] == 1 and weights[1] > 1 and weights[2] > 1, weights
+    assert tuned.mean > np.mean(argmax) + 0.05, (tuned.mean, np.mean(argmax))
+    answered = decide(np.vstack(held), tuned.decision)
+    assert (answered == (np.vstack(held) * np.asarray(weights)).argmax(1)).all() and (answered == 2).any()
+    balanced = Folds(x, np.arange(3000) % 3, splits, 5, 1)  # equal classes: not searched
+    score = FamilyScore("linear", None, {}, argmax, 0.0, fold_probabilities=held)
+    assert with_tuned_decision(score, balanced) is score
+
+
+def test_a_rare_class_is_answered_by_the_decision_the_folds_chose(tmp_path, maas_home):
     """~3% fraud: argmax all but never names it; the tuned cut does, in the bundle, the pyfunc and the gate."""
     from deployments.gate import predictions
 
@@ -194,22 +215,23 @@ def test_a_rare_class_is_answered_at_the_threshold_the_folds_chose(tmp_path, maa
     sealed = prepared.sealed()
     comparison = compare_families(sealed, config, TrainingSettings(config.model, config.train), "r")
     chosen = comparison.chosen
-    assert chosen.threshold is not None and chosen.threshold < 0.5, comparison.leaderboard()
-    assert "argmax" in chosen.note and chosen.row()["decision_threshold"] is not None
+    assert chosen.decision["threshold"] < 0.5, comparison.leaderboard()
+    assert "argmax" in chosen.note and chosen.row()["decision"] == chosen.decision
     variants = fit_chosen_family(sealed, comparison, config.seed, tmp_path / "variants")
-    set_decision_threshold(variants, chosen.threshold)
+    set_decision(variants, chosen.decision)
     bundle = ModelBundle.load(variants.built[0].bundle_dir)
-    assert bundle.decision_threshold == chosen.threshold
+    assert bundle.decision == chosen.decision
     rows = prepared.splits.x_test
     probabilities = bundle.predict_proba(rows)
     answered = bundle.predict(rows)["label"].to_numpy()
-    expected = np.where(probabilities[:, 1] >= chosen.threshold, bundle.labels[1], bundle.labels[0])
+    cut = chosen.decision["threshold"]
+    expected = np.where(probabilities[:, 1] >= cut, bundle.labels[1], bundle.labels[0])
     assert (answered == expected).all() and (answered == "yes").sum() > (probabilities.argmax(1) == 1).sum()
     assert [answer["label"] for answer in predictions(bundle, probabilities)] == list(expected)
     test = evaluate_bundle(variants.built[0].bundle_dir, rows, prepared.splits.y_test)
     argmax_f1 = classification_metrics(prepared.splits.y_test, test.probabilities)["f1_macro"]
     assert test.metrics["f1_macro"] > argmax_f1, (test.metrics, argmax_f1)
-    assert (test.predicted() == (probabilities[:, 1] >= chosen.threshold)).all()
+    assert (test.predicted() == (probabilities[:, 1] >= cut)).all()
 
 
 def test_the_kernel_svm_reads_features_clipped_in_its_graph_too(tmp_path):

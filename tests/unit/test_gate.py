@@ -88,6 +88,30 @@ def test_a_request_gets_the_bundles_own_predictions(wine, maas_home):
     np.testing.assert_allclose(served, expected[[f"proba_{label}" for label in bundle.labels]].to_numpy(), atol=1e-6)
 
 
+def test_the_bundles_decision_rule_makes_the_label_at_predict_and_invocations_and_metadata_gives_it(wine, maas_home):
+    """A bundle with class weights (tasks/decision.py) answers the weighted argmax; the probabilities stay."""
+    import copy
+
+    import pandas as pd
+
+    bundle, rows = wine
+    weighted = copy.copy(bundle)
+    weighted.decision = {"class_weights": [1.0, 1.0, 1e6]}  # the third class wherever it has any probability
+    weighted.metadata = {**bundle.metadata, "decision": weighted.decision}
+    gate = gate_for(weighted, auth=False)
+    answer, invocations, metadata = call(gate, [("POST", "/predict", {"json": {"rows": rows}}),
+                                                ("POST", "/invocations", {"json": {"dataframe_records": rows}}),
+                                                ("GET", "/metadata", {})])
+    probabilities = bundle.predict_proba(pd.DataFrame(rows))
+    expected = [bundle.labels[index] for index in (probabilities * [1.0, 1.0, 1e6]).argmax(1)]
+    assert [item["label"] for item in answer.json()] == expected == list(weighted.predict(pd.DataFrame(rows))["label"])
+    assert expected != [bundle.labels[index] for index in probabilities.argmax(1)]  # the rule changed some answers
+    assert [item["label"] for item in invocations.json()["predictions"]] == expected
+    served = np.array([[item["probabilities"][label] for label in bundle.labels] for item in answer.json()])
+    np.testing.assert_allclose(served, probabilities, atol=1e-6)
+    assert metadata.json()["decision"] == {"class_weights": [1.0, 1.0, 1e6]}
+
+
 def test_mlflow_scoring_requests_at_invocations_get_the_same_answers_in_mlflows_form(wine, maas_home):
     """A client of `mlflow models serve` (dataframe_split, dataframe_records, instances, inputs as
     columns, a CSV body) gets what /predict gives, as pyfunc's columns under "predictions"; with
