@@ -15,16 +15,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from maas.config import RunConfig
+from tasks.check import watched_reference
 
 
 def deployment_names(config: RunConfig) -> tuple[str, str]:
-    """(training, monitoring) deployment names; the training one is what the monitor triggers."""
-    return f"{config.model_name}-train", f"{config.model_name}-monitor"
+    """(training, monitoring) deployment names: the training one is the config's model's, which its
+    monitor triggers; the monitoring one is named after the model it watches (monitoring.model, when
+    that names another: `--set monitoring.model=maas-orders@champion` watches maas-orders)."""
+    return f"{config.model_name}-train", f"{watched_reference(config).name}-monitor"
 
 
 def deployment_tags(config: RunConfig, config_path: str | Path | None, role: str) -> list[str]:
     source = Path(config_path).name if config_path else "embedded-defaults"
-    return ["maas", role, f"model:{config.model_name}", f"dataset:{config.data.short_name}", f"config:{source}"]
+    model = watched_reference(config).name if role == "monitoring" else config.model_name
+    return ["maas", role, f"model:{model}", f"dataset:{config.data.short_name}", f"config:{source}"]
+
+
+def retrain_elsewhere(config: RunConfig) -> str | None:
+    """A line for `maas schedule` when the monitor watches another model than the config trains: its
+    retrain runs that model's own training deployment (tasks/retrain.training_config), not this one."""
+    watched = watched_reference(config).name
+    if watched == config.model_name or config.monitoring.retrain_deployment:
+        return None
+    return (f"note: the monitor watches {watched}, whose retrain runs maas-train/{watched}-train with the config "
+            f"that version was trained with; schedule that model's training too, or set monitoring.retrain_deployment")
 
 
 def build_deployments(config: RunConfig, config_path: str | Path | None = None) -> list:
@@ -51,7 +65,6 @@ def build_deployments(config: RunConfig, config_path: str | Path | None = None) 
         parameters=parameters,
         tags=deployment_tags(config, config_path, "monitoring"),
         concurrency_limit=1,
-        description=f"Drift, live quality and health of {config.model_name}@{config.registry.champion_alias}; "
-                    "alerts and retraining.",
+        description=f"Drift, live quality and health of {watched_reference(config)}; alerts and retraining.",
     )
     return [training, monitoring]

@@ -584,9 +584,11 @@ def command_schedule(args: argparse.Namespace) -> int:
     from maas.config import load_config
 
     config = load_config(args.config, args.dataset, args.target, args.overrides)
-    from deployments.schedules import build_deployments
+    from deployments.schedules import build_deployments, retrain_elsewhere
 
     deployments = build_deployments(config, args.config)
+    if retrain_elsewhere(config):
+        print(retrain_elsewhere(config))
     if args.pool:
         from maas.paths import project_root
 

@@ -124,3 +124,23 @@ def test_an_alert_fires_once_per_incident(store):
     assert [alert.kind for alert in new_alerts(store, "m", {"drift": "again"})] == ["drift"]
     assert [a.kind for a in new_alerts(store, "m", {"drift": "again", "rollback": "r"})] == ["rollback"]
     assert [a.kind for a in new_alerts(store, "m", {"drift": "again", "rollback": "r2"})] == ["rollback"]  # events repeat
+
+
+def test_a_monitor_watching_another_model_is_its_deployment_and_schedule_says_where_its_retrain_runs():
+    """`maas schedule --set monitoring.model=maas-orders@champion` (the default config): the monitoring
+    deployment is named, tagged and described after maas-orders, whose retrain is its own training's."""
+    from deployments.schedules import build_deployments, deployment_names, retrain_elsewhere
+    from maas.config import load_config
+
+    config = load_config(None, None, None, ["monitoring.model=maas-orders@champion"])
+    assert deployment_names(config) == ("maas-breast_cancer-train", "maas-orders-monitor")
+    training, monitoring = build_deployments(config)
+    assert "model:maas-orders" in monitoring.tags and "model:maas-breast_cancer" in training.tags
+    assert "of maas-orders@champion;" in monitoring.description
+    assert retrain_elsewhere(config).startswith("note: the monitor watches maas-orders, whose retrain runs "
+                                                "maas-train/maas-orders-train")
+    own = load_config(None, None, None, [])
+    assert deployment_names(own) == ("maas-breast_cancer-train", "maas-breast_cancer-monitor")
+    assert retrain_elsewhere(own) is None
+    named = load_config(None, None, None, ["monitoring.model=maas-orders", "monitoring.retrain_deployment=a/b"])
+    assert retrain_elsewhere(named) is None
