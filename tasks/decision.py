@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 CUT_CANDIDATES = 199  # quantiles of the second class's probability tried as cuts
-WEIGHT_GRID = np.exp(np.linspace(np.log(0.2), np.log(25.0), 41))  # a class's weight, 1 included (the middle)
+# A class's weight: 1/25 to 25, even in log space, so 1 (argmax's own) is the middle one and can be kept.
+WEIGHT_GRID = np.exp(np.linspace(-np.log(25.0), np.log(25.0), 41))
 WEIGHT_ROUNDS = 2  # passes of coordinate ascent over the classes' weights
 # More classes are searched only when they are unequal: the smallest under this share of the
 # largest. On balanced many-class tables (digits) the search could only fit noise, at a cost.
