@@ -21,7 +21,8 @@ import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
-from maas.bundle import PROBABILITY_PREFIX, category_sets, column_numbers, date_example, formatted_number
+from maas.bundle import (PROBABILITY_PREFIX, category_sets, column_numbers, date_example, formatted_number,
+                         spelt_alike)
 
 
 class Columns(NamedTuple):
@@ -381,8 +382,7 @@ def near_key(rows: Any, index: Any, column: Any) -> str | None:
         return None
     if not isinstance(row, dict) or not isinstance(column, str):
         return None
-    wanted = column.strip().casefold()
-    return next((key for key in row if isinstance(key, str) and key != column and key.strip().casefold() == wanted), None)
+    return spelt_alike(column, row)
 
 
 async def read_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:

@@ -119,7 +119,7 @@ class TrainSummary:
     def outcome(self) -> str:
         """The variant table, the selection and the gate's verdict: what happened, in a few lines."""
         registered, comparison = self.registered, self.winner.comparison
-        families = [] if comparison is None else [render_leaderboard(comparison.leaderboard(), self.winner.evaluation.labels), "",
+        families = [] if comparison is None else [render_leaderboard(comparison.leaderboard(), comparison.labels), "",
                                                    f"Family: {comparison.reason}", ""]
         return "\n".join([
             *families,

@@ -357,11 +357,18 @@ def text_features(texts: list[str], column: dict[str, Any]) -> np.ndarray:
     return (embedding - np.asarray(column["mean"])) / np.asarray(column["scale"])
 
 
+def spelt_alike(name: str, names) -> str | None:
+    """The first of `names` that is `name` but for case and surrounding spaces (not `name` itself):
+    what a missing column was most likely meant as (' workclass' from a file read without
+    skipinitialspace=True, 'Mean Radius ' from a client)."""
+    wanted = name.strip().casefold()
+    return next((other for other in names if isinstance(other, str) and other != name
+                 and other.strip().casefold() == wanted), None)
+
+
 def near_columns(missing: list[str], columns: pd.Index) -> str:
-    """What the frame has instead of the missing columns, but for case and surrounding spaces: a
-    file read without skipinitialspace=True that training read with it (" workclass")."""
-    present = {str(column).strip().casefold(): column for column in columns}
-    near = [f"'{present[name.strip().casefold()]}'" for name in missing if name.strip().casefold() in present]
+    """What the frame has instead of the missing columns (spelt_alike), for the error naming them."""
+    near = [f"'{found}'" for found in (spelt_alike(name, columns) for name in missing) if found is not None]
     return f" (the rows have {', '.join(near[:5])}: column names match exactly)" if near else ""
 
 

@@ -587,8 +587,9 @@ def command_schedule(args: argparse.Namespace) -> int:
     from deployments.schedules import build_deployments, retrain_elsewhere
 
     deployments = build_deployments(config, args.config)
-    if retrain_elsewhere(config):
-        print(retrain_elsewhere(config))
+    note = retrain_elsewhere(config)
+    if note:
+        print(note)
     if args.pool:
         from maas.paths import project_root
 

@@ -154,26 +154,28 @@ def first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else error.__class__.__name__
 
 
-def sniff_delimiter(table: TableFile, encoding: str) -> str:
+def header_line(table: TableFile, encoding: str) -> str:
+    """The table's header line (the first below any title lines), without its line end."""
+    with open_text(table, encoding) as handle:
+        return next(itertools.islice(handle, table.skip, None), "").rstrip("\r\n")
+
+
+def sniff_delimiter(table: TableFile, header: str) -> str:
     """The delimiter that splits the header into the most fields; a tie goes to the suffix's own.
     A .tsv is always tab-separated."""
     default = CSV_SUFFIXES[table.suffix]
     if table.suffix == ".tsv":
         return default
-    with open_text(table, encoding) as handle:
-        header = next(itertools.islice(handle, table.skip, None), "")
     fields = {delimiter: len(next(csv.reader([header], delimiter=delimiter), [])) for delimiter in DELIMITERS}
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
 
-def fields_follow_spaces(table: TableFile, encoding: str, delimiter: str) -> bool:
+def fields_follow_spaces(header: str, delimiter: str) -> bool:
     """Whether the header's delimiters are each followed by a space, as in UCI's adult.data
     ("age, workclass, ..."; its values too: " Private"). pandas would keep the spaces, in the
     column names and in every category, so `--target income` would not be found and a client
     sending "Private" would send a value training never saw: such a file is read with
     skipinitialspace=True, which only drops the spaces right after a delimiter."""
-    with open_text(table, encoding) as handle:
-        header = next(itertools.islice(handle, table.skip, None), "").rstrip("\r\n")
     fields = next(csv.reader([header], delimiter=delimiter), [])
     return len(fields) > 1 and all(field[:1] == " " and field.strip() for field in fields[1:])
 
@@ -222,8 +224,9 @@ def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str,
         for encoding in _encodings_to_try(table):
             try:
                 table = table._replace(skip=lines_above_header(table, encoding, column))
-                delimiter = sniff_delimiter(table, encoding)
-                table = table._replace(spaced=fields_follow_spaces(table, encoding, delimiter))
+                header = header_line(table, encoding)
+                delimiter = sniff_delimiter(table, header)
+                table = table._replace(spaced=fields_follow_spaces(header, delimiter))
                 _check_csv_rectangular(table, delimiter, encoding)
                 return encoding, delimiter, table
             except UnicodeDecodeError:

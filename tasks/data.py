@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
 from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_example, date_parts, dates_as_days,
-                         formatted_numbers, is_boolean, text_encoder, transform)
+                         formatted_numbers, is_boolean, spelt_alike, text_encoder, transform)
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -200,9 +200,9 @@ def missing_column_hint(name: str, frame: pd.DataFrame) -> str:
     import difflib
 
     names = [str(column) for column in frame.columns]
-    same = [column for column in names if column.strip().casefold() == name.strip().casefold()]
-    if same:
-        return f"; did you mean '{same[0]}'?"
+    same = spelt_alike(name, names)
+    if same is not None:
+        return f"; did you mean '{same}'?"
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
     if close:
         return f"; did you mean '{close[0]}'?"
