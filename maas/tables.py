@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import io
+import re
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ TITLE_CELLS = 2
 HEADER_SEARCH_LINES = 30  # how far down a header naming the target is looked for, below a title
 SKIPPED_LINES = "maas_lines_above_header"  # frame.attrs key: lines passed over above the header
 SPACED_FIELDS = "maas_skipinitialspace"  # frame.attrs key: fields follow "a, b" and were read with skipinitialspace
+REPEATED_NAMES = "maas_repeated_names"  # frame.attrs key: {a name the header repeats: the names pandas gave its columns}
 SUPPORTED = ".csv, .tsv, .txt, .data, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet, .feather or .xlsx"
 
 
@@ -236,6 +238,23 @@ def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str,
     raise MaasInputError(f"{table.path}: not a text table (it reads neither as UTF-8 nor as Windows-1252)")
 
 
+def pandas_renamed_some(columns: pd.Index) -> bool:
+    """Whether a name looks like pandas' rename of a repeated one ('a.1'): then the header is read again."""
+    return any(re.fullmatch(r".*\.[1-9][0-9]*", str(name)) for name in columns)
+
+
+def repeated_names(header: list, columns: pd.Index) -> dict[str, list[str]]:
+    """The names a header gives more than one column, each with what pandas calls those columns
+    ('a', 'a.1'): the file's own name is then one column only, and requests must use pandas' names."""
+    if len(header) != len(columns):
+        return {}
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(header):
+        if name is not None and not (isinstance(name, float) and name != name):
+            positions.setdefault(str(name), []).append(index)
+    return {name: [str(columns[index]) for index in where] for name, where in positions.items() if len(where) > 1}
+
+
 def read_excel_sheet(path: Path, sheet: str | int = 0, column: str | None = None) -> pd.DataFrame:
     """The workbook's sheet (a name, or its position from 0) as `pandas.read_excel(path, sheet_name=...)`
     reads it (what a user hands pyfunc), less wholly empty rows and unnamed empty columns: cells once
@@ -257,6 +276,10 @@ def read_excel_sheet(path: Path, sheet: str | int = 0, column: str | None = None
                 if above:
                     frame = pd.read_excel(book, sheet_name=sheet, header=above)
                     frame.attrs[SKIPPED_LINES] = above
+            if pandas_renamed_some(frame.columns):
+                header = pd.read_excel(book, sheet_name=sheet, header=None, nrows=1,
+                                       skiprows=frame.attrs.get(SKIPPED_LINES, 0)).iloc[0].tolist()
+                frame.attrs[REPEATED_NAMES] = repeated_names(header, frame.columns)
     except ImportError:
         raise MaasInputError(f"{path}: reading Excel files needs the package openpyxl (pip install openpyxl)") from None
     except MaasInputError:
@@ -330,6 +353,11 @@ def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None)
                 frame.attrs[SKIPPED_LINES] = table.skip
             if table.spaced:
                 frame.attrs[SPACED_FIELDS] = True
+            if pandas_renamed_some(frame.columns):
+                with open_text(table, encoding) as handle:
+                    header = next(csv.reader(itertools.islice(handle, table.skip, None), delimiter=delimiter,
+                                             skipinitialspace=table.spaced), [])
+                frame.attrs[REPEATED_NAMES] = repeated_names(header, frame.columns)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             raise MaasInputError(f"{path}: not a readable CSV table ({first_line(exc)})") from None
     if frame.shape[1] == 0:

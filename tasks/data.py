@@ -24,7 +24,7 @@ from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
 from maas.paths import encoders_home
 from maas.run_context import StageTimer, run_logger
-from maas.tables import SKIPPED_LINES, SPACED_FIELDS, listing, read_table_file
+from maas.tables import REPEATED_NAMES, SKIPPED_LINES, SPACED_FIELDS, listing, read_table_file
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
@@ -856,6 +856,11 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     if frame.attrs.get(SPACED_FIELDS):
         notes.append(f"{Path(table.source).name}: a space follows each delimiter ('a, b'): read without it in names "
                      f"and values (pandas reads the table so with skipinitialspace=True)")
+    for name, renamed in frame.attrs.get(REPEATED_NAMES, {}).items():
+        notes.append(f"{Path(table.source).name}: {len(renamed)} columns are named '{name}': read as "
+                     f"{', '.join(repr(column) for column in renamed)}, pandas' names, which requests use too"
+                     + (f"; the target is the first, and the rest are inputs: "
+                        f"{', '.join(repr(column) for column in renamed[1:])}" if name == table.target else ""))
     fingerprint = fingerprint_table(frame)
     target = frame[table.target]
     missing_target = target.isna().to_numpy()

@@ -574,6 +574,26 @@ def test_a_file_with_a_space_after_each_comma_is_read_without_it(tmp_path):
         transform(pd.read_csv(path), prepared.preprocessing)  # read without it: the names say why
 
 
+def test_columns_sharing_a_name_are_told_with_the_names_pandas_gives_them(tmp_path):
+    """pandas reads a header 'a,b,a' as a, b, a.1 without a word: a client would not know to send
+    'a.1', and a second copy of the target is an input that may hold the answer."""
+    rng = np.random.default_rng(0)
+    lines = ["a,b,a,version.1,label,label"] + [
+        f"{rng.normal():.3f},{rng.normal():.3f},{rng.normal():.3f},{i % 4},{('x', 'y')[i % 2]},{i % 2}" for i in range(80)]
+    prepared = prepare_data(DataConfig(dataset=str(write_csv(tmp_path / "twice.csv", lines)), target="label"), seed=0)
+    assert {c["name"] for c in prepared.input_schema} == {"a", "b", "a.1", "version.1", "label.1"}
+    repeated = [note for note in prepared.notes if "columns are named" in note]
+    assert repeated == ["twice.csv: 2 columns are named 'a': read as 'a', 'a.1', pandas' names, which requests use too",
+                        "twice.csv: 2 columns are named 'label': read as 'label', 'label.1', pandas' names, which "
+                        "requests use too; the target is the first, and the rest are inputs: 'label.1'"]
+    frame = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "a"])
+    frame["label"] = ["x", "y"] * 30
+    frame.to_excel(tmp_path / "twice.xlsx", index=False)
+    prepared = prepare_data(DataConfig(dataset=str(tmp_path / "twice.xlsx"), target="label"), seed=0)
+    assert [note for note in prepared.notes if "columns are named" in note] == [
+        "twice.xlsx: 2 columns are named 'a': read as 'a', 'a.1', pandas' names, which requests use too"]
+
+
 def test_an_excel_sheet_under_a_title_is_read_from_the_row_naming_the_target(tmp_path):
     from openpyxl import Workbook
 
