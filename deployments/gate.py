@@ -26,7 +26,7 @@ import orjson
 from deployments.batcher import Batcher
 from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
-from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body,
+from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body, unread_body_dropped,
                                        rows_from_csv, rows_from_mlflow_request)
 from maas.bundle import ModelBundle, decide, unknown_categories
 from maas.config import ServingConfig
@@ -163,9 +163,10 @@ class ServiceGate:
             return await reply(send, 200, {"status": "ok"})
         scopes = self.scopes_for(path)
         if scopes:
-            grant, refusal = self.authorize(request_headers(scope), path, scopes)
+            headers = request_headers(scope)
+            grant, refusal = self.authorize(headers, path, scopes)
             if refusal:
-                return await reply(send, *refusal)
+                return await refuse(receive, headers, send, *refusal)
             if needed_scope(path):
                 return await self.manage(scope, receive, send, grant)
         if path == METADATA_PATH and method == "GET":
@@ -228,18 +229,19 @@ class ServiceGate:
         if self.settings.auth:
             grant, refusal = self.authorize(headers, PREDICT_PATH, ("predict",))
             if refusal:
-                return await reply(send, *refusal)
+                return await refuse(receive, headers, send, *refusal)
             key_id, tier_name = grant.key_id, grant.tier
             tier = self.settings.tiers.get(tier_name)
             if tier is None:
-                return await reply(send, 403, {"error": f"key {key_id} has tier '{tier_name}', which this service does not offer"})
+                return await refuse(receive, headers, send, 403,
+                                    {"error": f"key {key_id} has tier '{tier_name}', which this service does not offer"})
             taken = self.limits.take(key_id, tier.requests_per_minute)
             limit_headers = rate_limit_headers(tier_name, tier.requests_per_minute, taken)
             if taken.wait:
                 self.meter.record(key_id, 0, 429, default_label)
-                return await reply(send, 429, {"error": f"rate limit of tier '{tier_name}': "
-                                               f"{tier.requests_per_minute} requests per minute"},
-                                   {"retry-after": str(max(1, round(taken.wait))), **limit_headers})
+                return await refuse(receive, headers, send, 429, {"error": f"rate limit of tier '{tier_name}': "
+                                                                  f"{tier.requests_per_minute} requests per minute"},
+                                    {"retry-after": str(max(1, round(taken.wait))), **limit_headers})
         try:
             body = await read_body(receive, headers, self.settings.max_request_bytes)
             if mlflow_protocol:
@@ -357,6 +359,14 @@ def rate_limit_headers(tier: str, per_minute: int, taken) -> dict[str, str]:
     return {"x-ratelimit-limit": str(per_minute), "x-ratelimit-remaining": str(remaining),
             "x-ratelimit-reset": str(reset), "ratelimit-policy": f'"{tier}";q={per_minute};w=60',
             "ratelimit": f'"{tier}";r={remaining};t={reset}'}
+
+
+async def refuse(receive, request: dict[str, str], send, status: int, payload: dict,
+                 headers: dict[str, str] | None = None) -> None:
+    """A refusal before the body is read: the body is read and dropped first, so that a client that
+    sends all of it before reading (urllib, requests) gets this answer, not a closed connection."""
+    await unread_body_dropped(receive, request)
+    await reply(send, status, payload, headers)
 
 
 async def reply(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 
-from deployments.gate import PREDICT_PATH, reply, with_security_headers
+from deployments.gate import PREDICT_PATH, refuse, reply, request_headers, with_security_headers
 
 ACCESS_LOG = logging.getLogger("bentoml.access")
 ERRORS = logging.getLogger("maas.serve")
@@ -101,7 +101,7 @@ class PredictFirst:
         self.in_flight += 1
         try:
             if self.in_flight > self.max_concurrency:
-                await reply(answering, 429, {"error": "Too many requests"})
+                await refuse(receive, request_headers(scope), answering, 429, {"error": "Too many requests"})
             elif scope["method"] != "POST":
                 await reply(answering, 405, {"error": f"{PREDICT_PATH} takes POST"}, {"allow": "POST"})
             else:

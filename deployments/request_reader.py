@@ -11,6 +11,7 @@ as every request to a model with a date column does (an ISO 8601 string, read as
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import operator
@@ -331,9 +332,17 @@ def loads_json(body: bytes) -> tuple[Any, bool]:
         return orjson.loads(body), True
     except orjson.JSONDecodeError:
         pass
+    # json.loads(bytes) would also take UTF-16 and UTF-32, which the log and the readers do not
+    not_utf8 = "body: not UTF-8 ({}): JSON is sent in UTF-8, or in a charset that Content-Type names"
+    if b"\x00" in body:  # no JSON text holds a NUL byte; ASCII in UTF-16 or UTF-32 is all of them
+        raise BadRequest(400, not_utf8.format("it holds NUL bytes, as UTF-16 and UTF-32 do"))
     try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(400, not_utf8.format(f"{error.reason} at byte {error.start}")) from None
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
         return None, False
     try:  # json takes a lone surrogate escape ("\ud800"), which is no text: the tokenizer and the log failed on it
         json.dumps(payload, ensure_ascii=False).encode()
@@ -393,6 +402,10 @@ async def read_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:
 
 CONTENT_CODINGS = {"gzip": 16 + 15, "x-gzip": 16 + 15, "deflate": 15}  # zlib's wbits: gzip header, zlib header
 UTF8_NAMES = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+# UTF-32's marks first: UTF-16 LE's is the start of UTF-32 LE's. Decoding as "utf-16"/"utf-32" drops the mark.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+DRAIN_BYTES = 64 * 1024 * 1024  # a refused body this large is still read, so its client gets the 413
 NOT_ROWS_TYPES = ("application/x-www-form-urlencoded", "multipart/", "application/xml", "text/xml")
 
 
@@ -427,6 +440,10 @@ def decoded(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
         raise BadRequest(415, f"Content-Type '{content_type.split(';')[0][:60]}': send rows as JSON "
                               "(application/json) or CSV (text/csv)")
     charset = content_type.partition("charset=")[2].split(";")[0].strip().strip('"')
+    if body.startswith(codecs.BOM_UTF8):  # Windows tools write one; the readers and the log take UTF-8 without it
+        body = body[len(codecs.BOM_UTF8):]
+    elif not charset:  # a UTF-16 or UTF-32 byte order mark names its encoding
+        charset = next((name for mark, name in BYTE_ORDER_MARKS if body.startswith(mark)), "")
     if charset and charset not in UTF8_NAMES:
         try:
             body = body.decode(charset).encode()
@@ -439,18 +456,41 @@ def decoded(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
 
 
 async def received_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:
-    """The body's bytes as they came, refused with 413 as soon as they pass max_bytes."""
+    """The body's bytes as they came, refused with 413 once they pass max_bytes."""
     declared = headers.get("content-length") or "0"
     if not declared.isdigit():
         raise BadRequest(400, f"Content-Length '{declared[:40]}' is not a number of bytes")
     declared = int(declared)
     if declared > max_bytes:
+        await drained(receive, declared)
         raise BadRequest(413, f"request body of {declared} bytes exceeds {max_bytes}")
     body = bytearray()
     while True:
         message = await receive()
         body += message.get("body", b"")
         if len(body) > max_bytes:
+            if message.get("more_body"):
+                await drained(receive)
             raise BadRequest(413, f"request body exceeds {max_bytes} bytes")
         if not message.get("more_body"):
             return bytes(body)
+
+
+async def unread_body_dropped(receive, headers: dict[str, str]) -> None:
+    """Before a refusal sent without reading the body (401, 403, 429): read and drop it, as for a 413."""
+    declared = headers.get("content-length", "")
+    await drained(receive, int(declared) if declared.isdigit() else 0)
+
+
+async def drained(receive, declared: int = 0) -> None:
+    """Read and drop the rest of a refused body, up to DRAIN_BYTES: a client that sends its whole body
+    before reading (requests, urllib) otherwise finds the connection closed under it (a broken pipe
+    or a reset) and never sees the 413. A larger body is cut off, as nginx does past its lingering time."""
+    if declared > DRAIN_BYTES:
+        return
+    read = 0
+    while read <= DRAIN_BYTES:
+        message = await receive()
+        read += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return

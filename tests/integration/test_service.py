@@ -195,6 +195,20 @@ def test_oversized_requests_get_413(service):
     padding = {"rows": rows, "pad": "x" * 1_100_000}
     response = httpx.post(f"{base}/predict", json=padding, headers={"X-API-Key": keys["pro"]}, timeout=30)
     assert response.status_code == 413 and "exceeds" in response.json()["error"]
+    # urllib and requests send the whole body before they read: the service reads the refused body
+    # too, so they get the 413 rather than a connection closed under them (a broken pipe)
+    import urllib.error
+    import urllib.request
+
+    big = json.dumps({**padding, "pad": "x" * 4_000_000}).encode()
+    for key, status in [(keys["pro"], 413), ("maas_" + "0" * 38, 401)] * 3:  # refused before reading: 401 too
+        request = urllib.request.Request(f"{base}/predict", big, {"X-API-Key": key, "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == status
+    chunks = (b"x" * 65536 for _ in range(64))  # no Content-Length: chunked, refused as it passes the limit
+    chunked = httpx.post(f"{base}/predict", content=chunks, headers={"X-API-Key": keys["pro"]}, timeout=30)
+    assert chunked.status_code == 413 and "exceeds" in chunked.json()["error"]
 
 
 def test_missing_invalid_rotated_and_revoked_keys_get_401(service):
