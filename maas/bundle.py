@@ -43,6 +43,7 @@ PREPROCESSING_FILE = "preprocessing.json"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
 PROBABILITY_PREFIX = "proba_"  # pyfunc's output column of each class: proba_<label>
+FEATURE_LIMIT = 1e6  # the largest standardized feature a graph is given, in standard deviations
 
 
 class InputSchemaError(ValueError):
@@ -428,7 +429,8 @@ def transform_arrays(
         mean = np.array([c["mean"] for c in spec])
         scale = np.array([c["scale"] for c in spec])
         values = np.where(np.isnan(values), fill, values)
-        blocks.append((values - mean) / scale)
+        with np.errstate(over="ignore"):  # past float64 (-1e308 / 0.5): inf, clipped at FEATURE_LIMIT below
+            blocks.append((values - mean) / scale)
         for index, column in enumerate(spec):  # a date's calendar parts, from its (imputed) days
             if column.get("parts"):
                 parts = column["parts"]
@@ -442,7 +444,10 @@ def transform_arrays(
         blocks.append(text_features(as_texts(values), column))
     if not blocks:
         return np.zeros((n_rows, 0), dtype=np.float32)
-    return np.hstack(blocks).astype(np.float32)
+    # 1e308 is a finite number a row may hold: standardized, it passed float32's range and reached the
+    # graph as inf (a network's inf - inf is NaN). A million standard deviations is past every split
+    # and saturates every unit, so no answer within it changes.
+    return np.clip(np.hstack(blocks), -FEATURE_LIMIT, FEATURE_LIMIT).astype(np.float32)
 
 
 def decide(probabilities: np.ndarray, decision: dict[str, Any] | None = None) -> np.ndarray:

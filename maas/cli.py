@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from maas.errors import MaasInputError
 from maas.processes import refuse_busy_port, supervise
@@ -253,6 +255,18 @@ def preflight(config) -> None:
     spec_for_data(config.model, prepare_data(config.data, config.seed, fit_text=False))
 
 
+def without_nan(value: Any) -> Any:
+    """The summary with NaN and infinities as null, as JSON.stringify writes them: Python's json would
+    write NaN and Infinity, which JSON has not, and jq and browsers refuse the file."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(item) for item in value]
+    return value
+
+
 def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
     """`maas run` and `maas monitor`: config, preflight (bad input is one line), the flow, its summary
     (TrainSummary or CheckSummary: `to_dict` for --summary, `render` for the terminal)."""
@@ -269,7 +283,7 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
         print(f"maas: error: the {what} flow failed: {error.__class__.__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
     if args.summary:
-        Path(args.summary).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+        Path(args.summary).write_text(json.dumps(without_nan(summary.to_dict()), indent=2, default=str, allow_nan=False))
     print(summary.render())
     return 0
 

@@ -205,7 +205,14 @@ def numeric_drift(name: str, reference: dict[str, Any], values: np.ndarray, n_bi
         statistic, pvalue = (ks_2samp(sample, present) if len(present) else (1.0, 0.0))
     return FeatureDrift(name, "numeric", score, float(statistic), float(pvalue),
                         bool(score > config.psi_threshold and pvalue < config.ks_alpha),
-                        float(sample.mean()), float(present.mean()) if len(present) else None)
+                        finite_mean(sample), finite_mean(present) if len(present) else None)
+
+
+def finite_mean(values: np.ndarray) -> float:
+    """The mean of finite numbers, taken on values scaled by the largest: a client may send 1e308,
+    which is finite, and a plain sum of two of them overflows to inf (the check's JSON then broke)."""
+    largest = float(np.abs(values).max())
+    return float((values / largest).mean() * largest) if largest > 0 else 0.0
 
 
 def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, config: DriftConfig) -> FeatureDrift:
@@ -279,9 +286,15 @@ def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any
         sample = np.asarray(spec["sample"])
         current = column_numbers(rows[feature.name], spec)  # a date in days, as the reference holds it
         current = current[np.isfinite(current)]
-        bins = np.histogram_bin_edges(np.concatenate([sample, current]), bins=30)
-        axis.hist(sample, bins=bins, density=True, alpha=0.55, label="training reference")
-        axis.hist(current, bins=bins, density=True, alpha=0.55, label="logged")
+        # the middle 99% of both, at most the reference's span past either end of it: far values (1e308
+        # is a number a client may send) would squeeze the rest into one bar and overflow matplotlib's
+        # ticks. The values past the range fill its end bins.
+        low, high = np.quantile(np.concatenate([sample, current]), [0.005, 0.995])
+        span = sample.max() - sample.min()
+        low, high = max(low, sample.min() - span), min(high, sample.max() + span)
+        bins = np.histogram_bin_edges([low, high], bins=30) if high > low else 30
+        axis.hist(np.clip(sample, low, high), bins=bins, density=True, alpha=0.55, label="training reference")
+        axis.hist(np.clip(current, low, high), bins=bins, density=True, alpha=0.55, label="logged")
         axis.set_title(f"{feature.name}: PSI {feature.psi:.2f}, KS p={feature.ks_pvalue:.2g}", fontsize=9)
         axis.legend(fontsize=7)
     figure.tight_layout()

@@ -53,6 +53,22 @@ def test_missing_input_column_is_named(exported):
         ModelBundle.load(folder).predict(rows)
 
 
+def test_numbers_at_the_float_limit_get_the_answer_of_far_numbers(exported):
+    """1e308 is finite: standardized, it passed float32's range and reached the network as inf, whose
+    inf - inf made NaN probabilities. Clipped at a million standard deviations, it answers as a far value."""
+    import warnings
+
+    prepared, _, folder = exported
+    bundle = ModelBundle.load(folder)
+    extreme, far = prepared.splits.x_test.head(4).copy(), prepared.splits.x_test.head(4).copy()
+    extreme.loc[:, ["alcohol", "hue"]], far.loc[:, ["alcohol", "hue"]] = [1e308, -1e308], [1e9, -1e9]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        answered = bundle.predict_proba(extreme)
+    assert np.isfinite(answered).all()
+    np.testing.assert_allclose(answered, bundle.predict_proba(far), atol=1e-6)
+
+
 def test_empty_input_gives_empty_output(exported):
     prepared, _, folder = exported
     assert len(ModelBundle.load(folder).predict(prepared.splits.x_test.head(0))) == 0

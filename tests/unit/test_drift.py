@@ -8,7 +8,7 @@ import pytest
 
 from maas.config import DataConfig, DriftConfig
 from tasks.data import prepare_data
-from tasks.drift import bin_count, build_reference, measure_drift, psi
+from tasks.drift import bin_count, build_reference, measure_drift, plot_drift, psi
 
 SEEDS = range(10)
 
@@ -37,6 +37,24 @@ def test_one_std_shift_in_three_features_is_flagged_and_an_unshifted_sample_is_n
     assert all(feature.psi > 0.2 for feature in drifted.features if feature.name in shifted_columns)
     assert drifted.alert
     assert unshifted.drifted_features == [] and not unshifted.alert  # same size, no false alarm
+
+
+def test_numbers_near_the_float_limit_are_measured_and_drawn_without_overflow(tmp_path):
+    """1e308 is a finite number a client may send: its mean overflowed to inf (the check's JSON
+    held Infinity) and its histogram overflowed matplotlib's ticks, each a RuntimeWarning."""
+    import warnings
+
+    prepared, reference, predicted = reference_and_test(0)
+    logged = prepared.splits.x_test.copy()
+    column = logged.columns[0]
+    logged.loc[logged.index[:5], column] = 1e308
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = measure_drift(logged, predicted, reference, DriftConfig())
+        plot_drift(report, logged, reference, DriftConfig().psi_threshold, tmp_path / "drift.png")
+    feature = next(feature for feature in report.features if feature.name == column)
+    assert np.isfinite(feature.current_mean) and feature.current_mean == pytest.approx(1e308 * (5 / len(logged)), rel=1e-3)
+    assert (tmp_path / "drift.png").stat().st_size > 0
 
 
 def test_psi_is_zero_for_equal_shares_and_grows_with_the_gap():
