@@ -528,7 +528,9 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
     for name, reason in dropped.items():
         notes.append(f"column '{name}' dropped: {reason}")
     if not kept:
-        raise MaasInputError("no usable feature columns left after dropping: " + listing(dropped))
+        reasons = [f"'{name}' {reason}" for name, reason in dropped.items()]
+        raise MaasInputError("no usable feature columns: " + "; ".join(reasons[:8])
+                             + (f"; ... ({len(reasons)} in all)" if len(reasons) > 8 else ""))
     return Cleaned(pd.DataFrame(kept, index=features.index), dropped, coerced_columns & set(kept), texts,
                    {name: how for name, how in formats.items() if name in kept})
 
