@@ -26,8 +26,8 @@ import orjson
 from deployments.batcher import Batcher
 from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
-from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body, unread_body_dropped,
-                                       rows_from_csv, rows_from_mlflow_request)
+from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body,
+                                       rows_from_csv, rows_from_mlflow_request, unread_body_dropped)
 from maas.bundle import ModelBundle, decide, unknown_categories
 from maas.config import ServingConfig
 from maas.paths import maas_home
