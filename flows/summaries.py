@@ -142,7 +142,9 @@ class TrainSummary:
         return "\n".join([
             "", self.outcome(),
             "  test   " + "  ".join(f"{name} {value:.4f}" for name, value in registered.test_metrics.items()),
-            f"  model  {chosen.size_bytes / 1024:.0f} KiB ONNX, {chosen.p50_ms_b1_e2e:.2f} ms per raw row (p50, CPU)",
+            f"  model  {chosen.size_bytes / 1024:.0f} KiB ONNX"
+            + (f" + {chosen.encoder_bytes / 2**20:.1f} MiB text encoder" if chosen.encoder_bytes else "")
+            + f", {chosen.p50_ms_b1_e2e:.2f} ms per raw row (p50, CPU)",
             f"  MLflow run {self.mlflow_run_id} in experiment '{self.config.experiment_name}'",
             f"         {self.mlflow_run_url}   (start the UI with: maas ui)",
             f"  load   mlflow.pyfunc.load_model(\"{registered.ref.uri}\")",

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
-from maas.bundle import MODEL_FILE, ModelBundle, decide, transform
+from maas.bundle import ENCODER_DIR, MODEL_FILE, ModelBundle, decide, transform
 from maas.figures import IN_SAMPLE, log_variant_comparison, write_variant_run
 from maas.run_context import RunContext, write_child_run
 from tasks.compress import FailedVariant, Variant, Variants
@@ -47,6 +47,7 @@ class Evaluation:
     split: str = "test"  # where the metrics were measured: "val" chooses the variant, "test" reports it
     # (IN_SAMPLE: validation rows the model was fitted on)
     decision: dict | None = None  # the bundle's decision rule (maas.bundle.decide), which its labels follow
+    encoder_bytes: int = 0  # a text bundle's encoder and tokenizer, which serving loads beside the graph
 
     def predicted(self) -> np.ndarray:
         """The class index the bundle answers each row with."""
@@ -143,6 +144,7 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
         probabilities=probabilities,
         split=split,
         decision=bundle.decision,
+        encoder_bytes=sum(path.stat().st_size for path in (Path(bundle_dir) / ENCODER_DIR).glob("*") if path.is_file()),
     )
 
 
@@ -164,6 +166,7 @@ class VariantRow:
     nonzero_parameters: int = 0
     size_bytes: int = 0
     compressed_bytes: int = 0
+    encoder_bytes: int = 0  # a text bundle's encoder and tokenizer: the data stage chose one for every variant
     p50_ms_b1: float = 0.0
     p99_ms_b1: float = 0.0
     p50_ms_b64: float = 0.0
@@ -212,6 +215,7 @@ def variant_row(variant, evaluation: Evaluation, reference: Evaluation) -> Varia
         nonzero_parameters=variant.nonzero_parameters,
         size_bytes=evaluation.size_bytes,
         compressed_bytes=evaluation.compressed_bytes,
+        encoder_bytes=evaluation.encoder_bytes,
         p50_ms_b1=round(b1.p50_ms, 4), p99_ms_b1=round(b1.p99_ms, 4),
         p50_ms_b64=round(b64.p50_ms, 4), p99_ms_b64=round(b64.p99_ms, 4),
         rows_per_s_b64=round(b64.rows_per_s),

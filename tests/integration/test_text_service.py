@@ -24,13 +24,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def text_service(prefect_server, tmp_path_factory):
-    """(base url, key, the training file's rows, summary) of a service for a model trained on tickets."""
+    """(base url, key, the training file's rows, summary, what `maas run` prints) of a service for a
+    model trained on tickets."""
     from flows.train_pipeline import train_pipeline
 
     with module_home(tmp_path_factory) as home:
         path, target = write_messy("tickets", home)
-        summary = train_pipeline(quick_config(str(path), f"data.target={target}",
-                                              "model.families=[network, linear]")).to_dict()
+        trained = train_pipeline(quick_config(str(path), f"data.target={target}", "model.families=[network, linear]"))
+        summary = trained.to_dict()
         key = create_key(connect(home / "service.db"), "reader", "pro")[1]
         port = free_port()
         env = dict(os.environ, MAAS_HOME=str(home))
@@ -41,7 +42,7 @@ def text_service(prefect_server, tmp_path_factory):
             try:
                 base = f"http://127.0.0.1:{port}"
                 wait_until_up(f"{base}/readyz", 120, server)
-                yield base, key, pd.read_csv(path), summary
+                yield base, key, pd.read_csv(path), summary, trained.render()
             finally:
                 server.terminate()
                 server.wait(timeout=60)
@@ -50,7 +51,7 @@ def text_service(prefect_server, tmp_path_factory):
 def test_served_text_answers_equal_the_registered_model_on_raw_rows(text_service):
     import mlflow
 
-    base, key, table, summary = text_service
+    base, key, table, summary, _ = text_service
     rows = table.drop(columns=["urgency"]).head(30)
     assert rows["message"].isna().any() or table["message"].isna().any()
     expected = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}@champion").predict(rows)
@@ -65,8 +66,17 @@ def test_served_text_answers_equal_the_registered_model_on_raw_rows(text_service
     assert summary["test_metrics"]["f1_macro"] > 0.8  # the wording carries the label
 
 
+def test_the_run_counts_the_encoder_in_what_serving_loads(text_service):
+    """The head is kilobytes; the int8 MiniLM beside it, which every request runs, is ~22 MiB."""
+    _, _, _, summary, printed = text_service
+    encoder_bytes = {variant["encoder_bytes"] for variant in summary["variants"]}
+    assert len(encoder_bytes) == 1 and 15 * 2**20 < encoder_bytes.pop() < 40 * 2**20
+    model_line = next(line for line in printed.splitlines() if line.startswith("  model  "))
+    assert " MiB text encoder, " in model_line, model_line
+
+
 def test_bad_text_gets_4xx_naming_the_row_and_column(text_service):
-    base, key, table, _ = text_service
+    base, key, table, _, _ = text_service
     good = {"message": "the site is down", "order_value": 10.0, "channel": "chat"}
     for bad in (42, ["a", "list"], {"an": "object"}):
         answer = httpx.post(f"{base}/predict", json={"rows": [good, {**good, "message": bad}]},
@@ -88,7 +98,7 @@ def test_the_monitor_checks_a_text_model_on_what_the_service_logged(text_service
     from maas.cli import main
     from maas.tracking import mlflow_client
 
-    base, key, table, summary = text_service
+    base, key, table, summary, _ = text_service
     rows = json.loads(table.drop(columns=["urgency"]).to_json(orient="records"))
     for start in range(0, len(rows), 40):
         answer = httpx.post(f"{base}/predict", json={"rows": rows[start:start + 40]}, headers={"X-API-Key": key}, timeout=30)
