@@ -447,10 +447,21 @@ def command_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_bad_alias(alias: str) -> None:
+    """A name MLflow refuses (a space, a slash, 'latest') is one line before anything is touched."""
+    from maas.config import checked_alias
+
+    try:
+        checked_alias(alias)
+    except ValueError as error:
+        raise MaasInputError(f"--alias: {error}") from None
+
+
 def command_promote(args: argparse.Namespace) -> int:
     from maas.registered import promote
     from maas.tracking import mlflow_client
 
+    refuse_bad_alias(args.alias)
     require_trained_store(f"{args.name}/{args.version}")
     before = promote(mlflow_client(), args.name, args.version, args.alias, args.reason)
     print(f"{args.name}@{args.alias}: {'v' + before if before else 'unset'} -> v{args.version} (audited; a running "
@@ -462,6 +473,7 @@ def command_rollback(args: argparse.Namespace) -> int:
     from maas.registered import rollback
     from maas.tracking import mlflow_client
 
+    refuse_bad_alias(args.alias)
     require_trained_store(f"{args.name}@{args.alias}")
     current, previous = rollback(mlflow_client(), args.name, args.alias, args.reason)
     print(f"{args.name}@{args.alias}: v{current} -> v{previous} (rolled back, audited)")

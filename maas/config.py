@@ -293,8 +293,13 @@ class SelectionConfig(Section):
                                 "raises a family's CV macro F1 by 0.005 or more; off: the likelier class")
 
 
-def _check_alias(alias: str) -> str:
-    # MLflow reserves 'latest' and version-like aliases ('v3').
+ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+
+def checked_alias(alias: str) -> str:
+    """An alias MLflow takes: letters, digits, _ and -, and not one it reserves ('latest', 'v3')."""
+    if not re.fullmatch(ALIAS_PATTERN, alias):
+        raise ValueError(f"alias '{alias}': letters, digits, _ and - only, starting with a letter or _")
     if alias.lower() == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
         raise ValueError(f"alias '{alias}' is reserved by MLflow")
     return alias
@@ -309,8 +314,8 @@ class RegistryConfig(Section):
     """Where the winner is registered, and the gate it must pass to become champion."""
 
     model_name: str | None = Field(None, description="default: maas-<dataset>")
-    champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    champion_alias: str = Field("champion", pattern=ALIAS_PATTERN)
+    challenger_alias: str = Field("challenger", pattern=ALIAS_PATTERN)
     gate_metric: Literal["f1_macro", "accuracy", "roc_auc", "precision_macro", "recall_macro"] = "f1_macro"
     min_improvement: float = Field(0.0, ge=0, le=1, description="the challenger must beat the champion by more")
 
@@ -323,8 +328,8 @@ class RegistryConfig(Section):
 
     @model_validator(mode="after")
     def _aliases(self) -> RegistryConfig:
-        _check_alias(self.champion_alias)
-        _check_alias(self.challenger_alias)
+        checked_alias(self.champion_alias)
+        checked_alias(self.challenger_alias)
         if self.champion_alias == self.challenger_alias:
             raise ValueError("champion_alias and challenger_alias must differ")
         return self

@@ -92,6 +92,12 @@ def test_promote_and_rollback_move_the_alias_and_are_audited(maas_home, tmp_path
     assert str(client.get_model_version_by_alias("maas-demo", "champion").version) == "3"
     assert main(["promote", "maas-demo", "3"]) == 2  # already there: one line, nothing moved
     assert main(["promote", "maas-demo", "9"]) == 2
+    capsys.readouterr()
+    for alias in ("blue green", "a/b", "latest", "v2"):  # MLflow refuses these: one line, not its traceback
+        assert main(["promote", "maas-demo", "2", "--alias", alias]) == 2
+        assert main(["rollback", "maas-demo", "--alias", alias]) == 2
+    refused = capsys.readouterr().err
+    assert refused.count("maas: error: --alias: alias ") == 8 and "Traceback" not in refused, refused
     assert main(["rollback", "maas-demo", "--reason", "worse live"]) == 0
     assert str(client.get_model_version_by_alias("maas-demo", "champion").version) == "1"
     assert main(["rollback", "maas-demo"]) == 2  # v1 replaced nothing
