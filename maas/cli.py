@@ -414,6 +414,8 @@ def command_keys(args: argparse.Namespace) -> int:
 
     connection = connect()
     if args.key_command == "create":
+        if not args.name.strip() or len(args.name) > 200:  # as POST /admin/keys: how the list, bill and audit tell keys apart
+            raise MaasInputError("a key needs a name of 1 to 200 characters: who it is for (maas keys create NAME --tier TIER)")
         tiers = load_config(args.config).serving.tiers
         if args.tier not in tiers:
             raise MaasInputError(f"--tier '{args.tier}': not a tier in serving.tiers ({', '.join(tiers)})")

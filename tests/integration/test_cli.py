@@ -112,7 +112,8 @@ def test_a_new_home_answers_each_governance_command_in_a_line(maas_home, capsys)
         assert main(arguments) == 0
         assert capsys.readouterr().out.startswith(expected), arguments
     for arguments, expected in ((["promote", "maas-wine", "3"], "maas-wine/3: no MLflow store in"),
-                                (["rollback", "maas-wine"], "maas-wine@champion: no MLflow store in")):
+                                (["rollback", "maas-wine"], "maas-wine@champion: no MLflow store in"),
+                                (["keys", "create", " ", "--tier", "pro"], "a key needs a name of 1 to 200 characters")):
         assert main(arguments) == 2
         captured = capsys.readouterr()
         assert len(captured.err.strip().splitlines()) == 1 and expected in captured.err, captured.err
