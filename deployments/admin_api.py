@@ -22,7 +22,6 @@ so each opens its own store connection on a worker thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import asdict
 from urllib.parse import parse_qs
@@ -32,12 +31,11 @@ import orjson
 from maas import audit
 from maas.api_keys import Grant, create_key, list_keys, parse_scopes, revoke_key, rotate_key
 from maas.billing import billing_period, monthly_invoices
-from maas.config import ServingConfig
+from maas.config import ServingConfig, checked_alias
 from maas.errors import MaasInputError
 from maas.service_store import connect, current_month, iso, usage_report
 
 USAGE_PATH = "/usage"
-ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 MAX_DAYS = 36_500  # an expiry or grace period past this is a mistake, and past year 9999 a crash
 ADMIN_PREFIX = "/admin/"
 
@@ -130,9 +128,12 @@ def _move_alias(action: str, body: dict, actor: str) -> dict:
     except Exception as error:  # noqa: BLE001 - a Bento served without MLflow or its store
         raise ApiError(409, f"no model registry here ({error.__class__.__name__}): move aliases with maas promote") from None
     model, alias, reason = fields["model"], fields["alias"], fields["reason"][:500]
-    if not ALIAS.fullmatch(alias) or not fields.get("version", "1").isdigit():
-        raise ApiError(400, f"alias {json_text(alias)} / version {json_text(fields.get('version'))}: an alias is a "
-                            "name (letters, digits, _ and -), a version a number")
+    if not fields.get("version", "1").isdigit():
+        raise ApiError(400, f"version {json_text(fields['version'])}: a version is a number")
+    try:
+        checked_alias(alias)
+    except ValueError as error:
+        raise ApiError(400, str(error)) from None
     from mlflow.exceptions import MlflowException
 
     try:

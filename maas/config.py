@@ -293,13 +293,13 @@ class SelectionConfig(Section):
                                 "raises a family's CV macro F1 by 0.005 or more; off: the likelier class")
 
 
-ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$"  # MLflow's alias names, 255 characters at most
 
 
 def checked_alias(alias: str) -> str:
     """An alias MLflow takes: letters, digits, _ and -, and not one it reserves ('latest', 'v3')."""
     if not re.fullmatch(ALIAS_PATTERN, alias):
-        raise ValueError(f"alias '{alias}': letters, digits, _ and - only, starting with a letter or _")
+        raise ValueError(f"alias '{alias[:60]}': letters, digits, _ and - only (255 at most), starting with a letter or _")
     if alias.lower() == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
         raise ValueError(f"alias '{alias}' is reserved by MLflow")
     return alias

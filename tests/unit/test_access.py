@@ -255,6 +255,10 @@ def test_aliases_move_over_http_with_the_admin_key_as_actor(wine, maas_home, tmp
         ("POST", "/admin/promote", {"json": {"model": "maas-nothing", "version": "1"}, "headers": as_admin})])
     assert promoted.status_code == 200 and promoted.json() == {"alias": "maas-demo@champion", "before": "v1", "after": "v2"}
     assert refused.status_code == 403 and missing.status_code == 409
+    reserved = call(gate, [("POST", "/admin/promote", {"json": {"model": "maas-demo", "version": "1", "alias": alias},
+                                                       "headers": as_admin}) for alias in ("latest", "v3", "a b")])
+    assert [response.status_code for response in reserved] == [400, 400, 400]
+    assert "reserved by MLflow" in reserved[0].json()["error"] and "letters, digits" in reserved[2].json()["error"]
     (rolled,) = call(gate, [("POST", "/admin/rollback", {"json": {"model": "maas-demo", "reason": "worse live"},
                                                           "headers": as_admin})])
     assert rolled.json()["after"] == "v1" and str(client.get_model_version_by_alias("maas-demo", "champion").version) == "1"
