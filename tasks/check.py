@@ -26,7 +26,7 @@ from maas.run_context import RunContext, open_run
 from maas.tracking import mlflow_client
 from maas.service_store import connect_settled, last_check, save_check
 from tasks.drift import read_reference
-from tasks.prediction_log import LoggedRows, in_model_spelling, read_ground_truth, read_logged_rows, with_ground_truth
+from tasks.prediction_log import LoggedRows, labelled_rows, read_ground_truth, read_logged_rows
 
 
 @dataclass
@@ -105,8 +105,10 @@ class Check:
         """The recent rows whose ground truth arrived (monitoring.labels_path), or None without labels."""
         if not self.monitoring.labels_path:
             return None
-        labelled = with_ground_truth(self.recent, read_ground_truth(self.monitoring.labels_path))
-        labelled["label"] = in_model_spelling(labelled["label"], self.watched.bundle.labels)
+        source = self.monitoring.labels_path
+        labelled, notes = labelled_rows(self.recent, read_ground_truth(source), self.watched.bundle.labels, source)
+        for note in notes:
+            self.ctx.logger.warning(note)
         return labelled
 
 

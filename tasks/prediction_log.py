@@ -63,7 +63,8 @@ def read_logged_rows(connection: sqlite3.Connection, model_name: str, since: flo
 
 
 def read_ground_truth(path: str | Path) -> pd.DataFrame:
-    """Labels that arrived for logged requests: columns request_id, label, and row (default 0)."""
+    """Labels that arrived for logged requests: columns request_id, label, and row (default 0), as
+    the file holds them (a row labelled twice too: `labelled_rows` keeps the last)."""
     frame = read_table_file(Path(path).expanduser())
     missing = [name for name in ("request_id", "label") if name not in frame.columns]
     if missing:
@@ -74,7 +75,7 @@ def read_ground_truth(path: str | Path) -> pd.DataFrame:
         "row": pd.to_numeric(frame["row"], errors="coerce").fillna(0).astype(int) if "row" in frame else 0,
         "label": frame["label"].astype(str),
     })
-    return labels.drop_duplicates(["request_id", "row"], keep="last")
+    return labels
 
 
 def in_model_spelling(values: pd.Series, labels: list[str]) -> pd.Series:
@@ -89,3 +90,34 @@ def with_ground_truth(logged: LoggedRows, labels: pd.DataFrame) -> pd.DataFrame:
     """The logged rows that have a label: meta columns plus 'label' and the row's position."""
     meta = logged.meta.reset_index(names="position")
     return meta.merge(labels, on=["request_id", "row"], how="inner")
+
+
+def labelled_rows(recent: LoggedRows, truth: pd.DataFrame, labels: list[str], source: str
+                  ) -> tuple[pd.DataFrame, list[str]]:
+    """The recent rows with their ground truth, spelt as the model spells its labels, and notes on
+    what was left out and why. A label the model does not know ('maybe') would count as a wrong
+    answer and fire a quality alert on the model's behalf: it is left out. A row labelled twice
+    keeps its last label. Labels none of whose ids were logged are said so: live quality is then
+    silent, and the usual cause is ids the service never gave (it returns each in X-Request-Id)."""
+    notes = []
+    named = Path(source).name
+    repeated = truth.duplicated(["request_id", "row"], keep=False)
+    if repeated.any():
+        conflicting = truth[repeated].groupby(["request_id", "row"])["label"].nunique().gt(1).sum()
+        notes.append(f"{named}: {int(repeated.sum())} label(s) for rows labelled more than once"
+                     f"{f' ({conflicting} with different labels)' if conflicting else ''}: the last one kept")
+        truth = truth.drop_duplicates(["request_id", "row"], keep="last")
+    truth = truth.assign(label=in_model_spelling(truth["label"], labels))
+    unknown = ~truth["label"].isin(labels)
+    if unknown.any():
+        seen = ", ".join(repr(label) for label in truth.loc[unknown, "label"].value_counts().index[:3])
+        notes.append(f"{named}: {int(unknown.sum())} label(s) not among the model's classes ({', '.join(labels)}), "
+                     f"e.g. {seen}: left out of live quality")
+        truth = truth[~unknown]
+    labelled = with_ground_truth(recent, truth)
+    if labelled.empty and len(truth) and len(recent.meta):
+        notes.append(f"{named}: none of its {truth['request_id'].nunique()} request id(s) (e.g. "
+                     f"{truth['request_id'].iloc[0]!r}) is among the {recent.meta['request_id'].nunique()} logged in "
+                     "the quality window (e.g. {!r}); the service returns each request's id in X-Request-Id, and "
+                     "takes the caller's".format(recent.meta["request_id"].iloc[0]))
+    return labelled, notes

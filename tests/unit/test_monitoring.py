@@ -13,7 +13,7 @@ from maas.errors import MaasInputError
 from maas.service_store import connect, log_predictions
 from tasks.alerts import new_alerts
 from tasks.health import health_report, histogram_quantile, parse_counters
-from tasks.prediction_log import model_version, read_ground_truth, read_logged_rows, with_ground_truth
+from tasks.prediction_log import labelled_rows, model_version, read_ground_truth, read_logged_rows, with_ground_truth
 from tasks.quality import live_quality, rollback_decision
 
 LABELS = ["no", "yes"]
@@ -47,6 +47,26 @@ def test_ground_truth_joins_on_request_and_row(store, tmp_path):
     pd.DataFrame({"request_id": ["a", "b", "zzz"], "row": [1, 0, 0], "label": ["yes", "no", "no"]}).to_csv(path, index=False)
     labelled = with_ground_truth(read_logged_rows(store, "m", 0, 100), read_ground_truth(path))
     assert list(zip(labelled["request_id"], labelled["position"], labelled["label"])) == [("a", 1, "yes"), ("b", 2, "no")]
+
+
+def test_labels_the_model_does_not_have_rows_labelled_twice_and_unknown_ids_are_told(store, tmp_path):
+    """'maybe' is no class of the model: counted, it would read as the model's error and fire a
+    quality alert. A row labelled twice keeps its last label; ids the log never had are named."""
+    log(store, "a", 10.0, "m/1", [{"x": 1.0}, {"x": 2.0}], ["no", "yes"])
+    log(store, "b", 11.0, "m/1", [{"x": 3.0}], ["yes"])
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": ["a", "a", "b", "b"], "row": [0, 1, 0, 0],
+                  "label": ["MAYBE", "Yes ", "no", "yes"]}).to_csv(path, index=False)
+    logged = read_logged_rows(store, "m", 0, 100)
+    labelled, notes = labelled_rows(logged, read_ground_truth(path), ["no", "yes"], str(path))
+    assert list(zip(labelled["request_id"], labelled["row"], labelled["label"])) == [("a", 1, "yes"), ("b", 0, "yes")]
+    assert notes == ["labels.csv: 2 label(s) for rows labelled more than once (1 with different labels): the last one kept",
+                     "labels.csv: 1 label(s) not among the model's classes (no, yes), e.g. 'MAYBE': left out of live quality"]
+    pd.DataFrame({"request_id": ["x-1", "x-2"], "label": ["no", "yes"]}).to_csv(path, index=False)
+    labelled, notes = labelled_rows(logged, read_ground_truth(path), ["no", "yes"], str(path))
+    assert labelled.empty and notes == [
+        "labels.csv: none of its 2 request id(s) (e.g. 'x-1') is among the 2 logged in the quality window (e.g. 'a'); "
+        "the service returns each request's id in X-Request-Id, and takes the caller's"]
 
 
 def test_a_ground_truth_file_without_labels_is_one_clear_error(tmp_path):
