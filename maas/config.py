@@ -478,6 +478,14 @@ class MonitoringConfig(Section):
     rollback: bool = Field(True, description="a new champion worse live than the one it replaced is rolled back")
     rollback_margin: float = Field(0.02, ge=0, le=1, description="F1 the old champion must lead by, same rows")
 
+    @field_validator("metrics_url")
+    @classmethod
+    def _metrics_url(cls, url: str | None) -> str | None:
+        # a typo here read as "the service did not answer", check after check, and alerted once
+        if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ValueError("not an http(s) URL, e.g. http://127.0.0.1:3000/metrics")
+        return url
+
 
 class ScheduleConfig(Section):
     """Cron schedules of the Prefect deployments that `maas schedule` serves."""

@@ -60,6 +60,7 @@ def test_a_value_that_is_not_yaml_is_taken_as_text():
         (["data.test_fraction=0.45", "data.val_fraction=0.45"], "below 0.8"),
         (["novalue"], "expected key=value"),
         (["schedule.train_cron=every monday"], "schedule.train_cron: not a five-field cron"),
+        (["monitoring.metrics_url=127.0.0.1:3000/metrics"], "monitoring.metrics_url: not an http(s) URL"),
         (["monitoring.drift.psi_threshold=0"], "monitoring.drift.psi_threshold"),
         (["registry.model_name=team/churn"], "registry.model_name: a model name may not be empty nor hold / : % & < >"),
     ],
