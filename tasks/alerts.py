@@ -47,11 +47,13 @@ def new_alerts(connection: sqlite3.Connection, model: str, firing: dict[str, str
 
 
 def send_alerts(alerts: list[Alert], model: str, block_name: str | None, logger: logging.Logger | logging.LoggerAdapter) -> int:
-    """Log each alert and send it through the notification block; returns how many were delivered."""
+    """Log each alert and send it through the notification block; returns how many were delivered.
+    The block is loaded on every check, alerts or not: a misspelt block name is told on the first
+    check, not on the day an alert cannot be delivered."""
     delivered = 0
     for alert in alerts:
         logger.warning("ALERT %s [%s]: %s", model, alert.kind, alert.message)
-    if not alerts or not block_name:
+    if not block_name:
         return delivered
     from prefect.blocks.core import Block
 

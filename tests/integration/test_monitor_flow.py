@@ -155,6 +155,17 @@ def test_drift_alerts_once_per_incident_through_the_notification_block(registry,
     assert second["drift"]["drifted_features"] and second["alerts"] == [] and len(webhook.received) == 1
 
 
+def test_a_misspelt_notification_block_is_told_on_a_check_without_alerts(prefect_server, caplog):
+    """Found on the first check, not on the day an alert cannot be delivered."""
+    import logging
+
+    from tasks.alerts import send_alerts
+
+    with caplog.at_level(logging.WARNING, logger="maas.test.alerts"):
+        delivered = send_alerts([], "maas-demo", "custom-webhook/no-such-block", logging.getLogger("maas.test.alerts"))
+    assert delivered == 0 and "notification block 'custom-webhook/no-such-block' not loaded" in caplog.text
+
+
 def test_a_monitor_watching_another_model_records_and_retrains_it_as_its_own_config_would(registry, fresh_log,
                                                                                           tmp_path):
     from types import SimpleNamespace
