@@ -209,6 +209,9 @@ class CheckSummary:
                   for feature in drift.features if feature.unseen]
         if unseen:  # values training never had, read as an unknown category: a typo, a new product, a renamed code
             lines.append(f"  unseen   {'; '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}")
+        if drift.private:  # else "1 of 1 features" leaves a reader asking where the others went
+            lines.append(f"  private  {', '.join(drift.private[:6])}{' ...' if len(drift.private) > 6 else ''}: "
+                         "not measured, the log keeps them hashed, masked or not at all (serving.privacy)")
         if self.quality is not None:
             quality = self.quality
             lines.append(f"  quality  live F1 {quality.metrics['f1_macro']:.4f} on {quality.n_labelled} labelled rows "

@@ -164,6 +164,7 @@ class DriftReport:
     prediction_shares: dict[str, float]
     alert: bool
     psi_threshold: float = 0.2  # what a feature's PSI had to exceed
+    private: list[str] = field(default_factory=list)  # inputs the log keeps hashed, masked or not at all: not measured
 
     @property
     def drifted_features(self) -> list[str]:
@@ -314,8 +315,9 @@ def check_drift(check: Check) -> DriftReport:
     """The rows logged since the last check against the reference sealed in the watched bundle."""
     logged = check.logged
     reference = kept_reference(check.watched.reference, check.config.serving.privacy)
-    return measure_drift(logged.inputs, logged.meta["predicted"], reference, check.monitoring.drift,
-                         check.watched.bundle.preprocessing)
+    report = measure_drift(logged.inputs, logged.meta["predicted"], reference, check.monitoring.drift,
+                           check.watched.bundle.preprocessing)
+    return replace(report, private=check.hidden_inputs)
 
 
 def record_drift(ctx: RunContext, drift: DriftReport, check: Check) -> None:

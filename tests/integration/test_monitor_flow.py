@@ -380,11 +380,12 @@ def test_maas_monitor_prints_the_check_and_writes_the_summary(registry, fresh_lo
     log_as_service(fresh_log, config, rows)
     summary_path = tmp_path / "check.json"
     exit_code = main(["monitor", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"), "--summary", str(summary_path),
-                      "--set", "monitoring.retrain=false"])
+                      "--set", "monitoring.retrain=false", "--set", "serving.privacy.columns={mean smoothness: drop}"])
     captured = capsys.readouterr()
     assert exit_code == 0, captured.err
     assert f"Checked {config.model_name}/2@champion" in captured.out and "ALERT    drift" in captured.out
     assert "Traceback" not in captured.out + captured.err and "| ERROR" not in captured.err
     assert "RuntimeWarning" not in captured.err
+    assert "  private  mean smoothness: not measured, the log keeps them hashed, masked or not at all" in captured.out
     summary = json.loads(summary_path.read_text(), parse_constant=lambda word: pytest.fail(f"{word} is not JSON"))
     assert summary["drift"]["n_rows"] == len(prepared.splits.x_test)
