@@ -281,9 +281,19 @@ def rows_from_csv(body: bytes, text_columns: list[str]) -> bytes:
 
     import pandas as pd
 
+    from maas.tables import ENCODINGS
+
+    for encoding in ENCODINGS:  # as training read its file: UTF-8, else Windows-1252 (Excel's CSV on Windows)
+        try:  # (a charset named in Content-Type was decoded already)
+            text = body.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        raise BadRequest(400, "body: not a CSV table: neither UTF-8 nor Windows-1252 text")
     try:
-        frame = pd.read_csv(io.BytesIO(body), dtype={name: str for name in text_columns})
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        frame = pd.read_csv(io.StringIO(text), dtype={name: str for name in text_columns})
+    except (ValueError, pd.errors.ParserError) as error:
         raise BadRequest(400, f"body: not a CSV table with a header ({str(error).splitlines()[0][:120]})") from None
     return orjson.dumps({"rows": frame.astype(object).where(frame.notna(), None).to_dict("records")},
                         option=orjson.OPT_SERIALIZE_NUMPY)

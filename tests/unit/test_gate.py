@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from deployments.batcher import Batcher
 from deployments.gate import ServedModel, ServedModels, ServiceGate
-from deployments.request_reader import BadRequest, RequestReader
+from deployments.request_reader import BadRequest, RequestReader, rows_from_csv
 from maas.bundle import ModelBundle
 from maas.config import ServingConfig, TierConfig
 from maas.api_keys import create_key
@@ -157,7 +157,7 @@ def test_bad_mlflow_scoring_requests_are_400_naming_the_problem(wine, maas_home,
     gate = gate_for(wine[0], auth=False)
     (response,) = call(gate, [("POST", "/invocations", {"json": body})])
     assert response.status_code == 400 and words in response.json()["error"], response.text
-    (csv,) = call(gate, [("POST", "/invocations", {"content": b"\x80\xfe\x00", "headers": {"content-type": "text/csv"}})])
+    (csv,) = call(gate, [("POST", "/invocations", {"content": b"\x81\x8d\x00", "headers": {"content-type": "text/csv"}})])
     assert csv.status_code == 400 and "body: not a CSV table" in csv.json()["error"], csv.text
 
 
@@ -258,6 +258,17 @@ def test_bodies_as_clients_send_them_compressed_in_another_charset_as_csv_or_a_b
         else:
             assert words in response.json()["error"] and "\n" not in response.json()["error"], response.text
     assert responses[9].headers["accept-encoding"] == "gzip, deflate"
+
+
+def test_a_csv_body_is_read_in_the_encodings_its_training_file_could_have():
+    """Training reads a CSV as UTF-8, else Windows-1252 (Excel's CSV on Windows): the same file
+    posted as text/csv without a charset was a 400."""
+    for encoding in ("utf-8", "cp1252"):
+        body = "city,amount\nMünchen,1.5\nZürich,\n".encode(encoding)
+        assert json.loads(rows_from_csv(body, [])) == {"rows": [{"city": "München", "amount": 1.5},
+                                                                {"city": "Zürich", "amount": None}]}
+    with pytest.raises(BadRequest, match="neither UTF-8 nor Windows-1252"):
+        rows_from_csv(b"city\n\x81\x8d\n", [])
 
 
 def test_reader_takes_exact_rows_fast_and_lax_rows_through_pydantic(wine):
