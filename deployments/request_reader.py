@@ -275,13 +275,14 @@ def is_csv(content_type: str) -> bool:
 
 
 def rows_from_csv(body: bytes, text_columns: list[str]) -> bytes:
-    """A CSV body with its header as {"rows": [...]}, read as pandas read the training file (empty:
-    null), except that a text column stays text where its values look like numbers."""
+    """A CSV body with its header as {"rows": [...]}, read as maas read the training file (its
+    encoding, delimiter and spacing; empty: null), except that a text column stays text where its
+    values look like numbers."""
     import io
 
     import pandas as pd
 
-    from maas.tables import ENCODINGS
+    from maas.tables import ENCODINGS, fields_follow_spaces, header_delimiter
 
     for encoding in ENCODINGS:  # as training read its file: UTF-8, else Windows-1252 (Excel's CSV on Windows)
         try:  # (a charset named in Content-Type was decoded already)
@@ -291,8 +292,12 @@ def rows_from_csv(body: bytes, text_columns: list[str]) -> bytes:
             continue
     else:
         raise BadRequest(400, "body: not a CSV table: neither UTF-8 nor Windows-1252 text")
+    header = text.split("\n", 1)[0].rstrip("\r")
+    delimiter = header_delimiter(header)  # and the rest as training read its file: ';' with decimal commas
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype={name: str for name in text_columns})
+        frame = pd.read_csv(io.StringIO(text), sep=delimiter, decimal="," if delimiter == ";" else ".",
+                            skipinitialspace=fields_follow_spaces(header, delimiter),
+                            dtype={name: str for name in text_columns})
     except (ValueError, pd.errors.ParserError) as error:
         raise BadRequest(400, f"body: not a CSV table with a header ({str(error).splitlines()[0][:120]})") from None
     return orjson.dumps({"rows": frame.astype(object).where(frame.notna(), None).to_dict("records")},

@@ -166,8 +166,11 @@ def sniff_delimiter(table: TableFile, header: str) -> str:
     """The delimiter that splits the header into the most fields; a tie goes to the suffix's own.
     A .tsv is always tab-separated."""
     default = CSV_SUFFIXES[table.suffix]
-    if table.suffix == ".tsv":
-        return default
+    return default if table.suffix == ".tsv" else header_delimiter(header, default)
+
+
+def header_delimiter(header: str, default: str = ",") -> str:
+    """The delimiter that splits a header line into the most fields; a tie goes to `default`."""
     fields = {delimiter: len(next(csv.reader([header], delimiter=delimiter), [])) for delimiter in DELIMITERS}
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 

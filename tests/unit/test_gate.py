@@ -260,13 +260,17 @@ def test_bodies_as_clients_send_them_compressed_in_another_charset_as_csv_or_a_b
     assert responses[9].headers["accept-encoding"] == "gzip, deflate"
 
 
-def test_a_csv_body_is_read_in_the_encodings_its_training_file_could_have():
-    """Training reads a CSV as UTF-8, else Windows-1252 (Excel's CSV on Windows): the same file
-    posted as text/csv without a charset was a 400."""
+def test_a_csv_body_is_read_as_a_training_file_is_read():
+    """Training reads a CSV as UTF-8, else Windows-1252 (Excel's CSV on Windows), split by the
+    delimiter its header shows: the same file posted as text/csv was a 400 or one column."""
     for encoding in ("utf-8", "cp1252"):
         body = "city,amount\nMünchen,1.5\nZürich,\n".encode(encoding)
         assert json.loads(rows_from_csv(body, [])) == {"rows": [{"city": "München", "amount": 1.5},
                                                                 {"city": "Zürich", "amount": None}]}
+    for written in ("city;amount\nMünchen;1,5\nZürich;\n", "city, amount\nMünchen, 1.5\nZürich, \n"):
+        # Excel's ';' with decimal commas, and UCI's space after each comma: read as training reads them
+        assert json.loads(rows_from_csv(written.encode(), [])) == {"rows": [{"city": "München", "amount": 1.5},
+                                                                           {"city": "Zürich", "amount": None}]}
     with pytest.raises(BadRequest, match="neither UTF-8 nor Windows-1252"):
         rows_from_csv(b"city\n\x81\x8d\n", [])
 
