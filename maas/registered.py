@@ -6,8 +6,12 @@ Serving, packaging, the promotion gate and the monitor all name models this way.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import re
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,9 +110,33 @@ def move_alias(client, target: ModelRef, before: str | None, action: str, reason
         connection.close()
 
 
+@contextmanager
+def aliases_held(name: str) -> Iterator[None]:
+    """One process at a time reads and moves a model's aliases on this machine. Two `maas run` of one
+    model at once each scored "no champion yet" and each became champion, the second without being
+    compared with the first. Scheduled runs have their deployment's concurrency limit of 1; this
+    covers runs and commands started by hand beside them (a file lock: released if the process dies)."""
+    from maas.paths import maas_home
+
+    folder = maas_home() / "locks"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"aliases-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def promote(client, name: str, version: str, alias: str, reason: str, actor: str | None = None) -> str | None:
     """`maas promote`: a person points an alias at a version; the version it replaces is what a
     later `maas rollback` returns to."""
+    with aliases_held(name):
+        return _promote(client, name, version, alias, reason, actor)
+
+
+def _promote(client, name: str, version: str, alias: str, reason: str, actor: str | None) -> str | None:
     ref, _ = ModelRef(name, version=version).resolve(client, "version")
     before = alias_version(client, name, alias)
     if before == ref.version:
@@ -121,6 +149,11 @@ def promote(client, name: str, version: str, alias: str, reason: str, actor: str
 
 def rollback(client, name: str, alias: str, reason: str, actor: str | None = None) -> tuple[str, str]:
     """`maas rollback`: the alias back to the version its current one replaced. (from, to)."""
+    with aliases_held(name):
+        return _rollback(client, name, alias, reason, actor)
+
+
+def _rollback(client, name: str, alias: str, reason: str, actor: str | None) -> tuple[str, str]:
     current, found = ModelRef(name, alias).resolve(client, "model")
     previous = found.tags.get(REPLACED_TAG)
     if not previous:

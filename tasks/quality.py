@@ -15,7 +15,7 @@ from sklearn import metrics as skm
 
 from maas.bundle import ModelBundle
 from maas.config import MonitoringConfig
-from maas.registered import ModelRef, download_bundle, move_alias
+from maas.registered import ModelRef, alias_version, aliases_held, download_bundle, move_alias
 from maas.run_context import RunContext
 
 if TYPE_CHECKING:
@@ -140,11 +140,16 @@ def check_rollback(check: Check) -> RollbackDecision | None:
         old_f1 = label_metrics(mine["label"], pd.Series(predicted_labels(old, rows), index=mine.index), labels)["f1_macro"]
     decision = rollback_decision(watched.ref.version, watched.replaced_version, new_f1, old_f1, len(mine), monitoring)
     if decision.roll_back:
-        client = check.ctx.client
-        move_alias(client, ModelRef(watched.ref.name, watched.ref.alias, watched.replaced_version), watched.ref.version,
-                   "alias.rollback", decision.reason, "monitoring flow")
-        client.set_model_version_tag(watched.ref.name, watched.ref.version, "rolled_back", decision.reason[:500])
-        decision = replace(decision, action=f"@{watched.ref.alias} rolled back to v{watched.replaced_version}")
+        client, name, alias = check.ctx.client, watched.ref.name, watched.ref.alias
+        with aliases_held(name):
+            now = alias_version(client, name, alias)
+            if now != watched.ref.version:  # a run or a person moved it while this check scored
+                return replace(decision, roll_back=False, reason=f"{decision.reason}; not rolled back: @{alias} "
+                                                                 f"moved to v{now} during the check")
+            move_alias(client, ModelRef(name, alias, watched.replaced_version), watched.ref.version,
+                       "alias.rollback", decision.reason, "monitoring flow")
+            client.set_model_version_tag(name, watched.ref.version, "rolled_back", decision.reason[:500])
+        decision = replace(decision, action=f"@{alias} rolled back to v{watched.replaced_version}")
     return decision
 
 

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from maas import bundle as bundle_module
 from maas.config import RegistryConfig, RunConfig, SelectionConfig
 from maas.paths import project_root
-from maas.registered import REPLACED_TAG, ModelRef, alias_version, download_bundle, move_alias
+from maas.registered import REPLACED_TAG, ModelRef, alias_version, aliases_held, download_bundle, move_alias
 from maas.run_context import RunContext
 from tasks.compress import Variant
 from tasks.data import DataSplits, PreparedData
@@ -326,13 +326,12 @@ def manifest_json(manifest: dict[str, Any]) -> str:
 
 def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: RunConfig,
              tuning: TuningResult | None) -> RegisteredVersion:
-    """Score the current champion on this run's test rows; seal the test metrics, the manifest and the
-    drift reference into the winner's bundle; log it; register it under the alias the gate decided."""
+    """Seal the test metrics, the manifest and the drift reference into the winner's bundle; log it;
+    then, holding the model's aliases, score the current champion on this run's test rows and
+    register the winner under the alias the gate decided."""
     name, registry, variant = config.model_name, config.registry, winner.variant.name
     metrics, bundle_dir = winner.evaluation.metrics, winner.variant.bundle_dir
     splits = prepared.splits
-    champion = champion_on_test(ctx.client, name, registry, prepared, ctx.scratch)
-    gate = gate_decision(metrics[registry.gate_metric], champion, registry)
     manifest = build_manifest(config, prepared.fingerprint, ctx, tuning.best_params if tuning and tuning.use_tuned else None)
     update_metadata(bundle_dir, metrics=metrics, manifest=manifest, variant=variant)
     write_reference(bundle_dir, build_reference(  # what the monitoring flow measures drift against
@@ -340,16 +339,29 @@ def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: Ru
         config.monitoring.drift.reference_rows, config.seed))
     ctx.client.log_text(ctx.run_id, manifest_json(manifest), MANIFEST)
     model_info = log_bundle_model(ctx.client, ctx.run_id, bundle_dir, splits.x_test.head(5))
-    description = (
+    with aliases_held(name):  # the champion the gate scores is the one the alias still names when it moves
+        champion = champion_on_test(ctx.client, name, registry, prepared, ctx.scratch)
+        gate = gate_decision(metrics[registry.gate_metric], champion, registry)
+        version = register_version(ctx.client, model_info, ModelRef(name, gate.alias), ctx.run_id,
+                                   registration_tags(gate, manifest, metrics, variant),
+                                   description_of(gate, manifest, metrics, variant))
+    return RegisteredVersion(name, version, gate.alias, variant, metrics, gate)
+
+
+def description_of(gate: GateDecision, manifest: dict[str, Any], metrics: dict[str, float], variant: str) -> str:
+    return (
         f"{variant}: test f1_macro {metrics['f1_macro']:.4f}, accuracy {metrics['accuracy']:.4f}; "
         f"dataset {manifest['dataset_fingerprint']}, commit {manifest['git_commit'][:12]}. Gate: {gate.reason}"
     )
+
+
+def registration_tags(gate: GateDecision, manifest: dict[str, Any], metrics: dict[str, float], variant: str
+                      ) -> dict[str, str]:
     tags = {**version_tags(manifest, metrics), "variant": variant, "gate": "promoted" if gate.promoted else "held",
             "gate_reason": gate.reason[:500]}
     if gate.promoted and gate.champion_version:
         tags[REPLACED_TAG] = gate.champion_version  # what a rollback returns to
-    version = register_version(ctx.client, model_info, ModelRef(name, gate.alias), ctx.run_id, tags, description)
-    return RegisteredVersion(name, version, gate.alias, variant, metrics, gate)
+    return tags
 
 
 def record_registration(ctx: RunContext, registered: RegisteredVersion) -> None:

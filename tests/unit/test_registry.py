@@ -91,3 +91,28 @@ def test_the_commands_maas_run_prints_paste_into_a_shell_whatever_the_models_nam
     arguments = build_parser().parse_args(shlex.split(watch.split("  watch  maas ")[1].split("   (")[0]))
     assert arguments.overrides == ["monitoring.model=maas-My Reviews (2024)@champion"]
     assert next_commands("maas-wine", "challenger", "champion", None, None)[0] == "  serve  maas serve --model maas-wine@challenger"
+
+
+def test_one_process_at_a_time_reads_and_moves_a_models_aliases(maas_home):
+    """Two `maas run` of one model at once each scored 'no champion yet' and each became champion:
+    registration, promote, rollback and the monitor's rollback hold the model's aliases. A second
+    holder (another process, here another open of the lock) waits; another model's does not."""
+    import threading
+    import time
+
+    from maas.registered import aliases_held
+
+    order: list[str] = []
+
+    def second(name: str) -> None:
+        with aliases_held(name):
+            order.append(f"second {name}")
+
+    with aliases_held("maas-wine"):
+        same, other = threading.Thread(target=second, args=("maas-wine",)), threading.Thread(target=second, args=("maas-digits",))
+        same.start(), other.start()
+        other.join(timeout=10)
+        time.sleep(0.3)
+        order.append("first done")
+    same.join(timeout=10)
+    assert order == ["second maas-digits", "first done", "second maas-wine"]
