@@ -282,7 +282,7 @@ def rows_from_csv(body: bytes, text_columns: list[str]) -> bytes:
 
     import pandas as pd
 
-    from maas.tables import ENCODINGS, fields_follow_spaces, header_delimiter
+    from maas.tables import ENCODINGS, decimal_mark, fields_follow_spaces, header_delimiter
 
     for encoding in ENCODINGS:  # as training read its file: UTF-8, else Windows-1252 (Excel's CSV on Windows)
         try:  # (a charset named in Content-Type was decoded already)
@@ -295,7 +295,7 @@ def rows_from_csv(body: bytes, text_columns: list[str]) -> bytes:
     header = text.split("\n", 1)[0].rstrip("\r")
     delimiter = header_delimiter(header)  # and the rest as training read its file: ';' with decimal commas
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=delimiter, decimal="," if delimiter == ";" else ".",
+        frame = pd.read_csv(io.StringIO(text), sep=delimiter, decimal=decimal_mark(delimiter),
                             skipinitialspace=fields_follow_spaces(header, delimiter),
                             dtype={name: str for name in text_columns})
     except (ValueError, pd.errors.ParserError) as error:

@@ -132,34 +132,26 @@ def aliases_held(name: str) -> Iterator[None]:
 def promote(client, name: str, version: str, alias: str, reason: str, actor: str | None = None) -> str | None:
     """`maas promote`: a person points an alias at a version; the version it replaces is what a
     later `maas rollback` returns to."""
-    with aliases_held(name):
-        return _promote(client, name, version, alias, reason, actor)
-
-
-def _promote(client, name: str, version: str, alias: str, reason: str, actor: str | None) -> str | None:
     ref, _ = ModelRef(name, version=version).resolve(client, "version")
-    before = alias_version(client, name, alias)
-    if before == ref.version:
-        raise MaasInputError(f"{name}@{alias} already points at v{ref.version}")
-    if before:
-        client.set_model_version_tag(name, ref.version, REPLACED_TAG, before)
-    move_alias(client, replace(ref, alias=alias), before, "alias.promote", reason or "by hand", actor)
+    with aliases_held(name):
+        before = alias_version(client, name, alias)
+        if before == ref.version:
+            raise MaasInputError(f"{name}@{alias} already points at v{ref.version}")
+        if before:
+            client.set_model_version_tag(name, ref.version, REPLACED_TAG, before)
+        move_alias(client, replace(ref, alias=alias), before, "alias.promote", reason or "by hand", actor)
     return before
 
 
 def rollback(client, name: str, alias: str, reason: str, actor: str | None = None) -> tuple[str, str]:
     """`maas rollback`: the alias back to the version its current one replaced. (from, to)."""
     with aliases_held(name):
-        return _rollback(client, name, alias, reason, actor)
-
-
-def _rollback(client, name: str, alias: str, reason: str, actor: str | None) -> tuple[str, str]:
-    current, found = ModelRef(name, alias).resolve(client, "model")
-    previous = found.tags.get(REPLACED_TAG)
-    if not previous:
-        raise MaasInputError(f"{name}@{alias} (v{current.version}) replaced no earlier version: nothing to roll back "
-                             f"to (use maas promote {shlex.quote(name)} VERSION)")
-    ModelRef(name, version=previous).resolve(client, "replaced version")
-    client.set_model_version_tag(name, current.version, "rolled_back", (reason or "by hand")[:500])
-    move_alias(client, ModelRef(name, alias, previous), current.version, "alias.rollback", reason or "by hand", actor)
+        current, found = ModelRef(name, alias).resolve(client, "model")
+        previous = found.tags.get(REPLACED_TAG)
+        if not previous:
+            raise MaasInputError(f"{name}@{alias} (v{current.version}) replaced no earlier version: nothing to roll "
+                                 f"back to (use maas promote {shlex.quote(name)} VERSION)")
+        ModelRef(name, version=previous).resolve(client, "replaced version")
+        client.set_model_version_tag(name, current.version, "rolled_back", (reason or "by hand")[:500])
+        move_alias(client, ModelRef(name, alias, previous), current.version, "alias.rollback", reason or "by hand", actor)
     return current.version, previous

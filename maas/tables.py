@@ -175,6 +175,11 @@ def header_delimiter(header: str, default: str = ",") -> str:
     return max(DELIMITERS, key=lambda delimiter: (fields[delimiter], delimiter == default))
 
 
+def decimal_mark(delimiter: str) -> str:
+    """';' is the separator where ',' is the decimal mark (12,5): such a file's numbers are read so."""
+    return "," if delimiter == ";" else "."
+
+
 def fields_follow_spaces(header: str, delimiter: str) -> bool:
     """Whether the header's delimiters are each followed by a space, as in UCI's adult.data
     ("age, workclass, ..."; its values too: " Private"). pandas would keep the spaces, in the
@@ -222,9 +227,9 @@ def lines_above_header(table: TableFile, encoding: str, column: str | None) -> i
                               for delimiter in DELIMITERS] for line in handle), column)
 
 
-def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str, TableFile]:
-    """(encoding, delimiter, the table with its lines above the header) of a CSV, checked rectangular
-    in the same pass: UTF-8, else Windows-1252 (UTF-16 by its byte-order mark)."""
+def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str, TableFile, str]:
+    """(encoding, delimiter, the table with its lines above the header, the header line) of a CSV,
+    checked rectangular in the same pass: UTF-8, else Windows-1252 (UTF-16 by its byte-order mark)."""
     try:
         for encoding in _encodings_to_try(table):
             try:
@@ -233,7 +238,7 @@ def _csv_dialect(table: TableFile, column: str | None = None) -> tuple[str, str,
                 delimiter = sniff_delimiter(table, header)
                 table = table._replace(spaced=fields_follow_spaces(header, delimiter))
                 _check_csv_rectangular(table, delimiter, encoding)
-                return encoding, delimiter, table
+                return encoding, delimiter, table, header
             except UnicodeDecodeError:
                 continue
     except DAMAGED_ARCHIVE as exc:
@@ -347,20 +352,18 @@ def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None)
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise MaasInputError(f"{path}: not a readable {format_name} file ({exc.__class__.__name__})") from None
     else:
-        encoding, delimiter, table = _csv_dialect(table, column)
-        try:  # ';' is the separator where ',' is the decimal mark (12,5): numbers are read so
+        encoding, delimiter, table, header = _csv_dialect(table, column)
+        try:
             with open_text(table, encoding) as handle:  # a zip's one table, read past macOS's __MACOSX/ copies
-                frame = pd.read_csv(handle, sep=delimiter, decimal="," if delimiter == ";" else ".", skiprows=table.skip,
+                frame = pd.read_csv(handle, sep=delimiter, decimal=decimal_mark(delimiter), skiprows=table.skip,
                                     skipinitialspace=table.spaced)
             if table.skip:
                 frame.attrs[SKIPPED_LINES] = table.skip
             if table.spaced:
                 frame.attrs[SPACED_FIELDS] = True
             if pandas_renamed_some(frame.columns):
-                with open_text(table, encoding) as handle:
-                    header = next(csv.reader(itertools.islice(handle, table.skip, None), delimiter=delimiter,
-                                             skipinitialspace=table.spaced), [])
-                frame.attrs[REPEATED_NAMES] = repeated_names(header, frame.columns)
+                names = next(csv.reader([header], delimiter=delimiter, skipinitialspace=table.spaced), [])
+                frame.attrs[REPEATED_NAMES] = repeated_names(names, frame.columns)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             raise MaasInputError(f"{path}: not a readable CSV table ({first_line(exc)})") from None
     if frame.shape[1] == 0:

@@ -116,8 +116,8 @@ def labelled_rows(recent: LoggedRows, truth: pd.DataFrame, labels: list[str], so
         truth = truth[~unknown]
     labelled = with_ground_truth(recent, truth)
     if labelled.empty and len(truth) and len(recent.meta):
-        notes.append(f"{named}: none of its {truth['request_id'].nunique()} request id(s) (e.g. "
-                     f"{truth['request_id'].iloc[0]!r}) is among the {recent.meta['request_id'].nunique()} logged in "
-                     "the quality window (e.g. {!r}); the service returns each request's id in X-Request-Id, and "
-                     "takes the caller's".format(recent.meta["request_id"].iloc[0]))
+        ids, logged = truth["request_id"], recent.meta["request_id"]
+        notes.append(f"{named}: none of its {ids.nunique()} request id(s) (e.g. {ids.iloc[0]!r}) is among the "
+                     f"{logged.nunique()} logged in the quality window (e.g. {logged.iloc[0]!r}); the service returns "
+                     "each request's id in X-Request-Id, and takes the caller's")
     return labelled, notes
