@@ -20,7 +20,9 @@ from maas.errors import MaasInputError
 from maas.paths import encoders_home
 from models.classic import ClassicSpec, fit_classic
 from models.text_encoder import ENCODER_INFO_FILE, cached_encoder, describe_encoder, load_encoder, pretrained_dir
+from tasks.compress import Variant, Variants
 from tasks.data import SENTIMENT_FILE, is_free_text, prepare_data
+from tasks.evaluate import LATENCY_REPEATS, LATENCY_WARMUP, evaluate_variants
 from tasks.export import write_bundle
 from tests.conftest import PROJECT_ROOT, quick_config
 from tests.tables import write_messy
@@ -129,6 +131,30 @@ def test_a_text_bundle_answers_raw_rows_as_its_model_does(tickets, tmp_path):
     expected = model.predict_proba(transform(raw, prepared.preprocessing))
     np.testing.assert_allclose(bundle.predict_proba(raw), expected, atol=1e-5)
     assert (bundle.predict(raw)["label"] == np.asarray(prepared.labels)[prepared.splits.y_test]).mean() > 0.9
+
+
+def test_the_variants_of_a_text_table_are_scored_on_one_embedding_of_each_validation_text(tickets, tmp_path,
+                                                                                          monkeypatch):
+    """Embedding is what a text table's evaluation costs (one text per call, as served): two variants
+    sharing the encoder embed the validation rows once, besides the single-row timing's own calls,
+    and score as their bundles answer."""
+    prepared, config = tickets
+    arrays = prepared.arrays
+    built = []
+    for name, C in (("fp32", 1.0), ("int8", 0.1)):
+        spec = ClassicSpec("linear", arrays.x_train.shape[1], len(prepared.labels), {"C": C})
+        folder = write_bundle(tmp_path / name, fit_classic(spec, arrays.x_train, arrays.y_train, config.seed), spec, prepared)
+        built.append(Variant(name, folder, spec, 0, 0))
+    embedded = []
+    real_embed = TextEncoder._embed
+    monkeypatch.setattr(TextEncoder, "_embed", lambda self, texts: embedded.append(len(texts)) or real_embed(self, texts))
+    x_val, y_val = prepared.splits.x_val, prepared.splits.y_val
+    scores = evaluate_variants(Variants(built, []), x_val, y_val)
+    timing = 2 * (LATENCY_WARMUP + LATENCY_REPEATS)
+    assert sum(embedded) == len(x_val) + timing, (sum(embedded), len(x_val))
+    for variant in built:
+        expected = ModelBundle.load(variant.bundle_dir, threads=1).predict_proba(x_val)
+        np.testing.assert_allclose(scores.evaluations[variant.name].probabilities, expected, atol=1e-6)
 
 
 def test_the_request_reader_takes_text_and_names_a_non_string_text(tickets):
