@@ -3,6 +3,8 @@ comparison picks the family the table calls for, and nothing that chooses reads 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,6 +23,7 @@ from tasks.families import (FamilyScore, Folds, candidate_families, choose_famil
                             fit_chosen_family, set_decision, with_tuned_decision)
 from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
+from tasks.tune import open_storage
 from tests.conftest import PROJECT_ROOT, quick_config
 from tests.tables import write_messy
 
@@ -88,6 +91,27 @@ def test_the_best_trials_folds_are_the_leaderboards_and_are_not_fitted_again(tmp
     hgb = comparison.member("hgb")
     assert len(hgb.fold_f1) == comparison.folds * comparison.repeats == len(hgb.fold_probabilities)
     assert len(fitted) == 3 * len(hgb.fold_f1)  # the three trials' folds; none a second time for the leaderboard
+
+
+def test_a_family_study_past_its_time_keeps_two_folds_of_its_first_trial_and_prunes_later_cut_ones(tmp_path, maas_home):
+    """On a slow machine one trial's full cross-validation can outlast the family's share: its folds
+    stop at the deadline after two, and a later trial cut short does not rank against full ones."""
+    import optuna
+
+    from tasks.families import make_folds, tune_classic
+
+    prepared, config = prepared_table("churn", tmp_path, "selection.family_trials=1")
+    folds = make_folds(prepared.sealed(), config.selection, config.seed)
+    assert len(folds.splits) > 2
+    tuned = tune_classic("hgb", folds, config, "past-its-time", deadline=time.perf_counter())
+    assert tuned.validation is not None and len(tuned.validation.scores) == 2
+    one_more = config.model_copy(update={"selection": config.selection.model_copy(update={"family_trials": 2})})
+    again = tune_classic("hgb", folds, one_more, "past-its-time", deadline=time.perf_counter())
+    study = optuna.load_study(study_name="past-its-time", storage=open_storage(config.tuning))
+    first, second = study.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE and len(first.user_attrs["fold_f1"]) == 2
+    assert second.state == optuna.trial.TrialState.PRUNED and len(second.user_attrs["fold_f1"]) == 2
+    assert again.params == tuned.params == first.params
 
 
 def test_means_equal_as_the_leaderboard_prints_them_are_a_tie_the_simpler_family_takes():
