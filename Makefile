@@ -37,8 +37,8 @@ $(BENCH_VENV)/.installed: benchmarks/requirements-evidently.txt
 	$(BENCH_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-evidently.txt
 	touch $@
 
-bench: $(INSTALLED) $(BENCH_VENV)/.installed ## overhead, tuning, model selection, text, compression, serving, monitoring (writes benchmarks/results/)
-	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python model_selection.py && ../$(BIN)/python text.py && ../$(BIN)/python text_search.py && ../$(BIN)/python compression.py && ../$(BIN)/python serving.py && ../$(BIN)/python monitoring.py
+bench: $(INSTALLED) $(BENCH_VENV)/.installed ## overhead, tuning, model selection, text, int8 by CPU, compression, serving, monitoring (writes benchmarks/results/)
+	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python model_selection.py && ../$(BIN)/python text.py && ../$(BIN)/python int8_encoder.py && ../$(BIN)/python text_search.py && ../$(BIN)/python compression.py && ../$(BIN)/python serving.py && ../$(BIN)/python monitoring.py
 
 lock: ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

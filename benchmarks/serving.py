@@ -286,7 +286,9 @@ def separately_measured(report: dict, section: str) -> str:
     measured = report.get(f"{section}_measured")
     if not measured:
         return ""
-    return (f"Measured {measured['at']} on {measured['machine']['cpu']}, {measured['machine']['cores']} cores "
+    m = measured["machine"]
+    about = ", ".join(part for part in (m.get("cpu_generation"), m.get("int8") and f"int8 instructions: {m['int8']}") if part)
+    return (f"Measured {measured['at']} on {m['cpu']}{f' ({about})' if about else ''}, {m['cores']} cores "
             f"(`--only {section}`; the sections above are from their own run). ")
 
 
