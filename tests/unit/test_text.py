@@ -5,6 +5,7 @@ bundle and through the service's request reader."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def test_the_int8_encoder_agrees_with_fp32(texts):
     assert cosine.mean() > 0.98 and cosine.min() > 0.9, (cosine.mean(), cosine.min())
     info = json.loads((cached_encoder(encoders_home(), "int8") / ENCODER_INFO_FILE).read_text())
     assert info["precision"] == "int8"
+
+
+def test_every_core_embeds_with_a_session_of_its_own_and_the_embeddings_are_the_served_ones(texts):
+    """Training embeds on a one-thread session per core side by side; the service on one thread: the
+    same embedding of each text, to the bit, in the order given."""
+    folder = cached_encoder(encoders_home(), "int8")
+    sample = texts[:60]
+    every_core = TextEncoder(folder, max_length=128)
+    served = TextEncoder(folder, max_length=128, threads=1)
+    assert len(every_core.sessions) == len(os.sched_getaffinity(0)) and len(served.sessions) == 1
+    np.testing.assert_array_equal(every_core.embed(sample), served.embed(sample))
+    np.testing.assert_array_equal(every_core.embed(sample[:1]), served.embed(sample[:1]))
 
 
 def test_free_text_is_told_from_categories_codes_and_numbers():
