@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from sklearn import metrics as skm
 
-from maas.bundle import ENCODER_DIR, MODEL_FILE, PREPROCESSING_FILE, ModelBundle, decide, transform
+from maas.bundle import ENCODER_DIR, MODEL_FILE, PREPROCESSING_FILE, ModelBundle, decide, transform, with_encoder
 from maas.figures import IN_SAMPLE, log_variant_comparison, write_variant_run
 from maas.run_context import RunContext, write_child_run
 from tasks.compress import FailedVariant, Variant, Variants
@@ -142,11 +142,13 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
     bundle = ModelBundle.load(bundle_dir, threads)
     # Transformed once, for the scores and the graph's timing, and once for every variant: a text
     # column is embedded here, one text per call as served, 57 s a pass over 3,543 validation
-    # sentences on one thread of an AVX2-only EPYC, and it was done twice per variant.
+    # sentences on one thread of a Zen 1 EPYC, and it was done twice per variant. The scoring pass
+    # embeds on every core (a one-thread session per core: the served thread's embeddings to the
+    # bit, tests/unit/test_text.py); the timings below run on the served threads.
     key = preprocessing_digest(bundle_dir) if transformed is not None else ""
     features = transformed.get(key) if transformed is not None else None
     if features is None:
-        features = transform(x_test, bundle.preprocessing)
+        features = transform(x_test, with_encoder(bundle.preprocessing, Path(bundle_dir) / ENCODER_DIR))
         if transformed is not None:
             transformed[key] = features
     probabilities = bundle.predict_features(features)
