@@ -92,6 +92,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, decisi
 
 
 LATENCY_WARMUP, LATENCY_REPEATS = 20, 200
+TIMED_BATCHES = (1, 64)  # the served graph's batch sizes timed
 
 
 def single_row_latency_ms(bundle: ModelBundle, rows: pd.DataFrame) -> tuple[float, float]:
@@ -134,8 +135,7 @@ def preprocessing_digest(bundle_dir: Path) -> str:
 
 
 def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, threads: int | None = 1,
-                    batches: tuple[int, ...] = (1, 64), split: str = "test",
-                    transformed: dict[str, np.ndarray] | None = None) -> Evaluation:
+                    split: str = "test", transformed: dict[str, np.ndarray] | None = None) -> Evaluation:
     """Load the bundle as serving does (ONNX Runtime on `threads` threads, serving.model_threads;
     None: one per core) and score it on raw rows of `split`, timing it as it would serve.
     transformed: x_test's features by preprocessing_digest, shared by the bundles scored on it."""
@@ -155,7 +155,7 @@ def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, 
     predicted = decide(probabilities, bundle.decision)
     confusion = skm.confusion_matrix(y_test, predicted, labels=np.arange(len(bundle.labels)))
     p50, p99 = single_row_latency_ms(bundle, x_test)
-    timings = {batch: graph_latency(bundle, features, batch) for batch in batches}
+    timings = {batch: graph_latency(bundle, features, batch) for batch in TIMED_BATCHES}
     graph_bytes = (Path(bundle_dir) / MODEL_FILE).read_bytes()
     return Evaluation(
         metrics=classification_metrics(y_test, probabilities, bundle.decision),
