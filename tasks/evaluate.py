@@ -3,7 +3,7 @@ choose one), the chosen one on the held-out test split (tasks/registry.py, once)
 
 from __future__ import annotations
 
-import hashlib
+import json
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -125,32 +125,33 @@ def graph_latency(bundle: ModelBundle, features: np.ndarray, batch: int, budget_
     return Latency(batch, p50, float(np.percentile(samples, 99)), batch / (p50 / 1000))
 
 
-def preprocessing_digest(bundle_dir: Path) -> str:
-    """What a bundle's transform depends on: its preprocessing.json and its text encoder's files.
-    The variants of one run share it (they differ in the graph after it)."""
-    digest = hashlib.sha256((Path(bundle_dir) / PREPROCESSING_FILE).read_bytes())
-    for path in sorted((Path(bundle_dir) / ENCODER_DIR).glob("*")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
+def transformed_rows(bundle_dir: Path, rows: pd.DataFrame) -> np.ndarray:
+    """Raw rows through a bundle's preprocessing, once, for its scores and its graph's timing.
+
+    A text column is embedded here, one text per call as served: 57 s a pass over 3,543 validation
+    sentences on one thread of a Zen 1 EPYC. So it embeds on every core (a one-thread session per
+    core: the served thread's embeddings to the bit, tests/unit/test_text.py); the latency timings
+    run on the served threads."""
+    folder = Path(bundle_dir)
+    return transform(rows, with_encoder(json.loads((folder / PREPROCESSING_FILE).read_text()), folder / ENCODER_DIR))
+
+
+def preprocessing_signature(bundle_dir: Path) -> tuple[bytes, tuple[tuple[str, int], ...]]:
+    """What a bundle's transform depends on, cheaply: its preprocessing.json (which holds the text
+    columns' fitted standardisation) and its encoder files' names and sizes, not their 22-90 MB."""
+    folder = Path(bundle_dir)
+    encoder = tuple((path.name, path.stat().st_size) for path in sorted((folder / ENCODER_DIR).glob("*")))
+    return (folder / PREPROCESSING_FILE).read_bytes(), encoder
 
 
 def evaluate_bundle(bundle_dir: Path, x_test: pd.DataFrame, y_test: np.ndarray, threads: int | None = 1,
-                    split: str = "test", transformed: dict[str, np.ndarray] | None = None) -> Evaluation:
+                    split: str = "test", features: np.ndarray | None = None) -> Evaluation:
     """Load the bundle as serving does (ONNX Runtime on `threads` threads, serving.model_threads;
     None: one per core) and score it on raw rows of `split`, timing it as it would serve.
-    transformed: x_test's features by preprocessing_digest, shared by the bundles scored on it."""
+    features: x_test already through this bundle's preprocessing (evaluate_variants shares fp32's)."""
     bundle = ModelBundle.load(bundle_dir, threads)
-    # Transformed once, for the scores and the graph's timing, and once for every variant: a text
-    # column is embedded here, one text per call as served, 57 s a pass over 3,543 validation
-    # sentences on one thread of a Zen 1 EPYC, and it was done twice per variant. The scoring pass
-    # embeds on every core (a one-thread session per core: the served thread's embeddings to the
-    # bit, tests/unit/test_text.py); the timings below run on the served threads.
-    key = preprocessing_digest(bundle_dir) if transformed is not None else ""
-    features = transformed.get(key) if transformed is not None else None
     if features is None:
-        features = transform(x_test, with_encoder(bundle.preprocessing, Path(bundle_dir) / ENCODER_DIR))
-        if transformed is not None:
-            transformed[key] = features
+        features = transformed_rows(bundle_dir, x_test)
     probabilities = bundle.predict_features(features)
     predicted = decide(probabilities, bundle.decision)
     confusion = skm.confusion_matrix(y_test, predicted, labels=np.arange(len(bundle.labels)))
@@ -291,11 +292,16 @@ def evaluate_variants(variants: Variants, x_val: pd.DataFrame, y_val: np.ndarray
     evaluated joins the failures (fp32, the reference, must)."""
     evaluated, evaluations, rows = [], {}, []
     failed = list(variants.failed)
-    transformed: dict[str, np.ndarray] = {}
+    # The variants are built from one prepared data set, so they share fp32's features: transformed
+    # once here, not once per variant (a text column's embedding is most of the stage).
+    reference = variants.built[0].bundle_dir
+    shared, signature = transformed_rows(reference, x_val), preprocessing_signature(reference)
     for variant in variants.built:
         try:
+            same = preprocessing_signature(variant.bundle_dir) == signature
             evaluation = evaluate_bundle(variant.bundle_dir, x_val, y_val, threads,
-                                         split=IN_SAMPLE if variant.saw_validation else "val", transformed=transformed)
+                                         split=IN_SAMPLE if variant.saw_validation else "val",
+                                         features=shared if same else None)
         except Exception as error:
             if variant.name == "fp32":
                 raise
