@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maas.studies import finished_trials, journal_storage
 from models.text_encoder import FineTuning, LabelledTexts, MeanPooledEncoder
 
 FROZEN, FINE_TUNED = "frozen", "fine-tuned"
@@ -128,21 +129,6 @@ class TextObjective:
             max_seconds=min(self.search.max_seconds * TRIAL_SHARE, self.seconds_left()), seed=self.search.seed))
         trial.set_user_attr("epochs_run", tuned.epochs_run)
         return refitted_f1(tuned.encoder, self.texts, settings["max_length"])
-
-
-def journal_storage(journal: Path):
-    """The Optuna storage of a search's journal file (JSON lines, no server, safe for resuming)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal)))
-
-
-def finished_trials(study) -> list:
-    import optuna
-
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def searched_trials(journal: Path) -> list:

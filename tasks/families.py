@@ -30,11 +30,11 @@ from maas.budget import rows_for_budget
 from maas.config import ModelConfig, RunConfig, SelectionConfig
 from maas.figures import log_leaderboard
 from maas.run_context import RunContext, run_logger, write_child_run
+from maas.studies import finished_trials
 from maas.tracking import flatten
 from models import NetworkSpec
 from models.classic import ClassicSpec, classic_size, export_classic_onnx, fit_classic
 from models.ensemble import EnsembleSpec, average_probabilities, merge_averaging
-from models.text_search import finished_trials
 from tasks.compress import Variant, Variants
 from tasks.data import PreparedData, TrainingArrays, stratified_sample, stratify_by
 from tasks.decision import best_decision, cross_fitted_scores, describe, searches_decision
