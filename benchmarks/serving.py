@@ -397,6 +397,14 @@ def main() -> None:
                 f"text service, {name}", text_service, [(1, 1), (1, 8), (1, 32)], payloads=payloads,
                 ceiling_rounds=(args.text_rounds, lambda: text_ceiling(text_bundle, text_rows, args.seconds)["rows_per_s"]))
             measured["rounds"] = measured["cells"].pop("rounds")
+        # What HTTP alone costs a one-text request here: uvicorn (uvloop, httptools) with the service's
+        # worker count, answering a constant. The share of the ceiling no service on it can pass.
+        floor = measure("uvicorn alone", (
+            ["-m", "uvicorn", "serving_servers:constant_app", "--workers", str(os.cpu_count() or 1), "--loop", "uvloop",
+             "--http", "httptools", "--no-access-log", "--log-level", "warning"], env, HERE, {}), [(1, 32)],
+            payloads=payloads)["c32_r1"]
+        for measured in report["text"].values():
+            measured["http_floor"] = floor
         if args.only == "text":
             write_results("serving", with_previous_sections(report, "text"), render)
             return
@@ -473,6 +481,19 @@ def text_share(rounds: list[dict]) -> float:
     return float(np.median([cell["rows_per_s"] / cell["ceiling_rows_per_s"] for cell in rounds]))
 
 
+def floor_bound(text: dict) -> float:
+    """compute / (compute + the HTTP floor's server CPU + the load client's CPU), per request, medians
+    over the paired rounds: client and server share the cores, so each millisecond of either is one
+    the model does not get. The client's is read from the service's rounds: at the floor's own rate
+    it spent twice as much per request."""
+    import numpy as np
+
+    compute_ms = float(np.median([text["compute"]["processes"] * 1000 / cell["ceiling_rows_per_s"]
+                                  for cell in text["rounds"]]))
+    client_ms = float(np.median([cell["client_cpu_ms_per_request"] for cell in text["rounds"]]))
+    return compute_ms / (compute_ms + text["http_floor"]["server_cpu_ms_per_request"] + client_ms)
+
+
 def targets(report: dict) -> dict:
     service, noop, flask = (report["cells"][name] for name in ("service", "noop", "flask"))
     ceiling = min(report["compute"]["rows_per_s"], noop["c32_r1"]["rows_per_s"])
@@ -544,6 +565,15 @@ def render(report: dict) -> str:
                              f"{c['rows_per_s'] / c['ceiling_rows_per_s']:.2f} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
                              f"{c['server_cpu_ms_per_request']:.2f} | {c['client_cpu_ms_per_request']:.2f} | {c['statuses']} |")
             lines.append(f"| {name} | median | | | **{text_share(text['rounds']):.2f}** | | | | | |")
+        floor = next(iter(report["text"].values())).get("http_floor")
+        if floor:
+            lines += ["", f"The HTTP floor: uvicorn alone (uvloop, httptools, one worker per core) answering the same "
+                      f"requests with a constant at concurrency 32 costs {floor['server_cpu_ms_per_request']:.3f} ms of "
+                      "server CPU per request. With the bundle's compute per row (cores / ceiling rows/s) and the load "
+                      "client's CPU per request (both from the rounds above), the share of the ceiling a service on "
+                      "this stack could reach with no work of its own besides the model:", ""]
+            for name, text in report["text"].items():
+                lines.append(f"- {name}: {floor_bound(text):.2f}")
     if report.get("ablations"):
         lines += ["", "## The service's measured settings, each changed back (concurrency 32, medians of alternating runs)", "",
                   "| setting | one-row rows/s default / changed | one-row p99 ms default / changed | 64-row rows/s default / changed |",

@@ -1,5 +1,6 @@
 """The comparison servers of benchmarks/serving.py: a no-op BentoML service (the framework's own
-ceiling here) and the naive Flask server (one request, one forward pass) everyone starts from."""
+ceiling here), the naive Flask server (one request, one forward pass) everyone starts from, and
+uvicorn answering a constant (the HTTP floor under the service)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,14 @@ def flask_app():
         return "ok"
 
     return app
+
+
+async def constant_app(scope, receive, send):
+    """uvicorn alone, answering every /predict with a constant (`python -m uvicorn
+    serving_servers:constant_app`): the HTTP floor any service on this stack pays per request."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'[{"label":"x","probabilities":{"x":1.0}}]'})
