@@ -567,19 +567,18 @@ def render(report: dict) -> str:
             for index, c in enumerate(text["rounds"], 1):
                 lines.append(f"| {name} | {index} | {c['ceiling_rows_per_s']:,.0f} | {c['rows_per_s']:,.0f} | "
                              f"{c['rows_per_s'] / c['ceiling_rows_per_s']:.2f} | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | "
-                             f"{c['server_cpu_ms_per_request']:.2f} | {c.get('event_loop_cpu_ms_per_request', float('nan')):.2f} | "
+                             f"{c['server_cpu_ms_per_request']:.2f} | {c['event_loop_cpu_ms_per_request']:.2f} | "
                              f"{c['client_cpu_ms_per_request']:.2f} | {c['statuses']} |")
             lines.append(f"| {name} | median | | | **{text_share(text['rounds']):.2f}** | | | | | | |")
-        floor = next(iter(report["text"].values())).get("http_floor")
-        if floor:
-            lines += ["", f"The HTTP floor: uvicorn alone (uvloop, httptools, one worker per core) answering the same "
-                      f"requests with a constant at concurrency 32 costs {floor['server_cpu_ms_per_request']:.3f} ms of "
-                      "server CPU per request (the service's event loops spend that and the gate's work; its model "
-                      "threads, the rest). With the bundle's compute per row (cores / ceiling rows/s) and the load "
-                      "client's CPU per request (both from the rounds above), the share of the ceiling a service on "
-                      "this stack could reach with no work of its own besides the model:", ""]
-            for name, text in report["text"].items():
-                lines.append(f"- {name}: {floor_bound(text):.2f}")
+        floor = next(iter(report["text"].values()))["http_floor"]  # one measurement, kept with each bundle
+        lines += ["", f"The HTTP floor: uvicorn alone (uvloop, httptools, one worker per core) answering the same "
+                  f"requests with a constant at concurrency 32 costs {floor['server_cpu_ms_per_request']:.3f} ms of "
+                  "server CPU per request (the service's event loops spend that and the gate's work; its model "
+                  "threads, the rest). With the bundle's compute per row (cores / ceiling rows/s) and the load "
+                  "client's CPU per request (both from the rounds above), the share of the ceiling a service on "
+                  "this stack could reach with no work of its own besides the model:", ""]
+        for name, text in report["text"].items():
+            lines.append(f"- {name}: {floor_bound(text):.2f}")
     if report.get("ablations"):
         lines += ["", "## The service's measured settings, each changed back (concurrency 32, medians of alternating runs)", "",
                   "| setting | one-row rows/s default / changed | one-row p99 ms default / changed | 64-row rows/s default / changed |",
