@@ -915,11 +915,6 @@ def report_data(prepared: PreparedData) -> None:
                 len(splits.x_val), len(splits.x_test))
 
 
-# --- Prefect wrapper -------------------------------------------------------------------------------
-
-
-@task(name="prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_input_error,
-      timeout_seconds=600, cache_policy=NO_CACHE)
 def budgeted_data(data: DataConfig, budget: Budget) -> DataConfig:
     """Searching the text settings, fine-tuning the text encoder, then distilling it, under the run's
     budget: the 'text' stage's allotment (maas/budget.py) in equal parts for those that run, floored
@@ -935,6 +930,13 @@ def budgeted_data(data: DataConfig, budget: Budget) -> DataConfig:
     return data.model_copy(update=update)
 
 
+# --- Prefect wrapper -------------------------------------------------------------------------------
+
+
+# No fixed short timeout: besides reading and splitting the table, this stage embeds every text and
+# may search, fine-tune and distil the encoder, each bounded by its own budget (data.text_*_max_s).
+@task(name="prepare-data", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_input_error,
+      timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
 def prepare_data_task(data: DataConfig, seed: int, timer: StageTimer) -> PreparedData:
     """Before any MLflow run exists (bad input leaves nothing behind); recorded once the run opens."""
     prepared = timer.run("data", prepare_data, data, seed)

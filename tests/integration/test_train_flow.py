@@ -164,6 +164,23 @@ def test_prefect_flow_run_has_link_and_metrics_table(trained, prefect_server):
     assert "speedup_b64_vs_fp32" in by_key["variants"].data
 
 
+def test_every_stage_is_a_completed_task_run_of_the_flow_run(trained, prefect_server):
+    """The Prefect UI shows each stage as a task run, data preparation included (its retry on a
+    transient failure and its timeout are the task's)."""
+    import httpx
+
+    _, _, summary = trained
+    task_runs = httpx.post(f"{prefect_server}/task_runs/filter",
+                           json={"flow_runs": {"id": {"any_": [summary["prefect_flow_run_id"]]}}}).json()
+    by_stage = {run["name"].rsplit("-", 1)[0]: run for run in task_runs}
+    for stage in ("recover", "prepare-data", "compare-families", "evaluate-variants", "select", "report-on-test",
+                  "register-model", "package"):
+        assert stage in by_stage and by_stage[stage]["state"]["type"] == "COMPLETED", (stage, sorted(by_stage))
+    logs = httpx.post(f"{prefect_server}/logs/filter",
+                      json={"logs": {"task_run_id": {"any_": [by_stage["prepare-data"]["id"]]}}}).json()
+    assert any("-> train" in log["message"] for log in logs), logs  # the table was read and split in that task
+
+
 def test_gate_promotes_a_better_model_and_keeps_the_champion_against_a_worse_one(prefect_server, maas_home):
     """Weak model first (champion by default), then a better one (promoted), then a weak one again
     (challenger: the champion stays), all scored on the same test rows."""

@@ -43,4 +43,8 @@ def test_flows_are_short_tasks_thin_and_signatures_small(path):
             problems.append(f"flow {node.name} has {body_lines(node)} lines of body (> {FLOW_BODY_LINES})")
         if decorated_with(node, "task") and body_lines(node) > TASK_BODY_LINES:
             problems.append(f"task {node.name} has {body_lines(node)} lines of body (> {TASK_BODY_LINES})")
+        # a stage's task is `<stage>_task` and only it: a function added between a decorator and its
+        # wrapper once made the data stage a plain call (no task run, retry or timeout)
+        if decorated_with(node, "task") != node.name.endswith("_task"):
+            problems.append(f"{node.name}: a Prefect task is named *_task, and a *_task function is a Prefect task")
     assert not problems, "; ".join(problems)
