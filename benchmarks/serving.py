@@ -273,11 +273,11 @@ def train_bundle(home: Path) -> Path:
     return bundle
 
 
-def with_previous_sections(report: dict, section: str) -> dict:
-    """serving.json as last written, with `section` replaced by this run's and stamped with when and
-    on what it was measured (--only)."""
+def with_previous_sections(report: dict, section: str, *companions: str) -> dict:
+    """serving.json as last written, with `section` (and the `companions` measured with it) replaced
+    by this run's and stamped with when and on what it was measured (--only)."""
     previous = json.loads((HERE / "results" / "serving.json").read_text())
-    merged = {**previous, section: report[section],
+    merged = {**previous, **{key: report[key] for key in (section, *companions)},
               f"{section}_measured": {"at": report["measured_at"], "machine": report["machine"]}}
     merged["targets"] = targets(merged)
     return merged
@@ -403,14 +403,12 @@ def main() -> None:
             measured["rounds"] = measured["cells"].pop("rounds")
         # What HTTP alone costs a one-text request here: uvicorn (uvloop, httptools) with the service's
         # worker count, answering a constant. The share of the ceiling no service on it can pass.
-        floor = measure("uvicorn alone", (
+        report["text_http_floor"] = measure("uvicorn alone", (
             ["-m", "uvicorn", "serving_servers:constant_app", "--workers", str(os.cpu_count() or 1), "--loop", "uvloop",
              "--http", "httptools", "--no-access-log", "--log-level", "warning"], env, HERE, {}), [(1, 32)],
             payloads=payloads)["c32_r1"]
-        for measured in report["text"].values():
-            measured["http_floor"] = floor
         if args.only == "text":
-            write_results("serving", with_previous_sections(report, "text"), render)
+            write_results("serving", with_previous_sections(report, "text", "text_http_floor"), render)
             return
 
         every_cell = [(size, concurrency) for size in ROWS_PER_REQUEST for concurrency in CONCURRENCY]
@@ -485,7 +483,7 @@ def text_share(rounds: list[dict]) -> float:
     return float(np.median([cell["rows_per_s"] / cell["ceiling_rows_per_s"] for cell in rounds]))
 
 
-def floor_bound(text: dict) -> float:
+def floor_bound(text: dict, floor: dict) -> float:
     """compute / (compute + the HTTP floor's server CPU + the load client's CPU), per request, medians
     over the paired rounds: client and server share the cores, so each millisecond of either is one
     the model does not get. The client's is read from the service's rounds: at the floor's own rate
@@ -495,7 +493,7 @@ def floor_bound(text: dict) -> float:
     compute_ms = float(np.median([text["compute"]["processes"] * 1000 / cell["ceiling_rows_per_s"]
                                   for cell in text["rounds"]]))
     client_ms = float(np.median([cell["client_cpu_ms_per_request"] for cell in text["rounds"]]))
-    return compute_ms / (compute_ms + text["http_floor"]["server_cpu_ms_per_request"] + client_ms)
+    return compute_ms / (compute_ms + floor["server_cpu_ms_per_request"] + client_ms)
 
 
 def targets(report: dict) -> dict:
@@ -570,7 +568,7 @@ def render(report: dict) -> str:
                              f"{c['server_cpu_ms_per_request']:.2f} | {c['event_loop_cpu_ms_per_request']:.2f} | "
                              f"{c['client_cpu_ms_per_request']:.2f} | {c['statuses']} |")
             lines.append(f"| {name} | median | | | **{text_share(text['rounds']):.2f}** | | | | | | |")
-        floor = next(iter(report["text"].values()))["http_floor"]  # one measurement, kept with each bundle
+        floor = report["text_http_floor"]
         lines += ["", f"The HTTP floor: uvicorn alone (uvloop, httptools, one worker per core) answering the same "
                   f"requests with a constant at concurrency 32 costs {floor['server_cpu_ms_per_request']:.3f} ms of "
                   "server CPU per request (the service's event loops spend that and the gate's work; its model "
@@ -578,7 +576,7 @@ def render(report: dict) -> str:
                   "client's CPU per request (both from the rounds above), the share of the ceiling a service on "
                   "this stack could reach with no work of its own besides the model:", ""]
         for name, text in report["text"].items():
-            lines.append(f"- {name}: {floor_bound(text):.2f}")
+            lines.append(f"- {name}: {floor_bound(text, floor):.2f}")
     if report.get("ablations"):
         lines += ["", "## The service's measured settings, each changed back (concurrency 32, medians of alternating runs)", "",
                   "| setting | one-row rows/s default / changed | one-row p99 ms default / changed | 64-row rows/s default / changed |",
