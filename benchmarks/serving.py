@@ -407,6 +407,9 @@ def main() -> None:
             ["-m", "uvicorn", "serving_servers:constant_app", "--workers", str(os.cpu_count() or 1), "--loop", "uvloop",
              "--http", "httptools", "--no-access-log", "--log-level", "warning"], env, HERE, {}), [(1, 32)],
             payloads=payloads)["c32_r1"]
+        if report["text_http_floor"]["dropped"] or set(report["text_http_floor"]["statuses"]) != {200}:
+            raise RuntimeError(f"the HTTP floor failed requests: {report['text_http_floor']['statuses']}, "
+                               f"{report['text_http_floor']['dropped']} dropped")
         if args.only == "text":
             write_results("serving", with_previous_sections(report, "text", "text_http_floor"), render)
             return

@@ -50,5 +50,12 @@ async def constant_app(scope, receive, send):
         return
     while (await receive()).get("more_body"):
         pass
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": b'[{"label":"x","probabilities":{"x":1.0}}]'})
+    # with a content-length, as the service answers: without one uvicorn sends the body chunked, which
+    # the load client does not read, so every other request failed and reconnected
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(CONSTANT)).encode())]})
+    await send({"type": "http.response.body", "body": CONSTANT})
+
+
+CONSTANT = b'[{"label":"x","probabilities":{"x":1.0}}]'
+
