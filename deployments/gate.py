@@ -12,15 +12,14 @@ needs a running server: tests drive it in-process as an ASGI app.
 from __future__ import annotations
 
 import math
+import os
 import time
-import uuid
 from urllib.parse import quote
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import orjson
 
 from deployments.batcher import Batcher
@@ -28,7 +27,7 @@ from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
 from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body,
                                        rows_from_csv, rows_from_mlflow_request, unread_body_dropped)
-from maas.bundle import ModelBundle, decide, unknown_categories
+from maas.bundle import ModelBundle, unknown_categories
 from maas.config import ServingConfig
 from maas.paths import maas_home
 from maas.privacy import redactor_for
@@ -43,6 +42,7 @@ METADATA_PATH = "/metadata"
 METRICS_PATH = "/metrics"
 ANONYMOUS = "anonymous"
 MAX_REMEMBERED_MISSES = 10_000  # past this many unknown keys in a second, the rest wait for the reload
+MAX_REMEMBERED_SECRETS = 10_000  # presented secrets whose hash is kept (ServiceGate.secret_hash)
 ANONYMOUS_GRANT = Grant(ANONYMOUS, "", frozenset(SCOPES), None, "")
 
 
@@ -75,12 +75,6 @@ def load_models(default: tuple[str | Path, str], tiers: dict[str, tuple[str | Pa
         return ServedModel(ModelBundle.load(folder, threads or None), label)
 
     return ServedModels(load(*default), {tier: load(*source) for tier, source in tiers.items()})
-
-
-def predictions(bundle: ModelBundle, probabilities: np.ndarray) -> list[dict]:
-    labels = bundle.labels
-    return [{"label": labels[winner], "probabilities": dict(zip(labels, row))}
-            for winner, row in zip(decide(probabilities, bundle.decision).tolist(), probabilities.tolist())]
 
 
 def seconds_to_next_month() -> int:
@@ -126,6 +120,8 @@ class ServiceGate:
         self.store = connect()  # the meter's belongs to its thread
         self.missed: set[str] = set()  # unknown secrets since the meter's last reload of the keys
         self.missed_for: dict | None = None
+        self.hashes: dict[str, str] = {}  # well-formed presented secret -> its SHA-256 (secret_hash)
+        self.answered_by: dict[str, object] = {}  # model label -> its child of self.answered
         self.limits = open_limits(settings, maas_home() / "run",
                                   lambda key_id, month: rows_used(self.store, month).get(key_id, 0))
         self.batch_rows = Histogram("maas_batch_rows", "rows per model call (adaptive batching)", registry=registry,
@@ -207,9 +203,10 @@ class ServiceGate:
         presented = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not presented:
             return None, (401, {"error": "missing API key (header X-API-Key, or Authorization: Bearer)"})
-        if not well_formed(presented):
+        secret_hash = self.secret_hash(presented)
+        if secret_hash is None:
             return None, (401, {"error": "malformed API key: expected maas_ and 38 letters or digits (checksum failed)"})
-        grant = self.lookup(hash_key(presented))
+        grant = self.lookup(secret_hash)
         if grant is None:
             return None, (401, {"error": "unknown or revoked API key"})
         now = time.time()
@@ -218,6 +215,21 @@ class ServiceGate:
             status, message = refusals[0]
             return None, (status, {"error": message})
         return grant, None
+
+    def secret_hash(self, presented: str) -> str | None:
+        """The SHA-256 a well-formed key is stored under, or None for a malformed one. A client sends
+        the same key with every request, so its checksum is checked and its hash taken once (for up
+        to MAX_REMEMBERED_SECRETS keys, held in this process's memory as the requests carrying them
+        are). Whether the key is valid is still looked up on every request (lookup)."""
+        known = self.hashes.get(presented)
+        if known is not None:
+            return known
+        if not well_formed(presented):
+            return None
+        if len(self.hashes) >= MAX_REMEMBERED_SECRETS:
+            self.hashes.clear()
+        known = self.hashes[presented] = hash_key(presented)
+        return known
 
     async def predict(self, scope, receive, send, mlflow_protocol: bool = False):
         """POST /predict; mlflow_protocol: POST /invocations, MLflow's request and answer formats
@@ -259,10 +271,9 @@ class ServiceGate:
                                            f"({tier.monthly_rows} rows) used up"},
                                {"retry-after": str(seconds_to_next_month()), **limit_headers})
         chosen_id = headers.get("x-request-id", "")[:128]  # the caller's: a retry with it is billed once
-        request_id = chosen_id or uuid.uuid4().hex
+        request_id = chosen_id or os.urandom(16).hex()  # 128 random bits, as a uuid4's hex (a quarter of its cost)
         model = answering.models.for_tier(tier_name)
-        probabilities = await answering.batcher(tier_name).probabilities(columns)
-        answered = predictions(model.bundle, probabilities)
+        answered = await answering.batcher(tier_name).answers(columns)
         answer = orjson.dumps(answered)  # the prediction log keeps /predict's form
         extra = {"x-maas-ignored-columns": header_list(ignored)} if ignored else {}
         reader = answering.reader
@@ -271,10 +282,18 @@ class ServiceGate:
             extra["x-maas-unknown-categories"] = header_list(list(unknown))
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer,
                           bool(chosen_id))  # metered, then answered
-        self.answered.labels(model.label).inc()
+        self.answered_child(model.label).inc()
         await send_json(send, 200, mlflow_predictions(answered) if mlflow_protocol else answer,
                         {"x-request-id": request_id, "x-maas-model": model.label, **extra,
                                             **limit_headers})
+
+    def answered_child(self, label: str):
+        """The maas_predictions counter of one model (prometheus_client's labels() per request cost
+        more than the increment)."""
+        child = self.answered_by.get(label)
+        if child is None:
+            child = self.answered_by[label] = self.answered.labels(label)
+        return child
 
     def lookup(self, secret_hash: str) -> Grant | None:
         """A secret's grant from the keys the meter thread reloads every second. One it has not seen
@@ -341,14 +360,16 @@ HSTS = (b"strict-transport-security", b"max-age=31536000")
 def with_security_headers(send, headers: list[tuple[bytes, bytes]]):
     """`send`, adding `headers` to the response's start unless the app set them itself."""
     async def sending(message):
-        if message["type"] == "http.response.start":
-            present = {name.lower() for name, _ in message.get("headers", [])}
-            added = [header for header in headers if header[0] not in present]
-            if added:
-                message = {**message, "headers": [*message.get("headers", []), *added]}
-        await send(message)
+        await send(with_headers(message, headers) if message["type"] == "http.response.start" else message)
 
     return sending
+
+
+def with_headers(start: dict, headers: list[tuple[bytes, bytes]]) -> dict:
+    """An http.response.start message with those of `headers` it does not set itself."""
+    present = {name.lower() for name, _ in start.get("headers", [])}
+    added = [header for header in headers if header[0] not in present]
+    return {**start, "headers": [*start.get("headers", []), *added]} if added else start
 
 
 def rate_limit_headers(tier: str, per_minute: int, taken) -> dict[str, str]:

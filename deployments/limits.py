@@ -42,6 +42,7 @@ class SharedLimits:
     def __init__(self, path: Path, rows_so_far: Callable[[str, str], int], capacity: int = CAPACITY):
         """rows_so_far(key_id, month "YYYY-MM"): the rows already metered for a key this month."""
         self.rows_so_far, self.capacity = rows_so_far, capacity
+        self.offsets: dict[str, int] = {}  # key id -> its slot's offset in the file
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         size = SLOT.size * capacity
@@ -54,7 +55,17 @@ class SharedLimits:
         return _FileLock(self.fd)
 
     def _slot(self, key_id: str) -> tuple[int, tuple]:
-        """(offset, fields) of the key's slot, claimed if new: linear probing from the key's hash."""
+        """(offset, fields) of the key's slot, claimed if new: linear probing from the key's hash. A
+        slot, once claimed, is the key's for the file's life (none is ever freed), so this process
+        remembers where it is."""
+        offset = self.offsets.get(key_id)
+        if offset is not None:
+            return offset, SLOT.unpack_from(self.map, offset)
+        offset, fields = self._find_slot(key_id)
+        self.offsets[key_id] = offset
+        return offset, fields
+
+    def _find_slot(self, key_id: str) -> tuple[int, tuple]:
         name = key_id.encode()[:48].ljust(48, b"\0")  # key ids are 8 hex digits
         start = zlib.crc32(name) % self.capacity
         for probe in range(self.capacity):

@@ -9,7 +9,8 @@ the eight did, in BentoML's own terms so nothing downstream changes:
 
 - the request metrics, under BentoML's names and labels (`bentoml_service_request_total`,
   `..._request_duration_seconds`, `..._request_in_progress`): `maas monitor` and dashboards read them;
-- the access-log line, on BentoML's `bentoml.access` logger, in its format;
+- the access-log line, on BentoML's `bentoml.access` logger, in its format (written once per
+  event-loop turn for the requests answered in it: AccessLog);
 - the timeout (504) and the per-worker concurrency limit (429, "Too many requests");
 - an unexpected error: logged with its traceback, answered 500.
 
@@ -23,11 +24,90 @@ import asyncio
 import logging
 import time
 
-from deployments.gate import PREDICT_PATH, refuse, reply, request_headers, with_security_headers
+from deployments.gate import PREDICT_PATH, refuse, reply, request_headers, with_headers
 
 ACCESS_LOG = logging.getLogger("bentoml.access")
 ERRORS = logging.getLogger("maas.serve")
 METRICS_NAMESPACE = "bentoml_service"
+ACCESS_FORMAT = "%s (%s) (%s) %.3fms"  # BentoML's access line: client, request, status, duration
+
+
+class AccessLog:
+    """The access lines of /predict, handed to the logger's handlers once per event-loop turn.
+
+    A line written and flushed per request was the largest single cost of the event loop that
+    remained: ~0.03 ms of a one-text request's ~0.22 ms of event-loop CPU at concurrency 32 here,
+    four times what the same line costs on an idle thread. Each flush is a write(2), and a system
+    call releases the GIL to the model thread that waits for it, so the loop then waits to get it
+    back. The requests a batch answers are answered in one turn of the loop, so their lines now go
+    out in one write. Lines keep their order, format, logger, filters and handlers; a handler other
+    than a plain stream handler (a file's, a test's) gets each record as before."""
+
+    def __init__(self, logger: logging.Logger = ACCESS_LOG):
+        self.logger = logger
+        self.pending: list[logging.LogRecord] = []
+
+    def add(self, *args) -> None:
+        """One line, ACCESS_FORMAT % args; written at the end of this turn of the running loop."""
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        record = self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, ACCESS_FORMAT, args, None,
+                                        "answer")
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(record)
+
+    def flush(self) -> None:
+        records, self.pending = self.pending, []
+        handle_together(self.logger, records)
+
+
+def handle_together(logger: logging.Logger, records: list[logging.LogRecord]) -> None:
+    """logger.handle(record) for each record, except that a plain StreamHandler writes and flushes
+    them all at once."""
+    lines: dict[logging.StreamHandler, list[str]] = {}
+    handlers = logger_handlers(logger)
+    for record in records:
+        record = None if logger.disabled else filtered(logger, record)
+        for handler in handlers if record is not None else ():
+            if record.levelno < handler.level:
+                continue
+            if type(handler).emit is not logging.StreamHandler.emit:
+                handler.handle(record)
+                continue
+            kept = filtered(handler, record)  # a filter may set fields the format reads (BentoML's adds the component)
+            if kept is not None:
+                try:
+                    lines.setdefault(handler, []).append(handler.format(kept) + handler.terminator)
+                except Exception:  # noqa: BLE001 - as StreamHandler.emit: reported by the handler, not raised
+                    handler.handleError(kept)
+    for handler, text in lines.items():
+        handler.acquire()
+        try:
+            handler.stream.write("".join(text))
+            handler.flush()
+        except Exception:  # noqa: BLE001 - as above
+            handler.handleError(records[-1])
+        finally:
+            handler.release()
+
+
+def filtered(filterer: logging.Filterer, record: logging.LogRecord) -> logging.LogRecord | None:
+    """The record as `filterer`'s filters pass it (from Python 3.12 a filter may return a changed
+    copy), or None if one drops it."""
+    kept = filterer.filter(record)
+    if not kept:
+        return None
+    return kept if isinstance(kept, logging.LogRecord) else record
+
+
+def logger_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers a record of `logger` reaches, as Logger.callHandlers walks them."""
+    handlers, current = [], logger
+    while current is not None:
+        handlers.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    return handlers
 
 
 class RequestMetrics:
@@ -78,6 +158,7 @@ class PredictFirst:
         self.metrics = RequestMetrics(PREDICT_PATH, server_context.bento_name or service_name,
                                       server_context.bento_version or "not available")
         self.in_flight = 0
+        self.access_log = AccessLog()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != PREDICT_PATH:
@@ -90,13 +171,13 @@ class PredictFirst:
     async def answer(self, gate, scope, receive, send) -> None:
         started, status = time.perf_counter(), 0
 
-        async def sending(message):
+        async def answering(message):  # the status for the metrics, and the security headers (gate.py)
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = with_headers(message, gate.security_headers)
             await send(message)
 
-        answering = with_security_headers(sending, gate.security_headers)
         self.metrics.in_progress.inc()
         self.in_flight += 1
         try:
@@ -121,6 +202,6 @@ class PredictFirst:
             self.metrics.record(status or 500, seconds)
             if gate.settings.access_log:
                 client = scope.get("client")
-                ACCESS_LOG.info("%s (%s) (%s) %.3fms", f"{client[0]}:{client[1]}" if client else "_",
-                                f"scheme={scope['scheme']},method={scope['method']},path={PREDICT_PATH}",
-                                f"status={status or 500}", seconds * 1000)
+                self.access_log.add(f"{client[0]}:{client[1]}" if client else "_",
+                                    f"scheme={scope['scheme']},method={scope['method']},path={PREDICT_PATH}",
+                                    f"status={status or 500}", seconds * 1000)

@@ -33,10 +33,10 @@ from typing import Annotated
 import bentoml
 from pydantic import BaseModel, Field
 
-from deployments.batcher import model_probabilities
+from deployments.batcher import model_answers
 from deployments.bentoml_fixes import cancel_bentoml_timeout_timers, freeze_startup_objects
 from deployments.follower import SERVED_MODELS_ENV, ServedModelsWatcher, parse_served_models
-from deployments.gate import PREDICT_PATH, ServiceGate, load_models, predictions
+from deployments.gate import PREDICT_PATH, ServiceGate, load_models
 from deployments.predict_first import PredictFirst
 from deployments.request_reader import row_model
 from maas.bundle import PREPROCESSING_FILE
@@ -123,7 +123,7 @@ class MaasService:
         # Over HTTP the gate answers first; this serves in-process callers and declares the contract.
         bundle = self.gate.models.default.bundle
         columns = self.gate.reader.validated_columns([row.model_dump(by_alias=True) for row in rows])
-        return predictions(bundle, model_probabilities(bundle, columns))
+        return model_answers(bundle, columns)
 
 
 class GateMiddleware:

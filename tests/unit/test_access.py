@@ -12,7 +12,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from maas import audit
-from maas.api_keys import KEY_LENGTH, create_key, new_secret, revoke_key, rotate_key, well_formed
+from maas.api_keys import KEY_LENGTH, create_key, hash_key, new_secret, revoke_key, rotate_key, well_formed
 from maas.billing import monthly_invoices
 from maas.cli import main
 from maas.config import PriceConfig, PrivacyConfig, TierConfig
@@ -67,6 +67,24 @@ def test_malformed_unknown_expired_rotated_out_revoked_and_wrong_scope_keys_are_
     assert "rotated out at" in errors["rotated out"] and "lacks scope 'predict'" in errors["admin only"]
     actions = [entry.action for entry in audit.entries(store, "key")]
     assert actions.count("key.create") == 5 and actions.count("key.rotate") == 2 and "key.revoke" in actions
+
+
+def test_the_gate_keeps_the_hash_of_well_formed_keys_only_and_of_a_bounded_number(wine, maas_home, monkeypatch):
+    """A client's key is checked and hashed once, not per request; a malformed key is never kept,
+    and past the bound the kept hashes start over. Validity is still looked up per request (the
+    rotation and revocation cases above go through the kept hashes)."""
+    import deployments.gate as gate_module
+
+    bundle, rows = wine
+    gate = gate_for(bundle)
+    _, good = create_key(connect(), "good", "pro")
+    monkeypatch.setattr(gate_module, "MAX_REMEMBERED_SECRETS", 2)
+    assert predict(gate, "maas_" + "x" * 38, rows[:1]).status_code == 401 and gate.hashes == {}
+    assert predict(gate, good, rows[:1]).status_code == 200 and gate.hashes == {good: hash_key(good)}
+    unknown = [new_secret() for _ in range(2)]
+    assert [predict(gate, key, rows[:1]).status_code for key in unknown] == [401, 401]
+    assert gate.hashes == {unknown[1]: hash_key(unknown[1])}  # the third key found the bound reached
+    assert predict(gate, good, rows[:1]).status_code == 200
 
 
 def test_every_predict_answer_carries_its_rate_limit(wine, maas_home):

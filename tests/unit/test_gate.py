@@ -407,14 +407,16 @@ def test_the_batcher_merges_waiting_requests_and_splits_the_answers(wine):
     requests = [reader.exact_columns(rows[index:index + 1 + index % 3]) for index in range(6)]
 
     async def all_at_once():
-        return await asyncio.gather(*(batcher.probabilities(columns) for columns in requests))
+        return await asyncio.gather(*(batcher.answers(columns) for columns in requests))
 
     answers = asyncio.run(all_at_once())
     for columns, answer in zip(requests, answers):
-        assert answer.shape == (columns.n_rows, len(bundle.labels))
+        assert len(answer) == columns.n_rows
     alone = [bundle.predict_features(bundle_features(bundle, columns)) for columns in requests]
     for together, single in zip(answers, alone):
-        np.testing.assert_allclose(together, single, atol=1e-6)
+        np.testing.assert_allclose([[row["probabilities"][label] for label in bundle.labels] for row in together],
+                                   single, atol=1e-6)
+        assert [row["label"] for row in together] == [bundle.labels[index] for index in single.argmax(1)]
     assert len(calls) < len(requests) and sum(calls) == sum(columns.n_rows for columns in requests)
 
 
@@ -455,6 +457,64 @@ def test_predict_is_answered_first_with_bentomls_metrics_and_access_log_and_the_
     assert answered(front, 200) == 1 and answered(front, 405) == 1
     lines = [record.getMessage() for record in caplog.records if record.name == "bentoml.access"]
     assert any("method=POST,path=/predict" in line and "status=200" in line for line in lines), lines
+
+
+def test_the_access_lines_of_one_loop_turn_go_out_in_one_write_in_order_through_the_loggers_filters():
+    """predict_first.AccessLog: a stream handler gets the turn's lines in one write, after its filters
+    (one sets a field the format reads, as BentoML's does, and one line is dropped); a handler of
+    another kind, up the logger's tree, gets each record; a logger not at INFO gets nothing."""
+    import io
+    import logging
+
+    from deployments.predict_first import AccessLog
+
+    class CountedWrites(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            return super().write(text)
+
+    class Component(logging.Filter):
+        def filter(self, record):
+            record.component = "[worker:1]"
+            return not record.getMessage().startswith("dropped")
+
+    class Collected(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    parent, logger = logging.getLogger("access-test"), logging.getLogger("access-test.lines")
+    stream, collected = CountedWrites(), Collected()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(component)s %(message)s"))
+    handler.addFilter(Component())
+    logger.addHandler(handler)
+    parent.addHandler(collected)
+    parent.propagate = False
+    try:
+        async def one_turn(level: int):
+            logger.setLevel(level)
+            access, written = AccessLog(logger), stream.getvalue()
+            for client, status in (("10.0.0.1:1", 200), ("dropped", 200), ("10.0.0.2:2", 429)):
+                access.add(client, "scheme=http,method=POST,path=/predict", f"status={status}", 1.25)
+            assert stream.getvalue() == written  # nothing before the turn ends
+            await asyncio.sleep(0)
+
+        asyncio.run(one_turn(logging.INFO))
+        assert stream.getvalue() == ("[worker:1] 10.0.0.1:1 (scheme=http,method=POST,path=/predict) (status=200) 1.250ms\n"
+                                     "[worker:1] 10.0.0.2:2 (scheme=http,method=POST,path=/predict) (status=429) 1.250ms\n")
+        assert stream.writes == 1
+        assert [message.split(" ")[0] for message in collected.messages] == ["10.0.0.1:1", "dropped", "10.0.0.2:2"]
+        asyncio.run(one_turn(logging.WARNING))
+        assert stream.writes == 1 and len(collected.messages) == 3
+    finally:
+        logger.removeHandler(handler)
+        parent.removeHandler(collected)
 
 
 def test_predict_goes_through_bentoml_before_the_instance_exists_and_while_spans_are_asked_for(wine, maas_home):
