@@ -236,7 +236,7 @@ def test_unequal_classes_get_class_weights_and_equal_ones_are_left_to_argmax():
 
 def test_a_rare_class_is_answered_by_the_decision_the_folds_chose(tmp_path, maas_home):
     """~3% fraud: argmax all but never names it; the tuned cut does, in the bundle, the pyfunc and the gate."""
-    from deployments.gate import predictions
+    from deployments.batcher import predictions
 
     prepared, config = prepared_table("rare", tmp_path, "model.families=[linear, hgb]", "selection.ensemble=false")
     sealed = prepared.sealed()
