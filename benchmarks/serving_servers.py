@@ -43,6 +43,13 @@ def flask_app():
     return app
 
 
+CONSTANT = b'[{"label":"x","probabilities":{"x":1.0}}]'
+# with a content-length, as the service answers: without one uvicorn sends the body chunked, which
+# the load client does not read, so every other request failed and reconnected
+CONSTANT_START = {"type": "http.response.start", "status": 200,
+                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(CONSTANT)).encode())]}
+
+
 async def constant_app(scope, receive, send):
     """uvicorn alone, answering every /predict with a constant (`python -m uvicorn
     serving_servers:constant_app`): the HTTP floor any service on this stack pays per request."""
@@ -50,12 +57,5 @@ async def constant_app(scope, receive, send):
         return
     while (await receive()).get("more_body"):
         pass
-    # with a content-length, as the service answers: without one uvicorn sends the body chunked, which
-    # the load client does not read, so every other request failed and reconnected
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(CONSTANT)).encode())]})
+    await send(CONSTANT_START)
     await send({"type": "http.response.body", "body": CONSTANT})
-
-
-CONSTANT = b'[{"label":"x","probabilities":{"x":1.0}}]'
-
