@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 BENCH_VENV := .bench-venv
+BENCH_LIGHTGBM := .bench-lightgbm
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-fast ui bench lock clean
@@ -37,8 +38,12 @@ $(BENCH_VENV)/.installed: benchmarks/requirements-evidently.txt
 	$(BENCH_VENV)/bin/python -m pip install --quiet -r benchmarks/requirements-evidently.txt
 	touch $@
 
-bench: $(INSTALLED) $(BENCH_VENV)/.installed ## overhead, tuning, model selection, text, int8 by CPU, compression, serving, monitoring (writes benchmarks/results/)
-	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python model_selection.py && ../$(BIN)/python text.py && ../$(BIN)/python int8_encoder.py && ../$(BIN)/python text_search.py && ../$(BIN)/python compression.py && ../$(BIN)/python serving.py && ../$(BIN)/python monitoring.py
+$(BENCH_LIGHTGBM)/.installed: benchmarks/requirements-lightgbm.txt $(INSTALLED)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(BENCH_LIGHTGBM) -r benchmarks/requirements-lightgbm.txt
+	touch $@
+
+bench: $(INSTALLED) $(BENCH_VENV)/.installed $(BENCH_LIGHTGBM)/.installed ## overhead, tuning, model selection, LightGBM vs hgb, text, int8 by CPU, compression, serving, monitoring (writes benchmarks/results/)
+	cd benchmarks && ../$(BIN)/python pipeline_overhead.py && ../$(BIN)/python tuning_efficiency.py && ../$(BIN)/python model_selection.py && ../$(BIN)/python lightgbm_vs_hgb.py && ../$(BIN)/python text.py && ../$(BIN)/python int8_encoder.py && ../$(BIN)/python text_search.py && ../$(BIN)/python compression.py && ../$(BIN)/python serving.py && ../$(BIN)/python monitoring.py
 
 lock: ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -48,4 +53,4 @@ lock: ## re-resolve dependencies from pyproject.toml into requirements.lock
 	rm -rf .lock-venv
 
 clean: ## remove the environment and local state (.maas)
-	rm -rf $(VENV) $(BENCH_VENV) .maas
+	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_LIGHTGBM) .maas
