@@ -36,6 +36,7 @@ HEADER_SEARCH_LINES = 30  # how far down a header naming the target is looked fo
 SKIPPED_LINES = "maas_lines_above_header"  # frame.attrs key: lines passed over above the header
 SPACED_FIELDS = "maas_skipinitialspace"  # frame.attrs key: fields follow "a, b" and were read with skipinitialspace
 REPEATED_NAMES = "maas_repeated_names"  # frame.attrs key: {a name the header repeats: the names pandas gave its columns}
+DECIMAL_COMMA = "maas_decimal_comma"  # frame.attrs key: the file's numbers were read with decimal mark ','
 SUPPORTED = ".csv, .tsv, .txt, .data, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet, .feather or .xlsx"
 
 
@@ -359,6 +360,8 @@ def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None)
                                     skipinitialspace=table.spaced)
             if table.skip:
                 frame.attrs[SKIPPED_LINES] = table.skip
+            if decimal_mark(delimiter) == ",":
+                frame.attrs[DECIMAL_COMMA] = True
             if table.spaced:
                 frame.attrs[SPACED_FIELDS] = True
             if pandas_renamed_some(frame.columns):

@@ -24,7 +24,7 @@ from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
 from maas.paths import encoders_home
 from maas.run_context import StageTimer, run_logger
-from maas.tables import REPEATED_NAMES, SKIPPED_LINES, SPACED_FIELDS, listing, read_table_file
+from maas.tables import DECIMAL_COMMA, REPEATED_NAMES, SKIPPED_LINES, SPACED_FIELDS, listing, read_table_file
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
@@ -437,10 +437,14 @@ def as_text_hint(column: pd.Series, name: str) -> str:
             f"name it in data.text_columns (--set 'data.text_columns=[{name}]')")
 
 
-def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], keep_all: bool = False) -> Cleaned:
+def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], keep_all: bool = False,
+                   decimal_comma: bool = False) -> Cleaned:
     """Coerce near-numeric text, cast numerics to float, drop unusable columns (with reasons).
 
     keep_all: keep even constant columns (an image's blank border pixels keep its grid whole).
+    decimal_comma: the file wrote its numbers with decimal mark ',' (split by ';'), so its numeric
+    columns keep that number format: pandas reads such a file's rows with sep=';' alone as strings
+    ("190,4"), which serving must read as training did, not as missing.
     """
     kept: dict[str, pd.Series] = {}
     dropped: dict[str, str] = {}
@@ -502,6 +506,8 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                     coerced_columns.add(name)
                     notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
         is_numeric = pd.api.types.is_numeric_dtype(column) and not boolean
+        if is_numeric and decimal_comma and name not in formats:
+            formats[name] = {"number_format": {"decimal": ","}}
         if is_numeric and pd.api.types.is_float_dtype(column):
             infinite = np.isinf(column.to_numpy(dtype=np.float64, na_value=np.nan))
             if infinite.any():  # missing, as serving reads them; as numbers they made the scaling NaN
@@ -858,6 +864,9 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     if frame.attrs.get(SPACED_FIELDS):
         notes.append(f"{Path(table.source).name}: a space follows each delimiter ('a, b'): read without it in names "
                      f"and values (pandas reads the table so with skipinitialspace=True)")
+    if frame.attrs.get(DECIMAL_COMMA):
+        notes.append(f"{Path(table.source).name}: split by ';', so its numbers were read with decimal mark ',' "
+                     f"(pandas reads the table so with sep=';', decimal=','); requests may send them either way")
     for name, renamed in frame.attrs.get(REPEATED_NAMES, {}).items():
         notes.append(f"{Path(table.source).name}: {len(renamed)} columns are named '{name}': read as "
                      f"{', '.join(repr(column) for column in renamed)}, pandas' names, which requests use too"
@@ -878,7 +887,8 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     frame, target = without_rare_classes(frame, target, data, notes)
     codes, labels = encode_target(target, table.target, data)
     features, dropped, coerced, texts, formats = clean_features(
-        frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None
+        frame.drop(columns=[table.target]), data, notes, keep_all=table.image_shape is not None,
+        decimal_comma=bool(frame.attrs.get(DECIMAL_COMMA)),
     )
     image_shape = table.image_shape if not dropped else None  # a dropped pixel breaks the grid
     splits = split_rows(features, codes, data, seed)

@@ -245,6 +245,21 @@ def test_a_csv_split_by_another_delimiter_is_read_and_semicolon_files_take_decim
     assert {c["name"]: c["type"] for c in prepared.input_schema} == {"x": "number", "colour": "string"}
     assert prepared.preprocessing["numeric"][0]["scale"] == pytest.approx(frame["x"].std(ddof=0), rel=0.05)
     assert not any("coerced" in note for note in prepared.notes)
+    # pandas reads a ';' file's rows with sep alone as strings ("1,234"): they answer as the numbers trained
+    as_read = pd.read_csv(path, sep=delimiter).drop(columns=["label"])
+    as_trained = transform(pd.read_csv(path, sep=delimiter, decimal="," if delimiter == ";" else ".")
+                           .drop(columns=["label"]), prepared.preprocessing)
+    np.testing.assert_allclose(transform(as_read, prepared.preprocessing), as_trained, atol=1e-6)
+    served = RequestReader(prepared.preprocessing).read(
+        json.dumps({"rows": as_read.to_dict("records")}).encode(), len(as_read)).columns
+    np.testing.assert_allclose(transform_arrays(served.numeric, served.categorical, served.n_rows,
+                                                prepared.preprocessing), as_trained, atol=1e-6)
+    decimal_comma = [note for note in prepared.notes if "decimal mark ','" in note]
+    if delimiter == ";":
+        assert pd.api.types.is_string_dtype(as_read["x"])
+        assert prepared.preprocessing["numeric"][0]["number_format"] == {"decimal": ","} and len(decimal_comma) == 1
+    else:
+        assert "number_format" not in prepared.preprocessing["numeric"][0] and not decimal_comma
 
 
 def test_a_parquet_column_of_lists_is_dropped_by_name_and_a_target_of_lists_refused(tmp_path):
