@@ -126,6 +126,21 @@ def test_means_equal_as_the_leaderboard_prints_them_are_a_tie_the_simpler_family
     assert chosen.family == "hgb"
 
 
+def test_the_vote_is_kept_over_a_family_whose_lead_is_within_the_noise_when_asked():
+    vote_folds = np.array([0.55, 0.49, 0.54, 0.49, 0.54])
+    vote = FamilyScore("ensemble", None, {}, vote_folds.tolist(), 0.0)
+    noisy = FamilyScore("linear", None, {}, (vote_folds + [0.04, -0.02, 0.03, -0.02, 0.02]).tolist(), 0.0)  # SE 0.0126
+    steady = FamilyScore("hgb", None, {}, (vote_folds + [0.012, 0.008, 0.011, 0.009, 0.010]).tolist(), 0.0)  # SE 0.0007
+    assert choose_family([noisy, vote], 0.0)[0] is noisy  # by default the best mean alone decides
+    chosen, reason = choose_family([noisy, vote], 0.0, vote_margin_se=2.0)
+    assert chosen is vote and reason.startswith("ensemble: the vote, as linear leads it by +0.0100, within 2 standard "
+                                                "errors (0.0126) of their fold-by-fold differences: 0.5220")
+    assert choose_family([steady, vote], 0.0, vote_margin_se=2.0)[0] is steady  # the same lead, 14 SE: no noise
+    assert choose_family([vote, noisy], 0.0, vote_margin_se=2.0)[0] is vote
+    alone = FamilyScore("ensemble", None, {}, [0.4], 0.0)  # one fold: no error to judge by, the choice stands
+    assert choose_family([FamilyScore("hgb", None, {}, [0.5], 0.0), alone], 0.0, vote_margin_se=2.0)[0].family == "hgb"
+
+
 def test_the_linear_model_is_kept_where_it_is_enough(tmp_path, maas_home):
     prepared, config = prepared_table("linear", tmp_path)
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "l")
