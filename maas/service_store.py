@@ -83,12 +83,28 @@ def connect(path: Path | None = None):
         with contextlib.suppress(FileExistsError):  # another process made it a moment ago
             os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
-    connection.execute("PRAGMA journal_mode=WAL")  # readers (maas usage) never block the service
+    in_wal_mode(connection)  # readers (maas usage) never block the service
     connection.executescript(SCHEMA)
     if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'api_keys'").fetchone():
         with connection:
             migrate_keys_before_scopes(connection)
     return connection
+
+
+def in_wal_mode(connection, tries: int = 100) -> None:
+    """Switch the database to WAL once. SQLite does not wait on its busy timeout for this switch:
+    three processes opening a new store at once got "database is locked" from one of them (an audit
+    test's writers). Reading the mode takes no lock, so a store already in WAL skips the switch, and
+    a switch that meets another is tried again, for up to ~5 s."""
+    for attempt in range(tries):
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == tries - 1:
+                raise
+            time.sleep(0.05)
 
 
 def migrate_keys_before_scopes(connection) -> None:
