@@ -30,7 +30,7 @@ sys.path.append(str(ROOT / ".bench-lightgbm"))
 import models  # noqa: E402,F401 - ours, before onnxruntime.quantization puts its own `models` on sys.path
 
 from benchmarks.common import machine, measured_on, now, write_results  # noqa: E402
-from benchmarks.model_selection import BUILTINS, OWN  # noqa: E402
+from benchmarks.model_selection import BUILTINS, OWN, table_config  # noqa: E402
 
 SMALL_TABLE_ROWS = 20_000  # below it one thread a fit, as models.classic.fit_classic does for hgb
 LIGHTGBM_DEFAULTS = {"learning_rate": 0.1, "num_leaves": 31, "min_child_samples": 20, "reg_lambda": 1e-4,
@@ -100,19 +100,13 @@ def measure(name: str, scratch: Path) -> dict:
     import numpy as np
 
     from maas.bundle import transform
-    from maas.config import load_config
     from models.classic import ClassicSpec, fit_classic
     from tasks.data import prepare_data
     from tasks.evaluate import classification_metrics
     from tasks.families import (CLASSIC_DEFAULTS, cross_validate, fit_classic_fold, make_folds, selection_rows,
                                 tune_classic)
-    from tests.tables import write_messy
 
-    if name in OWN:
-        path, target = write_messy(name, scratch)
-        config = load_config(ROOT / "configs" / "default.yaml", dataset=str(path), target=target)
-    else:
-        config = load_config(ROOT / "configs" / "default.yaml", dataset=name)
+    config = table_config(name, scratch)
     prepared = prepare_data(config.data, config.seed)
     folds = make_folds(prepared.sealed(), config.selection, config.seed)
     n_classes = len(prepared.labels)

@@ -67,20 +67,25 @@ def test_f1s(comparison, prepared, settings, seed: int) -> dict[str, float]:
             for family, found in probabilities.items()}
 
 
-def measure(name: str, scratch: Path, seed: int | None = None) -> dict:
+def table_config(name: str, scratch: Path):
+    """The default config on a built-in, or on one of OWN's tables written into `scratch`."""
     from maas.config import load_config
+    from tests.tables import write_messy
+
+    if name in OWN:
+        path, target = write_messy(name, scratch)
+        return load_config(ROOT / "configs" / "default.yaml", dataset=str(path), target=target)
+    return load_config(ROOT / "configs" / "default.yaml", dataset=name)
+
+
+def measure(name: str, scratch: Path, seed: int | None = None) -> dict:
     from models.classic import ClassicSpec
     from tasks.data import prepare_data
     from tasks.families import FamilyScore, compare_families, cross_validate, fit_classic_fold, make_folds, selection_rows
     from tasks.tune import chosen_settings, tune
     from tasks.train import TrainingSettings
-    from tests.tables import write_messy
 
-    if name in OWN:
-        path, target = write_messy(name, scratch)
-        config = load_config(ROOT / "configs" / "default.yaml", dataset=str(path), target=target)
-    else:
-        config = load_config(ROOT / "configs" / "default.yaml", dataset=name)
+    config = table_config(name, scratch)
     if seed is not None:  # another train / validation / test split (and seeds for every fit)
         config = config.model_copy(update={"seed": seed})
     started = time.perf_counter()
