@@ -14,6 +14,7 @@ from typing import Any
 
 from maas.errors import MaasInputError
 from maas.processes import refuse_busy_port, supervise
+from maas.termination import Terminated, handle_sigterm, note_sigterm_under_prefect, termination_requested
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -275,11 +276,14 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
     config = load_config(args.config, args.dataset, args.target, args.overrides)
     check(config)
     flow_function = load_flow(config)  # imported late: Prefect's import costs seconds that bad input should not
+    note_sigterm_under_prefect()
     try:
         summary = flow_function(config)
     except MaasInputError:
         raise
     except Exception as error:  # Prefect has logged the traceback with the failed flow run
+        if termination_requested():  # SIGTERM, wrapped by whoever caught it (maas/termination.py)
+            raise Terminated() from error
         print(f"maas: error: the {what} flow failed: {error.__class__.__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
     if args.summary:
@@ -669,26 +673,13 @@ def local_prefect_server():
         server.stop()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `kill`, a container stopping), raised where the process is, as Ctrl-C
-    is: what the command started is stopped and closed on the way out (Prefect's temporary server,
-    the MLflow run, marked KILLED). Python's default for SIGTERM exits at once and left Prefect's
-    server running, orphaned."""
-
-
-def raise_terminated(_signal_number, _frame) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
     args = build_parser().parse_args(argv)
     quiet_defaults()
     # Only the commands that run one flow and end: `maas schedule`'s Prefect runner handles SIGTERM
     # itself, and with this handler its shutdown hung past 60 s on Ctrl-C.
-    if args.command in ("run", "monitor") and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, raise_terminated)  # a host program's own handler stays
+    if args.command in ("run", "monitor"):
+        handle_sigterm()
     handlers = {"run": command_run, "tune-worker": command_tune_worker, "ui": command_ui,
                 "tracking-server": command_tracking_server, "serve": command_serve, "keys": command_keys, "promote": command_promote,
                 "rollback": command_rollback, "audit": command_audit, "purge": command_purge, "bill": command_bill,

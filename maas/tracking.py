@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from maas.paths import artifact_root, is_embedded_store, tracking_uri
+from maas.termination import termination_requested
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 MLFLOW_PARAM_MAX = 6000  # MLflow rejects longer param values
@@ -59,13 +60,14 @@ def ensure_experiment(client, name: str) -> str:
 
 @contextmanager
 def parent_run(client, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    """Open a run and always close it: FINISHED, FAILED on an error, KILLED on Ctrl-C."""
+    """Open a run and always close it: FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM (also
+    where the signal came wrapped in another error: maas/termination.py)."""
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
     run_id = run.info.run_id
     try:
         yield run_id
     except Exception:
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status="KILLED" if termination_requested() else "FAILED")
         raise
     except BaseException:
         client.set_terminated(run_id, status="KILLED")
