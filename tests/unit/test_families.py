@@ -11,7 +11,7 @@ import pytest
 from sklearn.model_selection import StratifiedKFold
 
 from maas.bundle import ModelBundle, decide, transform
-from maas.config import load_config
+from maas.config import SelectionConfig, load_config
 from maas.errors import MaasInputError
 from maas.figures import IN_SAMPLE
 from models.classic import SVM_CLIP, ClassicSpec, fit_classic
@@ -126,12 +126,13 @@ def test_means_equal_as_the_leaderboard_prints_them_are_a_tie_the_simpler_family
     assert chosen.family == "hgb"
 
 
-def test_the_vote_is_kept_over_a_family_whose_lead_is_within_the_noise_when_asked():
+def test_the_vote_is_kept_over_a_family_whose_lead_is_within_the_noise():
     vote_folds = np.array([0.55, 0.49, 0.54, 0.49, 0.54])
     vote = FamilyScore("ensemble", None, {}, vote_folds.tolist(), 0.0)
     noisy = FamilyScore("linear", None, {}, (vote_folds + [0.04, -0.02, 0.03, -0.02, 0.02]).tolist(), 0.0)  # SE 0.0126
     steady = FamilyScore("hgb", None, {}, (vote_folds + [0.012, 0.008, 0.011, 0.009, 0.010]).tolist(), 0.0)  # SE 0.0007
-    assert choose_family([noisy, vote], 0.0)[0] is noisy  # by default the best mean alone decides
+    assert choose_family([noisy, vote], 0.0)[0] is noisy  # no margin: the best mean alone decides
+    assert SelectionConfig().vote_margin_se == 2.0  # what a run does unless told otherwise
     chosen, reason = choose_family([noisy, vote], 0.0, vote_margin_se=2.0)
     assert chosen is vote and reason.startswith("ensemble: the vote, as linear leads it by +0.0100, within 2 standard "
                                                 "errors (0.0126) of their fold-by-fold differences: 0.5220")
