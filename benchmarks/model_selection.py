@@ -33,6 +33,7 @@ OWN = {"churn": "mixed types, 7-8% gaps, an ID, a date, stray strings",
        "defects": "4,000 parts, 3 classes of 86 / 9.5 / 4.5%, weak signals"}
 CV_TARGETS = {"breast_cancer": 0.975, "digits": 0.985, "wine": 0.985}  # published anchors, see the issue
 VOTE_MARGINS_SE = (0.0, 1.0, 2.0, 3.0)  # selection.vote_margin_se, replayed on each comparison's own scores
+VOTE_MEMBERS_SE = (None, 1.0, 2.0, 3.0)  # selection.vote_members_se, likewise
 
 
 def test_probabilities(score, prepared, settings, seed: int, members: dict):
@@ -57,15 +58,35 @@ def test_probabilities(score, prepared, settings, seed: int, members: dict):
         return torch.softmax(network(torch.as_tensor(features)), 1).numpy()
 
 
-def test_f1s(comparison, prepared, settings, seed: int) -> dict[str, float]:
-    from tasks.evaluate import classification_metrics
-
+def family_test_probabilities(comparison, prepared, settings, seed: int) -> dict:
+    """Every compared family's test probabilities (the vote's averaged from its members')."""
     probabilities = {}
     for score in sorted(comparison.scores, key=lambda score: score.family == "ensemble"):  # members first
         probabilities[score.family] = test_probabilities(score, prepared, settings, seed, probabilities)
-    decisions = {score.family: score.decision for score in comparison.scores}  # each answers by its own rule
-    return {family: classification_metrics(prepared.splits.y_test, found, decisions[family])["f1_macro"]
-            for family, found in probabilities.items()}
+    return probabilities
+
+
+def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict[str, dict]:
+    """The choice replayed on the comparison's own scores under each vote rule: the vote's members
+    (selection.vote_members_se) and when it is kept (selection.vote_margin_se), and what it scored on test.
+    Nothing is fitted again: a vote's fold and test probabilities average its members'."""
+    from models.ensemble import average_probabilities
+    from tasks.evaluate import classification_metrics
+    from tasks.families import choose_family, vote_members, vote_score, with_tuned_decision
+
+    singles = [score for score in comparison.scores if score.family != "ensemble"]
+    replays = {}
+    for members_se in VOTE_MEMBERS_SE:
+        members = vote_members(singles, members_se)
+        vote = [with_tuned_decision(vote_score(members, folds), folds)] if len(members) > 1 else []
+        for margin in VOTE_MARGINS_SE:
+            chosen = choose_family(singles + vote, config.selection.family_tolerance, margin)[0]
+            found = average_probabilities([probabilities[member.family] for member in members]) \
+                if chosen.family == "ensemble" else probabilities[chosen.family]
+            replays[f"{'all' if members_se is None else f'{members_se:g}'}/{margin:g}"] = {
+                "selected": chosen.family, "members": [member.family for member in members],
+                "test_f1": classification_metrics(y_test, found, chosen.decision)["f1_macro"]}
+    return replays
 
 
 def table_config(name: str, scratch: Path):
@@ -82,6 +103,7 @@ def table_config(name: str, scratch: Path):
 def measure(name: str, scratch: Path, seed: int | None = None) -> dict:
     from models.classic import ClassicSpec
     from tasks.data import prepare_data
+    from tasks.evaluate import classification_metrics
     from tasks.families import (FamilyScore, choose_family, compare_families, cross_validate, fit_classic_fold, make_folds,
                                 selection_rows)
     from tasks.tune import chosen_settings, tune
@@ -99,11 +121,12 @@ def measure(name: str, scratch: Path, seed: int | None = None) -> dict:
     tuned_s = time.perf_counter() - started
     comparison = compare_families(sealed, config, settings, study)
     selection_s = time.perf_counter() - started
-    tests = test_f1s(comparison, prepared, settings, config.seed)
+    probabilities = family_test_probabilities(comparison, prepared, settings, config.seed)
+    decisions = {score.family: score.decision for score in comparison.scores}  # each answers by its own rule
+    tests = {family: classification_metrics(prepared.splits.y_test, found, decisions[family])["f1_macro"]
+             for family, found in probabilities.items()}
     x, y = selection_rows(prepared)
     default_hgb = FamilyScore("hgb", ClassicSpec("hgb", x.shape[1], len(prepared.labels), {}), {}, [0.0], 0.0)
-    from tasks.evaluate import classification_metrics
-
     hgb_default = classification_metrics(prepared.splits.y_test, test_probabilities(
         default_hgb, prepared, settings, config.seed, {}))["f1_macro"]
     folds = make_folds(sealed, config.selection, config.seed)  # the comparison's folds, for default HGB's CV
@@ -119,8 +142,7 @@ def measure(name: str, scratch: Path, seed: int | None = None) -> dict:
         "hgb_default_test_f1": hgb_default, "hgb_default_cv_f1": float(sum(hgb_default_cv) / len(hgb_default_cv)), "selected_minus_hgb_default": tests[chosen] - hgb_default,
         "selected_cv_f1": comparison.chosen.mean, "selected_cv_sd": comparison.chosen.sd,
         "cv_target": CV_TARGETS.get(name), "tuning_s": tuned_s, "selection_s": selection_s,
-        "selected_by_vote_margin": {f"{margin:g}": choose_family(comparison.scores, config.selection.family_tolerance,
-                                                                  margin)[0].family for margin in VOTE_MARGINS_SE},
+        "vote_rules": replay_votes(comparison, folds, config, probabilities, prepared.splits.y_test),
     }
 
 
@@ -146,6 +168,8 @@ def render(report: dict) -> str:
                      f"{'-' if target is None else f'{target:.3f}'} | "
                      f"{'-' if target is None else ('yes' if row['selected_cv_f1'] >= target else 'no')} | "
                      f"{row['hgb_default_cv_f1']:.4f} |")
+    lines += vote_rules_table(report["datasets"], lambda row, rule: row["vote_rules"][rule]["test_f1"] - row[
+        "best_single_test_f1"], "Selected test F1 minus the best single family's on this split")
     lines += ["", "Leaderboards (CV macro F1 mean ± sd; test F1 of each family's final model, read after the choice; "
               "decision: the rule its probabilities are answered by, tuned by cross-fitted CV where it raised macro F1 "
               "by 0.005 or more, else argmax; the CV and test F1 are read by it):", ""]
@@ -179,16 +203,31 @@ def outer_splits(names: list[str], repeats: int) -> None:
                 "dataset": name, "rows": runs[0]["rows"], "n_test": runs[0]["n_test"],
                 "selected": [run["selected"] for run in runs],
                 "selected_test_f1": [run["selected_test_f1"] for run in runs],
-                "test_f1_by_vote_margin": {margin: [run["test_f1"][run["selected_by_vote_margin"][margin]] for run in runs]
-                                           for margin in runs[0]["selected_by_vote_margin"]},
-                "selected_by_vote_margin": {margin: [run["selected_by_vote_margin"][margin] for run in runs]
-                                            for margin in runs[0]["selected_by_vote_margin"]},
+                "vote_rules": {rule: {key: [run["vote_rules"][rule][key] for run in runs]
+                                      for key in ("selected", "members", "test_f1")} for rule in runs[0]["vote_rules"]},
                 "family_test_f1": {family: [run["test_f1"].get(family) for run in runs] for family in families},
                 "best_on_average": best,
                 "hgb_default_test_f1": [run["hgb_default_test_f1"] for run in runs],
                 "max_single_test_f1": [run["best_single_test_f1"] for run in runs]})
             print(f"{name}: selected {report['datasets'][-1]['selected']}", flush=True)
             write_results("model_selection_outer", report, render_outer)  # each table as it ends: an hour in all
+
+
+def vote_rules_table(rows: list[dict], gap, gap_is: str) -> list[str]:
+    """The vote's rules as replayed on every table (rows), gap(row, rule) each."""
+    rules = list(rows[0]["vote_rules"])
+    lines = ["", "The vote's rules replayed on each split's own comparison: 'members' is `selection.vote_members_se` "
+             "(the vote averages the families the best leads by at most so many paired standard errors of their "
+             "fold-by-fold differences; all: every family), 'kept' is `selection.vote_margin_se` (the vote kept over "
+             f"a family that leads it by at most so many; 0: the best mean alone). {gap_is}; the vote's members are "
+             "fitted once, so each rule costs nothing to replay.", "",
+             "| members / kept | " + " | ".join(row["dataset"] for row in rows) + " | mean | worst |",
+             "|---|" + "---|" * (len(rows) + 2)]
+    for rule in rules:
+        gaps = [gap(row, rule) for row in rows]
+        lines.append(f"| {rule} SE | " + " | ".join(f"{value:+.4f}" for value in gaps) +
+                     f" | {sum(gaps) / len(gaps):+.4f} | {min(gaps):+.4f} |")
+    return lines
 
 
 def render_outer(report: dict) -> str:
@@ -207,19 +246,14 @@ def render_outer(report: dict) -> str:
         lines.append(f"| {row['dataset']} | {row['rows']} | {row['n_test']} | {', '.join(row['selected'])} | {selected:.4f} | "
                      f"{row['best_on_average']} {best:.4f} | {selected - best:+.4f} | {mean(row['max_single_test_f1']):.4f} | "
                      f"{hgb:.4f} | {selected - hgb:+.4f} |")
-    margins = list(report["datasets"][0]["test_f1_by_vote_margin"])
-    lines += ["", "`selection.vote_margin_se` replayed on each split's own comparison (the vote kept over a family "
-              "that leads it by no more than so many paired standard errors of their fold-by-fold differences; 0: off): "
-              "selected mean test F1 minus the best family on average's.", "",
-              "| dataset | " + " | ".join(f"{margin} SE" for margin in margins) + " |", "|---|" + "---|" * len(margins)]
-    gaps = {margin: [] for margin in margins}
+    lines += vote_rules_table(report["datasets"], lambda row, rule: mean(row["vote_rules"][rule]["test_f1"]) - mean(
+        row["family_test_f1"][row["best_on_average"]]), "Selected mean test F1 minus the best family on average's")
+    rules = list(report["datasets"][0]["vote_rules"])
+    lines += ["", "Selected per split under each rule (e: the vote):", ""]
     for row in report["datasets"]:
-        best = mean(row["family_test_f1"][row["best_on_average"]])
-        for margin in margins:
-            gaps[margin].append(mean(row["test_f1_by_vote_margin"][margin]) - best)
-        lines.append(f"| {row['dataset']} | " + " | ".join(
-            f"{gaps[margin][-1]:+.4f} ({', '.join(row['selected_by_vote_margin'][margin])})" for margin in margins) + " |")
-    lines.append("| mean | " + " | ".join(f"{mean(gaps[margin]):+.4f}" for margin in margins) + " |")
+        lines.append(f"- {row['dataset']}: " + "; ".join(
+            f"{rule} " + ",".join("e" if family == "ensemble" else family for family in row["vote_rules"][rule]["selected"])
+            for rule in rules))
     lines += ["", "Mean test F1 per family over the splits:", ""]
     for row in report["datasets"]:
         lines.append(f"- {row['dataset']}: " + ", ".join(f"{family} {mean(values):.4f}"

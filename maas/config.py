@@ -287,6 +287,9 @@ class SelectionConfig(Section):
     vote_margin_se: float = Field(2.0, ge=0, le=10, description="keep the vote over the family chosen when that "
                                   "family's CV lead over it is within this many standard errors of their fold-by-fold "
                                   "differences (0: the best mean alone decides)")
+    vote_members_se: float | None = Field(None, ge=0, le=10, description="the vote averages only the families the "
+                                          "best one leads by no more than this many standard errors of their "
+                                          "fold-by-fold differences (null: every family)")
     kernel_max_rows: int = Field(5000, ge=100, description="family auto leaves the kernel SVM out above this many "
                                  "compared rows (its fit grows with the square of the rows)")
     family_tolerance: float = Field(0.0, ge=0, le=1, description="CV macro F1 a simpler family may give up "

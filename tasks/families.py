@@ -357,6 +357,16 @@ def score_family(family: str, prepared: PreparedData, config: RunConfig, setting
                        note, validation.probabilities)
 
 
+def vote_members(singles: list[FamilyScore], members_se: float | None) -> list[FamilyScore]:
+    """The families the vote averages: every one (None), or those the best family (by CV mean) leads by
+    no more than `members_se` standard errors of their fold-by-fold differences (paired_lead), the best
+    included. A family clearly worse than the best only pulls an equal-weight vote towards its errors."""
+    if members_se is None or not singles:
+        return list(singles)
+    best = max(singles, key=lambda score: score.mean)
+    return [score for score in singles if score is best or within_noise(paired_lead(best, score), members_se)]
+
+
 def vote_score(members: list[FamilyScore], folds: Folds) -> FamilyScore:
     """The equal-weight soft vote of the families, scored on the folds every member reached, from
     the members' own held-out probabilities (nothing is fitted, so nothing is optimistic)."""
@@ -407,12 +417,13 @@ def choose_family(scores: list[FamilyScore], tolerance: float, vote_margin_se: f
     below the fourth decimal, and read 1.4 points worse on the test split.
 
     With vote_margin_se (2 by default), the vote is kept where that choice leads it by no more than so
-    many standard errors (vote_lead): a lead in the noise names a family by chance, and the vote's
-    errors average out. benchmarks/results/model_selection_outer.md replays it on 5 splits of 9 tables:
-    2 SE left the selected model 0.0040 of test macro F1 under the best single family on average,
-    against 0.0057 for the best mean alone; it gained on 4 (rare +0.018, wine +0.006), lost on 2
-    (defects -0.013, churn -0.002) and left the 3 with a clear leader alone (thresholds, sparse, digits).
-    3 SE gained more on average but cost digits 0.007."""
+    many standard errors (paired_lead): a lead in the noise names a family by chance, and the vote's
+    errors average out. benchmarks/results/model_selection_outer.md replays it on 5 splits of 9
+    tables: 2 SE left the selected model 0.0040 of test macro F1 under the best single family on
+    average, against 0.0057 for the best mean alone; it gained on 4 (rare +0.018, wine +0.006), lost on
+    2 (defects -0.013, churn -0.002) and left the 3 with a clear leader alone (thresholds, sparse,
+    digits). 3 SE gained more on average but cost digits 0.007, where the vote's weaker members
+    dragged svm down (vote_members prunes them; see the README for why it is off by default)."""
     shown = lambda score: round(score.mean, LEADERBOARD_DIGITS)  # noqa: E731
     best = max(scores, key=lambda score: score.mean)
     close = [score for score in scores if shown(score) >= shown(best) - tolerance - 1e-12]
@@ -426,22 +437,26 @@ def choose_family(scores: list[FamilyScore], tolerance: float, vote_margin_se: f
                f"{chosen.mean:.4f} ± {chosen.sd:.4f}")
     vote = next((score for score in scores if score.family == "ensemble"), None)
     if vote_margin_se > 0 and vote is not None and chosen is not vote:
-        lead, error = vote_lead(chosen, vote)
-        if lead <= vote_margin_se * error:
+        lead, error = paired_lead(chosen, vote)
+        if within_noise((lead, error), vote_margin_se):
             why = (f"the vote, as {chosen.family} leads it by {lead:+.4f}, within {vote_margin_se:g} standard errors "
                    f"({error:.4f}) of their fold-by-fold differences: {vote.mean:.4f} ± {vote.sd:.4f}")
             chosen = vote
     return chosen, f"{chosen.family}: {why} over {len(chosen.fold_f1)} folds"
 
 
-def vote_lead(chosen: FamilyScore, vote: FamilyScore) -> tuple[float, float]:
-    """How far `chosen` leads the vote on the folds both reached, and that mean's standard error
-    (of the paired differences: each fold's rows are the same for both). One fold: no error known
-    (NaN, and the choice stands)."""
-    reached = min(len(chosen.fold_f1), len(vote.fold_f1))
-    differences = np.subtract(chosen.fold_f1[:reached], vote.fold_f1[:reached])
+def paired_lead(leader: FamilyScore, other: FamilyScore) -> tuple[float, float]:
+    """How far `leader` leads `other` on the folds both reached, and that mean's standard error
+    (of the paired differences: each fold's rows are the same for both). One fold: no error known (NaN)."""
+    reached = min(len(leader.fold_f1), len(other.fold_f1))
+    differences = np.subtract(leader.fold_f1[:reached], other.fold_f1[:reached])
     error = float(np.std(differences, ddof=1) / np.sqrt(reached)) if reached > 1 else float("nan")
     return float(np.mean(differences)), error
+
+
+def within_noise(lead: tuple[float, float], margin_se: float) -> bool:
+    """A (lead, standard error) no more than margin_se errors; an unknown error (NaN) is not noise."""
+    return lead[0] <= margin_se * lead[1]
 
 
 def compare_families(prepared: PreparedData, config: RunConfig, settings: TrainingSettings,
@@ -450,10 +465,12 @@ def compare_families(prepared: PreparedData, config: RunConfig, settings: Traini
     folds = make_folds(prepared, config.selection, config.seed)
     families, left_out = families_for_rows(config.model, config.selection, len(folds.y))
     scores = [score_family(family, prepared, config, settings, folds, study_name) for family in families]
-    if config.selection.ensemble and len(scores) > 1:
-        scores.append(vote_score(scores, folds))
-    if config.selection.tune_decision:
-        scores = [with_tuned_decision(score, folds, prepared.labels) for score in scores]
+    decide = partial(with_tuned_decision, folds=folds, labels=prepared.labels) if config.selection.tune_decision \
+        else (lambda score: score)
+    scores = [decide(score) for score in scores]
+    members = vote_members(scores, config.selection.vote_members_se)
+    if config.selection.ensemble and len(members) > 1:
+        scores.append(decide(vote_score(members, folds)))
     scores.sort(key=lambda score: -score.mean)
     chosen, reason = choose_family(scores, config.selection.family_tolerance, config.selection.vote_margin_se)
     return Comparison(scores, chosen, reason, folds.folds, folds.repeats, settings, left_out, prepared.labels)

@@ -20,7 +20,7 @@ from tasks.evaluate import classification_metrics, evaluate_bundle, evaluate_var
 from tasks.export import write_bundle
 from tasks.decision import best_cut
 from tasks.families import (FamilyScore, Folds, candidate_families, choose_family, compare_families, families_for_rows,
-                            fit_chosen_family, set_decision, with_tuned_decision)
+                            fit_chosen_family, set_decision, vote_members, with_tuned_decision)
 from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
 from tasks.tune import open_storage
@@ -142,6 +142,19 @@ def test_the_vote_is_kept_over_a_family_whose_lead_is_within_the_noise():
     assert choose_family([FamilyScore("hgb", None, {}, [0.5], 0.0), alone], 0.0, vote_margin_se=2.0)[0].family == "hgb"
 
 
+def test_the_vote_averages_only_the_families_within_the_noise_of_the_best_when_told_so():
+    best_folds = np.array([0.50, 0.44, 0.49, 0.45, 0.52])
+    best = FamilyScore("linear", None, {}, best_folds.tolist(), 0.0)
+    close = FamilyScore("hgb", None, {}, (best_folds - [0.03, -0.02, 0.02, -0.01, 0.01]).tolist(), 0.0)  # 0.006 ± 0.009
+    behind = FamilyScore("svm", None, {}, (best_folds - [0.07, 0.08, 0.09, 0.07, 0.08]).tolist(), 0.0)  # 0.078 ± 0.004
+    one_fold = FamilyScore("mlp", None, {}, [0.47], 0.0)  # no error known: not in the noise
+    singles = [close, best, behind, one_fold]
+    assert SelectionConfig().vote_members_se is None and vote_members(singles, None) == singles  # every family
+    assert vote_members(singles, 2.0) == [close, best]
+    assert vote_members(singles, 0.0) == [best]
+    assert vote_members(singles, 25.0) == [close, best, behind]
+
+
 def test_the_linear_model_is_kept_where_it_is_enough(tmp_path, maas_home):
     prepared, config = prepared_table("linear", tmp_path)
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "l")
@@ -149,6 +162,12 @@ def test_the_linear_model_is_kept_where_it_is_enough(tmp_path, maas_home):
     rows = comparison.leaderboard()
     assert {"family", "cv_f1_macro_mean", "cv_f1_macro_sd", "fit_s", "size_bytes", "p50_ms_b64"} <= set(rows[0])
     assert [row["cv_f1_macro_mean"] for row in rows] == sorted((row["cv_f1_macro_mean"] for row in rows), reverse=True)
+
+
+def test_a_run_told_to_vote_only_among_equals_leaves_out_the_vote_where_one_family_leads_clearly(tmp_path, maas_home):
+    prepared, config = prepared_table("linear", tmp_path, "model.families=[linear, hgb]", "selection.vote_members_se=0")
+    comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "m")
+    assert sorted(row["family"] for row in comparison.leaderboard()) == ["hgb", "linear"]  # a vote of one: no candidate
 
 
 def test_no_stage_that_chooses_reads_the_test_split(tmp_path, maas_home):
@@ -181,7 +200,7 @@ def test_family_names_are_checked_in_one_line():
 
 
 def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_members(tmp_path, maas_home):
-    prepared, config = prepared_table("churn", tmp_path, "model.families=[linear, hgb]")
+    prepared, config = prepared_table("churn", tmp_path, "model.families=[linear, hgb]", "selection.vote_members_se=null")
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "v")
     vote = comparison.member("ensemble")
     assert sorted(vote.params["members"]) == ["hgb", "linear"]
