@@ -78,7 +78,9 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
     replays = {}
     for members_se in VOTE_MEMBERS_SE:
         members = vote_members(singles, members_se)
-        vote = [with_tuned_decision(vote_score(members, folds), folds)] if len(members) > 1 else []
+        vote = [vote_score(members, folds)] if len(members) > 1 else []
+        if vote and config.selection.tune_decision:  # as compare_families decides it
+            vote = [with_tuned_decision(vote[0], folds)]
         for margin in VOTE_MARGINS_SE:
             chosen = choose_family(singles + vote, config.selection.family_tolerance, margin)[0]
             found = average_probabilities([probabilities[member.family] for member in members]) \
@@ -104,8 +106,7 @@ def measure(name: str, scratch: Path, seed: int | None = None) -> dict:
     from models.classic import ClassicSpec
     from tasks.data import prepare_data
     from tasks.evaluate import classification_metrics
-    from tasks.families import (FamilyScore, choose_family, compare_families, cross_validate, fit_classic_fold, make_folds,
-                                selection_rows)
+    from tasks.families import FamilyScore, compare_families, cross_validate, fit_classic_fold, make_folds, selection_rows
     from tasks.tune import chosen_settings, tune
     from tasks.train import TrainingSettings
 
