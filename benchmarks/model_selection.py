@@ -72,17 +72,15 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
     Nothing is fitted again: a vote's fold and test probabilities average its members'."""
     from models.ensemble import average_probabilities
     from tasks.evaluate import classification_metrics
-    from tasks.families import choose_family, vote_members, vote_score, with_tuned_decision
+    from tasks.families import choose_family, vote_members, vote_of
 
     singles = [score for score in comparison.scores if score.family != "ensemble"]
     replays = {}
     for members_se in VOTE_MEMBERS_SE:
         members = vote_members(singles, members_se)
-        vote = [vote_score(members, folds)] if len(members) > 1 else []
-        if vote and config.selection.tune_decision:  # as compare_families decides it
-            vote = [with_tuned_decision(vote[0], folds)]
+        vote = vote_of(singles, folds, config.selection.model_copy(update={"vote_members_se": members_se}))
         for margin in VOTE_MARGINS_SE:
-            chosen = choose_family(singles + vote, config.selection.family_tolerance, margin)[0]
+            chosen = choose_family(singles + ([vote] if vote else []), config.selection.family_tolerance, margin)[0]
             found = average_probabilities([probabilities[member.family] for member in members]) \
                 if chosen.family == "ensemble" else probabilities[chosen.family]
             replays[f"{'all' if members_se is None else f'{members_se:g}'}/{margin:g}"] = {

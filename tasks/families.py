@@ -367,6 +367,17 @@ def vote_members(singles: list[FamilyScore], members_se: float | None) -> list[F
     return [score for score in singles if score is best or within_noise(paired_lead(best, score), members_se)]
 
 
+def vote_of(singles: list[FamilyScore], folds: Folds, selection: SelectionConfig, labels: list[str] | None = None
+            ) -> FamilyScore | None:
+    """The vote as a candidate: its members by selection.vote_members_se, scored on the folds, its
+    decision tuned where selection.tune_decision asks; None with selection.ensemble off or one member."""
+    members = vote_members(singles, selection.vote_members_se)
+    if not selection.ensemble or len(members) < 2:
+        return None
+    vote = vote_score(members, folds)
+    return with_tuned_decision(vote, folds, labels) if selection.tune_decision else vote
+
+
 def vote_score(members: list[FamilyScore], folds: Folds) -> FamilyScore:
     """The equal-weight soft vote of the families, scored on the folds every member reached, from
     the members' own held-out probabilities (nothing is fitted, so nothing is optimistic)."""
@@ -465,12 +476,11 @@ def compare_families(prepared: PreparedData, config: RunConfig, settings: Traini
     folds = make_folds(prepared, config.selection, config.seed)
     families, left_out = families_for_rows(config.model, config.selection, len(folds.y))
     scores = [score_family(family, prepared, config, settings, folds, study_name) for family in families]
-    decide = partial(with_tuned_decision, folds=folds, labels=prepared.labels) if config.selection.tune_decision \
-        else (lambda score: score)
-    scores = [decide(score) for score in scores]
-    members = vote_members(scores, config.selection.vote_members_se)
-    if config.selection.ensemble and len(members) > 1:
-        scores.append(decide(vote_score(members, folds)))
+    if config.selection.tune_decision:
+        scores = [with_tuned_decision(score, folds, prepared.labels) for score in scores]
+    vote = vote_of(scores, folds, config.selection, prepared.labels)
+    if vote is not None:
+        scores.append(vote)
     scores.sort(key=lambda score: -score.mean)
     chosen, reason = choose_family(scores, config.selection.family_tolerance, config.selection.vote_margin_se)
     return Comparison(scores, chosen, reason, folds.folds, folds.repeats, settings, left_out, prepared.labels)
