@@ -517,6 +517,67 @@ def test_the_access_lines_of_one_loop_turn_go_out_in_one_write_in_order_through_
         parent.removeHandler(collected)
 
 
+def test_a_turns_access_lines_under_bentomls_filter_and_a_plain_formatter_are_one_record_formatted_once():
+    """predict_first.handle_together: where no filter or formatter can read the message (BentoML's
+    own set-up), one record is made and formatted for the turn, and each line is it with its message;
+    the lines equal what logging makes of a record per line. A handler with a filter of its own on
+    the same logger still gets each line's record (its filter drops one)."""
+    import io
+    import logging
+
+    from bentoml._internal.log import TraceRecordFilter
+
+    from deployments.predict_first import ACCESS_FORMAT, AccessLog
+
+    class DropsDenied(logging.Filter):
+        def filter(self, record):
+            return "status=429" not in record.getMessage()
+
+    logger = logging.getLogger("access-test-shared")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    blind, reading = io.StringIO(), io.StringIO()
+    handlers = [logging.StreamHandler(blind), logging.StreamHandler(reading)]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(levelname_bracketed)s %(component)s %(name)s %(message)s%(trace_msg)s"))
+        handler.addFilter(TraceRecordFilter())
+        logger.addHandler(handler)
+    handlers[1].addFilter(DropsDenied())
+    lines = [(f"10.0.0.{index}:1", "scheme=http,method=POST,path=/predict", f"status={status}", 1.25 * index)
+             for index, status in enumerate((200, 429, 200), start=1)]
+    made = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args, **kwargs):
+        made.append(args[0])
+        return factory(*args, **kwargs)
+
+    async def one_turn(access):
+        for args in lines:
+            access.add(*args)
+        await asyncio.sleep(0)
+
+    try:
+        expected = []
+        for args in lines:
+            record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, ACCESS_FORMAT, args, None)
+            TraceRecordFilter().filter(record)
+            expected.append(handlers[0].format(record) + "\n")
+        logging.setLogRecordFactory(counted)
+        asyncio.run(one_turn(AccessLog(logger)))
+        assert blind.getvalue() == "".join(expected)
+        assert reading.getvalue() == expected[0] + expected[2]
+        assert len(made) == 1 + len(lines)  # the turn's one, and a record per line for the filter that reads them
+        logger.removeHandler(handlers[1])
+        made.clear()
+        asyncio.run(one_turn(AccessLog(logger)))
+        assert blind.getvalue() == "".join(expected) * 2 and len(made) == 1
+    finally:
+        logging.setLogRecordFactory(factory)
+        for handler in handlers:
+            logger.removeHandler(handler)
+
+
 def test_predict_goes_through_bentoml_before_the_instance_exists_and_while_spans_are_asked_for(wine, maas_home):
     from deployments.predict_first import PredictFirst
 
