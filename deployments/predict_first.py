@@ -43,8 +43,10 @@ class AccessLog:
     BentoML's log set-up (the gate in-process, one-text requests at concurrency 32: 0.095 ms of
     event-loop CPU a request, 0.065 with the log off), so a plain stream handler whose filters and
     formatter cannot read the message (handle_together) formats one record per turn, and each line
-    is that record with its message put in (0.069 ms). Lines keep their order, format, logger, filters and handlers; a handler
-    other than a plain stream handler (a file's, a test's) gets a record per line as before."""
+    is that record with its message put in (0.069 ms). Lines keep their order, format, logger,
+    filters and handlers; a handler other than a plain stream handler (a file's, a test's) gets a
+    record per line as before. Served (the student at c32), the event loops' CPU a request went from
+    0.26-0.28 to 0.25 ms, the share of the ceiling within its rounds' spread."""
 
     def __init__(self, logger: logging.Logger = ACCESS_LOG):
         self.logger = logger
@@ -81,7 +83,8 @@ def handle_together(logger: logging.Logger, lines: list[tuple]) -> None:
         if stream and message_blind(logger) and message_blind(handler):
             if shared is None:
                 shared = filtered(logger, access_record(logger, MESSAGE_SLOT, None))
-            kept = shared and filtered(handler, shared)  # a filter may set fields the format reads (BentoML's adds the component)
+            # a filter may set fields the format reads (BentoML's adds the component)
+            kept = shared and filtered(handler, shared)
             if kept is None:
                 continue
             try:

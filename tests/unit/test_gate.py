@@ -539,7 +539,7 @@ def test_a_turns_access_lines_under_bentomls_filter_and_a_plain_formatter_are_on
     blind, reading = io.StringIO(), io.StringIO()
     handlers = [logging.StreamHandler(blind), logging.StreamHandler(reading)]
     for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(levelname_bracketed)s %(component)s %(name)s %(message)s%(trace_msg)s"))
+        handler.setFormatter(logging.Formatter("%(levelname_bracketed)s %(component)s %(message)s%(trace_msg)s"))
         handler.addFilter(TraceRecordFilter())
         logger.addHandler(handler)
     handlers[1].addFilter(DropsDenied())

@@ -43,7 +43,8 @@ def test_the_models_tokenizer_json_tokenizes_as_transformers_does(texts):
     for max_length in (128, 32):  # the corpus' longest sentences have ~65 tokens: 32 truncates some
         expected = reference(texts, truncation=True, max_length=max_length)["input_ids"]
         for threads in (None, 1):  # a batch split over the cores (training), on the caller's thread (the service)
-            ours = TextEncoder(cached_encoder(encoders_home(), "int8"), max_length=max_length, threads=threads).token_ids(texts)
+            encoder = TextEncoder(cached_encoder(encoders_home(), "int8"), max_length=max_length, threads=threads)
+            ours = encoder.token_ids(texts)
             assert ours == expected
     assert sum(len(row) == 32 for row in ours) > 50
 
