@@ -42,8 +42,9 @@ def gate_of(bundle_dir: Path, changed: dict):
     from deployments.predict_first import PredictFirst
     from maas.bundle import ModelBundle
     from maas.config import ServingConfig
+    from serving import UNLIMITED_TIER
 
-    serving = ServingConfig(tiers={"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}}, **changed)
+    serving = ServingConfig(tiers=UNLIMITED_TIER, **changed)
     gate = ServiceGate(None, ServedModels(ServedModel(ModelBundle.load(bundle_dir, 1), "bench/1")), serving,
                        CollectorRegistry())
     at_once = AtOnce([{"label": "x", "probabilities": {"x": 1.0}}])

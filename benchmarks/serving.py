@@ -46,6 +46,8 @@ ROWS_PER_REQUEST = (1, 64)
 # uvicorn parses HTTP with httptools and runs uvloop when they import (its http/loop "auto"); this
 # ablation hides them from the service, which then runs its pure-Python fallbacks, h11 and asyncio.
 PURE_PYTHON_HTTP = "pure_python_http"
+# the benchmark key's tier ("pro"): limits that never bind, so what is timed is their cost, not a 429
+UNLIMITED_TIER = {"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}}
 ABLATIONS = (("trace_predictions", True), ("model_threads", 0), ("access_log", False), ("workers", 1),
              ("prediction_log_rows_per_minute", None), (PURE_PYTHON_HTTP, True))
 
@@ -339,7 +341,7 @@ def main() -> None:
             with contextlib.closing(connect(store / "service.db")) as connection:
                 _, key = create_key(connection, "bench", "pro")
             pure_python_http = changed.pop(PURE_PYTHON_HTTP, False)
-            serving = ServingConfig(tiers={"pro": {"requests_per_minute": 10**9, "monthly_rows": 10**12}}, **changed)
+            serving = ServingConfig(tiers=UNLIMITED_TIER, **changed)
             service_env = dict(env, MAAS_HOME=str(store), MAAS_BUNDLE_DIR=str(bundle), MAAS_MODEL_LABEL="bench/1",
                                MAAS_SERVING_CONFIG=serving.model_dump_json())
             if pure_python_http:

@@ -74,28 +74,18 @@ def handle_together(logger: logging.Logger, lines: list[tuple]) -> None:
     from another (message_blind) formats one record for them all."""
     if logger.disabled or not lines:
         return
+    shared = None  # one record for the turn, its message MESSAGE_SLOT, where the logger's filters cannot read it
+    if message_blind(logger):
+        shared = filtered(logger, access_record(logger, MESSAGE_SLOT, None))
+        if shared is None:
+            return  # those filters drop every line alike
     records: list[logging.LogRecord] | None = None  # a record per line, made if a handler needs them
-    shared: logging.LogRecord | None = None  # one record for the turn, its message MESSAGE_SLOT
     for handler in logger_handlers(logger):
         if logging.INFO < handler.level:
             continue
         stream = type(handler).emit is logging.StreamHandler.emit
-        if stream and message_blind(logger) and message_blind(handler):
-            if shared is None:
-                shared = filtered(logger, access_record(logger, MESSAGE_SLOT, None))
-            # a filter may set fields the format reads (BentoML's adds the component)
-            kept = shared and filtered(handler, shared)
-            if kept is None:
-                continue
-            try:
-                head, slot, tail = handler.format(kept).partition(MESSAGE_SLOT)
-            except Exception:  # noqa: BLE001 - as StreamHandler.emit: reported by the handler, not raised
-                handler.handleError(kept)
-                continue
-            if slot and MESSAGE_SLOT not in tail:
-                end = tail + handler.terminator
-                write_all(handler, "".join(head + ACCESS_FORMAT % args + end for args in lines), kept)
-                continue
+        if stream and shared is not None and message_blind(handler) and written_from(shared, handler, lines):
+            continue
         if records is None:
             records = [record for record in (filtered(logger, access_record(logger, ACCESS_FORMAT, args))
                                              for args in lines) if record is not None]
@@ -104,6 +94,25 @@ def handle_together(logger: logging.Logger, lines: list[tuple]) -> None:
         else:
             for record in records:
                 handler.handle(record)
+
+
+def written_from(shared: logging.LogRecord, handler: logging.StreamHandler, lines: list[tuple]) -> bool:
+    """The lines written as `shared` formatted once with each line's message in MESSAGE_SLOT's place
+    (or dropped, all alike, by the handler's filters); False where the format does not show the
+    message once, so each line needs its own record."""
+    kept = filtered(handler, shared)  # a filter may set fields the format reads (BentoML's adds the component)
+    if kept is None:
+        return True
+    try:
+        head, slot, tail = handler.format(kept).partition(MESSAGE_SLOT)
+    except Exception:  # noqa: BLE001 - as StreamHandler.emit: reported by the handler, not raised
+        handler.handleError(kept)
+        return True
+    if not slot or MESSAGE_SLOT in tail:
+        return False
+    end = tail + handler.terminator
+    write_all(handler, "".join(head + ACCESS_FORMAT % args + end for args in lines), kept)
+    return True
 
 
 def access_record(logger: logging.Logger, message: str, args: tuple | None) -> logging.LogRecord:
