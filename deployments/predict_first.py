@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 
+from deployments import connections
 from deployments.gate import PREDICT_PATH, refuse, reply, request_headers, with_headers
 
 ACCESS_LOG = logging.getLogger("bentoml.access")
@@ -234,11 +235,16 @@ class PredictFirst:
     async def answer(self, gate, scope, receive, send) -> None:
         started, status = time.perf_counter(), 0
 
-        async def answering(message):  # the status for the metrics, and the security headers (gate.py)
+        async def answering(message):
+            """The status for the metrics, the security headers (gate.py), and `connection: close`
+            where this worker holds more than its share of the connections (connections.py)."""
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = with_headers(message, gate.security_headers)
+                shares = connections.worker_shares
+                if shares is not None and shares.over_share():
+                    message = with_headers(message, connections.CLOSE)
             await send(message)
 
         self.metrics.in_progress.inc()

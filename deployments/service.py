@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from deployments.batcher import model_answers
 from deployments.bentoml_fixes import cancel_bentoml_timeout_timers, freeze_startup_objects
+from deployments.connections import spread_connections_over_workers
 from deployments.follower import SERVED_MODELS_ENV, ServedModelsWatcher, parse_served_models
 from deployments.gate import PREDICT_PATH, ServiceGate, load_models
 from deployments.predict_first import PredictFirst
@@ -158,6 +159,7 @@ MaasService = bentoml.service(
     if SOURCE.settings.tls.enabled else {},
 )(MaasService)
 MaasService.add_asgi_middleware(GateMiddleware)
+spread_connections_over_workers(MaasService)
 
 
 class PredictFirstService(type(MaasService)):
