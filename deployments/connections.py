@@ -29,13 +29,17 @@ SO_ATTACH_REUSEPORT_CBPF = 51  # linux/socket.h; the socket module does not name
 CLOSE = [(b"connection", b"close")]
 
 
-class ConnectionShares:
-    """Each worker's count of open connections, one 8-byte slot per worker in a file the server's
-    workers map (next to BentoML's multiprocess metrics, named by the shared socket: one per server)."""
+class ConnectionShares(set):
+    """This worker's open connections, as uvicorn keeps them (server_state.connections), whose count
+    goes, as each opens and closes, to the worker's 8-byte slot in a file the server's workers map
+    (next to BentoML's multiprocess metrics, named by the shared socket: one per server). Counted
+    as they open, not as they are answered: counts written with the answers lagged at start-up,
+    when a worker busy with its first batch had answered none, and 32 clients took 91 closes to
+    even out instead of ~30."""
 
-    def __init__(self, path: Path, worker: int, workers: int, connections):
-        """worker: this worker's index, 1..workers (BentoML's worker id); connections: uvicorn's set of
-        this worker's open connections."""
+    def __init__(self, path: Path, worker: int, workers: int):
+        """worker: this worker's index, 1..workers (BentoML's worker id)."""
+        super().__init__()
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(descriptor).st_size < 8 * workers:
@@ -44,13 +48,25 @@ class ConnectionShares:
         finally:
             os.close(descriptor)
         self.counts = memoryview(self.mapped).cast("q")
-        self.slot, self.connections = worker - 1, connections
+        self.slot = worker - 1
+        self.counts[self.slot] = 0
+
+    def add(self, connection) -> None:
+        super().add(connection)
+        self.counts[self.slot] = len(self)
+
+    def discard(self, connection) -> None:
+        super().discard(connection)
+        self.counts[self.slot] = len(self)
+
+    def remove(self, connection) -> None:
+        super().remove(connection)
+        self.counts[self.slot] = len(self)
 
     def over_share(self) -> bool:
-        """Whether this worker holds two or more connections than the least loaded one (its own count
-        brought up to date first): then it closes the connection it is answering on."""
-        own = self.counts[self.slot] = len(self.connections)
-        return own - min(self.counts) >= 2
+        """Whether this worker holds two or more connections than the least loaded one: then it
+        closes the connection it is answering on."""
+        return self.counts[self.slot] - min(self.counts) >= 2
 
 
 worker_shares: ConnectionShares | None = None  # this worker's, once its server has started
@@ -83,10 +99,12 @@ def spread_connections_over_workers(service) -> None:
         global worker_shares
         if sockets:
             workers = api_worker_count(service)
-            owned = [own for own in (own_listener(shared, workers, self.config.backlog) for shared in sockets)
+            owned = [own for own in (own_listener(shared, workers) for shared in sockets)
                      if own is not None]
             if owned:
-                worker_shares = shares_file(sockets[0], workers, self.server_state.connections)
+                worker_shares = shares_file(sockets[0], workers)
+                if worker_shares is not None:  # uvicorn's protocols add and discard themselves here
+                    self.server_state.connections = worker_shares
             sockets = owned + list(sockets)
         await uvicorn_startup(self, sockets)
 
@@ -102,7 +120,7 @@ def api_worker_count(service) -> int:
     return ResourceAllocator().get_worker_env(service)[0]
 
 
-def shares_file(shared: socket.socket, workers: int, connections) -> ConnectionShares | None:
+def shares_file(shared: socket.socket, workers: int) -> ConnectionShares | None:
     """This worker's ConnectionShares, or None outside a BentoML worker (no worker id, no metrics folder)."""
     from bentoml._internal.context import server_context
 
@@ -110,7 +128,7 @@ def shares_file(shared: socket.socket, workers: int, connections) -> ConnectionS
     if not folder or not worker or not 1 <= worker <= workers:
         return None
     path = Path(folder) / f"maas-connections-{os.fstat(shared.fileno()).st_ino}"
-    return ConnectionShares(path, worker, workers, connections)
+    return ConnectionShares(path, worker, workers)
 
 
 def attach_dealing_program(listener: socket.socket, workers: int) -> None:
@@ -126,9 +144,10 @@ def attach_dealing_program(listener: socket.socket, workers: int) -> None:
     listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program)
 
 
-def own_listener(shared: socket.socket, workers: int, backlog: int) -> socket.socket | None:
-    """This worker's socket in the port's SO_REUSEPORT group, or None where the shared socket is not
-    in one (another server, a Unix socket, one worker) or the kernel refuses the dealing program."""
+def own_listener(shared: socket.socket, workers: int) -> socket.socket | None:
+    """This worker's socket, bound to the port beside the shared one (SO_REUSEPORT), to join the
+    port's group as it listens; or None where the shared socket is not in such a group (another
+    server, a Unix socket, one worker) or the kernel refuses the dealing program."""
     if (workers < 2 or shared.family not in (socket.AF_INET, socket.AF_INET6) or not hasattr(socket, "SO_REUSEPORT")
             or not shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)):
         return None
@@ -139,7 +158,9 @@ def own_listener(shared: socket.socket, workers: int, backlog: int) -> socket.so
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         own.bind(shared.getsockname())
-        own.listen(backlog)
+        # Not listening yet: the event loop listens when uvicorn starts serving, after the service
+        # has loaded its models. Listening now, the socket would be dealt connections to hold
+        # unanswered through the load.
         own.setblocking(False)
         return own
     except OSError as error:

@@ -97,22 +97,6 @@ def test_served_predictions_equal_the_registered_model(service, monkeypatch):
     assert httpx.get(f"{base}/ping", timeout=30).status_code == 200
 
 
-def test_workers_parse_http_with_httptools_on_uvloop(service):
-    """uvicorn takes its C parser and event loop only when they import (h11 and asyncio otherwise, at
-    ~1.6x the CPU per one-row request): the workers holding the port must have both loaded."""
-    import psutil
-
-    port = int(service[0].rsplit(":", 1)[1])
-    holders = {connection.pid for connection in psutil.net_connections("tcp")
-               if connection.laddr and connection.laddr.port == port and connection.status == psutil.CONN_LISTEN}
-    workers = [psutil.Process(pid) for pid in holders
-               if any("_bentoml_impl.worker" in part for part in psutil.Process(pid).cmdline())]
-    assert workers, f"no BentoML worker holds port {port}: {holders}"
-    for worker in workers:
-        loaded = " ".join(region.path for region in worker.memory_maps())
-        assert "httptools" in loaded and "uvloop" in loaded, worker.cmdline()
-
-
 def listening_sockets(port: int) -> set[str]:
     """The inodes of the sockets listening on a loopback TCP port, from /proc/net/tcp."""
     inodes = set()
@@ -123,6 +107,32 @@ def listening_sockets(port: int) -> set[str]:
                 if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
                     inodes.add(fields[9])
     return inodes
+
+
+def workers_started(port: int, workers: int = 2) -> set[str]:
+    """The sockets listening on the port once every worker has started its server (the arbiter's
+    and one per worker, deployments/connections.py): /readyz answers as soon as the first one has."""
+    deadline = time.monotonic() + 60
+    while len(listening := listening_sockets(port)) < workers + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return listening
+
+
+def test_workers_parse_http_with_httptools_on_uvloop(service):
+    """uvicorn takes its C parser and event loop only when they import (h11 and asyncio otherwise, at
+    ~1.6x the CPU per one-row request): the workers holding the port must have both loaded."""
+    import psutil
+
+    port = int(service[0].rsplit(":", 1)[1])
+    workers_started(port)
+    holders = {connection.pid for connection in psutil.net_connections("tcp")
+               if connection.laddr and connection.laddr.port == port and connection.status == psutil.CONN_LISTEN}
+    workers = [psutil.Process(pid) for pid in holders
+               if any("_bentoml_impl.worker" in part for part in psutil.Process(pid).cmdline())]
+    assert workers, f"no BentoML worker holds port {port}: {holders}"
+    for worker in workers:
+        loaded = " ".join(region.path for region in worker.memory_maps())
+        assert "httptools" in loaded and "uvloop" in loaded, worker.cmdline()
 
 
 def test_keep_alive_connections_are_spread_over_the_workers(service):
@@ -137,7 +147,7 @@ def test_keep_alive_connections_are_spread_over_the_workers(service):
 
     base, _, keys, rows, _, _ = service
     port = int(base.rsplit(":", 1)[1])
-    listening = listening_sockets(port)
+    listening = workers_started(port)
     workers = [process for process in psutil.Process().children(recursive=True)
                if any("_bentoml_impl.worker" in part for part in process.cmdline())]
     assert len(workers) == 2, [worker.cmdline() for worker in workers]

@@ -85,10 +85,12 @@ def test_connections_are_dealt_to_the_workers_own_sockets_not_the_shared_one():
     shared.bind(("127.0.0.1", 0))
     shared.listen(128)
     shared.setblocking(False)
-    owned = [own_listener(shared, 2, 128) for _ in range(2)]
+    owned = [own_listener(shared, 2) for _ in range(2)]
     clients = []
     try:
         assert all(own is not None for own in owned)
+        for own in owned:
+            own.listen(128)  # as the worker's event loop does once it serves
         for _ in range(64):
             clients.append(socket.create_connection(shared.getsockname(), timeout=5))
         time.sleep(0.2)
@@ -105,20 +107,23 @@ def test_no_socket_of_its_own_where_the_port_is_not_shared():
     with socket.socket() as plain:
         plain.bind(("127.0.0.1", 0))
         plain.listen(8)
-        assert own_listener(plain, 2, 8) is None
+        assert own_listener(plain, 2) is None
         plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        assert own_listener(plain, 1, 8) is None
+        assert own_listener(plain, 1) is None
 
 
 def test_a_worker_two_connections_over_the_least_loaded_closes_one(tmp_path):
-    """Two workers' counts in one mapped file, as BentoML's workers share it."""
-    first_connections, second_connections = set(range(5)), set(range(3))
-    first = ConnectionShares(tmp_path / "shares", 1, 2, first_connections)
-    second = ConnectionShares(tmp_path / "shares", 2, 2, second_connections)
-    assert second.over_share()  # 3 against 0: the first has not answered yet, so holds none
+    """Two workers' sets of connections, counted in one mapped file as BentoML's workers share it."""
+    first = ConnectionShares(tmp_path / "shares", 1, 2)
+    second = ConnectionShares(tmp_path / "shares", 2, 2)
+    for connection in range(5):
+        first.add(connection)
+    assert first.over_share() and not second.over_share()  # 5 against 0
+    for connection in range(3):
+        second.add(connection)
     assert first.over_share()  # 5 against 3
-    first_connections.discard(0)
-    assert not first.over_share()  # 4 against 3
-    second_connections.difference_update({0, 1})
-    assert not second.over_share()  # 1 against 4: the least loaded closes nothing
-    assert first.over_share()  # 4 against 1
+    first.discard(0)
+    assert not first.over_share() and not second.over_share()  # 4 against 3
+    second.remove(0)
+    second.discard(1)
+    assert list(second.counts) == [4, 1] and first.over_share() and not second.over_share()
