@@ -34,8 +34,8 @@ class ConnectionShares(set):
     goes, as each opens and closes, to the worker's 8-byte slot in a file the server's workers map
     (next to BentoML's multiprocess metrics, named by the shared socket: one per server). Counted
     as they open, not as they are answered: counts written with the answers lagged at start-up,
-    when a worker busy with its first batch had answered none, and 32 clients took 91 closes to
-    even out instead of ~30."""
+    when a worker busy with its first batch had answered none, and 32 clients took ~90 closes to
+    even out instead of 8-30."""
 
     def __init__(self, path: Path, worker: int, workers: int):
         """worker: this worker's index, 1..workers (BentoML's worker id)."""
