@@ -55,4 +55,3 @@ def freeze_startup_objects() -> None:
     garbage collector's sight. Its full passes over them stalled requests for tens of ms."""
     gc.collect()
     gc.freeze()
-
