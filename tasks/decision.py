@@ -36,11 +36,29 @@ def macro_f1_columns(y: np.ndarray, predicted: np.ndarray, n_classes: int) -> np
         return np.nan_to_num(2 * true_pos / both).mean(1)
 
 
+def macro_f1_at_cuts(y: np.ndarray, positive: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """Two classes: macro F1 of answering the second class from each cut on, counted from the rows
+    sorted once (macro_f1_columns would build a rows x cuts matrix: 19,200 rows x 200 cuts took 33
+    ms a call, and ensemble selection makes hundreds of calls)."""
+    order = np.argsort(positive, kind="stable")
+    ranked, positives = positive[order], y[order].astype(np.int64)
+    below = np.concatenate([[0], np.cumsum(positives)])  # positives among the first k rows by probability
+    first = np.searchsorted(ranked, cuts, side="left")  # rows under each cut
+    said_positive = len(y) - first
+    true_positive = below[-1] - below[first]
+    true_negative = first - below[first]
+    actual_positive, actual_negative = below[-1], len(y) - below[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1_positive = np.nan_to_num(2 * true_positive / (actual_positive + said_positive))
+        f1_negative = np.nan_to_num(2 * true_negative / (actual_negative + first))
+    return (f1_positive + f1_negative) / 2
+
+
 def best_cut(y: np.ndarray, positive: np.ndarray) -> float:
     """Two classes: the cut on the second class's probability with the best macro F1 on these rows;
     among equal ones, the nearest to 0.5 (argmax's own)."""
     candidates = np.unique(np.append(np.quantile(positive, np.linspace(0.005, 0.995, CUT_CANDIDATES)), 0.5))
-    scores = macro_f1_columns(y, (positive[:, None] >= candidates[None, :]).astype(np.int64), 2)
+    scores = macro_f1_at_cuts(y, positive, candidates)
     best = np.flatnonzero(scores >= scores.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 

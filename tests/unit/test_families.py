@@ -18,7 +18,7 @@ from models.classic import SVM_CLIP, ClassicSpec, fit_classic
 from tasks.data import SealedSplit, SealedSplitRead, prepare_data
 from tasks.evaluate import classification_metrics, evaluate_bundle, evaluate_variants
 from tasks.export import write_bundle
-from tasks.decision import best_cut
+from tasks.decision import best_cut, macro_f1_at_cuts, macro_f1_columns
 from tasks.families import (FamilyScore, Folds, candidate_families, choose_family, compare_families, families_for_rows,
                             fit_chosen_family, set_decision, vote_members, with_tuned_decision)
 from tasks.registry import choose_winner
@@ -242,6 +242,16 @@ def test_the_decision_is_the_one_with_the_best_macro_f1_and_a_folds_own_labels_n
     separable = [np.column_stack([1 - p, p]) for p in (0.9 * y[out] + 0.05 for _, out in splits)]
     plain = FamilyScore("hgb", None, {}, [1.0] * 4, 0.0, fold_probabilities=separable)
     assert with_tuned_decision(plain, folds) is plain  # no gain: argmax stays
+
+
+def test_macro_f1_at_every_cut_counted_from_sorted_rows_equals_the_confusion_matrices():
+    rng = np.random.default_rng(5)
+    for rows in (3, 40, 2000):
+        y = (rng.random(rows) < 0.2).astype(np.int64)
+        positive = np.round(rng.random(rows) * (0.4 + 0.5 * y), 2)  # ties on the cuts too
+        cuts = np.unique(np.concatenate([positive[:50], [0.0, 0.5, 1.0, 2.0]]))
+        counted = macro_f1_columns(y, (positive[:, None] >= cuts[None, :]).astype(np.int64), 2)
+        np.testing.assert_array_equal(macro_f1_at_cuts(y, positive, cuts), counted)
 
 
 def test_unequal_classes_get_class_weights_and_equal_ones_are_left_to_argmax():
