@@ -33,7 +33,7 @@ OWN = {"churn": "mixed types, 7-8% gaps, an ID, a date, stray strings",
        "defects": "4,000 parts, 3 classes of 86 / 9.5 / 4.5%, weak signals"}
 CV_TARGETS = {"breast_cancer": 0.975, "digits": 0.985, "wine": 0.985}  # published anchors, see the issue
 VOTE_MARGINS_SE = (0.0, 1.0, 2.0, 3.0)  # selection.vote_margin_se, replayed on each comparison's own scores
-VOTE_MEMBERS_SE = (None, 1.0, 2.0, 3.0)  # selection.vote_members_se, likewise
+VOTE_MEMBERS_SE = (None, 1.0, 2.0, 3.0)  # selection.vote_members_se, likewise (equal weights; fitted: every family)
 
 
 def test_probabilities(score, prepared, settings, seed: int, members: dict):
@@ -48,7 +48,7 @@ def test_probabilities(score, prepared, settings, seed: int, members: dict):
     from tasks.train import train_on_data
 
     if isinstance(score.spec, EnsembleSpec):
-        return average_probabilities([members[name] for name in score.params["members"]])
+        return average_probabilities([members[name] for name in score.params["members"]], score.params.get("weights"))
     features = transform(prepared.splits.x_test, prepared.preprocessing)
     if isinstance(score.spec, ClassicSpec):
         x, y = selection_rows(prepared)
@@ -76,15 +76,18 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
 
     singles = [score for score in comparison.scores if score.family != "ensemble"]
     replays = {}
-    for members_se in VOTE_MEMBERS_SE:
-        members = vote_members(singles, members_se)
-        vote = vote_of(singles, folds, config.selection.model_copy(update={"vote_members_se": members_se}))
+    votes = [(f"{'all' if members_se is None else f'{members_se:g}'}", "equal", members_se)
+             for members_se in VOTE_MEMBERS_SE] + [("fitted", "fitted", None)]
+    for name, weights, members_se in votes:
+        vote = vote_of(singles, folds, config.selection.model_copy(
+            update={"vote_members_se": members_se, "vote_weights": weights}))
+        members = vote.params["members"] if vote else [member.family for member in vote_members(singles, members_se)]
         for margin in VOTE_MARGINS_SE:
             chosen = choose_family(singles + ([vote] if vote else []), config.selection.family_tolerance, margin)[0]
-            found = average_probabilities([probabilities[member.family] for member in members]) \
+            found = average_probabilities([probabilities[member] for member in members], chosen.params.get("weights")) \
                 if chosen.family == "ensemble" else probabilities[chosen.family]
-            replays[f"{'all' if members_se is None else f'{members_se:g}'}/{margin:g}"] = {
-                "selected": chosen.family, "members": [member.family for member in members],
+            replays[f"{name}/{margin:g}"] = {
+                "selected": chosen.family, "members": members,
                 "test_f1": classification_metrics(y_test, found, chosen.decision)["f1_macro"]}
     return replays
 
@@ -217,7 +220,8 @@ def vote_rules_table(rows: list[dict], gap, gap_is: str) -> list[str]:
     rules = list(rows[0]["vote_rules"])
     lines = ["", "The vote's rules replayed on each split's own comparison: 'members' is `selection.vote_members_se` "
              "(the vote averages the families the best leads by at most so many paired standard errors of their "
-             "fold-by-fold differences; all: every family), 'kept' is `selection.vote_margin_se` (the vote kept over "
+             "fold-by-fold differences; all: every family; fitted: every family, weighted by ensemble selection, "
+             "`selection.vote_weights: fitted`), 'kept' is `selection.vote_margin_se` (the vote kept over "
              f"a family that leads it by at most so many; 0: the best mean alone). {gap_is}; the vote's members are "
              "fitted once, so each rule costs nothing to replay.", "",
              "| members / kept | " + " | ".join(row["dataset"] for row in rows) + " | mean | worst |",

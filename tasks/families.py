@@ -34,10 +34,11 @@ from maas.studies import finished_trials
 from maas.tracking import flatten
 from models import NetworkSpec
 from models.classic import ClassicSpec, classic_size, export_classic_onnx, fit_classic
-from models.ensemble import EnsembleSpec, average_probabilities, merge_averaging
+from models.ensemble import EnsembleSpec, average_probabilities, fitted_weights, merge_averaging
 from tasks.compress import Variant, Variants
 from tasks.data import PreparedData, TrainingArrays, stratified_sample, stratify_by
-from tasks.decision import best_decision, cross_fitted_scores, describe, searches_decision
+from tasks.decision import (best_decision, cross_fitted_scores, decided_macro_f1, describe, searches_decision,
+                            sibling_folds)
 from tasks.evaluate import classification_metrics
 from tasks.export import export_onnx, update_metadata, write_bundle
 from tasks.train import TrainingSettings, progress_logger, spec_for_data, train_network, train_on_data, within_budget
@@ -374,6 +375,8 @@ def vote_of(singles: list[FamilyScore], folds: Folds, selection: SelectionConfig
     members = vote_members(singles, selection.vote_members_se)
     if not selection.ensemble or len(members) < 2:
         return None
+    if selection.vote_weights == "fitted":
+        return weighted_vote_score(members, folds, selection.tune_decision, labels)
     vote = vote_score(members, folds)
     return with_tuned_decision(vote, folds, labels) if selection.tune_decision else vote
 
@@ -390,6 +393,51 @@ def vote_score(members: list[FamilyScore], folds: Folds) -> FamilyScore:
     return FamilyScore("ensemble", spec, {"members": [member.family for member in members]}, scores,
                        sum(member.fit_seconds for member in members), sum(member.size_bytes for member in members),
                        sum(member.p50_ms_b64 for member in members), 0, note, probabilities)
+
+
+def weighted_vote_score(members: list[FamilyScore], folds: Folds, tune_decision: bool,
+                        labels: list[str] | None = None) -> FamilyScore | None:
+    """The vote with fitted weights (models.ensemble.fitted_weights, by macro F1 at the decision
+    tuned for the weighted probabilities wherever one is searched, kept or not; else at argmax),
+    scored cross-fitted: each fold is answered by the weights, and the decision, that the other
+    folds of its repeat chose from their held-out rows, so its score is as honest as a member's.
+    The weights kept are fitted on every held-out row; members left with none are dropped, and a
+    vote left with one member is none (that family is on the leaderboard already). A decision is
+    kept as with_tuned_decision keeps one: where, cross-fitted, it adds DECISION_MIN_GAIN to argmax."""
+    reached = min(len(member.fold_probabilities) for member in members)
+    outs = [out_rows for _, out_rows in folds.splits[:reached]]
+    searching = tune_decision and searches_decision(folds.y, int(folds.y.max()) + 1)
+
+    def fit(indices: list[int]) -> tuple[list[float], dict | None]:
+        y = np.concatenate([folds.y[outs[index]] for index in indices])
+        held = [np.concatenate([member.fold_probabilities[index] for index in indices]) for member in members]
+        weights = fitted_weights(y, held, partial(decided_macro_f1, search=searching))
+        return weights, best_decision(y, average_probabilities(held, weights)) if searching else None
+
+    argmax_f1, decided_f1, probabilities = [], [], []
+    for index in range(reached):
+        siblings = sibling_folds(index, reached, folds.folds)
+        weights, decision = fit(siblings) if siblings else (None, None)
+        held = average_probabilities([member.fold_probabilities[index] for member in members], weights)
+        probabilities.append(held)
+        argmax_f1.append(macro_f1(folds.y[outs[index]], held))
+        decided_f1.append(classification_metrics(folds.y[outs[index]], held, decision)["f1_macro"])
+    weights, decision = fit(list(range(reached)))
+    if sum(weight > 0 for weight in weights) < 2:
+        return None
+    decided = searching and np.mean(decided_f1) >= np.mean(argmax_f1) + DECISION_MIN_GAIN
+    kept = [(member, weight) for member, weight in zip(members, weights) if weight > 0]
+    spec = EnsembleSpec("ensemble", folds.x.shape[1], int(folds.y.max()) + 1,
+                        [member.spec.to_dict() for member, _ in kept], [weight for _, weight in kept])
+    shares = ", ".join(f"{member.family} {weight:.2f}" for member, weight in kept)
+    note = "; ".join(filter(None, ["sizes and latencies: the members' sums", f"weights {shares}",
+                                   f"decision {describe(decision, labels)} (argmax: {np.mean(argmax_f1):.4f})"
+                                   if decided else ""]))
+    return FamilyScore("ensemble", spec, {"members": [member.family for member, _ in kept],
+                                          "weights": [weight for _, weight in kept]},
+                       decided_f1 if decided else argmax_f1, sum(member.fit_seconds for member, _ in kept),
+                       sum(member.size_bytes for member, _ in kept), sum(member.p50_ms_b64 for member, _ in kept),
+                       0, note, probabilities, decision if decided else None)
 
 
 # --- the decision rule ---------------------------------------------------------------------------------
@@ -495,7 +543,7 @@ def fit_chosen_family(prepared: PreparedData, comparison: Comparison, seed: int,
     if isinstance(spec, EnsembleSpec):
         graphs, sizes = zip(*(final_graph(prepared, comparison.member(name), comparison.settings, seed)
                               for name in comparison.chosen.params["members"]))
-        model, size = merge_averaging(list(graphs)), sum(sizes)
+        model, size = merge_averaging(list(graphs), comparison.chosen.params.get("weights")), sum(sizes)
     else:
         x, y = selection_rows(prepared)
         model = fit_classic(spec, x, y, seed)

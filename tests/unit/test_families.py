@@ -4,6 +4,7 @@ comparison picks the family the table calls for, and nothing that chooses reads 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -18,9 +19,10 @@ from models.classic import SVM_CLIP, ClassicSpec, fit_classic
 from tasks.data import SealedSplit, SealedSplitRead, prepare_data
 from tasks.evaluate import classification_metrics, evaluate_bundle, evaluate_variants
 from tasks.export import write_bundle
-from tasks.decision import best_cut, macro_f1_at_cuts, macro_f1_columns
+from tasks.decision import best_cut, decided_macro_f1, macro_f1_at_cuts, macro_f1_columns
+from models.ensemble import average_probabilities, fitted_weights
 from tasks.families import (FamilyScore, Folds, candidate_families, choose_family, compare_families, families_for_rows,
-                            fit_chosen_family, set_decision, vote_members, with_tuned_decision)
+                            fit_chosen_family, set_decision, vote_members, weighted_vote_score, with_tuned_decision)
 from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
 from tasks.tune import open_storage
@@ -199,11 +201,15 @@ def test_family_names_are_checked_in_one_line():
         assert "model.famil" in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_members(tmp_path, maas_home):
-    prepared, config = prepared_table("churn", tmp_path, "model.families=[linear, hgb]", "selection.vote_members_se=null")
+@pytest.mark.parametrize("weights", ["equal", "fitted"])
+def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_members(weights, tmp_path, maas_home):
+    prepared, config = prepared_table("churn", tmp_path, "model.families=[linear, hgb]",
+                                      "selection.vote_members_se=null", f"selection.vote_weights={weights}")
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "v")
     vote = comparison.member("ensemble")
     assert sorted(vote.params["members"]) == ["hgb", "linear"]
+    shares = vote.params.get("weights")
+    assert (shares is None) == (weights == "equal") and (shares is None or (0 < min(shares) and sum(shares) == 1))
     assert len(vote.fold_f1) == len(comparison.member("linear").fold_f1)
     comparison.chosen = vote
     (variant,) = fit_chosen_family(prepared.sealed(), comparison, config.seed, tmp_path / "variants").built
@@ -213,7 +219,45 @@ def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_
     features = transform(prepared.splits.x_test, prepared.preprocessing)
     members = [fit_classic(comparison.member(name).spec, x, y, config.seed).predict_proba(features)
                for name in vote.params["members"]]
-    np.testing.assert_allclose(bundle.predict_proba(prepared.splits.x_test), np.mean(members, axis=0), atol=1e-5)
+    np.testing.assert_allclose(bundle.predict_proba(prepared.splits.x_test),
+                               np.average(members, axis=0, weights=shares), atol=1e-5)
+
+
+def noisy_members(seed: int, rows: int = 600) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Two classes drawn from known probabilities; members: those probabilities blurred by two
+    independent noises of one size (on the log-odds), and one member confidently wrong on every row."""
+    rng = np.random.default_rng(seed)
+    truth = rng.uniform(0.05, 0.95, rows)
+    y = (rng.random(rows) < truth).astype(int)
+    blurred = [1 / (1 + np.exp(-(np.log(truth / (1 - truth)) + rng.normal(0, 0.7, rows)))) for _ in range(2)]
+    return y, [*(np.column_stack([1 - p, p]) for p in blurred), np.eye(2)[1 - y] * 0.98 + 0.01]
+
+
+def test_ensemble_selection_shares_the_weight_among_the_members_that_help_and_leaves_out_the_wrong_one():
+    for seed in range(3):
+        y, members = noisy_members(seed)
+        weights = fitted_weights(y, members, partial(decided_macro_f1, search=True))
+        assert min(weights[:2]) >= 0.2 and weights[2] == 0 and sum(weights) == pytest.approx(1.0), weights
+
+
+def test_the_fitted_vote_answers_each_fold_by_the_weights_its_siblings_chose():
+    y, members = noisy_members(1)
+    splits = list(StratifiedKFold(4, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+    folds = Folds(np.zeros((len(y), 1)), y, splits, 4, 1)
+    scores = [FamilyScore(family, ClassicSpec(family, 1, 2, {}), {}, [0.5] * 4, 0.0,
+                          fold_probabilities=[member[out] for _, out in splits])
+              for family, member in zip(["linear", "hgb", "mlp"], members)]
+    vote = weighted_vote_score(scores, folds, tune_decision=False)
+    outs = [out for _, out in splits]
+    siblings = np.concatenate(outs[1:])
+    weights = fitted_weights(y[siblings], [member[siblings] for member in members],
+                             partial(decided_macro_f1, search=False))
+    expected = classification_metrics(y[outs[0]], average_probabilities([member[outs[0]] for member in members],
+                                                                        weights))["f1_macro"]
+    assert vote.fold_f1[0] == expected and vote.decision is None
+    assert vote.params["members"] == ["linear", "hgb"] and vote.spec.weights == vote.params["weights"]  # no "mlp"
+    assert "weights linear 0." in vote.note
+    assert weighted_vote_score([scores[0], scores[2]], folds, tune_decision=False) is None  # one member left: no vote
 
 
 def test_the_decision_is_the_one_with_the_best_macro_f1_and_a_folds_own_labels_never_set_it():
