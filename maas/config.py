@@ -283,7 +283,7 @@ class SelectionConfig(Section):
     sample_rows: int | None = Field(20_000, ge=100, description="the families are compared on a stratified sample "
                                     "of at most this many train + validation rows, at the default budget (a larger "
                                     "budget.time_s scales it up); null: all rows")
-    ensemble: bool = Field(True, description="also score the equal-weight soft vote of the compared families")
+    ensemble: bool = Field(True, description="also score the soft vote of the compared families")
     vote_weights: Literal["equal", "fitted"] = Field("equal", description="the vote's weights: equal, or fitted "
                                                      "by ensemble selection on the families' held-out probabilities "
                                                      "(scored cross-fitted)")

@@ -38,8 +38,8 @@ def macro_f1_columns(y: np.ndarray, predicted: np.ndarray, n_classes: int) -> np
 
 def macro_f1_at_cuts(y: np.ndarray, positive: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     """Two classes: macro F1 of answering the second class from each cut on, counted from the rows
-    sorted once (macro_f1_columns would build a rows x cuts matrix: 19,200 rows x 200 cuts took 33
-    ms a call, and ensemble selection makes hundreds of calls)."""
+    sorted once (macro_f1_columns builds a rows x cuts matrix: 19,200 rows x 200 cuts took 43 ms a
+    call against 2 ms, and ensemble selection makes hundreds of calls)."""
     order = np.argsort(positive, kind="stable")
     ranked, positives = positive[order], y[order].astype(np.int64)
     below = np.concatenate([[0], np.cumsum(positives)])  # positives among the first k rows by probability
