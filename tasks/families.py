@@ -392,16 +392,15 @@ def vote_score(members: list[FamilyScore], folds: Folds) -> FamilyScore:
 
 
 def vote_row(members: list[FamilyScore], weights: list[float] | None, folds: Folds, fold_f1: list[float],
-             probabilities: list[np.ndarray], note: str = "", decision: dict | None = None) -> FamilyScore:
+             probabilities: list[np.ndarray]) -> FamilyScore:
     """The vote's leaderboard row: its members (and weights; None: equal), its fold scores, and the
     members' summed fit time, size and latency."""
     spec = EnsembleSpec("ensemble", folds.x.shape[1], int(folds.y.max()) + 1,
                         [member.spec.to_dict() for member in members], weights)
     params = {"members": [member.family for member in members], **({"weights": weights} if weights else {})}
-    note = "; ".join(filter(None, ["sizes and latencies: the members' sums", note]))
     return FamilyScore("ensemble", spec, params, fold_f1, sum(member.fit_seconds for member in members),
                        sum(member.size_bytes for member in members), sum(member.p50_ms_b64 for member in members),
-                       0, note, probabilities, decision)
+                       0, "sizes and latencies: the members' sums", probabilities)
 
 
 def weighted_vote_score(members: list[FamilyScore], folds: Folds, tune_decision: bool,
@@ -437,10 +436,11 @@ def weighted_vote_score(members: list[FamilyScore], folds: Folds, tune_decision:
     decided = searching and np.mean(decided_f1) >= np.mean(argmax_f1) + DECISION_MIN_GAIN
     kept = [(member, weight) for member, weight in zip(members, weights) if weight > 0]
     shares = ", ".join(f"{member.family} {weight:.2f}" for member, weight in kept)
-    note = "; ".join(filter(None, [f"weights {shares}", f"decision {describe(decision, labels)} "
+    row = vote_row([member for member, _ in kept], [weight for _, weight in kept], folds,
+                   decided_f1 if decided else argmax_f1, probabilities)
+    note = "; ".join(filter(None, [row.note, f"weights {shares}", f"decision {describe(decision, labels)} "
                                    f"(argmax: {np.mean(argmax_f1):.4f})" if decided else ""]))
-    return vote_row([member for member, _ in kept], [weight for _, weight in kept], folds,
-                    decided_f1 if decided else argmax_f1, probabilities, note, decision if decided else None)
+    return replace(row, note=note, decision=decision if decided else None)
 
 
 # --- the decision rule ---------------------------------------------------------------------------------
