@@ -4,7 +4,7 @@
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 python3 .ci/device/unpack_minilm.py /tmp/site || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi -L
