@@ -363,8 +363,8 @@ class ReadDates(NamedTuple):
 
 
 def read_as_dates(column: pd.Series, max_bad_fraction: float, notes: list[str], name: str) -> ReadDates | None:
-    """A datetime column, or strings that are dates (ISO 8601, or one of DATE_FORMS throughout) but
-    for a few stray values; None for any other column."""
+    """A datetime column, or strings that are dates (ISO 8601, one of DATE_FORMS throughout, or
+    ISO 8601 beside one of them) but for a few stray values; None for any other column."""
     if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
         return None
     empty = blank(column)
@@ -373,10 +373,16 @@ def read_as_dates(column: pd.Series, max_bad_fraction: float, notes: list[str], 
         present = column[~empty].astype(str)
         if present.empty:
             return None
-        if present.str.match(ISO_DATE_START).mean() < 1 - max_bad_fraction:
-            date_format = find_date_format(present, max_bad_fraction, notes, name)
+        iso = present.str.match(ISO_DATE_START)
+        if iso.mean() < 1 - max_bad_fraction:
+            # Tables merged from two systems write some dates ISO 8601 and the rest in a form of their
+            # own: the rest decide that form (and day/month order); serving reads both, as here.
+            date_format = find_date_format(present[~iso], max_bad_fraction, notes, name)
             if date_format is None:
                 return None
+            if iso.any():
+                notes.append(f"column '{name}': dates written two ways, {int(iso.sum())} as ISO 8601 and "
+                             f"{int((~iso).sum())} as {date_format} ({date_example(date_format)}); both read")
     days = dates_as_days(column, date_format)
     n_bad = int((np.isnan(days) & ~empty).sum())
     if n_bad > max_bad_fraction * max(1, int((~empty).sum())):

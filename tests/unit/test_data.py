@@ -182,6 +182,36 @@ def test_dates_in_a_files_own_form_are_read_in_it_and_day_month_order_is_never_g
     assert np.isnan(days[2:]).all()  # not in the file's form (day first), nor ISO, nor present
 
 
+def test_dates_written_iso_8601_and_in_a_form_of_their_own_are_all_read_and_serve_alike(tmp_path):
+    """A table merged from two systems: the dates that are not ISO 8601 decide the other form (a 17th
+    makes it day first); where they cannot tell day from month, the column is still not guessed."""
+    frame = table()
+    days = pd.Timestamp("2024-01-01") + pd.to_timedelta(np.arange(120) * 5, unit="D")
+    frame["signup"] = [day.strftime("%d/%m/%Y") if index % 3 == 0 else day.strftime("%Y-%m-%d")
+                       for index, day in enumerate(days)]
+    frame["unsure"] = [f"{index % 12 + 1:02d}/{index * 5 % 12 + 1:02d}/2024" if index % 2 else "2024-03-04"
+                       for index in range(120)]
+    path = tmp_path / "merged.csv"
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    schema = {c["name"]: c for c in prepared.input_schema}
+    assert schema["signup"]["type"] == "datetime" and schema.get("unsure", {}).get("type") != "datetime"
+    assert "column 'signup': dates written two ways, 80 as ISO 8601 and 40 as %d/%m/%Y (12/03/2026); both read" \
+        in prepared.notes
+    raw = pd.read_csv(path).drop(columns=["label"])
+    as_iso = raw.assign(signup=[day.strftime("%Y-%m-%d") for day in days])
+    np.testing.assert_allclose(transform(raw, prepared.preprocessing), transform(as_iso, prepared.preprocessing),
+                               atol=1e-6)
+    column = [c for c in prepared.preprocessing["numeric"] if c["name"] == "signup"][0]
+    np.testing.assert_allclose(dates_as_days(raw["signup"], column["date_format"]),
+                               ((days - pd.Timestamp("1970-01-01")) / pd.Timedelta(days=1)).to_numpy())
+    row, reader = json.loads(raw.head(1).to_json(orient="records"))[0], RequestReader(prepared.preprocessing)
+    day_first, iso = (reader.read(json.dumps({"rows": [{**row, "signup": value}]}).encode(), 1).columns.numeric
+                      for value in ("17/03/2024", "2024-03-17"))
+    assert not np.isnan(day_first).any()
+    np.testing.assert_array_equal(day_first, iso)
+
+
 @pytest.mark.parametrize("written, decimal, number", [
     ("$1,200.50", ".", 1200.5), ("(1,200)", ".", -1200), ("12.5%", ".", 0.125), ("-$5", ".", -5), ("$-5.5", ".", -5.5),
     ("USD 1,000", ".", 1000), ("1'234.5", ".", 1234.5), ("1.200,50 €", ",", 1200.5), ("€ -1.200,00", ",", -1200),
