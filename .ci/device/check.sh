@@ -9,9 +9,13 @@ python3 .ci/device/unpack_minilm.py /tmp/site || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi -L
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA here'" || exit 1
-run() { timeout "$1" python3 "${@:2}" 2>&1 | tee "$OUT/$log" | tail -15; }
-log=gpu.log run 170 -m pytest -p no:cacheprovider -v -m gpu tests/unit/test_gpu.py
+run() {  # LOG SECONDS PYTHON-ARGS...: python3 with a time limit, its output in $OUT/LOG, the end shown
+  local log=$1 seconds=$2
+  shift 2
+  timeout "$seconds" python3 "$@" 2>&1 | tee "$OUT/$log" | tail -15
+}
+run gpu.log 170 -m pytest -p no:cacheprovider -v -m gpu tests/unit/test_gpu.py
 # The unit tests that train networks or the encoder, now with CUDA present (device "auto" takes it).
-log=unit.log run 200 -m pytest -p no:cacheprovider -q -m "not slow and not team" tests/unit/test_train.py \
+run unit.log 200 -m pytest -p no:cacheprovider -q -m "not slow and not team" tests/unit/test_train.py \
   tests/unit/test_models.py tests/unit/test_text.py tests/unit/test_compress.py tests/unit/test_families.py
-log=finetune_gpu.log run 150 .ci/device/finetune_gpu.py
+run finetune_gpu.log 150 .ci/device/finetune_gpu.py
