@@ -368,7 +368,7 @@ def read_as_dates(column: pd.Series, max_bad_fraction: float, notes: list[str], 
     if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
         return None
     empty = blank(column)
-    date_format = None
+    date_format, iso_count = None, 0
     if not pd.api.types.is_datetime64_any_dtype(column):
         present = column[~empty].astype(str)
         if present.empty:
@@ -380,13 +380,14 @@ def read_as_dates(column: pd.Series, max_bad_fraction: float, notes: list[str], 
             date_format = find_date_format(present[~iso], max_bad_fraction, notes, name)
             if date_format is None:
                 return None
-            if iso.any():
-                notes.append(f"column '{name}': dates written two ways, {int(iso.sum())} as ISO 8601 and "
-                             f"{int((~iso).sum())} as {date_format} ({date_example(date_format)}); both read")
+            iso_count = int(iso.sum())
     days = dates_as_days(column, date_format)
     n_bad = int((np.isnan(days) & ~empty).sum())
     if n_bad > max_bad_fraction * max(1, int((~empty).sum())):
         return None
+    if date_format and iso_count:
+        notes.append(f"column '{name}': dates written two ways, {iso_count} as ISO 8601 and "
+                     f"{int((~empty).sum()) - iso_count} as {date_format} ({date_example(date_format)}); both read")
     return ReadDates(pd.Series(EPOCH + pd.to_timedelta(days, unit="D"), index=column.index).dt.round("us"), n_bad,
                      date_format)
 
