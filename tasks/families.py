@@ -438,8 +438,8 @@ def weighted_vote_score(members: list[FamilyScore], folds: Folds, tune_decision:
     shares = ", ".join(f"{member.family} {weight:.2f}" for member, weight in kept)
     row = vote_row([member for member, _ in kept], [weight for _, weight in kept], folds,
                    decided_f1 if decided else argmax_f1, probabilities)
-    note = "; ".join(filter(None, [row.note, f"weights {shares}", f"decision {describe(decision, labels)} "
-                                   f"(argmax: {np.mean(argmax_f1):.4f})" if decided else ""]))
+    note = "; ".join(filter(None, [row.note, f"weights {shares}",
+                                   decision_note(decision, labels, float(np.mean(argmax_f1))) if decided else ""]))
     return replace(row, note=note, decision=decision if decided else None)
 
 
@@ -459,8 +459,13 @@ def with_tuned_decision(score: FamilyScore, folds: Folds, labels: list[str] | No
     if np.mean(crossed) < score.mean + DECISION_MIN_GAIN:
         return score
     decision = best_decision(np.concatenate([folds.y[rows] for rows in outs]), np.concatenate(score.fold_probabilities))
-    note = "; ".join(filter(None, [score.note, f"decision {describe(decision, labels)} (argmax: {score.mean:.4f})"]))
+    note = "; ".join(filter(None, [score.note, decision_note(decision, labels, score.mean)]))
     return replace(score, fold_f1=crossed, decision=decision, note=note)
+
+
+def decision_note(decision: dict, labels: list[str] | None, argmax_mean: float) -> str:
+    """The leaderboard's words for a kept decision, beside the CV mean it beat at argmax."""
+    return f"decision {describe(decision, labels)} (argmax: {argmax_mean:.4f})"
 
 
 def set_decision(variants: Variants, decision: dict | None) -> None:
