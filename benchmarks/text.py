@@ -152,6 +152,19 @@ def maas_row(splits, scratch: Path) -> dict:
             "stages_s": summary["stage_seconds"], **speed(bundle.predict_proba, splits.x_test)}
 
 
+def finetuning_inputs(splits) -> tuple:
+    """(the source column's one-hot encoder, fitted on the training rows; the training and validation
+    texts; their one-hot sources as float32 extra features), by split name."""
+    import numpy as np
+    from sklearn.preprocessing import OneHotEncoder
+
+    source = OneHotEncoder(handle_unknown="ignore", sparse_output=False).fit(splits.x_train[["source"]])
+    texts = {name: rows.text.fillna("").tolist() for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
+    extra = {name: source.transform(rows[["source"]]).astype(np.float32)
+             for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
+    return source, texts, extra
+
+
 def finetuned_rows(splits, student_layers: tuple[int, ...] = (3,), epochs: int = 2) -> list[dict]:
     """The teacher: MiniLM fine-tuned with a linear head on [embedding, source one-hot]
     (models.text_encoder.fine_tune: AdamW, encoder lr 3e-5, head 1e-3, linear decay, the epoch best
@@ -161,16 +174,12 @@ def finetuned_rows(splits, student_layers: tuple[int, ...] = (3,), epochs: int =
     import numpy as np
     import torch
     from sklearn.metrics import f1_score
-    from sklearn.preprocessing import OneHotEncoder
 
     from maas.bundle import TextEncoder
     from models.text_encoder import Distillation, FineTuning, distil, export_encoder, fine_tune
 
     torch.set_num_threads(2)
-    source = OneHotEncoder(handle_unknown="ignore", sparse_output=False).fit(splits.x_train[["source"]])
-    texts = {name: rows.text.fillna("").tolist() for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
-    extra = {name: source.transform(rows[["source"]]).astype(np.float32)
-             for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
+    source, texts, extra = finetuning_inputs(splits)
     teacher = fine_tune(texts["train"], splits.y_train, texts["val"], splits.y_val, FineTuning(epochs=epochs),
                         extra["train"], extra["val"])
     print(f"teacher: validation F1 {teacher.val_f1:.4f}, {teacher.seconds:.0f} s", flush=True)

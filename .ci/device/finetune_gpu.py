@@ -15,9 +15,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
-from sklearn.preprocessing import OneHotEncoder  # noqa: E402
 
-from benchmarks.text import sentiment_splits  # noqa: E402
+from benchmarks.text import finetuning_inputs, sentiment_splits  # noqa: E402
 from maas.bundle import TextEncoder  # noqa: E402
 from models.text_encoder import (Distillation, FineTuning, distil, export_encoder, fine_tune,  # noqa: E402
                                  training_device)
@@ -36,10 +35,7 @@ def test_f1(model, precision: str, source, splits) -> float:
 
 def main() -> None:
     splits, _, _ = sentiment_splits()
-    source = OneHotEncoder(handle_unknown="ignore", sparse_output=False).fit(splits.x_train[["source"]])
-    texts = {name: rows.text.fillna("").tolist() for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
-    extra = {name: source.transform(rows[["source"]]).astype(np.float32)
-             for name, rows in (("train", splits.x_train), ("val", splits.x_val))}
+    source, texts, extra = finetuning_inputs(splits)
     teacher = fine_tune(texts["train"], splits.y_train, texts["val"], splits.y_val, FineTuning(epochs=2),
                         extra["train"], extra["val"])
     student = distil(teacher, texts["train"], texts["val"], splits.y_val, Distillation(layers=3, epochs=2),
