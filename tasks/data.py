@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
 from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_example, date_parts, dates_as_days,
-                         formatted_numbers, is_boolean, spelt_alike, text_encoder, transform)
+                         formatted_number, formatted_numbers, is_boolean, spelt_alike, text_encoder, transform)
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -398,22 +398,35 @@ class ReadNumbers(NamedTuple):
     decimal: str
 
 
-def read_formatted_numbers(column: pd.Series, max_bad_fraction: float) -> ReadNumbers | None:
+def read_formatted_numbers(column: pd.Series, max_bad_fraction: float, prefer: str = ".") -> ReadNumbers | None:
     """Strings that are numbers written with currency, percent or digit-group marks ("$1,200.50",
     "12.5%", "1.200,50 €"), but for stray values; the decimal mark is the one that reads more of
-    them ("." on a tie: "1,200" is twelve hundred). None when neither reads enough."""
+    them, `prefer` on a tie: "1,200" is twelve hundred, and in a file whose numbers use decimal
+    mark ',' "12.500" is twelve thousand five hundred. None when neither reads enough."""
     present = column[~blank(column)]  # numbers among the strings (rows appended from the prediction log) read as numbers
     if present.empty:
         return None
     sample = spread_sample(present)
     enough = 1 - max_bad_fraction
     readable = {decimal: float(np.isfinite(formatted_numbers(sample, decimal)).mean()) for decimal in (".", ",")}
-    decimal = max(readable, key=lambda mark: (readable[mark], mark == "."))
+    decimal = max(readable, key=lambda mark: (readable[mark], mark == prefer))
     if readable[decimal] < enough:
         return None
     numbers = pd.Series(formatted_numbers(column, decimal), index=column.index)
     n_bad = int(numbers.loc[present.index].isna().sum())
     return None if n_bad > max_bad_fraction * len(present) else ReadNumbers(numbers, n_bad, decimal)
+
+
+def dots_in_a_decimal_comma_file(name: str, column: pd.Series, decimal: str) -> list[str]:
+    """The note on how a column of plain numbers with dots was read in a file whose decimal mark is ','."""
+    dotted = column[column.astype(str).str.contains(".", regex=False) & ~blank(column)]
+    if dotted.empty:
+        return []
+    example = str(dotted.iloc[0]).strip()
+    if decimal == ".":
+        return [f"column '{name}': numbers written with decimal mark '.' ({example}), unlike the file's ','; read so"]
+    return [f"column '{name}': '.' read as the digit-group mark ({example} is {formatted_number(example, ','):.10g}), "
+            "the file's decimal mark being ','"]
 
 
 def mean_words(column: pd.Series) -> float:
@@ -496,18 +509,30 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         boolean = holds_true_false(column)
         if not pd.api.types.is_numeric_dtype(column) or boolean:
             coerced = None if boolean else _coerce_mostly_numeric(column, data.max_unparsable_fraction)
-            formatted = None if boolean or (coerced is not None and not coerced[1]) else \
-                read_formatted_numbers(column, data.max_unparsable_fraction)
-            if formatted is not None and (coerced is None or formatted.n_bad < coerced[1]):
+            # In a file whose numbers use decimal mark ',', pandas leaves "2.3" and "12.500" as text, and
+            # plain parsing would read both with '.': right for the first, a thousand times off for the
+            # second. So such a column's mark is decided as for marked numbers, ',' on a tie, and kept:
+            # before, it read "2.3" as 2.3 in training and serving refused it (and read "12.500" as 12500).
+            formatted = None if boolean or (coerced is not None and not coerced[1] and not decimal_comma) else \
+                read_formatted_numbers(column, data.max_unparsable_fraction, "," if decimal_comma else ".")
+            if formatted is not None and (coerced is None or formatted.n_bad < coerced[1]
+                                          or (decimal_comma and formatted.n_bad <= coerced[1])):
+                plain = coerced is not None and formatted.n_bad == coerced[1]  # no marks, but for the dots
+                if plain:  # whole ones may be an ID, as pandas' integers are
+                    integers_from_text = bool((formatted.numbers.dropna() % 1 == 0).all())
+                    notes.extend(dots_in_a_decimal_comma_file(name, column, formatted.decimal))
                 column, n_bad, decimal = formatted
                 formats[name] = {"number_format": {"decimal": decimal}}
                 if n_bad:
                     coerced_columns.add(name)
                 unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
-                notes.append(f"column '{name}' read as numbers written with currency, percent or digit-group marks "
-                             f"(decimal mark '{decimal}'{unreadable})")
+                if not plain:
+                    notes.append(f"column '{name}' read as numbers written with currency, percent or digit-group "
+                                 f"marks (decimal mark '{decimal}'{unreadable})")
             elif coerced is not None:
                 column, n_bad = coerced
+                if decimal_comma:  # read as plain numbers are, with '.', and so served
+                    formats[name] = {"number_format": {"decimal": "."}}
                 integers_from_text = bool((column.dropna() % 1 == 0).all())
                 if n_bad:  # none: numbers that came as text (a footer's word made the column text, say)
                     coerced_columns.add(name)

@@ -292,6 +292,40 @@ def test_a_csv_split_by_another_delimiter_is_read_and_semicolon_files_take_decim
         assert "number_format" not in prepared.preprocessing["numeric"][0] and not decimal_comma
 
 
+def test_dots_in_a_semicolon_file_are_read_as_the_column_writes_them_and_served_the_same(tmp_path):
+    # A ';' file's numbers use decimal mark ','; pandas leaves a column written "2.3" (a merged source)
+    # or "12.500" (dots between digit groups) as text. Training read "2.3" as 2.3 and then serving,
+    # told the column's mark was ',', refused it; "12.500" trained as 12.5 and served as 12500.
+    rng = np.random.default_rng(11)
+    n = 160
+    tenure, amount = rng.uniform(0, 9, n).round(1), rng.integers(2, 180, n) * 500
+    rows = ["id;tenure;amount;score;label"]
+    for index in range(n):
+        score = f"{rng.normal():.2f}".replace(".", ",")
+        rows.append(f"{index:05d};{tenure[index]};{amount[index]:,}".replace(",", ".") + f";{score};"
+                    + ("long" if tenure[index] > 4.5 else "short"))
+    path = tmp_path / "merged.csv"
+    write_csv(path, rows)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    spec = {c["name"]: c for c in prepared.preprocessing["numeric"]}
+    assert set(spec) == {"tenure", "amount", "score"}  # the zero-padded IDs still dropped as IDs
+    assert spec["tenure"]["number_format"] == {"decimal": "."} and spec["amount"]["number_format"] == {"decimal": ","}
+    assert f"column 'tenure': numbers written with decimal mark '.' ({tenure[0]}), unlike the file's ','; read so" \
+        in prepared.notes
+    assert any(note.startswith("column 'amount': '.' read as the digit-group mark (") for note in prepared.notes)
+    raw = pd.read_csv(path, sep=";", decimal=",").drop(columns=["label"])
+    cleaned = clean_features(raw, DataConfig(dataset=str(path), target="label"), [], decimal_comma=True).features
+    np.testing.assert_allclose(cleaned["tenure"], tenure)
+    np.testing.assert_allclose(cleaned["amount"], amount)
+    as_trained = transform(cleaned, prepared.preprocessing)
+    np.testing.assert_allclose(transform(raw, prepared.preprocessing), as_trained, atol=1e-6)
+    as_strings = pd.read_csv(path, sep=";", dtype=str).drop(columns=["label"])  # every value as the file wrote it
+    served = RequestReader(prepared.preprocessing).read(
+        json.dumps({"rows": as_strings.to_dict("records")}).encode(), n).columns
+    np.testing.assert_allclose(transform_arrays(served.numeric, served.categorical, served.n_rows,
+                                                prepared.preprocessing), as_trained, atol=1e-6)
+
+
 def test_a_parquet_column_of_lists_is_dropped_by_name_and_a_target_of_lists_refused(tmp_path):
     frame = table()
     frame["tags"] = [["a", "b"][: index % 3] for index in range(120)]
