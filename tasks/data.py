@@ -643,6 +643,23 @@ def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.nd
     return codes.astype(np.int64), labels
 
 
+def without_repeated_headers(frame: pd.DataFrame, source: str, notes: list[str]) -> pd.DataFrame:
+    """The table less rows that repeat its header: files joined one after another (`cat a.csv b.csv`)
+    keep each one's header line as a row, which would be a class named after the target and a stray
+    string in every column."""
+    if len(frame.columns) < 2 or all(pd.api.types.is_numeric_dtype(dtype) for dtype in frame.dtypes):
+        return frame
+    repeats = np.ones(len(frame), dtype=bool)
+    for name, column in frame.items():
+        values = column.astype(str).str.strip().to_numpy()
+        name = str(name).strip()
+        repeats &= (values == name) | (values == re.sub(r"\.\d+$", "", name))  # pandas' a.1 for a second 'a'
+        if not repeats.any():
+            return frame
+    notes.append(f"{source}: {int(repeats.sum())} row(s) repeat the header (files joined one after another): dropped")
+    return frame.loc[~repeats]
+
+
 def fingerprint_table(frame: pd.DataFrame) -> str:
     """Content hash of the table as loaded (values, column names and dtypes), order-sensitive."""
     digest = hashlib.sha256()
@@ -904,6 +921,7 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
                      f"{', '.join(repr(column) for column in renamed)}, pandas' names, which requests use too"
                      + (f"; the target is the first, and the rest are inputs: "
                         f"{', '.join(repr(column) for column in renamed[1:])}" if name == table.target else ""))
+    frame = without_repeated_headers(frame, Path(table.source).name, notes)
     fingerprint = fingerprint_table(frame)
     target = frame[table.target]
     missing_target = target.isna().to_numpy()

@@ -326,6 +326,23 @@ def test_dots_in_a_semicolon_file_are_read_as_the_column_writes_them_and_served_
                                                 prepared.preprocessing), as_trained, atol=1e-6)
 
 
+def test_a_header_repeated_inside_the_table_by_files_joined_one_after_another_is_dropped(tmp_path):
+    frame = table()
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    frame.iloc[:60].to_csv(first, index=False)
+    frame.iloc[60:].to_csv(second, index=False)
+    path = tmp_path / "joined.csv"
+    path.write_text(first.read_text() + second.read_text() + second.read_text().split("\n", 1)[0] + "\n")
+    # the error mode would refuse a table with a one-row class named after the target
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label", rare_classes="error"), seed=0)
+    assert "joined.csv: 2 row(s) repeat the header (files joined one after another): dropped" in prepared.notes
+    assert prepared.labels == sorted(frame["label"].unique()) and prepared.n_rows == len(frame)
+    assert not any("coerced" in note for note in prepared.notes)
+    assert {c["name"] for c in prepared.preprocessing["numeric"]} == {"x"}
+    alone = prepare_data(DataConfig(dataset=str(first), target="label"), seed=0)
+    assert not any("repeat the header" in note for note in alone.notes)
+
+
 def test_a_parquet_column_of_lists_is_dropped_by_name_and_a_target_of_lists_refused(tmp_path):
     frame = table()
     frame["tags"] = [["a", "b"][: index % 3] for index in range(120)]
