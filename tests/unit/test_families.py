@@ -137,7 +137,7 @@ def test_the_vote_is_kept_over_a_family_whose_lead_is_within_the_noise():
     assert SelectionConfig().vote_margin_se == 2.0  # what a run does unless told otherwise
     chosen, reason = choose_family([noisy, vote], 0.0, vote_margin_se=2.0)
     assert chosen is vote and reason.startswith("ensemble: the vote, as linear leads it by +0.0100, within 2 standard "
-                                                "errors (0.0126) of their fold-by-fold differences: 0.5220")
+                                                "errors (2 x 0.0126) of their fold-by-fold differences: 0.5220")
     assert choose_family([steady, vote], 0.0, vote_margin_se=2.0)[0] is steady  # the same lead, 14 SE: no noise
     assert choose_family([vote, noisy], 0.0, vote_margin_se=2.0)[0] is vote
     alone = FamilyScore("ensemble", None, {}, [0.4], 0.0)  # one fold: no error to judge by, the choice stands
