@@ -83,6 +83,12 @@ def _nan_as_missing(value: Any) -> Any:
     return None if isinstance(value, float) and value != value else value
 
 
+def _scalar_as_text(value: Any) -> Any:
+    """A number or true/false in a text column whose training rows held some (a ticket body "404",
+    a JSON or Excel cell typed as a number): its text, as training read it (str)."""
+    return str(value) if isinstance(value, (int, float)) else value
+
+
 def _date_value(value: Any) -> Any:
     """A date column's value as sent: an ISO 8601 string or a Unix time (pandas' `to_json` writes
     dates as milliseconds by default); read as days by column_numbers."""
@@ -114,8 +120,10 @@ def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
     for index, column in enumerate(preprocessing["categorical"]):
         fields[f"c{index}"] = (Annotated[str | None, BeforeValidator(_as_category), BeforeValidator(_nan_as_missing)],
                                Field(..., alias=column["name"]))
-    for index, column in enumerate(preprocessing.get("text", [])):  # a text must be a string (or null): no coercion
-        fields[f"t{index}"] = (Annotated[StrictStr | None, BeforeValidator(_nan_as_missing)], Field(..., alias=column["name"]))
+    for index, column in enumerate(preprocessing.get("text", [])):  # a text must be a string (or null), unless
+        read = [BeforeValidator(_scalar_as_text)] if column.get("scalars_as_text") else []  # training's had numbers
+        fields[f"t{index}"] = (Annotated[StrictStr | None, *read, BeforeValidator(_nan_as_missing)],
+                               Field(..., alias=column["name"]))
     return create_model("Row", __config__=ConfigDict(extra="forbid" if strict else "ignore", populate_by_name=False),
                         **fields)
 

@@ -429,12 +429,23 @@ def dots_in_a_decimal_comma_file(name: str, column: pd.Series, decimal: str) -> 
             "the file's decimal mark being ','"]
 
 
+# A text column may hold a few numbers (a ticket body "404", a cell a spreadsheet typed as a number);
+# one whose values are not nearly all strings is not text.
+MOSTLY_STRINGS = 0.95
+
+
 def mean_words(column: pd.Series) -> float:
-    """Words per value, on average over the values present; 0 for a column that is not strings."""
+    """Words per value, on average over the values present; 0 for a column that is not nearly all strings."""
     present = column.dropna()
-    if present.empty or not all(isinstance(value, str) for value in present.iloc[:1000]):
+    sample = present.iloc[:1000]
+    if present.empty or sum(isinstance(value, str) for value in sample) < MOSTLY_STRINGS * len(sample):
         return 0.0
     return float(present.astype(str).str.split().str.len().mean())
+
+
+def holds_scalars(column: pd.Series) -> bool:
+    """Numbers or true/false among a text column's values, which training reads as their text."""
+    return any(isinstance(value, (int, float, np.number, np.bool_)) and not pd.isna(value) for value in column)
 
 
 def is_free_text(column: pd.Series, min_words: float) -> bool:
@@ -949,6 +960,9 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
                                                 text_encoder_folder(splits, texts, data, fingerprint, seed, notes), notes)
     elif texts:
         preprocessing["text"] = text_placeholders(texts, data)
+    for column in preprocessing.get("text", []):  # the file's rows, numbers and all, are answered
+        if holds_scalars(features[column["name"]]):
+            column["scalars_as_text"] = True
     return PreparedData(
         splits=splits,
         labels=labels,

@@ -252,6 +252,8 @@ def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.Da
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     bundle = bundle_module.ModelBundle.load(bundle_dir)
+    for column in bundle.preprocessing.get("text", []):  # a number among the texts: MLflow cannot infer the example
+        input_example = input_example.assign(**{column["name"]: bundle_module.as_texts(input_example[column["name"]])})
     output_example = bundle.predict(input_example)
     # Any type per column: a frame as pandas reads the training file holds int64 where the example has
     # float64, and NaN; MLflow's double refused int64 ("Can not safely convert"). The bundle coerces.

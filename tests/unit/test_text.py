@@ -251,6 +251,35 @@ def test_the_preflight_validates_a_text_table_without_reading_the_text(tmp_path,
     assert feature_count(checked.preprocessing) == 1 + 3 + 384  # the width the network spec needs
 
 
+def test_a_json_text_column_with_a_few_numbers_is_text_and_its_rows_serve(tmp_path):
+    # JSON, Parquet and Excel keep a cell's type: a ticket body "404" comes as the number 404. Before,
+    # one such value made the column not text, and it was dropped as ID-like.
+    path, target = write_messy("tickets", tmp_path)
+    frame = pd.read_csv(path)
+    numbers = frame.index[::40]  # 2.5% of the rows
+    frame["message"] = frame["message"].astype(object)
+    frame.loc[numbers, "message"] = [404 + index for index in range(len(numbers))]
+    frame.loc[numbers[0], "message"] = True
+    as_json = tmp_path / "tickets.jsonl"
+    frame.to_json(as_json, orient="records", lines=True)
+    config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(as_json), target=target)
+    checked = prepare_data(config.data, config.seed, fit_text=False)
+    (column,) = checked.preprocessing["text"]
+    assert column["name"] == "message" and column["scalars_as_text"]
+    rows = pd.read_json(as_json, lines=True).drop(columns=[target]).loc[numbers[:3]]
+    assert [type(value) for value in rows["message"]] == [bool, int, int]
+    body = json.dumps({"rows": json.loads(rows.to_json(orient="records"))}).encode()
+    assert RequestReader(checked.preprocessing).read(body, 3).columns.text == [["True", "405", "406"]]
+
+    as_csv = prepare_data(load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target).data,
+                          config.seed, fit_text=False)  # a CSV's texts are all strings: a number is refused
+    assert "scalars_as_text" not in as_csv.preprocessing["text"][0]
+    with pytest.raises(BadRequest, match="row 0, column 'message'"):
+        RequestReader(as_csv.preprocessing).read(body, 3)
+    mostly_numbers = frame.assign(message=[index if index % 10 else "a few words here" for index in range(len(frame))])
+    assert not is_free_text(mostly_numbers["message"], config.data.text_min_words)
+
+
 def test_a_student_distilled_from_the_fine_tuned_encoder_serves_when_it_keeps_the_teachers_validation_score(tmp_path):
     path, target = write_messy("tickets", tmp_path)
     config = load_config(PROJECT_ROOT / "configs" / "quick.yaml", dataset=str(path), target=target,
