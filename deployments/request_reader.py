@@ -23,7 +23,7 @@ import orjson  # request bodies, answers and the prediction log: ~4x faster than
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
 from maas.bundle import (PROBABILITY_PREFIX, category_sets, column_numbers, date_example, formatted_number,
-                         spelt_alike)
+                         hours_of_day, spelt_alike)
 
 
 class Columns(NamedTuple):
@@ -77,6 +77,22 @@ def _number_reader(column: dict[str, Any]):
     return read
 
 
+def _time_reader(column: dict[str, Any]):
+    """A time-of-day column: "14:30" or "2:30 PM" read as hours since midnight, as training read it;
+    one that does not read is missing where training had such values (`coerce`), else refused."""
+    def read(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        hours = hours_of_day(value)
+        if hours != hours:
+            if column.get("coerce") or not value.strip():
+                return None
+            raise ValueError("not a time of day as the training file wrote them (e.g. 14:30, 14:30:05, 2:30 PM)")
+        return hours
+
+    return read
+
+
 def _nan_as_missing(value: Any) -> Any:
     """NaN is pandas' missing value, and Python's json writes it as a bare NaN: what a client that
     posts `df.to_dict("records")` with `requests` sends for a gap. It is missing, as null is."""
@@ -112,6 +128,8 @@ def row_model(preprocessing: dict[str, Any], strict: bool) -> type[BaseModel]:
             kind = Annotated[Any, BeforeValidator(_date_value)]
         elif column.get("number_format"):
             kind = Annotated[FiniteFloat | None, BeforeValidator(_number_reader(column))]
+        elif column.get("time_of_day"):
+            kind = Annotated[FiniteFloat | None, BeforeValidator(_time_reader(column))]
         elif column.get("coerce"):
             kind = Annotated[FiniteFloat | None, BeforeValidator(_missing_if_unreadable)]
         else:

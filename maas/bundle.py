@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,8 @@ def column_numbers(values: Any, column: dict[str, Any]) -> np.ndarray:
         return dates_as_days(values, column.get("date_format"))
     if column.get("number_format"):
         return formatted_numbers(values, column["number_format"]["decimal"])
+    if column.get("time_of_day"):
+        return np.array([hours_of_day(value) for value in values], dtype=np.float64)
     return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64)
 
 
@@ -203,6 +205,34 @@ def formatted_number(value: Any, decimal: str) -> float:
 
 def formatted_numbers(values: Any, decimal: str) -> np.ndarray:
     return np.array([formatted_number(value, decimal) for value in values], dtype=np.float64)
+
+
+# --- times of day ----------------------------------------------------------------------------------
+
+# 14:30, 14:30:05, 14:30:05.250, 2:30 PM, 2:30 p.m.: what a shift, a booking or a transaction time looks like
+_TIME_OF_DAY = re.compile(r"(\d{1,2}):([0-5]\d)(?::([0-5]\d)(?:[.,]\d+)?)?\s*(?:([AaPp])\.?\s*[Mm]\.?)?")
+
+
+def hours_of_day(value: Any) -> float:
+    """A time of day as hours since midnight: "14:30" 14.5, "2:30 PM" 14.5, a datetime.time (an
+    Excel or Parquet time cell) alike; a number is itself (hours); anything else is NaN."""
+    if value is None or isinstance(value, bool):
+        return float("nan")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, time):
+        return value.hour + value.minute / 60 + (value.second + value.microsecond / 1e6) / 3600
+    match = _TIME_OF_DAY.fullmatch(str(value).strip())
+    if match is None:
+        return float("nan")
+    hours, minutes, seconds, half = int(match[1]), int(match[2]), int(match[3] or 0), match[4]
+    if half:
+        if not 1 <= hours <= 12:
+            return float("nan")
+        hours = hours % 12 + (12 if half in "Pp" else 0)
+    elif hours > 24 or (hours == 24 and (minutes or seconds)):
+        return float("nan")
+    return hours + minutes / 60 + seconds / 3600
 
 
 # --- categories ------------------------------------------------------------------------------------
@@ -412,7 +442,7 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any], categorical: l
     numeric = None
     spec = preprocessing["numeric"]
     # a datetime would pass as its integer, and "1.200" (decimal ",") as 1.2
-    if spec and not any(c.get("date") or c.get("number_format") for c in spec):
+    if spec and not any(c.get("date") or c.get("number_format") or c.get("time_of_day") for c in spec):
         try:  # fast path: already numeric (the common case, ~10x cheaper per request)
             numeric = frame[[c["name"] for c in spec]].to_numpy(dtype=np.float64, copy=True)
         except (TypeError, ValueError):

@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
 from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_example, date_parts, dates_as_days,
-                         formatted_number, formatted_numbers, is_boolean, spelt_alike, text_encoder, transform)
+                         formatted_number, formatted_numbers, hours_of_day, is_boolean, spelt_alike, text_encoder, transform)
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -392,6 +392,25 @@ def read_as_dates(column: pd.Series, max_bad_fraction: float, notes: list[str], 
                      date_format)
 
 
+def read_as_times(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:
+    """Times of day ("14:30", "2:30 PM", an Excel time cell) as hours since midnight, but for a few
+    stray values; None for a column that is not times. Such a column was dropped as ID-like before:
+    its distinct strings are many, and pandas reads none as dates."""
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_datetime64_any_dtype(column):
+        return None
+    present = column[~blank(column)]
+    if present.empty:
+        return None
+    sample = spread_sample(present)
+    if np.isnan([hours_of_day(value) for value in sample]).mean() > max_bad_fraction:
+        return None
+    hours = pd.Series([hours_of_day(value) for value in column], index=column.index, dtype=np.float64)
+    n_bad = int(hours.loc[present.index].isna().sum())
+    if n_bad > max_bad_fraction * len(present) or all(isinstance(value, (int, float)) for value in present):
+        return None
+    return hours, n_bad
+
+
 class ReadNumbers(NamedTuple):
     numbers: pd.Series
     n_bad: int
@@ -509,6 +528,18 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
             written = f", written as {date_format} ({date_example(date_format)})" if date_format else ""
             notes.append(f"column '{name}' read as dates (days since 1970-01-01 and calendar parts{written}{unreadable})")
+            continue
+        as_times = None if name in data.text_columns else read_as_times(column, data.max_unparsable_fraction)
+        if as_times is not None:
+            hours, n_bad = as_times
+            if hours.nunique(dropna=True) <= 1:
+                dropped[name] = "constant"
+                continue
+            kept[name], formats[name] = hours, {"time_of_day": True}
+            if n_bad:
+                coerced_columns.add(name)
+            unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
+            notes.append(f"column '{name}' read as times of day, in hours (14:30 and 2:30 PM are 14.5{unreadable})")
             continue
         if name in data.text_columns or (not pd.api.types.is_numeric_dtype(column)
                                          and is_free_text(column, data.text_min_words)):
@@ -892,6 +923,8 @@ def written_as(column: dict[str, Any]) -> dict[str, str]:
     """How a numeric or date column's strings are read besides plain numbers and ISO 8601, for the schema."""
     if column.get("date_format"):
         return {"format": f"{column['date_format']} (e.g. {date_example(column['date_format'])}) or ISO 8601"}
+    if column.get("time_of_day"):
+        return {"format": "a time of day (14:30, 14:30:05, 2:30 PM) or hours since midnight as a number"}
     if column.get("number_format"):
         decimal = column["number_format"]["decimal"]
         return {"format": f"a number, or text with currency, percent and digit-group marks, decimal mark '{decimal}'"}

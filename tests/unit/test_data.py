@@ -1,3 +1,4 @@
+import datetime
 import json
 
 import numpy as np
@@ -5,7 +6,8 @@ import pandas as pd
 import pytest
 
 from deployments.request_reader import BadRequest, RequestReader
-from maas.bundle import date_parts, dates_as_days, feature_count, formatted_number, transform, transform_arrays
+from maas.bundle import (date_parts, dates_as_days, feature_count, formatted_number, hours_of_day, transform,
+                         transform_arrays)
 from maas.config import DataConfig
 from maas.errors import MaasInputError
 from tasks.data import clean_features, find_date_format, fit_preprocessing, prepare_data
@@ -25,6 +27,23 @@ def table(n: int = 120, seed: int = 0) -> pd.DataFrame:
         "flat": 7,
         "label": rng.choice(["yes", "no"], size=n),
     })
+
+
+def prepared_from_csv(frame: pd.DataFrame, path):
+    """(path, the prepared data, its numeric columns' specs by name) of the frame written as a CSV."""
+    frame.to_csv(path, index=False)
+    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
+    return path, prepared, {c["name"]: c for c in prepared.preprocessing["numeric"]}
+
+
+def assert_served_as_trained(rows: pd.DataFrame, as_trained: np.ndarray, preprocessing: dict) -> RequestReader:
+    """The rows, posted as JSON records, read by the service's reader into the features training read;
+    returns the reader, for the test's own requests."""
+    reader = RequestReader(preprocessing)
+    served = reader.read(json.dumps({"rows": json.loads(rows.to_json(orient="records"))}).encode(), len(rows)).columns
+    np.testing.assert_allclose(transform_arrays(served.numeric, served.categorical, served.n_rows, preprocessing),
+                               as_trained, atol=1e-6)
+    return reader
 
 
 @pytest.mark.parametrize("name, n_classes", [("breast_cancer", 2), ("digits", 10), ("wine", 3)])
@@ -235,10 +254,7 @@ def test_columns_of_money_percentages_and_decimal_commas_train_as_numbers_and_se
         "label": np.where(growth > 0, "up", "down"),
     })
     frame.loc[7, "growth"] = "unknown"  # a stray value: missing, in training and serving alike
-    path = tmp_path / "money.csv"
-    frame.to_csv(path, index=False)
-    prepared = prepare_data(DataConfig(dataset=str(path), target="label"), seed=0)
-    spec = {c["name"]: c for c in prepared.preprocessing["numeric"]}
+    path, prepared, spec = prepared_from_csv(frame, tmp_path / "money.csv")
     assert set(spec) == {"revenue", "growth", "weight"} and not prepared.preprocessing["categorical"]
     assert spec["revenue"]["number_format"] == {"decimal": "."} and not spec["revenue"]["coerce"]
     assert spec["weight"]["number_format"] == {"decimal": ","} and spec["growth"]["coerce"]
@@ -252,10 +268,7 @@ def test_columns_of_money_percentages_and_decimal_commas_train_as_numbers_and_se
 
     as_trained = transform(cleaned, prepared.preprocessing)  # the numbers training read, through the bundle
     np.testing.assert_allclose(transform(raw, prepared.preprocessing), as_trained, atol=1e-6)
-    reader = RequestReader(prepared.preprocessing)
-    served = reader.read(json.dumps({"rows": json.loads(raw.to_json(orient="records"))}).encode(), n).columns
-    np.testing.assert_allclose(transform_arrays(served.numeric, served.categorical, served.n_rows, prepared.preprocessing),
-                               as_trained, atol=1e-6)
+    reader = assert_served_as_trained(raw, as_trained, prepared.preprocessing)
     as_numbers = reader.read(json.dumps({"rows": [{"revenue": 1200.5, "growth": "unknown", "weight": 700}]}).encode(), 1)
     assert np.isnan(as_numbers.columns.numeric[0, 1]) and as_numbers.columns.numeric[0, 0] == 1200.5
     with pytest.raises(BadRequest, match="row 0, column 'revenue': .*not a number as the training file wrote them"):
@@ -280,10 +293,7 @@ def test_a_csv_split_by_another_delimiter_is_read_and_semicolon_files_take_decim
     as_trained = transform(pd.read_csv(path, sep=delimiter, decimal="," if delimiter == ";" else ".")
                            .drop(columns=["label"]), prepared.preprocessing)
     np.testing.assert_allclose(transform(as_read, prepared.preprocessing), as_trained, atol=1e-6)
-    served = RequestReader(prepared.preprocessing).read(
-        json.dumps({"rows": as_read.to_dict("records")}).encode(), len(as_read)).columns
-    np.testing.assert_allclose(transform_arrays(served.numeric, served.categorical, served.n_rows,
-                                                prepared.preprocessing), as_trained, atol=1e-6)
+    assert_served_as_trained(as_read, as_trained, prepared.preprocessing)
     decimal_comma = [note for note in prepared.notes if "decimal mark ','" in note]
     if delimiter == ";":
         assert pd.api.types.is_string_dtype(as_read["x"])
@@ -320,10 +330,7 @@ def test_dots_in_a_semicolon_file_are_read_as_the_column_writes_them_and_served_
     as_trained = transform(cleaned, prepared.preprocessing)
     np.testing.assert_allclose(transform(raw, prepared.preprocessing), as_trained, atol=1e-6)
     as_strings = pd.read_csv(path, sep=";", dtype=str).drop(columns=["label"])  # every value as the file wrote it
-    served = RequestReader(prepared.preprocessing).read(
-        json.dumps({"rows": as_strings.to_dict("records")}).encode(), n).columns
-    np.testing.assert_allclose(transform_arrays(served.numeric, served.categorical, served.n_rows,
-                                                prepared.preprocessing), as_trained, atol=1e-6)
+    assert_served_as_trained(as_strings, as_trained, prepared.preprocessing)
 
 
 def test_a_header_repeated_inside_the_table_by_files_joined_one_after_another_is_dropped(tmp_path):
@@ -341,6 +348,48 @@ def test_a_header_repeated_inside_the_table_by_files_joined_one_after_another_is
     assert {c["name"] for c in prepared.preprocessing["numeric"]} == {"x"}
     alone = prepare_data(DataConfig(dataset=str(first), target="label"), seed=0)
     assert not any("repeat the header" in note for note in alone.notes)
+
+
+@pytest.mark.parametrize("written, hours", [
+    ("14:30", 14.5), ("07:05", 7 + 5 / 60), ("14:30:36", 14.51), ("9:15:00.250", 9.25), ("2:30 PM", 14.5),
+    ("12:00 am", 0.0), ("12:15 p.m.", 12.25), ("24:00", 24.0), (datetime.time(18, 45), 18.75), (14.5, 14.5),
+    ("24:30", None), ("13:00 PM", None), ("7:5", None), ("3:1", None), ("noon", None), ("", None), (None, None),
+])
+def test_a_time_of_day_reads_as_hours_since_midnight(written, hours):
+    value = hours_of_day(written)
+    assert (np.isnan(value) if hours is None else value == pytest.approx(hours))
+
+
+def test_a_column_of_times_of_day_trains_as_hours_and_serves_the_same(tmp_path):
+    # Before, "14:30:07" strings were many distinct values that pandas reads as no dates: dropped as
+    # ID-like, though the hour was what the label turned on.
+    rng = np.random.default_rng(5)
+    n = 240
+    seconds = rng.integers(0, 86_400, n)
+    frame = pd.DataFrame({
+        "x": rng.normal(size=n),
+        "at": [f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}" for s in seconds],
+        "booked": [datetime.time(s // 3600, s % 3600 // 60).strftime("%I:%M %p") for s in seconds],
+        "label": np.where(seconds > 43_200, "afternoon", "morning"),
+    })
+    frame.loc[3, "booked"] = "unknown"  # a stray value: missing, in training and serving alike
+    path, prepared, spec = prepared_from_csv(frame, tmp_path / "times.csv")
+    assert spec["at"]["time_of_day"] and spec["booked"]["time_of_day"] and spec["booked"]["coerce"]
+    assert "column 'at' read as times of day, in hours (14:30 and 2:30 PM are 14.5)" in prepared.notes
+    cleaned = clean_features(pd.read_csv(path).drop(columns=["label"]), DataConfig(dataset=str(path)), []).features
+    np.testing.assert_allclose(cleaned["at"], seconds / 3600)
+    assert np.isnan(cleaned.loc[3, "booked"]) and cleaned["booked"].drop(3).max() < 24
+    raw = pd.read_csv(path).drop(columns=["label"])
+    as_trained = transform(cleaned, prepared.preprocessing)
+    np.testing.assert_allclose(transform(raw, prepared.preprocessing), as_trained, atol=1e-6)
+    reader = assert_served_as_trained(raw, as_trained, prepared.preprocessing)
+    as_hours = reader.read(json.dumps({"rows": [{"x": 0, "at": 14.5, "booked": "later"}]}).encode(), 1).columns
+    assert as_hours.numeric[0, 1] == 14.5 and np.isnan(as_hours.numeric[0, 2])
+    with pytest.raises(BadRequest, match="row 0, column 'at': .*not a time of day as the training file wrote them"):
+        reader.read(json.dumps({"rows": [{"x": 0, "at": "25:61", "booked": "2:30 PM"}]}).encode(), 1)
+    assert {c["name"]: c.get("format", "") for c in prepared.input_schema}["at"].startswith("a time of day")
+    as_objects = raw.assign(at=[datetime.time(s // 3600, s % 3600 // 60, s % 60) for s in seconds])  # Parquet's
+    np.testing.assert_allclose(transform(as_objects, prepared.preprocessing), as_trained, atol=1e-6)
 
 
 def test_a_parquet_column_of_lists_is_dropped_by_name_and_a_target_of_lists_refused(tmp_path):
