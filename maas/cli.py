@@ -349,8 +349,14 @@ def command_tracking_server(args: argparse.Namespace) -> int:
 
 
 def serving_environment(packaged, serving, tier_models: dict | None = None) -> dict[str, str]:
+    """The server's environment. MAAS_HOME is this command's, made absolute: the server runs in the
+    checkout, where the default ./.maas is another folder, and its workers then checked keys against
+    a store without them (401 for every key) and kept the prediction log where `maas monitor` did not look."""
+    from maas.paths import maas_home
+
     tiers = {tier: {"bundle_dir": str(model.path), "label": model.label} for tier, model in (tier_models or {}).items()}
-    return {**os.environ, "MAAS_BUNDLE_DIR": str(packaged.path), "MAAS_MODEL_LABEL": packaged.label,
+    return {**os.environ, "MAAS_HOME": str(maas_home()), "MAAS_BUNDLE_DIR": str(packaged.path),
+            "MAAS_MODEL_LABEL": packaged.label,
             "MAAS_SERVING_CONFIG": serving.model_dump_json(), "MAAS_TIER_MODELS": json.dumps(tiers)}
 
 
@@ -371,6 +377,8 @@ def command_serve(args: argparse.Namespace) -> int:
         path = getattr(serving.tls, field)
         if path is not None and not Path(path).is_file():
             raise MaasInputError(f"serving.tls.{field}: no file at {path}")
+        if path is not None:  # the server runs in the checkout: a path relative to here is resolved here
+            serving = serving.model_copy(update={"tls": serving.tls.model_copy(update={field: str(Path(path).resolve())})})
     from maas.privacy import redactor_for
 
     redactor_for(serving.privacy)  # a privacy policy whose secret is missing stops here, not in each worker

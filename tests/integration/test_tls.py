@@ -16,25 +16,30 @@ import pytest
 from maas.api_keys import create_key
 from maas.service_store import connect
 from maas.tls import self_signed
-from tests.conftest import PROJECT_ROOT, free_port, quick_config
+from tests.conftest import free_port, quick_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_service_answers_over_https_and_not_over_plain_http(prefect_server, maas_home, tmp_path):
+    """Served as a user does it: from the folder holding the default ./.maas, no MAAS_HOME, the
+    certificate named relative to there. The server runs in the checkout; before, its workers took
+    that folder's ./.maas (no keys: 401) and looked for the certificate there."""
     from flows.train_pipeline import train_pipeline
     from sklearn.datasets import load_wine
 
     train_pipeline(quick_config("wine", "serving.build_bento=false"))
     certfile, keyfile = self_signed(tmp_path)
     _, key = create_key(connect(maas_home / "service.db"), "tls", "pro")
+    (tmp_path / ".maas").symlink_to(maas_home)  # the user's ./.maas
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "maas", "serve", "--model", "maas-wine@champion", "--port", str(port),
-                               "--set", "serving.workers=1", "--set", f"serving.tls.certfile={certfile}",
-                               "--set", f"serving.tls.keyfile={keyfile}"],
-                              env={**os.environ, "MAAS_HOME": str(maas_home)}, cwd=PROJECT_ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+                               "--set", "serving.workers=1",
+                               "--set", f"serving.tls.certfile={os.path.relpath(certfile, tmp_path)}",
+                               "--set", f"serving.tls.keyfile={os.path.relpath(keyfile, tmp_path)}"],
+                              env={name: value for name, value in os.environ.items() if name != "MAAS_HOME"},
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     base = f"https://127.0.0.1:{port}"
     try:
         with httpx.Client(verify=ssl.create_default_context(cafile=certfile), timeout=5) as client:
@@ -49,6 +54,7 @@ def test_the_service_answers_over_https_and_not_over_plain_http(prefect_server, 
             rows = json.loads(load_wine(as_frame=True).data.head(3).to_json(orient="records"))
             answer = client.post(f"{base}/predict", json={"rows": rows}, headers={"X-API-Key": key})
             assert answer.status_code == 200 and len(answer.json()) == 3
+            assert any((maas_home / "run" / "meter").glob("*.journal"))  # logged where `maas monitor` reads
             assert answer.headers["strict-transport-security"] == "max-age=31536000"  # stay on HTTPS
         assert f"on https://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
         with pytest.raises(httpx.HTTPError):  # the port speaks TLS only
