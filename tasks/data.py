@@ -678,9 +678,12 @@ def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.nd
     counts = np.bincount(codes, minlength=len(labels))
     if counts.min() < data.min_rows_per_class:
         smallest = int(counts.argmin())
+        many = len(labels) > data.max_category_levels and (counts >= data.min_rows_per_class).sum() < 2
         raise MaasInputError(
-            f"target '{name}': class '{labels[smallest]}' has {counts[smallest]} rows; each class "
-            f"needs at least {data.min_rows_per_class} (data.min_rows_per_class)"
+            f"target '{name}': class '{labels[smallest]}' has {counts[smallest]} row{'s' if counts[smallest] > 1 else ''}; "
+            f"each class needs at least {data.min_rows_per_class} (data.min_rows_per_class)"
+            + (f"; {len(labels)} classes in {len(codes)} rows: an ID or a measured quantity rather than classes? "
+               "maas trains classifiers" if many else "")
         )
     return codes.astype(np.int64), labels
 
