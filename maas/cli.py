@@ -378,7 +378,8 @@ def command_serve(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).is_file():
             raise MaasInputError(f"serving.tls.{field}: no file at {path}")
         if path is not None:  # the server runs in the checkout: a path relative to here is resolved here
-            serving = serving.model_copy(update={"tls": serving.tls.model_copy(update={field: str(Path(path).resolve())})})
+            resolved = serving.tls.model_copy(update={field: str(Path(path).resolve())})
+            serving = serving.model_copy(update={"tls": resolved})
     from maas.privacy import redactor_for
 
     redactor_for(serving.privacy)  # a privacy policy whose secret is missing stops here, not in each worker

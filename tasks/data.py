@@ -18,7 +18,8 @@ from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
 from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_example, date_parts, dates_as_days,
-                         formatted_number, formatted_numbers, hours_of_day, is_boolean, spelt_alike, text_encoder, transform)
+                         formatted_number, formatted_numbers, hours_of_day, is_boolean, spelt_alike, text_encoder,
+                         transform)
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -680,8 +681,8 @@ def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.nd
         smallest = int(counts.argmin())
         many = len(labels) > data.max_category_levels and (counts >= data.min_rows_per_class).sum() < 2
         raise MaasInputError(
-            f"target '{name}': class '{labels[smallest]}' has {counts[smallest]} row{'s' if counts[smallest] > 1 else ''}; "
-            f"each class needs at least {data.min_rows_per_class} (data.min_rows_per_class)"
+            f"target '{name}': class '{labels[smallest]}' has {counts[smallest]} "
+            f"row{'s' if counts[smallest] > 1 else ''}; each class needs at least {data.min_rows_per_class} (data.min_rows_per_class)"
             + (f"; {len(labels)} classes in {len(codes)} rows: an ID or a measured quantity rather than classes? "
                "maas trains classifiers" if many else "")
         )

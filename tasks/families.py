@@ -507,7 +507,8 @@ def choose_family(scores: list[FamilyScore], tolerance: float, vote_margin_se: f
         lead, error = paired_lead(chosen, vote)
         if within_noise((lead, error), vote_margin_se):
             why = (f"the vote, as {chosen.family} leads it by {lead:+.4f}, within {vote_margin_se:g} standard errors "
-                   f"({vote_margin_se:g} x {error:.4f}) of their fold-by-fold differences: {vote.mean:.4f} ± {vote.sd:.4f}")
+                   f"({vote_margin_se:g} x {error:.4f}) of their fold-by-fold differences: "
+                   f"{vote.mean:.4f} ± {vote.sd:.4f}")
             chosen = vote
     return chosen, f"{chosen.family}: {why} over {len(chosen.fold_f1)} folds"
 

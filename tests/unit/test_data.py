@@ -639,7 +639,8 @@ def test_a_rare_class_is_dropped_with_a_note_or_refused_when_asked(tmp_path):
     (note,) = [note for note in prepared.notes if "data.min_rows_per_class" in note]
     assert "2 class(es) with fewer than 10 rows" in note and "'r' (3 rows), 's' (1 row)" in note
     assert "4 row(s) dropped" in note
-    with pytest.raises(MaasInputError, match=r"class 's' has 1 row; each class needs at least 10 \(data.min_rows_per_class\)$"):
+    with pytest.raises(MaasInputError,
+                       match=r"class 's' has 1 row; each class needs at least 10 \(data.min_rows_per_class\)$"):
         prepare_data(DataConfig(dataset=str(path), target="y", rare_classes="error"), seed=0)
     counts = write_csv(tmp_path / "counts.csv", ["a,y"] + [f"{index % 7},{index}" for index in range(120)])
     with pytest.raises(MaasInputError, match="class '0' has 1 row; .*; 120 classes in 120 rows: an ID or a measured "
