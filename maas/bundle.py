@@ -209,13 +209,15 @@ def formatted_numbers(values: Any, decimal: str) -> np.ndarray:
 
 # --- times of day ----------------------------------------------------------------------------------
 
-# 14:30, 14:30:05, 14:30:05.250, 2:30 PM, 2:30 p.m.: what a shift, a booking or a transaction time looks like
-_TIME_OF_DAY = re.compile(r"(\d{1,2}):([0-5]\d)(?::([0-5]\d)(?:[.,]\d+)?)?\s*(?:([AaPp])\.?\s*[Mm]\.?)?")
+# 14:30, 14:30:05, 14:30:05.250, 2:30 PM, 2:30 p.m.: a shift, a booking or a transaction time; 36:15, a duration
+_TIME_OF_DAY = re.compile(r"(\d{1,3}):([0-5]\d)(?::([0-5]\d)(?:[.,]\d+)?)?\s*(?:([AaPp])\.?\s*[Mm]\.?)?")
 
 
 def hours_of_day(value: Any) -> float:
     """A time of day as hours since midnight: "14:30" 14.5, "2:30 PM" 14.5, a datetime.time (an
-    Excel or Parquet time cell) alike; a number is itself (hours); anything else is NaN."""
+    Excel or Parquet time cell) alike; a number is itself (hours); anything else is NaN. A duration
+    written so ("36:15", "12:34" of minutes and seconds) reads as its first unit, which a model takes
+    as well as the true length: it is proportional to it."""
     if value is None or isinstance(value, bool):
         return float("nan")
     if isinstance(value, (int, float, np.integer, np.floating)):
@@ -230,8 +232,6 @@ def hours_of_day(value: Any) -> float:
         if not 1 <= hours <= 12:
             return float("nan")
         hours = hours % 12 + (12 if half in "Pp" else 0)
-    elif hours > 24 or (hours == 24 and (minutes or seconds)):
-        return float("nan")
     return hours + minutes / 60 + seconds / 3600
 
 

@@ -540,7 +540,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
             if n_bad:
                 coerced_columns.add(name)
             unreadable = f", {n_bad} unreadable value(s) as missing" if n_bad else ""
-            notes.append(f"column '{name}' read as times of day, in hours (14:30 and 2:30 PM are 14.5{unreadable})")
+            notes.append(f"column '{name}' read as times, h:mm[:ss] in hours (14:30 and 2:30 PM are 14.5{unreadable})")
             continue
         if name in data.text_columns or (not pd.api.types.is_numeric_dtype(column)
                                          and is_free_text(column, data.text_min_words)):

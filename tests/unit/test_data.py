@@ -353,7 +353,7 @@ def test_a_header_repeated_inside_the_table_by_files_joined_one_after_another_is
 @pytest.mark.parametrize("written, hours", [
     ("14:30", 14.5), ("07:05", 7 + 5 / 60), ("14:30:36", 14.51), ("9:15:00.250", 9.25), ("2:30 PM", 14.5),
     ("12:00 am", 0.0), ("12:15 p.m.", 12.25), ("24:00", 24.0), (datetime.time(18, 45), 18.75), (14.5, 14.5),
-    ("24:30", None), ("13:00 PM", None), ("7:5", None), ("3:1", None), ("noon", None), ("", None), (None, None),
+    ("36:15", 36.25), ("25:61", None), ("13:00 PM", None), ("7:5", None), ("3:1", None), ("noon", None), ("", None), (None, None),
 ])
 def test_a_time_of_day_reads_as_hours_since_midnight(written, hours):
     value = hours_of_day(written)
@@ -375,7 +375,7 @@ def test_a_column_of_times_of_day_trains_as_hours_and_serves_the_same(tmp_path):
     frame.loc[3, "booked"] = "unknown"  # a stray value: missing, in training and serving alike
     path, prepared, spec = prepared_from_csv(frame, tmp_path / "times.csv")
     assert spec["at"]["time_of_day"] and spec["booked"]["time_of_day"] and spec["booked"]["coerce"]
-    assert "column 'at' read as times of day, in hours (14:30 and 2:30 PM are 14.5)" in prepared.notes
+    assert "column 'at' read as times, h:mm[:ss] in hours (14:30 and 2:30 PM are 14.5)" in prepared.notes
     cleaned = clean_features(pd.read_csv(path).drop(columns=["label"]), DataConfig(dataset=str(path)), []).features
     np.testing.assert_allclose(cleaned["at"], seconds / 3600)
     assert np.isnan(cleaned.loc[3, "booked"]) and cleaned["booked"].drop(3).max() < 24
