@@ -75,11 +75,22 @@ def test_the_linear_family_finds_the_few_columns_that_matter_with_an_l1_penalty(
     assert linear.mean > 0.9 and linear.mean > comparison.member("hgb").mean + 0.05, comparison.leaderboard()
 
 
+def answering_mostly(chosen) -> str | None:
+    """The family the chosen candidate answers with, or with half or more of its vote's weight (the
+    fitted vote, the default, keeps a clearly better family as its main member); None for a vote
+    without such a member."""
+    members = chosen.params.get("members", [chosen.family])
+    weights = dict(zip(members, chosen.params.get("weights", [1 / len(members)] * len(members))))
+    family = max(weights, key=weights.get)
+    return family if weights[family] >= 0.5 else None
+
+
 def test_gradient_boosting_wins_on_thresholds_and_interactions(tmp_path, maas_home):
     prepared, config = prepared_table("thresholds", tmp_path)
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "t")
     scores = {score.family: score.mean for score in comparison.scores}
-    assert comparison.chosen.family == "hgb" and scores["hgb"] > scores["mlp"] + 0.05, comparison.leaderboard()
+    assert scores["hgb"] > scores["mlp"] + 0.05, comparison.leaderboard()
+    assert answering_mostly(comparison.chosen) == "hgb", (comparison.chosen.params, scores)
 
 
 def test_the_best_trials_folds_are_the_leaderboards_and_are_not_fitted_again(tmp_path, maas_home, monkeypatch):
@@ -160,7 +171,7 @@ def test_the_vote_averages_only_the_families_within_the_noise_of_the_best_when_t
 def test_the_linear_model_is_kept_where_it_is_enough(tmp_path, maas_home):
     prepared, config = prepared_table("linear", tmp_path)
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "l")
-    assert comparison.chosen.family == "linear", comparison.leaderboard()
+    assert answering_mostly(comparison.chosen) == "linear", (comparison.chosen.params, comparison.leaderboard())
     rows = comparison.leaderboard()
     assert {"family", "cv_f1_macro_mean", "cv_f1_macro_sd", "fit_s", "size_bytes", "p50_ms_b64"} <= set(rows[0])
     assert [row["cv_f1_macro_mean"] for row in rows] == sorted((row["cv_f1_macro_mean"] for row in rows), reverse=True)
