@@ -16,6 +16,7 @@ import itertools
 import json
 import operator
 import zlib
+from functools import partial
 from typing import Annotated, Any, NamedTuple
 
 import numpy as np
@@ -57,40 +58,38 @@ def _missing_if_unreadable(value: Any) -> Any:
     return value
 
 
-def _number_reader(column: dict[str, Any]):
-    """A numeric column whose training file wrote its numbers with currency, percent or digit-group
-    marks: such a string is read as training read it ("$1,200.50"); one that does not read is missing
-    where training had such values (`coerce`), else refused, naming the form."""
-    decimal, missing_if_unreadable = column["number_format"]["decimal"], column.get("coerce")
-    example = "1,200.50" if decimal == "." else "1.200,50"
+def _string_reader(column: dict[str, Any], parse, refusal: str):
+    """A numeric column whose training file wrote its values in a form of their own: a string is
+    parsed as training parsed it (`parse`: str -> float, NaN where it does not read); one that does
+    not read is missing where training had such values (`coerce`) or it is blank, else refused with
+    `refusal`, naming the form. Numbers pass as they are."""
+    missing_if_unreadable = column.get("coerce")
 
     def read(value: Any) -> Any:
         if not isinstance(value, str):
             return value
-        number = formatted_number(value, decimal)
+        number = parse(value)
         if number != number:
             if missing_if_unreadable or not value.strip():
                 return None
-            raise ValueError(f"not a number as the training file wrote them (e.g. {example}, $5, 12.5%)")
+            raise ValueError(refusal)
         return number
 
     return read
 
 
-def _time_reader(column: dict[str, Any]):
-    """A time-of-day column: "14:30" or "2:30 PM" read as hours since midnight, as training read it;
-    one that does not read is missing where training had such values (`coerce`), else refused."""
-    def read(value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        hours = hours_of_day(value)
-        if hours != hours:
-            if column.get("coerce") or not value.strip():
-                return None
-            raise ValueError("not a time of day as the training file wrote them (e.g. 14:30, 14:30:05, 2:30 PM)")
-        return hours
+def _number_reader(column: dict[str, Any]):
+    """Numbers written with currency, percent or digit-group marks, read as training read them ("$1,200.50")."""
+    decimal = column["number_format"]["decimal"]
+    example = "1,200.50" if decimal == "." else "1.200,50"
+    return _string_reader(column, partial(formatted_number, decimal=decimal),
+                          f"not a number as the training file wrote them (e.g. {example}, $5, 12.5%)")
 
-    return read
+
+def _time_reader(column: dict[str, Any]):
+    """Times of day, "14:30" or "2:30 PM", read as hours since midnight, as training read them."""
+    return _string_reader(column, hours_of_day,
+                          "not a time of day as the training file wrote them (e.g. 14:30, 14:30:05, 2:30 PM)")
 
 
 def _nan_as_missing(value: Any) -> Any:
