@@ -682,7 +682,8 @@ def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.nd
         many = len(labels) > data.max_category_levels and (counts >= data.min_rows_per_class).sum() < 2
         raise MaasInputError(
             f"target '{name}': class '{labels[smallest]}' has {counts[smallest]} "
-            f"row{'s' if counts[smallest] > 1 else ''}; each class needs at least {data.min_rows_per_class} (data.min_rows_per_class)"
+            f"row{'s' if counts[smallest] > 1 else ''}; each class needs at least {data.min_rows_per_class} "
+            "(data.min_rows_per_class)"
             + (f"; {len(labels)} classes in {len(codes)} rows: an ID or a measured quantity rather than classes? "
                "maas trains classifiers" if many else "")
         )
