@@ -6,7 +6,6 @@ Serving, packaging, the promotion gate and the monitor all name models this way.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import re
 import shlex
@@ -16,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from maas.errors import MaasInputError
+from maas.locks import file_lock
 
 CHAMPION = "champion"  # RegistryConfig.champion_alias's default; a bare NAME means NAME@<champion alias>
 _REFERENCE = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z_][A-Za-z0-9_-]*)|/(?P<version>\d+))?$")
@@ -118,15 +118,8 @@ def aliases_held(name: str) -> Iterator[None]:
     covers runs and commands started by hand beside them (a file lock: released if the process dies)."""
     from maas.paths import maas_home
 
-    folder = maas_home() / "locks"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"aliases-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(maas_home() / "locks" / f"aliases-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock"):
+        yield
 
 
 def promote(client, name: str, version: str, alias: str, reason: str, actor: str | None = None) -> str | None:

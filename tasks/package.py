@@ -7,6 +7,7 @@ name, version, alias and run id, so `bentoml models list` says where each one ca
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from maas.config import ServingConfig
 from maas.errors import MaasInputError
+from maas.locks import file_lock
 from maas.paths import maas_home, use_embedded_bentoml_home
 from maas.registered import ModelRef, download_bundle
 from maas.run_context import RunContext
@@ -44,6 +46,15 @@ def bento_model_name(mlflow_name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", mlflow_name.lower()).strip("-._") or "maas-model"
 
 
+def bentoml_store_lock():
+    """One writer at a time in the BentoML store. Replicas on one host (or sharing BENTOML_HOME) package
+    at start and when an alias moves; BentoML 1.4 rewrites the name's `latest` file in place and reads
+    it back, so two concurrent saves of one name can read it half-written and fail with "does not
+    contain a 'model.yaml'"."""
+    use_embedded_bentoml_home()
+    return file_lock(Path(os.environ["BENTOML_HOME"]) / ".maas-store.lock")
+
+
 def package_model(client, ref: ModelRef, what: str = "--model") -> PackagedModel:
     """Resolve the reference in the MLflow registry and save its bundle as a BentoML model."""
     use_embedded_bentoml_home()
@@ -54,8 +65,9 @@ def package_model(client, ref: ModelRef, what: str = "--model") -> PackagedModel
         bundle = download_bundle(ref, Path(scratch))
         labels = {"mlflow_model": ref.name, "mlflow_version": ref.version, "mlflow_run_id": found.run_id,
                   "alias": ref.alias or "", "variant": found.tags.get("variant", "")}
-        with bentoml.models.create(bento_model_name(ref.name), labels=labels,
-                                   metadata={"source": f"models:/{ref.name}/{ref.version}"}) as model:
+        with bentoml_store_lock(), bentoml.models.create(
+                bento_model_name(ref.name), labels=labels, metadata={"source": f"models:/{ref.name}/{ref.version}"}
+        ) as model:
             shutil.copytree(bundle, model.path, dirs_exist_ok=True)  # a text model's encoder/ included
     stored = bentoml.models.get(model.tag)  # the files move into the store when the block ends
     return PackagedModel(str(stored.tag), Path(stored.path), ref)

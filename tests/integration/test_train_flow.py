@@ -95,6 +95,28 @@ def test_registered_version_carries_alias_and_manifest(trained):
     assert tags["variant"] == summary["selected_variant"] and tags["gate"] == "promoted"
 
 
+def test_packaging_waits_while_another_process_writes_the_bentoml_store(trained):
+    """Two replicas sharing BENTOML_HOME packaged at once; BentoML read the other's half-written
+    `latest` file and the replica died ("does not contain a 'model.yaml'"). Packaging holds the store's
+    lock: while another holder has it, nothing is saved."""
+    import threading
+    import time
+
+    from maas.registered import ModelRef
+    from tasks.package import bentoml_store_lock, package_model
+
+    _, _, summary = trained
+    packaged = []
+    with bentoml_store_lock():
+        writer = threading.Thread(target=lambda: packaged.append(
+            package_model(mlflow_client(), ModelRef(summary["model_name"], "champion"))))
+        writer.start()
+        time.sleep(3)
+        assert writer.is_alive() and not packaged
+    writer.join(timeout=60)
+    assert packaged and (packaged[0].path / "metadata.json").is_file(), packaged
+
+
 def test_manifest_says_how_the_version_was_made(trained):
     import mlflow
 
