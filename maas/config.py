@@ -284,9 +284,9 @@ class SelectionConfig(Section):
                                     "of at most this many train + validation rows, at the default budget (a larger "
                                     "budget.time_s scales it up); null: all rows")
     ensemble: bool = Field(True, description="also score the soft vote of the compared families")
-    vote_weights: Literal["equal", "fitted"] = Field("equal", description="the vote's weights: equal, or fitted "
-                                                     "by ensemble selection on the families' held-out probabilities "
-                                                     "(scored cross-fitted)")
+    vote_weights: Literal["equal", "fitted", "auto"] = Field(
+        "equal", description="the vote's weights: equal, fitted by ensemble selection on the families' held-out "
+        "probabilities (scored cross-fitted), or auto: both, the one with the higher CV mean kept")
     vote_margin_se: float = Field(2.0, ge=0, le=10, description="keep the vote over the family chosen when that "
                                   "family's CV lead over it is within this many standard errors of their fold-by-fold "
                                   "differences (0: the best mean alone decides)")

@@ -4,6 +4,7 @@ comparison picks the family the table calls for, and nothing that chooses reads 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -21,8 +22,9 @@ from tasks.evaluate import classification_metrics, evaluate_bundle, evaluate_var
 from tasks.export import write_bundle
 from tasks.decision import best_cut, decided_macro_f1, macro_f1_at_cuts, macro_f1_columns
 from models.ensemble import average_probabilities, fitted_weights
-from tasks.families import (FamilyScore, Folds, candidate_families, choose_family, compare_families, families_for_rows,
-                            fit_chosen_family, set_decision, vote_members, weighted_vote_score, with_tuned_decision)
+from tasks.families import (FamilyScore, Folds, better_vote, candidate_families, choose_family, compare_families,
+                            families_for_rows, fit_chosen_family, set_decision, vote_members, vote_of,
+                            weighted_vote_score, with_tuned_decision)
 from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
 from tasks.tune import open_storage
@@ -212,7 +214,7 @@ def test_family_names_are_checked_in_one_line():
         assert "model.famil" in str(refused.value) and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("weights", ["equal", "fitted"])
+@pytest.mark.parametrize("weights", ["equal", "fitted", "auto"])
 def test_the_vote_of_the_families_is_one_bundle_answering_as_the_average_of_its_members(weights, tmp_path, maas_home):
     prepared, config = prepared_table("churn", tmp_path, "model.families=[linear, hgb]",
                                       "selection.vote_members_se=null", f"selection.vote_weights={weights}")
@@ -269,6 +271,27 @@ def test_the_fitted_vote_answers_each_fold_by_the_weights_its_siblings_chose():
     assert vote.params["members"] == ["linear", "hgb"] and vote.spec.weights == vote.params["weights"]  # no "mlp"
     assert "weights linear 0." in vote.note
     assert weighted_vote_score([scores[0], scores[2]], folds, tune_decision=False) is None  # one member left: no vote
+
+
+def test_vote_weights_auto_keeps_the_vote_whose_cross_fitted_cv_is_higher():
+    y, members = noisy_members(1)
+    splits = list(StratifiedKFold(4, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+    folds = Folds(np.zeros((len(y), 1)), y, splits, 4, 1)
+    scores = [FamilyScore(family, ClassicSpec(family, 1, 2, {}), {}, [0.5] * 4, 0.0,
+                          fold_probabilities=[member[out] for _, out in splits])
+              for family, member in zip(["linear", "hgb", "mlp"], members)]
+    selection = SelectionConfig(vote_weights="auto", tune_decision=False)
+    fitted = weighted_vote_score(scores, folds, tune_decision=False)
+    equal = vote_of(scores, folds, selection.model_copy(update={"vote_weights": "equal"}))
+    assert fitted.mean > equal.mean + 0.05  # the confidently wrong member drags the equal vote down
+    auto = vote_of(scores, folds, selection)
+    assert auto.params == fitted.params and auto.fold_f1 == fitted.fold_f1
+    assert auto.note.endswith(f"weights equal: CV {equal.mean:.4f}")
+    lower = replace(fitted, fold_f1=[value - 0.01 for value in equal.fold_f1])
+    assert better_vote(equal, lower).params == equal.params and f"weights fitted: CV {lower.mean:.4f}" in \
+        better_vote(equal, lower).note
+    assert better_vote(equal, replace(fitted, fold_f1=equal.fold_f1)).params == equal.params  # a tie: nothing fitted
+    assert better_vote(equal, None) is equal  # no fitted vote (one member kept all the weight)
 
 
 def test_the_decision_is_the_one_with_the_best_macro_f1_and_a_folds_own_labels_never_set_it():
