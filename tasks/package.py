@@ -56,21 +56,43 @@ def bentoml_store_lock():
 
 
 def package_model(client, ref: ModelRef, what: str = "--model") -> PackagedModel:
-    """Resolve the reference in the MLflow registry and save its bundle as a BentoML model."""
+    """Resolve the reference in the MLflow registry and save its bundle as a BentoML model, unless the
+    store holds it already (already_packaged)."""
     use_embedded_bentoml_home()
     import bentoml
 
     ref, found = ref.resolve(client, what)
-    with tempfile.TemporaryDirectory(dir=maas_home()) as scratch:
-        bundle = download_bundle(ref, Path(scratch))
-        labels = {"mlflow_model": ref.name, "mlflow_version": ref.version, "mlflow_run_id": found.run_id,
-                  "alias": ref.alias or "", "variant": found.tags.get("variant", "")}
-        with bentoml_store_lock(), bentoml.models.create(
-                bento_model_name(ref.name), labels=labels, metadata={"source": f"models:/{ref.name}/{ref.version}"}
-        ) as model:
-            shutil.copytree(bundle, model.path, dirs_exist_ok=True)  # a text model's encoder/ included
-    stored = bentoml.models.get(model.tag)  # the files move into the store when the block ends
+    labels = {"mlflow_model": ref.name, "mlflow_version": ref.version, "mlflow_run_id": found.run_id,
+              "alias": ref.alias or "", "variant": found.tags.get("variant", "")}
+    with bentoml_store_lock():
+        stored = already_packaged(bento_model_name(ref.name), labels)
+        if stored is None:
+            with tempfile.TemporaryDirectory(dir=maas_home()) as scratch, bentoml.models.create(
+                    bento_model_name(ref.name), labels=labels, metadata={"source": f"models:/{ref.name}/{ref.version}"}
+            ) as model:
+                shutil.copytree(download_bundle(ref, Path(scratch)), model.path, dirs_exist_ok=True)  # encoder/ too
+            stored = bentoml.models.get(model.tag)
     return PackagedModel(str(stored.tag), Path(stored.path), ref)
+
+
+def already_packaged(name: str, labels: dict[str, str]):
+    """The newest whole BentoML model of this name with these labels (this registered version and run,
+    under this alias), or None. Without it every start of `maas serve`, and of each replica, saved
+    another copy, and a text model's encoder is 20-90 MB. A version left without its model.yaml (a
+    save killed half-way) is passed over."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    folder = Path(os.environ["BENTOML_HOME"]) / "models" / name
+    found = []
+    for version in folder.iterdir() if folder.is_dir() else []:
+        try:
+            model = bentoml.models.get(f"{name}:{version.name}")
+        except BentoMLException:
+            continue
+        if model.info.labels == labels:
+            found.append(model)
+    return max(found, key=lambda model: model.creation_time, default=None)
 
 
 def package_tier_models(client, served_name: str, serving: ServingConfig

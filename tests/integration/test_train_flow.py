@@ -117,6 +117,28 @@ def test_packaging_waits_while_another_process_writes_the_bentoml_store(trained)
     assert packaged and (packaged[0].path / "metadata.json").is_file(), packaged
 
 
+def test_a_registered_version_is_packaged_once_per_alias_and_a_half_saved_copy_is_passed_over(trained):
+    """Every start of `maas serve` saved another copy of the bundle in the BentoML store."""
+    import bentoml
+
+    from maas.registered import ModelRef
+    from tasks.package import bento_model_name, package_model
+
+    _, _, summary = trained
+    champion = ModelRef(summary["model_name"], "champion")
+    first = package_model(mlflow_client(), champion)
+    half_saved = first.path.parent / "half-saved"  # a save killed before its model.yaml was written
+    half_saved.mkdir()
+    assert package_model(mlflow_client(), champion).tag == first.tag
+    by_number = package_model(mlflow_client(), ModelRef(summary["model_name"], version=summary["model_version"]))
+    assert by_number.tag != first.tag and by_number.label != first.label  # labelled by how it was asked for
+    assert package_model(mlflow_client(), ModelRef(summary["model_name"], version=summary["model_version"])).tag == \
+        by_number.tag
+    half_saved.rmdir()
+    stored = bentoml.models.list(bento_model_name(summary["model_name"]))
+    assert {str(model.tag) for model in stored} >= {first.tag, by_number.tag}
+
+
 def test_manifest_says_how_the_version_was_made(trained):
     import mlflow
 
