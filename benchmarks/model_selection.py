@@ -77,7 +77,7 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
     singles = [score for score in comparison.scores if score.family != "ensemble"]
     replays = {}
     votes = [(f"{'all' if members_se is None else f'{members_se:g}'}", "equal", members_se)
-             for members_se in VOTE_MEMBERS_SE] + [("fitted", "fitted", None)]
+             for members_se in VOTE_MEMBERS_SE] + [("fitted", "fitted", None), ("auto", "auto", None)]
     for name, weights, members_se in votes:
         vote = vote_of(singles, folds, config.selection.model_copy(
             update={"vote_members_se": members_se, "vote_weights": weights}))
@@ -87,7 +87,7 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
             found = average_probabilities([probabilities[member] for member in members], chosen.params.get("weights")) \
                 if chosen.family == "ensemble" else probabilities[chosen.family]
             replays[f"{name}/{margin:g}"] = {
-                "selected": chosen.family, "members": members,
+                "selected": chosen.family, "members": members, "cv_f1": chosen.mean,
                 "test_f1": classification_metrics(y_test, found, chosen.decision)["f1_macro"]}
     return replays
 
@@ -221,7 +221,8 @@ def vote_rules_table(rows: list[dict], gap, gap_is: str) -> list[str]:
     lines = ["", "The vote's rules replayed on each split's own comparison: 'members' is `selection.vote_members_se` "
              "(the vote averages the families the best leads by at most so many paired standard errors of their "
              "fold-by-fold differences; all: every family; fitted: every family, weighted by ensemble selection, "
-             "`selection.vote_weights: fitted`), 'kept' is `selection.vote_margin_se` (the vote kept over "
+             "`selection.vote_weights: fitted`; auto: the equal or the fitted vote, the one with the higher CV mean, "
+             "`selection.vote_weights: auto`), 'kept' is `selection.vote_margin_se` (the vote kept over "
              f"a family that leads it by at most so many; 0: the best mean alone). {gap_is}; the vote's members are "
              "fitted once, so each rule costs nothing to replay.", "",
              "| members / kept | " + " | ".join(row["dataset"] for row in rows) + " | mean | worst |",
