@@ -285,7 +285,7 @@ class SelectionConfig(Section):
                                     "budget.time_s scales it up); null: all rows")
     ensemble: bool = Field(True, description="also score the soft vote of the compared families")
     vote_weights: Literal["equal", "fitted", "auto"] = Field(
-        "equal", description="the vote's weights: equal, fitted by ensemble selection on the families' held-out "
+        "auto", description="the vote's weights: equal, fitted by ensemble selection on the families' held-out "
         "probabilities (scored cross-fitted), or auto: both, the one with the higher CV mean kept")
     vote_margin_se: float = Field(2.0, ge=0, le=10, description="keep the vote over the family chosen when that "
                                   "family's CV lead over it is within this many standard errors of their fold-by-fold "

@@ -280,7 +280,8 @@ def test_vote_weights_auto_keeps_the_vote_whose_cross_fitted_cv_is_higher():
     scores = [FamilyScore(family, ClassicSpec(family, 1, 2, {}), {}, [0.5] * 4, 0.0,
                           fold_probabilities=[member[out] for _, out in splits])
               for family, member in zip(["linear", "hgb", "mlp"], members)]
-    selection = SelectionConfig(vote_weights="auto", tune_decision=False)
+    assert SelectionConfig().vote_weights == "auto"  # what a run does unless told otherwise
+    selection = SelectionConfig(tune_decision=False)
     fitted = weighted_vote_score(scores, folds, tune_decision=False)
     equal = vote_of(scores, folds, selection.model_copy(update={"vote_weights": "equal"}))
     assert fitted.mean > equal.mean + 0.05  # the confidently wrong member drags the equal vote down
