@@ -47,10 +47,10 @@ def bento_model_name(mlflow_name: str) -> str:
 
 
 def bentoml_store_lock():
-    """One writer at a time in the BentoML store. Replicas on one host (or sharing BENTOML_HOME) package
-    at start and when an alias moves; BentoML 1.4 rewrites the name's `latest` file in place and reads
-    it back, so two concurrent saves of one name can read it half-written and fail with "does not
-    contain a 'model.yaml'"."""
+    """One writer at a time in the BentoML stores (models and Bentos). Replicas on one host (or
+    sharing BENTOML_HOME) package at start and when an alias moves, and training runs build Bentos;
+    BentoML 1.4 rewrites a name's `latest` file in place and reads it back, so two concurrent saves of
+    one name can read it half-written and fail with "does not contain a 'model.yaml'"."""
     use_embedded_bentoml_home()
     return file_lock(Path(os.environ["BENTOML_HOME"]) / ".maas-store.lock")
 
@@ -156,7 +156,8 @@ def build_bento(packaged: PackagedModel, serving: ServingConfig | None = None,
     with tempfile.TemporaryDirectory(dir=maas_home()) as scratch:
         bentofile = Path(scratch) / "bentofile.yaml"
         bentofile.write_text(yaml.safe_dump(spec))
-        bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(root), args=arguments)
+        with bentoml_store_lock():  # every run's Bento is named maas: its `latest` file is shared as a model's is
+            bento = bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(root), args=arguments)
     return str(bento.tag)
 
 
