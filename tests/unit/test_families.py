@@ -253,13 +253,20 @@ def test_ensemble_selection_shares_the_weight_among_the_members_that_help_and_le
         assert min(weights[:2]) >= 0.2 and weights[2] == 0 and sum(weights) == pytest.approx(1.0), weights
 
 
-def test_the_fitted_vote_answers_each_fold_by_the_weights_its_siblings_chose():
+def noisy_family_scores() -> tuple[np.ndarray, list[np.ndarray], list, Folds, list[FamilyScore]]:
+    """noisy_members(1) as three families' rows (linear, hgb, and the wrong one as mlp) on 4 folds:
+    (y, members, splits, folds, scores)."""
     y, members = noisy_members(1)
     splits = list(StratifiedKFold(4, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
     folds = Folds(np.zeros((len(y), 1)), y, splits, 4, 1)
     scores = [FamilyScore(family, ClassicSpec(family, 1, 2, {}), {}, [0.5] * 4, 0.0,
                           fold_probabilities=[member[out] for _, out in splits])
               for family, member in zip(["linear", "hgb", "mlp"], members)]
+    return y, members, splits, folds, scores
+
+
+def test_the_fitted_vote_answers_each_fold_by_the_weights_its_siblings_chose():
+    y, members, splits, folds, scores = noisy_family_scores()
     vote = weighted_vote_score(scores, folds, tune_decision=False)
     outs = [out for _, out in splits]
     siblings = np.concatenate(outs[1:])
@@ -274,12 +281,7 @@ def test_the_fitted_vote_answers_each_fold_by_the_weights_its_siblings_chose():
 
 
 def test_vote_weights_auto_keeps_the_vote_whose_cross_fitted_cv_is_higher():
-    y, members = noisy_members(1)
-    splits = list(StratifiedKFold(4, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
-    folds = Folds(np.zeros((len(y), 1)), y, splits, 4, 1)
-    scores = [FamilyScore(family, ClassicSpec(family, 1, 2, {}), {}, [0.5] * 4, 0.0,
-                          fold_probabilities=[member[out] for _, out in splits])
-              for family, member in zip(["linear", "hgb", "mlp"], members)]
+    _, _, _, folds, scores = noisy_family_scores()
     assert SelectionConfig().vote_weights == "auto"  # what a run does unless told otherwise
     selection = SelectionConfig(tune_decision=False)
     fitted = weighted_vote_score(scores, folds, tune_decision=False)
