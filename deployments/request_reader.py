@@ -23,8 +23,8 @@ import numpy as np
 import orjson  # request bodies, answers and the prediction log: ~4x faster than json, on the hot path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, create_model
 
-from maas.bundle import (PROBABILITY_PREFIX, category_sets, column_numbers, date_example, formatted_number,
-                         hours_of_day, spelt_alike)
+from maas.bundle import (PROBABILITY_PREFIX, category_sets, column_numbers, form_refusal, formatted_number,
+                         hours_of_day, spelt_alike, unreadable_message)
 
 
 class Columns(NamedTuple):
@@ -80,16 +80,13 @@ def _string_reader(column: dict[str, Any], parse, refusal: str):
 
 def _number_reader(column: dict[str, Any]):
     """Numbers written with currency, percent or digit-group marks, read as training read them ("$1,200.50")."""
-    decimal = column["number_format"]["decimal"]
-    example = "1,200.50" if decimal == "." else "1.200,50"
-    return _string_reader(column, partial(formatted_number, decimal=decimal),
-                          f"not a number as the training file wrote them (e.g. {example}, $5, 12.5%)")
+    return _string_reader(column, partial(formatted_number, decimal=column["number_format"]["decimal"]),
+                          form_refusal(column))
 
 
 def _time_reader(column: dict[str, Any]):
     """Times of day, "14:30" or "2:30 PM", read as hours since midnight, as training read them."""
-    return _string_reader(column, hours_of_day,
-                          "not a time of day as the training file wrote them (e.g. 14:30, 14:30:05, 2:30 PM)")
+    return _string_reader(column, hours_of_day, form_refusal(column))
 
 
 def _nan_as_missing(value: Any) -> Any:
@@ -285,11 +282,7 @@ def refuse_unreadable_dates(rows: list[dict[str, Any]], numbers: np.ndarray, spe
         for row_index, (row, days) in enumerate(zip(rows, numbers[:, index])):
             value = row[column["name"]]
             if np.isnan(days) and value is not None and str(value).strip():
-                written = column.get("date_format")
-                as_written = f"a date as the training file wrote them ({date_example(written)}) nor " if written else ""
-                raise BadRequest(400, f"row {row_index}, column '{column['name']}': not {as_written}an ISO 8601 "
-                                      f"date or time ('{str(value)[:40]}'), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00, "
-                                      "nor Unix time")
+                raise BadRequest(400, f"row {row_index}, column '{column['name']}': {unreadable_message(column, value)}")
 
 
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")

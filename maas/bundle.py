@@ -432,13 +432,63 @@ def near_columns(missing: list[str], columns: pd.Index) -> str:
     return f" (the rows have {', '.join(near[:5])}: column names match exactly)" if near else ""
 
 
-def transform(frame: pd.DataFrame, preprocessing: dict[str, Any], categorical: list[np.ndarray] | None = None
-              ) -> np.ndarray:
+def unreadable_message(column: dict[str, Any], value: Any) -> str:
+    """Why a numeric column refuses a value it cannot read, naming the form training read it in: the
+    service's 400 and the pyfunc's error say the same."""
+    shown = f"'{str(value)[:40]}'"
+    if column.get("date"):
+        written = column.get("date_format")
+        as_written = f"a date as the training file wrote them ({date_example(written)}) nor " if written else ""
+        return (f"not {as_written}an ISO 8601 date or time ({shown}), e.g. 2026-03-12 or 2026-03-12T09:30:00+01:00, "
+                "nor Unix time")
+    if column.get("number_format") or column.get("time_of_day"):
+        return f"{form_refusal(column)}: {shown}"
+    return f"not a number: {shown}"
+
+
+def form_refusal(column: dict[str, Any]) -> str:
+    """A column with a number format or times of day: the form its values must come in."""
+    if column.get("time_of_day"):
+        return "not a time of day as the training file wrote them (e.g. 14:30, 14:30:05, 2:30 PM)"
+    example = "1,200.50" if column["number_format"]["decimal"] == "." else "1.200,50"
+    return f"not a number as the training file wrote them (e.g. {example}, $5, 12.5%)"
+
+
+def _is_written(value: Any) -> bool:
+    """A value that says something: not missing (None, NaN, NaT) and not a blank string."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    try:
+        return not bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or an array: not missing, and no number either
+        return True
+
+
+def refuse_unreadable(frame: pd.DataFrame, spec: list[dict[str, Any]], numeric: np.ndarray) -> None:
+    """The pyfunc's counterpart of the service's 400: a value a numeric column does not read (a word
+    where training saw only numbers, a date in no form it knows) is an error naming its row and
+    column, not a missing value imputed without a word. Where training found such values (`coerce`:
+    "n/a" among the numbers) they are missing here too, as they were there."""
+    for index, column in enumerate(spec):
+        raw = frame[column["name"]]
+        if column.get("coerce") or pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_datetime64_any_dtype(raw):
+            continue
+        unread = np.isnan(numeric[:, index]) & raw.map(_is_written).to_numpy(dtype=bool)
+        if unread.any():
+            row = int(np.flatnonzero(unread)[0])
+            more = f" (and {int(unread.sum()) - 1} more row(s))" if unread.sum() > 1 else ""
+            raise InputSchemaError(f"row {row}, column '{column['name']}': "
+                                   f"{unreadable_message(column, raw.iloc[row])}{more}")
+
+
+def transform(frame: pd.DataFrame, preprocessing: dict[str, Any], categorical: list[np.ndarray] | None = None,
+              strict: bool = False) -> np.ndarray:
     """Raw rows -> float32 features: impute, standardise numerics, one-hot categoricals.
 
     Unknown categories become all-zero one-hot rows rather than an error, so a new value at
     serving time degrades gracefully instead of failing the request. categorical: the frame's
-    categorical_texts, where the caller has read them already.
+    categorical_texts, where the caller has read them already. strict: a value a numeric column
+    cannot read is an InputSchemaError (refuse_unreadable), as the service's 400; otherwise missing.
     """
     missing = [name for name in required_columns(preprocessing) if name not in frame.columns]
     if missing:
@@ -453,6 +503,8 @@ def transform(frame: pd.DataFrame, preprocessing: dict[str, Any], categorical: l
             pass
     if spec and numeric is None:
         numeric = np.column_stack([column_numbers(frame[c["name"]], c) for c in spec])
+        if strict:
+            refuse_unreadable(frame, spec, numeric)
     texts = [as_texts(frame[column["name"]].tolist()) for column in preprocessing.get("text", [])]
     if categorical is None:
         categorical = categorical_texts(frame, preprocessing)
@@ -573,7 +625,8 @@ class ModelBundle:
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One row per input row: 'label' and one 'proba_<label>' column per class. A warning names
-        the columns holding values the model has no category for (they read as an unknown category)."""
+        the columns holding values the model has no category for (they read as an unknown category);
+        a value a numeric column cannot read is an InputSchemaError naming it, as the service's 400."""
         categorical = None  # missing columns: transform names them
         if set(required_columns(self.preprocessing)) <= set(frame.columns):
             categorical = categorical_texts(frame, self.preprocessing)
@@ -582,7 +635,7 @@ class ModelBundle:
                 logging.getLogger("maas").warning(
                     "values the model has no category for, read as an unknown category: %s",
                     ", ".join(f"column '{name}' (e.g. '{value[:40]}')" for name, value in unknown.items()))
-        probabilities = self.predict_features(transform(frame, self.preprocessing, categorical))
+        probabilities = self.predict_features(transform(frame, self.preprocessing, categorical, strict=True))
         result = pd.DataFrame(
             probabilities, columns=[f"{PROBABILITY_PREFIX}{label}" for label in self.labels], index=frame.index
         )

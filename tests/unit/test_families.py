@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import StratifiedKFold
 
-from maas.bundle import ModelBundle, decide, transform
+from maas.bundle import InputSchemaError, ModelBundle, decide, transform
 from maas.config import SelectionConfig, load_config
 from maas.errors import MaasInputError
 from maas.figures import IN_SAMPLE
@@ -29,7 +29,7 @@ from tasks.registry import choose_winner
 from tasks.train import TrainingSettings, train_on_data
 from tasks.tune import open_storage
 from tests.conftest import PROJECT_ROOT, quick_config
-from tests.tables import write_messy
+from tests.tables import write_messy, written_as_a_bank_exports_it
 
 SMALL_BUDGET = ["selection.family_trials=3", "selection.cv_repeats=1", "selection.time_budget_s=30",
                 "train.max_epochs=30", "tuning.enabled=false"]
@@ -67,6 +67,46 @@ def test_each_familys_bundle_answers_raw_rows_as_its_model_does(family, table, p
     else:
         expected = model.predict_proba(features)
     np.testing.assert_allclose(bundle.predict_proba(raw), expected, atol=1e-5)
+
+
+def test_the_bundle_refuses_a_value_a_numeric_column_cannot_read_as_the_service_does(tmp_path):
+    """The pyfunc's rows: a word where training saw only numbers, or a date in no form it knows, is an
+    error naming the row, column and value (the service's 400), not a missing value imputed without a
+    word; "unknown" where training had such strings, and a blank, are missing as in training."""
+    path, target = write_messy("loans", tmp_path)
+    written = written_as_a_bank_exports_it(pd.read_csv(path))
+    written.loc[written.index % 40 == 7, "income"] = "unknown"  # pandas reads "n/a" as missing, not this
+    written.to_csv(path, index=False)
+    config = quick_config(str(path), f"data.target={target}")
+    prepared = prepare_data(config.data, config.seed)
+    arrays = prepared.arrays
+    spec = ClassicSpec("linear", arrays.x_train.shape[1], len(prepared.labels), {})
+    bundle = ModelBundle.load(write_bundle(tmp_path / "bundle", fit_classic(spec, arrays.x_train, arrays.y_train, 0),
+                                           spec, prepared))
+    rows = pd.read_csv(path).drop(columns=[target]).head(8).astype(object)
+    assert rows.loc[7, "income"] == "unknown" and len(bundle.predict(rows)) == 8  # the file's own forms
+
+    def with_value(column: str, value, at: int = 4) -> pd.DataFrame:
+        changed = rows.copy()
+        changed.loc[at, column] = value
+        return changed
+
+    for column, value, refusal in [
+            ("age", "forty", "not a number: 'forty'"),
+            ("amount", "twelve €", r"not a number as the training file wrote them \(e.g. 1.200,50, \$5, 12.5%\): 'twelve €'"),
+            ("applied_on", "31/31/2025", r"not a date as the training file wrote them \(03/12/2026 09:30 AM\) nor an ISO "
+                                         r"8601 date or time \('31/31/2025'\)")]:
+        with pytest.raises(InputSchemaError, match=rf"^row 4, column '{column}': {refusal}"):
+            bundle.predict(with_value(column, value))
+    missing = bundle.predict_proba(with_value("income", None))
+    np.testing.assert_allclose(bundle.predict(with_value("income", "unknown")).filter(like="proba_"), missing, atol=1e-6)
+    np.testing.assert_allclose(bundle.predict(with_value("age", "  ")).filter(like="proba_"),
+                               bundle.predict_proba(with_value("age", None)), atol=1e-6)
+    two = with_value("age", "x", at=1)
+    two.loc[3, "age"] = "y"
+    with pytest.raises(InputSchemaError, match=r"^row 1, column 'age': not a number: 'x' \(and 1 more row\(s\)\)$"):
+        bundle.predict(two)
+    assert np.isfinite(bundle.predict_proba(two)).all()  # lenient where the caller reads its own rows (the gate)
 
 
 def test_the_linear_family_finds_the_few_columns_that_matter_with_an_l1_penalty(tmp_path, maas_home):
