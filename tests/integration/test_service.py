@@ -84,7 +84,8 @@ def test_served_predictions_equal_the_registered_model(service, monkeypatch):
     from maas.tracking import mlflow_client
 
     mlflow_client()
-    expected = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}@champion").predict(pd.DataFrame(rows))
+    registered = mlflow.pyfunc.load_model(f"models:/{summary['model_name']}@champion")
+    expected = registered.predict(pd.DataFrame(rows))
     assert [item["label"] for item in served] == list(expected["label"])
     for item, (_, row) in zip(served, expected.iterrows()):
         for label, probability in item["probabilities"].items():
@@ -96,6 +97,16 @@ def test_served_predictions_equal_the_registered_model(service, monkeypatch):
     assert invoked.status_code == 200, invoked.text
     assert [item["label"] for item in invoked.json()["predictions"]] == list(expected["label"])
     assert httpx.get(f"{base}/ping", timeout=30).status_code == 200
+    # a word in a numeric column: the pyfunc refuses it as /predict does, as an MlflowException that
+    # `mlflow models serve` answers with a 400 carrying this message
+    from mlflow.exceptions import MlflowException
+
+    worded = pd.DataFrame(rows).astype(object)
+    worded.loc[2, "mean radius"] = "forty"
+    with pytest.raises(MlflowException, match=r"^row 2, column 'mean radius': not a number: 'forty'$") as refused:
+        registered.predict(worded)
+    assert refused.value.get_http_status_code() == 400 and isinstance(refused.value, ValueError)
+    assert predict(base, json.loads(worded.to_json(orient="records")), keys["pro"]).status_code == 400
 
 
 def listening_sockets(port: int) -> set[str]:
