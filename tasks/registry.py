@@ -192,7 +192,9 @@ def champion_on_test(client, name: str, registry: RegistryConfig, prepared: Prep
         probabilities = champion.predict_proba(prepared.splits.x_test)
     except bundle_module.InputSchemaError:
         return version, None
-    return version, classification_metrics(prepared.splits.y_test, probabilities)[registry.gate_metric]
+    # answered by the champion's own decision (a tuned threshold or class weights), as its run scored it:
+    # by argmax alone, a champion with a tuned threshold lost to its own retrained copy
+    return version, classification_metrics(prepared.splits.y_test, probabilities, champion.decision)[registry.gate_metric]
 
 
 def _git(*args: str) -> str | None:

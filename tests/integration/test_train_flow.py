@@ -249,6 +249,27 @@ def test_gate_promotes_a_better_model_and_keeps_the_champion_against_a_worse_one
     assert promoted.tags["replaced_champion_version"] == first["model_version"]
 
 
+def test_the_gate_scores_the_champion_by_its_own_decision_rule(prefect_server, maas_home, tmp_path):
+    """3% fraud: the model answers by a tuned threshold, not argmax. The same run twice: the gate
+    scores the champion as its own run did (the threshold with it), so the copy does not beat it."""
+    from flows.train_pipeline import train_pipeline
+    from maas.bundle import ModelBundle
+    from maas.registered import ModelRef, download_bundle
+    from tests.conftest import quick_config
+    from tests.tables import write_messy
+
+    path, target = write_messy("rare", tmp_path)
+    config = quick_config(str(path), f"data.target={target}", "serving.build_bento=false")
+    first = train_pipeline(config).to_dict()
+    decision = ModelBundle.load(download_bundle(ModelRef(first["model_name"], "champion").resolve(mlflow_client())[0],
+                                                tmp_path / "champion")).decision
+    assert decision and "threshold" in decision, decision  # else argmax, and the test could not fail
+    second = train_pipeline(config).to_dict()
+    assert second["test_metrics"]["f1_macro"] == pytest.approx(first["test_metrics"]["f1_macro"])
+    assert second["gate"]["champion_score"] == pytest.approx(first["test_metrics"]["f1_macro"])
+    assert second["alias"] == "challenger", second["gate"]
+
+
 def test_failure_after_the_run_starts_leaves_it_failed_and_registers_nothing(prefect_server, maas_home):
     import torch
 
