@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pandas as pd
@@ -78,12 +79,36 @@ def read_ground_truth(path: str | Path) -> pd.DataFrame:
     return labels
 
 
+def _as_number(text: str) -> float | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return None if number != number else number
+
+
 def in_model_spelling(values: pd.Series, labels: list[str]) -> pd.Series:
     """Arriving labels spelt as the model spells them ('yes ' as 'Yes'), as training merged a label's
-    spellings (data.merge_label_spellings); one of the model's own labels is kept as it is."""
+    spellings (data.merge_label_spellings), and a number as the model's number ('30.0' as '30': pandas
+    reads a labels column with a gap as floats, where training wrote whole classes as integers); one of
+    the model's own labels is kept as it is."""
     own = set(labels)
     by_key = {label.strip().casefold(): label for label in labels}
-    return values.map(lambda value: value if value in own else by_key.get(str(value).strip().casefold(), value))
+    by_number: dict[float, str] = {}
+    for label in labels:
+        if (number := _as_number(label)) is not None:
+            by_number.setdefault(number, label)
+
+    def spelt(value: Any) -> Any:
+        if value in own:
+            return value
+        key = str(value).strip()
+        found = by_key.get(key.casefold())
+        if found is None and (number := _as_number(key)) is not None:
+            found = by_number.get(number)
+        return value if found is None else found
+
+    return values.map(spelt)
 
 
 def with_ground_truth(logged: LoggedRows, labels: pd.DataFrame) -> pd.DataFrame:

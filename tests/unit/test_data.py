@@ -785,6 +785,20 @@ def test_arriving_ground_truth_is_spelt_as_the_models_labels():
     assert in_model_spelling(pd.Series(["yes", "Yes"]), ["yes", "Yes"]).tolist() == ["yes", "Yes"]  # kept apart
 
 
+def test_arriving_numeric_labels_read_as_floats_are_the_models_whole_classes(tmp_path):
+    """A labels file with a gap: pandas reads its classes 10, 20, 30 as 10.0, 20.0, 30.0, which the
+    model (trained on whole numbers, labels '10', '20', '30') would not know, and live quality left
+    every row out."""
+    from tasks.prediction_log import in_model_spelling, read_ground_truth
+
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": ["a", "b", "c", "d"], "label": [30, None, 10, 7]}).to_csv(path, index=False)
+    arriving = read_ground_truth(path)["label"]
+    assert arriving.fillna("gap").tolist() == ["30.0", "gap", "10.0", "7.0"]
+    assert in_model_spelling(arriving, ["10", "20", "30"]).fillna("gap").tolist() == ["30", "gap", "10", "7.0"]
+    assert in_model_spelling(pd.Series(["0.5", " 1e1", "2"]), ["0.5", "10", "2.0"]).tolist() == ["0.5", "10", "2.0"]
+
+
 def test_numbers_appended_from_the_prediction_log_read_beside_the_files_written_ones():
     """A retraining run appends logged rows (numbers, as validated) to the file's (strings with a
     decimal comma): both read, the column keeps its form."""
