@@ -272,9 +272,22 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
         if missing or unknown:
             problem = f"lacks column(s) {listing(missing)}" if missing else f"has unknown column(s) {listing(unknown)}"
             raise MaasInputError(f"{path}: extra rows for {table.source} {problem}")
-        frames.append(extra[list(table.frame.columns)])
+        frames.append(as_numeric_target(extra[list(table.frame.columns)], table.frame[table.target], table.target))
     frame = pd.concat(frames, ignore_index=True)
     return RawTable(frame, table.target, f"{table.source}+{len(extra_paths)} extra", table.image_shape)
+
+
+def as_numeric_target(extra: pd.DataFrame, target: pd.Series, name: str) -> pd.DataFrame:
+    """Extra rows whose labels are the model's label strings ('30', as the prediction log's ground
+    truth holds them), read as numbers where the table's target is numbers (30.0 in a labels column
+    with a gap): else '30' and 30.0 were two classes."""
+    if not pd.api.types.is_numeric_dtype(target) or pd.api.types.is_bool_dtype(target) \
+            or pd.api.types.is_numeric_dtype(extra[name]):
+        return extra
+    numbers = pd.to_numeric(extra[name], errors="coerce")
+    if numbers[extra[name].notna()].isna().any():  # a word among them: left as it is, a class of its own
+        return extra
+    return extra.assign(**{name: numbers})
 
 
 # --- validation and cleaning -------------------------------------------------------------------

@@ -799,6 +799,20 @@ def test_arriving_numeric_labels_read_as_floats_are_the_models_whole_classes(tmp
     assert in_model_spelling(pd.Series(["0.5", " 1e1", "2"]), ["0.5", "10", "2.0"]).tolist() == ["0.5", "10", "2.0"]
 
 
+def test_labelled_production_rows_keep_the_classes_of_a_numeric_target(tmp_path):
+    """Classes 10/20/30 in a labels column with a gap read as 10.0/20.0/30.0; the prediction log's
+    labelled rows carry the model's labels, '10' ... '30'. Appended for retraining, they are the same
+    three classes, not six."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=90), "y": np.tile([10.0, 20.0, 30.0], 30)})
+    frame.loc[5, "y"] = np.nan
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    frame.head(12).assign(y=[str(label) for label in np.tile([10, 20, 30], 4)]).to_parquet(tmp_path / "labelled.parquet")
+    prepared = prepare_data(DataConfig(dataset=str(tmp_path / "table.csv"), target="y",
+                                       extra_paths=[str(tmp_path / "labelled.parquet")]), seed=0)
+    assert prepared.labels == ["10", "20", "30"] and prepared.n_rows == 89 + 12
+
+
 def test_numbers_appended_from_the_prediction_log_read_beside_the_files_written_ones():
     """A retraining run appends logged rows (numbers, as validated) to the file's (strings with a
     decimal comma): both read, the column keeps its form."""
