@@ -69,6 +69,16 @@ def test_labels_the_model_does_not_have_rows_labelled_twice_and_unknown_ids_are_
         "the service returns each request's id in X-Request-Id, and takes the caller's"]
 
 
+def test_rows_whose_label_has_not_come_are_left_out_and_counted(store, tmp_path):
+    log(store, "a", 10.0, "m/1", [{"x": 1.0}, {"x": 2.0}], ["no", "yes"])
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": ["a", "a"], "row": [0, 1], "label": ["yes", None]}).to_csv(path, index=False)
+    labelled, notes = labelled_rows(read_logged_rows(store, "m", 0, 100), read_ground_truth(path), ["no", "yes"],
+                                    str(path))
+    assert list(zip(labelled["row"], labelled["label"])) == [(0, "yes")]
+    assert notes == ["labels.csv: 1 row(s) without a label: left out of live quality"]
+
+
 def test_a_ground_truth_file_without_labels_is_one_clear_error(tmp_path):
     path = tmp_path / "labels.csv"
     pd.DataFrame({"request_id": ["a"], "truth": ["no"]}).to_csv(path, index=False)
