@@ -37,6 +37,8 @@ SKIPPED_LINES = "maas_lines_above_header"  # frame.attrs key: lines passed over 
 SPACED_FIELDS = "maas_skipinitialspace"  # frame.attrs key: fields follow "a, b" and were read with skipinitialspace
 REPEATED_NAMES = "maas_repeated_names"  # frame.attrs key: {a name the header repeats: the names pandas gave its columns}
 DECIMAL_COMMA = "maas_decimal_comma"  # frame.attrs key: the file's numbers were read with decimal mark ','
+# frame.attrs key (kept by Parquet): labelled production rows leave out the columns their model ignored
+MODEL_IGNORED = "maas_model_ignored_columns"
 SUPPORTED = ".csv, .tsv, .txt, .data, .json, .jsonl (each also .gz, .bz2, .xz or .zip), .parquet, .feather or .xlsx"
 
 

@@ -25,7 +25,8 @@ from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
 from maas.paths import encoders_home
 from maas.run_context import StageTimer, run_logger
-from maas.tables import DECIMAL_COMMA, REPEATED_NAMES, SKIPPED_LINES, SPACED_FIELDS, listing, read_table_file
+from maas.tables import (DECIMAL_COMMA, MODEL_IGNORED, REPEATED_NAMES, SKIPPED_LINES, SPACED_FIELDS, listing,
+                         read_table_file)
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
@@ -259,21 +260,30 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
     """The table with the rows of each extra file below it (same columns, target included).
 
     This is how labelled production rows join a retraining run; a file whose columns differ is
-    refused by name rather than silently padded with NaN.
+    refused by name rather than silently padded with NaN. Labelled production rows lack the columns
+    their model ignored (an ID, a constant: the prediction log never kept them) and say which
+    (frame.attrs[MODEL_IGNORED]): those columns leave the whole table, as that training dropped them;
+    padded, an ID column with gaps was no longer unique per row and became an input.
     """
     if not extra_paths:
         return table
-    frames = [table.frame]
+    extras, ignored = [], set()
     for raw_path in extra_paths:
         path = Path(raw_path).expanduser()
         extra = read_table_file(path, column=table.target)
         missing = [name for name in table.frame.columns if name not in extra.columns]
+        ignored.update(name for name in missing if name in extra.attrs.get(MODEL_IGNORED, ()))
+        missing = [name for name in missing if name not in extra.attrs.get(MODEL_IGNORED, ())]
         unknown = [name for name in extra.columns if name not in table.frame.columns]
         if missing or unknown:
             problem = f"lacks column(s) {listing(missing)}" if missing else f"has unknown column(s) {listing(unknown)}"
             raise MaasInputError(f"{path}: extra rows for {table.source} {problem}")
-        frames.append(as_numeric_target(extra[list(table.frame.columns)], table.frame[table.target], table.target))
+        extras.append(extra)
+    columns = [name for name in table.frame.columns if name not in ignored]
+    frames = [table.frame[columns]] + [as_numeric_target(extra[columns], table.frame[table.target], table.target)
+                                       for extra in extras]
     frame = pd.concat(frames, ignore_index=True)
+    frame.attrs = {**table.frame.attrs, MODEL_IGNORED: sorted(ignored)}
     return RawTable(frame, table.target, f"{table.source}+{len(extra_paths)} extra", table.image_shape)
 
 
@@ -978,6 +988,9 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
     if frame.attrs.get(DECIMAL_COMMA):
         notes.append(f"{Path(table.source).name}: split by ';', so its numbers were read with decimal mark ',' "
                      f"(pandas reads the table so with sep=';', decimal=','); requests may send them either way")
+    if frame.attrs.get(MODEL_IGNORED):
+        notes.append(f"column(s) {listing(frame.attrs[MODEL_IGNORED])} left out: the labelled production rows "
+                     "appended lack them, as the model they were answered by ignored them")
     for name, renamed in frame.attrs.get(REPEATED_NAMES, {}).items():
         notes.append(f"{Path(table.source).name}: {len(renamed)} columns are named '{name}': read as "
                      f"{', '.join(repr(column) for column in renamed)}, pandas' names, which requests use too"

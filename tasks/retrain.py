@@ -21,6 +21,7 @@ from maas.config import RunConfig
 from maas.paths import maas_home
 from maas.run_context import RunContext
 from maas.service_store import connect
+from maas.tables import MODEL_IGNORED
 from tasks.alerts import AlertOutcome
 from tasks.prediction_log import LoggedRows
 from tasks.quality import RollbackDecision
@@ -39,10 +40,13 @@ class RetrainRequest:
     extra_rows: str | None = None
 
 
-def labelled_rows_file(window: LoggedRows, labelled: pd.DataFrame, target: str) -> Path:
-    """Labelled production rows as a training table (inputs + target), for a retraining run."""
+def labelled_rows_file(window: LoggedRows, labelled: pd.DataFrame, target: str, ignored: list[str]) -> Path:
+    """Labelled production rows as a training table (inputs + target), for a retraining run. The
+    columns the model ignored (`ignored`: the log never kept them) are named in the file, so that the
+    retraining run leaves them out of the whole table (tasks/data.py: append_extra_rows)."""
     rows = window.inputs.iloc[labelled["position"].to_numpy()].reset_index(drop=True)
     rows[target] = labelled["label"].to_numpy()
+    rows.attrs[MODEL_IGNORED] = list(ignored)
     folder = maas_home() / "monitoring"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"labelled-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.parquet"
@@ -108,7 +112,8 @@ def maybe_retrain(check: Check, alerts: AlertOutcome, rollback: RollbackDecision
     if not reasons or not check.monitoring.retrain or (rollback and rollback.roll_back):
         return None
     labelled = check.labelled
-    extra = (labelled_rows_file(check.recent, labelled, check.watched.bundle.metadata["target"])
+    metadata = check.watched.bundle.metadata
+    extra = (labelled_rows_file(check.recent, labelled, metadata["target"], list(metadata.get("dropped_columns", {})))
              if check.monitoring.append_labelled and labelled is not None and len(labelled) and not check.hidden_inputs
              else None)  # rows whose inputs the log keeps hashed or dropped are no training data
     config = training_config(check)

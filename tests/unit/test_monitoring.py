@@ -79,6 +79,40 @@ def test_rows_whose_label_has_not_come_are_left_out_and_counted(store, tmp_path)
     assert notes == ["labels.csv: 1 row(s) without a label: left out of live quality"]
 
 
+def test_labelled_production_rows_join_a_table_whose_ignored_columns_the_log_never_kept(store, tmp_path, maas_home):
+    """The table has an ID and a constant, which training dropped and the prediction log never kept.
+    The labelled rows name them, and the retraining run leaves them out of the whole table: refused,
+    every retraining of such a table failed; padded with gaps, the ID became an input."""
+    import numpy as np
+
+    from maas.config import DataConfig
+    from tasks.data import prepare_data
+    from tasks.retrain import labelled_rows_file
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"customer": [f"C{index}" for index in range(200)], "row_id": np.arange(200),
+                          "country": "NL", "x": rng.normal(size=200), "y": np.tile(["no", "yes"], 100)})
+    table.to_csv(tmp_path / "table.csv", index=False)
+    for index in range(40):
+        log(store, f"r{index}", 10.0, "m/1", [{"x": float(index)}], ["no"])
+    logged = read_logged_rows(store, "m", 0, 100)
+    pd.DataFrame({"request_id": [f"r{index}" for index in range(40)], "label": ["yes", "no"] * 20}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    labelled, _ = labelled_rows(logged, read_ground_truth(tmp_path / "labels.csv"), LABELS, "labels.csv")
+    extra = labelled_rows_file(logged, labelled, "y", ["customer", "row_id", "country"])
+    prepared = prepare_data(DataConfig(dataset=str(tmp_path / "table.csv"), target="y", extra_paths=[str(extra)]), 0)
+    assert prepared.n_rows == 240 and [column["name"] for column in prepared.preprocessing["numeric"]] == ["x"]
+    assert "column(s) country, customer, row_id left out: the labelled production rows appended lack them, as the " \
+           "model they were answered by ignored them" in prepared.notes
+    plain = pd.read_parquet(extra)
+    plain.attrs.clear()
+    plain.to_parquet(tmp_path / "plain.parquet")  # the same rows, saying nothing: refused by name
+    with pytest.raises(MaasInputError, match=r"plain.parquet: extra rows for .*table.csv lacks column\(s\) customer, "
+                                             r"row_id, country"):
+        prepare_data(DataConfig(dataset=str(tmp_path / "table.csv"), target="y",
+                                extra_paths=[str(tmp_path / "plain.parquet")]), 0)
+
+
 def test_a_ground_truth_file_without_labels_is_one_clear_error(tmp_path):
     path = tmp_path / "labels.csv"
     pd.DataFrame({"request_id": ["a"], "truth": ["no"]}).to_csv(path, index=False)
