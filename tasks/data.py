@@ -646,6 +646,7 @@ def without_rare_classes(frame: pd.DataFrame, target: pd.Series, data: DataConfi
     cannot be learned or tested, and refusing the table for it stopped the whole run. Otherwise the
     table as it is, for encode_target to refuse with its one line."""
     counts = target.value_counts()
+    counts = counts[counts > 0]  # a Parquet categorical's unused levels are no classes
     rare = counts[counts < data.min_rows_per_class]
     if rare.empty or data.rare_classes == "error" or len(counts) - len(rare) < 2:
         return frame, target

@@ -648,6 +648,13 @@ def test_a_rare_class_is_dropped_with_a_note_or_refused_when_asked(tmp_path):
         prepare_data(DataConfig(dataset=str(counts), target="y"), seed=0)
 
 
+def test_a_categorical_targets_unused_levels_are_no_classes(tmp_path):
+    frame = pd.DataFrame({"x": np.arange(60.0), "y": pd.Categorical(["hi", "lo"] * 30, categories=["hi", "lo", "unused"])})
+    frame.to_parquet(tmp_path / "levels.parquet")
+    prepared = prepare_data(DataConfig(dataset=str(tmp_path / "levels.parquet"), target="y"), seed=0)
+    assert prepared.labels == ["hi", "lo"] and not [note for note in prepared.notes if "class(es)" in note]
+
+
 def test_binary_file_is_not_a_table(tmp_path):
     path = tmp_path / "image.csv"
     path.write_bytes(bytes(range(256)) * 4)
