@@ -503,7 +503,8 @@ PHRASE_WORDS = 2.0
 
 
 def as_text_hint(column: pd.Series, name: str) -> str:
-    """For an ID-like column of phrases: how to have it read as text; else ''."""
+    """For an ID-like column of phrases, or one of more categories than are kept: how to have it read
+    as text; else ''."""
     words = mean_words(column)
     if words < PHRASE_WORDS:
         return ""
@@ -627,7 +628,8 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
         else:
             if not is_numeric and n_unique > data.max_category_levels:
                 notes.append(f"column '{name}': {n_unique} categories; the {data.max_category_levels} most frequent "
-                             "in training are kept, the rest read as one unknown category (data.max_category_levels)")
+                             "in training are kept, the rest read as one unknown category (data.max_category_levels)"
+                             + as_text_hint(column, name))
             kept[name] = column.astype(np.float64) if is_numeric else column.astype(object)
     for name, reason in dropped.items():
         notes.append(f"column '{name}' dropped: {reason}")

@@ -423,6 +423,14 @@ def test_a_many_valued_category_keeps_its_most_frequent_values_and_a_mostly_dist
     n_cities = frame["city"].nunique()
     assert (f"column 'city': {n_cities} categories; the 20 most frequent in training are kept, the rest read as one "
             "unknown category (data.max_category_levels)") in prepared.notes
+    # phrases repeated too often for text, too many for categories: the note says how to read them as text
+    frame["review"] = [f"{rng.choice(['late', 'fine', 'broken'])} delivery, box {index % 20}" for index in range(600)]
+    frame.to_csv(path, index=False)
+    reviews = prepare_data(DataConfig(dataset=str(path), target="label", max_category_levels=20), seed=0)
+    n_reviews = frame["review"].nunique()
+    assert (f"column 'review': {n_reviews} categories; the 20 most frequent in training are kept, the rest read as one "
+            "unknown category (data.max_category_levels); its values are phrases of 4.0 words on average: to read it "
+            "as text, name it in data.text_columns (--set 'data.text_columns=[review]')") in reviews.notes
     city = next(c for c in prepared.preprocessing["categorical"] if c["name"] == "city")
     counts = prepared.splits.x_train["city"].value_counts()
     assert len(city["categories"]) == 20 and set(city["categories"]) == set(counts.index[:20])
