@@ -49,6 +49,9 @@ PROBABILITY_PREFIX = "proba_"  # pyfunc's output column of each class: proba_<la
 FEATURE_LIMIT = 1e6  # the largest standardized feature a graph is given, in standard deviations
 
 
+UNKNOWN_CATEGORY_WARNING = "values the model has no category for, read as an unknown category"
+
+
 class InputSchemaError(ValueError):
     """Rows that do not fit the model's input schema (a missing column, say)."""
 
@@ -633,7 +636,7 @@ class ModelBundle:
             unknown = unknown_categories(categorical, self.preprocessing)
             if unknown:
                 logging.getLogger("maas").warning(
-                    "values the model has no category for, read as an unknown category: %s",
+                    UNKNOWN_CATEGORY_WARNING + ": %s",
                     ", ".join(f"column '{name}' (e.g. '{value[:40]}')" for name, value in unknown.items()))
         probabilities = self.predict_features(transform(frame, self.preprocessing, categorical, strict=True))
         result = pd.DataFrame(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import subprocess
 from dataclasses import dataclass, replace
@@ -247,15 +248,29 @@ def build_manifest(config: RunConfig, dataset_fingerprint: str, ctx: RunContext,
 
 def log_bundle_model(client, run_id: str, bundle_dir: Path, input_example: pd.DataFrame):
     """Log the bundle as a models-from-code pyfunc under the run; returns MLflow's ModelInfo."""
-    import mlflow
-    from mlflow.models import Model, infer_signature
-
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
-
     bundle = bundle_module.ModelBundle.load(bundle_dir)
     for column in bundle.preprocessing.get("text", []):  # a number among the texts: MLflow cannot infer the example
         input_example = input_example.assign(**{column["name"]: bundle_module.as_texts(input_example[column["name"]])})
+    # The example is test rows, and a category too rare to keep in training is in them: the pyfunc's
+    # warning for a client's unknown values (here twice, MLflow predicting the example again) told the
+    # person running `maas run` about the run's own rows.
+    pyfunc_warnings = logging.getLogger("maas")
+    pyfunc_warnings.addFilter(without_unknown_category_warning)
+    try:
+        return _log_pyfunc(client, run_id, bundle_dir, bundle, input_example)
+    finally:
+        pyfunc_warnings.removeFilter(without_unknown_category_warning)
+
+
+def without_unknown_category_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(bundle_module.UNKNOWN_CATEGORY_WARNING)
+
+
+def _log_pyfunc(client, run_id: str, bundle_dir: Path, bundle, input_example: pd.DataFrame):
+    import mlflow
+    from mlflow.models import Model, ModelSignature, infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
     output_example = bundle.predict(input_example)
     # Any type per column: a frame as pandas reads the training file holds int64 where the example has
     # float64, and NaN; MLflow's double refused int64 ("Can not safely convert"). The bundle coerces.

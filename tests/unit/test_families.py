@@ -109,6 +109,33 @@ def test_the_bundle_refuses_a_value_a_numeric_column_cannot_read_as_the_service_
     assert np.isfinite(bundle.predict_proba(two)).all()  # lenient where the caller reads its own rows (the gate)
 
 
+def test_logging_the_pyfunc_does_not_warn_of_the_runs_own_rare_categories(tmp_path, maas_home, caplog):
+    """The logged model's example is test rows, where a category too rare to keep shows up: the
+    warning meant for a client's unknown values is not printed by `maas run`; a client still gets it."""
+    import logging
+
+    from maas.bundle import UNKNOWN_CATEGORY_WARNING
+    from maas.tracking import mlflow_client
+    from tasks.registry import log_bundle_model
+
+    prepared, config = prepared_table("churn", tmp_path, "data.max_category_levels=2")
+    arrays = prepared.arrays
+    spec = ClassicSpec("linear", arrays.x_train.shape[1], len(prepared.labels), {})
+    folder = write_bundle(tmp_path / "bundle", fit_classic(spec, arrays.x_train, arrays.y_train, 0), spec, prepared)
+    rows = prepared.splits.x_test.head(20)
+    client = mlflow_client()
+    run = client.create_run(client.create_experiment("pyfunc-example"))
+
+    def warned() -> list:
+        return [record for record in caplog.records if UNKNOWN_CATEGORY_WARNING in record.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="maas"):
+        log_bundle_model(client, run.info.run_id, folder, rows)
+        assert not warned()
+        ModelBundle.load(folder).predict(rows)
+        assert len(warned()) == 1
+
+
 def test_the_linear_family_finds_the_few_columns_that_matter_with_an_l1_penalty(tmp_path, maas_home):
     prepared, config = prepared_table("sparse", tmp_path, "model.families=[linear, hgb]")
     comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "s")
