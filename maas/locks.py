@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,3 +19,16 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_schema_lock(url: str) -> contextlib.AbstractContextManager:
+    """On a SQLite file, a lock beside it (`<file>.lock`) while a library makes or migrates its
+    schema there: processes starting at once on a new file each made the tables, and all but one
+    failed (Optuna on the schema version's unique key, MLflow's migrations on "duplicate column").
+    A server database serialises that itself: no lock."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if not database or database == ":memory:":
+        return contextlib.nullcontext()
+    return file_lock(Path(f"{database}.lock"))

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from maas.locks import sqlite_schema_lock
 from maas.paths import artifact_root, is_embedded_store, tracking_uri
 from maas.termination import termination_requested
 
@@ -22,12 +23,24 @@ MLFLOW_PARAM_MAX = 6000  # MLflow rejects longer param values
 
 def mlflow_client():
     """A client on the configured store; also points MLflow's module-level URIs at it."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite") or uri in _SCHEMA_READY:
+        return _client_on(uri)
+    # MLflow makes or migrates a SQLite file's tables when a process first opens it: two `maas run`
+    # started at once on a new MAAS_HOME both migrated, and one failed ("duplicate column name").
+    with sqlite_schema_lock(uri):
+        client = _client_on(uri)
+        client.search_experiments(max_results=1)  # the tracking store, opened (its schema made) once
+        client.search_registered_models(max_results=1)  # and the registry's, a store of its own
+    _SCHEMA_READY.add(uri)
+    return client
+
+
+def _client_on(uri: str):
     import mlflow
 
     # A progress bar per artifact download is noise in a pipeline's log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-    uri = tracking_uri()
     # set_*_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI; put the user's values back,
     # or every later call would take the embedded store for a team server (see is_embedded_store).
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
@@ -39,6 +52,9 @@ def mlflow_client():
         else:
             os.environ[name] = value
     return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
+_SCHEMA_READY: set[str] = set()  # SQLite store URIs this process has opened once
 
 
 # MLflow 3's UI opens an experiment it cannot classify on its GenAI overview (traces, an assistant

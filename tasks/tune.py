@@ -9,7 +9,6 @@ callback does not nest runs).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from maas.errors import MaasInputError
 from maas.paths import maas_home
 from maas.processes import process_owner
 from maas.figures import log_study_plots
-from maas.locks import file_lock
+from maas.locks import sqlite_schema_lock
 from maas.tracking import redact_url as redacted  # the storage URL without its password
 from maas.run_context import RunContext, run_logger, write_child_run, write_dict
 from tasks.data import PreparedData
@@ -164,7 +163,7 @@ def open_storage(tuning: TuningConfig) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     try:
         # heartbeats are "experimental" in Optuna, and we rely on them
-        with schema_lock(url), warnings.catch_warnings():
+        with sqlite_schema_lock(url), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
                 url,
@@ -178,18 +177,6 @@ def open_storage(tuning: TuningConfig) -> optuna.storages.RDBStorage:
     if url.startswith("sqlite"):
         write_ahead(storage.engine)
     return storage
-
-
-def schema_lock(url: str):
-    """On a SQLite file, a lock beside it while Optuna makes or checks its schema: two runs starting
-    at once on a new file both made the tables and wrote the schema's version, and one failed on the
-    version's unique key (IntegrityError). A server database serialises that itself."""
-    from sqlalchemy.engine import make_url
-
-    database = make_url(url).database if url.startswith("sqlite") else None
-    if not database or database == ":memory:":
-        return contextlib.nullcontext()
-    return file_lock(Path(f"{database}.lock"))
 
 
 def write_ahead(engine) -> None:

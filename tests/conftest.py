@@ -219,3 +219,26 @@ def wait_until_up(url: str, timeout_s: float, process=None) -> float:
             pass
         time.sleep(0.3)
     pytest.fail(f"{url} did not answer within {timeout_s} s")
+
+
+def _answer_at_once(call, barrier, answers) -> None:
+    barrier.wait()
+    try:
+        answers.put(call())
+    except Exception as error:  # noqa: BLE001 - the opener's failure is the answer the test reads
+        answers.put(f"{type(error).__name__}: {error}")
+
+
+def at_once(call, processes: int = 4) -> list:
+    """`call()` in `processes` forked processes released together (a barrier): what each returned, or
+    its exception as text. For races on first use of a shared file, as runs started together meet."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, answers = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=_answer_at_once, args=(call, barrier, answers)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    return [answers.get(timeout=5) for _ in workers]

@@ -113,3 +113,14 @@ def test_passwords_in_urls_never_reach_mlflow_params():
     assert params["serving.redis_url"] == "redis://:***@cache:6379/0"
     assert "hunter2" not in str(params) and "s3cret" not in str(params)
     assert params["serving.limits_backend"] == "local" and params["train.lr"] == config.train.lr
+
+
+def test_runs_starting_at_once_on_a_new_maas_home_all_open_its_mlflow_store(tmp_path, monkeypatch):
+    """MLflow makes or migrates a SQLite store's tables when a process first opens it: four at once
+    on a new file failed ("duplicate column name: step") in 4 of 4 tries here, before the lock."""
+    from tests.conftest import at_once
+
+    for attempt in range(2):
+        monkeypatch.setenv("MAAS_HOME", str(tmp_path / f"home-{attempt}"))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert at_once(lambda: mlflow_client().search_experiments() and "opened") == ["opened"] * 4

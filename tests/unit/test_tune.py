@@ -16,6 +16,7 @@ from tasks.data import prepare_data
 from tasks.train import TrainingSettings
 from tasks import tune_workers
 from tasks.tune_workers import SURPLUS_ATTR, over_budget, spends_budget
+from tests.conftest import at_once
 from tasks.tune import (
     BASELINE_ATTR, Objective, TrialTracker, apply_hyperparameters, grid_space, open_storage, pick_pareto_trial,
     redacted, run_study, tuned_or_default,
@@ -150,31 +151,13 @@ def test_two_parallel_trials_finish_without_lock_errors(wine, maas_home, caplog,
 
 
 @STUDY
-def _open_at_once(url: str, barrier, answers) -> None:
-    barrier.wait()
-    try:
-        open_storage(TuningConfig(storage=url)).engine.dispose()
-        answers.put("opened")
-    except MaasInputError as error:
-        answers.put(str(error))
-
-
 def test_runs_starting_at_once_on_a_new_sqlite_study_file_all_open_it(tmp_path):
     """Each opener makes the schema if it is missing; on a new file four at once (runs started
     together, tuning workers) failed on the schema version's unique key (IntegrityError) in 4 of 5
     tries here, before the file lock beside the database."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("fork")
     for attempt in range(3):
         url = f"sqlite:///{tmp_path / f'study-{attempt}.db'}"
-        barrier, answers = context.Barrier(4), context.Queue()
-        openers = [context.Process(target=_open_at_once, args=(url, barrier, answers)) for _ in range(4)]
-        for opener in openers:
-            opener.start()
-        for opener in openers:
-            opener.join(60)
-        assert [answers.get(timeout=5) for _ in openers] == ["opened"] * 4
+        assert at_once(lambda: open_storage(TuningConfig(storage=url)).engine.dispose() or "opened") == ["opened"] * 4
 
 
 def test_samplers_and_multi_objective(wine, maas_home):
