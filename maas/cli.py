@@ -274,6 +274,7 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
     from maas.config import load_config
 
     config = load_config(args.config, args.dataset, args.target, args.overrides)
+    summary_path = writable_file("--summary", args.summary) if args.summary else None
     check(config)
     flow_function = load_flow(config)  # imported late: Prefect's import costs seconds that bad input should not
     note_sigterm_under_prefect()
@@ -286,10 +287,29 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
             raise Terminated() from error
         print(f"maas: error: the {what} flow failed: {error.__class__.__name__}: {error}", file=sys.stderr)
         return EXIT_FAILED
-    if args.summary:
-        Path(args.summary).write_text(json.dumps(without_nan(summary.to_dict()), indent=2, default=str, allow_nan=False))
     print(summary.render())
+    if summary_path:
+        try:
+            summary_path.write_text(json.dumps(without_nan(summary.to_dict()), indent=2, default=str, allow_nan=False))
+        except OSError as error:  # the run is done and registered; only the file is missing
+            print(f"maas: error: --summary {summary_path}: not written ({error.strerror})", file=sys.stderr)
+            return EXIT_FAILED
     return 0
+
+
+def writable_file(flag: str, name: str) -> Path:
+    """The file a command writes when it is done, its folder made now: a run that trained and
+    registered for minutes, then found no folder to write its summary in, ended in a traceback."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise MaasInputError(f"{flag} {path}: is a folder; name a file in it (e.g. {path / 'summary.json'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MaasInputError(f"{flag} {path}: cannot make its folder ({error.strerror})") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise MaasInputError(f"{flag} {path}: not writable")
+    return path
 
 
 def command_run(args: argparse.Namespace) -> int:

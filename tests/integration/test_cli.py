@@ -33,6 +33,8 @@ BAD_INPUTS = {
                    "header but no data rows"),
     "extra columns": (["--dataset", "{tmp}/ok.csv", "--target", "y", "--set", "data.extra_paths=[{tmp}/ragless.csv]"],
                       "extra rows for {tmp}/ok.csv lacks column(s) b"),
+    # told before the run, not after it has trained and registered
+    "summary is a folder": (["--dataset", "wine", "--summary", "{tmp}"], "--summary {tmp}: is a folder; name a file in it"),
 }
 
 
@@ -125,7 +127,7 @@ def test_maas_run_digits_writes_the_summary_and_prints_no_error(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
     env.update(MAAS_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"), PYTHONUNBUFFERED="1")
     env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the CLI must quiet telemetry by itself
-    summary_path = tmp_path / "s.json"
+    summary_path = tmp_path / "summaries" / "s.json"  # a folder not made yet: made, as the file is written
     done = subprocess.run(
         [sys.executable, "-m", "maas", "run", "--dataset", "digits", "--config", str(PROJECT_ROOT / "configs" / "quick.yaml"),
          "--summary", str(summary_path)],
