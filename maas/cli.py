@@ -297,17 +297,28 @@ def run_flow(args: argparse.Namespace, check, load_flow, what: str) -> int:
     return 0
 
 
+def writable_folder(flag: str, name: str) -> Path:
+    """The folder a command writes its files in, made if it is not there yet; one line if it cannot be."""
+    folder = Path(name).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise MaasInputError(f"{flag} {folder}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MaasInputError(f"{flag} {folder}: cannot make the folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise MaasInputError(f"{flag} {folder}: not writable")
+    return folder
+
+
 def writable_file(flag: str, name: str) -> Path:
     """The file a command writes when it is done, its folder made now: a run that trained and
     registered for minutes, then found no folder to write its summary in, ended in a traceback."""
     path = Path(name).expanduser()
     if path.is_dir():
         raise MaasInputError(f"{flag} {path}: is a folder; name a file in it (e.g. {path / 'summary.json'})")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MaasInputError(f"{flag} {path}: cannot make its folder ({error.strerror})") from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    writable_folder(flag, str(path.parent))
+    if path.exists() and not os.access(path, os.W_OK):
         raise MaasInputError(f"{flag} {path}: not writable")
     return path
 
@@ -571,8 +582,7 @@ def command_bill(args: argparse.Namespace) -> int:
     invoices = monthly_invoices(connect_settled(), args.month, tiers)
     as_json = json.dumps([line.as_json() for line in invoices], indent=1)
     if args.out:
-        folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = writable_folder("--out", args.out)
         for suffix, text in (("json", as_json), ("csv", invoices_csv(invoices)), ("html", invoices_html(invoices))):
             (folder / f"invoices-{args.month}.{suffix}").write_text(text)
     if args.json:

@@ -35,6 +35,7 @@ BAD_INPUTS = {
                       "extra rows for {tmp}/ok.csv lacks column(s) b"),
     # told before the run, not after it has trained and registered
     "summary is a folder": (["--dataset", "wine", "--summary", "{tmp}"], "--summary {tmp}: is a folder; name a file in it"),
+    "summary under a file": (["--dataset", "wine", "--summary", "{tmp}/ok.csv/s.json"], "--summary {tmp}/ok.csv: is a file"),
 }
 
 
@@ -115,7 +116,8 @@ def test_a_new_home_answers_each_governance_command_in_a_line(maas_home, capsys)
         assert capsys.readouterr().out.startswith(expected), arguments
     for arguments, expected in ((["promote", "maas-wine", "3"], "maas-wine/3: no MLflow store in"),
                                 (["rollback", "maas-wine"], "maas-wine@champion: no MLflow store in"),
-                                (["keys", "create", " ", "--tier", "pro"], "a key needs a name of 1 to 200 characters")):
+                                (["keys", "create", " ", "--tier", "pro"], "a key needs a name of 1 to 200 characters"),
+                                (["bill", "--month", "2026-11", "--out", __file__], f"--out {__file__}: is a file, not a folder")):
         assert main(arguments) == 2
         captured = capsys.readouterr()
         assert len(captured.err.strip().splitlines()) == 1 and expected in captured.err, captured.err
