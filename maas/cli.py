@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=port_argument, default=5000)
 
     tracking = commands.add_parser(
         "tracking-server", help="an MLflow tracking server on a database, proxying the artifacts (team set-up)",
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracking.add_argument("--backend-store-uri", required=True, help="SQLAlchemy URL of the runs and the registry")
     tracking.add_argument("--artifacts-destination", required=True, help="folder or object store URI for artifacts")
     tracking.add_argument("--host", default="127.0.0.1")
-    tracking.add_argument("--port", type=int, default=5000)
+    tracking.add_argument("--port", type=port_argument, default=5000)
     tracking.add_argument("--workers", type=int, default=2)
 
     serve = commands.add_parser(
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Package the registered version as a BentoML model and run `bentoml serve` on it.",
     )
     serve.add_argument("--model", metavar="NAME[@ALIAS|/VERSION]", help="default: serving.model, else maas-<dataset>@champion")
-    serve.add_argument("--port", type=int, help="default: serving.port (3000)")
+    serve.add_argument("--port", type=port_argument, help="default: serving.port (3000)")
     serve.add_argument("--config", metavar="FILE", help="YAML preset (its serving section is used)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. serving.auth=false (repeatable)")
@@ -440,6 +440,17 @@ def command_serve(args: argparse.Namespace) -> int:
     return supervise(command, environment, cwd=str(project_root()), on_tick=follower.tick)
 
 
+def port_argument(text: str) -> int:
+    """A TCP port: one line for 99999 (the socket's bind raised OverflowError, a traceback)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1 to 65535)")
+    return port
+
+
 def duration_argument(flag: str, text: str) -> float:
     from maas.budget import parse_duration
 
@@ -601,8 +612,11 @@ def command_bill(args: argparse.Namespace) -> int:
 
 
 def command_usage(args: argparse.Namespace) -> int:
+    from maas.billing import billing_period
     from maas.service_store import connect_settled, usage_report
 
+    if args.month:
+        billing_period(args.month)  # 2026-13 is no month: one line, as maas bill says it
     report = usage_report(connect_settled(), args.month)
     if args.json:
         print(json.dumps(report, indent=1))

@@ -77,10 +77,18 @@ def test_serve_with_an_unreachable_limits_store_is_one_line_without_the_password
 
 
 def test_usage_errors_are_one_line(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--bogus"])
-    assert exit_info.value.code == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    for arguments, expected in ((["run", "--bogus"], "--bogus"), (["serve", "--port", "99999"], "99999 is not a port"),
+                                (["ui", "--port", "http"], "'http' is not a port number")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(arguments)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_a_month_that_is_none_is_one_line(maas_home, capsys):
+    assert main(["usage", "--month", "2026-13"]) == 2
+    assert capsys.readouterr().err.strip() == "maas: error: --month '2026-13': expected YYYY-MM, e.g. 2026-12"
 
 
 def test_every_command_has_help_with_examples(capsys):
