@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="the audit trail: list it, or verify its hash chain", **governance)
     audit.add_argument("action", nargs="?", choices=["list", "verify"], default="list")
     audit.add_argument("--filter", metavar="ACTION", help="only actions starting with this (key, alias, retrain, log)")
-    audit.add_argument("--limit", type=int, metavar="N", help="the last N entries")
+    audit.add_argument("--limit", type=positive_count, metavar="N", help="the last N entries")
     audit.add_argument("--expect-head", metavar="HASH", help="verify: a head an earlier verify printed must be on the chain")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
     purge = commands.add_parser("purge", help="delete logged inputs past the retention period (usage stays)",
@@ -449,6 +449,17 @@ def port_argument(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (1 to 65535)")
     return port
+
+
+def positive_count(text: str) -> int:
+    """A count of 1 or more: --limit 0 listed every entry, and -1 every one but the first."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: at least 1")
+    return count
 
 
 def duration_argument(flag: str, text: str) -> float:

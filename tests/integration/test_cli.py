@@ -78,7 +78,8 @@ def test_serve_with_an_unreachable_limits_store_is_one_line_without_the_password
 
 def test_usage_errors_are_one_line(capsys):
     for arguments, expected in ((["run", "--bogus"], "--bogus"), (["serve", "--port", "99999"], "99999 is not a port"),
-                                (["ui", "--port", "http"], "'http' is not a port number")):
+                                (["ui", "--port", "http"], "'http' is not a port number"),
+                                (["audit", "--limit", "0"], "--limit: 0: at least 1")):
         with pytest.raises(SystemExit) as exit_info:
             main(arguments)
         assert exit_info.value.code == 2
