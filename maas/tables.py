@@ -325,6 +325,18 @@ def read_json_records(table: TableFile) -> pd.DataFrame:
                              f"{first_line(exc)}") from None
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(name: str) -> Path:
+    """A data file's path as given (~ expanded). A URL (https://, s3://) is one line saying to download
+    it: as a path it read "data file not found: https:/host/data.csv", its // folded away."""
+    if _URL.match(name):
+        raise MaasInputError(f"{name}: a URL; maas reads local files: download it first (curl -LO '{name}') "
+                             "and pass its path")
+    return Path(name).expanduser()
+
+
 def read_table_file(path: Path, sheet: str | int = 0, column: str | None = None) -> pd.DataFrame:
     """A CSV/TSV or JSON (plain or compressed), Parquet, Feather or Excel file (its `sheet`) as a DataFrame,
     with one-line errors for every way it can fail. column: a column the table must have (the

@@ -26,7 +26,7 @@ from maas.orchestration import retry_unless_input_error
 from maas.paths import encoders_home
 from maas.run_context import StageTimer, run_logger
 from maas.tables import (DECIMAL_COMMA, MODEL_IGNORED, REPEATED_NAMES, SKIPPED_LINES, SPACED_FIELDS, listing,
-                         read_table_file)
+                         local_path, read_table_file)
 
 BUILTIN_TARGET = "target"
 MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to call IDs
@@ -244,7 +244,7 @@ def load_table(data: DataConfig) -> RawTable:
                 f"not '{data.target}'"
             )
         return table
-    path = Path(data.dataset).expanduser()
+    path = local_path(data.dataset)
     if path.suffix == "" and not path.exists():
         raise MaasInputError(
             f"unknown dataset '{data.dataset}': not a built-in ({', '.join(BUILTIN_DATASETS)}) "
@@ -269,7 +269,7 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
         return table
     extras, ignored = [], set()
     for raw_path in extra_paths:
-        path = Path(raw_path).expanduser()
+        path = local_path(raw_path)
         extra = read_table_file(path, column=table.target)
         missing = [name for name in table.frame.columns if name not in extra.columns]
         ignored.update(name for name in missing if name in extra.attrs.get(MODEL_IGNORED, ()))

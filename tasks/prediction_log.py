@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from maas.errors import MaasInputError
-from maas.tables import read_table_file
+from maas.tables import local_path, read_table_file
 
 
 @dataclass
@@ -66,7 +66,7 @@ def read_logged_rows(connection: sqlite3.Connection, model_name: str, since: flo
 def read_ground_truth(path: str | Path) -> pd.DataFrame:
     """Labels that arrived for logged requests: columns request_id, label, and row (default 0), as
     the file holds them (a row labelled twice too: `labelled_rows` keeps the last)."""
-    frame = read_table_file(Path(path).expanduser())
+    frame = read_table_file(local_path(str(path)))
     missing = [name for name in ("request_id", "label") if name not in frame.columns]
     if missing:
         raise MaasInputError(f"{path}: ground-truth file lacks column(s) {', '.join(missing)} "

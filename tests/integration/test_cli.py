@@ -26,6 +26,8 @@ BAD_INPUTS = {
     "missing target": (["--dataset", "{tmp}/ok.csv", "--target", "nope"], "target column 'nope' not found"),
     "one class": (["--dataset", "{tmp}/oneclass.csv", "--target", "y"], "single class"),
     "unknown dataset": (["--dataset", "iris"], "unknown dataset 'iris'"),
+    "a url": (["--dataset", "https://example.com/data.csv", "--target", "y"],
+              "https://example.com/data.csv: a URL; maas reads local files: download it first"),
     "bad set key": (["--set", "train.epochz=3"], "unknown field 'train.epochz'"),
     "bad set value": (["--set", "train.batch_size=0"], "train.batch_size"),
     "no cuda": (["--dataset", "wine", "--set", "train.device=cuda"], "no CUDA device"),
