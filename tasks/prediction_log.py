@@ -63,6 +63,14 @@ def read_logged_rows(connection: sqlite3.Connection, model_name: str, since: flo
                       pd.DataFrame(meta, columns=["request_id", "row", "logged_at", "model", "version", "predicted"]))
 
 
+def whole_numbers_as_integers(column: pd.Series) -> pd.Series:
+    """Numeric ids (a client's X-Request-Id: 12345) in a column with a gap read as floats, 12345.0,
+    which joined no logged id: written back as the integers they are."""
+    if pd.api.types.is_float_dtype(column) and (column.dropna() % 1 == 0).all():
+        return column.astype("Int64")
+    return column
+
+
 def read_ground_truth(path: str | Path) -> pd.DataFrame:
     """Labels that arrived for logged requests: columns request_id, label, and row (default 0), as
     the file holds them (a row labelled twice too: `labelled_rows` keeps the last)."""
@@ -72,7 +80,7 @@ def read_ground_truth(path: str | Path) -> pd.DataFrame:
         raise MaasInputError(f"{path}: ground-truth file lacks column(s) {', '.join(missing)} "
                              "(expected request_id, label, and row for multi-row requests)")
     labels = pd.DataFrame({
-        "request_id": frame["request_id"].astype(str),
+        "request_id": whole_numbers_as_integers(frame["request_id"]).astype(str),
         "row": pd.to_numeric(frame["row"], errors="coerce").fillna(0).astype(int) if "row" in frame else 0,
         "label": frame["label"].astype(str),
     })

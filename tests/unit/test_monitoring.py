@@ -69,6 +69,15 @@ def test_labels_the_model_does_not_have_rows_labelled_twice_and_unknown_ids_are_
         "the service returns each request's id in X-Request-Id, and takes the caller's"]
 
 
+def test_numeric_request_ids_in_a_column_with_a_gap_still_join(store, tmp_path):
+    log(store, "12345", 10.0, "m/1", [{"x": 1.0}], ["no"])
+    log(store, "12346", 11.0, "m/1", [{"x": 2.0}], ["yes"])
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"request_id": [12345, None, 12346], "label": ["yes", "no", "yes"]}).to_csv(path, index=False)
+    labelled = with_ground_truth(read_logged_rows(store, "m", 0, 100), read_ground_truth(path))
+    assert list(zip(labelled["request_id"], labelled["label"])) == [("12345", "yes"), ("12346", "yes")]
+
+
 def test_rows_whose_label_has_not_come_are_left_out_and_counted(store, tmp_path):
     log(store, "a", 10.0, "m/1", [{"x": 1.0}, {"x": 2.0}], ["no", "yes"])
     path = tmp_path / "labels.csv"
