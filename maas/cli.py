@@ -724,10 +724,23 @@ def local_prefect_server():
     if get_current_settings().api.url:
         yield get_current_settings().api.url
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    import subprocess
+    import types
 
-    server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    from prefect.server.api import server as server_module
+
+    from maas.processes import in_own_group_dying_with_us
+
+    server = server_module.SubprocessASGIServer()
+    # Its own process group: a SIGTERM to ours (systemd stopping the service, `timeout`) killed the
+    # server at once, and the runner, pausing its deployments through it, retried past 40 s and hung.
+    # Stopped by us below, after the runner; killed by the kernel if we are.
+    server_module.subprocess = types.SimpleNamespace(
+        Popen=in_own_group_dying_with_us(subprocess.Popen), TimeoutExpired=subprocess.TimeoutExpired)
+    try:
+        server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    finally:
+        server_module.subprocess = subprocess
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):

@@ -102,6 +102,18 @@ def port_holder(port: int) -> str:
     return "another process (its PID is not visible to this user)"
 
 
+def in_own_group_dying_with_us(popen: Callable[..., subprocess.Popen]) -> Callable[..., subprocess.Popen]:
+    """`subprocess.Popen`, but the child runs in its own process group and gets SIGTERM when this
+    process dies: for a server this process stops itself when it is done (a signal to our group, as
+    systemd or `timeout` send, no longer reaches it first)."""
+    parent = os.getpid()
+
+    def start(*args, **kwargs) -> subprocess.Popen:
+        return popen(*args, preexec_fn=lambda: _new_group_dying_with(parent), **kwargs)
+
+    return start
+
+
 def _new_group_dying_with(parent_pid: int) -> None:
     os.setsid()  # its own process group, so a signal reaches the server's workers too
     die_with_parent(parent_pid, signal.SIGTERM)  # SIGTERM: the server stops its own workers

@@ -217,3 +217,43 @@ def test_maas_ui_shows_the_parent_run_and_the_registered_model(trained):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_schedule_stopped_by_a_sigterm_to_its_process_group_exits_and_leaves_nothing(tmp_path):
+    """systemd (KillMode=control-group) and `timeout` signal the whole process group: Prefect's
+    temporary server died at once, and the runner, pausing its deployments through it, hung past 40 s.
+    The server now runs in its own group and is stopped after the runner, or dies with us."""
+    import re
+    import signal
+    import time
+
+    import psutil
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env.update(MAAS_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"))
+    log = tmp_path / "schedule.log"
+    with open(log, "w") as output:
+        scheduler = subprocess.Popen([sys.executable, "-m", "maas", "schedule", "--dataset", "wine"], env=env,
+                                     cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (api := re.search(r"Prefect API (\S+);", log.read_text())):
+            assert time.monotonic() < deadline and scheduler.poll() is None, log.read_text()
+            time.sleep(0.5)
+        served = f"{api.group(1)}/deployments/name/maas-train/maas-wine-train"
+        while httpx.get(served, timeout=5).status_code != 200:  # the runner has registered, and serves
+            assert time.monotonic() < deadline and scheduler.poll() is None, log.read_text()
+            time.sleep(0.5)
+        time.sleep(2)
+        started = [child.pid for child in psutil.Process(scheduler.pid).children(recursive=True)]
+        assert started  # the temporary server
+        os.killpg(scheduler.pid, signal.SIGTERM)
+        scheduler.wait(timeout=30)
+    finally:
+        if scheduler.poll() is None:
+            os.killpg(scheduler.pid, signal.SIGKILL)
+            scheduler.wait()
+    text = log.read_text()
+    assert "All deployments have been paused" in text and "Traceback" not in text, text[-2000:]
+    time.sleep(1)
+    assert not [pid for pid in started if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
