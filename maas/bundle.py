@@ -457,14 +457,9 @@ def form_refusal(column: dict[str, Any]) -> str:
     return f"not a number as the training file wrote them (e.g. {example}, $5, 12.5%)"
 
 
-def _is_written(value: Any) -> bool:
-    """A value that says something: not missing (None, NaN, NaT) and not a blank string."""
-    if isinstance(value, str):
-        return bool(value.strip())
-    try:
-        return not bool(pd.isna(value))
-    except (TypeError, ValueError):  # a list or an array: not missing, and no number either
-        return True
+def blank(column: pd.Series) -> np.ndarray:
+    """Missing or only whitespace: an empty value, not an unreadable one."""
+    return (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
 
 
 def refuse_unreadable(frame: pd.DataFrame, spec: list[dict[str, Any]], numeric: np.ndarray) -> None:
@@ -476,7 +471,7 @@ def refuse_unreadable(frame: pd.DataFrame, spec: list[dict[str, Any]], numeric: 
         raw = frame[column["name"]]
         if column.get("coerce") or pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_datetime64_any_dtype(raw):
             continue
-        unread = np.isnan(numeric[:, index]) & raw.map(_is_written).to_numpy(dtype=bool)
+        unread = np.isnan(numeric[:, index]) & ~blank(raw)
         if unread.any():
             row = int(np.flatnonzero(unread)[0])
             more = f" (and {int(unread.sum()) - 1} more row(s))" if unread.sum() > 1 else ""

@@ -17,9 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.model_selection import train_test_split
 
 from maas.budget import Budget
-from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, date_example, date_parts, dates_as_days,
-                         formatted_number, formatted_numbers, hours_of_day, is_boolean, spelt_alike, text_encoder,
-                         transform)
+from maas.bundle import (DATE_PARTS, ENCODER_NAME, EPOCH, as_texts, attach, blank, date_example, date_parts,
+                         dates_as_days, formatted_number, formatted_numbers, hours_of_day, is_boolean, spelt_alike,
+                         text_encoder, transform)
 from maas.config import BUILTIN_DATASETS, DataConfig
 from maas.errors import MaasInputError
 from maas.orchestration import retry_unless_input_error
@@ -271,9 +271,10 @@ def append_extra_rows(table: RawTable, extra_paths: list[str]) -> RawTable:
     for raw_path in extra_paths:
         path = local_path(raw_path)
         extra = read_table_file(path, column=table.target)
+        declared = set(extra.attrs.get(MODEL_IGNORED, ()))
         missing = [name for name in table.frame.columns if name not in extra.columns]
-        ignored.update(name for name in missing if name in extra.attrs.get(MODEL_IGNORED, ()))
-        missing = [name for name in missing if name not in extra.attrs.get(MODEL_IGNORED, ())]
+        ignored.update(declared.intersection(missing))
+        missing = [name for name in missing if name not in declared]
         unknown = [name for name in extra.columns if name not in table.frame.columns]
         if missing or unknown:
             problem = f"lacks column(s) {listing(missing)}" if missing else f"has unknown column(s) {listing(unknown)}"
@@ -301,11 +302,6 @@ def as_numeric_target(extra: pd.DataFrame, target: pd.Series, name: str) -> pd.D
 
 
 # --- validation and cleaning -------------------------------------------------------------------
-
-
-def blank(column: pd.Series) -> np.ndarray:
-    """Missing or only whitespace: an empty value, not an unreadable one."""
-    return (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
 
 
 def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:

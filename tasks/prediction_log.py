@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from maas.bundle import blank
 from maas.errors import MaasInputError
 from maas.tables import local_path, read_table_file
 
@@ -134,10 +135,10 @@ def labelled_rows(recent: LoggedRows, truth: pd.DataFrame, labels: list[str], so
     silent, and the usual cause is ids the service never gave (it returns each in X-Request-Id)."""
     notes = []
     named = Path(source).name
-    blank = truth["label"].isna() | (truth["label"].astype(str).str.strip() == "")
-    if blank.any():  # a row whose label has not come yet: nothing to judge, and no class the model lacks
-        notes.append(f"{named}: {int(blank.sum())} row(s) without a label: left out of live quality")
-        truth = truth[~blank]
+    unlabelled = blank(truth["label"])
+    if unlabelled.any():  # a row whose label has not come yet: nothing to judge, and no class the model lacks
+        notes.append(f"{named}: {int(unlabelled.sum())} row(s) without a label: left out of live quality")
+        truth = truth[~unlabelled]
     repeated = truth.duplicated(["request_id", "row"], keep=False)
     if repeated.any():
         conflicting = truth[repeated].groupby(["request_id", "row"])["label"].nunique().gt(1).sum()
