@@ -440,12 +440,16 @@ def command_serve(args: argparse.Namespace) -> int:
     return supervise(command, environment, cwd=str(project_root()), on_tick=follower.tick)
 
 
+def _whole_number(text: str, noun: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a {noun}") from None
+
+
 def port_argument(text: str) -> int:
     """A TCP port: one line for 99999 (the socket's bind raised OverflowError, a traceback)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    port = _whole_number(text, "port number")
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (1 to 65535)")
     return port
@@ -453,10 +457,7 @@ def port_argument(text: str) -> int:
 
 def positive_count(text: str) -> int:
     """A count of 1 or more: --limit 0 listed every entry, and -1 every one but the first."""
-    try:
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    count = _whole_number(text, "whole number")
     if count < 1:
         raise argparse.ArgumentTypeError(f"{count}: at least 1")
     return count

@@ -127,8 +127,7 @@ def supervise(command: list[str], env: dict[str, str], cwd: str | None = None, g
     still there `grace_s` later, or when the server itself exits, is killed. If this process is
     SIGKILLed, the kernel sends the server SIGTERM and the server's own workers die with it (see
     deployments/service.py). `on_tick` runs about every half second while the server runs."""
-    parent = os.getpid()
-    child = subprocess.Popen(command, env=env, cwd=cwd, preexec_fn=lambda: _new_group_dying_with(parent))
+    child = in_own_group_dying_with_us(subprocess.Popen)(command, env=env, cwd=cwd)
     stopping: list[int] = []
 
     def forward(signal_number, _frame):

@@ -21,6 +21,9 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 MLFLOW_PARAM_MAX = 6000  # MLflow rejects longer param values
 
 
+_SCHEMA_READY: set[str] = set()  # SQLite store URIs this process has opened once
+
+
 def mlflow_client():
     """A client on the configured store; also points MLflow's module-level URIs at it."""
     uri = tracking_uri()
@@ -52,9 +55,6 @@ def _client_on(uri: str):
         else:
             os.environ[name] = value
     return mlflow.MlflowClient(uri, registry_uri=uri)
-
-
-_SCHEMA_READY: set[str] = set()  # SQLite store URIs this process has opened once
 
 
 # MLflow 3's UI opens an experiment it cannot classify on its GenAI overview (traces, an assistant
