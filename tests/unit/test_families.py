@@ -115,7 +115,7 @@ def test_logging_the_pyfunc_does_not_warn_of_the_runs_own_rare_categories(tmp_pa
     import logging
 
     from maas.bundle import UNKNOWN_CATEGORY_WARNING
-    from maas.tracking import mlflow_client
+    from maas.tracking import ensure_experiment, mlflow_client
     from tasks.registry import log_bundle_model
 
     prepared, config = prepared_table("churn", tmp_path, "data.max_category_levels=2")
@@ -124,7 +124,7 @@ def test_logging_the_pyfunc_does_not_warn_of_the_runs_own_rare_categories(tmp_pa
     folder = write_bundle(tmp_path / "bundle", fit_classic(spec, arrays.x_train, arrays.y_train, 0), spec, prepared)
     rows = prepared.splits.x_test.head(20)
     client = mlflow_client()
-    run = client.create_run(client.create_experiment("pyfunc-example"))
+    run = client.create_run(ensure_experiment(client, "pyfunc-example"))  # its artifacts under MAAS_HOME
 
     def warned() -> list:
         return [record for record in caplog.records if UNKNOWN_CATEGORY_WARNING in record.getMessage()]
