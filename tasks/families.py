@@ -372,16 +372,30 @@ def vote_of(singles: list[FamilyScore], folds: Folds, selection: SelectionConfig
             ) -> FamilyScore | None:
     """The vote as a candidate: its members by selection.vote_members_se, scored on the folds, its
     decision tuned where selection.tune_decision asks; None with selection.ensemble off or one member."""
-    members = vote_members(singles, selection.vote_members_se)
+    members, cut_short = on_every_fold(vote_members(singles, selection.vote_members_se))
     if not selection.ensemble or len(members) < 2:
         return None
     fitted = weighted_vote_score(members, folds, selection.tune_decision, labels) \
         if selection.vote_weights in ("fitted", "auto") else None
     if selection.vote_weights == "fitted":
-        return fitted
-    equal = vote_score(members, folds)
-    equal = with_tuned_decision(equal, folds, labels) if selection.tune_decision else equal
-    return better_vote(equal, fitted)
+        vote = fitted
+    else:
+        equal = vote_score(members, folds)
+        equal = with_tuned_decision(equal, folds, labels) if selection.tune_decision else equal
+        vote = better_vote(equal, fitted)
+    return replace(vote, note=f"{vote.note}; {cut_short}") if vote is not None and cut_short else vote
+
+
+def on_every_fold(members: list[FamilyScore]) -> tuple[list[FamilyScore], str]:
+    """The members that reached as many folds as any did, and a note naming those left out. The vote is
+    scored on the folds every member reached, so one family the time budget cut short made it a mean over
+    those few, ranked against the others' over all: on 1,500 support tickets with a text column, HGB cut
+    to 2 of 10 folds left a vote scored on 2 (0.6473 ± 0.0014) chosen over linear's 10 (0.6444)."""
+    most = max((len(member.fold_f1) for member in members), default=0)
+    kept = [member for member in members if len(member.fold_f1) == most]
+    cut = [f"{member.family} ({len(member.fold_f1)} of {most} folds)"
+           for member in members if len(member.fold_f1) < most]
+    return kept, f"left out of the vote, cut short by the time budget: {', '.join(cut)}" if cut else ""
 
 
 def better_vote(equal: FamilyScore, fitted: FamilyScore | None) -> FamilyScore:

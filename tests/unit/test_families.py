@@ -364,6 +364,20 @@ def test_vote_weights_auto_keeps_the_vote_whose_cross_fitted_cv_is_higher():
     assert better_vote(equal, None) is equal  # no fitted vote (one member kept all the weight)
 
 
+def test_a_family_the_time_budget_cut_short_is_left_out_of_the_vote_so_it_is_scored_on_every_fold():
+    _, _, _, folds, scores = noisy_family_scores()
+    linear, hgb, _ = scores
+    cut = replace(hgb, fold_f1=hgb.fold_f1[:2], fold_probabilities=hgb.fold_probabilities[:2])
+    selection = SelectionConfig(tune_decision=False, vote_weights="equal")
+    assert vote_of([linear, cut], folds, selection) is None  # one member on every fold: no vote
+    third = replace(linear, family="svm")
+    vote = vote_of([linear, cut, third], folds, selection)
+    assert len(vote.fold_f1) == 4 and vote.params["members"] == ["linear", "svm"], vote.params
+    assert vote.note.endswith("left out of the vote, cut short by the time budget: hgb (2 of 4 folds)")
+    assert len(vote_of([linear, hgb, third], folds, selection).fold_f1) == 4  # none cut: every member, no note
+    assert "left out" not in vote_of([linear, hgb, third], folds, selection).note
+
+
 def test_the_decision_is_the_one_with_the_best_macro_f1_and_a_folds_own_labels_never_set_it():
     y = np.array([0] * 8 + [1] * 2)
     positive = np.array([0.01, 0.02, 0.05, 0.1, 0.1, 0.2, 0.25, 0.3, 0.28, 0.4])
