@@ -522,7 +522,9 @@ def choose_family(scores: list[FamilyScore], tolerance: float, vote_margin_se: f
     average, against 0.0057 for the best mean alone; it gained on 4 (rare +0.018, wine +0.006), lost on
     2 (defects -0.013, churn -0.002) and left the 3 with a clear leader alone (thresholds, sparse,
     digits). 3 SE gained more on average but cost digits 0.007, where the vote's weaker members
-    dragged svm down (vote_members prunes them; see the README for why it is off by default)."""
+    dragged svm down (vote_members prunes them; see the README for why it is off by default).
+    A family scoring the same as the vote on every fold keeps its place: that is a tie, not noise, and
+    the vote would only add its other members' size and latency."""
     shown = lambda score: round(score.mean, LEADERBOARD_DIGITS)  # noqa: E731
     best = max(scores, key=lambda score: score.mean)
     close = [score for score in scores if shown(score) >= shown(best) - tolerance - 1e-12]
@@ -537,7 +539,7 @@ def choose_family(scores: list[FamilyScore], tolerance: float, vote_margin_se: f
     vote = next((score for score in scores if score.family == "ensemble"), None)
     if vote_margin_se > 0 and vote is not None and chosen is not vote:
         lead, error = paired_lead(chosen, vote)
-        if within_noise((lead, error), vote_margin_se):
+        if error > 0 and within_noise((lead, error), vote_margin_se):  # 0: the same on every fold, a tie
             why = (f"the vote, as {chosen.family} leads it by {lead:+.4f}, within {vote_margin_se:g} standard errors "
                    f"({vote_margin_se:g} x {error:.4f}) of their fold-by-fold differences: "
                    f"{vote.mean:.4f} ± {vote.sd:.4f}")
