@@ -41,6 +41,9 @@ REFERENCE_FILE = "reference.json"
 MISSING = "(missing)"
 OTHER = "(other)"
 UNSEEN_SHOWN = 5  # unseen values named per categorical feature
+# what column_numbers reads a logged value by, kept in the reference beside the training sample: a date
+# in the file's own format, a number with currency or digit-group marks, a time of day
+READING_KEYS = ("date", "date_format", "number_format", "time_of_day")
 EPSILON = 1e-4  # share given to an empty bin, so a bin seen on one side only scores high, not infinite
 
 
@@ -58,7 +61,7 @@ def build_reference(
             present = rng.choice(present, max_rows, replace=False)
         numeric[column["name"]] = {"sample": np.sort(present).tolist(),
                                    "missing_share": float(1 - np.isfinite(values).mean()),
-                                   **({"date": True} if column.get("date") else {})}
+                                   **{key: column[key] for key in READING_KEYS if column.get(key)}}
     categorical = {}
     for column in preprocessing["categorical"]:
         raw = x_train[column["name"]]
@@ -230,6 +233,15 @@ def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, c
     return FeatureDrift(name, "categorical", score, None, None, bool(score > config.psi_threshold), unseen=unseen)
 
 
+def read_as(reference: dict[str, Any], preprocessing: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """How each numeric column's logged values are read: as the watched bundle reads them where it
+    names the column, else by the reading the reference kept. A reference sealed before it kept its
+    readings knew only that a column was a date, so a logged '12/03/2026 09:30' (the file's format)
+    or '$49,695.87' read as missing: a date column was judged on the one ISO value among 1,902 rows."""
+    columns = {column["name"]: column for column in (preprocessing or {}).get("numeric", [])}
+    return {name: columns.get(name, spec) for name, spec in reference["numeric"].items()}
+
+
 def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str, Any], config: DriftConfig,
                   preprocessing: dict[str, Any] | None = None) -> DriftReport:
     """Every feature and the predictions of the logged rows against the reference; text columns
@@ -237,9 +249,10 @@ def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str,
     n_rows = len(rows)
     n_bins = bin_count(n_rows, config)
     features: list[FeatureDrift] = []
+    reading = read_as(reference, preprocessing)
     if n_rows:
         for name, spec in reference["numeric"].items():
-            values = column_numbers(rows[name], spec) if name in rows else np.full(n_rows, np.nan)
+            values = column_numbers(rows[name], reading[name]) if name in rows else np.full(n_rows, np.nan)
             features.append(numeric_drift(name, spec, values, n_bins, config))
         for name, spec in reference["categorical"].items():
             features.append(categorical_drift(name, spec, rows[name] if name in rows else pd.Series([None] * n_rows), config))
@@ -261,7 +274,8 @@ def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str,
                        alert=judged and share >= config.alert_share, psi_threshold=config.psi_threshold)
 
 
-def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any], threshold: float, path: Path) -> Path:
+def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any], threshold: float, path: Path,
+               preprocessing: dict[str, Any] | None = None) -> Path:
     """PSI per feature against the threshold, and the worst features' distributions side by side."""
     import matplotlib
 
@@ -282,10 +296,10 @@ def plot_drift(report: DriftReport, rows: pd.DataFrame, reference: dict[str, Any
     axes[0].set_title(f"Drift of {report.n_rows} logged rows: {len(report.drifted_features)} of "
                       f"{len(report.features)} features drifted (red)")
     axes[0].legend(loc="upper right")
+    reading = read_as(reference, preprocessing)
     for axis, feature in zip(axes[1:], worst):
-        spec = reference["numeric"][feature.name]
-        sample = np.asarray(spec["sample"])
-        current = column_numbers(rows[feature.name], spec)  # a date in days, as the reference holds it
+        sample = np.asarray(reference["numeric"][feature.name]["sample"])
+        current = column_numbers(rows[feature.name], reading[feature.name])  # a date in days, as the reference holds it
         current = current[np.isfinite(current)]
         # the middle 99% of both, at most the reference's span past either end of it: far values (1e308
         # is a number a client may send) would squeeze the rest into one bar and overflow matplotlib's
@@ -325,7 +339,7 @@ def record_drift(ctx: RunContext, drift: DriftReport, check: Check) -> None:
     ctx.record(metrics=drift.figures())
     if drift.n_rows and drift.features:
         png = plot_drift(drift, check.logged.inputs, check.watched.reference, check.monitoring.drift.psi_threshold,
-                         ctx.scratch_dir("drift") / "drift.png")
+                         ctx.scratch_dir("drift") / "drift.png", check.watched.bundle.preprocessing)
         ctx.defer(write_file, ctx.run_id, png, "drift")
     ctx.artifacts.table("drift-features", [
         {"feature": f.name, "psi": round(f.psi, 4), "ks_pvalue": f.ks_pvalue, "drifted": f.drifted}

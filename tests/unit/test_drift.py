@@ -118,6 +118,31 @@ def test_a_date_column_logged_as_iso_strings_is_measured_in_days_against_the_tra
     assert same.drifted_features == [] and moved.drifted_features == ["seen"]
 
 
+def test_logged_dates_and_numbers_are_read_in_the_training_files_own_format():
+    """'12/03/2026 09:30' and '$49,695.87' as the file wrote them, logged as the service got them: the
+    same values do not drift, moved ones do; a reference sealed without its readings (only "date")
+    is read by the watched bundle's columns."""
+    rng = np.random.default_rng(0)
+    opened = pd.Timestamp("2025-01-01") + pd.to_timedelta(rng.uniform(0, 90, 400), unit="D")
+    salary = rng.lognormal(10.8, 0.4, 400)
+    preprocessing = {"numeric": [{"name": "opened", "date": True, "date_format": "%d/%m/%Y %H:%M"},
+                                 {"name": "salary", "number_format": {"decimal": "."}}], "categorical": []}
+    written = pd.DataFrame({"opened": pd.Series(opened).dt.strftime("%d/%m/%Y %H:%M"),
+                            "salary": [f"${value:,.2f}" for value in salary]})
+    reference = build_reference(written, preprocessing, np.zeros(400, dtype=int), ["no", "yes"], 2000, 0)
+    later = pd.DataFrame({"opened": pd.Series(opened + pd.Timedelta(days=60)).dt.strftime("%d/%m/%Y %H:%M"),
+                          "salary": [f"${value * 1.5:,.2f}" for value in salary]})
+    old = {**reference, "numeric": {"opened": {**reference["numeric"]["opened"], "date_format": None},
+                                    "salary": {**reference["numeric"]["salary"], "number_format": None}}}
+    predicted = pd.Series(["no"] * 400)
+    for sealed, watched in [(reference, None), (old, preprocessing)]:
+        same = measure_drift(written, predicted, sealed, DriftConfig(), watched)
+        assert same.drifted_features == [], [(f.name, f.psi) for f in same.features]
+        assert sorted(measure_drift(later, predicted, sealed, DriftConfig(), watched).drifted_features) == \
+            ["opened", "salary"]
+    assert measure_drift(written, predicted, old, DriftConfig()).drifted_features == ["opened", "salary"]  # unread
+
+
 def test_prediction_shift_shows_in_prediction_psi():
     prepared, reference, predicted = reference_and_test(0)
     x_test = prepared.splits.x_test
