@@ -25,8 +25,8 @@ import orjson
 from deployments.batcher import Batcher
 from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
-from deployments.request_reader import (BadRequest, RequestReader, is_csv, mlflow_predictions, read_body,
-                                       rows_from_csv, rows_from_mlflow_request, unread_body_dropped)
+from deployments.request_reader import (INVOCATIONS_PATH, BadRequest, RequestReader, is_csv, mlflow_predictions,
+                                       read_body, rows_from_csv, rows_from_mlflow_request, unread_body_dropped)
 from maas.bundle import ModelBundle, unknown_categories
 from maas.config import ServingConfig
 from maas.paths import maas_home
@@ -36,7 +36,6 @@ from maas.api_keys import SCOPE_MEANING, SCOPES, Grant, hash_key, key_grant, wel
 from maas.service_store import connect, current_month, month_bounds, rows_used
 
 PREDICT_PATH = "/predict"
-INVOCATIONS_PATH = "/invocations"  # MLflow's scoring protocol, for clients of `mlflow models serve`
 PING_PATH = "/ping"  # MLflow's health check
 METADATA_PATH = "/metadata"
 METRICS_PATH = "/metrics"

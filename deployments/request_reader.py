@@ -256,6 +256,10 @@ class RequestReader:
                 keys = ", ".join(repr(key) for key in list(payload)[:3]) + (", ..." if len(payload) > 3 else "")
                 raise BadRequest(400, f'body: expected {{"rows": [row, ...]}}; this body looks like one row (it has '
                                       f'{keys}): send {{"rows": [that row]}}')
+            scoring = [key for key in MLFLOW_KEYS if rows is None and type(payload) is dict and key in payload]
+            if scoring:
+                raise BadRequest(400, f'body: expected {{"rows": [row, ...]}}; {scoring[0]} is MLflow\'s scoring '
+                                      f'format, which this service reads at POST {INVOCATIONS_PATH}')
         if isinstance(rows, list):
             refuse_too_many(rows, max_rows)
         columns = self.exact_columns(rows)
@@ -285,6 +289,7 @@ def refuse_unreadable_dates(rows: list[dict[str, Any]], numbers: np.ndarray, spe
                 raise BadRequest(400, f"row {row_index}, column '{column['name']}': {unreadable_message(column, value)}")
 
 
+INVOCATIONS_PATH = "/invocations"  # MLflow's scoring protocol, for clients of `mlflow models serve`
 MLFLOW_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 

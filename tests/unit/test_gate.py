@@ -245,6 +245,8 @@ def test_bodies_as_clients_send_them_compressed_in_another_charset_as_csv_or_a_b
         ({"content": b"a=1", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, "send rows as JSON"),
         ({"content": plain, "headers": {"content-type": "application/json; charset=klingon"}}, 415, "charset 'klingon'"),
         ({"json": rows[0]}, 400, 'expected {"rows": [row, ...]}; this body looks like one row'),
+        ({"json": {"dataframe_records": rows}}, 400, "dataframe_records is MLflow's scoring format, which this "
+                                                     "service reads at POST /invocations"),
     ]
     responses = call(gate_for(bundle, auth=False, max_request_bytes=1_000_000),
                      [("POST", "/predict", kwargs) for kwargs, _, _ in sent])
