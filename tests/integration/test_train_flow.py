@@ -270,6 +270,32 @@ def test_the_gate_scores_the_champion_by_its_own_decision_rule(prefect_server, m
     assert second["alias"] == "challenger", second["gate"]
 
 
+def test_the_gate_leaves_out_the_test_rows_the_champion_was_fitted_on(prefect_server, maas_home, tmp_path):
+    """The churn table, then the same table grown by a quarter: split anew, so some of the second run's
+    test rows trained the champion. Both are scored on the others, counted here by their values."""
+    from flows.train_pipeline import train_pipeline
+    from tasks.data import prepare_data
+    from tests.conftest import quick_config
+    from tests.tables import write_messy
+
+    path, target = write_messy("churn", tmp_path)
+    table = pd.read_csv(path)
+    first_path = tmp_path / "first" / "churn.csv"
+    first_path.parent.mkdir()
+    table.iloc[:len(table) * 3 // 4].to_csv(first_path, index=False)
+    configs = [quick_config(str(file), f"data.target={target}", "serving.build_bento=false")
+               for file in (first_path, path)]
+    first = train_pipeline(configs[0]).to_dict()
+    second = train_pipeline(configs[1]).to_dict()
+    fitted = prepare_data(configs[0].data, configs[0].seed).splits
+    fitted = pd.concat([fitted.x_train, fitted.x_val]).astype(str).drop_duplicates()
+    test = prepare_data(configs[1].data, configs[1].seed).splits.x_test.astype(str)
+    seen = int(test.merge(fitted, how="left", indicator=True)["_merge"].eq("both").sum())
+    assert 0 < seen < len(test)
+    assert second["gate"]["champion_version"] == first["model_version"]
+    assert f"on the same {len(test) - seen} test rows (the {seen} it was fitted on left out)" in second["gate"]["reason"]
+
+
 def test_failure_after_the_run_starts_leaves_it_failed_and_registers_nothing(prefect_server, maas_home):
     import torch
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from maas.config import RegistryConfig, SelectionConfig
 from tasks.evaluate import VariantRow
-from tasks.registry import gate_decision, select_variant
+from tasks.registry import ChampionScore, gate_decision, select_variant
 
 
 def row(name, f1, rows_per_s, size, p99_ms=1.0):
@@ -58,22 +60,22 @@ def test_first_version_becomes_champion():
 
 
 def test_gate_keeps_a_better_or_equal_champion():
-    worse = gate_decision(0.95, ("3", 0.97), REGISTRY)
+    worse = gate_decision(0.95, ChampionScore("3", 0.97), REGISTRY)
     assert worse.alias == "challenger" and not worse.promoted and "champion kept" in worse.reason
-    tie = gate_decision(0.97, ("3", 0.97), REGISTRY)
+    tie = gate_decision(0.97, ChampionScore("3", 0.97), REGISTRY)
     assert tie.alias == "challenger"
 
 
 def test_gate_promotes_only_past_min_improvement():
-    assert gate_decision(0.975, ("3", 0.97), REGISTRY).alias == "champion"
+    assert gate_decision(0.975, ChampionScore("3", 0.97), REGISTRY).alias == "champion"
     strict = RegistryConfig(min_improvement=0.01)
-    assert gate_decision(0.975, ("3", 0.97), strict).alias == "challenger"
-    promoted = gate_decision(0.99, ("3", 0.97), strict)
+    assert gate_decision(0.975, ChampionScore("3", 0.97), strict).alias == "challenger"
+    promoted = gate_decision(0.99, ChampionScore("3", 0.97), strict)
     assert promoted.promoted and promoted.champion_version == "3" and promoted.champion_score == pytest.approx(0.97)
 
 
 def test_a_champion_that_cannot_score_the_data_is_kept():
-    decision = gate_decision(0.99, ("2", None), REGISTRY)
+    decision = gate_decision(0.99, ChampionScore("2", None), REGISTRY)
     assert decision.alias == "challenger" and "cannot score" in decision.reason
 
 
@@ -116,3 +118,21 @@ def test_one_process_at_a_time_reads_and_moves_a_models_aliases(maas_home):
         order.append("first done")
     same.join(timeout=10)
     assert order == ["second maas-digits", "first done", "second maas-wine"]
+
+
+def test_a_row_has_one_fingerprint_however_pandas_typed_its_values():
+    """A row read again from a grown file, or beside appended production rows, is known by its
+    values: 30, 30.0 and '30' alike, a date at any resolution, text stripped, a missing value as one."""
+    from tasks.registry import row_fingerprints
+
+    first = pd.DataFrame({"age": [30, 41, None], "city": ["Lyon", "Oslo ", None],
+                          "seen": pd.to_datetime(["2025-01-02", "2025-03-04", None]).astype("datetime64[us]")})
+    again = pd.DataFrame({"age": ["30", 41.0, np.nan], "city": [" Lyon", "Oslo", np.nan],
+                          "seen": pd.to_datetime(["2025-01-02", "2025-03-04", None]).astype("datetime64[ns]")},
+                         index=[7, 8, 9])
+    columns = ["age", "city", "seen"]
+    assert (row_fingerprints(first, columns) == row_fingerprints(again, columns)).all()
+    other = again.assign(age=["31", 41.0, np.nan], city=[" Lyon", "Oslo", ""])
+    assert (row_fingerprints(first, columns) == row_fingerprints(other, columns)).tolist() == [False, True, True]
+    assert len(set(row_fingerprints(first, columns))) == 3
+    assert not (row_fingerprints(first, ["age", "city"]) == row_fingerprints(first, ["city", "age"]))[:2].any()
