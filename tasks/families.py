@@ -540,9 +540,12 @@ def choose_family(scores: list[FamilyScore], tolerance: float, vote_margin_se: f
     if vote_margin_se > 0 and vote is not None and chosen is not vote:
         lead, error = paired_lead(chosen, vote)
         if error > 0 and within_noise((lead, error), vote_margin_se):  # 0: the same on every fold, a tie
-            why = (f"the vote, as {chosen.family} leads it by {lead:+.4f}, within {vote_margin_se:g} standard errors "
-                   f"({vote_margin_se:g} x {error:.4f}) of their fold-by-fold differences: "
-                   f"{vote.mean:.4f} ± {vote.sd:.4f}")
+            shared = min(len(chosen.fold_f1), len(vote.fold_f1))
+            where = "" if shared == len(vote.fold_f1) == len(chosen.fold_f1) else f" on the {shared} folds both reached"
+            how = (f"{chosen.family} leads it by {lead:+.4f}{where}, within {vote_margin_se:g} standard errors "
+                   f"({vote_margin_se:g} x {error:.4f}) of their fold-by-fold differences") if lead > 0 else \
+                f"it scores {-lead:+.4f} against {chosen.family}{where}"
+            why = f"the vote, as {how}: {vote.mean:.4f} ± {vote.sd:.4f}"
             chosen = vote
     return chosen, f"{chosen.family}: {why} over {len(chosen.fold_f1)} folds"
 

@@ -220,6 +220,10 @@ def test_the_vote_is_kept_over_a_family_whose_lead_is_within_the_noise():
                                                 "errors (2 x 0.0126) of their fold-by-fold differences: 0.5220")
     assert choose_family([steady, vote], 0.0, vote_margin_se=2.0)[0] is steady  # the same lead, 14 SE: no noise
     assert choose_family([vote, noisy], 0.0, vote_margin_se=2.0)[0] is vote
+    uneven = FamilyScore("ensemble", None, {}, [0.60, 0.60, 0.40, 0.40, 0.40], 0.0)
+    cut = FamilyScore("svm", None, {}, [0.61, 0.58], 0.0)  # cut short: the best mean, behind the vote on its 2 folds
+    reason = choose_family([cut, uneven], 0.0, vote_margin_se=2.0)[1]
+    assert reason.startswith("ensemble: the vote, as it scores +0.0050 against svm on the 2 folds both reached: "), reason
     same = replace(vote, family="hgb")  # the vote's score on every fold: a tie, which the simpler family keeps
     assert choose_family([same, vote], 0.0, vote_margin_se=2.0)[0] is same
     alone = FamilyScore("ensemble", None, {}, [0.4], 0.0)  # one fold: no error to judge by, the choice stands
