@@ -112,7 +112,7 @@ def measure(name: str, scratch: Path) -> dict:
     n_classes = len(prepared.labels)
 
     started = time.perf_counter()
-    hgb = tune_classic("hgb", folds, config, f"lgbm-bench-{name}-{int(time.time())}",
+    hgb = tune_classic("hgb", folds, config, f"lgbm-bench-{name}-{int(time.time())}", prepared.fingerprint,
                        started + config.selection.time_budget_s)
     hgb_s = time.perf_counter() - started
     started = time.perf_counter()

@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join the study of a run started with tuning.remote_workers=true: the same config as the run "
                     "(its data must be the run's), trials until the study holds its budget, then exit.")
     add_config_arguments(worker, "the run's dataset: a built-in name or the same file", "tuning.storage=URL")
-    worker.add_argument("--study", metavar="NAME", help="the study (default: tuning.study_name, else the experiment name)")
+    worker.add_argument("--study", metavar="NAME", help="the study (default: tuning.study_name, else the experiment "
+                                                        "name; the one the run opens for this table)")
     worker.add_argument("--wait", metavar="DURATION", default="10m", help="how long to wait for the run to open it")
 
     ui = commands.add_parser(

@@ -30,7 +30,7 @@ from maas.budget import rows_for_budget
 from maas.config import ModelConfig, RunConfig, SelectionConfig
 from maas.figures import log_leaderboard
 from maas.run_context import RunContext, run_logger, write_child_run
-from maas.studies import finished_trials
+from maas.studies import finished_trials, open_table_study
 from maas.tracking import flatten
 from models import NetworkSpec
 from models.classic import ClassicSpec, classic_size, export_classic_onnx, fit_classic
@@ -294,7 +294,8 @@ class TunedFamily(NamedTuple):
     validation: CrossValidation | None  # the best trial's folds, when it ran in this process
 
 
-def tune_classic(family: str, folds: Folds, config: RunConfig, study_name: str, deadline: float) -> TunedFamily:
+def tune_classic(family: str, folds: Folds, config: RunConfig, study_name: str, fingerprint: str, deadline: float
+                 ) -> TunedFamily:
     """A small resumable Optuna study over the family's settings, scored by the mean F1 of every fold
     (repeats included: on small tables one repeat's mean moved by its sd/sqrt(5) ~ 1 point between
     shuffles, and TPE chased that noise); its first trial is the defaults. Returns the best settings,
@@ -321,8 +322,8 @@ def tune_classic(family: str, folds: Folds, config: RunConfig, study_name: str, 
             best[trial.number] = validation
         return mean
 
-    study = optuna.create_study(study_name=study_name, storage=open_storage(config.tuning), direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=config.seed), load_if_exists=True)
+    study = open_table_study(open_storage(config.tuning), study_name, fingerprint, direction="maximize",
+                             sampler=optuna.samplers.TPESampler(seed=config.seed))
     if not study.trials:
         if family == "linear" and offers_sparse_linear(n_features, n_classes):  # L2 first, then the sparse one
             study.enqueue_trial({**CLASSIC_DEFAULTS[family], "l1_ratio": 0.0})
@@ -346,7 +347,7 @@ def score_family(family: str, prepared: PreparedData, config: RunConfig, setting
         fit_fold = partial(fit_network_fold, settings, seed=config.seed)
         params, trials, validation = {"train": settings.train.model_dump(), "network": spec.to_dict()}, 0, None
     else:
-        params, trials, validation = tune_classic(family, folds, config, f"{study_name}-{family}", deadline)
+        params, trials, validation = tune_classic(family, folds, config, f"{study_name}-{family}", prepared.fingerprint, deadline)
         spec = ClassicSpec(family, folds.x.shape[1], len(prepared.labels), params)
         fit_fold = partial(fit_classic_fold, seed=config.seed)
     if validation is None:  # the network, or a best trial from an earlier run of the study

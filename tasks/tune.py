@@ -31,6 +31,7 @@ from maas.config import Range, RunConfig, TuningConfig
 from maas.errors import MaasInputError
 from maas.paths import maas_home
 from maas.processes import process_owner
+from maas.studies import open_table_study
 from maas.figures import log_study_plots
 from maas.locks import sqlite_schema_lock
 from maas.tracking import redact_url as redacted  # the storage URL without its password
@@ -212,15 +213,15 @@ def make_pruner(tuning: TuningConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
 
 
-def open_study(tuning: TuningConfig, study_name: str, family: str, seed: int) -> optuna.Study:
+def open_study(tuning: TuningConfig, study_name: str, family: str, seed: int, fingerprint: str) -> optuna.Study:
+    """The study of this table's trials (maas.studies.open_table_study: study_name, or a name of its own
+    for a table other than the one study_name's trials were scored on)."""
     try:
-        return optuna.create_study(
-            study_name=study_name,
-            storage=open_storage(tuning),
+        return open_table_study(
+            open_storage(tuning), study_name, fingerprint,
             sampler=make_sampler(tuning, family, seed),
             pruner=make_pruner(tuning),
             directions=[DIRECTIONS[name] for name in tuning.objectives],
-            load_if_exists=True,
         )
     except ValueError as exc:  # e.g. an existing study with other directions
         raise MaasInputError(f"tuning: study '{study_name}' cannot be continued ({exc}); set tuning.study_name") from None
@@ -459,7 +460,7 @@ def summarise(study: optuna.Study, tuning: TuningConfig, n_val: int) -> TuningRe
 def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed: int) -> TuningResult:
     """Run trials until the study holds tuning.n_trials finished ones (or timeout_s passes)."""
     started = time.perf_counter()
-    study = open_study(tuning, study_name, objective.family, seed)
+    study = open_study(tuning, study_name, objective.family, seed, objective.prepared.fingerprint)
     recovered = fail_trials_of_dead_owners(study, tuning.max_retry)
     if recovered:
         run_logger().warning("recovered from a crash: Optuna trial(s) %s of a dead process failed and re-queued",

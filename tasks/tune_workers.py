@@ -344,16 +344,22 @@ def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], N
     from maas.errors import MaasInputError
     from maas.run_context import RunContext
     from maas.tracking import mlflow_client
+    from maas.studies import study_for_table
     from tasks.data import prepare_data
     from tasks.recovery import TRIAL_OWNER_ATTR
     from tasks.train import TrainingSettings
     from tasks.tune import FailureGuard, Objective, TrialTracker, make_pruner, make_sampler, open_storage
 
     warm_up()  # before the run opens its study, not in this worker's first trial
+    prepared = prepare_data(config.data, config.seed)
+    # the study the run opens for this table (a grown table gets a study of its own)
+    study_name = study_for_table(open_storage(config.tuning), study_name, prepared.fingerprint)
     job = published_job(open_storage(config.tuning), study_name, wait_s, say)
     tuning = TuningConfig(**job["tuning"], storage=config.tuning.storage)
     storage = open_storage(tuning)  # the run's heartbeat settings, which its stale-trial check assumes
-    prepared = prepare_data(config.data, job["seed"]).sealed()  # the run's seed: its split
+    if job["seed"] != config.seed:
+        prepared = prepare_data(config.data, job["seed"])
+    prepared = prepared.sealed()  # the run's seed: its split
     trial_data = prepared.with_training_sample(tuning.sample_rows, job["seed"])
     if trial_data_digest(trial_data) != job["data"]:
         raise MaasInputError(f"tune-worker: the data here ({prepared.source}) does not give the run's training and "

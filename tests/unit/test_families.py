@@ -185,10 +185,10 @@ def test_a_family_study_past_its_time_keeps_two_folds_of_its_first_trial_and_pru
     prepared, config = prepared_table("churn", tmp_path, "selection.family_trials=1")
     folds = make_folds(prepared.sealed(), config.selection, config.seed)
     assert len(folds.splits) > 2
-    tuned = tune_classic("hgb", folds, config, "past-its-time", deadline=time.perf_counter())
+    tuned = tune_classic("hgb", folds, config, "past-its-time", prepared.fingerprint, deadline=time.perf_counter())
     assert tuned.validation is not None and len(tuned.validation.scores) == 2
     one_more = config.model_copy(update={"selection": config.selection.model_copy(update={"family_trials": 2})})
-    again = tune_classic("hgb", folds, one_more, "past-its-time", deadline=time.perf_counter())
+    again = tune_classic("hgb", folds, one_more, "past-its-time", prepared.fingerprint, deadline=time.perf_counter())
     study = optuna.load_study(study_name="past-its-time", storage=open_storage(config.tuning))
     first, second = study.trials
     assert first.state == optuna.trial.TrialState.COMPLETE and len(first.user_attrs["fold_f1"]) == 2

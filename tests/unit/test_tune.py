@@ -65,6 +65,30 @@ def test_budget_counts_finished_trials_so_a_rerun_continues(wine, maas_home):
 
 
 @STUDY
+def test_a_rerun_on_another_table_tunes_in_a_study_of_its_own_and_the_first_tables_study_continues(wine, maas_home):
+    """The same table continues its study; a grown one (other rows, another fingerprint) gets
+    'name-<fingerprint>', with its own budget of trials, which a second run on it continues."""
+    from dataclasses import replace
+
+    from maas.studies import study_for_table
+    from tasks.tune import open_storage
+
+    first = run_study(objective(wine, tuning(n_trials=2)), tuning(n_trials=2), "grown", seed=0)
+    grown = replace(wine, fingerprint="0123456789abcdef")
+    other = run_study(objective(grown, tuning(n_trials=2)), tuning(n_trials=2), "grown", seed=0)
+    assert first.study_name == "grown" and other.study_name == "grown-01234567"
+    assert other.n_complete + other.n_pruned == 2 and len(states("grown-01234567", tuning())) == 2
+    assert run_study(objective(grown, tuning(n_trials=3)), tuning(n_trials=3), "grown", seed=0).study_name == \
+        "grown-01234567" and len(states("grown-01234567", tuning())) == 3
+    assert run_study(objective(wine, tuning(n_trials=2)), tuning(n_trials=2), "grown", seed=0).study_name == "grown"
+    assert len(states("grown", tuning())) == 2
+    storage = open_storage(tuning())
+    assert study_for_table(storage, "grown", wine.fingerprint) == "grown"  # what a tune-worker on the table joins
+    assert study_for_table(storage, "grown", grown.fingerprint) == "grown-01234567"
+    assert study_for_table(storage, "not-yet", grown.fingerprint) == "not-yet"
+
+
+@STUDY
 # the dead worker is played with study.ask(), which Optuna warns has no heartbeat thread (Study.optimize
 # runs one); the flow itself never asks outside optimize
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
