@@ -250,24 +250,28 @@ def new_version_score(winner: Winner, y_test: np.ndarray, champion: ChampionScor
 FITTED_ROWS = "gate/fitted_rows.npz"  # run artifact: fingerprints of the training and validation rows
 
 
-def canonical_values(values: pd.Series) -> pd.Series:
-    """A column's values as strings that do not depend on how pandas typed them: 30, 30.0 and '30'
-    alike, a date as its day number, text stripped, a missing value empty."""
+def canonical_values(values: pd.Series) -> tuple[np.ndarray, pd.Series]:
+    """A column's values in a form that does not depend on how pandas typed them: numbers (30, 30.0
+    and '30' alike; a date as its day number) as float64, NaN where the value is not one, and the
+    other values as stripped text, empty where the value is a number or missing."""
     values = values.reset_index(drop=True)
     if pd.api.types.is_datetime64_any_dtype(values):
-        return pd.Series(bundle_module.dates_as_days(values), dtype="float64").astype("string").fillna("")
-    if pd.api.types.is_bool_dtype(values):
-        values = values.astype("float64")
-    numbers = pd.to_numeric(values, errors="coerce").astype("float64") if not pd.api.types.is_numeric_dtype(
-        values) else values.astype("float64")
-    return numbers.astype("string").where(numbers.notna(), values.astype("string").str.strip()).fillna("")
+        return bundle_module.dates_as_days(values), pd.Series("", index=values.index, dtype="string")
+    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        return values.astype("float64").to_numpy(na_value=np.nan), pd.Series("", index=values.index, dtype="string")
+    numbers = pd.to_numeric(values, errors="coerce").astype("float64")
+    text = values.astype("string").str.strip().where(numbers.isna(), "").fillna("")
+    return numbers.to_numpy(na_value=np.nan), text
 
 
 def row_fingerprints(x: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """One 64-bit hash per row of x's `columns` (canonical_values), so a row read again from a grown
-    file, or typed otherwise beside appended rows, is known."""
-    canonical = pd.DataFrame({str(index): canonical_values(x[column]) for index, column in enumerate(columns)})
-    return pd.util.hash_pandas_object(canonical, index=False).to_numpy(dtype=np.uint64)
+    file, or typed otherwise beside appended rows, is known. Numbers are hashed as numbers: as text,
+    240,000 rows of 14 columns took 14 s."""
+    canonical = {}
+    for index, column in enumerate(columns):
+        canonical[f"{index}n"], canonical[f"{index}t"] = canonical_values(x[column])
+    return pd.util.hash_pandas_object(pd.DataFrame(canonical), index=False).to_numpy(dtype=np.uint64)
 
 
 def write_fitted_rows(client, run_id: str, splits: DataSplits, scratch: Path) -> None:
