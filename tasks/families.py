@@ -624,7 +624,8 @@ def record_comparison(ctx: RunContext, comparison: Comparison) -> None:
     rows = comparison.leaderboard()
     if comparison.left_out:
         ctx.logger.info("%s", comparison.left_out)
-    cut = [f"{score.family}: {score.note}" for score in comparison.scores if "time budget" in score.note]
+    cut = [f"{score.family}: {score.note}" for score in comparison.scores  # the vote's note names its members' cuts
+           if "time budget" in score.note and score.family != "ensemble"]
     if cut:
         ctx.budget.cut("compare", "; ".join(cut))
     for score, row in zip(comparison.scores, rows):

@@ -190,3 +190,20 @@ def test_int8_answers_a_row_the_same_alone_and_in_any_batch(built):
     reversed_batch = bundle.predict_features(features[::-1])[::-1]
     np.testing.assert_allclose(together, alone, atol=1e-6)
     np.testing.assert_allclose(together, reversed_batch, atol=1e-6)
+
+
+def test_variants_that_train_are_left_out_where_the_budget_leaves_them_less_than_an_epoch():
+    from maas.config import CompressionConfig
+    from tasks.compress import variants_in_time
+    from tasks.train import TrainResult
+
+    config = CompressionConfig()
+    trained = TrainResult(network=None, spec=None, best_epoch=8, epochs_run=10, device="cpu", seconds=70.0)  # 7 s/epoch
+    assert variants_in_time(config, trained, None) == (config, None, "")  # no budget
+    kept, seconds_each, note = variants_in_time(config, trained, 30.0)
+    assert kept.variants == config.variants and seconds_each == pytest.approx(10.0) and note == ""
+    kept, seconds_each, note = variants_in_time(config, trained, 6.0)
+    assert kept.variants == ["fp32", "int8"] and seconds_each is None
+    assert note == "pruned, structured, distilled left out: an epoch of training takes ~7.0 s, ~2.0 s each was left"
+    only_int8 = CompressionConfig(variants=["fp32", "int8"])
+    assert variants_in_time(only_int8, trained, 1.0) == (only_int8, None, "")
