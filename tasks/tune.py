@@ -525,7 +525,9 @@ def trials_in_processes(study: optuna.Study, objective: Objective, study_name: s
     def between() -> None:
         workers.drain(objective.tracker)
         if tuning.remote_workers:  # a remote worker's death shows only as its trial's missing heartbeat
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():  # Optuna marks it experimental; a run with remote workers printed so
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
         dead = workers.dead()
         if dead or tuning.remote_workers:  # a remote worker killed before its trial's owner was set
             recovered = fail_trials_of_dead_owners(study, tuning.max_retry, heartbeat_grace_s(tuning))
