@@ -211,11 +211,9 @@ def champion_on_test(client, name: str, registry: RegistryConfig, prepared: Prep
         return ChampionScore(version, None)
     x_test, y_test = prepared.splits.x_test, prepared.splits.y_test
     unseen = unseen_rows(client, client.get_model_version(name, version).run_id, x_test, scratch)
-    if unseen is not None and unseen.all():
-        unseen = None
+    if unseen is not None and not unseen.any():
+        return ChampionScore(version, None, unseen, "it was fitted on every test row of this run")
     if unseen is not None:
-        if not unseen.any():
-            return ChampionScore(version, None, unseen, "it was fitted on every test row of this run")
         x_test, y_test = x_test[unseen], y_test[unseen]
     try:
         probabilities = champion.predict_proba(x_test)
@@ -255,10 +253,11 @@ def canonical_values(values: pd.Series) -> tuple[np.ndarray, pd.Series]:
     and '30' alike; a date as its day number) as float64, NaN where the value is not one, and the
     other values as stripped text, empty where the value is a number or missing."""
     values = values.reset_index(drop=True)
+    no_text = pd.Series("", index=values.index, dtype="string")
     if pd.api.types.is_datetime64_any_dtype(values):
-        return bundle_module.dates_as_days(values), pd.Series("", index=values.index, dtype="string")
+        return bundle_module.dates_as_days(values), no_text
     if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
-        return values.astype("float64").to_numpy(na_value=np.nan), pd.Series("", index=values.index, dtype="string")
+        return values.astype("float64").to_numpy(na_value=np.nan), no_text
     numbers = pd.to_numeric(values, errors="coerce").astype("float64")
     text = values.astype("string").str.strip().where(numbers.isna(), "").fillna("")
     return numbers.to_numpy(na_value=np.nan), text
@@ -285,8 +284,8 @@ def write_fitted_rows(client, run_id: str, splits: DataSplits, scratch: Path) ->
 
 
 def unseen_rows(client, run_id: str, x_test: pd.DataFrame, scratch: Path) -> np.ndarray | None:
-    """Which of x_test's rows the run did not fit on; None where it kept no fingerprints (a run from
-    before they were kept) or this table lacks a column it had."""
+    """Which of x_test's rows the run did not fit on; None where that is every row, where it kept no
+    fingerprints (a run from before they were kept), or where this table lacks a column it had."""
     folder = scratch / f"fitted-rows-{run_id}"
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -298,7 +297,8 @@ def unseen_rows(client, run_id: str, x_test: pd.DataFrame, scratch: Path) -> np.
     if not set(columns) <= set(map(str, x_test.columns)):
         return None
     x_test = x_test.set_axis(list(map(str, x_test.columns)), axis=1)
-    return ~np.isin(row_fingerprints(x_test, columns), fitted)
+    unseen = ~np.isin(row_fingerprints(x_test, columns), fitted)
+    return None if unseen.all() else unseen
 
 
 def _git(*args: str) -> str | None:

@@ -353,8 +353,9 @@ def remote_worker(config, study_name: str, wait_s: float, say: Callable[[str], N
     warm_up()  # before the run opens its study, not in this worker's first trial
     prepared = prepare_data(config.data, config.seed)
     # the study the run opens for this table (a grown table gets a study of its own)
-    study_name = study_for_table(open_storage(config.tuning), study_name, prepared.fingerprint)
-    job = published_job(open_storage(config.tuning), study_name, wait_s, say)
+    configured = open_storage(config.tuning)
+    study_name = study_for_table(configured, study_name, prepared.fingerprint)
+    job = published_job(configured, study_name, wait_s, say)
     tuning = TuningConfig(**job["tuning"], storage=config.tuning.storage)
     storage = open_storage(tuning)  # the run's heartbeat settings, which its stale-trial check assumes
     if job["seed"] != config.seed:
