@@ -64,8 +64,10 @@ def required_columns(preprocessing: dict[str, Any]) -> list[str]:
 
 
 def feature_count(preprocessing: dict[str, Any]) -> int:
-    """Width of the matrix `transform` produces (numeric columns + one-hot slots + embeddings)."""
-    return len(preprocessing["numeric"]) + sum(len(c.get("parts", [])) for c in preprocessing["numeric"]) + sum(
+    """Width of the matrix `transform` produces (numeric columns, their dates' parts and missing-value
+    flags + one-hot slots + embeddings)."""
+    numeric = preprocessing["numeric"]
+    return len(numeric) + sum(len(c.get("parts", [])) + bool(c.get("missing_flag")) for c in numeric) + sum(
         len(c["categories"]) for c in preprocessing["categorical"]
     ) + sum(len(c["mean"]) for c in preprocessing.get("text", []))
 
@@ -534,6 +536,8 @@ def transform_arrays(
     if spec:
         values = numeric.copy()
         values[~np.isfinite(values)] = np.nan
+        flagged = [index for index, column in enumerate(spec) if column.get("missing_flag")]
+        absent = np.isnan(values[:, flagged]) if flagged else None  # before the fill hides it
         fill = np.array([c["fill"] for c in spec])
         mean = np.array([c["mean"] for c in spec])
         scale = np.array([c["scale"] for c in spec])
@@ -545,6 +549,8 @@ def transform_arrays(
                 parts = column["parts"]
                 raw = date_parts(values[:, index], [part["part"] for part in parts])
                 blocks.append((raw - np.array([part["mean"] for part in parts])) / np.array([part["scale"] for part in parts]))
+        if absent is not None:  # where a column had missing values in training, whether a row's is (1) or not
+            blocks.append(absent.astype(np.float64))
     for column, values in zip(preprocessing["categorical"], categorical):
         as_text = np.where(pd.isna(values), column["fill"], as_categories(values, column)).astype(object)
         categories = np.array(column["categories"], dtype=object)

@@ -33,6 +33,7 @@ MIN_ROWS_FOR_ID_CHECK = 20  # below this, all-unique columns are too common to c
 # A string column with more distinct values than this share of rows names rows (emails, titles), not
 # groups of them; below it, a many-valued category (cities, products) keeps its most frequent values.
 MOSTLY_DISTINCT = 0.5
+MAX_CODES = 10  # distinct strings a column of numbers may hold as codes (few_codes)
 # A string column is read as dates when its values start as ISO 8601 dates do, or when they all read
 # in one of the forms below (a time may follow). "2024" alone is a number. 03/12/2026 is March or
 # December depending on the writer: a column's own values decide (a 13th of a month, or a month 13,
@@ -304,16 +305,43 @@ def as_numeric_target(extra: pd.DataFrame, target: pd.Series, name: str) -> pd.D
 # --- validation and cleaning -------------------------------------------------------------------
 
 
-def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> tuple[pd.Series, int] | None:
-    """A text column that is numbers but for a few stray strings -> (floats, how many coerced)."""
+class Coerced(NamedTuple):
+    """A text column read as numbers: the numbers (NaN where a value was not one), how many values
+    were not, and those values as codes (value -> count) where they were few recurring strings."""
+
+    numbers: pd.Series
+    n_bad: int
+    codes: dict[str, int]
+
+
+def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> Coerced | None:
+    """A text column that is numbers but for a few stray strings, or for a few codes ("<5", "unknown",
+    "n/a" in a lab value) however often they come -> the numbers, the others as missing. Read as
+    categories, such a column kept its 50 most frequent numbers as levels and lost the rest, and
+    their order; read so, each row keeps its number, and the missing-value flag its code's absence."""
     present = column[~blank(column)]
     if present.empty:
         return None
     parsed = pd.to_numeric(present, errors="coerce")
     n_bad = int(parsed.isna().sum())
-    if n_bad == len(present) or n_bad > max_bad_fraction * len(present):
+    if n_bad == len(present):
         return None
-    return pd.to_numeric(column, errors="coerce").astype(np.float64), n_bad
+    codes = {}
+    if n_bad > max_bad_fraction * len(present):
+        codes = few_codes(present[parsed.isna()], len(present))
+        if not codes:
+            return None
+    return Coerced(pd.to_numeric(column, errors="coerce").astype(np.float64), n_bad, codes)
+
+
+def few_codes(not_numbers: pd.Series, n_present: int) -> dict[str, int]:
+    """The values that are not numbers, by count, where they are at most MAX_CODES distinct strings
+    each seen at least twice, in at most half of the column; otherwise {} (a column of categories
+    that holds some numbers, say sizes S, M, L, 10, 12)."""
+    counts = not_numbers.astype(str).str.strip().value_counts()
+    if len(not_numbers) * 2 > n_present or len(counts) > MAX_CODES or counts.min() < 2:
+        return {}
+    return {str(value): int(count) for value, count in counts.items()}
 
 
 def holds_nested_values(column: pd.Series) -> bool:
@@ -593,13 +621,16 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                     notes.append(f"column '{name}' read as numbers written with currency, percent or digit-group "
                                  f"marks (decimal mark '{decimal}'{unreadable})")
             elif coerced is not None:
-                column, n_bad = coerced
+                column, n_bad, codes = coerced
                 if decimal_comma:  # read as plain numbers are, with '.', and so served
                     formats[name] = {"number_format": {"decimal": "."}}
                 integers_from_text = bool((column.dropna() % 1 == 0).all())
                 if n_bad:  # none: numbers that came as text (a footer's word made the column text, say)
                     coerced_columns.add(name)
-                    notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing")
+                    notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing" if not codes else
+                                 f"column '{name}' read as numbers: its {n_bad} values that are not ("
+                                 + ", ".join(f"'{code}' x{count}" for code, count in codes.items())
+                                 + ") read as missing, which a flag feature marks")
         is_numeric = pd.api.types.is_numeric_dtype(column) and not boolean
         if is_numeric and decimal_comma and name not in formats:
             formats[name] = {"number_format": {"decimal": ","}}
@@ -803,6 +834,7 @@ def fit_preprocessing(x_train: pd.DataFrame, coerced: set[str] = frozenset(), ma
             std = float(filled.std(ddof=0))
             numeric.append({"name": name, "fill": median, "mean": float(filled.mean()),
                             "scale": std if std > 1e-12 else 1.0, "coerce": name in coerced, **(formats or {}).get(name, {}),
+                            **({"missing_flag": True} if column.isna().any() else {}),
                             **({"date": True, "parts": fit_date_parts(filled.to_numpy())} if is_date else {})})
         else:
             present = column.dropna().astype(str)

@@ -114,6 +114,41 @@ def test_numeric_column_with_stray_strings_is_coerced_with_a_note(tmp_path):
     assert any(c["name"] == "x" for c in prepared.preprocessing["numeric"])
 
 
+
+def test_a_column_of_numbers_with_a_few_codes_reads_as_numbers_and_flags_the_codes_in_training_and_serving(tmp_path):
+    """Lab values: "<5", "unknown", "not done" in a quarter of the rows, past the stray-value share.
+    Read as categories, such a column kept its 50 most frequent numbers and lost the rest."""
+    rng = np.random.default_rng(3)
+    n = 400
+    dose = rng.gamma(2.0, 30, n).round(1)
+    codes = rng.choice(["", "<5", "unknown", "not done"], n, p=[0.75, 0.1, 0.1, 0.05])
+    frame = pd.DataFrame({"dose": np.where(codes == "", dose.astype(str), codes),
+                          "colour": rng.choice(["red", "blue"], n), "label": np.where(dose > 60, "high", "low")})
+    path, prepared, spec = prepared_from_csv(frame, tmp_path / "lab.csv")
+    counts = pd.Series(codes[codes != ""]).value_counts()
+    assert (f"column 'dose' read as numbers: its {counts.sum()} values that are not ("
+            + ", ".join(f"'{code}' x{count}" for code, count in counts.items())
+            + ") read as missing, which a flag feature marks") in prepared.notes
+    assert spec["dose"]["coerce"] and spec["dose"]["missing_flag"] and "colour" not in spec
+    raw = pd.read_csv(path).drop(columns=["label"])
+    as_trained = transform(raw, prepared.preprocessing)
+    assert as_trained.shape[1] == feature_count(prepared.preprocessing) == 1 + 1 + 2  # dose, its flag, colour
+    np.testing.assert_array_equal(as_trained[:, 1], (codes != "").astype(np.float32))
+    reader = assert_served_as_trained(raw, as_trained, prepared.preprocessing)
+    served = reader.read(json.dumps({"rows": [{"dose": "unknown", "colour": "red"}, {"dose": 42.5, "colour": "red"}]}).encode(), 2)
+    assert transform_arrays(served.columns.numeric, served.columns.categorical, 2, prepared.preprocessing)[:, 1].tolist() == [1, 0]
+
+
+def test_a_column_of_categories_with_some_numbers_stays_categories(tmp_path):
+    """Sizes S, M, L beside 10 and 12: the strings are most of the column, so it is no column of numbers."""
+    rng = np.random.default_rng(5)
+    frame = table(200)
+    frame["size"] = rng.choice(["S", "M", "L", "10", "12"], 200)
+    _, prepared, spec = prepared_from_csv(frame, tmp_path / "sizes.csv")
+    assert "size" not in spec
+    assert {c["name"]: c["categories"] for c in prepared.preprocessing["categorical"]}["size"] == ["10", "12", "L", "M", "S"]
+
+
 def dated(n: int = 120, seed: int = 0) -> pd.DataFrame:
     """The table with a datetime column (microseconds, as Parquet gives) and ISO date strings with a
     stray value, as a CSV export has them."""
@@ -467,10 +502,11 @@ def test_unknown_category_and_missing_values_at_serving_time_do_not_crash():
     preprocessing = fit_preprocessing(train)
     served = pd.DataFrame({"x": [np.nan, np.inf, 2.0], "c": ["never-seen", None, "b"]})
     features = transform(served, preprocessing)
-    assert features.shape == (3, 1 + 2)
+    assert features.shape == (3, 1 + 1 + 2)  # x, whether x is missing (it was in training), c's one-hot
     assert np.isfinite(features).all()
-    assert features[0, 1:].tolist() == [0.0, 0.0]  # unknown category: all-zero one-hot
-    assert features[1, 1:].tolist() == [1.0, 0.0]  # missing: the training mode 'a'
+    assert features[:, 1].tolist() == [1.0, 1.0, 0.0]  # an infinity is read as missing, as in training
+    assert features[0, 2:].tolist() == [0.0, 0.0]  # unknown category: all-zero one-hot
+    assert features[1, 2:].tolist() == [1.0, 0.0]  # missing: the training mode 'a'
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ def test_a_table_of_text_numbers_and_categories_is_prepared_with_the_text_kept(t
     assert kinds == {"order_value": "number", "channel": "string", "message": "text"}
     assert prepared.dropped_columns == {"ticket_id": "unique per row (ID-like)"}
     assert any("'message' read as free text" in note for note in prepared.notes)
-    assert prepared.arrays.x_train.shape[1] == 1 + 3 + 384
+    assert prepared.arrays.x_train.shape[1] == 1 + 1 + 3 + 384  # order_value, whether it is missing, channel, the embedding
 
 
 def test_text_the_encoders_vocabulary_does_not_know_is_said_in_a_warning(tickets, tmp_path):
@@ -248,7 +248,7 @@ def test_the_preflight_validates_a_text_table_without_reading_the_text(tmp_path,
     monkeypatch.setattr(data_module, "text_encoder_folder", lambda *args: pytest.fail("the preflight read the text"))
     checked = prepare_data(config.data, config.seed, fit_text=False)
     assert {"name": "message", "type": "text"} in checked.input_schema
-    assert feature_count(checked.preprocessing) == 1 + 3 + 384  # the width the network spec needs
+    assert feature_count(checked.preprocessing) == 1 + 1 + 3 + 384  # the width the network spec needs (order_value has its missing flag)
 
 
 def test_a_json_text_column_with_a_few_numbers_is_text_and_its_rows_serve(tmp_path):
