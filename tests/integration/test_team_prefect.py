@@ -28,7 +28,10 @@ def prefect_on_postgres(postgres_database, tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONUNBUFFERED="1",
                PREFECT_API_DATABASE_CONNECTION_URL=postgres_database.replace("+psycopg", "+asyncpg"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               # the waits Prefect puts between a worker's polls (10 s) and before a run the deployment's
+               # concurrency limit held back asks again (30 s): the test spent most of its 60 s in them
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="3")
     log = open(tmp_path / "prefect-server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
