@@ -319,7 +319,8 @@ def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> Coerce
     "n/a" in a lab value) however often they come -> the numbers, the others as missing. Read as
     categories, such a column kept its 50 most frequent numbers as levels and lost the rest, and
     their order; read so, each row keeps its number, and the missing-value flag its code's absence."""
-    present = column[~blank(column)]
+    filled = ~blank(column)
+    present = column[filled]
     if present.empty:
         return None
     parsed = pd.to_numeric(present, errors="coerce")
@@ -331,7 +332,9 @@ def _coerce_mostly_numeric(column: pd.Series, max_bad_fraction: float) -> Coerce
         codes = few_codes(present[parsed.isna()], len(present))
         if not codes:
             return None
-    return Coerced(pd.to_numeric(column, errors="coerce").astype(np.float64), n_bad, codes)
+    numbers = np.full(len(column), np.nan)
+    numbers[filled] = parsed.to_numpy(dtype=np.float64, na_value=np.nan)  # parsed once; blanks stay missing
+    return Coerced(pd.Series(numbers, index=column.index), n_bad, codes)
 
 
 def few_codes(not_numbers: pd.Series, n_present: int) -> dict[str, int]:
@@ -342,6 +345,14 @@ def few_codes(not_numbers: pd.Series, n_present: int) -> dict[str, int]:
     if len(not_numbers) * 2 > n_present or len(counts) > MAX_CODES or counts.min() < 2:
         return {}
     return {str(value): int(count) for value, count in counts.items()}
+
+
+def coerced_note(name: str, n_bad: int, codes: dict[str, int]) -> str:
+    """The run's note on a column read as numbers with `n_bad` values as missing (its codes named)."""
+    if not codes:
+        return f"column '{name}': {n_bad} non-numeric value(s) coerced to missing"
+    named = ", ".join(f"'{code}' x{count}" for code, count in codes.items())
+    return f"column '{name}' read as numbers: its {n_bad} values that are not ({named}) read as missing, which a flag feature marks"
 
 
 def holds_nested_values(column: pd.Series) -> bool:
@@ -627,10 +638,7 @@ def clean_features(features: pd.DataFrame, data: DataConfig, notes: list[str], k
                 integers_from_text = bool((column.dropna() % 1 == 0).all())
                 if n_bad:  # none: numbers that came as text (a footer's word made the column text, say)
                     coerced_columns.add(name)
-                    notes.append(f"column '{name}': {n_bad} non-numeric value(s) coerced to missing" if not codes else
-                                 f"column '{name}' read as numbers: its {n_bad} values that are not ("
-                                 + ", ".join(f"'{code}' x{count}" for code, count in codes.items())
-                                 + ") read as missing, which a flag feature marks")
+                    notes.append(coerced_note(name, n_bad, codes))
         is_numeric = pd.api.types.is_numeric_dtype(column) and not boolean
         if is_numeric and decimal_comma and name not in formats:
             formats[name] = {"number_format": {"decimal": ","}}

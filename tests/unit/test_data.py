@@ -114,7 +114,6 @@ def test_numeric_column_with_stray_strings_is_coerced_with_a_note(tmp_path):
     assert any(c["name"] == "x" for c in prepared.preprocessing["numeric"])
 
 
-
 def test_a_column_of_numbers_with_a_few_codes_reads_as_numbers_and_flags_the_codes_in_training_and_serving(tmp_path):
     """Lab values: "<5", "unknown", "not done" in a quarter of the rows, past the stray-value share.
     Read as categories, such a column kept its 50 most frequent numbers and lost the rest."""
