@@ -207,6 +207,10 @@ class CheckSummary:
                  + (f": {', '.join(drift.drifted_features[:6])}" if drift.drifted_features else "")]
         unseen = ["{}: {}".format(feature.name, ", ".join(f"'{value[:30]}' {share:.1%}" for value, share in feature.unseen.items()))
                   for feature in drift.features if feature.unseen]
+        moved_on = [feature.time_note() for feature in drift.features if feature.time_moved_on]
+        if moved_on:  # a date that only says the model serves past its training period: not drift
+            lines.append(f"  time     {'; '.join(moved_on[:3])}: time moved on, not counted as drift "
+                         "(monitoring.drift.judge_recent_dates counts it)")
         if unseen:  # values training never had, read as an unknown category: a typo, a new product, a renamed code
             lines.append(f"  unseen   {'; '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}")
         if drift.private:  # else "1 of 1 features" leaves a reader asking where the others went

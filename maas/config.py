@@ -466,6 +466,8 @@ class DriftConfig(Section):
     alert_share: float = Field(0.1, gt=0, le=1, description="alert when at least this share of features drifted")
     min_rows: int = Field(50, ge=1, description="fewer logged rows than this: drift is not judged")
     reference_rows: int = Field(2000, ge=100, description="training rows per feature kept as the reference sample")
+    judge_recent_dates: bool = Field(False, description="count a date column whose logged dates are newer than "
+                                     "training's as drifted (default: time moved on; reported, not counted)")
 
 
 class MonitoringConfig(Section):

@@ -10,6 +10,11 @@ the test split. A check compares the rows logged since the last one with it:
 - A two-sample KS test for numeric features. A numeric feature counts as drifted only when both
   agree (PSI above its threshold and KS rejecting), which keeps one noisy statistic from alarming.
 - The share of drifted features, and PSI of the predicted-label distribution.
+- A date column whose logged dates are mostly newer than training's newest tenth has seen time move
+  on, as an order or sign-up date does once a model serves past its training period: it is reported
+  (the share of rows dated after training's last date, and how far), not counted as drift. Counted, it
+  fired on every check, and each retraining moved it only as far as the next day's rows (Evidently
+  leaves a table's datetime column out of its drift alike). `drift.judge_recent_dates` counts it.
 - A text column is watched through numeric views of it, each judged as a numeric feature: its length
   in tokens and its share of unknown tokens (the tokenizer alone), and where its sentence embedding
   falls on the training embeddings' first two principal components (the encoder): a new topic or
@@ -45,6 +50,10 @@ UNSEEN_SHOWN = 5  # unseen values named per categorical feature
 # in the file's own format, a number with currency or digit-group marks, a time of day
 READING_KEYS = ("date", "date_format", "number_format", "time_of_day")
 EPSILON = 1e-4  # share given to an empty bin, so a bin seen on one side only scores high, not infinite
+# time moved on: at least RECENT_SHARE of the logged dates lie past the reference's RECENT_QUANTILE, where
+# a sample of training's own dates puts a tenth (50 such rows reach a half with a chance below 1e-20)
+RECENT_QUANTILE = 0.9
+RECENT_SHARE = 0.5
 
 
 def build_reference(
@@ -57,11 +66,12 @@ def build_reference(
     for column in preprocessing["numeric"]:
         values = column_numbers(x_train[column["name"]], column)
         present = values[np.isfinite(values)]
+        latest = {"latest": float(present.max())} if column.get("date") and len(present) else {}
         if len(present) > max_rows:
             present = rng.choice(present, max_rows, replace=False)
         numeric[column["name"]] = {"sample": np.sort(present).tolist(),
                                    "missing_share": float(1 - np.isfinite(values).mean()),
-                                   **{key: column[key] for key in READING_KEYS if column.get(key)}}
+                                   **latest, **{key: column[key] for key in READING_KEYS if column.get(key)}}
     categorical = {}
     for column in preprocessing["categorical"]:
         raw = x_train[column["name"]]
@@ -154,6 +164,20 @@ class FeatureDrift:
     # a categorical feature's values training never had (or kept), most frequent first: value -> share
     # of the logged rows. What a PSI over "(other)" does not say: which new value arrived.
     unseen: dict[str, float] = field(default_factory=dict)
+    # a date column where time moved on (not counted as drifted): the share of logged rows dated after
+    # training's last date, that date (days since 1970-01-01) and the newest logged date's days past it
+    after_training: float | None = None
+    training_last_day: float | None = None
+    days_past_training: float | None = None
+
+    @property
+    def time_moved_on(self) -> bool:
+        return self.after_training is not None
+
+    def time_note(self) -> str:
+        last = (pd.Timestamp(0) + pd.Timedelta(days=self.training_last_day)).strftime("%Y-%m-%d")
+        return (f"{self.name}: {self.after_training:.0%} of rows dated after training's last date ({last}), "
+                f"up to {self.days_past_training:.0f} days after it")
 
 
 @dataclass(frozen=True)
@@ -187,7 +211,9 @@ class DriftReport:
         """The report as MLflow metrics."""
         figures = {"drift/n_rows": self.n_rows, "drift/share": self.drift_share,
                    "drift/n_drifted": len(self.drifted_features),
-                   **{f"drift/psi/{feature.name}": feature.psi for feature in self.features}}
+                   **{f"drift/psi/{feature.name}": feature.psi for feature in self.features},
+                   **{f"drift/days_past_training/{feature.name}": feature.days_past_training
+                      for feature in self.features if feature.time_moved_on}}
         if self.prediction_psi is not None:
             figures["drift/prediction_psi"] = self.prediction_psi
         return figures
@@ -210,6 +236,18 @@ def numeric_drift(name: str, reference: dict[str, Any], values: np.ndarray, n_bi
     return FeatureDrift(name, "numeric", score, float(statistic), float(pvalue),
                         bool(score > config.psi_threshold and pvalue < config.ks_alpha),
                         finite_mean(sample), finite_mean(present) if len(present) else None)
+
+
+def time_moved_on(drift: FeatureDrift, reference: dict[str, Any], values: np.ndarray) -> FeatureDrift:
+    """A date column's drift where its logged dates are mostly newer than training's newest tenth:
+    reported, not counted (see the module's docstring); else as measured."""
+    sample = np.asarray(reference["sample"], dtype=np.float64)
+    present = values[np.isfinite(values)]
+    if not len(present) or not len(sample) or np.mean(present > np.quantile(sample, RECENT_QUANTILE)) < RECENT_SHARE:
+        return drift
+    last = float(reference.get("latest", sample.max()))  # a reference sealed before it kept "latest": its sample's
+    return replace(drift, kind="date", drifted=False, after_training=float(np.mean(present > last)),
+                   training_last_day=last, days_past_training=float(max(0.0, present.max() - last)))
 
 
 def finite_mean(values: np.ndarray) -> float:
@@ -253,7 +291,9 @@ def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str,
     if n_rows:
         for name, spec in reference["numeric"].items():
             values = column_numbers(rows[name], reading[name]) if name in rows else np.full(n_rows, np.nan)
-            features.append(numeric_drift(name, spec, values, n_bins, config))
+            drift = numeric_drift(name, spec, values, n_bins, config)
+            dated = reading[name].get("date") and not config.judge_recent_dates
+            features.append(time_moved_on(drift, spec, values) if dated else drift)
         for name, spec in reference["categorical"].items():
             features.append(categorical_drift(name, spec, rows[name] if name in rows else pd.Series([None] * n_rows), config))
         text_columns = {column["name"]: column for column in (preprocessing or {}).get("text", [])}

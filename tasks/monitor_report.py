@@ -17,6 +17,14 @@ def _figure(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _time_moved_on(feature: dict[str, Any]) -> str:
+    """A date column newer than training's (tasks/drift.py: time_moved_on): why it is not drifted."""
+    if feature.get("after_training") is None:
+        return ""
+    return (f"no: time moved on, {feature['after_training']:.0%} dated after training's last date, "
+            f"up to {feature['days_past_training']:.0f} days")
+
+
 def render_html(summary: dict[str, Any], drift_png: Path | None) -> str:
     """Alerts first, then drift (chart and per-feature table), live quality and service health."""
     drift, quality, health = summary["drift"], summary.get("quality"), summary.get("health")
@@ -49,7 +57,7 @@ def render_html(summary: dict[str, Any], drift_png: Path | None) -> str:
     for feature in sorted(drift["features"], key=lambda item: item["psi"], reverse=True):
         table.append(_row([feature["name"], feature["kind"], _figure(feature["psi"], 3), _figure(feature["ks_pvalue"], 4),
                            _figure(feature["reference_mean"], 3), _figure(feature["current_mean"], 3),
-                           "yes" if feature["drifted"] else ""]))
+                           "yes" if feature["drifted"] else _time_moved_on(feature)]))
     parts.append("<table>" + "".join(table) + "</table>")
     parts.append("<h2>Live quality</h2>")
     if quality is None:

@@ -113,8 +113,8 @@ def test_a_date_column_logged_as_iso_strings_is_measured_in_days_against_the_tra
     reference = build_reference(train, preprocessing, np.zeros(400, dtype=int), ["no", "yes"], 2000, 0)
     logged = train.assign(seen=train["seen"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))  # as a JSON client sent them
     same = measure_drift(logged, pd.Series(["no"] * 400), reference, DriftConfig())
-    later = logged.assign(seen=(train["seen"] + pd.Timedelta(days=60)).dt.strftime("%Y-%m-%d"))
-    moved = measure_drift(later, pd.Series(["no"] * 400), reference, DriftConfig())
+    earlier = logged.assign(seen=(train["seen"] - pd.Timedelta(days=60)).dt.strftime("%Y-%m-%d"))
+    moved = measure_drift(earlier, pd.Series(["no"] * 400), reference, DriftConfig())
     assert same.drifted_features == [] and moved.drifted_features == ["seen"]
 
 
@@ -130,7 +130,7 @@ def test_logged_dates_and_numbers_are_read_in_the_training_files_own_format():
     written = pd.DataFrame({"opened": pd.Series(opened).dt.strftime("%d/%m/%Y %H:%M"),
                             "salary": [f"${value:,.2f}" for value in salary]})
     reference = build_reference(written, preprocessing, np.zeros(400, dtype=int), ["no", "yes"], 2000, 0)
-    later = pd.DataFrame({"opened": pd.Series(opened + pd.Timedelta(days=60)).dt.strftime("%d/%m/%Y %H:%M"),
+    moved = pd.DataFrame({"opened": pd.Series(opened - pd.Timedelta(days=60)).dt.strftime("%d/%m/%Y %H:%M"),
                           "salary": [f"${value * 1.5:,.2f}" for value in salary]})
     old = {**reference, "numeric": {"opened": {**reference["numeric"]["opened"], "date_format": None},
                                     "salary": {**reference["numeric"]["salary"], "number_format": None}}}
@@ -138,9 +138,59 @@ def test_logged_dates_and_numbers_are_read_in_the_training_files_own_format():
     for sealed, watched in [(reference, None), (old, preprocessing)]:
         same = measure_drift(written, predicted, sealed, DriftConfig(), watched)
         assert same.drifted_features == [], [(f.name, f.psi) for f in same.features]
-        assert sorted(measure_drift(later, predicted, sealed, DriftConfig(), watched).drifted_features) == \
+        assert sorted(measure_drift(moved, predicted, sealed, DriftConfig(), watched).drifted_features) == \
             ["opened", "salary"]
     assert measure_drift(written, predicted, old, DriftConfig()).drifted_features == ["opened", "salary"]  # unread
+
+
+def test_dates_newer_than_trainings_are_time_moving_on_reported_and_not_counted_as_drift():
+    """An order date served past the training period drifted on every check, and each retraining
+    moved it only as far as the next day's rows: it is reported, not counted. Dates inside or before
+    training's range, spread otherwise, still drift; drift.judge_recent_dates counts the newer ones."""
+    from flows.summaries import CheckSummary
+    from tasks.alerts import AlertOutcome
+    from tasks.monitor_report import render_html
+
+    rng = np.random.default_rng(0)
+
+    def orders(start: str, days: int, n: int) -> pd.DataFrame:
+        ordered = pd.Timestamp(start) + pd.to_timedelta(rng.integers(0, days, n), unit="D")
+        return pd.DataFrame({"ordered": ordered.strftime("%Y-%m-%d"), "amount": rng.lognormal(4, 0.8, n)})
+
+    train = orders("2025-01-01", 365, 3000)
+    preprocessing = {"numeric": [{"name": "ordered", "date": True}, {"name": "amount"}], "categorical": []}
+    reference = build_reference(train, preprocessing, np.zeros(3000, dtype=int), ["no", "yes"], 500, 0)
+    last_day = (pd.Timestamp(train["ordered"].max()) - pd.Timestamp(0)).days
+    assert reference["numeric"]["ordered"]["latest"] == last_day  # training's own, not its 500-row sample's
+    predicted = pd.Series(["no"] * 400)
+
+    def checked(start: str, days: int, config: DriftConfig = DriftConfig()):
+        logged = orders(start, days, 400)
+        report = measure_drift(logged, predicted, reference, config)
+        return report, next(feature for feature in report.features if feature.name == "ordered"), logged
+
+    later, feature, logged = checked("2026-03-01", 14)
+    assert later.drifted_features == [] and not later.alert and not later.firing()
+    assert feature.kind == "date" and feature.time_moved_on and feature.psi > 1  # measured all the same
+    newest = (pd.Timestamp(logged["ordered"].max()) - pd.Timestamp(0)).days
+    assert (feature.after_training, feature.training_last_day, feature.days_past_training) == (1.0, last_day, newest - last_day)
+    assert later.figures()["drift/days_past_training/ordered"] == newest - last_day
+    printed = CheckSummary("m/1@champion", 0.0, 0.0, None, "r", "url", later, None, None, None, AlertOutcome({}),
+                           None).render()
+    assert (f"  time     ordered: 100% of rows dated after training's last date ({train['ordered'].max()}), up to "
+            f"{newest - last_day} days after it: time moved on, not counted as drift") in printed
+    assert "time moved on, 100% dated after" in render_html({"model": "m", "checked_at": "now", "window_start": "then",
+                                                             "alerts": [], "drift": later.to_dict(), "quality": None,
+                                                             "health": None}, None)
+    straddling, feature, _ = checked("2025-12-18", 28)  # the check's window spans training's last day
+    assert straddling.drifted_features == [] and 0.4 < feature.after_training < 0.6
+    for start, days in [("2025-03-01", 30), ("2024-06-01", 60)]:  # one month of training's year; before it
+        report, feature, _ = checked(start, days)
+        assert report.drifted_features == ["ordered"] and not feature.time_moved_on, start
+    counted, feature, _ = checked("2026-03-01", 14, DriftConfig(judge_recent_dates=True))
+    assert counted.drifted_features == ["ordered"] and counted.alert and not feature.time_moved_on
+    unshifted, _, _ = checked("2025-01-01", 365)
+    assert unshifted.drifted_features == []
 
 
 def test_prediction_shift_shows_in_prediction_psi():
