@@ -470,7 +470,7 @@ def decoded(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
         except zlib.error as error:
             raise BadRequest(400, f"body: not {coding} data, as Content-Encoding says ({error})") from None
         if len(body) > max_bytes:
-            raise BadRequest(413, f"request body exceeds {max_bytes} bytes once decompressed")
+            raise BadRequest(413, f"request body exceeds {max_bytes} bytes once decompressed{FEWER_ROWS}")
         if not inflater.eof:
             raise BadRequest(400, f"body: truncated {coding} data (Content-Encoding: {coding})")
     content_type = headers.get("content-type", "").lower()
@@ -493,6 +493,10 @@ def decoded(body: bytes, headers: dict[str, str], max_bytes: int) -> bytes:
     return body
 
 
+# what a client whose body is too large can do, and what the operator can raise
+FEWER_ROWS = ": send fewer rows per request (the service's limit is serving.max_request_bytes)"
+
+
 async def received_body(receive, headers: dict[str, str], max_bytes: int) -> bytes:
     """The body's bytes as they came, refused with 413 once they pass max_bytes."""
     declared = headers.get("content-length") or "0"
@@ -501,7 +505,7 @@ async def received_body(receive, headers: dict[str, str], max_bytes: int) -> byt
     declared = int(declared)
     if declared > max_bytes:
         await drained(receive, declared)
-        raise BadRequest(413, f"request body of {declared} bytes exceeds {max_bytes}")
+        raise BadRequest(413, f"request body of {declared} bytes exceeds {max_bytes}{FEWER_ROWS}")
     body = bytearray()
     while True:
         message = await receive()
@@ -509,7 +513,7 @@ async def received_body(receive, headers: dict[str, str], max_bytes: int) -> byt
         if len(body) > max_bytes:
             if message.get("more_body"):
                 await drained(receive)
-            raise BadRequest(413, f"request body exceeds {max_bytes} bytes")
+            raise BadRequest(413, f"request body exceeds {max_bytes} bytes{FEWER_ROWS}")
         if not message.get("more_body"):
             return bytes(body)
 

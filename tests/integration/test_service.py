@@ -274,6 +274,7 @@ def test_oversized_requests_get_413(service):
     padding = {"rows": rows, "pad": "x" * 1_100_000}
     response = httpx.post(f"{base}/predict", json=padding, headers={"X-API-Key": keys["pro"]}, timeout=30)
     assert response.status_code == 413 and "exceeds" in response.json()["error"]
+    assert "send fewer rows per request" in response.json()["error"]  # what the client can do about it
     # urllib and requests send the whole body before they read: the service reads the refused body
     # too, so they get the 413 rather than a connection closed under them (a broken pipe)
     import urllib.error
