@@ -175,6 +175,12 @@ def test_dates_newer_than_trainings_are_time_moving_on_reported_and_not_counted_
     newest = (pd.Timestamp(logged["ordered"].max()) - pd.Timestamp(0)).days
     assert (feature.after_training, feature.training_last_day, feature.days_past_training) == (1.0, last_day, newest - last_day)
     assert later.figures()["drift/days_past_training/ordered"] == newest - last_day
+    spec = reference["numeric"]["ordered"]  # a reference sealed before it kept "latest": its sample's newest
+    sealed_before = {**reference, "numeric": {**reference["numeric"], "ordered": {
+        key: value for key, value in spec.items() if key != "latest"}}}
+    old = next(feature for feature in measure_drift(logged, predicted, sealed_before, DriftConfig()).features
+               if feature.name == "ordered")
+    assert old.time_moved_on and not old.drifted and old.training_last_day == max(spec["sample"])
     printed = CheckSummary("m/1@champion", 0.0, 0.0, None, "r", "url", later, None, None, None, AlertOutcome({}),
                            None).render()
     assert (f"  time     ordered: 100% of rows dated after training's last date ({train['ordered'].max()}), up to "
