@@ -460,7 +460,8 @@ class DriftConfig(Section):
     """Data drift of logged inputs against the training reference kept in the model bundle."""
 
     psi_threshold: float = Field(0.2, gt=0, description="a feature drifted: PSI above this (and KS agrees)")
-    ks_alpha: float = Field(0.01, gt=0, lt=1, description="numeric features: the KS test must also reject at this level")
+    ks_alpha: float = Field(0.01, gt=0, lt=1, description="the KS test (numbers) or chi-square test (categories) "
+                            "must also reject at this level")
     max_bins: int = Field(10, ge=2, le=50, description="PSI bins at most (reference quantiles)")
     min_rows_per_bin: int = Field(25, ge=1, description="fewer bins for small samples: PSI is biased up by sparse bins")
     alert_share: float = Field(0.1, gt=0, le=1, description="alert when at least this share of features drifted")

@@ -4,11 +4,13 @@ The reference (`reference.json` in the model bundle) holds, per input column, a 
 training values (numeric) or the category shares (categorical), and the predicted-label shares on
 the test split. A check compares the rows logged since the last one with it:
 
-- PSI per feature, on bins cut at the reference's quantiles. Fewer bins for small samples: PSI's
+- PSI per feature, on bins cut at the reference's quantiles (numbers) or one per category with
+  enough rows (the rarer pooled). Fewer bins for small samples: PSI's
   expected value under no drift is about (bins - 1) x (1/n + 1/m), so 10 bins over 100 rows alone
   reach ~0.1 and false alarms follow. With 25 rows per bin it stays near 0.03.
-- A two-sample KS test for numeric features. A numeric feature counts as drifted only when both
-  agree (PSI above its threshold and KS rejecting), which keeps one noisy statistic from alarming.
+- A two-sample KS test for numeric features, a chi-square test of the counts for categorical ones. A
+  feature counts as drifted only when both agree (PSI above its threshold and the test rejecting),
+  which keeps one noisy statistic from alarming.
 - The share of drifted features, and PSI of the predicted-label distribution.
 - A date column whose logged dates are mostly newer than training's newest tenth has seen time move
   on, as an order or sign-up date does once a model serves past its training period: it is reported
@@ -44,8 +46,8 @@ if TYPE_CHECKING:
 
 REFERENCE_FILE = "reference.json"
 MISSING = "(missing)"
-OTHER = "(other)"
 UNSEEN_SHOWN = 5  # unseen values named per categorical feature
+CATEGORY_BIN_ROWS = 5  # logged rows a category's bin expects at least (rarer categories share one)
 # what column_numbers reads a logged value by, kept in the reference beside the training sample: a date
 # in the file's own format, a number with currency or digit-group marks, a time of day
 READING_KEYS = ("date", "date_format", "number_format", "time_of_day")
@@ -164,6 +166,7 @@ class FeatureDrift:
     # a categorical feature's values training never had (or kept), most frequent first: value -> share
     # of the logged rows. What a PSI over "(other)" does not say: which new value arrived.
     unseen: dict[str, float] = field(default_factory=dict)
+    chi2_pvalue: float | None = None  # a categorical feature's test, as KS is a numeric one's
     # a date column where time moved on (not counted as drifted): the share of logged rows dated after
     # training's last date, that date (days since 1970-01-01) and the newest logged date's days past it
     after_training: float | None = None
@@ -257,18 +260,62 @@ def finite_mean(values: np.ndarray) -> float:
     return float((values / largest).mean() * largest) if largest > 0 else 0.0
 
 
-def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, config: DriftConfig) -> FeatureDrift:
-    known = list(reference["shares"])
+def category_bins(shares: dict[str, float], n_rows: int) -> dict[str, int]:
+    """Category -> its bin, so that each bin expects CATEGORY_BIN_ROWS or more of the `n_rows` logged
+    rows (the chi-square test's own rule): a frequent category (twice that) has a bin of its own, the
+    others are packed together in the order of their names. Packed by their training share, the
+    categories ranked first by the reference sample's own noise would read as shrinking in every
+    logged sample: a 1,000-name column's unshifted rows were called drifted one check in four."""
+    least = CATEGORY_BIN_ROWS / max(1, n_rows)
+    frequent = [category for category in shares if shares[category] >= 2 * least]
+    bins = {category: number for number, category in enumerate(frequent)}
+    bin_number, mass = len(frequent), 0.0
+    for category in sorted(set(shares) - set(frequent)):
+        if mass >= least:
+            bin_number, mass = bin_number + 1, 0.0
+        bins[category] = bin_number
+        mass += shares[category]
+    if bin_number > len(frequent) and mass < least:  # the last packed bin's leftovers join the one before
+        bins = {category: min(number, bin_number - 1) for category, number in bins.items()}
+    return bins
+
+
+def unseen_share(shares: dict[str, float], n_train: int) -> float:
+    """The share of rows a category training never had is expected to take: the share of training
+    rows whose category occurs once there (Good-Turing). A long tail of names (cities, products)
+    keeps bringing new ones without having drifted; a column of a few frequent codes gets ~0, so a
+    renamed code still scores high."""
+    return sum(share for share in shares.values() if round(share * n_train) == 1) if n_train else 0.0
+
+
+def categorical_drift(name: str, reference: dict[str, Any], values: pd.Series, config: DriftConfig,
+                      n_train: int) -> FeatureDrift:
+    """PSI over the reference's categories (category_bins), with a bin for values training never
+    had (expected: unseen_share of the n_train training rows), and a chi-square test of the logged
+    counts against the training ones: drifted where both agree, as KS and PSI for numbers. PSI alone,
+    a bin per category, gave a 300-city column's 400 unshifted rows 1.1 and every check an alert
+    (its expected value without drift grows with bins / rows)."""
+    from scipy.stats import chi2_contingency
+
+    shares = reference["shares"]
+    known = list(shares)
     spelled = as_categories(values.astype(str).to_numpy(dtype=object), {"categories": [k for k in known if k != MISSING]})
     text = pd.Series(spelled, index=values.index).where(values.notna(), MISSING)
     new = text[~text.isin(known) & (text != MISSING)]
     unseen = {str(value): count / len(text) for value, count in new.value_counts().head(UNSEEN_SHOWN).items()}
-    text = text.where(text.isin(known), OTHER)
-    current = text.value_counts(normalize=True)
-    expected = [reference["shares"][category] for category in known] + [0.0]
-    actual = [float(current.get(category, 0.0)) for category in [*known, OTHER]]
-    score = psi(expected, actual)
-    return FeatureDrift(name, "categorical", score, None, None, bool(score > config.psi_threshold), unseen=unseen)
+    bins = category_bins(shares, len(text))
+    n_bins = max(bins.values(), default=-1) + 1
+    other_share = unseen_share(shares, n_train)
+    expected = np.zeros(n_bins + 1)
+    np.add.at(expected, [bins[category] for category in known], [shares[category] * (1 - other_share) for category in known])
+    expected[n_bins] = other_share
+    counts = np.bincount(text.map(bins).fillna(n_bins).to_numpy(dtype=np.int64), minlength=n_bins + 1)
+    score = psi(expected, counts / max(1, len(text)))
+    table = np.vstack([expected * (n_train or len(text)), counts])
+    table = table[:, table.sum(axis=0) > 0]
+    pvalue = float(chi2_contingency(table, correction=False).pvalue) if table.shape[1] > 1 and len(text) else 1.0
+    return FeatureDrift(name, "categorical", score, None, None,
+                        bool(score > config.psi_threshold and pvalue < config.ks_alpha), unseen=unseen, chi2_pvalue=pvalue)
 
 
 def read_as(reference: dict[str, Any], preprocessing: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -295,7 +342,8 @@ def measure_drift(rows: pd.DataFrame, predicted: pd.Series, reference: dict[str,
             dated = reading[name].get("date") and not config.judge_recent_dates
             features.append(time_moved_on(drift, spec, values) if dated else drift)
         for name, spec in reference["categorical"].items():
-            features.append(categorical_drift(name, spec, rows[name] if name in rows else pd.Series([None] * n_rows), config))
+            values = rows[name] if name in rows else pd.Series([None] * n_rows)
+            features.append(categorical_drift(name, spec, values, config, reference.get("n_rows", 0)))
         text_columns = {column["name"]: column for column in (preprocessing or {}).get("text", [])}
         for name, spec in reference.get("text", {}).items():
             if name not in text_columns:

@@ -17,6 +17,11 @@ def _figure(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _test_pvalue(feature: dict[str, Any]) -> float | None:
+    """KS for a numeric feature, chi-square for a categorical one."""
+    return feature["ks_pvalue"] if feature["ks_pvalue"] is not None else feature.get("chi2_pvalue")
+
+
 def _time_moved_on(feature: dict[str, Any]) -> str:
     """A date column newer than training's (tasks/drift.py: time_moved_on): why it is not drifted."""
     if feature.get("after_training") is None:
@@ -53,9 +58,9 @@ def render_html(summary: dict[str, Any], drift_png: Path | None) -> str:
     if drift_png is not None and drift_png.is_file():
         encoded = base64.b64encode(drift_png.read_bytes()).decode()
         parts.append(f"<img alt='drift chart' style='max-width:100%' src='data:image/png;base64,{encoded}'>")
-    table = [_row(["feature", "kind", "PSI", "KS p-value", "reference mean", "logged mean", "drifted"], header=True)]
+    table = [_row(["feature", "kind", "PSI", "KS or χ² p-value", "reference mean", "logged mean", "drifted"], header=True)]
     for feature in sorted(drift["features"], key=lambda item: item["psi"], reverse=True):
-        table.append(_row([feature["name"], feature["kind"], _figure(feature["psi"], 3), _figure(feature["ks_pvalue"], 4),
+        table.append(_row([feature["name"], feature["kind"], _figure(feature["psi"], 3), _figure(_test_pvalue(feature), 4),
                            _figure(feature["reference_mean"], 3), _figure(feature["current_mean"], 3),
                            "yes" if feature["drifted"] else _time_moved_on(feature)]))
     parts.append("<table>" + "".join(table) + "</table>")
