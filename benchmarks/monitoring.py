@@ -80,7 +80,7 @@ def time_stages(connection, watched, config, labels_path) -> dict:
     seconds["drift"] = time.perf_counter() - started
     started = time.perf_counter()
     labelled = with_ground_truth(logged, read_ground_truth(labels_path))
-    live_quality(labelled, watched.ref.version, watched.bundle.labels, {}, 30, 0.05)
+    live_quality(labelled, watched.ref.version, watched.bundle.labels, {}, config.monitoring)
     seconds["labels_and_quality"] = time.perf_counter() - started
     return {"seconds": seconds, "drifted": sorted(drift.drifted_features), "n_rows": drift.n_rows}, logged
 

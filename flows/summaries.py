@@ -218,8 +218,9 @@ class CheckSummary:
                          "not measured, the log keeps them hashed, masked or not at all (serving.privacy)")
         if self.quality is not None:
             quality = self.quality
+            bound = "" if quality.f1_upper is None else f"; live's {quality.confidence:.0%} upper bound {quality.f1_upper:.4f}"
             lines.append(f"  quality  live F1 {quality.metrics['f1_macro']:.4f} on {quality.n_labelled} labelled rows "
-                         f"(test {quality.test_metrics.get('f1_macro', float('nan')):.4f})" if quality.n_labelled
+                         f"(test {quality.test_metrics.get('f1_macro', float('nan')):.4f}{bound})" if quality.n_labelled
                          else "  quality  no labelled rows yet")
         if self.health is not None:
             health = self.health

@@ -481,6 +481,9 @@ class MonitoringConfig(Section):
     quality_window_hours: float = Field(168, gt=0, description="labelled predictions this recent count for live quality")
     min_labelled_rows: int = Field(30, ge=1, description="fewer labelled rows: live quality is not judged")
     max_quality_drop: float = Field(0.05, ge=0, le=1, description="alert when live F1 is this far below test F1")
+    quality_confidence: float = Field(0.99, gt=0.5, lt=1, description="and when live F1's upper bound at this "
+                                      "confidence (bootstrap over the labelled rows) is below test F1 too, as "
+                                      "drift's tests reject at 0.01")
     metrics_url: str | None = Field(None, description="the service's /metrics, e.g. http://127.0.0.1:3000/metrics")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="alert above this share of 5xx answers")
     max_p99_ms: float = Field(1000, gt=0, description="alert above this p99 request latency")

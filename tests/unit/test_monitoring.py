@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import f1_score
 
 from maas.config import MonitoringConfig
 from maas.errors import MaasInputError
@@ -14,7 +16,7 @@ from maas.service_store import connect, log_predictions
 from tasks.alerts import new_alerts
 from tasks.health import health_report, histogram_quantile, parse_counters
 from tasks.prediction_log import labelled_rows, model_version, read_ground_truth, read_logged_rows, with_ground_truth
-from tasks.quality import live_quality, rollback_decision
+from tasks.quality import label_metrics, live_quality, rollback_decision
 
 LABELS = ["no", "yes"]
 
@@ -135,17 +137,58 @@ def labelled_frame(predicted, truth, version="3"):
     return pd.DataFrame({"version": version, "predicted": predicted, "label": truth})
 
 
+POLICY = MonitoringConfig(min_labelled_rows=30, max_quality_drop=0.05)
+
+
 def test_decayed_labels_raise_a_quality_alert_and_matching_ones_do_not():
     test_metrics = {"f1_macro": 0.97}
     truth = ["no", "yes"] * 20
-    good = live_quality(labelled_frame(truth, truth), "3", LABELS, test_metrics, min_rows=30, max_drop=0.05)
+    good = live_quality(labelled_frame(truth, truth), "3", LABELS, test_metrics, POLICY)
     decayed_predictions = truth[:28] + [("yes" if label == "no" else "no") for label in truth[28:]]
-    decayed = live_quality(labelled_frame(decayed_predictions, truth), "3", LABELS, test_metrics, 30, 0.05)
+    decayed = live_quality(labelled_frame(decayed_predictions, truth), "3", LABELS, test_metrics, POLICY)
     assert good.metrics["f1_macro"] == 1.0 and not good.alert
     assert decayed.metrics["accuracy"] == pytest.approx(0.7) and decayed.alert
-    too_few = live_quality(labelled_frame(decayed_predictions[:10], truth[:10]), "3", LABELS, test_metrics, 30, 0.05)
+    too_few = live_quality(labelled_frame(decayed_predictions[:10], truth[:10]), "3", LABELS, test_metrics, POLICY)
     assert not too_few.judged and not too_few.alert
-    assert live_quality(labelled_frame(truth, truth, "2"), "3", LABELS, test_metrics, 30, 0.05).n_labelled == 0
+    assert live_quality(labelled_frame(truth, truth, "2"), "3", LABELS, test_metrics, POLICY).n_labelled == 0
+
+
+def test_a_class_no_labelled_row_holds_is_left_out_of_the_live_macro_f1():
+    """A 3-class model's window without its rare class scored that class 0 and lost a third of its
+    macro F1 (an alert without a decay); a class predicted wrongly and never true still counts."""
+    labels = ["a", "b", "c"]
+    truth, predicted = pd.Series(["a", "a", "b", "b"]), pd.Series(["a", "a", "b", "a"])
+    assert label_metrics(truth, predicted, labels)["f1_macro"] == pytest.approx(
+        f1_score(truth, predicted, labels=["a", "b"], average="macro"))
+    assert label_metrics(truth, pd.Series(["a", "a", "b", "c"]), labels)["f1_macro"] == pytest.approx(
+        f1_score(truth, ["a", "a", "b", "c"], labels=labels, average="macro", zero_division=0))
+
+
+def test_a_small_window_of_a_model_that_has_not_decayed_raises_no_quality_alert_and_a_decayed_one_does():
+    """Live F1 on 30-100 labelled rows swings by more than the 0.05 tolerance: the rule alone alerted
+    (and retrained) in a third of such windows of an unchanged model. The live F1's upper bound must
+    be under the test F1 too."""
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"]
+    shares = np.array([0.6, 0.3, 0.1])
+    kept = np.array([[0.9, 0.07, 0.03], [0.12, 0.8, 0.08], [0.1, 0.15, 0.75]])  # P(predicted | true)
+    worse = np.array([[0.7, 0.2, 0.1], [0.35, 0.5, 0.15], [0.3, 0.3, 0.4]])
+
+    def window(n, confusion):
+        true = rng.choice(3, n, p=shares)
+        predicted = (rng.uniform(size=(n, 1)) < np.cumsum(confusion[true], axis=1)).argmax(axis=1)
+        return labelled_frame(np.array(labels)[predicted], np.array(labels)[true])
+
+    population = window(50_000, kept)
+    test_metrics = {"f1_macro": f1_score(population["label"], population["predicted"], average="macro")}
+    for n in (30, 100):
+        unchanged = [live_quality(window(n, kept), "3", labels, test_metrics, POLICY) for _ in range(60)]
+        assert sum(report.alert for report in unchanged) <= 2
+        assert sum(report.f1_drop > 0.05 for report in unchanged) >= 10  # what alerted before
+        assert all(report.f1_upper >= report.metrics["f1_macro"] for report in unchanged)
+    decayed = [live_quality(window(100, worse), "3", labels, test_metrics, POLICY) for _ in range(20)]
+    assert sum(report.alert for report in decayed) >= 18
+    assert "upper bound" in next(report for report in decayed if report.alert).firing()["quality"]
 
 
 @pytest.mark.parametrize("replaced, new, old, rows, expected", [
