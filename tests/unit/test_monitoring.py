@@ -16,7 +16,7 @@ from maas.service_store import connect, log_predictions
 from tasks.alerts import new_alerts
 from tasks.health import health_report, histogram_quantile, parse_counters
 from tasks.prediction_log import labelled_rows, model_version, read_ground_truth, read_logged_rows, with_ground_truth
-from tasks.quality import label_metrics, live_quality, rollback_decision
+from tasks.quality import LiveComparison, label_metrics, lead_lower_bound, live_quality, rollback_decision
 
 LABELS = ["no", "yes"]
 
@@ -191,6 +191,31 @@ def test_a_small_window_of_a_model_that_has_not_decayed_raises_no_quality_alert_
     assert "upper bound" in next(report for report in decayed if report.alert).firing()["quality"]
 
 
+def test_a_new_champion_as_good_as_the_one_it_replaced_is_not_rolled_back_by_a_small_windows_noise():
+    """Two versions that err as often, scored on the same 30 labelled rows: the old one led by more
+    than the 0.02 margin in about 4 windows of 10, and each was a rollback. Its lead must also be
+    above 0 at its lower bound (paired bootstrap); a clearly worse new one is still rolled back."""
+    rng = np.random.default_rng(1)
+    policy = MonitoringConfig()
+
+    def window(n, new_accuracy, old_accuracy=0.85):
+        truth = rng.choice(LABELS, n)
+        flipped = {"no": "yes", "yes": "no"}
+        new = [label if rng.uniform() < new_accuracy else flipped[label] for label in truth]
+        old = [label if rng.uniform() < old_accuracy else flipped[label] for label in truth]
+        truth, new, old = pd.Series(truth), pd.Series(new), pd.Series(old)
+        scores = LiveComparison(label_metrics(truth, new, LABELS)["f1_macro"], label_metrics(truth, old, LABELS)["f1_macro"],
+                                n, lead_lower_bound(truth, new, old, LABELS, policy.quality_confidence))
+        return rollback_decision("3", "2", scores, policy), scores
+
+    equal = [window(30, 0.85) for _ in range(40)]
+    assert sum(decision.roll_back for decision, _ in equal) <= 2
+    assert sum(scores.old_f1 > scores.new_f1 + policy.rollback_margin for _, scores in equal) >= 10  # rolled back before
+    assert any("within noise" in decision.reason for decision, _ in equal)
+    worse = [window(200, 0.6, 0.9)[0] for _ in range(10)]
+    assert all(decision.roll_back for decision in worse)
+
+
 @pytest.mark.parametrize("replaced, new, old, rows, expected", [
     (None, 0.5, 0.9, 100, False),  # the first champion replaced nothing
     ("2", 0.80, 0.90, 100, True),
@@ -200,7 +225,7 @@ def test_a_small_window_of_a_model_that_has_not_decayed_raises_no_quality_alert_
 ])
 def test_rollback_needs_the_old_champion_ahead_on_enough_rows(replaced, new, old, rows, expected):
     policy = MonitoringConfig(min_labelled_rows=30, rollback_margin=0.02)
-    assert rollback_decision("3", replaced, new, old, rows, policy).roll_back is expected
+    assert rollback_decision("3", replaced, LiveComparison(new, old, rows), policy).roll_back is expected
 
 
 METRICS_PAGE = """
