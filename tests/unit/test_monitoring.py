@@ -188,7 +188,16 @@ def test_a_small_window_of_a_model_that_has_not_decayed_raises_no_quality_alert_
         assert all(report.f1_upper >= report.metrics["f1_macro"] for report in unchanged)
     decayed = [live_quality(window(100, worse), "3", labels, test_metrics, POLICY) for _ in range(20)]
     assert sum(report.alert for report in decayed) >= 18
-    assert "upper bound" in next(report for report in decayed if report.alert).firing()["quality"]
+    alerted = next(report for report in decayed if report.alert)
+    assert "upper bound" in alerted.firing()["quality"]
+    from flows.summaries import CheckSummary
+    from tasks.alerts import AlertOutcome
+    from tasks.drift import DriftReport
+
+    drift = DriftReport(0, False, 2, [], 0.0, None, {}, False)
+    printed = CheckSummary("m/3@champion", 0.0, 0.0, None, "r", "url", drift, alerted, None, None, AlertOutcome({}),
+                           None).render()
+    assert f"(test {test_metrics['f1_macro']:.4f}; live's 99% upper bound {alerted.f1_upper:.4f})" in printed
 
 
 def test_a_new_champion_as_good_as_the_one_it_replaced_is_not_rolled_back_by_a_small_windows_noise():
