@@ -4,10 +4,10 @@ The reference (`reference.json` in the model bundle) holds, per input column, a 
 training values (numeric) or the category shares (categorical), and the predicted-label shares on
 the test split. A check compares the rows logged since the last one with it:
 
-- PSI per feature, on bins cut at the reference's quantiles (numbers) or one per category with
-  enough rows (the rarer pooled). Fewer bins for small samples: PSI's
-  expected value under no drift is about (bins - 1) x (1/n + 1/m), so 10 bins over 100 rows alone
-  reach ~0.1 and false alarms follow. With 25 rows per bin it stays near 0.03.
+- PSI per feature: a number's on bins cut at the reference's quantiles, fewer for small samples
+  (PSI's expected value under no drift is about (bins - 1) x (1/n + 1/m), so 10 bins over 100 rows
+  alone reach ~0.1 and false alarms follow; with 25 rows per bin it stays near 0.03); a category's
+  on a bin per category with enough rows, the rarer pooled (category_bins).
 - A two-sample KS test for numeric features, a chi-square test of the counts for categorical ones. A
   feature counts as drifted only when both agree (PSI above its threshold and the test rejecting),
   which keeps one noisy statistic from alarming.
