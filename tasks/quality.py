@@ -72,9 +72,25 @@ def bias_corrected_quantile(scores: np.ndarray, level: float) -> float:
     return float(np.quantile(draws, level) + observed - draws.mean())
 
 
-def f1_upper_bound(true: pd.Series, predicted: pd.Series, labels: list[str], confidence: float) -> float:
-    """The live macro F1's one-sided upper bound at `confidence` (bootstrap over labelled rows)."""
-    return bias_corrected_quantile(bootstrap_f1(true, [predicted], labels)[0], confidence)
+def confusion_f1_draws(confusion: np.ndarray) -> np.ndarray:
+    """Macro F1 of a confusion matrix of counts (element 0) and of BOOTSTRAP_DRAWS resamples of its rows."""
+    counts = confusion.ravel()
+    draws = np.random.default_rng(1).multinomial(counts.sum(), counts / counts.sum(), size=BOOTSTRAP_DRAWS)
+    return macro_f1_of(np.vstack([counts, draws]).reshape(-1, *confusion.shape).astype(np.float64))
+
+
+def f1_upper_bound(true: pd.Series, predicted: pd.Series, labels: list[str], confidence: float,
+                   test_confusion: list[list[int]] | None = None) -> float:
+    """The live macro F1's one-sided upper bound at `confidence` (bootstrap over labelled rows). Where
+    the bundle kept its test split's confusion matrix, the test F1's own noise widens it: each draw
+    of the live F1 less a draw's deviation of the test F1 (independent resamples). A test split of
+    100 rows that read 0.06 high by chance made every large live window of an unchanged model alert."""
+    live = bootstrap_f1(true, [predicted], labels)[0]
+    test = np.asarray(test_confusion if test_confusion is not None else [], dtype=np.int64)
+    if test.shape == (len(labels), len(labels)) and test.sum():
+        tested = confusion_f1_draws(test)
+        live = live - (tested - tested[0])
+    return bias_corrected_quantile(live, confidence)
 
 
 def lead_lower_bound(true: pd.Series, new: pd.Series, old: pd.Series, labels: list[str], confidence: float) -> float:
@@ -117,7 +133,7 @@ class QualityReport:
 
 
 def live_quality(labelled: pd.DataFrame, version: str, labels: list[str], test_metrics: dict[str, float],
-                 monitoring: MonitoringConfig) -> QualityReport:
+                 monitoring: MonitoringConfig, test_confusion: list[list[int]] | None = None) -> QualityReport:
     """Quality of one model version on its labelled rows (columns: version, predicted, label). An
     alert needs the live F1 more than max_quality_drop under the test F1, and its upper bound
     (f1_upper_bound) under the test F1 too: 30 labelled rows of a model that had not decayed (test
@@ -131,7 +147,7 @@ def live_quality(labelled: pd.DataFrame, version: str, labels: list[str], test_m
     test_f1 = test_metrics.get("f1_macro", live["f1_macro"])
     drop = test_f1 - live["f1_macro"]
     judged = len(mine) >= monitoring.min_labelled_rows
-    upper = f1_upper_bound(mine["label"], mine["predicted"], labels, confidence) if judged else None
+    upper = f1_upper_bound(mine["label"], mine["predicted"], labels, confidence, test_confusion) if judged else None
     alert = judged and drop > monitoring.max_quality_drop and upper < test_f1
     return QualityReport(version, len(mine), judged, live, test_metrics, float(drop), alert, upper, confidence)
 
@@ -193,8 +209,9 @@ def check_quality(check: Check) -> QualityReport | None:
     if check.labelled is None:
         return None
     monitoring, watched = check.monitoring, check.watched
-    return live_quality(check.labelled, watched.ref.version, watched.bundle.labels,
-                        watched.bundle.metadata.get("metrics", {}), monitoring)
+    metadata = watched.bundle.metadata
+    return live_quality(check.labelled, watched.ref.version, watched.bundle.labels, metadata.get("metrics", {}),
+                        monitoring, metadata.get("test_confusion"))
 
 
 def record_quality(ctx: RunContext, quality: QualityReport | None) -> None:

@@ -455,7 +455,9 @@ def register(ctx: RunContext, winner: Winner, prepared: PreparedData, config: Ru
     metrics, bundle_dir = winner.evaluation.metrics, winner.variant.bundle_dir
     splits = prepared.splits
     manifest = build_manifest(config, prepared.fingerprint, ctx, tuning.best_params if tuning and tuning.use_tuned else None)
-    update_metadata(bundle_dir, metrics=metrics, manifest=manifest, variant=variant)
+    # the test split's confusion matrix: what live quality weighs the test F1's own noise by (tasks/quality.py)
+    update_metadata(bundle_dir, metrics=metrics, manifest=manifest, variant=variant,
+                    test_confusion=np.asarray(winner.evaluation.confusion).tolist())
     write_reference(bundle_dir, build_reference(  # what the monitoring flow measures drift against
         splits.x_train, prepared.preprocessing, winner.evaluation.predicted(), prepared.labels,
         config.monitoring.drift.reference_rows, config.seed))

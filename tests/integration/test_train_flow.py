@@ -93,6 +93,15 @@ def test_registered_version_carries_alias_and_manifest(trained):
     assert tags["git_commit"] and tags["seed"] == "42"
     assert float(tags["test_f1_macro"]) == pytest.approx(summary["test_metrics"]["f1_macro"], abs=1e-4)
     assert tags["variant"] == summary["selected_variant"] and tags["gate"] == "promoted"
+    import numpy as np
+
+    from maas.registered import ModelRef, download_bundle
+
+    bundle = download_bundle(ModelRef(summary["model_name"], version=summary["model_version"]), home / "registered")
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    confusion = np.asarray(metadata["test_confusion"])  # live quality weighs the test F1's noise by it
+    assert confusion.shape == (len(metadata["labels"]),) * 2
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(summary["test_metrics"]["accuracy"])
 
 
 def test_packaging_waits_while_another_process_writes_the_bentoml_store(trained):

@@ -164,29 +164,33 @@ def test_a_class_no_labelled_row_holds_is_left_out_of_the_live_macro_f1():
         f1_score(truth, ["a", "a", "b", "c"], labels=labels, average="macro", zero_division=0))
 
 
+THREE, THREE_SHARES = ["a", "b", "c"], np.array([0.6, 0.3, 0.1])
+KEPT = np.array([[0.9, 0.07, 0.03], [0.12, 0.8, 0.08], [0.1, 0.15, 0.75]])  # P(predicted | true): test F1 ~0.80
+WORSE = np.array([[0.7, 0.2, 0.1], [0.35, 0.5, 0.15], [0.3, 0.3, 0.4]])  # a decayed model
+
+
+def three_class_windows(rng):
+    """window(n, confusion): n labelled rows of a 3-class model that errs as `confusion` says."""
+    def window(n, confusion):
+        true = rng.choice(3, n, p=THREE_SHARES)
+        predicted = (rng.uniform(size=(n, 1)) < np.cumsum(confusion[true], axis=1)).argmax(axis=1)
+        return labelled_frame(np.array(THREE)[predicted], np.array(THREE)[true])
+    return window
+
+
 def test_a_small_window_of_a_model_that_has_not_decayed_raises_no_quality_alert_and_a_decayed_one_does():
     """Live F1 on 30-100 labelled rows swings by more than the 0.05 tolerance: the rule alone alerted
     (and retrained) in a third of such windows of an unchanged model. The live F1's upper bound must
     be under the test F1 too."""
-    rng = np.random.default_rng(0)
-    labels = ["a", "b", "c"]
-    shares = np.array([0.6, 0.3, 0.1])
-    kept = np.array([[0.9, 0.07, 0.03], [0.12, 0.8, 0.08], [0.1, 0.15, 0.75]])  # P(predicted | true)
-    worse = np.array([[0.7, 0.2, 0.1], [0.35, 0.5, 0.15], [0.3, 0.3, 0.4]])
-
-    def window(n, confusion):
-        true = rng.choice(3, n, p=shares)
-        predicted = (rng.uniform(size=(n, 1)) < np.cumsum(confusion[true], axis=1)).argmax(axis=1)
-        return labelled_frame(np.array(labels)[predicted], np.array(labels)[true])
-
-    population = window(50_000, kept)
+    window, labels = three_class_windows(np.random.default_rng(0)), THREE
+    population = window(50_000, KEPT)
     test_metrics = {"f1_macro": f1_score(population["label"], population["predicted"], average="macro")}
     for n in (30, 100):
-        unchanged = [live_quality(window(n, kept), "3", labels, test_metrics, POLICY) for _ in range(60)]
+        unchanged = [live_quality(window(n, KEPT), "3", labels, test_metrics, POLICY) for _ in range(60)]
         assert sum(report.alert for report in unchanged) <= 2
         assert sum(report.f1_drop > 0.05 for report in unchanged) >= 10  # what alerted before
         assert all(report.f1_upper >= report.metrics["f1_macro"] for report in unchanged)
-    decayed = [live_quality(window(100, worse), "3", labels, test_metrics, POLICY) for _ in range(20)]
+    decayed = [live_quality(window(100, WORSE), "3", labels, test_metrics, POLICY) for _ in range(20)]
     assert sum(report.alert for report in decayed) >= 18
     alerted = next(report for report in decayed if report.alert)
     assert "upper bound" in alerted.firing()["quality"]
@@ -198,6 +202,23 @@ def test_a_small_window_of_a_model_that_has_not_decayed_raises_no_quality_alert_
     printed = CheckSummary("m/3@champion", 0.0, 0.0, None, "r", "url", drift, alerted, None, None, AlertOutcome({}),
                            None).render()
     assert f"(test {test_metrics['f1_macro']:.4f}; live's 99% upper bound {alerted.f1_upper:.4f})" in printed
+
+
+def test_a_test_f1_that_read_high_by_chance_does_not_make_every_large_window_alert():
+    """A 100-row test split scored an unchanged model 0.06 over what it does: 3,000 live labels then
+    sit more than 0.05 under it, well beyond their own noise, on every check. The bundle's test
+    confusion matrix lets the bound weigh the test split's noise too; a real decay still alerts."""
+    window, labels = three_class_windows(np.random.default_rng(3)), THREE
+    population = window(50_000, KEPT)
+    true_f1 = label_metrics(population["label"], population["predicted"], labels)["f1_macro"]
+    lucky = next(test for test in (window(100, KEPT) for _ in range(500))
+                 if label_metrics(test["label"], test["predicted"], labels)["f1_macro"] > true_f1 + 0.06)
+    test_metrics = label_metrics(lucky["label"], lucky["predicted"], labels)
+    test_confusion = pd.crosstab(lucky["label"], lucky["predicted"]).reindex(index=labels, columns=labels, fill_value=0)
+    live = window(3000, KEPT)
+    assert live_quality(live, "3", labels, test_metrics, POLICY).alert  # the test figure alone: an alert
+    assert not live_quality(live, "3", labels, test_metrics, POLICY, test_confusion.to_numpy().tolist()).alert
+    assert live_quality(window(3000, WORSE), "3", labels, test_metrics, POLICY, test_confusion.to_numpy().tolist()).alert
 
 
 def test_a_new_champion_as_good_as_the_one_it_replaced_is_not_rolled_back_by_a_small_windows_noise():
