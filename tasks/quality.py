@@ -44,6 +44,13 @@ def macro_f1_of(confusions: np.ndarray) -> np.ndarray:
     return f1.sum(axis=1) / np.maximum(1, (both > 0).sum(axis=1))
 
 
+def with_resamples(counts: np.ndarray, seed: int) -> np.ndarray:
+    """Row 0: the counts of each kind of labelled row; then BOOTSTRAP_DRAWS resamples of those rows,
+    as multinomial counts. The live window and the test split draw with their own seeds: independent."""
+    draws = np.random.default_rng(seed).multinomial(counts.sum(), counts / counts.sum(), size=BOOTSTRAP_DRAWS)
+    return np.vstack([counts, draws]).astype(np.float64)
+
+
 def bootstrap_f1(true: pd.Series, predictions: list[pd.Series], labels: list[str]) -> list[np.ndarray]:
     """Per prediction column, its macro F1 on the labelled rows as they are (element 0) and on
     BOOTSTRAP_DRAWS resamples of them (the rest). The rows are drawn jointly, as multinomial counts
@@ -55,8 +62,7 @@ def bootstrap_f1(true: pd.Series, predictions: list[pd.Series], labels: list[str
     cells, counts = np.unique(coded.to_numpy(dtype=np.int64), axis=0, return_counts=True)
     if not len(counts):
         return [np.zeros(BOOTSTRAP_DRAWS + 1) for _ in predictions]
-    draws = np.random.default_rng(0).multinomial(counts.sum(), counts / counts.sum(), size=BOOTSTRAP_DRAWS)
-    weights = np.vstack([counts, draws]).astype(np.float64)
+    weights = with_resamples(counts, seed=0)
     scores = []
     for column in range(1, cells.shape[1]):
         onehot = np.zeros((len(cells), k * k))
@@ -74,9 +80,7 @@ def bias_corrected_quantile(scores: np.ndarray, level: float) -> float:
 
 def confusion_f1_draws(confusion: np.ndarray) -> np.ndarray:
     """Macro F1 of a confusion matrix of counts (element 0) and of BOOTSTRAP_DRAWS resamples of its rows."""
-    counts = confusion.ravel()
-    draws = np.random.default_rng(1).multinomial(counts.sum(), counts / counts.sum(), size=BOOTSTRAP_DRAWS)
-    return macro_f1_of(np.vstack([counts, draws]).reshape(-1, *confusion.shape).astype(np.float64))
+    return macro_f1_of(with_resamples(confusion.ravel(), seed=1).reshape(-1, *confusion.shape))
 
 
 def f1_upper_bound(true: pd.Series, predicted: pd.Series, labels: list[str], confidence: float,
@@ -86,8 +90,8 @@ def f1_upper_bound(true: pd.Series, predicted: pd.Series, labels: list[str], con
     of the live F1 less a draw's deviation of the test F1 (independent resamples). A test split of
     100 rows that read 0.06 high by chance made every large live window of an unchanged model alert."""
     live = bootstrap_f1(true, [predicted], labels)[0]
-    test = np.asarray(test_confusion if test_confusion is not None else [], dtype=np.int64)
-    if test.shape == (len(labels), len(labels)) and test.sum():
+    test = np.asarray(test_confusion, dtype=np.int64) if test_confusion is not None else None
+    if test is not None and test.shape == (len(labels), len(labels)) and test.sum():  # else: an older bundle's
         tested = confusion_f1_draws(test)
         live = live - (tested - tested[0])
     return bias_corrected_quantile(live, confidence)
