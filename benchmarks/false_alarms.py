@@ -34,6 +34,7 @@ from common import machine, measured_on, now, write_results  # noqa: E402
 from maas.config import DriftConfig, MonitoringConfig  # noqa: E402
 from tasks.drift import build_reference, measure_drift, psi  # noqa: E402
 from tasks.quality import LiveComparison, label_metrics, lead_lower_bound, live_quality, rollback_decision  # noqa: E402
+from tests.scenarios import DECAYED, KEPT, ORDERS_PREPROCESSING, THREE, many_names, orders, three_class_windows  # noqa: E402
 
 WINDOWS = (30, 100, 300, 1000)
 
@@ -45,54 +46,47 @@ def per_category_psi(reference: dict, values: pd.Series) -> float:
     return psi([*shares.values(), 0.0], [float(current.get(category, 0.0)) for category in [*shares, "(other)"]])
 
 
+def new_counts() -> dict[str, int]:
+    return {"ours_false": 0, "before_false": 0, "ours_caught": 0, "before_caught": 0}
+
+
+def as_rates(counts: dict[str, int], draws: int) -> dict[str, float]:
+    return {key: value / draws for key, value in counts.items()}
+
+
 def categories(draws: int) -> list[dict]:
     rng = np.random.default_rng(0)
     config, rows = DriftConfig(), []
     for levels in (10, 50, 300, 1000):
-        shares = rng.dirichlet(np.full(levels, 2.0))
-        names = np.array([f"town {index}" for index in range(levels)], dtype=object)
-        train = pd.DataFrame({"town": rng.choice(names, 3000, p=shares), "usage": rng.normal(size=3000)})
-        preprocessing = {"numeric": [{"name": "usage"}], "categorical": [{"name": "town"}]}
-        reference = build_reference(train, preprocessing, np.zeros(3000, dtype=int), ["no", "yes"], 2000, 0)
-        moved = shares * 0.75
-        moved[np.argsort(shares)[levels // 2]] += 0.25
+        scenario = many_names(rng, levels, "town")
         for n in (100, 400, 2000):
-            counts = {"ours_false": 0, "before_false": 0, "ours_caught": 0, "before_caught": 0}
-            for case, distribution in (("false", shares), ("caught", moved)):
+            counts = new_counts()
+            for case, distribution in (("false", scenario.shares), ("caught", scenario.moved)):
                 for _ in range(draws):
-                    logged = pd.DataFrame({"town": rng.choice(names, n, p=distribution), "usage": rng.normal(size=n)})
-                    report = measure_drift(logged, pd.Series(["no"] * n), reference, config)
+                    logged = scenario.logged(rng, n, distribution)
+                    report = measure_drift(logged, pd.Series(["no"] * n), scenario.reference, config)
                     counts[f"ours_{case}"] += "town" in report.drifted_features
-                    counts[f"before_{case}"] += per_category_psi(reference["categorical"]["town"], logged["town"]) > config.psi_threshold
-            rows.append({"levels": levels, "rows": n, **{key: value / draws for key, value in counts.items()}})
+                    counts[f"before_{case}"] += per_category_psi(scenario.reference["categorical"]["town"],
+                                                                 logged["town"]) > config.psi_threshold
+            rows.append({"levels": levels, "rows": n, **as_rates(counts, draws)})
     return rows
 
 
-def confusion_draw(rng, n: int, shares: np.ndarray, confusion: np.ndarray, labels: list[str]) -> pd.DataFrame:
-    true = rng.choice(len(shares), n, p=shares)
-    predicted = (rng.uniform(size=(n, 1)) < np.cumsum(confusion[true], axis=1)).argmax(axis=1)
-    return pd.DataFrame({"version": "1", "label": np.array(labels)[true], "predicted": np.array(labels)[predicted]})
-
-
 def quality(draws: int) -> dict:
-    rng = np.random.default_rng(1)
-    labels, shares = ["a", "b", "c"], np.array([0.6, 0.3, 0.1])
-    kept = np.array([[0.9, 0.07, 0.03], [0.12, 0.8, 0.08], [0.1, 0.15, 0.75]])
-    worse = np.array([[0.8, 0.15, 0.05], [0.25, 0.65, 0.1], [0.2, 0.25, 0.55]])
+    window, labels = three_class_windows(np.random.default_rng(1), version="1"), THREE
     f1 = {}
-    for name, matrix in (("kept", kept), ("worse", worse)):  # the population's F1: the test F1 of a large split
-        population = confusion_draw(rng, 100_000, shares, matrix, labels)
+    for name, matrix in (("kept", KEPT), ("worse", DECAYED)):  # the population's F1: the test F1 of a large split
+        population = window(100_000, matrix)
         f1[name] = label_metrics(population["label"], population["predicted"], labels)["f1_macro"]
     monitoring, rows = MonitoringConfig(), []
     for n in WINDOWS:
-        counts = {"ours_false": 0, "before_false": 0, "ours_caught": 0, "before_caught": 0}
-        for case, matrix in (("false", kept), ("caught", worse)):
+        counts = new_counts()
+        for case, matrix in (("false", KEPT), ("caught", DECAYED)):
             for _ in range(draws):
-                report = live_quality(confusion_draw(rng, n, shares, matrix, labels), "1", labels, {"f1_macro": f1["kept"]},
-                                      monitoring)
+                report = live_quality(window(n, matrix), "1", labels, {"f1_macro": f1["kept"]}, monitoring)
                 counts[f"ours_{case}"] += report.alert
                 counts[f"before_{case}"] += report.f1_drop > monitoring.max_quality_drop
-        rows.append({"rows": n, **{key: value / draws for key, value in counts.items()}})
+        rows.append({"rows": n, **as_rates(counts, draws)})
     return {"test_f1": f1["kept"], "decayed_f1": f1["worse"], "rows": rows}
 
 
@@ -100,7 +94,7 @@ def rollback(draws: int) -> list[dict]:
     rng = np.random.default_rng(2)
     labels, monitoring, rows = ["no", "yes"], MonitoringConfig(), []
     for n in WINDOWS:
-        counts = {"ours_false": 0, "before_false": 0, "ours_caught": 0, "before_caught": 0}
+        counts = new_counts()
         for case, new_accuracy in (("false", 0.85), ("caught", 0.75)):
             for _ in range(draws):
                 truth = rng.integers(0, 2, n)
@@ -111,28 +105,23 @@ def rollback(draws: int) -> list[dict]:
                                         n, lead_lower_bound(truth, new, old, labels, monitoring.quality_confidence))
                 counts[f"ours_{case}"] += rollback_decision("2", "1", scores, monitoring).roll_back
                 counts[f"before_{case}"] += scores.old_f1 > scores.new_f1 + monitoring.rollback_margin
-        rows.append({"rows": n, **{key: value / draws for key, value in counts.items()}})
+        rows.append({"rows": n, **as_rates(counts, draws)})
     return rows
 
 
 def dates(draws: int) -> dict:
     rng = np.random.default_rng(3)
     config, judged = DriftConfig(), DriftConfig(judge_recent_dates=True)
-
-    def orders(start: str, days: int, n: int) -> pd.DataFrame:
-        ordered = pd.Timestamp(start) + pd.to_timedelta(rng.integers(0, days, n), unit="D")
-        return pd.DataFrame({"ordered": ordered.strftime("%Y-%m-%d"), "amount": rng.lognormal(4, 0.8, n)})
-
-    preprocessing = {"numeric": [{"name": "ordered", "date": True}, {"name": "amount"}], "categorical": []}
-    reference = build_reference(orders("2025-01-01", 365, 3000), preprocessing, np.zeros(3000, dtype=int), ["no", "yes"], 2000, 0)
-    counts = {"ours_false": 0, "before_false": 0, "ours_caught": 0, "before_caught": 0}
+    reference = build_reference(orders(rng, "2025-01-01", 365, 3000), ORDERS_PREPROCESSING, np.zeros(3000, dtype=int),
+                                ["no", "yes"], 2000, 0)
+    counts = new_counts()
     for case, (start, days) in (("false", ("2026-03-01", 14)), ("caught", ("2025-03-01", 30))):
         for _ in range(draws):
-            logged = orders(start, days, 400)
+            logged = orders(rng, start, days, 400)
             for rule, rule_config in (("ours", config), ("before", judged)):
                 report = measure_drift(logged, pd.Series(["no"] * 400), reference, rule_config)
                 counts[f"{rule}_{case}"] += "ordered" in report.drifted_features
-    return {key: value / draws for key, value in counts.items()}
+    return as_rates(counts, draws)
 
 
 def main() -> None:

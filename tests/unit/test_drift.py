@@ -9,6 +9,7 @@ import pytest
 from maas.config import DataConfig, DriftConfig
 from tasks.data import prepare_data
 from tasks.drift import bin_count, build_reference, measure_drift, plot_drift, psi
+from tests.scenarios import ORDERS_PREPROCESSING, many_names, orders
 
 SEEDS = range(10)
 
@@ -100,24 +101,18 @@ def test_a_column_of_many_categories_drifts_when_it_moves_and_not_by_chance(leve
     400 rows). Each seed: fresh logged rows of training's own distribution are not drifted; a
     mid-frequency category taking a quarter of the rows is."""
     rng = np.random.default_rng(levels)
-    shares = rng.dirichlet(np.full(levels, 2.0))
-    names = np.array([f"city {index}" for index in range(levels)], dtype=object)
-    train = pd.DataFrame({"city": rng.choice(names, 3000, p=shares), "usage": rng.normal(size=3000)})
-    preprocessing = {"numeric": [{"name": "usage"}], "categorical": [{"name": "city"}]}
-    reference = build_reference(train, preprocessing, np.zeros(3000, dtype=int), ["no", "yes"], 2000, 0)
-    moved = shares * 0.75
-    moved[np.argsort(shares)[levels // 2]] += 0.25
+    scenario = many_names(rng, levels, "city")
+    reference = scenario.reference
 
     def city(report):
         return next(feature for feature in report.features if feature.name == "city")
 
     for n in (100, 400, 2000):
         predicted = pd.Series(["no"] * n)
-        unshifted = [city(measure_drift(pd.DataFrame({"city": rng.choice(names, n, p=shares), "usage": rng.normal(size=n)}),
-                                        predicted, reference, DriftConfig())) for _ in range(10)]
+        unshifted = [city(measure_drift(scenario.logged(rng, n, scenario.shares), predicted, reference, DriftConfig()))
+                     for _ in range(10)]
         assert sum(feature.drifted for feature in unshifted) == 0, [(f.psi, f.chi2_pvalue) for f in unshifted]
-        shifted = city(measure_drift(pd.DataFrame({"city": rng.choice(names, n, p=moved), "usage": rng.normal(size=n)}),
-                                     predicted, reference, DriftConfig()))
+        shifted = city(measure_drift(scenario.logged(rng, n, scenario.moved), predicted, reference, DriftConfig()))
         assert shifted.drifted and shifted.chi2_pvalue < 1e-4, (n, shifted)
 
 
@@ -179,20 +174,14 @@ def test_dates_newer_than_trainings_are_time_moving_on_reported_and_not_counted_
     from tasks.monitor_report import render_html
 
     rng = np.random.default_rng(0)
-
-    def orders(start: str, days: int, n: int) -> pd.DataFrame:
-        ordered = pd.Timestamp(start) + pd.to_timedelta(rng.integers(0, days, n), unit="D")
-        return pd.DataFrame({"ordered": ordered.strftime("%Y-%m-%d"), "amount": rng.lognormal(4, 0.8, n)})
-
-    train = orders("2025-01-01", 365, 3000)
-    preprocessing = {"numeric": [{"name": "ordered", "date": True}, {"name": "amount"}], "categorical": []}
-    reference = build_reference(train, preprocessing, np.zeros(3000, dtype=int), ["no", "yes"], 500, 0)
+    train = orders(rng, "2025-01-01", 365, 3000)
+    reference = build_reference(train, ORDERS_PREPROCESSING, np.zeros(3000, dtype=int), ["no", "yes"], 500, 0)
     last_day = (pd.Timestamp(train["ordered"].max()) - pd.Timestamp(0)).days
     assert reference["numeric"]["ordered"]["latest"] == last_day  # training's own, not its 500-row sample's
     predicted = pd.Series(["no"] * 400)
 
     def checked(start: str, days: int, config: DriftConfig = DriftConfig()):
-        logged = orders(start, days, 400)
+        logged = orders(rng, start, days, 400)
         report = measure_drift(logged, predicted, reference, config)
         return report, next(feature for feature in report.features if feature.name == "ordered"), logged
 

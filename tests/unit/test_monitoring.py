@@ -17,6 +17,7 @@ from tasks.alerts import new_alerts
 from tasks.health import health_report, histogram_quantile, parse_counters
 from tasks.prediction_log import labelled_rows, model_version, read_ground_truth, read_logged_rows, with_ground_truth
 from tasks.quality import LiveComparison, label_metrics, lead_lower_bound, live_quality, rollback_decision
+from tests.scenarios import KEPT, THREE, WORSE, three_class_windows
 
 LABELS = ["no", "yes"]
 
@@ -162,20 +163,6 @@ def test_a_class_no_labelled_row_holds_is_left_out_of_the_live_macro_f1():
         f1_score(truth, predicted, labels=["a", "b"], average="macro"))
     assert label_metrics(truth, pd.Series(["a", "a", "b", "c"]), labels)["f1_macro"] == pytest.approx(
         f1_score(truth, ["a", "a", "b", "c"], labels=labels, average="macro", zero_division=0))
-
-
-THREE, THREE_SHARES = ["a", "b", "c"], np.array([0.6, 0.3, 0.1])
-KEPT = np.array([[0.9, 0.07, 0.03], [0.12, 0.8, 0.08], [0.1, 0.15, 0.75]])  # P(predicted | true): test F1 ~0.80
-WORSE = np.array([[0.7, 0.2, 0.1], [0.35, 0.5, 0.15], [0.3, 0.3, 0.4]])  # a decayed model
-
-
-def three_class_windows(rng):
-    """window(n, confusion): n labelled rows of a 3-class model that errs as `confusion` says."""
-    def window(n, confusion):
-        true = rng.choice(3, n, p=THREE_SHARES)
-        predicted = (rng.uniform(size=(n, 1)) < np.cumsum(confusion[true], axis=1)).argmax(axis=1)
-        return labelled_frame(np.array(THREE)[predicted], np.array(THREE)[true])
-    return window
 
 
 def test_a_small_window_of_a_model_that_has_not_decayed_raises_no_quality_alert_and_a_decayed_one_does():
