@@ -73,7 +73,7 @@ def run(rows: int, budget: str, scratch: Path) -> dict:
     wall = time.perf_counter() - started
     found = json.loads(summary.read_text()) if summary.exists() else {}
     tuning = found.get("tuning") or {}
-    return {"rows": rows, "budget": budget, "budget_s": (found.get("budget") or {}).get("time_s"), "exit_code": process.returncode, "wall_s": round(wall, 1),
+    return {"measured": where_and_when(now(), machine()), "rows": rows, "budget": budget, "budget_s": (found.get("budget") or {}).get("time_s"), "exit_code": process.returncode, "wall_s": round(wall, 1),
             "peak_rss_gib": round(peak / 2**30, 2), "test_f1_macro": found.get("test_metrics", {}).get("f1_macro"),
             "family": found.get("family"), "trial_rows": tuning.get("trial_rows"),
             "best_trial_val_f1": tuning.get("best_val_f1_macro"), "final_val_f1": tuning.get("final_val_f1_macro"),
@@ -81,15 +81,22 @@ def run(rows: int, budget: str, scratch: Path) -> dict:
             "cut": (found.get("budget") or {}).get("cut", {})}
 
 
+def where_and_when(measured_at: str, on: dict) -> str:
+    """A run's date and CPU, kept with it: --keep adds runs to rows measured on another machine."""
+    generation = f" ({on['cpu_generation']})" if "cpu_generation" in on else ""
+    return f"{measured_at[:10]}, {on['cpu']}{generation}"
+
+
 def render(report: dict) -> str:
-    lines = ["# A run's cost against rows, under a time budget", "", measured_on(report), "",
+    lines = ["# A run's cost against rows, under a time budget", "",
+             measured_on(report) + " That is the latest run's machine: each row names its own date and CPU.", "",
              "`maas run` with the default config, a generated 20-column 5-class Parquet table, a fresh MAAS_HOME "
              "per run (no Bento build). Budget `default` is the config's (`budget.time_s`), `none` unbounded. Peak "
              "memory: the run's process tree, sampled every 0.5 s. Trial / full: the best trial's validation macro F1 "
              "training on its sample, and the network's trained on every training row with the chosen settings.", "",
              "| rows | budget | wall s | peak GiB | test macro F1 | family | trial rows | trial / full val F1 "
-             "| what the budget cut |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| what the budget cut | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def figure(value) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -99,7 +106,8 @@ def render(report: dict) -> str:
         budget = row["budget"] if row.get("budget_s") is None else f"{row['budget']} ({row['budget_s']:.0f} s)"
         lines.append(f"| {row['rows']:,} | {budget} | {row['wall_s']} | {row['peak_rss_gib']} | "
                      f"{figure(row['test_f1_macro'])} | {row['family']} | {row['trial_rows']} | "
-                     f"{figure(row.get('best_trial_val_f1'))} / {figure(row.get('final_val_f1'))} | {cut} |")
+                     f"{figure(row.get('best_trial_val_f1'))} / {figure(row.get('final_val_f1'))} | {cut} | "
+                     f"{row.get('measured', '-')} |")
     unbounded = {row["rows"]: row for row in report["runs"] if row["budget"] == "none"}
     for row in report["runs"]:
         if row["budget"] != "none" and row["rows"] in unbounded and row["test_f1_macro"] is not None \
@@ -108,11 +116,12 @@ def render(report: dict) -> str:
             lines += ["", f"{row['rows']:,} rows, budget {row['budget']} against unbounded: {row['wall_s']} s vs "
                       f"{other['wall_s']} s ({other['wall_s'] / row['wall_s']:.1f}x), test macro F1 "
                       f"{row['test_f1_macro']:.4f} vs {other['test_f1_macro']:.4f} "
-                      f"({(row['test_f1_macro'] - other['test_f1_macro']) * 100:+.2f} points; target >= -0.5)"]
-    lines += ["", "Seconds per stage:", "", "| rows | " + " | ".join(report["runs"][0]["stage_seconds"]) + " |",
-              "|---|" + "---|" * len(report["runs"][0]["stage_seconds"])]
+                      f"({(row['test_f1_macro'] - other['test_f1_macro']) * 100:+.2f} points"
+                      f"{'; target >= -0.5' if row['budget'] == 'default' else ''})"]
+    lines += ["", "Seconds per stage:", "", "| rows | budget | " + " | ".join(report["runs"][0]["stage_seconds"]) + " |",
+              "|---|---|" + "---|" * len(report["runs"][0]["stage_seconds"])]
     for row in report["runs"]:
-        lines.append(f"| {row['rows']:,} | " + " | ".join(str(v) for v in row["stage_seconds"].values()) + " |")
+        lines.append(f"| {row['rows']:,} | {row['budget']} | " + " | ".join(str(v) for v in row["stage_seconds"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +139,8 @@ def main() -> None:
         planned = [*((rows, args.budget) for rows in args.rows), *((rows, "none") for rows in args.unbounded)]
         if args.keep:
             kept = json.loads((ROOT / "benchmarks" / "results" / "budget.json").read_text())
-            report["runs"] = [run for run in kept["runs"] if (run["rows"], run["budget"]) not in set(planned)]
+            report["runs"] = [{"measured": where_and_when(kept["measured_at"], kept["machine"]), **run}
+                              for run in kept["runs"] if (run["rows"], run["budget"]) not in set(planned)]
         for rows, budget in planned:
             report["runs"].append(run(rows, budget, Path(scratch)))
             print(report["runs"][-1], flush=True)

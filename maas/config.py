@@ -113,7 +113,7 @@ class ModelConfig(Section):
     families: list[FamilyName] = Field(
         default_factory=lambda: ["network", "hgb", "linear", "svm"], min_length=1,
         description="candidates of family auto; network: cnn for image-like data (digits), else mlp; "
-                    "svm: only on tables of up to selection.kernel_max_rows compared rows",
+                    "svm: only on tables of up to selection.kernel_max_rows train + validation rows",
     )
     hidden_sizes: list[int] = Field(default_factory=lambda: [128, 64], min_length=1)
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -202,7 +202,7 @@ class TuningConfig(Section):
     max_epochs: int = Field(60, ge=1, description="per trial")
     sample_rows: int | None = Field(20_000, ge=100, description="trials train on a stratified sample of at most "
                                     "this many training rows (the final training uses all), at the default budget (9 min; "
-                                    "a larger budget.time_s scales it up); null: all rows")
+                                    "budget.time_s scales it in proportion, down to 2,000); null: all rows")
     patience: int = Field(10, ge=1, description="per trial")
     storage: str | None = Field(None, description="SQLAlchemy URL; default SQLite in MAAS_HOME")
     study_name: str | None = Field(None, description="default: the experiment name")
@@ -281,8 +281,8 @@ class SelectionConfig(Section):
     time_budget_s: float = Field(60.0, gt=0, description="per family: its study and its cross-validation")
     family_trials: int = Field(10, ge=1, description="Optuna trials per scikit-learn family (the first: its defaults)")
     sample_rows: int | None = Field(20_000, ge=100, description="the families are compared on a stratified sample "
-                                    "of at most this many train + validation rows, at the default budget (a larger "
-                                    "budget.time_s scales it up); null: all rows")
+                                    "of at most this many train + validation rows, at the default budget (budget.time_s "
+                                    "scales it in proportion, down to 2,000); null: all rows")
     ensemble: bool = Field(True, description="also score the soft vote of the compared families")
     vote_weights: Literal["equal", "fitted", "auto"] = Field(
         "auto", description="the vote's weights: equal, fitted by ensemble selection on the families' held-out "
@@ -294,7 +294,7 @@ class SelectionConfig(Section):
                                           "best one leads by no more than this many standard errors of their "
                                           "fold-by-fold differences (null: every family)")
     kernel_max_rows: int = Field(5000, ge=100, description="family auto leaves the kernel SVM out above this many "
-                                 "compared rows (its fit grows with the square of the rows)")
+                                 "train + validation rows, the rows a winner is fitted on (its fit grows with the square of the rows)")
     family_tolerance: float = Field(0.0, ge=0, le=1, description="CV macro F1 a simpler family may give up "
                                     "(linear, then hgb, then the network)")
     tune_decision: bool = Field(True, description="answer by a tuned decision (two classes: a cut on the second "

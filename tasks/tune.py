@@ -276,6 +276,10 @@ class Objective:
         # pruner reads them; each trial's curves are on its child run either way.
         self.reports = self.single_objective and tuning.pruner != "none"
         self.owner = json.dumps(process_owner())
+        # the study's end (time.time()): a trial still training then stops at its best epoch so far, as
+        # a network does at train.max_seconds. Optuna's timeout only starts no new trial, and one trial
+        # on 20,000 rows ran 44 s past a 21 s study.
+        self.stop_at = math.inf
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         # Who trains this trial: if we die, the next run fails it at once (tasks/recovery.py), not
@@ -288,7 +292,8 @@ class Objective:
         params = suggest_hyperparameters(trial, self.family, self.tuning)
         settings = apply_hyperparameters(self.settings, params)
         settings = TrainingSettings(settings.model, settings.train.model_copy(
-            update={"max_epochs": self.tuning.max_epochs, "patience": self.tuning.patience}))
+            update={"max_epochs": self.tuning.max_epochs, "patience": self.tuning.patience,
+                    "max_seconds": self.seconds_left(settings.train.max_seconds)}))
         history: list[EpochRecord] = []
 
         def report(record: EpochRecord) -> None:
@@ -325,6 +330,14 @@ class Objective:
                 final = {OBJECTIVE_METRICS[name]: value for name, value in zip(self.tuning.objectives, values)} if values else {}
                 self.tracker.finish(trial.number, trial.user_attrs.get("note", ""), params, state,
                                     {**final, "epochs": len(history)}, history)
+
+
+    def seconds_left(self, configured: float | None) -> float | None:
+        """A trial's train.max_seconds: the configured limit, cut to the study's time left (at least a second)."""
+        if math.isinf(self.stop_at):
+            return configured
+        left = max(1.0, self.stop_at - time.time())
+        return left if configured is None else min(configured, left)
 
 
 class TrialClock:
@@ -469,6 +482,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
         study.enqueue_trial(baseline_hyperparameters(objective.settings, objective.family, tuning),
                             user_attrs={BASELINE_ATTR: True})
     deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
+    objective.stop_at = time.time() + (deadline - time.perf_counter())
     guard = FailureGuard(tuning.max_failures)
     finished_before = sum(spends_budget(t) for t in study.get_trials(deepcopy=False))
     clock = TrialClock(None if tuning.n_trials is None else tuning.n_trials - finished_before, deadline)

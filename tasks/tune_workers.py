@@ -75,6 +75,7 @@ def trials_one_at_a_time(study: optuna.Study, objective, deadline: float, callba
     `deadline` (time.time()) passes or a failure guard among `callbacks` has seen too many failures
     in a row; `between()` after each trial and each wait."""
     n_trials = objective.tuning.n_trials
+    objective.stop_at = deadline  # a trial still training at the deadline stops there (Objective.seconds_left)
 
     def failing() -> bool:
         return any(getattr(callback, "streak", 0) >= getattr(callback, "limit", math.inf) for callback in callbacks)

@@ -79,11 +79,14 @@ def test_each_stage_says_where_the_run_stands_in_the_log_and_a_progress_artifact
     assert artifacts.made["run-progress"]["data"] == 50.0 and artifacts.made["run-progress"]["description"] == "later"
 
 
-def test_a_larger_budget_scales_the_samples_and_a_smaller_one_keeps_them():
-    from maas.budget import DEFAULT_BUDGET_S, rows_for_budget
+def test_the_samples_follow_the_budget_both_ways_down_to_a_floor():
+    from maas.budget import DEFAULT_BUDGET_S, MIN_BUDGET_SAMPLE_ROWS, rows_for_budget
     from maas.config import RunConfig
 
     assert RunConfig().budget.time_s == DEFAULT_BUDGET_S
     assert rows_for_budget(20_000, DEFAULT_BUDGET_S * 3) == 60_000
-    assert rows_for_budget(20_000, DEFAULT_BUDGET_S) == rows_for_budget(20_000, 60) == rows_for_budget(20_000, None) == 20_000
+    assert rows_for_budget(20_000, DEFAULT_BUDGET_S) == rows_for_budget(20_000, None) == 20_000
+    assert rows_for_budget(20_000, DEFAULT_BUDGET_S / 4) == 5_000  # a quarter of the budget: a quarter of the rows
+    assert rows_for_budget(20_000, 10) == MIN_BUDGET_SAMPLE_ROWS  # never a sample too small to compare on
+    assert rows_for_budget(500, 10) == 500  # a configured sample under the floor stays as configured
     assert rows_for_budget(None, DEFAULT_BUDGET_S * 3) is None  # every row stays every row

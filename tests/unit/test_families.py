@@ -502,3 +502,15 @@ def test_the_kernel_svm_is_left_out_of_tables_too_large_for_it():
     assert kept == ["network", "hgb"] and "kernel_max_rows 1000" in note
     alone = quick_config("wine", "model.family=svm", "selection.kernel_max_rows=1000")
     assert families_for_rows(alone.model, alone.selection, 50_000)[0] == ["svm"]  # asked for by name: kept
+
+
+def test_the_kernel_svm_is_judged_by_the_rows_its_final_fit_takes_not_by_the_compared_sample(tmp_path, maas_home):
+    """A small budget shrinks the sample the families meet on; the winner is still fitted on every
+    train + validation row, where the SVM's square cost lives."""
+    prepared, config = prepared_table("linear", tmp_path, "model.families=[linear, svm]", "selection.sample_rows=100",
+                                      "selection.kernel_max_rows=150")
+    fitted_rows = len(prepared.arrays.y_train) + len(prepared.arrays.y_val)
+    assert fitted_rows > 150
+    comparison = compare_families(prepared.sealed(), config, TrainingSettings(config.model, config.train), "k")
+    assert [row["family"] for row in comparison.leaderboard()] == ["linear"], comparison.leaderboard()
+    assert comparison.left_out == f"svm left out: {fitted_rows} training rows > selection.kernel_max_rows 150"

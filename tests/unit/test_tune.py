@@ -531,3 +531,16 @@ def test_a_tune_worker_refuses_data_that_is_not_the_runs(wine, maas_home, tmp_pa
     assert done.returncode == 2 and len(lines) == 1, done.stderr  # one line, no traceback
     assert lines[0].startswith("maas: error: tune-worker: the data here (") and lines[0].endswith(
         "does not give the run's training and validation rows: give the run's dataset, target and data settings")
+
+
+@STUDY
+def test_a_trial_still_training_at_the_studys_timeout_stops_there(wine, maas_home):
+    """Optuna's timeout starts no new trial; the trial in flight stops at its best epoch so far, as a
+    network does at train.max_seconds, instead of running its epochs out past the run's budget."""
+    endless = tuning(n_trials=1, max_epochs=3000, patience=3000, timeout_s=1, pruner="none")
+    run_study(objective(wine, endless), endless, "timeout", seed=0)
+    study = optuna.load_study(study_name="timeout", storage=open_storage(endless))
+    [trial] = study.trials
+    assert trial.state == TrialState.COMPLETE and 0 < trial.user_attrs["epochs"] < 3000, trial.user_attrs
+    unbounded = objective(wine, tuning())
+    assert unbounded.seconds_left(None) is None and unbounded.seconds_left(5.0) == 5.0  # no study end: as configured
