@@ -331,7 +331,6 @@ class Objective:
                 self.tracker.finish(trial.number, trial.user_attrs.get("note", ""), params, state,
                                     {**final, "epochs": len(history)}, history)
 
-
     def seconds_left(self, configured: float | None) -> float | None:
         """A trial's train.max_seconds: the configured limit, cut to the study's time left (at least a second)."""
         if math.isinf(self.stop_at):
@@ -565,6 +564,10 @@ def tune(prepared: PreparedData, settings: TrainingSettings, tuning: TuningConfi
                              "run; results are not reproducible run to run",
                              f"n_jobs={tuning.n_jobs}" if tuning.n_jobs > 1 else
                              f"workers={tuning.workers}" if tuning.workers > 1 else "remote_workers")
+    # The sample follows the run's budget (rows_for_budget), but the study is the table's (its fingerprint):
+    # a rerun under another budget continues it with trials on another sample size, all scored on the same
+    # validation rows. Keying the study by sample size too would need `maas tune-worker`, which finds the
+    # study by the table before it reads the run's tuning settings, to find it another way.
     trial_data = prepared.with_training_sample(tuning.sample_rows, seed)
     if trial_data is not prepared:  # trial cost stops growing with the table; the final training uses every row
         run_logger().info("trials train on a stratified sample of %d of the %d training rows "
