@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from common import machine, measured_on, now, write_results
+from common import cpu_label, machine, measured_on, now, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,8 +83,7 @@ def run(rows: int, budget: str, scratch: Path) -> dict:
 
 def where_and_when(measured_at: str, on: dict) -> str:
     """A run's date and CPU, kept with it: --keep adds runs to rows measured on another machine."""
-    generation = f" ({on['cpu_generation']})" if "cpu_generation" in on else ""
-    return f"{measured_at[:10]}, {on['cpu']}{generation}"
+    return f"{measured_at[:10]}, {cpu_label(on)}"
 
 
 def render(report: dict) -> str:

@@ -52,12 +52,16 @@ def int8_instructions() -> str:
     return ", ".join(found) or "none (AVX2 only)"
 
 
+def cpu_label(m: dict) -> str:
+    """The CPU's name, and its family and model where the report kept them."""
+    return f"{m['cpu']} ({m['cpu_generation']})" if "cpu_generation" in m else m["cpu"]
+
+
 def measured_on(report: dict) -> str:
     """One sentence: when and on what the figures were taken."""
     m = report["machine"]
     int8 = f", int8 instructions: {m['int8']}" if "int8" in m else ""
-    generation = f" ({m['cpu_generation']})" if "cpu_generation" in m else ""
-    return (f"Measured {report['measured_at']} on {m['cpu']}{generation}{int8}, {m['cores']} cores, {m['memory_gib']} GiB, "
+    return (f"Measured {report['measured_at']} on {cpu_label(m)}{int8}, {m['cores']} cores, {m['memory_gib']} GiB, "
             f"CUDA {m['cuda']}; Python {m['python']}, torch {m['torch']}, prefect {m['prefect']}, "
             f"mlflow {m['mlflow']}, onnxruntime {m['onnxruntime']}.")
 

@@ -33,7 +33,7 @@ from common import machine, measured_on, now, write_results  # noqa: E402
 
 from maas.config import DriftConfig, MonitoringConfig  # noqa: E402
 from tasks.drift import build_reference, measure_drift, psi  # noqa: E402
-from tasks.quality import LiveComparison, label_metrics, lead_lower_bound, live_quality, rollback_decision  # noqa: E402
+from tasks.quality import LiveComparison, label_metrics, live_quality, rollback_decision  # noqa: E402
 from tests.scenarios import DECAYED, KEPT, ORDERS_PREPROCESSING, THREE, many_names, orders, three_class_windows  # noqa: E402
 
 WINDOWS = (30, 100, 300, 1000)
@@ -101,8 +101,7 @@ def rollback(draws: int) -> list[dict]:
                 new = np.where(rng.uniform(size=n) < new_accuracy, truth, 1 - truth)
                 old = np.where(rng.uniform(size=n) < 0.85, truth, 1 - truth)
                 truth, new, old = (pd.Series(np.array(labels)[values]) for values in (truth, new, old))
-                scores = LiveComparison(label_metrics(truth, new, labels)["f1_macro"], label_metrics(truth, old, labels)["f1_macro"],
-                                        n, lead_lower_bound(truth, new, old, labels, monitoring.quality_confidence))
+                scores = LiveComparison.of(truth, new, old, labels, monitoring.quality_confidence)
                 counts[f"ours_{case}"] += rollback_decision("2", "1", scores, monitoring).roll_back
                 counts[f"before_{case}"] += scores.old_f1 > scores.new_f1 + monitoring.rollback_margin
         rows.append({"rows": n, **as_rates(counts, draws)})

@@ -176,6 +176,12 @@ class LiveComparison(NamedTuple):
     n_rows: int
     lead_lower: float | None = None  # the old one's lead: its lower bound at monitoring.quality_confidence
 
+    @classmethod
+    def of(cls, true: pd.Series, new: pd.Series, old: pd.Series, labels: list[str], confidence: float) -> LiveComparison:
+        """Both versions' predictions on the same labelled rows, scored, with the old one's lead bounded."""
+        return cls(label_metrics(true, new, labels)["f1_macro"], label_metrics(true, old, labels)["f1_macro"], len(true),
+                   lead_lower_bound(true, new, old, labels, confidence))
+
 
 def rollback_decision(champion_version: str, replaced_version: str | None, scores: LiveComparison,
                       monitoring: MonitoringConfig) -> RollbackDecision:
@@ -241,10 +247,7 @@ def check_rollback(check: Check) -> RollbackDecision | None:
         rows = check.recent.inputs.iloc[mine["position"].to_numpy()]
         labels = watched.bundle.labels
         old_predicted = pd.Series(predicted_labels(old, rows), index=mine.index)
-        scores = LiveComparison(label_metrics(mine["label"], mine["predicted"], labels)["f1_macro"],
-                                label_metrics(mine["label"], old_predicted, labels)["f1_macro"], len(mine),
-                                lead_lower_bound(mine["label"], mine["predicted"], old_predicted, labels,
-                                                 monitoring.quality_confidence))
+        scores = LiveComparison.of(mine["label"], mine["predicted"], old_predicted, labels, monitoring.quality_confidence)
     decision = rollback_decision(watched.ref.version, watched.replaced_version, scores, monitoring)
     if decision.roll_back:
         client, name, alias = check.ctx.client, watched.ref.name, watched.ref.alias

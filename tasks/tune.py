@@ -481,7 +481,6 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
         study.enqueue_trial(baseline_hyperparameters(objective.settings, objective.family, tuning),
                             user_attrs={BASELINE_ATTR: True})
     deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
-    objective.stop_at = time.time() + (deadline - time.perf_counter())
     guard = FailureGuard(tuning.max_failures)
     finished_before = sum(spends_budget(t) for t in study.get_trials(deepcopy=False))
     clock = TrialClock(None if tuning.n_trials is None else tuning.n_trials - finished_before, deadline)
@@ -492,6 +491,7 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
         if tuning.in_processes:
             trials_in_processes(study, objective, study_name, deadline, [guard, clock])
             return summarise(study, tuning, len(objective.prepared.splits.y_val))
+        objective.stop_at = time.time() + (deadline - time.perf_counter())  # trials_one_at_a_time sets it in processes
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             while True:

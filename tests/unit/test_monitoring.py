@@ -16,7 +16,7 @@ from maas.service_store import connect, log_predictions
 from tasks.alerts import new_alerts
 from tasks.health import health_report, histogram_quantile, parse_counters
 from tasks.prediction_log import labelled_rows, model_version, read_ground_truth, read_logged_rows, with_ground_truth
-from tasks.quality import LiveComparison, label_metrics, lead_lower_bound, live_quality, rollback_decision
+from tasks.quality import LiveComparison, label_metrics, live_quality, rollback_decision
 from tests.scenarios import KEPT, THREE, WORSE, three_class_windows
 
 LABELS = ["no", "yes"]
@@ -221,8 +221,7 @@ def test_a_new_champion_as_good_as_the_one_it_replaced_is_not_rolled_back_by_a_s
         new = [label if rng.uniform() < new_accuracy else flipped[label] for label in truth]
         old = [label if rng.uniform() < old_accuracy else flipped[label] for label in truth]
         truth, new, old = pd.Series(truth), pd.Series(new), pd.Series(old)
-        scores = LiveComparison(label_metrics(truth, new, LABELS)["f1_macro"], label_metrics(truth, old, LABELS)["f1_macro"],
-                                n, lead_lower_bound(truth, new, old, LABELS, policy.quality_confidence))
+        scores = LiveComparison.of(truth, new, old, LABELS, policy.quality_confidence)
         return rollback_decision("3", "2", scores, policy), scores
 
     equal = [window(30, 0.85) for _ in range(40)]
