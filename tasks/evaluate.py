@@ -131,9 +131,12 @@ def transformed_rows(bundle_dir: Path, rows: pd.DataFrame) -> np.ndarray:
     A text column is embedded here, one text per call as served: 57 s a pass over 3,543 validation
     sentences on one thread of a Zen 1 EPYC. So it embeds on every core (a one-thread session per
     core: the served thread's embeddings to the bit, tests/unit/test_text.py); the latency timings
-    run on the served threads."""
+    run on the served threads. Rows this process embedded already with the same encoder (the data
+    stage's validation rows, under the pretrained encoder) come from its memo (maas/bundle.py
+    shared_memo)."""
     folder = Path(bundle_dir)
-    return transform(rows, with_encoder(json.loads((folder / PREPROCESSING_FILE).read_text()), folder / ENCODER_DIR))
+    return transform(rows, with_encoder(json.loads((folder / PREPROCESSING_FILE).read_text()), folder / ENCODER_DIR,
+                                        memo=True))
 
 
 def preprocessing_signature(bundle_dir: Path) -> tuple[bytes, tuple[tuple[str, int], ...]]:

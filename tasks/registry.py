@@ -206,7 +206,7 @@ def champion_on_test(client, name: str, registry: RegistryConfig, prepared: Prep
     if version is None:
         return None
     champion_ref = ModelRef(name, registry.champion_alias, version)
-    champion = bundle_module.ModelBundle.load(download_bundle(champion_ref, scratch / f"champion-v{version}"))
+    champion = bundle_module.ModelBundle.load(download_bundle(champion_ref, scratch / f"champion-v{version}"), memo=True)
     if champion.labels != prepared.labels:
         return ChampionScore(version, None)
     x_test, y_test = prepared.splits.x_test, prepared.splits.y_test
