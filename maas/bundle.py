@@ -620,8 +620,9 @@ class ModelBundle:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, memo: bool = False) -> ModelBundle:
-        """memo: keep the text embeddings made (shared_memo), for a training process that scores the
-        bundle on rows its data stage embedded; never in a service."""
+        """memo: keep the text embeddings made, and find those this process made already with the same
+        encoder files (shared_memo): for a training process scoring the bundle on rows it embedded
+        before; never in a service."""
         folder = Path(bundle_dir)
         preprocessing = with_encoder(json.loads((folder / PREPROCESSING_FILE).read_text()), folder / ENCODER_DIR,
                                      threads, memo)
