@@ -247,6 +247,8 @@ class ServiceGate:
                 return await refuse(receive, headers, send, 403,
                                     {"error": f"key {key_id} has tier '{tier_name}', which this service does not offer"})
             taken = self.limits.take(key_id, tier.requests_per_minute)
+            if self.limits.awaited:  # Redis: the loop answers other requests meanwhile
+                taken = await taken
             limit_headers = rate_limit_headers(tier_name, tier.requests_per_minute, taken)
             if taken.wait:
                 self.meter.record(key_id, 0, 429, default_label)
@@ -264,7 +266,10 @@ class ServiceGate:
             self.meter.record(key_id, 0, refused.status, default_label)
             return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})},
                                {**refused.headers, **limit_headers})
-        if tier is not None and not self.limits.reserve_rows(key_id, columns.n_rows, tier.monthly_rows, current_month()):
+        fits = tier is None or self.limits.reserve_rows(key_id, columns.n_rows, tier.monthly_rows, current_month())
+        if tier is not None and self.limits.awaited:
+            fits = await fits
+        if not fits:
             self.meter.record(key_id, 0, 429, default_label)
             return await reply(send, 429, {"error": f"monthly quota of tier '{tier_name}' "
                                            f"({tier.monthly_rows} rows) used up"},

@@ -39,6 +39,8 @@ class Taken(NamedTuple):
 
 
 class SharedLimits:
+    awaited = False  # take and reserve_rows answer at once (RedisLimits' are coroutines)
+
     def __init__(self, path: Path, rows_so_far: Callable[[str, str], int], capacity: int = CAPACITY):
         """rows_so_far(key_id, month "YYYY-MM"): the rows already metered for a key this month."""
         self.rows_so_far, self.capacity = rows_so_far, capacity
