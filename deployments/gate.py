@@ -266,14 +266,15 @@ class ServiceGate:
             self.meter.record(key_id, 0, refused.status, default_label)
             return await reply(send, refused.status, {"error": refused.message, **({"detail": refused.detail} if refused.detail else {})},
                                {**refused.headers, **limit_headers})
-        fits = tier is None or self.limits.reserve_rows(key_id, columns.n_rows, tier.monthly_rows, current_month())
-        if tier is not None and self.limits.awaited:
-            fits = await fits
-        if not fits:
-            self.meter.record(key_id, 0, 429, default_label)
-            return await reply(send, 429, {"error": f"monthly quota of tier '{tier_name}' "
-                                           f"({tier.monthly_rows} rows) used up"},
-                               {"retry-after": str(seconds_to_next_month()), **limit_headers})
+        if tier is not None:
+            fits = self.limits.reserve_rows(key_id, columns.n_rows, tier.monthly_rows, current_month())
+            if self.limits.awaited:
+                fits = await fits
+            if not fits:
+                self.meter.record(key_id, 0, 429, default_label)
+                return await reply(send, 429, {"error": f"monthly quota of tier '{tier_name}' "
+                                               f"({tier.monthly_rows} rows) used up"},
+                                   {"retry-after": str(seconds_to_next_month()), **limit_headers})
         chosen_id = headers.get("x-request-id", "")[:128]  # the caller's: a retry with it is billed once
         request_id = chosen_id or os.urandom(16).hex()  # 128 random bits, as a uuid4's hex (a quarter of its cost)
         model = answering.models.for_tier(tier_name)

@@ -87,7 +87,7 @@ class RedisLimits:
 
         self.url, self.prefix, self.rows_so_far, self.warned_at = url, prefix, rows_so_far, float("-inf")
         self._errors = (redis.ConnectionError, redis.TimeoutError)
-        self._loop = None
+        self._loop, self._bound = None, None  # the running loop's client and scripts (_scripts)
 
     def _scripts(self):
         """(client, take script, reserve script) of the running event loop. An asyncio client's

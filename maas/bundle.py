@@ -309,7 +309,8 @@ class TextEncoder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        tokenizer_json = (folder / TOKENIZER_FILE).read_bytes()
+        self.tokenizer = Tokenizer.from_buffer(tokenizer_json)
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.no_padding()
         self.max_length, self.threads = max_length, threads
@@ -320,7 +321,7 @@ class TextEncoder:
         self.sessions = [ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
                          for _ in range(1 if threads else len(os.sched_getaffinity(0)))]
         self.dim = self.sessions[0].get_outputs()[0].shape[1]
-        self.memo: dict[str, np.ndarray] | None = shared_memo(graph, folder / TOKENIZER_FILE, max_length) if memo else None
+        self.memo: dict[str, np.ndarray] | None = shared_memo(graph, tokenizer_json, max_length) if memo else None
         self._counter = None  # the tokenizer without truncation, made when drift first asks
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
@@ -382,7 +383,7 @@ _encoders: dict[tuple, TextEncoder] = {}
 _memos: dict[str, dict[str, np.ndarray]] = {}  # by encoder content (shared_memo)
 
 
-def shared_memo(graph: bytes, tokenizer_file: Path, max_length: int) -> dict[str, np.ndarray]:
+def shared_memo(graph: bytes, tokenizer_json: bytes, max_length: int) -> dict[str, np.ndarray]:
     """The embedding memo of every memoising encoder in this process with the same graph, tokenizer
     and max_length, wherever its files lie. A bundle of the pretrained encoder carries a copy of the
     data stage's, so its variants' scores on the validation rows (tasks/evaluate.py) find the data
@@ -391,7 +392,7 @@ def shared_memo(graph: bytes, tokenizer_file: Path, max_length: int) -> dict[str
     (`--budget 2m`, a Zen 4 EPYC) evaluate went from 7.4 to 2.2 s, and on a retrain the gate from
     9.6 to 1.7 s. A fine-tuned or distilled encoder is other bytes, and embeds its own."""
     digest = hashlib.blake2b(graph, digest_size=16)
-    digest.update(tokenizer_file.read_bytes())
+    digest.update(tokenizer_json)
     digest.update(str(max_length).encode())
     return _memos.setdefault(digest.hexdigest(), {})
 
