@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from maas.bundle import InputSchemaError, ModelBundle, transform
+from maas import bundle as bundle_module
+from maas.bundle import InputSchemaError, ModelBundle, array_of, numeric_arrays, transform
 from maas.config import DataConfig, ModelConfig, TrainConfig
 from tasks.data import prepare_data
 from tasks.export import update_metadata, write_bundle
@@ -28,6 +29,21 @@ def test_bundle_on_raw_rows_equals_network_on_training_preprocessing(exported):
         expected = torch.softmax(network(torch.from_numpy(transform(raw, prepared.preprocessing))), 1).numpy()
     served = ModelBundle.load(folder).predict_proba(raw)
     np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_arrays_made_once_are_each_lists_own_read_only_and_survive_eviction(monkeypatch):
+    means, scales = [0.5, 1.5], [2.0, 4.0]
+    assert array_of(means) is array_of(means)
+    assert array_of(means).tolist() == means and array_of(scales).tolist() == scales
+    assert array_of(["a", "b"], object).dtype == object
+    with pytest.raises(ValueError):
+        array_of(means)[0] = 9.0
+    spec = [{"fill": 1.0, "mean": 2.0, "scale": 3.0}, {"fill": 4.0, "mean": 5.0, "scale": 6.0}]
+    assert [array.tolist() for array in numeric_arrays(spec)] == [[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]]
+    monkeypatch.setattr(bundle_module, "MAX_MADE", 2)
+    lists = [[float(index)] for index in range(10)]  # past the bound: the cache starts again, still right
+    assert [array_of(values).tolist() for values in lists] == lists
+    assert array_of(means).tolist() == means
 
 
 def test_predict_returns_labels_and_probabilities(exported):
