@@ -476,6 +476,13 @@ def numeric_arrays(spec: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, 
         read_only([column[field] for column in source]) for field in ("fill", "mean", "scale")))
 
 
+def date_part_arrays(parts: list[dict[str, Any]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A date column's calendar parts: their names, means and scales, made once (made_once)."""
+    return made_once(parts, "date parts", lambda source: (
+        [part["part"] for part in source], read_only([part["mean"] for part in source]),
+        read_only([part["scale"] for part in source])))
+
+
 def spelt_alike(name: str, names) -> str | None:
     """The first of `names` that is `name` but for case and surrounding spaces (not `name` itself):
     what a missing column was most likely meant as (' workclass' from a file read without
@@ -598,9 +605,8 @@ def transform_arrays(
             blocks.append((values - mean) / scale)
         for index, column in enumerate(spec):  # a date's calendar parts, from its (imputed) days
             if column.get("parts"):
-                parts = column["parts"]
-                raw = date_parts(values[:, index], [part["part"] for part in parts])
-                blocks.append((raw - np.array([part["mean"] for part in parts])) / np.array([part["scale"] for part in parts]))
+                names, mean, scale = date_part_arrays(column["parts"])
+                blocks.append((date_parts(values[:, index], names) - mean) / scale)
         if absent is not None:  # where a column had missing values in training, whether a row's is (1) or not
             blocks.append(absent.astype(np.float64))
     for column, values in zip(preprocessing["categorical"], categorical):
