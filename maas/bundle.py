@@ -440,7 +440,7 @@ def text_features(texts: list[str], column: dict[str, Any]) -> np.ndarray:
 
 
 _made: dict[tuple, tuple[Any, Any]] = {}  # (id of a preprocessing list, what) -> (that list, what was made of it)
-MAX_MADE = 4096
+MAX_MADE = 1024  # a service holds a few bundles; a scheduler loads one a check: past this, the cache starts afresh
 
 
 def made_once(source: list, what: str, make):
