@@ -66,8 +66,26 @@ class ModelRef:
                      else client.get_model_version(self.name, self.version))
         except MlflowException:
             where = f"alias @{self.alias}" if self.alias else f"version {self.version}"
-            raise MaasInputError(f"{what} '{self}': registered model '{self.name}' has no {where}") from None
+            raise MaasInputError(f"{what} '{self}': {not_found(client, self.name, where)}") from None
         return replace(self, version=str(found.version)), found
+
+
+def not_found(client, name: str, where: str) -> str:
+    """Why a reference found nothing: the model lacks that alias or version, or there is no such
+    model, and then the models the store does hold (a file dataset's model is named after the file)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return f"registered model '{name}' has no {where}"
+    except MlflowException:
+        pass
+    names = sorted(model.name for model in client.search_registered_models(max_results=MODELS_NAMED + 1))
+    held = ", ".join(names[:MODELS_NAMED]) + (", ..." if len(names) > MODELS_NAMED else "") if names else "none yet"
+    return f"no registered model '{name}' (registered: {held})"
+
+
+MODELS_NAMED = 8
 
 
 def download_bundle(ref: ModelRef, folder: Path) -> Path:

@@ -54,9 +54,9 @@ def resolve_watched(client, config: RunConfig, scratch: Path) -> WatchedModel:
     wanted = watched_reference(config)
     try:
         ref, found = wanted.resolve(client, "monitoring.model")
-    except MaasInputError:
-        raise MaasInputError(f"monitoring.model '{wanted}': no such registered model version "
-                             "(train one with `maas run`)") from None
+    except MaasInputError as missing:
+        raise MaasInputError(f"{missing}; train one with `maas run`, or name it with --dataset or "
+                             "--set monitoring.model=NAME@ALIAS") from None
     bundle_dir = download_bundle(ref, scratch / f"v{ref.version}")
     drift_reference = read_reference(bundle_dir)
     if drift_reference is None:

@@ -105,7 +105,8 @@ def test_every_command_has_help_with_examples(capsys):
 
 @pytest.mark.parametrize("store_exists, arguments, expected", [
     (False, [], "monitoring.model 'maas-breast_cancer@champion': no MLflow store"),
-    (True, ["--set", "monitoring.model=maas-wine/7"], "monitoring.model 'maas-wine/7': no such registered model version"),
+    (True, ["--set", "monitoring.model=maas-wine/7"], "monitoring.model 'maas-wine/7': no registered model 'maas-wine' (registered: none yet); "
+                                                        "train one with `maas run`"),
 ])
 def test_monitor_without_a_model_is_one_line_and_leaves_no_run(store_exists, arguments, expected, maas_home, capsys):
     if store_exists:

@@ -438,6 +438,11 @@ def test_serve_names_a_missing_model_in_one_line(service):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "maas: error: --model 'maas-breast_cancer@nope': registered model 'maas-breast_cancer' has no alias @nope"
+    done = subprocess.run([sys.executable, "-m", "maas", "serve", "--model", "maas-breast-cancer@champion"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2  # a name spelt wrong: the store's models are named
+    assert done.stderr.strip() == ("maas: error: --model 'maas-breast-cancer@champion': no registered model "
+                                   "'maas-breast-cancer' (registered: maas-breast_cancer)")
 
 
 @contextlib.contextmanager
