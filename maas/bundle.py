@@ -443,7 +443,7 @@ _made: dict[tuple, tuple[Any, Any]] = {}  # (id of a preprocessing list, what) -
 MAX_MADE = 1024  # a service holds a few bundles; a scheduler loads one a check: past this, the cache starts afresh
 
 
-def made_once(source: list, what: str, make):
+def made_once(source: list, what, make):
     """make(source), once per preprocessing list (lists read from JSON, never changed after): a
     one-text request's model call converted its column's 384 means and scales each time (~17 us),
     a one-row table request its columns' fills, means and scales (~7 us of ~20 us of transform).
@@ -467,7 +467,7 @@ def read_only(values, dtype=None) -> np.ndarray:
 
 def array_of(values: list, dtype=None) -> np.ndarray:
     """A preprocessing list as a read-only array, made once (made_once)."""
-    return made_once(values, f"array {dtype}", lambda source: read_only(source, dtype))
+    return made_once(values, ("array", dtype), lambda source: read_only(source, dtype))
 
 
 def numeric_arrays(spec: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

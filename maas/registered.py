@@ -70,6 +70,9 @@ class ModelRef:
         return replace(self, version=str(found.version)), found
 
 
+MODELS_NAMED = 8  # a missing model's error names at most this many of the store's
+
+
 def not_found(client, name: str, where: str) -> str:
     """Why a reference found nothing: the model lacks that alias or version, or there is no such
     model, and then the models the store does hold (a file dataset's model is named after the file)."""
@@ -81,11 +84,10 @@ def not_found(client, name: str, where: str) -> str:
     except MlflowException:
         pass
     names = sorted(model.name for model in client.search_registered_models(max_results=MODELS_NAMED + 1))
-    held = ", ".join(names[:MODELS_NAMED]) + (", ..." if len(names) > MODELS_NAMED else "") if names else "none yet"
+    held = ", ".join(names[:MODELS_NAMED]) or "none yet"
+    if len(names) > MODELS_NAMED:
+        held += ", ..."
     return f"no registered model '{name}' (registered: {held})"
-
-
-MODELS_NAMED = 8
 
 
 def download_bundle(ref: ModelRef, folder: Path) -> Path:
