@@ -27,6 +27,7 @@ from deployments.limits import open_limits
 from deployments.metering import Meter, ProcessGauges
 from deployments.request_reader import (INVOCATIONS_PATH, BadRequest, RequestReader, is_csv, mlflow_predictions,
                                        read_body, rows_from_csv, rows_from_mlflow_request, unread_body_dropped)
+from deployments.turn_writes import writes
 from maas.bundle import ModelBundle, unknown_categories
 from maas.config import ServingConfig
 from maas.paths import maas_home
@@ -287,7 +288,7 @@ class ServiceGate:
             extra["x-maas-unknown-categories"] = header_list(list(unknown))
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer,
                           bool(chosen_id))  # metered, then answered
-        self.answered_child(model.label).inc()
+        writes.inc(self.answered_child(model.label))
         await send_json(send, 200, mlflow_predictions(answered) if mlflow_protocol else answer,
                         {"x-request-id": request_id, "x-maas-model": model.label, **extra,
                                             **limit_headers})

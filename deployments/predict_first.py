@@ -26,6 +26,7 @@ import time
 
 from deployments import connections
 from deployments.gate import PREDICT_PATH, refuse, reply, request_headers, with_headers
+from deployments.turn_writes import writes
 
 ACCESS_LOG = logging.getLogger("bentoml.access")
 ERRORS = logging.getLogger("maas.serve")
@@ -178,7 +179,8 @@ class RequestMetrics:
     """BentoML's request metrics for one endpoint. Under `bentoml serve` prometheus_client runs in
     multiprocess mode: a value is written to the worker's metrics file by name and labels, whatever
     registry holds the metric object, so these stay unregistered (BentoML registers the same names
-    for the other endpoints) and /metrics reports them with BentoML's."""
+    for the other endpoints) and /metrics reports them with BentoML's. Their writes go out once
+    per turn of the event loop (turn_writes.py)."""
 
     def __init__(self, endpoint: str, service_name: str, service_version: str):
         from prometheus_client import Counter, Gauge, Histogram
@@ -198,13 +200,18 @@ class RequestMetrics:
                                  multiprocess_mode="livesum").labels(**labels)
         self.by_status: dict[int, tuple] = {}
 
+    def started(self) -> None:
+        writes.inc(self.in_progress)
+
     def record(self, status: int, seconds: float) -> None:
+        """A request answered: out of progress, counted and timed."""
         children = self.by_status.get(status)
         if children is None:
             children = self.by_status[status] = (self.total.labels(**self.labels, http_response_code=status),
                                                  self.duration.labels(**self.labels, http_response_code=status))
-        children[0].inc()
-        children[1].observe(seconds)
+        writes.inc(self.in_progress, -1)
+        writes.inc(children[0])
+        writes.observe(children[1], seconds)
 
 
 class PredictFirst:
@@ -247,7 +254,7 @@ class PredictFirst:
                     message = with_headers(message, connections.CLOSE)
             await send(message)
 
-        self.metrics.in_progress.inc()
+        self.metrics.started()
         self.in_flight += 1
         try:
             if self.in_flight > self.max_concurrency:
@@ -266,7 +273,6 @@ class PredictFirst:
                 await reply(answering, 500, {"error": "internal server error"})
         finally:
             self.in_flight -= 1
-            self.metrics.in_progress.dec()
             seconds = time.perf_counter() - started
             self.metrics.record(status or 500, seconds)
             if gate.settings.access_log:

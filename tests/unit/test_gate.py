@@ -461,6 +461,58 @@ def test_predict_is_answered_first_with_bentomls_metrics_and_access_log_and_the_
     assert any("method=POST,path=/predict" in line and "status=200" in line for line in lines), lines
 
 
+def test_metric_writes_of_one_loop_turn_fold_into_one_per_child_and_equal_writing_each():
+    """turn_writes.TurnWrites: counters, a gauge going up and down and a histogram written at the
+    end of the turn, once per child and bucket, to the values writing each would give; outside a
+    running loop, at once."""
+    import asyncio
+    import random
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from deployments.turn_writes import TurnWrites
+
+    def metrics():
+        registry = CollectorRegistry()
+        return registry, (Counter("c", "c", ["s"], registry=registry).labels("200"),
+                          Gauge("g", "g", registry=registry),
+                          Histogram("h", "h", ["s"], registry=registry, buckets=(0.01, 0.1, 1.0)).labels("200"))
+
+    def values(registry):
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in registry.collect() for sample in family.samples if not sample.name.endswith("_created")}
+
+    seconds = [random.Random(7).choice([0.001, 0.01, 0.05, 0.1, 0.7, 3.0]) for _ in range(50)]
+    each, (counter, gauge, histogram) = metrics()
+    for value in seconds:
+        gauge.inc()
+        counter.inc()
+        histogram.observe(value)
+        gauge.dec()
+    gauge.inc()
+
+    folded, (counter, gauge, histogram) = metrics()
+    writes = TurnWrites()
+    written = []
+
+    async def one_turn():
+        for value in seconds:
+            writes.inc(gauge)
+            writes.inc(counter)
+            writes.observe(histogram, value)
+            writes.inc(gauge, -1)
+        writes.inc(gauge)
+        written.append(values(folded))  # nothing yet: the turn has not ended
+        await asyncio.sleep(0)
+
+    asyncio.run(one_turn())
+    assert written[0][("c_total", (("s", "200"),))] == 0
+    assert values(folded) == values(each)
+    assert values(folded)[("h_bucket", (("le", "0.1"), ("s", "200")))] == sum(value <= 0.1 for value in seconds)
+    writes.inc(counter, 2)  # no loop running: written at once
+    assert values(folded)[("c_total", (("s", "200"),))] == len(seconds) + 2
+
+
 def test_the_access_lines_of_one_loop_turn_go_out_in_one_write_in_order_through_the_loggers_filters():
     """predict_first.AccessLog: a stream handler gets the turn's lines in one write, after its filters
     (one sets a field the format reads, as BentoML's does, and one line is dropped); a handler of
