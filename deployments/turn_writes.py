@@ -25,7 +25,7 @@ class TurnWrites:
     def __init__(self):
         self.increments: dict[object, float] = {}
         self.observations: dict[object, list[float]] = {}
-        self.due = False  # a flush is scheduled on the running loop
+        self.due_on = None  # the loop a flush is scheduled on
 
     def inc(self, child, amount: float = 1.0) -> None:
         """child.inc(amount) (a gauge's child takes a negative amount)."""
@@ -38,19 +38,18 @@ class TurnWrites:
         self._flush_later()
 
     def _flush_later(self) -> None:
-        if self.due:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        loop.call_soon(self.flush)
-        self.due = True
+        if self.due_on is not loop:  # not yet scheduled, or on a loop stopped before its flush ran
+            loop.call_soon(self.flush)
+            self.due_on = loop
 
     def flush(self) -> None:
         increments, observations = self.increments, self.observations
-        self.increments, self.observations, self.due = {}, {}, False
+        self.increments, self.observations, self.due_on = {}, {}, None
         for child, amount in increments.items():
             if amount:
                 child.inc(amount)

@@ -512,6 +512,19 @@ def test_metric_writes_of_one_loop_turn_fold_into_one_per_child_and_equal_writin
     writes.inc(counter, 2)  # no loop running: written at once
     assert values(folded)[("c_total", (("s", "200"),))] == len(seconds) + 2
 
+    stopped = asyncio.new_event_loop()  # a loop stopped in the turn of a write, its flush never run
+    stopped.call_soon(lambda: (writes.inc(counter), stopped.stop()))
+    stopped.run_forever()
+    stopped.close()
+    assert values(folded)[("c_total", (("s", "200"),))] == len(seconds) + 2
+
+    async def another_loops_turn():
+        writes.inc(counter)
+        await asyncio.sleep(0)
+
+    asyncio.run(another_loops_turn())  # that write goes out with this loop's
+    assert values(folded)[("c_total", (("s", "200"),))] == len(seconds) + 4
+
 
 def test_the_access_lines_of_one_loop_turn_go_out_in_one_write_in_order_through_the_loggers_filters():
     """predict_first.AccessLog: a stream handler gets the turn's lines in one write, after its filters
