@@ -482,7 +482,9 @@ def test_metric_writes_of_one_loop_turn_fold_into_one_per_child_and_equal_writin
         return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
                 for family in registry.collect() for sample in family.samples if not sample.name.endswith("_created")}
 
-    seconds = [random.Random(7).choice([0.001, 0.01, 0.05, 0.1, 0.7, 3.0]) for _ in range(50)]
+    pick = random.Random(7)
+    seconds = [pick.choice([0.001, 0.01, 0.05, 0.1, 0.7, 3.0]) for _ in range(50)]
+    assert len(set(seconds)) == 6  # every bucket, and both sides of a bound (0.01, 0.1)
     each, (counter, gauge, histogram) = metrics()
     for value in seconds:
         gauge.inc()
