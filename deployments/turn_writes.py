@@ -1,4 +1,5 @@
-"""Prometheus writes of /predict, folded over one turn of the event loop.
+"""Work put off to the end of an event-loop turn: /predict's Prometheus writes, folded (TurnWrites),
+and its access lines, written together (predict_first.AccessLog).
 
 Under `bentoml serve` prometheus_client runs in multiprocess mode: every increment or observation
 takes a lock, asks the kernel for the pid and packs a value into the worker's memory-mapped file
@@ -17,40 +18,53 @@ import asyncio
 from bisect import bisect_left
 
 
-class TurnWrites:
-    """Increments (counters, gauges) and histogram observations, added up per metric child and
-    written at the end of the running event loop's turn, before the loop polls for more requests:
-    /metrics lags an answer by the rest of the turn that sent it. Outside a running loop, written
-    at once."""
+class EndOfTurn:
+    """What `flush` does, put off to the end of the running event loop's turn, once however many
+    times it is asked for in the turn: before the loop polls for more requests. Outside a running
+    loop, done at once. A loop stopped before its flush ran leaves the work to the next loop's."""
 
-    def __init__(self):
-        self.increments: dict[object, float] = {}
-        self.observations: dict[object, list[float]] = {}
-        self.due_on = None  # the loop a flush is scheduled on
+    due_on = None  # the loop a flush is scheduled on
 
-    def inc(self, child, amount: float = 1.0) -> None:
-        """child.inc(amount) (a gauge's child takes a negative amount)."""
-        self.increments[child] = self.increments.get(child, 0.0) + amount
-        self._flush_later()
-
-    def observe(self, histogram, value: float) -> None:
-        """histogram.observe(value)."""
-        self.observations.setdefault(histogram, []).append(value)
-        self._flush_later()
-
-    def _flush_later(self) -> None:
+    def flush_later(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
         if self.due_on is not loop:  # not yet scheduled, or on a loop stopped before its flush ran
-            loop.call_soon(self.flush)
+            loop.call_soon(self._flush_due)
             self.due_on = loop
+
+    def _flush_due(self) -> None:
+        self.due_on = None
+        self.flush()
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+
+class TurnWrites(EndOfTurn):
+    """Increments (counters, gauges) and histogram observations, added up per metric child and
+    written at the end of the turn (EndOfTurn): /metrics lags an answer by the rest of the turn
+    that sent it."""
+
+    def __init__(self):
+        self.increments: dict[object, float] = {}
+        self.observations: dict[object, list[float]] = {}
+
+    def inc(self, child, amount: float = 1.0) -> None:
+        """child.inc(amount) (a gauge's child takes a negative amount)."""
+        self.increments[child] = self.increments.get(child, 0.0) + amount
+        self.flush_later()
+
+    def observe(self, histogram, value: float) -> None:
+        """histogram.observe(value)."""
+        self.observations.setdefault(histogram, []).append(value)
+        self.flush_later()
 
     def flush(self) -> None:
         increments, observations = self.increments, self.observations
-        self.increments, self.observations, self.due_on = {}, {}, None
+        self.increments, self.observations = {}, {}
         for child, amount in increments.items():
             if amount:
                 child.inc(amount)
@@ -60,20 +74,16 @@ class TurnWrites:
 
 def observe_all(histogram, values: list[float]) -> None:
     """Histogram.observe for each value, with one write to the sum and one per bucket the values
-    fall in (prometheus_client's child keeps `_upper_bounds`, `_buckets` and `_sum`; a child
-    without them is given each value)."""
-    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
-    if bounds is None or buckets is None or total is None:
-        for value in values:
-            histogram.observe(value)
-        return
+    fall in, through the child's `_upper_bounds`, `_buckets` and `_sum` (prometheus_client as the
+    lock file pins it; the turn-writes test in tests/unit/test_gate.py checks the result against
+    observing each)."""
     counts: dict[int, int] = {}
     for value in values:
-        index = bisect_left(bounds, value)  # the first bound >= value, as Histogram.observe picks; the last is +Inf
+        index = bisect_left(histogram._upper_bounds, value)  # the first bound >= value, as observe picks; the last is +Inf
         counts[index] = counts.get(index, 0) + 1
-    total.inc(sum(values))
+    histogram._sum.inc(sum(values))
     for index, count in counts.items():
-        buckets[index].inc(count)
+        histogram._buckets[index].inc(count)
 
 
 writes = TurnWrites()  # this worker's: one flush a turn for the front's metrics and the gate's
