@@ -289,7 +289,7 @@ class ServiceGate:
         self.meter.record(key_id, columns.n_rows, 200, model.label, request_id, logged, answer,
                           bool(chosen_id))  # metered, then answered
         writes.inc(self.answered_child(model.label))
-        await send_json(send, 200, mlflow_predictions(answered) if mlflow_protocol else answer,
+        await send_json(send, 200, mlflow_predictions(answered, model.bundle.typed_labels) if mlflow_protocol else answer,
                         {"x-request-id": request_id, "x-maas-model": model.label, **extra,
                                             **limit_headers})
 

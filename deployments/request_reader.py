@@ -390,11 +390,11 @@ def loads_json(body: bytes) -> tuple[Any, bool]:
     return payload, False
 
 
-def mlflow_predictions(answers: list[dict]) -> bytes:
+def mlflow_predictions(answers: list[dict], typed_labels: dict[str, object]) -> bytes:
     """The answers as `mlflow models serve` gives the model's pyfunc output: {"predictions": records}
-    with 'label' and 'proba_<label>' per row."""
+    with 'label' (in the target column's type: bundle.typed_labels) and 'proba_<label>' per row."""
     return orjson.dumps({"predictions": [
-        {"label": answer["label"], **{f"{PROBABILITY_PREFIX}{label}": value for label, value in answer["probabilities"].items()}}
+        {"label": typed_labels[answer["label"]], **{f"{PROBABILITY_PREFIX}{label}": value for label, value in answer["probabilities"].items()}}
         for answer in answers]})
 
 

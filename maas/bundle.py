@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,10 @@ PREPROCESSING_FILE = "preprocessing.json"
 METADATA_FILE = "metadata.json"
 FORMAT_VERSION = 1
 PROBABILITY_PREFIX = "proba_"  # pyfunc's output column of each class: proba_<label>
+# A class's name (metadata "labels", /predict's "label") read back in the target column's type
+# (metadata "label_type"), for pyfunc and /invocations, where MLflow's own flavors answer 1, not "1".
+LABEL_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "boolean": lambda name: name == "True",
+                                                "string": str}
 FEATURE_LIMIT = 1e6  # the largest standardized feature a graph is given, in standard deviations
 
 
@@ -623,6 +627,13 @@ def transform_arrays(
     return np.clip(np.hstack(blocks), -FEATURE_LIMIT, FEATURE_LIMIT).astype(np.float32)
 
 
+def typed_labels(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Each class's name -> the class in the target column's type; names themselves for a bundle
+    written before metadata had "label_type"."""
+    as_typed = LABEL_TYPES[metadata.get("label_type", "string")]
+    return {label: as_typed(label) for label in metadata["labels"]}
+
+
 def decide(probabilities: np.ndarray, decision: dict[str, Any] | None = None) -> np.ndarray:
     """Each row's class index under the bundle's decision (metadata["decision"], tuned by
     cross-validation where it raised macro F1; tasks/decision.py): on two classes {"threshold": t},
@@ -659,6 +670,7 @@ class ModelBundle:
         self.metadata = metadata
         self.labels: list[str] = list(metadata["labels"])
         self.decision: dict[str, Any] | None = metadata.get("decision")  # a tuned decision rule: see decide
+        self.typed_labels = typed_labels(metadata)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, memo: bool = False) -> ModelBundle:
@@ -705,4 +717,13 @@ class ModelBundle:
             probabilities, columns=[f"{PROBABILITY_PREFIX}{label}" for label in self.labels], index=frame.index
         )
         result.insert(0, "label", self.labels_of(probabilities))
+        return result
+
+    def predict_typed(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """predict, each label in the target column's type (0 and 1 for a 0/1 target): the pyfunc's answer."""
+        result = self.predict(frame)
+        if self.metadata.get("label_type", "string") == "string":
+            return result
+        result["label"] = pd.Series([self.typed_labels[label] for label in result["label"]], index=result.index,
+                                    dtype=object).infer_objects()
         return result

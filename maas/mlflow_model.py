@@ -26,14 +26,15 @@ class RowsRefused(MlflowException, ValueError):
 
 
 class BundleModel(PythonModel):
-    """Raw rows in (a DataFrame keyed by training column names), label + probabilities out."""
+    """Raw rows in (a DataFrame keyed by training column names), label + probabilities out; the label in
+    the target column's type, as MLflow's scikit-learn flavor answers."""
 
     def load_context(self, context):
         self.bundle = ModelBundle.load(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
-            return self.bundle.predict(model_input)
+            return self.bundle.predict_typed(model_input)
         except InputSchemaError as refused:
             raise RowsRefused(str(refused)) from None
 

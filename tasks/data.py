@@ -115,6 +115,7 @@ class PreparedData:
     image_shape: tuple[int, int] | None
     n_rows: int
     notes: list[str] = field(default_factory=list)
+    label_type: str = "string"  # the target column's type, which pyfunc answers labels in (label_type_of)
 
     @cached_property
     def arrays(self) -> TrainingArrays:
@@ -714,6 +715,20 @@ def merged_label_spellings(target: pd.Series, name: str, data: DataConfig, notes
     return as_text.map(lambda spelling: merged.get(spelling, spelling)).where(target.notna())
 
 
+def label_type_of(target: pd.Series) -> str:
+    """What the target column's classes are, as bundle.LABEL_TYPES reads them back from their names:
+    a 0/1 column's model answers pyfunc callers 0 and 1, not '0' and '1', so `predicted == y` holds."""
+    kind = pd.api.types.infer_dtype(target, skipna=True)  # also an object column of True/False (it had gaps)
+    if kind == "boolean":
+        return "boolean"
+    if kind == "integer":
+        return "integer"
+    if kind in ("floating", "mixed-integer-float"):
+        values = target.dropna().to_numpy(dtype=float)
+        return "integer" if np.all(np.mod(values, 1) == 0) else "number"  # as encode_target names them
+    return "string"
+
+
 def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.ndarray, list[str]]:
     """Class labels as strings (numeric classes in numeric order) and integer codes."""
     if pd.api.types.is_numeric_dtype(target):
@@ -1078,6 +1093,7 @@ def prepare_data(data: DataConfig, seed: int, fit_text: bool = True) -> Prepared
         image_shape=image_shape,
         n_rows=len(features),
         notes=notes,
+        label_type=label_type_of(target),
     )
 
 

@@ -59,6 +59,7 @@ def write_bundle(folder: Path, model: Any, spec: NetworkSpec | ClassicSpec | Ens
     metadata = {
         "format_version": FORMAT_VERSION,
         "labels": prepared.labels,
+        "label_type": prepared.label_type,  # pyfunc's labels: the target column's type (bundle.LABEL_TYPES)
         "target": prepared.target,
         "input_schema": prepared.input_schema,
         "dropped_columns": prepared.dropped_columns,  # in the training file, not read: serving ignores them

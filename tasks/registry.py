@@ -374,7 +374,7 @@ def _log_pyfunc(client, run_id: str, bundle_dir: Path, bundle, input_example: pd
     from mlflow.models import Model, ModelSignature, infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    output_example = bundle.predict(input_example)
+    output_example = bundle.predict_typed(input_example)  # what the pyfunc answers (mlflow_model.py)
     # Any type per column: a frame as pandas reads the training file holds int64 where the example has
     # float64, and NaN; MLflow's double refused int64 ("Can not safely convert"). The bundle coerces.
     inputs = Schema([ColSpec(AnyType(), name) for name in bundle_module.required_columns(bundle.preprocessing)])

@@ -193,6 +193,33 @@ def test_a_true_false_column_takes_every_spelling_and_values_without_a_category_
     assert "column 'employment' (e.g. 'Employed'), column 'purpose' (e.g. 'boat')" in caplog.text
 
 
+def test_a_0_1_targets_labels_are_integers_for_pyfunc_and_invocations_and_names_at_predict(loans, maas_home):
+    """The loans target is 0/1: pyfunc and /invocations answer 0 and 1 as MLflow's flavors do (so
+    `predicted == y` holds on the training file), /predict the class names /metadata lists."""
+    bundle, rows = loans
+    assert bundle.metadata["label_type"] == "integer" and bundle.labels == ["0", "1"]
+    named, typed = bundle.predict(pd.DataFrame(rows)), bundle.predict_typed(pd.DataFrame(rows))
+    assert typed["label"].dtype.kind == "i" and list(typed["label"]) == [int(label) for label in named["label"]]
+    assert typed.drop(columns="label").equals(named.drop(columns="label"))
+    answer, invocations = call(gate_for(bundle, auth=False), [("POST", "/predict", {"json": {"rows": rows}}),
+                                                               ("POST", "/invocations", {"json": {"dataframe_records": rows}})])
+    assert [item["label"] for item in answer.json()] == list(named["label"])
+    assert [item["label"] for item in invocations.json()["predictions"]] == list(typed["label"])
+
+
+def test_labels_take_the_target_columns_type_bundles_without_one_answer_names():
+    from maas.bundle import typed_labels
+    from tasks.data import label_type_of
+
+    gappy_flags = pd.Series([True, None, False], dtype=object).dropna()  # a True/False column with gaps
+    assert [label_type_of(column) for column in (pd.Series([0, 1]), pd.Series([0.0, 1.0, np.nan]), gappy_flags,
+                                                  pd.Series([0.5, 1.5]), pd.Series(["no", "yes"]))] == \
+        ["integer", "integer", "boolean", "number", "string"]
+    for label_type, expected in (("boolean", [False, True]), (None, ["False", "True"])):  # None: an older bundle
+        metadata = {"labels": ["False", "True"], **({"label_type": label_type} if label_type else {})}
+        assert list(typed_labels(metadata).values()) == expected
+
+
 def test_a_lone_surrogate_escape_in_a_string_is_a_400_not_a_failure(loans, maas_home):
     bundle, rows = loans
     row = json.dumps({**rows[0], "employment": "PLACEHOLDER"}).replace("PLACEHOLDER", "em\\ud800ployed")
