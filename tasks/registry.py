@@ -8,6 +8,7 @@ import json
 import logging
 import platform
 import subprocess
+import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -378,7 +379,10 @@ def _log_pyfunc(client, run_id: str, bundle_dir: Path, bundle, input_example: pd
     # Any type per column: a frame as pandas reads the training file holds int64 where the example has
     # float64, and NaN; MLflow's double refused int64 ("Can not safely convert"). The bundle coerces.
     inputs = Schema([ColSpec(AnyType(), name) for name in bundle_module.required_columns(bundle.preprocessing)])
-    signature = ModelSignature(inputs=inputs, outputs=infer_signature(input_example, output_example).outputs)
+    with warnings.catch_warnings():  # its hint that an integer column cannot hold a gap is about inputs;
+        # the integer here is the output's label (a 0/1 target's), never missing
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
+        signature = ModelSignature(inputs=inputs, outputs=infer_signature(input_example, output_example).outputs)
     requirements = [f"{name}=={_installed_version(name)}" for name in RUNTIME_PACKAGES]
     # Model.log(run_id=...) files the LoggedModel under the *active* experiment, not the run's;
     # left alone that is experiment 0, whose artifacts go to ./mlruns in the caller's directory.
