@@ -212,9 +212,10 @@ def test_labels_take_the_target_columns_type_bundles_without_one_answer_names():
     from tasks.data import label_type_of
 
     gappy_flags = pd.Series([True, None, False], dtype=object).dropna()  # a True/False column with gaps
+    parquet_codes = pd.Series([0, 2, None], dtype="Int64").dropna()  # a warehouse's nullable integers
     assert [label_type_of(column) for column in (pd.Series([0, 1]), pd.Series([0.0, 1.0, np.nan]), gappy_flags,
-                                                  pd.Series([0.5, 1.5]), pd.Series(["no", "yes"]))] == \
-        ["integer", "integer", "boolean", "number", "string"]
+                                                  parquet_codes, pd.Series([0.5, 1.5]), pd.Series(["no", "yes"]))] == \
+        ["integer", "integer", "boolean", "integer", "number", "string"]
     for label_type, expected in (("boolean", [False, True]), (None, ["False", "True"])):  # None: an older bundle
         metadata = {"labels": ["False", "True"], **({"label_type": label_type} if label_type else {})}
         assert list(typed_labels(metadata).values()) == expected
