@@ -629,9 +629,13 @@ def transform_arrays(
 
 def typed_labels(metadata: dict[str, Any]) -> dict[str, Any]:
     """Each class's name -> the class in the target column's type; names themselves for a bundle
-    written before metadata had "label_type"."""
+    written before metadata had "label_type", and for names the type cannot read (an object column
+    holding 1 and 1.0 is named '1' and '1.0')."""
     as_typed = LABEL_TYPES[metadata.get("label_type", "string")]
-    return {label: as_typed(label) for label in metadata["labels"]}
+    try:
+        return {label: as_typed(label) for label in metadata["labels"]}
+    except ValueError:
+        return {label: label for label in metadata["labels"]}
 
 
 def decide(probabilities: np.ndarray, decision: dict[str, Any] | None = None) -> np.ndarray:

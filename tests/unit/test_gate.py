@@ -219,6 +219,7 @@ def test_labels_take_the_target_columns_type_bundles_without_one_answer_names():
     for label_type, expected in (("boolean", [False, True]), (None, ["False", "True"])):  # None: an older bundle
         metadata = {"labels": ["False", "True"], **({"label_type": label_type} if label_type else {})}
         assert list(typed_labels(metadata).values()) == expected
+    assert typed_labels({"labels": ["1", "1.0"], "label_type": "integer"}) == {"1": "1", "1.0": "1.0"}  # not read: names
 
 
 def test_a_lone_surrogate_escape_in_a_string_is_a_400_not_a_failure(loans, maas_home):
