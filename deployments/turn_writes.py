@@ -15,10 +15,11 @@ paired rounds), and the gate in-process (benchmarks/gate_cpu.py) 0.150-0.152 -> 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from bisect import bisect_left
 
 
-class EndOfTurn:
+class EndOfTurn(ABC):
     """What `flush` does, put off to the end of the running event loop's turn, once however many
     times it is asked for in the turn: before the loop polls for more requests. Outside a running
     loop, done at once. A loop stopped before its flush ran leaves the work to the next loop's."""
@@ -39,8 +40,9 @@ class EndOfTurn:
         self.due_on = None
         self.flush()
 
+    @abstractmethod
     def flush(self) -> None:
-        raise NotImplementedError
+        """The work put off."""
 
 
 class TurnWrites(EndOfTurn):

@@ -726,8 +726,6 @@ class ModelBundle:
     def predict_typed(self, frame: pd.DataFrame) -> pd.DataFrame:
         """predict, each label in the target column's type (0 and 1 for a 0/1 target): the pyfunc's answer."""
         result = self.predict(frame)
-        if self.metadata.get("label_type", "string") == "string":
-            return result
-        result["label"] = pd.Series([self.typed_labels[label] for label in result["label"]], index=result.index,
-                                    dtype=object).infer_objects()
+        if any(typed != label for label, typed in self.typed_labels.items()):  # not names (string, or unread)
+            result["label"] = result["label"].map(self.typed_labels)  # int64, bool or float64, as the target
         return result

@@ -715,6 +715,11 @@ def merged_label_spellings(target: pd.Series, name: str, data: DataConfig, notes
     return as_text.map(lambda spelling: merged.get(spelling, spelling)).where(target.notna())
 
 
+def whole_numbers(values: np.ndarray) -> bool:
+    """Floats that are all whole (1.0, 2.0): a class column read as floats because it had gaps."""
+    return bool(np.all(np.mod(values, 1) == 0))
+
+
 def label_type_of(target: pd.Series) -> str:
     """What the target column's classes are, as bundle.LABEL_TYPES reads them back from their names:
     a 0/1 column's model answers pyfunc callers 0 and 1, not '0' and '1', so `predicted == y` holds."""
@@ -724,8 +729,7 @@ def label_type_of(target: pd.Series) -> str:
     if kind == "integer":
         return "integer"
     if kind in ("floating", "mixed-integer-float"):
-        values = target.dropna().to_numpy(dtype=float)
-        return "integer" if np.all(np.mod(values, 1) == 0) else "number"  # as encode_target names them
+        return "integer" if whole_numbers(target.dropna().to_numpy(dtype=float)) else "number"  # as encode_target names them
     return "string"
 
 
@@ -733,7 +737,7 @@ def encode_target(target: pd.Series, name: str, data: DataConfig) -> tuple[np.nd
     """Class labels as strings (numeric classes in numeric order) and integer codes."""
     if pd.api.types.is_numeric_dtype(target):
         values = target.to_numpy()
-        if pd.api.types.is_float_dtype(target) and np.all(np.mod(values, 1) == 0):
+        if pd.api.types.is_float_dtype(target) and whole_numbers(values):
             values = values.astype(np.int64)
         classes = np.unique(values)
         if values.dtype.kind == "f" and len(classes) > data.max_category_levels:
