@@ -6,6 +6,8 @@ HistGradientBoosting with default settings?
 
 Run: .venv/bin/python benchmarks/model_selection.py [dataset ...]   (writes results/model_selection.*)
      .venv/bin/python benchmarks/model_selection.py --outer 5 [dataset ...]   (results/model_selection_outer.*)
+     .venv/bin/python benchmarks/model_selection.py --render-outer   (the .md again from the .json, under
+                                                                        the current default rule)
 """
 
 from __future__ import annotations
@@ -66,6 +68,21 @@ def family_test_probabilities(comparison, prepared, settings, seed: int) -> dict
     return probabilities
 
 
+def vote_name(weights: str, members_se: float | None) -> str:
+    """A vote rule's members as replay_votes names them: auto, fitted, all (every family) or the SE bound."""
+    if weights != "equal":
+        return weights
+    return "all" if members_se is None else f"{members_se:g}"
+
+
+def default_rule() -> str:
+    """The replayed rule `maas run` applies with the default config, e.g. 'auto/2'."""
+    from maas.config import SelectionConfig
+
+    selection = SelectionConfig()
+    return f"{vote_name(selection.vote_weights, selection.vote_members_se)}/{selection.vote_margin_se:g}"
+
+
 def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict[str, dict]:
     """The choice replayed on the comparison's own scores under each vote rule: the vote's members
     (selection.vote_members_se) and when it is kept (selection.vote_margin_se), and what it scored on test.
@@ -76,8 +93,8 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
 
     singles = [score for score in comparison.scores if score.family != "ensemble"]
     replays = {}
-    votes = [(f"{'all' if members_se is None else f'{members_se:g}'}", "equal", members_se)
-             for members_se in VOTE_MEMBERS_SE] + [("fitted", "fitted", None), ("auto", "auto", None)]
+    votes = [(vote_name(weights, members_se), weights, members_se) for weights, members_se
+             in [*(("equal", members_se) for members_se in VOTE_MEMBERS_SE), ("fitted", None), ("auto", None)]]
     for name, weights, members_se in votes:
         vote = vote_of(singles, folds, config.selection.model_copy(
             update={"vote_members_se": members_se, "vote_weights": weights}))
@@ -235,19 +252,26 @@ def vote_rules_table(rows: list[dict], gap, gap_is: str) -> list[str]:
 
 
 def render_outer(report: dict) -> str:
+    """The headline columns are the current default rule's (default_rule), replayed on each split's
+    comparison, so the tables follow the default when it changes without measuring again
+    (--render-outer); the JSON's own `selected` is the default's when it was measured."""
     mean = lambda values: sum(values) / len(values)  # noqa: E731
+    rule = default_rule()
     lines = ["# Model selection over several splits", "", measured_on(report), "",
              f"Each table split {report['repeats']} ways (seeds 0..{report['repeats'] - 1}: train / validation / test and "
              "every fit); selection as `maas run` does it, on train + validation only; test F1 read afterwards. "
+             f"'selected': under the default rule ({rule} SE in the rules table below), replayed on each split's "
+             "comparison. "
              "'best family on average': the single family with the highest mean test F1 over the splits; "
              "'max per split': the best family of each split, chosen by its test F1 (an upper bound no selection "
              "that does not read the test split can reach on average).", "",
              "| dataset | rows | test rows | selected (per split) | selected mean test F1 | best family on average | "
              "selected - it | max per split | default HGB | selected - default HGB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["datasets"]:
-        selected, best = mean(row["selected_test_f1"]), mean(row["family_test_f1"][row["best_on_average"]])
+        chosen = row["vote_rules"][rule]
+        selected, best = mean(chosen["test_f1"]), mean(row["family_test_f1"][row["best_on_average"]])
         hgb = mean(row["hgb_default_test_f1"])
-        lines.append(f"| {row['dataset']} | {row['rows']} | {row['n_test']} | {', '.join(row['selected'])} | {selected:.4f} | "
+        lines.append(f"| {row['dataset']} | {row['rows']} | {row['n_test']} | {', '.join(chosen['selected'])} | {selected:.4f} | "
                      f"{row['best_on_average']} {best:.4f} | {selected - best:+.4f} | {mean(row['max_single_test_f1']):.4f} | "
                      f"{hgb:.4f} | {selected - hgb:+.4f} |")
     lines += vote_rules_table(report["datasets"], lambda row, rule: mean(row["vote_rules"][rule]["test_f1"]) - mean(
@@ -276,7 +300,14 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--outer"]:
+    if sys.argv[1:2] == ["--render-outer"]:
+        import json
+
+        from benchmarks.common import RESULTS_DIR
+
+        write_results("model_selection_outer", json.loads((RESULTS_DIR / "model_selection_outer.json").read_text()),
+                      render_outer)
+    elif sys.argv[1:2] == ["--outer"]:
         outer_splits(sys.argv[3:] or [*BUILTINS, *OWN], int(sys.argv[2]))
     else:
         main(sys.argv[1:])
