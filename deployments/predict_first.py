@@ -15,7 +15,8 @@ the eight did, in BentoML's own terms so nothing downstream changes:
 - an unexpected error: logged with its traceback, answered 500.
 
 Everything else (docs, health, metrics, /metadata, management, and /predict itself while
-serving.trace_predictions asks for BentoML's spans) goes through BentoML as before.
+serving.trace_predictions asks for BentoML's spans) goes through BentoML as before. With
+serving.cors, browsers' cross-origin calls are answered in front of all of it (with_cors).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ ACCESS_LOG = logging.getLogger("bentoml.access")
 ERRORS = logging.getLogger("maas.serve")
 METRICS_NAMESPACE = "bentoml_service"
 ACCESS_FORMAT = "%s (%s) (%s) %.3fms"  # BentoML's access line: client, request, status, duration
+# What a page's script may send across origins (serving.cors) besides what CORS always lets through
+# (content-type among them): the key, a compressed body's coding, its own request id ...
+CORS_REQUEST_HEADERS = ["x-api-key", "authorization", "content-encoding", "x-request-id"]
+# ... and what it may read of an answer besides the safelisted headers: the gate's own.
+CORS_EXPOSED_HEADERS = ["x-request-id", "x-maas-model", "x-maas-ignored-columns", "x-maas-unknown-categories",
+                        "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit",
+                        "ratelimit-policy", "retry-after"]
 
 
 class AccessLog(EndOfTurn):
@@ -279,3 +287,18 @@ class PredictFirst:
                 self.access_log.add(f"{client[0]}:{client[1]}" if client else "_",
                                     f"scheme={scope['scheme']},method={scope['method']},path={PREDICT_PATH}",
                                     f"status={status or 500}", seconds * 1000)
+
+
+def with_cors(app, cors):
+    """The service's outermost app under serving.cors (a maas.config.CorsConfig): Starlette's CORS
+    middleware, which answers a browser's preflight request and marks the answers to the pages of
+    the allowed origins, for /predict and every other path alike. BentoML's own CORS setting sits
+    under PredictFirst, where /predict never reaches it. Without origins, the app as it is: no
+    browser page on another origin may read an answer."""
+    if not cors.enabled:
+        return app
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, allow_origins=cors.allow_origins, allow_methods=["GET", "POST"],
+                          allow_headers=CORS_REQUEST_HEADERS, allow_credentials=cors.allow_credentials,
+                          expose_headers=CORS_EXPOSED_HEADERS, max_age=cors.max_age_s)

@@ -38,7 +38,7 @@ from deployments.bentoml_fixes import cancel_bentoml_timeout_timers, freeze_star
 from deployments.connections import spread_connections_over_workers
 from deployments.follower import SERVED_MODELS_ENV, ServedModelsWatcher, parse_served_models
 from deployments.gate import PREDICT_PATH, ServiceGate, load_models
-from deployments.predict_first import PredictFirst
+from deployments.predict_first import PredictFirst, with_cors
 from deployments.request_reader import row_model
 from maas.bundle import PREPROCESSING_FILE
 from maas.config import ServingConfig
@@ -170,7 +170,8 @@ spread_connections_over_workers(MaasService)
 class PredictFirstService(type(MaasService)):
     """BentoML's service whose ASGI app answers /predict ahead of BentoML's middleware stack
     (deployments/predict_first.py), with the timeout and per-worker concurrency limit BentoML's
-    app factory derived from `traffic` (and any BentoML configuration over it)."""
+    app factory derived from `traffic` (and any BentoML configuration over it); browsers'
+    cross-origin calls answered in front of both (serving.cors)."""
 
     __slots__ = ()
 
@@ -179,7 +180,8 @@ class PredictFirstService(type(MaasService)):
 
         self.inject_config()  # what BentoML's Service.to_asgi does, keeping the factory to read its limits
         factory = ServiceAppFactory(self, is_main=is_main)
-        return PredictFirst(factory(), current_gate, factory.timeout, factory.max_concurrency or math.inf, self.name)
+        return with_cors(PredictFirst(factory(), current_gate, factory.timeout, factory.max_concurrency or math.inf,
+                                      self.name), SOURCE.settings.cors)
 
 
 MaasService.__class__ = PredictFirstService

@@ -381,6 +381,42 @@ class TLSConfig(Section):
         return self.certfile is not None
 
 
+CORS_ORIGIN = re.compile(r"^https?://[^/\s?#]+/?$")
+
+
+class CorsConfig(Section):
+    """Which web pages may call the service from a browser (CORS). Off by default: a browser then
+    refuses a page on another origin the answers. A key in a page is visible to its users: give such
+    a page a key of a tier whose limits fit, or call the service from the page's own server."""
+
+    allow_origins: list[str] = Field(default_factory=list, description="origins whose pages may call the "
+                                     "service, e.g. https://app.example.com (scheme, host, port); '*': any page")
+    allow_credentials: bool = Field(False, description="let pages send cookies or HTTP authentication with their "
+                                    "calls (not with '*'); API keys travel in headers and need no credentials")
+    max_age_s: int = Field(600, ge=0, le=86_400, description="how long a browser may cache the answer to its "
+                           "preflight request")
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not CORS_ORIGIN.match(origin):
+                raise ValueError(f"'{origin}' is not an origin: scheme and host (and port), no path, "
+                                 "e.g. https://app.example.com, or '*'")
+        return [origin.rstrip("/") for origin in origins]
+
+    @model_validator(mode="after")
+    def _no_credentials_for_any_page(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_credentials needs the origins named: with '*' any page could call with "
+                             "its visitors' credentials")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_origins)
+
+
 class PrivacyConfig(Section):
     """What the prediction log keeps of callers' inputs (Presidio's anonymizers, per column), applied
     before a row is written; and how long logged inputs are kept."""
@@ -440,6 +476,7 @@ class ServingConfig(Section):
     key_rotation_grace_s: float = Field(86_400, ge=0, description="maas keys rotate: how long the old secret keeps "
                                         "working next to the new one")
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
     keep_alive_s: int = Field(75, ge=1, description="maas serve: an idle keep-alive connection is closed after this "
                               "many seconds; longer than clients keep theirs (httpx 5 s, nginx upstreams 60 s), so the "
                               "server never closes a connection as a client reuses it (a reset, not an answer)")

@@ -22,10 +22,13 @@ from tests.conftest import free_port, module_home, quick_config, wait_until_up
 
 pytestmark = pytest.mark.slow
 
-# Two worker processes: the tier limits, metering and /metrics must hold across them.
+# Two worker processes: the tier limits, metering and /metrics must hold across them. One web page's
+# origin may call the service from a browser.
+WEB_PAGE = "https://app.example.com"
 SERVICE_SETTINGS = ("serving.workers=2", "serving.tiers={free: {requests_per_minute: 3, monthly_rows: 100000}, "
          "pro: {requests_per_minute: 100000, monthly_rows: 100000000}, tiny: {requests_per_minute: 1000, monthly_rows: 5}, "
-         "budget: {requests_per_minute: 100000, monthly_rows: 100000000, model: challenger}}")
+         "budget: {requests_per_minute: 100000, monthly_rows: 100000000, model: challenger}}",
+                    f"serving.cors.allow_origins=[{WEB_PAGE}]")
 
 
 @pytest.fixture(scope="module")
@@ -465,6 +468,22 @@ def pro_requests(home) -> int:
     return sum(entry["requests"] for entry in usage_report(connect(home / "service.db")) if entry["tier"] == "pro")
 
 
+def test_a_page_of_the_allowed_origin_calls_predict_from_a_browser_and_another_origins_cannot(service):
+    """serving.cors through `maas serve`: the preflight a browser sends before a POST with a key is
+    answered; the answer to the page carries its origin; a page elsewhere gets neither."""
+    base, home, keys, rows, summary, _ = service
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type, x-api-key"}
+    allowed = httpx.options(f"{base}/predict", headers={"Origin": WEB_PAGE, **preflight}, timeout=30)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == WEB_PAGE
+    assert "x-api-key" in allowed.headers["access-control-allow-headers"]
+    answered = predict(base, rows[:2], keys["pro"], {"Origin": WEB_PAGE})
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == WEB_PAGE
+    assert "x-request-id" in answered.headers["access-control-expose-headers"]
+    elsewhere = {"Origin": "https://elsewhere.example"}
+    assert httpx.options(f"{base}/predict", headers={**elsewhere, **preflight}, timeout=30).status_code == 400
+    assert "access-control-allow-origin" not in predict(base, rows[:2], keys["pro"], elsewhere).headers
+
+
 def test_the_bento_built_by_training_serves_its_runs_serving_config(service):
     """The Bento holds service, model and the training run's serving section: its tiers, auth and
     log sampling (0 here), and the champion for the budget tier, whose @challenger came later."""
@@ -480,9 +499,10 @@ def test_the_bento_built_by_training_serves_its_runs_serving_config(service):
         assert over_quota.status_code == 429 and "Retry-After" in over_quota.headers
         tiers = httpx.get(f"{url}/metadata").json()["tiers"]
         assert set(tiers) == {"free", "pro", "tiny", "budget"} and tiers["free"]["requests_per_minute"] == 3
+        assert predict(url, rows[:1], keys["pro"], {"Origin": WEB_PAGE}).headers["access-control-allow-origin"] == WEB_PAGE
         assert tiers["budget"]["served_by"] == tiers["pro"]["served_by"] == f"{summary['model_name']}/{summary['model_version']}@champion"
         time.sleep(2)
-    assert pro_requests(home) == metered_before + 2  # one request to the Bento, one to `maas serve`
+    assert pro_requests(home) == metered_before + 3  # two requests to the Bento, one to `maas serve`
     assert "from-the-bento" not in {entry["request_id"] for entry in read_predictions(connect(home / "service.db"))}
 
 

@@ -63,6 +63,9 @@ def test_a_value_that_is_not_yaml_is_taken_as_text():
         (["monitoring.metrics_url=127.0.0.1:3000/metrics"], "monitoring.metrics_url: not an http(s) URL"),
         (["monitoring.drift.psi_threshold=0"], "monitoring.drift.psi_threshold"),
         (["registry.model_name=team/churn"], "registry.model_name: a model name may not be empty nor hold / : % & < >"),
+        (["serving.cors.allow_origins=[app.example.com]"], "serving.cors.allow_origins: 'app.example.com' is not an origin"),
+        (["serving.cors.allow_origins=[https://app.example.com/predict]"], "no path"),
+        (["serving.cors.allow_origins=['*']", "serving.cors.allow_credentials=true"], "allow_credentials needs the origins named"),
     ],
 )
 def test_bad_values_name_the_field_in_one_line(overrides, expected):

@@ -676,6 +676,39 @@ def test_a_turns_access_lines_under_bentomls_filter_and_a_plain_formatter_are_on
             logger.removeHandler(handler)
 
 
+def test_pages_of_the_allowed_origins_may_call_predict_with_a_key_and_read_the_gates_headers(wine, maas_home):
+    """serving.cors: a browser's preflight is answered in front of the gate, and the answer to an
+    allowed page says so and lets its script read the request id and the rate limit; a page of
+    another origin gets no such answer (its browser keeps the answer from it). Off by default."""
+    from deployments.predict_first import with_cors
+    from maas.config import CorsConfig
+
+    bundle, rows = wine
+    _, key = create_key(connect(), "web app", "pro")
+    plain = front_of(gate_for(bundle))
+    assert with_cors(plain, CorsConfig()) is plain
+    front = with_cors(plain, CorsConfig(allow_origins=["https://app.example.com"]))
+    page, other = {"origin": "https://app.example.com"}, {"origin": "https://elsewhere.example"}
+    preflight = {"access-control-request-method": "POST", "access-control-request-headers": "x-api-key, content-type"}
+    allowed, refused, predicted, from_elsewhere, no_key = call(front, [
+        ("OPTIONS", "/predict", {"headers": {**page, **preflight}}),
+        ("OPTIONS", "/predict", {"headers": {**other, **preflight}}),
+        ("POST", "/predict", {"json": {"rows": rows[:2]}, "headers": {**page, "x-api-key": key}}),
+        ("POST", "/predict", {"json": {"rows": rows[:2]}, "headers": {**other, "x-api-key": key}}),
+        ("POST", "/predict", {"json": {"rows": rows[:2]}, "headers": page})])
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert {"x-api-key", "content-type"} <= set(allowed.headers["access-control-allow-headers"].lower().split(", "))
+    assert "POST" in allowed.headers["access-control-allow-methods"] and allowed.headers["access-control-max-age"] == "600"
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    assert predicted.status_code == 200 and len(predicted.json()) == 2
+    assert predicted.headers["access-control-allow-origin"] == "https://app.example.com"
+    exposed = set(predicted.headers["access-control-expose-headers"].split(", "))
+    assert {"x-request-id", "x-ratelimit-remaining", "x-maas-model"} <= exposed
+    assert "origin" in predicted.headers["vary"].lower()
+    assert from_elsewhere.status_code == 200 and "access-control-allow-origin" not in from_elsewhere.headers
+    assert no_key.status_code == 401 and no_key.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
 def test_predict_goes_through_bentoml_before_the_instance_exists_and_while_spans_are_asked_for(wine, maas_home):
     from deployments.predict_first import PredictFirst
 
