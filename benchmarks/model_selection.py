@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402,F401 - ours, before onnxruntime.quantization puts its own `models` on sys.path
 
-from benchmarks.common import machine, measured_on, now, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine, measured_on, now, write_results  # noqa: E402
 
 BUILTINS = ["breast_cancer", "digits", "wine"]
 OWN = {"churn": "mixed types, 7-8% gaps, an ID, a date, stray strings",
@@ -302,8 +302,6 @@ def main(names: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--render-outer"]:
         import json
-
-        from benchmarks.common import RESULTS_DIR
 
         write_results("model_selection_outer", json.loads((RESULTS_DIR / "model_selection_outer.json").read_text()),
                       render_outer)
