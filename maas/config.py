@@ -400,6 +400,9 @@ class CorsConfig(Section):
     @classmethod
     def _origins(cls, origins: list[str]) -> list[str]:
         for origin in origins:
+            if origin != "*" and "*" in origin:
+                raise ValueError(f"'{origin}': an origin is matched as written, so name each one "
+                                 "(https://a.example.com, https://b.example.com), or '*' for any page")
             if origin != "*" and not CORS_ORIGIN.match(origin):
                 raise ValueError(f"'{origin}' is not an origin: scheme and host (and port), no path, "
                                  "e.g. https://app.example.com, or '*'")

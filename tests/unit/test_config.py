@@ -65,6 +65,7 @@ def test_a_value_that_is_not_yaml_is_taken_as_text():
         (["registry.model_name=team/churn"], "registry.model_name: a model name may not be empty nor hold / : % & < >"),
         (["serving.cors.allow_origins=[app.example.com]"], "serving.cors.allow_origins: 'app.example.com' is not an origin"),
         (["serving.cors.allow_origins=[https://app.example.com/predict]"], "no path"),
+        (["serving.cors.allow_origins=['https://*.example.com']"], "an origin is matched as written"),
         (["serving.cors.allow_origins=['*']", "serving.cors.allow_credentials=true"], "allow_credentials needs the origins named"),
     ],
 )
