@@ -86,6 +86,7 @@ def grid_space(family: str, tuning: TuningConfig) -> dict[str, list]:
 
 
 BASELINE_ATTR = "maas.baseline"  # marks the trial of the configured settings
+FIRST_TRIAL_MIN_S = 1.0  # what a study left without time by its own opening still gives its first trial
 
 
 def baseline_hyperparameters(settings: TrainingSettings, family: str, tuning: TuningConfig) -> dict[str, Any]:
@@ -483,6 +484,11 @@ def run_study(objective: Objective, tuning: TuningConfig, study_name: str, seed:
     deadline = started + tuning.timeout_s if tuning.timeout_s else math.inf
     guard = FailureGuard(tuning.max_failures)
     finished_before = sum(spends_budget(t) for t in study.get_trials(deepcopy=False))
+    if not finished_before:
+        # Opening the study counts against its time, yet a study without a finished trial keeps at
+        # least a second for its first (which trains at least an epoch): on busy cores, opening a new
+        # SQLite study once took all of a 1 s study's time, and the run failed for want of a trial.
+        deadline = max(deadline, time.perf_counter() + FIRST_TRIAL_MIN_S)
     clock = TrialClock(None if tuning.n_trials is None else tuning.n_trials - finished_before, deadline)
     threads = torch.get_num_threads()
     if tuning.n_jobs > 1 or tuning.workers > 1:  # parallel trials share the cores instead of oversubscribing them

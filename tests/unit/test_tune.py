@@ -534,6 +534,24 @@ def test_a_tune_worker_refuses_data_that_is_not_the_runs(wine, maas_home, tmp_pa
 
 
 @STUDY
+def test_a_study_whose_opening_took_all_its_time_still_trains_its_first_trial(wine, maas_home, monkeypatch):
+    """Opening the study counts against timeout_s; when it took all of it (busy cores), the first
+    trial still runs, stopped after its first epoch past the time, rather than the run failing with
+    no trial."""
+    import time
+
+    import tasks.tune as tune_module
+
+    open_study = tune_module.open_study
+    monkeypatch.setattr(tune_module, "open_study", lambda *args: time.sleep(1.2) or open_study(*args))
+    endless = tuning(n_trials=3, max_epochs=3000, patience=3000, timeout_s=1, pruner="none")
+    result = run_study(objective(wine, endless), endless, "slow-open", seed=0)
+    study = optuna.load_study(study_name="slow-open", storage=open_storage(endless))
+    assert [trial.state for trial in study.trials] == [TrialState.COMPLETE], study.trials  # one, then time is up
+    assert 0 < study.trials[0].user_attrs["epochs"] < 3000 and result.n_complete == 1
+
+
+@STUDY
 def test_a_trial_still_training_at_the_studys_timeout_stops_there(wine, maas_home):
     """Optuna's timeout starts no new trial; the trial in flight stops at its best epoch so far, as a
     network does at train.max_seconds, instead of running its epochs out past the run's budget."""
