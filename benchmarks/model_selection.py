@@ -68,11 +68,14 @@ def family_test_probabilities(comparison, prepared, settings, seed: int) -> dict
     return probabilities
 
 
-def vote_name(weights: str, members_se: float | None) -> str:
-    """A vote rule's members as replay_votes names them: auto, fitted, all (every family) or the SE bound."""
-    if weights != "equal":
-        return weights
-    return "all" if members_se is None else f"{members_se:g}"
+VOTE_RULES = [*(("equal", members_se) for members_se in VOTE_MEMBERS_SE), ("fitted", None), ("auto", None)]
+
+
+def rule_name(weights: str, members_se: float | None, margin_se: float) -> str:
+    """A replayed rule as the reports name it, 'members/kept': members auto, fitted, all (every
+    family, equal weights) or the SE bound (selection.vote_members_se); kept: vote_margin_se."""
+    members = weights if weights != "equal" else "all" if members_se is None else f"{members_se:g}"
+    return f"{members}/{margin_se:g}"
 
 
 def default_rule() -> str:
@@ -80,7 +83,7 @@ def default_rule() -> str:
     from maas.config import SelectionConfig
 
     selection = SelectionConfig()
-    return f"{vote_name(selection.vote_weights, selection.vote_members_se)}/{selection.vote_margin_se:g}"
+    return rule_name(selection.vote_weights, selection.vote_members_se, selection.vote_margin_se)
 
 
 def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict[str, dict]:
@@ -93,9 +96,7 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
 
     singles = [score for score in comparison.scores if score.family != "ensemble"]
     replays = {}
-    votes = [(vote_name(weights, members_se), weights, members_se) for weights, members_se
-             in [*(("equal", members_se) for members_se in VOTE_MEMBERS_SE), ("fitted", None), ("auto", None)]]
-    for name, weights, members_se in votes:
+    for weights, members_se in VOTE_RULES:
         vote = vote_of(singles, folds, config.selection.model_copy(
             update={"vote_members_se": members_se, "vote_weights": weights}))
         members = vote.params["members"] if vote else [member.family for member in vote_members(singles, members_se)]
@@ -103,7 +104,7 @@ def replay_votes(comparison, folds, config, probabilities: dict, y_test) -> dict
             chosen = choose_family(singles + ([vote] if vote else []), config.selection.family_tolerance, margin)[0]
             found = average_probabilities([probabilities[member] for member in members], chosen.params.get("weights")) \
                 if chosen.family == "ensemble" else probabilities[chosen.family]
-            replays[f"{name}/{margin:g}"] = {
+            replays[rule_name(weights, members_se, margin)] = {
                 "selected": chosen.family, "members": members, "cv_f1": chosen.mean,
                 "test_f1": classification_metrics(y_test, found, chosen.decision)["f1_macro"]}
     return replays
