@@ -378,6 +378,13 @@ def with_headers(start: dict, headers: list[tuple[bytes, bytes]]) -> dict:
     return {**start, "headers": [*start.get("headers", []), *added]} if added else start
 
 
+# Every header of the gate's own on an answer: a web page's script may read them under serving.cors
+# (predict_first.with_cors); a header added to answers here belongs in this list too.
+ANSWER_HEADERS = ["x-request-id", "x-maas-model", "x-maas-ignored-columns", "x-maas-unknown-categories",
+                  "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit", "ratelimit-policy",
+                  "retry-after"]
+
+
 def rate_limit_headers(tier: str, per_minute: int, taken) -> dict[str, str]:
     """The key's request budget on every /predict answer: x-ratelimit-* as OpenAI and GitHub send
     them, and the IETF draft's RateLimit-Policy / RateLimit. Reset: seconds until the bucket is full."""

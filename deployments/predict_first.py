@@ -26,7 +26,7 @@ import logging
 import time
 
 from deployments import connections
-from deployments.gate import PREDICT_PATH, refuse, reply, request_headers, with_headers
+from deployments.gate import ANSWER_HEADERS, PREDICT_PATH, refuse, reply, request_headers, with_headers
 from deployments.turn_writes import EndOfTurn, writes
 
 ACCESS_LOG = logging.getLogger("bentoml.access")
@@ -34,12 +34,8 @@ ERRORS = logging.getLogger("maas.serve")
 METRICS_NAMESPACE = "bentoml_service"
 ACCESS_FORMAT = "%s (%s) (%s) %.3fms"  # BentoML's access line: client, request, status, duration
 # What a page's script may send across origins (serving.cors) besides what CORS always lets through
-# (content-type among them): the key, a compressed body's coding, its own request id ...
+# (content-type among them): the key, a compressed body's coding, its own request id.
 CORS_REQUEST_HEADERS = ["x-api-key", "authorization", "content-encoding", "x-request-id"]
-# ... and what it may read of an answer besides the safelisted headers: the gate's own.
-CORS_EXPOSED_HEADERS = ["x-request-id", "x-maas-model", "x-maas-ignored-columns", "x-maas-unknown-categories",
-                        "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit",
-                        "ratelimit-policy", "retry-after"]
 
 
 class AccessLog(EndOfTurn):
@@ -301,4 +297,4 @@ def with_cors(app, cors):
 
     return CORSMiddleware(app, allow_origins=cors.allow_origins, allow_methods=["GET", "POST"],
                           allow_headers=CORS_REQUEST_HEADERS, allow_credentials=cors.allow_credentials,
-                          expose_headers=CORS_EXPOSED_HEADERS, max_age=cors.max_age_s)
+                          expose_headers=ANSWER_HEADERS, max_age=cors.max_age_s)
